@@ -1,0 +1,1 @@
+"""edgellm: LLM inference for CPUs and edge devices."""

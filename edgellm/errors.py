@@ -1,0 +1,21 @@
+"""The errors edgellm raises on bad input. Each names what is wrong; none is a crash."""
+
+
+class EdgeLLMError(Exception):
+    """Base of every error edgellm raises on purpose."""
+
+
+class GGUFError(EdgeLLMError, ValueError):
+    """The file is not a well-formed GGUF container (header, metadata, tensor table, data layout)."""
+
+
+class ModelError(EdgeLLMError, ValueError):
+    """The container is well formed but its contents do not describe a model edgellm can run."""
+
+
+class ContextLengthError(EdgeLLMError, ValueError):
+    """A prompt (plus what must be generated) does not fit the context window."""
+
+
+class ChatTemplateError(EdgeLLMError, ValueError):
+    """The model's chat template failed to render, or tried to reach outside its sandbox."""
