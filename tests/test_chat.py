@@ -1,5 +1,4 @@
 """Chat templates: real SmolLM2 template, fallbacks, content marked non-special, the sandbox."""
-import os
 import re
 from datetime import datetime
 

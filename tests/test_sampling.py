@@ -1,6 +1,5 @@
 """The sampler chain: each stage against a hand computation, llama.cpp's semantics, seeds, validation."""
 import math
-import time
 
 import numpy as np
 import pytest

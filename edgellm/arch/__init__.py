@@ -1,0 +1,27 @@
+"""Architectures: one module per model family, found by the GGUF key `general.architecture`.
+
+Each module exposes `HParams.from_gguf(gguf_file)` (raises ModelError), `load_weights(gguf_file, hp)` and the
+numpy reference `forward(weights, hp, tokens, positions, cache, all_logits)`.
+Adding a family = one new file beside this one + one line in ARCHITECTURES.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from ..errors import ModelError
+from . import llama
+
+ARCHITECTURES: dict[str, ModuleType] = {
+    "llama": llama,
+}
+
+
+def get_arch(name: str) -> ModuleType:
+    """The module for a `general.architecture` value; ModelError naming it and the supported ones otherwise."""
+    try:
+        return ARCHITECTURES[name]
+    except (KeyError, TypeError):
+        raise ModelError(
+            f"unsupported architecture {name!r}; supported: {', '.join(sorted(ARCHITECTURES))}"
+        ) from None
