@@ -1,1 +1,20 @@
-"""edgellm: LLM inference for CPUs and edge devices."""
+"""edgellm: LLM inference for CPUs and edge devices.
+
+    from edgellm import LLM
+    llm = LLM("smollm2")
+    print(llm.create_chat_completion([{"role": "user", "content": "Hi!"}])["choices"][0]["message"]["content"])
+"""
+
+from .errors import ChatTemplateError, ContextLengthError, EdgeLLMError, GGUFError, ModelError
+
+__version__ = "0.1.0"
+__all__ = ["LLM", "EdgeLLMError", "GGUFError", "ModelError", "ContextLengthError", "ChatTemplateError"]
+
+
+def __getattr__(name):
+    # `LLM` pulls in the whole driver (jinja2, the backends); tools that only read a GGUF don't pay for it.
+    if name == "LLM":
+        from .api import LLM
+
+        return LLM
+    raise AttributeError(f"module 'edgellm' has no attribute {name!r}")

@@ -1,0 +1,226 @@
+"""The Python API: `LLM`, with llama-cpp-python's method names and OpenAI-shaped results."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from .backends.loader import create_backend
+from .errors import EdgeLLMError
+from .generate import Engine, GenerationResponse, stream_generate
+from .hub import resolve_model
+from .model import Model
+from .sampling import SamplingParams
+
+DEFAULT_N_CTX = 4096  # capped by the model's training context
+
+
+class LLM:
+    """A loaded model ready to tokenize, score and generate.
+
+        llm = LLM("smollm2")                      # a known name (fetched on first use) or a path to a .gguf
+        llm.create_chat_completion([{"role": "user", "content": "Hi!"}])
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike,
+        n_ctx: int | None = None,
+        n_threads: int | None = None,
+        seed: int | None = None,
+        backend: str = "auto",
+        cache_type: str = "f16",
+        verbose: bool = False,
+    ):
+        path = resolve_model(str(model))
+        self.model = Model(path)
+        try:
+            hp = self.model.hparams
+            if n_ctx is not None and n_ctx < 1:
+                raise EdgeLLMError(f"n_ctx must be at least 1, got {n_ctx}")
+            self.n_ctx = n_ctx or min(DEFAULT_N_CTX, hp.n_ctx_train)
+            self.backend = create_backend(self.model, backend, n_threads)
+            self.engine = Engine(self.model, self.backend, self.n_ctx, cache_type)
+        except BaseException:
+            self.model.close()
+            raise
+        self.seed = seed
+        self.verbose = verbose
+        self.tokenizer = self.model.tokenizer
+
+    # ---------------------------------------------------------------- tokens
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        return self.tokenizer.encode(text, add_special=add_special, parse_special=parse_special)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids))
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """float32 [len(ids), n_vocab], teacher-forced from an empty context (row i predicts token i+1)."""
+        ids = [int(i) for i in ids]
+        self._check_ids(ids)
+        if len(ids) > self.n_ctx:
+            engine = Engine(self.model, self.backend, len(ids), self.engine.cache.cache_type)
+            return engine.logits(ids)
+        return self.engine.logits(ids)
+
+    def _check_ids(self, ids: Sequence[int]) -> None:
+        n = self.tokenizer.n_vocab
+        bad = [i for i in ids if not 0 <= i < n]
+        if bad:
+            raise EdgeLLMError(f"token id {bad[0]} is outside the vocabulary [0, {n})")
+
+    # ---------------------------------------------------------------- generation
+    def _params(self, seed=None, **knobs) -> SamplingParams:
+        knobs = {k: v for k, v in knobs.items() if v is not None}
+        params = SamplingParams(seed=seed if seed is not None else self.seed, **knobs)
+        params.validate()
+        return params
+
+    def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenize(prompt, add_special=True, parse_special=False)
+        ids = [int(i) for i in prompt]
+        self._check_ids(ids)
+        return ids
+
+    def _chat_ids(self, messages: list[dict[str, Any]]) -> list[int]:
+        tok = self.tokenizer
+        ids: list[int] = []
+        for text, parse_special in self.model.chat_template.render(messages, add_generation_prompt=True):
+            ids += tok.encode(text, add_special=False, parse_special=parse_special)
+        if tok.add_bos and tok.bos_id is not None and (not ids or ids[0] != tok.bos_id):
+            ids.insert(0, tok.bos_id)  # the template did not write BOS itself: add it once, as llama.cpp does
+        return ids
+
+    def _stream(self, ids, max_tokens, stop, knobs) -> Iterator[GenerationResponse]:
+        params = self._params(**knobs)
+        if isinstance(stop, str):
+            stop = [stop]
+        return stream_generate(self.engine, ids, params, max_tokens=max_tokens, stop=list(stop or ()))
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        max_tokens: int | None = 256,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        repeat_penalty: float | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        stream: bool = False,
+    ):
+        """Continue `prompt` (text or token ids). Returns the text, or an iterator of text pieces with stream=True."""
+        ids = self._prompt_ids(prompt)
+        knobs = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                     repeat_penalty=repeat_penalty, seed=seed)
+        records = self._stream(ids, max_tokens, stop, knobs)
+        if stream:
+            return (r.text for r in records if r.text)
+        return "".join(r.text for r in records)
+
+    def create_completion(
+        self,
+        prompt: str | Sequence[int],
+        max_tokens: int | None = 16,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        repeat_penalty: float | None = None,
+        frequency_penalty: float | None = None,
+        presence_penalty: float | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        stream: bool = False,
+    ):
+        """OpenAI-shaped text completion (`text_completion`), or an iterator of chunks with stream=True."""
+        ids = self._prompt_ids(prompt)
+        knobs = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
+                     frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, seed=seed)
+        records = self._stream(ids, max_tokens, stop, knobs)
+        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": str(self.model.path)}
+
+        def choice(text, reason):
+            return {"text": text, "index": 0, "logprobs": None, "finish_reason": reason}
+
+        if stream:
+            return ({**meta, "object": "text_completion", "choices": [choice(r.text, r.finish_reason)]}
+                    for r in records if r.text or r.finish_reason)
+        text, last = _collect(records)
+        return {**meta, "object": "text_completion", "choices": [choice(text, last.finish_reason)],
+                "usage": _usage(last)}
+
+    def create_chat_completion(
+        self,
+        messages: list[dict[str, Any]],
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        repeat_penalty: float | None = None,
+        frequency_penalty: float | None = None,
+        presence_penalty: float | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        stream: bool = False,
+    ):
+        """OpenAI-shaped chat completion rendered with the model's own chat template."""
+        ids = self._chat_ids(messages)
+        knobs = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
+                     frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, seed=seed)
+        records = self._stream(ids, max_tokens, stop, knobs)
+        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": str(self.model.path)}
+        if stream:
+            return _chat_chunks(meta, records)
+        text, last = _collect(records)
+        return {**meta, "object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                             "finish_reason": last.finish_reason}],
+                "usage": _usage(last)}
+
+    # ---------------------------------------------------------------- lifetime
+    def close(self) -> None:
+        close = getattr(self.backend, "close", None)
+        if close:
+            close()
+        self.model.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _collect(records: Iterator[GenerationResponse]) -> tuple[str, GenerationResponse]:
+    parts, last = [], None
+    for r in records:
+        parts.append(r.text)
+        last = r
+    return "".join(parts), last
+
+
+def _usage(r: GenerationResponse) -> dict[str, int]:
+    return {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.generation_tokens,
+            "total_tokens": r.prompt_tokens + r.generation_tokens}
+
+
+def _chat_chunks(meta, records):
+    def chunk(delta, reason):
+        return {**meta, "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+
+    yield chunk({"role": "assistant"}, None)
+    for r in records:
+        if r.text:
+            yield chunk({"content": r.text}, None)
+        if r.finish_reason:
+            yield chunk({}, r.finish_reason)

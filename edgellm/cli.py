@@ -1,0 +1,255 @@
+"""The `edgellm` command line: run, pull, ls, info, tokenize, bench.
+
+Generated text goes to stdout; logs, stats and errors to stderr. A bad input is one line on stderr and exit 1.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import warnings
+
+import click
+
+from .errors import EdgeLLMError
+
+SAMPLING_DEFAULTS = dict(temp=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0)  # llama.cpp's
+
+
+def _warn_one_line(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _model_path(model: str) -> str:
+    from .hub import resolve_model
+
+    return str(resolve_model(model))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="edgellm")
+def cli():
+    """edgellm: run LLMs on CPUs and edge devices."""
+
+
+# ------------------------------------------------------------------------------------------------ pull / ls
+@cli.command()
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Fetch again even if cached.")
+def pull(name, force):
+    """Fetch a known model (smollm2, gemma3) into the cache and print its path."""
+    from .hub import pull as hub_pull
+
+    click.echo(str(hub_pull(name, force=force)))
+
+
+@cli.command(name="ls")
+def ls_cmd():
+    """List known models and which are cached."""
+    from .hub import list_models
+
+    rows = list_models()
+    click.echo(f"{'NAME':<10} {'SIZE':>9}  {'CACHED':<6}  PATH")
+    for r in rows:
+        size = f"{r['size'] / 2**20:.0f} MiB" if r.get("size") else "-"
+        click.echo(f"{r['name']:<10} {size:>9}  {'yes' if r['cached'] else 'no':<6}  {r['path']}")
+
+
+# ------------------------------------------------------------------------------------------------ info / tokenize
+@cli.command()
+@click.argument("model")
+def info(model):
+    """Describe a model: architecture, hyper-parameters, tensor types, tokenizer, backend."""
+    from collections import Counter
+
+    from .backends.loader import default_threads
+    from .model import Model
+
+    m = Model(_model_path(model))
+    hp, tok, gf = m.hparams, m.tokenizer, m.gguf
+    types = Counter(t.type.name for t in gf.tensors.values())
+    click.echo(f"model:        {m.name}")
+    click.echo(f"file:         {m.path} ({gf.file_size / 2**20:.1f} MiB, GGUF v{gf.version})")
+    click.echo(f"architecture: {hp.arch}")
+    for field in ("n_vocab", "n_embd", "n_layer", "n_head", "n_head_kv", "head_dim", "n_ff", "n_ctx_train",
+                  "rope_base", "rms_eps"):
+        click.echo(f"  {field:<12}{getattr(hp, field)}")
+    click.echo(f"tensors:      {len(gf.tensors)} ({', '.join(f'{n} {k}' for k, n in types.most_common())})")
+    click.echo(f"weights:      {m.weight_bytes / 2**20:.1f} MiB")
+    click.echo(f"tokenizer:    {gf.get('tokenizer.ggml.model')} (pre: {gf.get('tokenizer.ggml.pre', '-')}), "
+               f"{tok.n_vocab} tokens, BOS {tok.bos_id} (added: {tok.add_bos}), EOS {tok.eos_id}")
+    click.echo(f"chat template: {'from the file' if gf.get('tokenizer.chat_template') else 'built-in fallback'}")
+    click.echo(f"backend:      {_backend_summary()} ; threads {default_threads()}")
+
+
+def _backend_summary() -> str:
+    try:
+        from .backends.native import native_isa
+
+        return f"native ({native_isa()})"
+    except Exception as e:  # the native core is missing or failed its self-check
+        return f"reference (native core unavailable: {e})"
+
+
+@cli.command()
+@click.argument("model")
+@click.argument("text")
+@click.option("--add-special/--no-add-special", default=True, help="Add BOS/EOS where the model says so.")
+@click.option("--parse-special", is_flag=True, help="Turn special-token text such as <|im_start|> into its id.")
+@click.option("--json", "as_json", is_flag=True, help='Print {"ids": [...]}.')
+def tokenize(model, text, add_special, parse_special, as_json):
+    """Tokenize TEXT with MODEL's tokenizer."""
+    from .model import Model
+
+    m = Model(_model_path(model))
+    ids = m.tokenizer.encode(text, add_special=add_special, parse_special=parse_special)
+    if as_json:
+        click.echo(json.dumps({"ids": ids}))
+        return
+    for i in ids:
+        piece = m.tokenizer.token_bytes(i, special=True).decode("utf-8", errors="replace")
+        click.echo(f"{i:>7} -> {piece!r}")
+
+
+# ------------------------------------------------------------------------------------------------ run
+@cli.command()
+@click.argument("model")
+@click.option("-p", "--prompt", default=None,
+              help="Continue this text and exit (with --chat: answer it as a chat message). Without -p: a chat.")
+@click.option("-n", "--n-predict", "n_predict", type=int, default=-1, show_default=True,
+              help="Tokens to generate (-1: until the end of the answer or a full context).")
+@click.option("--temp", type=float, default=SAMPLING_DEFAULTS["temp"], show_default=True)
+@click.option("--top-k", type=int, default=SAMPLING_DEFAULTS["top_k"], show_default=True)
+@click.option("--top-p", type=float, default=SAMPLING_DEFAULTS["top_p"], show_default=True)
+@click.option("--min-p", type=float, default=SAMPLING_DEFAULTS["min_p"], show_default=True)
+@click.option("--repeat-penalty", type=float, default=SAMPLING_DEFAULTS["repeat_penalty"], show_default=True)
+@click.option("--seed", type=int, default=None, help="Same seed, same text.")
+@click.option("-c", "--ctx-size", "n_ctx", type=click.IntRange(min=1), default=None,
+              help="Context size in tokens (default: the model's, at most 4096).")
+@click.option("-t", "--threads", "n_threads", type=click.IntRange(min=1), default=None)
+@click.option("--backend", type=click.Choice(["auto", "native", "numba", "reference"]), default="auto",
+              show_default=True)
+@click.option("--chat", "chat_prompt", is_flag=True, help="Send -p through the model's chat template.")
+@click.option("--raw", is_flag=True, help="Interactive mode without the chat template: each line is continued.")
+@click.option("-s", "--system", default=None, help="A system message for the chat.")
+@click.option("--verbose", is_flag=True, help="Print load time and prompt / generation speed to stderr.")
+def run(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty, seed, n_ctx, n_threads, backend,
+        chat_prompt, raw, system, verbose):
+    """Run MODEL: continue -p's text (as llama.cpp's -p does), or chat interactively without -p.
+
+    In the chat, /bye quits and Ctrl-C stops the answer, not the program.
+    """
+    from .api import LLM
+
+    t0 = time.perf_counter()
+    llm = LLM(_model_path(model), n_ctx=n_ctx, n_threads=n_threads, seed=seed, backend=backend)
+    if verbose:
+        be = llm.backend
+        click.echo(f"loaded {llm.model.name} in {time.perf_counter() - t0:.2f} s; backend {be.name} "
+                   f"({getattr(be, 'isa', '?')}), n_ctx {llm.n_ctx}", err=True)
+    knobs = dict(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed)
+    max_tokens = None if n_predict < 0 else n_predict
+    messages = [{"role": "system", "content": system}] if system else []
+
+    def answer(user_text: str) -> str:
+        if raw:
+            ids = llm._prompt_ids(user_text)
+        else:
+            messages.append({"role": "user", "content": user_text})
+            ids = llm._chat_ids(messages)
+        parts, last = [], None
+        try:
+            for r in llm._stream(ids, max_tokens, None, knobs):
+                if r.text:
+                    parts.append(r.text)
+                    click.echo(r.text, nl=False)
+                last = r
+        except KeyboardInterrupt:
+            click.echo("", err=True)
+        click.echo("")
+        if verbose and last is not None:
+            click.echo(f"prompt: {last.prompt_eval_tokens} tokens evaluated ({last.prompt_tokens} in prompt), "
+                       f"{last.prompt_tps:.1f} tok/s; generation: {last.generation_tokens} tokens, "
+                       f"{last.generation_tps:.1f} tok/s", err=True)
+        text = "".join(parts)
+        if not raw:
+            messages.append({"role": "assistant", "content": text})
+        return text
+
+    if prompt is not None:
+        raw = not chat_prompt
+        answer(prompt)
+        return
+    interactive = sys.stdin.isatty()
+    if interactive:
+        click.echo("Chat with the model. /bye quits; Ctrl-C stops an answer.", err=True)
+    while True:
+        try:
+            line = input(">>> " if interactive else "")
+        except EOFError:
+            break
+        except KeyboardInterrupt:
+            click.echo("", err=True)
+            continue
+        if line.strip() in ("/bye", "/exit", "/quit"):
+            break
+        if not line.strip():
+            continue
+        answer(line)
+
+
+# ------------------------------------------------------------------------------------------------ bench
+@cli.command()
+@click.argument("model")
+@click.option("-p", "--n-prompt", type=click.IntRange(min=0), default=512, show_default=True,
+              help="Prompt tokens to process (pp test; 0 skips).")
+@click.option("-n", "--n-gen", type=click.IntRange(min=0), default=128, show_default=True,
+              help="Tokens to generate (tg test; 0 skips).")
+@click.option("-t", "--threads", "n_threads", type=click.IntRange(min=1), default=None)
+@click.option("-r", "--repetitions", "reps", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "native", "numba", "reference"]), default="auto",
+              show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+def bench(model, n_prompt, n_gen, n_threads, reps, backend, as_json):
+    """Measure prompt processing (pp) and generation (tg) speed, like llama-bench."""
+    from .backends.loader import create_backend
+    from .bench import run_bench
+    from .model import Model
+
+    m = Model(_model_path(model))
+    be = create_backend(m, backend, n_threads)
+    res = run_bench(m, be, n_prompt=n_prompt, n_gen=n_gen, reps=reps)
+    if as_json:
+        click.echo(json.dumps(res))
+        return
+    click.echo(f"model {m.name} ({m.weight_bytes / 2**20:.0f} MiB), backend {res['backend']} ({res['isa']}), "
+               f"threads {res['threads']}")
+    for test in ("pp", "tg"):
+        if test in res:
+            r = res[test]
+            extra = f", {r['gb_s']:.1f} GB/s of weights" if "gb_s" in r else ""
+            click.echo(f"{test}{r['n']:<6} {r['tok_s']:9.2f} ± {r['std']:.2f} tok/s{extra}")
+
+
+def main(argv=None) -> None:
+    warnings.showwarning = _warn_one_line
+    try:
+        cli.main(args=argv, prog_name="edgellm", standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except EdgeLLMError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""The generation loop: prefill, decode one token at a time, stop conditions, streamed records with timings.
+
+An `Engine` ties one model, one backend and one KV cache together and remembers which token ids the cache
+holds, so that a new request sharing a prefix with the last one evaluates only its new tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .errors import ContextLengthError
+from .kv_cache import KVCache
+from .sampling import Sampler, SamplingParams
+from .tokenizer import StreamingDetokenizer
+
+DEFAULT_BATCH = 256  # tokens per prefill call: bounds the activations' memory, keeps the GEMM tiles full
+
+
+@dataclass
+class GenerationResponse:
+    """One streamed record: the new text since the last record and where the generation stands."""
+
+    text: str
+    token: int | None
+    finish_reason: str | None  # None while running; "stop" (end of generation or a stop string) | "length"
+    prompt_tokens: int  # the whole prompt
+    prompt_eval_tokens: int  # what prefill had to evaluate (the rest was reused from the cache)
+    generation_tokens: int
+    prompt_seconds: float
+    generation_seconds: float
+
+    @property
+    def prompt_tps(self) -> float:
+        return self.prompt_eval_tokens / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
+
+    @property
+    def generation_tps(self) -> float:
+        return self.generation_tokens / self.generation_seconds if self.generation_seconds > 0 else 0.0
+
+
+class Engine:
+    def __init__(self, model, backend, n_ctx: int, cache_type: str = "f16", n_batch: int = DEFAULT_BATCH):
+        hp = model.hparams
+        self.model, self.backend, self.n_batch = model, backend, n_batch
+        self.cache = KVCache(hp.n_layer, n_ctx, hp.n_head_kv, hp.head_dim, cache_type)
+        self.cached_ids: list[int] = []  # the token ids whose K/V sit in the cache, in order
+        self.last_prefill_evaluated = 0
+
+    @property
+    def n_ctx(self) -> int:
+        return self.cache.n_ctx
+
+    def _eval(self, ids: Sequence[int], all_logits: bool) -> np.ndarray:
+        """Append `ids` to the cache; logits of the last token ([1, n_vocab]) or of all ([n, n_vocab])."""
+        self.cache.check_room(len(ids))
+        out = []
+        for start in range(0, len(ids), self.n_batch):
+            chunk = np.asarray(ids[start : start + self.n_batch], dtype=np.int32)
+            pos = np.arange(self.cache.n_past, self.cache.n_past + len(chunk), dtype=np.int32)
+            logits = self.backend.forward(chunk, pos, self.cache, all_logits=all_logits)
+            self.cache.n_past += len(chunk)
+            self.cached_ids.extend(int(t) for t in chunk)
+            out.append(logits)
+        return np.concatenate(out, axis=0) if all_logits else out[-1]
+
+    def reset(self) -> None:
+        self.cache.clear()
+        self.cached_ids.clear()
+
+    def prefill(self, prompt_ids: Sequence[int]) -> np.ndarray:
+        """Bring the cache to hold exactly `prompt_ids`, evaluating only what is not cached yet.
+
+        Returns the logits [n_vocab] that predict the token after the prompt.
+        """
+        if not prompt_ids:
+            raise ValueError("the prompt is empty: nothing to condition on (add BOS or some text)")
+        if len(prompt_ids) > self.n_ctx:
+            raise ContextLengthError(
+                f"the prompt has {len(prompt_ids)} tokens but the context holds {self.n_ctx}; "
+                f"raise n_ctx (-c) or shorten the prompt"
+            )
+        keep = 0
+        for a, b in zip(self.cached_ids, prompt_ids):
+            if a != b:
+                break
+            keep += 1
+        keep = min(keep, len(prompt_ids) - 1)  # re-evaluate at least the last token to get its logits
+        self.cache.truncate(keep)
+        del self.cached_ids[keep:]
+        self.last_prefill_evaluated = len(prompt_ids) - keep
+        return self._eval(prompt_ids[keep:], all_logits=False)[-1]
+
+    def decode(self, token: int) -> np.ndarray:
+        return self._eval([token], all_logits=False)[-1]
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """Teacher-forced logits [len(ids), n_vocab] from an empty context."""
+        self.reset()
+        try:
+            return self._eval(list(ids), all_logits=True)
+        finally:
+            self.reset()  # the cache no longer matches a prompt anyone asked for
+
+
+def _stop_split(text: str, stops: Sequence[str]) -> tuple[str, str, bool]:
+    """Split pending text into (safe to emit, held back, stopped).
+
+    A stop string may span token boundaries, so the longest tail of `text` that could still grow into a stop
+    string is held back until the next token settles it.
+    """
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    if cut >= 0:
+        return text[:cut], "", True
+    hold = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:n]):
+                hold = max(hold, n)
+                break
+    return text[: len(text) - hold], text[len(text) - hold :], False
+
+
+def stream_generate(
+    engine: Engine,
+    prompt_ids: Sequence[int],
+    params: SamplingParams,
+    max_tokens: int | None = None,
+    stop: Sequence[str] = (),
+) -> Iterator[GenerationResponse]:
+    """Generate after `prompt_ids`, yielding a record per token (text may be empty while UTF-8 or a stop string
+    is pending) and a last record with `finish_reason` set."""
+    tok = engine.model.tokenizer
+    stops = [s for s in stop if s]
+    sampler = Sampler(params)
+    detok = StreamingDetokenizer(tok)
+    history = list(prompt_ids)
+    limit = engine.n_ctx - len(prompt_ids) if max_tokens is None or max_tokens < 0 else max_tokens
+
+    t0 = time.perf_counter()
+    logits = engine.prefill(prompt_ids)
+    t_prompt = time.perf_counter() - t0
+    n_prompt, n_prompt_eval = len(prompt_ids), engine.last_prefill_evaluated
+
+    t1 = time.perf_counter()
+    n_gen, pending, finish = 0, "", None
+
+    def record(text: str, token: int | None, reason: str | None) -> GenerationResponse:
+        return GenerationResponse(text, token, reason, n_prompt, n_prompt_eval, n_gen, t_prompt, time.perf_counter() - t1)
+
+    hit_stop = False
+    while n_gen < limit:
+        token = sampler.sample(logits, history)
+        n_gen += 1
+        history.append(token)
+        if tok.is_eog(token):
+            finish = "stop"
+            break
+        pending += detok.add(token)
+        emit, pending, hit_stop = _stop_split(pending, stops) if stops else (pending, "", False)
+        yield record(emit, token, None)
+        if hit_stop:
+            finish = "stop"
+            break
+        if n_gen >= limit or engine.cache.n_past >= engine.n_ctx:  # no room for this token's K/V
+            break
+        logits = engine.decode(token)
+
+    tail = "" if hit_stop else pending + detok.flush()
+    if stops and tail:
+        tail = _stop_split(tail, stops)[0]
+    yield record(tail, None, finish or "length")

@@ -1,0 +1,94 @@
+"""The `edgellm` command as a user meets it: real processes, real model, errors on one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+from conftest import load_fixture
+
+
+def edgellm(*args, input=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "edgellm.cli", *map(str, args)], capture_output=True, text=True,
+                          input=input, timeout=timeout)
+
+
+def assert_one_line_error(p, *words):
+    assert p.returncode == 1, (p.returncode, p.stderr)
+    assert "Traceback" not in p.stderr
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), p.stderr
+    for w in words:
+        assert w in lines[0]
+
+
+def test_run_answers_the_capital_of_france(smollm2_path):
+    p = edgellm("run", smollm2_path, "-p", "The capital of France is", "-n", "12", "--seed", "1", "--verbose")
+    assert p.returncode == 0, p.stderr
+    assert "Paris" in p.stdout
+    assert "tok/s" in p.stderr and "tok/s" not in p.stdout  # stats on stderr only
+
+
+def test_run_raw_greedy_matches_llamacpp(smollm2_path, fixtures):
+    case = load_fixture(fixtures, "logits-smollm2-135m-instruct-q4_1.json")["cases"][0]
+    p = edgellm("run", smollm2_path, "-p", case["prompt"], "-n", "5", "--temp", "0")
+    assert p.returncode == 0, p.stderr
+    text = p.stdout[:-1]  # run ends the answer with a newline of its own
+    assert len(text) > len(" Paris") and case["greedy32_text"].startswith(text)
+
+
+def test_chat_prompt_uses_the_template(smollm2_path):
+    p = edgellm("run", smollm2_path, "--chat", "-p", "What is the capital of France?", "-n", "24", "--temp", "0")
+    assert p.returncode == 0, p.stderr
+    assert "Paris" in p.stdout and "<|im" not in p.stdout
+
+
+def test_interactive_chat_reads_turns_until_bye(smollm2_path):
+    p = edgellm("run", smollm2_path, "-n", "8", "--temp", "0", input="Hello!\n\n/bye\nnever read\n")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip()
+
+
+def test_tokenize_json_matches_llamacpp(smollm2_path, fixtures):
+    case = next(c for c in load_fixture(fixtures, "tokenizer-smollm2-135m-instruct-q4_1.json")["cases"] if c["ids"])
+    p = edgellm("tokenize", smollm2_path, case["text"], "--json", "--no-add-special")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout) == {"ids": case["ids"]}
+
+
+def test_info_describes_the_model(smollm2_path):
+    p = edgellm("info", smollm2_path)
+    assert p.returncode == 0, p.stderr
+    assert "llama" in p.stdout and "n_layer" in p.stdout and "49152" in p.stdout
+
+
+def test_missing_model_is_one_line(tmp_path):
+    assert_one_line_error(edgellm("run", tmp_path / "nope.gguf", "-p", "hi"), "nope.gguf")
+
+
+def test_unknown_name_is_one_line():
+    assert_one_line_error(edgellm("info", "no-such-model"), "no-such-model")
+
+
+def test_garbage_file_is_one_line(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"NOTAGGUF" + bytes(100))
+    assert_one_line_error(edgellm("run", bad, "-p", "hi"), "magic")
+
+
+def test_truncated_model_is_one_line(tmp_path, smollm2_path):
+    cut = tmp_path / "cut.gguf"
+    with open(smollm2_path, "rb") as f:
+        cut.write_bytes(f.read(5_000_000))
+    assert_one_line_error(edgellm("run", cut, "-p", "hi"))
+
+
+def test_bad_flag_is_a_usage_error(smollm2_path):
+    p = edgellm("run", smollm2_path, "--temp", "hot")
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "temp" in p.stderr
+
+
+def test_prompt_longer_than_context_is_one_line(smollm2_path):
+    assert_one_line_error(edgellm("run", smollm2_path, "-p", "word " * 64, "-c", "16", "--raw"), "context")

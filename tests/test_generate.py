@@ -1,0 +1,102 @@
+"""The generation loop and the Python API on the real SmolLM2 file."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgellm.errors import ContextLengthError, EdgeLLMError
+from edgellm.generate import _stop_split
+
+from conftest import load_fixture
+
+
+@pytest.mark.parametrize(
+    "text, stops, expect",
+    [
+        ("Hello world", ["\n"], ("Hello world", "", False)),
+        ("Hello wor", ["world"], ("Hello ", "wor", False)),  # may still become "world": hold it back
+        ("Hello world!", ["world"], ("Hello ", "", True)),
+        ("a.b", [".", "b"], ("a", "", True)),  # the earliest stop wins
+        ("abc", ["cd", "bcx"], ("a", "bc", False)),  # the longest possible start is held
+        ("", ["x"], ("", "", False)),
+    ],
+)
+def test_stop_split(text, stops, expect):
+    assert _stop_split(text, stops) == expect
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2_path):
+    from edgellm import LLM
+
+    with LLM(smollm2_path, n_ctx=512, seed=7) as llm:
+        yield llm
+
+
+def test_greedy_continuation_matches_llamacpp(llm, fixtures):
+    case = load_fixture(fixtures, "logits-smollm2-135m-instruct-q4_1.json")["cases"][0]
+    out = llm.create_completion(case["ids"], max_tokens=4, temperature=0)
+    assert out["choices"][0]["text"] == llm.detokenize(case["greedy32"][:4])
+    assert out["choices"][0]["text"].startswith(" Paris")
+
+
+def test_same_seed_same_text(llm):
+    a = llm.generate("Once upon a time", max_tokens=24, temperature=0.9, seed=123)
+    b = llm.generate("Once upon a time", max_tokens=24, temperature=0.9, seed=123)
+    c = llm.generate("Once upon a time", max_tokens=24, temperature=0.9, seed=124)
+    assert a == b
+    assert a and a != c  # 24 tokens at temperature 0.9 from another seed: equal text would mean the seed is ignored
+
+
+def test_completion_shapes_and_streaming(llm):
+    full = llm.create_completion("The capital of France is", max_tokens=8, temperature=0)
+    assert full["object"] == "text_completion"
+    choice = full["choices"][0]
+    assert choice["finish_reason"] in ("stop", "length") and choice["index"] == 0
+    assert full["usage"]["completion_tokens"] <= 8
+    assert full["usage"]["total_tokens"] == full["usage"]["prompt_tokens"] + full["usage"]["completion_tokens"]
+    chunks = list(llm.create_completion("The capital of France is", max_tokens=8, temperature=0, stream=True))
+    assert "".join(c["choices"][0]["text"] for c in chunks) == choice["text"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == choice["finish_reason"]
+
+
+def test_chat_completion_and_prefix_reuse(llm):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    out = llm.create_chat_completion(messages, max_tokens=16, temperature=0)
+    msg = out["choices"][0]["message"]
+    assert out["object"] == "chat.completion" and msg["role"] == "assistant"
+    assert "Paris" in msg["content"]
+    first_prompt = out["usage"]["prompt_tokens"]
+    # The second turn shares the first turn's prompt: only the new tokens are evaluated.
+    messages += [msg, {"role": "user", "content": "And of Italy?"}]
+    out2 = llm.create_chat_completion(messages, max_tokens=4, temperature=0)
+    assert out2["usage"]["prompt_tokens"] > first_prompt
+    assert llm.engine.last_prefill_evaluated <= out2["usage"]["prompt_tokens"] - first_prompt
+    chunks = list(llm.create_chat_completion(messages, max_tokens=4, temperature=0, stream=True))
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == out2["choices"][0]["message"]["content"]
+
+
+def test_stop_string_is_not_emitted(llm):
+    text = llm.generate("The capital of France is", max_tokens=16, temperature=0, stop=["."])
+    assert "." not in text and "Paris" in text
+
+
+def test_prompt_longer_than_context_is_a_clear_error(smollm2_path):
+    from edgellm import LLM
+
+    with LLM(smollm2_path, n_ctx=8, backend="reference") as small:
+        with pytest.raises(ContextLengthError, match="context"):
+            small.generate("word " * 20, max_tokens=1)
+        # a prompt that fits but leaves no room stops with "length", never silently truncating the prompt
+        out = small.create_completion("one two three four five six", max_tokens=50, temperature=0)
+        assert out["choices"][0]["finish_reason"] == "length"
+        assert out["usage"]["prompt_tokens"] + out["usage"]["completion_tokens"] <= 8 + 1
+
+
+def test_bad_token_ids_and_knobs(llm):
+    with pytest.raises(EdgeLLMError, match="outside the vocabulary"):
+        llm.logits([1, 10**9])
+    with pytest.raises(ValueError):
+        llm.generate("hi", max_tokens=2, top_p=float("nan"))
