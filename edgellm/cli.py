@@ -148,6 +148,8 @@ def run(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty, see
         be = llm.backend
         click.echo(f"loaded {llm.model.name} in {time.perf_counter() - t0:.2f} s; backend {be.name} "
                    f"({getattr(be, 'isa', '?')}), n_ctx {llm.n_ctx}", err=True)
+        if getattr(be, "fallback_reason", None):
+            click.echo(f"({be.fallback_reason})", err=True)
     knobs = dict(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed)
     max_tokens = None if n_predict < 0 else n_predict
     messages = [{"role": "system", "content": system}] if system else []

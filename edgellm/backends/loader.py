@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import warnings
 
 from ..errors import EdgeLLMError
 
@@ -28,6 +27,7 @@ def create_backend(model, backend: str | None = "auto", n_threads: int | None = 
         raise EdgeLLMError(f"n_threads must be at least 1, got {n_threads}")
     n_threads = n_threads or default_threads()
 
+    fallback_reason = None
     if name in ("auto", "native"):
         try:
             from .native import NativeBackend
@@ -35,8 +35,11 @@ def create_backend(model, backend: str | None = "auto", n_threads: int | None = 
         except (ImportError, NotImplementedError) as e:
             if name == "native":
                 raise EdgeLLMError(f"the native backend cannot run this model: {e}") from e
-            warnings.warn(f"native backend unavailable ({e}); using the numpy reference backend", RuntimeWarning, stacklevel=2)
+            # auto: fall back quietly; `--verbose` and `edgellm info` say which backend runs and why
+            fallback_reason = f"native backend unavailable: {e}"
     if name == "numba":
         raise EdgeLLMError("the numba backend is not available in this build")
     from .reference import ReferenceBackend
-    return ReferenceBackend(model, n_threads=n_threads)
+    backend = ReferenceBackend(model, n_threads=n_threads)
+    backend.fallback_reason = fallback_reason
+    return backend
