@@ -92,3 +92,31 @@ def test_bad_flag_is_a_usage_error(smollm2_path):
 
 def test_prompt_longer_than_context_is_one_line(smollm2_path):
     assert_one_line_error(edgellm("run", smollm2_path, "-p", "word " * 64, "-c", "16", "--raw"), "context")
+
+
+def test_ctrl_c_stops_the_answer_not_the_chat(smollm2_path):
+    import os
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "edgellm.cli", "run", str(smollm2_path), "-n", "300", "--verbose",
+                          "-c", "2048"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=env)
+    try:
+        p.stdin.write("Write a very long story about a dragon.\n")
+        p.stdin.flush()
+        first = p.stdout.read(20)  # the answer is streaming
+        assert first
+        time.sleep(0.5)
+        p.send_signal(signal.SIGINT)  # stops this answer...
+        time.sleep(0.5)
+        p.stdin.write("Say hello.\n/bye\n")  # ...and the chat goes on to the next turn
+        p.stdin.flush()
+        out, err = p.communicate(timeout=240)  # closes stdin: EOF after /bye
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, err
+    assert "Traceback" not in err
+    assert err.count("prompt:") == 2, err  # one stats line per answered turn
