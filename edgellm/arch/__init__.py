@@ -10,10 +10,11 @@ from __future__ import annotations
 from types import ModuleType
 
 from ..errors import ModelError
-from . import llama
+from . import gemma3, llama
 
 ARCHITECTURES: dict[str, ModuleType] = {
     "llama": llama,
+    "gemma3": gemma3,
 }
 
 

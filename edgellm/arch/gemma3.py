@@ -1,0 +1,443 @@
+"""The gemma3 architecture (Gemma 3 text models: 270M, 1B, 4B, 12B, 27B).
+
+Same three parts as llama.py: the tensor table, `HParams.from_gguf`, and the numpy reference forward pass.
+What Gemma 3 does differently from llama, and where each rule comes from (llama.cpp = the engine the
+fixtures were made with; its gemma3 hyper-parameter loader in llama-model.cpp and graph in
+src/models/gemma3*.cpp; the converter = llama.cpp's convert_hf_to_gguf.py, class Gemma3Model):
+
+- Embeddings are multiplied by sqrt(n_embd) (llama.cpp's graph: `ggml_scale(inpL, sqrtf(n_embd))`).
+- Interleaved attention: local sliding-window layers and global layers, 5 local then 1 global.
+  llama.cpp: `set_swa_pattern(6)` marks layer il as sliding iff `il % 6 < 5`, so layers 5, 11, 17, ... are
+  global. (The pattern is fixed in code; GGUF carries only the window size, `gemma3.attention.sliding_window`.)
+- Window: a query at position p sees keys at positions t with p - window < t <= p (llama.cpp's
+  `is_masked_swa`, LLAMA_SWA_TYPE_STANDARD: masked iff p - t >= n_swa).
+- RoPE is NEOX-style (rotate x[i] with x[i + d/2]: HF's rotate_half; the converter does not permute Q/K for
+  Gemma). Local layers use base 10000 and no scaling (`rope_freq_base_train_swa = 10000`,
+  `rope_freq_scale_train_swa = 1`); global layers use `rope.freq_base` and the file's linear rope scaling,
+  if any (the converter: "this rope_scaling is only applied for global layers"; 4B+ have factor 8, 270M/1B none).
+- Q and K get a per-head RMSNorm (attn_q_norm / attn_k_norm, over head_dim) before RoPE.
+- Q is scaled by 1/sqrt(head_dim) (query_pre_attn_scalar = head_dim), except the 27B (62 layers), which uses
+  1/sqrt(n_embd / n_head) (llama.cpp's `f_attention_scale`, citing gemma_pytorch's config).
+- Extra RMSNorms on the attention and FFN outputs before each residual add (post_attention_norm, post_ffw_norm).
+- FFN: GELU (tanh approximation, ggml_gelu) on the gate, times up, then down (LLM_FFN_GELU, LLM_FFN_PAR).
+- RMSNorm weights are used as stored: Gemma's RMSNorm computes x * (1 + w), and the converter already
+  added the 1 to every `*norm.weight` (`norm_shift = 1.0`).
+- Output tied to token_embd unless output.weight exists. No final logit soft-capping for sliding-window
+  Gemma 3 (llama.cpp's iswa graph has none); llama.cpp applies `final_logit_softcapping` only to gemma3 files
+  without a sliding window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import ContextLengthError, ModelError
+from ..quant import TRAITS, type_name
+from ..quant.reference import dequantize
+from .llama import MAX_LAYERS, _scalar, rms_norm, softmax
+
+ARCH_NAMES = ("gemma3",)
+
+# Fixed by llama.cpp for gemma3, not read from the file (llama-model.cpp, gemma3 hyper-parameters):
+SWA_PERIOD = 6               # set_swa_pattern(6): in every 6 layers the first 5 are local, the 6th global
+ROPE_BASE_LOCAL = 10000.0    # rope_freq_base_train_swa
+N_LAYER_27B = 62             # the 27B model (62 layers) has its own attention scale
+
+# ---------------------------------------------------------------------------------------------------
+# 1. Tensor table. Shapes in numpy order: a weight is [n_out, n_in] and is applied as  x @ W.T .
+# ---------------------------------------------------------------------------------------------------
+TOKEN_EMBD = "token_embd.weight"                     # [n_vocab, n_embd]
+OUTPUT_NORM = "output_norm.weight"                   # [n_embd]
+OUTPUT = "output.weight"                             # [n_vocab, n_embd]  optional: tied to token_embd when absent
+ATTN_NORM = "blk.{i}.attn_norm.weight"               # [n_embd]
+ATTN_Q = "blk.{i}.attn_q.weight"                     # [n_head*head_dim, n_embd]
+ATTN_K = "blk.{i}.attn_k.weight"                     # [n_head_kv*head_dim, n_embd]
+ATTN_V = "blk.{i}.attn_v.weight"                     # [n_head_kv*head_dim, n_embd]
+ATTN_Q_NORM = "blk.{i}.attn_q_norm.weight"           # [head_dim]  shared by all query heads
+ATTN_K_NORM = "blk.{i}.attn_k_norm.weight"           # [head_dim]  shared by all key heads
+ATTN_OUTPUT = "blk.{i}.attn_output.weight"           # [n_embd, n_head*head_dim]
+POST_ATTN_NORM = "blk.{i}.post_attention_norm.weight"  # [n_embd]
+FFN_NORM = "blk.{i}.ffn_norm.weight"                 # [n_embd]
+FFN_GATE = "blk.{i}.ffn_gate.weight"                 # [n_ff, n_embd]
+FFN_UP = "blk.{i}.ffn_up.weight"                     # [n_ff, n_embd]
+FFN_DOWN = "blk.{i}.ffn_down.weight"                 # [n_embd, n_ff]
+POST_FFN_NORM = "blk.{i}.post_ffw_norm.weight"       # [n_embd]
+
+LAZY = (TOKEN_EMBD, OUTPUT)  # vocabulary-sized: kept quantized, dequantized a slice at a time (see LazyMatrix)
+
+
+def tensor_shapes(hp: HParams) -> dict[str, tuple[int, ...]]:
+    """Every tensor the model needs, with its expected numpy-order shape (output.weight only if untied)."""
+    e, hd, ff = hp.n_embd, hp.head_dim, hp.n_ff
+    shapes = {TOKEN_EMBD: (hp.n_vocab, e), OUTPUT_NORM: (e,)}
+    if not hp.tied_embeddings:
+        shapes[OUTPUT] = (hp.n_vocab, e)
+    for i in range(hp.n_layer):
+        shapes[ATTN_NORM.format(i=i)] = (e,)
+        shapes[ATTN_Q.format(i=i)] = (hp.n_head * hd, e)
+        shapes[ATTN_K.format(i=i)] = (hp.n_head_kv * hd, e)
+        shapes[ATTN_V.format(i=i)] = (hp.n_head_kv * hd, e)
+        shapes[ATTN_Q_NORM.format(i=i)] = (hd,)
+        shapes[ATTN_K_NORM.format(i=i)] = (hd,)
+        shapes[ATTN_OUTPUT.format(i=i)] = (e, hp.n_head * hd)
+        shapes[POST_ATTN_NORM.format(i=i)] = (e,)
+        shapes[FFN_NORM.format(i=i)] = (e,)
+        shapes[FFN_GATE.format(i=i)] = (ff, e)
+        shapes[FFN_UP.format(i=i)] = (ff, e)
+        shapes[FFN_DOWN.format(i=i)] = (e, ff)
+        shapes[POST_FFN_NORM.format(i=i)] = (e,)
+    return shapes
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. Hyper-parameters
+# ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class HParams:
+    arch: str              # general.architecture
+    n_vocab: int           # rows of token_embd
+    n_embd: int            # model width
+    n_layer: int
+    n_head: int            # query heads
+    n_head_kv: int         # key/value heads (GQA: n_head is a multiple)
+    head_dim: int          # gemma3.attention.key_length (256 for all Gemma 3 sizes; not n_embd / n_head)
+    n_ff: int              # FFN hidden width
+    n_ctx_train: int       # context length the model was trained with
+    rms_eps: float
+    rope_base: float       # global layers: gemma3.rope.freq_base
+    rope_dim: int          # leading dims of each head that RoPE rotates (= head_dim)
+    tied_embeddings: bool  # no output.weight: logits use token_embd
+    # --- Gemma 3 ---
+    rope_base_local: float                # sliding-window layers: 10000 (fixed by llama.cpp)
+    rope_scale_global: float              # global layers' position multiplier: 1 / linear rope.scaling.factor (1.0 = none)
+    sliding_window: int | None            # local layers see the last `sliding_window` positions; None = no local layers
+    layer_is_global: tuple[bool, ...]     # per layer: True = attends to the whole context
+    attn_scale: float                     # Q is multiplied by this before Q.K (1/sqrt(head_dim) except 27B)
+    embd_scale: float                     # token embeddings are multiplied by sqrt(n_embd)
+    final_logit_softcap: float | None     # logits = cap * tanh(logits / cap) when set
+
+    @classmethod
+    def from_gguf(cls, gf) -> HParams:
+        md = gf.metadata
+        arch = md.get("general.architecture")
+        if arch is None:
+            raise ModelError("missing metadata key 'general.architecture'")
+        if arch not in ARCH_NAMES:
+            raise ModelError(f"general.architecture is {arch!r}; the gemma3 module reads {', '.join(ARCH_NAMES)}")
+        p = f"{arch}."
+
+        n_embd = _scalar(md, p + "embedding_length", int)
+        n_layer = _scalar(md, p + "block_count", int)
+        n_head = _scalar(md, p + "attention.head_count", int)
+        n_head_kv = _scalar(md, p + "attention.head_count_kv", int, n_head)
+        n_ff = _scalar(md, p + "feed_forward_length", int)
+        n_ctx_train = _scalar(md, p + "context_length", int)
+        rms_eps = _scalar(md, p + "attention.layer_norm_rms_epsilon", float)
+        rope_base = _scalar(md, p + "rope.freq_base", float, 10000.0)  # llama.cpp's default
+
+        if not 1 <= n_layer <= MAX_LAYERS:
+            raise ModelError(f"{p}block_count is {n_layer}; expected 1..{MAX_LAYERS}")
+        for key, v in (("embedding_length", n_embd), ("feed_forward_length", n_ff), ("context_length", n_ctx_train)):
+            if v <= 0:
+                raise ModelError(f"{p}{key} is {v}; it must be positive")
+        if n_head <= 0:
+            raise ModelError(f"{p}attention.head_count is {n_head}; it must be positive")
+        if n_head_kv <= 0 or n_head % n_head_kv:
+            raise ModelError(f"{p}attention.head_count_kv is {n_head_kv}; it must divide head_count {n_head}")
+
+        # Gemma's heads are not n_embd / n_head wide (270M: 4 heads x 256 > 640), so key_length is expected;
+        # the converter always writes it (default 256). Without it, fall back to n_embd / n_head as llama.cpp does.
+        head_dim = _scalar(md, p + "attention.key_length", int, None)
+        if head_dim is None:
+            if n_embd % n_head:
+                raise ModelError(f"{p}embedding_length {n_embd} is not divisible by head_count {n_head} "
+                                 f"and no {p}attention.key_length is given")
+            head_dim = n_embd // n_head
+        value_len = _scalar(md, p + "attention.value_length", int, head_dim)
+        if head_dim <= 0 or value_len != head_dim:
+            raise ModelError(f"{p}attention.key_length {head_dim} / value_length {value_len}: "
+                             "they must be positive and equal")
+        rope_dim = _scalar(md, p + "rope.dimension_count", int, head_dim)
+        if rope_dim <= 0 or rope_dim % 2 or rope_dim > head_dim:
+            raise ModelError(f"{p}rope.dimension_count is {rope_dim}; it must be even and at most head_dim {head_dim}")
+        if not rms_eps > 0:
+            raise ModelError(f"{p}attention.layer_norm_rms_epsilon is {rms_eps}; it must be positive")
+        if not rope_base > 0:
+            raise ModelError(f"{p}rope.freq_base is {rope_base}; it must be positive")
+
+        # Rope scaling: only linear (Gemma 3 4B/12B/27B: factor 8), applied to global layers only.
+        scaling = md.get(p + "rope.scaling.type", "none")
+        factor = _scalar(md, p + "rope.scaling.factor", float, 0.0)
+        if scaling not in ("none", "linear"):
+            raise ModelError(f"{p}rope.scaling.type {scaling!r} is not supported (gemma3 uses none or linear)")
+        if factor < 0:
+            raise ModelError(f"{p}rope.scaling.factor is {factor}; it must not be negative")
+        # llama.cpp: freq_scale = 1 / factor, and a factor of 0 (or absent) means no scaling.
+        rope_scale_global = 1.0 / factor if (scaling == "linear" and factor > 0) else 1.0
+        if "rope_freqs.weight" in gf.tensors:
+            raise ModelError("tensor 'rope_freqs.weight' (per-frequency rope factors) is not supported for gemma3")
+
+        # Sliding window: present in every Gemma 3 GGUF; newer llama.cpp treats a missing or zero window as
+        # "all layers global" (and then, only then, applies final_logit_softcapping).
+        window = _scalar(md, p + "attention.sliding_window", int, 0)
+        if window < 0:
+            raise ModelError(f"{p}attention.sliding_window is {window}; it must not be negative")
+        if window > 0:
+            sliding_window = window
+            layer_is_global = tuple(il % SWA_PERIOD == SWA_PERIOD - 1 for il in range(n_layer))
+        else:
+            sliding_window = None
+            layer_is_global = (True,) * n_layer
+        _check_pattern_key(md, p, layer_is_global)
+
+        softcap = _scalar(md, p + "final_logit_softcapping", float, 0.0)
+        final_logit_softcap = softcap if (sliding_window is None and softcap > 0) else None
+
+        # llama.cpp's f_attention_scale: 27B uses n_embd / n_head (its query_pre_attn_scalar), the rest head_dim.
+        pre_attn_scalar = n_embd // n_head if n_layer == N_LAYER_27B else head_dim
+        attn_scale = float(1.0 / np.sqrt(np.float32(pre_attn_scalar)))
+        embd_scale = float(np.sqrt(np.float32(n_embd)))  # sqrtf(n_embd), as llama.cpp computes it
+
+        # Vocabulary: token_embd's rows, which the tokenizer and {arch}.vocab_size must agree with.
+        if TOKEN_EMBD not in gf.tensors:
+            raise ModelError(f"missing tensor {TOKEN_EMBD!r}")
+        embd_shape = tuple(gf.tensors[TOKEN_EMBD].shape)
+        if len(embd_shape) != 2 or embd_shape[1] != n_embd:
+            raise ModelError(f"tensor {TOKEN_EMBD!r} has shape {list(embd_shape)}; expected [n_vocab, {n_embd}]")
+        n_vocab = embd_shape[0]
+        tokens = md.get("tokenizer.ggml.tokens")
+        if tokens is not None and len(tokens) != n_vocab:
+            raise ModelError(f"tokenizer.ggml.tokens has {len(tokens)} tokens but {TOKEN_EMBD!r} has {n_vocab} rows")
+        vocab_key = _scalar(md, p + "vocab_size", int, n_vocab)
+        if vocab_key != n_vocab:
+            raise ModelError(f"{p}vocab_size is {vocab_key} but {TOKEN_EMBD!r} has {n_vocab} rows")
+
+        hp = cls(arch=arch, n_vocab=n_vocab, n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_head_kv=n_head_kv,
+                 head_dim=head_dim, n_ff=n_ff, n_ctx_train=n_ctx_train, rms_eps=rms_eps, rope_base=rope_base,
+                 rope_dim=rope_dim, tied_embeddings=OUTPUT not in gf.tensors,
+                 rope_base_local=ROPE_BASE_LOCAL, rope_scale_global=rope_scale_global,
+                 sliding_window=sliding_window, layer_is_global=layer_is_global, attn_scale=attn_scale,
+                 embd_scale=embd_scale, final_logit_softcap=final_logit_softcap)
+
+        for name, want in tensor_shapes(hp).items():
+            if name not in gf.tensors:
+                raise ModelError(f"missing tensor {name!r}")
+            got = tuple(gf.tensors[name].shape)
+            if got != want:
+                raise ModelError(f"tensor {name!r} has shape {list(got)}; "
+                                 f"expected {list(want)} from the hyper-parameters")
+        return hp
+
+    def layer_rope(self, il: int) -> tuple[float, float]:
+        """(base, position scale) of layer il's RoPE: local layers 10000 and 1; global ones the file's."""
+        if self.layer_is_global[il]:
+            return self.rope_base, self.rope_scale_global
+        return self.rope_base_local, 1.0
+
+
+def _check_pattern_key(md: dict, p: str, layer_is_global: tuple[bool, ...]) -> None:
+    """llama.cpp hard-codes gemma3's layer pattern and ignores `{arch}.attention.sliding_window_pattern`
+    (a key other architectures write). A file that states a different pattern is refused, not silently
+    run with the wrong one."""
+    key = p + "attention.sliding_window_pattern"
+    if key not in md:
+        return
+    v = md[key]
+    if isinstance(v, (np.ndarray, list, tuple)):       # per layer: True = sliding (gemma3n's convention)
+        stated = tuple(not bool(s) for s in np.asarray(v).ravel())
+    else:  # a period, read as llama.cpp's set_swa_pattern(n): every n-th layer global, 0 = none global
+        n = _scalar(md, key, int)
+        stated = tuple(n > 0 and il % n == n - 1 for il in range(len(layer_is_global)))
+    if stated != layer_is_global:
+        raise ModelError(f"{key} states a layer pattern that differs from gemma3's fixed one "
+                         f"(global layers {[i for i, g in enumerate(layer_is_global) if g]}); not supported")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Weights. The 262144 x 640 embedding of Gemma 3 would be 670 MB as float32 (the Q8_0 bytes are 178 MB),
+# so it stays quantized in the mmap and is dequantized on demand: the rows of the looked-up tokens, and
+# for the logits one slice of the vocabulary at a time.
+# ---------------------------------------------------------------------------------------------------
+class LazyMatrix:
+    """A quantized [n_rows, n_cols] matrix read through the reference dequantizer a few rows at a time.
+
+    Results are bit-identical to dequantizing the whole tensor (every GGML block lies within one row).
+    """
+
+    # Rows of W dequantized per step of matmul_t. Measured on the 2-core test machine (shared, loaded):
+    # for one row of x (decode) small slices win (1.3 MB, cache-sized; numpy/OpenBLAS keeps such a
+    # matrix-vector product on one thread); for a batch, fewer and larger matrix products win.
+    CHUNK_ROWS_ONE = 512
+    CHUNK_ROWS_BATCH = 8192
+
+    def __init__(self, raw: np.ndarray, type, shape: tuple[int, int]):
+        self.type, self.shape = type, tuple(shape)
+        tr = TRAITS[type]
+        n_rows, n_cols = self.shape
+        if n_cols % tr.block_size:
+            raise ValueError(f"{type_name(int(type))}: row length {n_cols} is not a multiple of the block size "
+                             f"{tr.block_size}")
+        row_bytes = n_cols // tr.block_size * tr.type_size
+        if raw.size != n_rows * row_bytes:
+            raise ValueError(f"{type_name(int(type))} tensor of shape {list(shape)} needs {n_rows * row_bytes} "
+                             f"bytes, got {raw.size}")
+        self.raw = raw.reshape(n_rows, row_bytes)  # [n_rows, row_bytes] uint8, a view of the mmap
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        # ids: [n] -> [n, n_cols] float32
+        return dequantize(self.raw[ids], self.type, (len(ids), self.shape[1]))
+
+    def matmul_t(self, x: np.ndarray) -> np.ndarray:
+        # x: [n, n_cols] -> x @ W.T: [n, n_rows], one slice of rows of W at a time
+        n_rows, n_cols = self.shape
+        out = np.empty((x.shape[0], n_rows), dtype=np.float32)                  # [n, n_rows]
+        chunk = self.CHUNK_ROWS_ONE if x.shape[0] == 1 else self.CHUNK_ROWS_BATCH
+        for r0 in range(0, n_rows, chunk):
+            r1 = min(r0 + chunk, n_rows)
+            w = dequantize(self.raw[r0:r1], self.type, (r1 - r0, n_cols))      # [r1-r0, n_cols]
+            out[:, r0:r1] = x @ w.T                                             # [n, r1-r0]
+        return out
+
+
+def load_weights(gf, hp: HParams) -> dict:
+    """float32 arrays for every layer tensor; token_embd (and output.weight, tied or not) as a LazyMatrix.
+
+    When embeddings are tied, 'output.weight' is the same object as 'token_embd.weight'.
+    """
+    w = {}
+    for name, shape in tensor_shapes(hp).items():
+        info = gf.tensors[name]
+        try:
+            if name in LAZY:
+                w[name] = LazyMatrix(gf.tensor_data(name), info.type, shape)
+                w[name].rows(np.array([0]))  # fail now, not mid-generation, if the type cannot be dequantized
+            else:
+                w[name] = dequantize(gf.tensor_data(name), info.type, shape)
+        except NotImplementedError as e:
+            raise ModelError(f"tensor {name!r}: {e}") from None
+        except ValueError as e:  # byte count does not match the shape: a corrupt tensor
+            raise ModelError(f"tensor {name!r} ({type_name(int(info.type))}): {e}") from None
+    if hp.tied_embeddings:
+        w[OUTPUT] = w[TOKEN_EMBD]
+    return w
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. Reference forward pass (float32)
+# ---------------------------------------------------------------------------------------------------
+def rope_neox(x: np.ndarray, positions: np.ndarray, base: float, scale: float, rope_dim: int) -> np.ndarray:
+    """Rotary embedding, llama.cpp's NEOX mode: rotate (x[i], x[i + rope_dim/2]) by
+    (pos * scale) * base^(-2i/rope_dim). Dims past rope_dim pass through."""
+    # x: [heads, n, head_dim]
+    half = rope_dim // 2
+    inv_freq = base ** (-2.0 * np.arange(half) / rope_dim)                        # [half] (float64)
+    angle = (positions.astype(np.float64) * scale)[:, None] * inv_freq[None, :]  # [n, half]
+    cos, sin = np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)  # [n, half]
+    x0, x1 = x[..., :half], x[..., half:rope_dim]                                 # [heads, n, half] each
+    out = x.copy()                                                                # [heads, n, head_dim]
+    out[..., :half] = x0 * cos - x1 * sin
+    out[..., half:rope_dim] = x0 * sin + x1 * cos
+    return out
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    """GELU, tanh approximation (ggml_gelu's formula; constants from ggml)."""
+    c = np.float32(0.79788456080286535587989211986876)  # sqrt(2 / pi)
+    return np.float32(0.5) * x * (np.float32(1) + np.tanh(c * x * (np.float32(1) + np.float32(0.044715) * x * x)))
+
+
+def project_qkv(h: np.ndarray, w, hp: HParams, il: int, positions: np.ndarray):
+    """Layer il's queries (normed, roped, pre-scaled), keys (normed, roped) and values for the new tokens."""
+    n = h.shape[0]
+    hd, n_kv = hp.head_dim, hp.n_head_kv
+    q = (h @ w[ATTN_Q.format(i=il)].T).reshape(n, hp.n_head, hd)            # [n, n_head, hd]
+    k = (h @ w[ATTN_K.format(i=il)].T).reshape(n, n_kv, hd)                 # [n, n_kv, hd]
+    v = (h @ w[ATTN_V.format(i=il)].T).reshape(n, n_kv, hd)                 # [n, n_kv, hd]
+    q = rms_norm(q, w[ATTN_Q_NORM.format(i=il)], hp.rms_eps)               # per head, over hd
+    k = rms_norm(k, w[ATTN_K_NORM.format(i=il)], hp.rms_eps)
+    q, k, v = q.transpose(1, 0, 2), k.transpose(1, 0, 2), v.transpose(1, 0, 2)  # [heads, n, hd]
+    base, scale = hp.layer_rope(il)
+    q = rope_neox(q, positions, base, scale, hp.rope_dim)                  # [n_head, n, hd]
+    k = rope_neox(k, positions, base, scale, hp.rope_dim)                  # [n_kv, n, hd]
+    q = q * np.float32(hp.attn_scale)  # llama.cpp scales Q, then attends with kq_scale 1
+    return q, k, v
+
+
+def visible(hp: HParams, il: int, positions: np.ndarray, n_slots: int) -> np.ndarray:
+    """[n, n_slots] bool: may the query at positions[i] attend to the key in slot (= position) t?"""
+    t = np.arange(n_slots)[None, :]                                         # [1, T]
+    p = positions[:, None]                                                  # [n, 1]
+    mask = t <= p                                                           # causal
+    if not hp.layer_is_global[il]:
+        mask &= p - t < hp.sliding_window  # llama.cpp is_masked_swa: masked iff p - t >= n_swa
+    return mask                                                             # [n, T]
+
+
+def attention(h, w, hp: HParams, il: int, positions, cache) -> np.ndarray:
+    n = h.shape[0]
+    hd, n_kv, group = hp.head_dim, hp.n_head_kv, hp.n_head // hp.n_head_kv
+    q, k, v = project_qkv(h, w, hp, il, positions)  # [n_head, n, hd], [n_kv, n, hd], [n_kv, n, hd]
+
+    # Store the new keys/values at slot = position (rounded to the cache's dtype), then read the slots back,
+    # so a token attends to exactly what later tokens will see. (Local layers keep every slot for now and
+    # apply the window as a mask.)
+    cache.k[il][:, positions, :] = k
+    cache.v[il][:, positions, :] = v
+    n_slots = int(positions.max()) + 1
+    K = cache.k[il, :, :n_slots].astype(np.float32)                # [n_kv, T, hd]
+    V = cache.v[il, :, :n_slots].astype(np.float32)                # [n_kv, T, hd]
+
+    # GQA: query head j uses kv head j // group, so split the query heads into [n_kv, group].
+    q = q.reshape(n_kv, group, n, hd)                              # [n_kv, group, n, hd]
+    scores = q @ K[:, None].transpose(0, 1, 3, 2)                  # [n_kv, group, n, T]
+    scores = np.where(visible(hp, il, positions, n_slots), scores, np.float32(-np.inf))  # [n_kv, group, n, T]
+    out = softmax(scores) @ V[:, None]                             # [n_kv, group, n, hd]
+    out = out.reshape(hp.n_head, n, hd).transpose(1, 0, 2)         # [n, n_head, hd]
+    out = out.reshape(n, hp.n_head * hd)                           # [n, n_head*hd]
+    return out @ w[ATTN_OUTPUT.format(i=il)].T                     # [n, n_embd]
+
+
+def ffn(h, w, il: int) -> np.ndarray:
+    gate = h @ w[FFN_GATE.format(i=il)].T                          # [n, n_ff]
+    up = h @ w[FFN_UP.format(i=il)].T                              # [n, n_ff]
+    return (gelu_tanh(gate) * up) @ w[FFN_DOWN.format(i=il)].T     # [n, n_embd]
+
+
+def forward(w: dict, hp: HParams, tokens, positions, cache, all_logits: bool = False) -> np.ndarray:
+    """Run tokens [n] at positions [n] through the model, writing their K/V into `cache` at slot = position.
+
+    Returns float32 logits [n, n_vocab] (all_logits) or [1, n_vocab] for the last token. The caller advances
+    cache.n_past.
+    """
+    tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)        # [n]
+    positions = np.asarray(positions, dtype=np.int64).reshape(-1)  # [n]
+    if tokens.size == 0 or tokens.size != positions.size:
+        raise ValueError(f"need as many positions as tokens (and at least one): "
+                         f"{tokens.size} tokens, {positions.size} positions")
+    if tokens.min() < 0 or tokens.max() >= hp.n_vocab:
+        raise ValueError(f"token id out of range [0, {hp.n_vocab}): {tokens.min()}..{tokens.max()}")
+    if positions.min() < 0 or positions.max() >= cache.n_ctx:
+        raise ContextLengthError(f"position {positions.max()} does not fit the context of {cache.n_ctx}")
+    geometry = (cache.n_layer, cache.n_head_kv, cache.head_dim)
+    if geometry != (hp.n_layer, hp.n_head_kv, hp.head_dim):
+        raise ValueError(f"KV cache (layers, kv heads, head_dim) = {geometry} "
+                         f"does not match the model's {(hp.n_layer, hp.n_head_kv, hp.head_dim)}")
+
+    x = w[TOKEN_EMBD].rows(tokens) * np.float32(hp.embd_scale)    # [n, n_embd]
+    for il in range(hp.n_layer):
+        h = rms_norm(x, w[ATTN_NORM.format(i=il)], hp.rms_eps)                 # [n, n_embd]
+        a = attention(h, w, hp, il, positions, cache)                          # [n, n_embd]
+        x = x + rms_norm(a, w[POST_ATTN_NORM.format(i=il)], hp.rms_eps)        # [n, n_embd]
+        h = rms_norm(x, w[FFN_NORM.format(i=il)], hp.rms_eps)                  # [n, n_embd]
+        f = ffn(h, w, il)                                                      # [n, n_embd]
+        x = x + rms_norm(f, w[POST_FFN_NORM.format(i=il)], hp.rms_eps)         # [n, n_embd]
+    if not all_logits:
+        x = x[-1:]                                                 # [1, n_embd]
+    x = rms_norm(x, w[OUTPUT_NORM], hp.rms_eps)                    # [n or 1, n_embd]
+    logits = w[OUTPUT].matmul_t(x)                                 # [n or 1, n_vocab]
+    if hp.final_logit_softcap is not None:
+        cap = np.float32(hp.final_logit_softcap)
+        logits = cap * np.tanh(logits / cap)                       # [n or 1, n_vocab]
+    return logits.astype(np.float32)
