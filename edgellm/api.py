@@ -34,6 +34,8 @@ class LLM:
         seed: int | None = None,
         backend: str = "auto",
         cache_type: str = "f16",
+        context_shift: bool = False,
+        n_keep: int = 0,
         verbose: bool = False,
     ):
         path = resolve_model(str(model))
@@ -44,7 +46,8 @@ class LLM:
                 raise EdgeLLMError(f"n_ctx must be at least 1, got {n_ctx}")
             self.n_ctx = n_ctx or min(DEFAULT_N_CTX, hp.n_ctx_train)
             self.backend = create_backend(self.model, backend, n_threads)
-            self.engine = Engine(self.model, self.backend, self.n_ctx, cache_type)
+            self.engine = Engine(self.model, self.backend, self.n_ctx, cache_type, context_shift=context_shift,
+                                 n_keep=n_keep)
         except BaseException:
             self.model.close()
             raise
@@ -185,6 +188,19 @@ class LLM:
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                              "finish_reason": last.finish_reason}],
                 "usage": _usage(last)}
+
+    # ---------------------------------------------------------------- sessions
+    def save_state(self, path: str | os.PathLike) -> None:
+        """Write the KV cache and the tokens it holds to `path` (a later `load_state` skips re-evaluating them)."""
+        from .session import save_session
+
+        save_session(path, self.engine)
+
+    def load_state(self, path: str | os.PathLike) -> int:
+        """Restore a cache saved by `save_state` with this model; returns the number of tokens restored."""
+        from .session import load_session
+
+        return load_session(path, self.engine)
 
     # ---------------------------------------------------------------- lifetime
     def close(self) -> None:

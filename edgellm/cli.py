@@ -6,6 +6,7 @@ Generated text goes to stdout; logs, stats and errors to stderr. A bad input is 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import warnings
@@ -130,12 +131,20 @@ def tokenize(model, text, add_special, parse_special, as_json):
 @click.option("-t", "--threads", "n_threads", type=click.IntRange(min=1), default=None)
 @click.option("--backend", type=click.Choice(["auto", "native", "numba", "reference"]), default="auto",
               show_default=True)
+@click.option("--context-shift", is_flag=True,
+              help="When the context fills up, drop the oldest half after --keep tokens and go on.")
+@click.option("--keep", "n_keep", type=click.IntRange(min=0), default=None,
+              help="Tokens at the start kept by a context shift (default 0; 4 with --streaming).")
+@click.option("--streaming", is_flag=True,
+              help="Generate indefinitely in flat memory: attention sinks (--keep) plus a recent window.")
+@click.option("--prompt-cache", type=click.Path(dir_okay=False), default=None,
+              help="Load the KV cache of a matching prompt from FILE, and save it there after the prompt.")
 @click.option("--chat", "chat_prompt", is_flag=True, help="Send -p through the model's chat template.")
 @click.option("--raw", is_flag=True, help="Interactive mode without the chat template: each line is continued.")
 @click.option("-s", "--system", default=None, help="A system message for the chat.")
 @click.option("--verbose", is_flag=True, help="Print load time and prompt / generation speed to stderr.")
 def run(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty, seed, n_ctx, n_threads, backend,
-        chat_prompt, raw, system, verbose):
+        context_shift, n_keep, streaming, prompt_cache, chat_prompt, raw, system, verbose):
     """Run MODEL: continue -p's text (as llama.cpp's -p does), or chat interactively without -p.
 
     In the chat, /bye quits and Ctrl-C stops the answer, not the program.
@@ -143,7 +152,10 @@ def run(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty, see
     from .api import LLM
 
     t0 = time.perf_counter()
-    llm = LLM(_model_path(model), n_ctx=n_ctx, n_threads=n_threads, seed=seed, backend=backend)
+    if n_keep is None:
+        n_keep = 4 if streaming else 0  # StreamingLLM's four attention sinks
+    llm = LLM(_model_path(model), n_ctx=n_ctx, n_threads=n_threads, seed=seed, backend=backend,
+              context_shift=context_shift or streaming, n_keep=n_keep)
     if verbose:
         be = llm.backend
         click.echo(f"loaded {llm.model.name} in {time.perf_counter() - t0:.2f} s; backend {be.name} "
@@ -160,9 +172,15 @@ def run(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty, see
         else:
             messages.append({"role": "user", "content": user_text})
             ids = llm._chat_ids(messages)
+        if prompt_cache and os.path.exists(prompt_cache) and not llm.engine.cached_ids:
+            n = llm.load_state(prompt_cache)
+            if verbose:
+                click.echo(f"prompt cache: {n} tokens loaded from {prompt_cache}", err=True)
         parts, last = [], None
         try:
-            for r in llm._stream(ids, max_tokens, None, knobs):
+            for i, r in enumerate(llm._stream(ids, max_tokens, None, knobs)):
+                if i == 0 and prompt_cache:  # the cache holds just the prompt now: save it for the next run
+                    llm.save_state(prompt_cache)
                 if r.text:
                     parts.append(r.text)
                     click.echo(r.text, nl=False)

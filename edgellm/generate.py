@@ -43,10 +43,19 @@ class GenerationResponse:
 
 
 class Engine:
-    def __init__(self, model, backend, n_ctx: int, cache_type: str = "f16", n_batch: int = DEFAULT_BATCH):
+    """context_shift: when the context is full, drop the oldest half of what follows the first n_keep tokens
+    (llama.cpp's --context-shift) instead of stopping; with n_keep = a few tokens this is StreamingLLM's
+    attention sinks + recent window: generation runs on in flat memory."""
+
+    def __init__(self, model, backend, n_ctx: int, cache_type: str = "f16", n_batch: int = DEFAULT_BATCH,
+                 context_shift: bool = False, n_keep: int = 0):
         hp = model.hparams
         self.model, self.backend, self.n_batch = model, backend, n_batch
         self.cache = KVCache(hp.n_layer, n_ctx, hp.n_head_kv, hp.head_dim, cache_type)
+        if context_shift and not 0 <= n_keep < n_ctx // 2:
+            raise ValueError(f"--keep {n_keep} must be at least 0 and less than half the context ({n_ctx})")
+        self.context_shift, self.n_keep = context_shift, n_keep
+        self.n_shifts = 0
         self.cached_ids: list[int] = []  # the token ids whose K/V sit in the cache, in order
         self.last_prefill_evaluated = 0
 
@@ -54,12 +63,34 @@ class Engine:
     def n_ctx(self) -> int:
         return self.cache.n_ctx
 
+    @property
+    def full(self) -> bool:
+        """No room for one more token, and no shifting to make some."""
+        return not self.context_shift and self.cache.n_past >= self.n_ctx
+
+    def _shift(self, n_new: int) -> None:
+        """Make room for n_new tokens by discarding the oldest half after the first n_keep (llama.cpp's rule)."""
+        while self.cache.n_past + n_new > self.n_ctx:
+            n_discard = (self.cache.n_past - self.n_keep) // 2
+            if n_discard <= 0:
+                raise ContextLengthError(f"cannot make room for {n_new} tokens in a context of {self.n_ctx}")
+            self.cache.shift(self.n_keep, n_discard,
+                             lambda k, delta, il: self.model.arch.rope_shift(k, delta, self.model.hparams, il))
+            del self.cached_ids[self.n_keep : self.n_keep + n_discard]
+            self.n_shifts += 1
+
     def _eval(self, ids: Sequence[int], all_logits: bool) -> np.ndarray:
         """Append `ids` to the cache; logits of the last token ([1, n_vocab]) or of all ([n, n_vocab])."""
-        self.cache.check_room(len(ids))
+        step = self.n_batch
+        if self.context_shift:
+            step = max(1, min(step, (self.n_ctx - self.n_keep) // 2))  # a shift always frees at least this much
+        else:
+            self.cache.check_room(len(ids))
         out = []
-        for start in range(0, len(ids), self.n_batch):
-            chunk = np.asarray(ids[start : start + self.n_batch], dtype=np.int32)
+        for start in range(0, len(ids), step):
+            chunk = np.asarray(ids[start : start + step], dtype=np.int32)
+            if self.context_shift:
+                self._shift(len(chunk))
             pos = np.arange(self.cache.n_past, self.cache.n_past + len(chunk), dtype=np.int32)
             logits = self.backend.forward(chunk, pos, self.cache, all_logits=all_logits)
             self.cache.n_past += len(chunk)
@@ -78,7 +109,7 @@ class Engine:
         """
         if not prompt_ids:
             raise ValueError("the prompt is empty: nothing to condition on (add BOS or some text)")
-        if len(prompt_ids) > self.n_ctx:
+        if len(prompt_ids) > self.n_ctx and not self.context_shift:
             raise ContextLengthError(
                 f"the prompt has {len(prompt_ids)} tokens but the context holds {self.n_ctx}; "
                 f"raise n_ctx (-c) or shorten the prompt"
@@ -138,7 +169,10 @@ def stream_generate(
     sampler = Sampler(params)
     detok = StreamingDetokenizer(tok)
     history = list(prompt_ids)
-    limit = engine.n_ctx - len(prompt_ids) if max_tokens is None or max_tokens < 0 else max_tokens
+    if max_tokens is not None and max_tokens >= 0:
+        limit = max_tokens
+    else:  # until the end of the answer: the context's room, or forever when the context shifts
+        limit = float("inf") if engine.context_shift else engine.n_ctx - len(prompt_ids)
 
     t0 = time.perf_counter()
     logits = engine.prefill(prompt_ids)
@@ -165,7 +199,7 @@ def stream_generate(
         if hit_stop:
             finish = "stop"
             break
-        if n_gen >= limit or engine.cache.n_past >= engine.n_ctx:  # no room for this token's K/V
+        if n_gen >= limit or engine.full:  # no room for this token's K/V
             break
         logits = engine.decode(token)
 

@@ -5,7 +5,10 @@ which slot holds which position lives here.
 
 Layout, one array for all layers (numpy order):
     k, v: [n_layer, n_head_kv, n_ctx, head_dim]   # per head contiguous over slots: the hot loop of attention
-Slot i holds position i (a linear buffer; ring wrap-around and context shift build on this).
+Slot i holds position i. When the context fills up, `shift` drops a block of old tokens after the first
+`n_keep`, slides the rest down and re-rotates their cached keys so that they sit at their new positions
+(keys are stored after RoPE, and rotations compose: R(p - d) = R(-d) R(p)). Positions therefore always equal
+slots, and the backends attend over slots [0, pos] without knowing a shift happened.
 """
 
 from __future__ import annotations
@@ -42,6 +45,21 @@ class KVCache:
                 f"{self.n_past + n_new} tokens do not fit the context of {self.n_ctx} "
                 f"({self.n_past} already cached, {n_new} new); raise n_ctx or shorten the prompt"
             )
+
+    def shift(self, n_keep: int, n_discard: int, rope_shift) -> None:
+        """Forget the n_discard tokens after the first n_keep and move the rest down by n_discard.
+
+        rope_shift(k: float32 [heads, n, head_dim], delta, layer) -> k rotated by delta positions (the
+        architecture's own RoPE for that layer).
+        """
+        if not (0 <= n_keep and 0 < n_discard and n_keep + n_discard <= self.n_past):
+            raise ValueError(f"cannot shift: keep {n_keep}, discard {n_discard} of {self.n_past} cached tokens")
+        src, n_move = n_keep + n_discard, self.n_past - n_keep - n_discard
+        for il in range(self.n_layer):
+            k = self.k[il, :, src:src + n_move].astype(np.float32)           # [heads, n_move, head_dim]
+            self.k[il, :, n_keep:n_keep + n_move] = rope_shift(k, -n_discard, il)
+            self.v[il, :, n_keep:n_keep + n_move] = self.v[il, :, src:src + n_move].copy()  # may overlap
+        self.n_past -= n_discard
 
     def clear(self) -> None:
         self.n_past = 0

@@ -342,6 +342,13 @@ def rope_neox(x: np.ndarray, positions: np.ndarray, base: float, scale: float, r
     return out
 
 
+def rope_shift(k: np.ndarray, delta: int, hp: HParams, il: int) -> np.ndarray:
+    """Move cached keys of layer il (already rotated) by `delta` positions with that layer's own RoPE.
+    Used by the KV cache's context shift. k: [heads, n, head_dim] -> same."""
+    base, scale = hp.layer_rope(il)
+    return rope_neox(k, np.full(k.shape[1], delta), base, scale, hp.rope_dim)
+
+
 def gelu_tanh(x: np.ndarray) -> np.ndarray:
     """GELU, tanh approximation (ggml_gelu's formula; constants from ggml)."""
     c = np.float32(0.79788456080286535587989211986876)  # sqrt(2 / pi)

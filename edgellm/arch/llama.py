@@ -232,6 +232,12 @@ def rope(x: np.ndarray, positions: np.ndarray, hp: HParams) -> np.ndarray:
     return out
 
 
+def rope_shift(k: np.ndarray, delta: int, hp: HParams, il: int) -> np.ndarray:
+    """Move cached keys (already rotated) by `delta` positions: rotations compose, R(p + d) = R(d) R(p).
+    Used by the KV cache's context shift. k: [heads, n, head_dim] -> same."""
+    return rope(k, np.full(k.shape[1], delta), hp)
+
+
 def softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max(axis=-1, keepdims=True))  # subtract the max: no overflow; -inf (masked) -> 0
     return e / e.sum(axis=-1, keepdims=True)
