@@ -14,7 +14,8 @@ from .errors import EdgeLLMError
 from .generate import Engine, GenerationResponse, stream_generate
 from .hub import resolve_model
 from .model import Model
-from .sampling import SamplingParams
+from .grammar import response_format_to_schema
+from .sampling import LogprobsRecorder, SamplingParams
 
 DEFAULT_N_CTX = 4096  # capped by the model's training context
 
@@ -100,11 +101,12 @@ class LLM:
             ids.insert(0, tok.bos_id)  # the template did not write BOS itself: add it once, as llama.cpp does
         return ids
 
-    def _stream(self, ids, max_tokens, stop, knobs) -> Iterator[GenerationResponse]:
+    def _stream(self, ids, max_tokens, stop, knobs, recorder=None) -> Iterator[GenerationResponse]:
         params = self._params(**knobs)
         if isinstance(stop, str):
             stop = [stop]
-        return stream_generate(self.engine, ids, params, max_tokens=max_tokens, stop=list(stop or ()))
+        return stream_generate(self.engine, ids, params, max_tokens=max_tokens, stop=list(stop or ()),
+                               logprobs=recorder)
 
     def generate(
         self,
@@ -118,11 +120,16 @@ class LLM:
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
         stream: bool = False,
+        grammar=None,
+        json_schema=None,
+        logit_bias: dict | None = None,
     ):
-        """Continue `prompt` (text or token ids). Returns the text, or an iterator of text pieces with stream=True."""
+        """Continue `prompt` (text or token ids). Returns the text, or an iterator of text pieces with stream=True.
+        grammar: GBNF text or an edgellm.grammar.Grammar; json_schema: a JSON schema the output must satisfy."""
         ids = self._prompt_ids(prompt)
         knobs = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                     repeat_penalty=repeat_penalty, seed=seed)
+                     repeat_penalty=repeat_penalty, seed=seed, grammar=grammar, json_schema=json_schema,
+                     logit_bias=logit_bias)
         records = self._stream(ids, max_tokens, stop, knobs)
         if stream:
             return (r.text for r in records if r.text)
@@ -142,16 +149,25 @@ class LLM:
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
         stream: bool = False,
+        grammar=None,
+        json_schema=None,
+        logit_bias: dict | None = None,
+        logprobs: int | None = None,
     ):
-        """OpenAI-shaped text completion (`text_completion`), or an iterator of chunks with stream=True."""
+        """OpenAI-shaped text completion (`text_completion`), or an iterator of chunks with stream=True.
+        logprobs=N (0..20): per-token log-probabilities and the N most likely alternatives (non-streaming)."""
         ids = self._prompt_ids(prompt)
         knobs = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
-                     frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, seed=seed)
-        records = self._stream(ids, max_tokens, stop, knobs)
+                     frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, seed=seed,
+                     grammar=grammar, json_schema=json_schema, logit_bias=logit_bias)
+        recorder = LogprobsRecorder(self.tokenizer, logprobs) if logprobs is not None and not stream else None
+        records = self._stream(ids, max_tokens, stop, knobs, recorder)
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": str(self.model.path)}
+        prompt_len = len(prompt) if isinstance(prompt, str) else len(self.detokenize(ids))
 
         def choice(text, reason):
-            return {"text": text, "index": 0, "logprobs": None, "finish_reason": reason}
+            lp = recorder.completion(text_offset=prompt_len) if recorder is not None and reason else None
+            return {"text": text, "index": 0, "logprobs": lp, "finish_reason": reason}
 
         if stream:
             return ({**meta, "object": "text_completion", "choices": [choice(r.text, r.finish_reason)]}
@@ -174,18 +190,29 @@ class LLM:
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
         stream: bool = False,
+        grammar=None,
+        response_format: dict | None = None,
+        logit_bias: dict | None = None,
+        logprobs: bool | None = None,
+        top_logprobs: int | None = None,
     ):
-        """OpenAI-shaped chat completion rendered with the model's own chat template."""
+        """OpenAI-shaped chat completion rendered with the model's own chat template.
+        response_format: {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": {...}}}
+        constrains the reply; grammar: GBNF text. logprobs/top_logprobs: OpenAI's (non-streaming)."""
         ids = self._chat_ids(messages)
         knobs = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
-                     frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, seed=seed)
-        records = self._stream(ids, max_tokens, stop, knobs)
+                     frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, seed=seed,
+                     grammar=grammar, json_schema=response_format_to_schema(response_format),
+                     logit_bias=logit_bias)
+        recorder = LogprobsRecorder(self.tokenizer, top_logprobs or 0) if logprobs and not stream else None
+        records = self._stream(ids, max_tokens, stop, knobs, recorder)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": str(self.model.path)}
         if stream:
             return _chat_chunks(meta, records)
         text, last = _collect(records)
         return {**meta, "object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "logprobs": recorder.chat() if recorder is not None else None,
                              "finish_reason": last.finish_reason}],
                 "usage": _usage(last)}
 

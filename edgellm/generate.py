@@ -58,6 +58,10 @@ class Engine:
         self.n_shifts = 0
         self.cached_ids: list[int] = []  # the token ids whose K/V sit in the cache, in order
         self.last_prefill_evaluated = 0
+        # The last prompt and the logits that followed it: asking for the same prompt again returns exactly
+        # these logits (re-evaluating its last token alone would round differently than the batched pass did,
+        # and the same seed must give the same text).
+        self._last_prompt: tuple[list[int], np.ndarray] | None = None
 
     @property
     def n_ctx(self) -> int:
@@ -101,6 +105,7 @@ class Engine:
     def reset(self) -> None:
         self.cache.clear()
         self.cached_ids.clear()
+        self._last_prompt = None
 
     def prefill(self, prompt_ids: Sequence[int]) -> np.ndarray:
         """Bring the cache to hold exactly `prompt_ids`, evaluating only what is not cached yet.
@@ -114,6 +119,13 @@ class Engine:
                 f"the prompt has {len(prompt_ids)} tokens but the context holds {self.n_ctx}; "
                 f"raise n_ctx (-c) or shorten the prompt"
             )
+        prompt_ids = list(prompt_ids)
+        n = len(prompt_ids)
+        if self._last_prompt is not None and self._last_prompt[0] == prompt_ids and self.cached_ids[:n] == prompt_ids:
+            self.cache.truncate(n)
+            del self.cached_ids[n:]
+            self.last_prefill_evaluated = 0
+            return self._last_prompt[1].copy()
         keep = 0
         for a, b in zip(self.cached_ids, prompt_ids):
             if a != b:
@@ -123,7 +135,9 @@ class Engine:
         self.cache.truncate(keep)
         del self.cached_ids[keep:]
         self.last_prefill_evaluated = len(prompt_ids) - keep
-        return self._eval(prompt_ids[keep:], all_logits=False)[-1]
+        logits = self._eval(prompt_ids[keep:], all_logits=False)[-1]
+        self._last_prompt = (prompt_ids, logits.copy())
+        return logits
 
     def decode(self, token: int) -> np.ndarray:
         return self._eval([token], all_logits=False)[-1]
@@ -161,12 +175,16 @@ def stream_generate(
     params: SamplingParams,
     max_tokens: int | None = None,
     stop: Sequence[str] = (),
+    logprobs=None,
 ) -> Iterator[GenerationResponse]:
     """Generate after `prompt_ids`, yielding a record per token (text may be empty while UTF-8 or a stop string
-    is pending) and a last record with `finish_reason` set."""
+    is pending) and a last record with `finish_reason` set.
+
+    logprobs: an optional `sampling.LogprobsRecorder`, handed each emitted token (not the end-of-generation
+    one) with the logits row that predicted it."""
     tok = engine.model.tokenizer
     stops = [s for s in stop if s]
-    sampler = Sampler(params)
+    sampler = Sampler(params, vocab=tok)  # the vocabulary: grammars and DRY's breakers need token bytes
     detok = StreamingDetokenizer(tok)
     history = list(prompt_ids)
     if max_tokens is not None and max_tokens >= 0:
@@ -188,11 +206,14 @@ def stream_generate(
     hit_stop = False
     while n_gen < limit:
         token = sampler.sample(logits, history)
+        sampler.accept(token)  # advances the grammar (if any) past this token
         n_gen += 1
         history.append(token)
         if tok.is_eog(token):
             finish = "stop"
             break
+        if logprobs is not None:
+            logprobs.add(token, logits)
         pending += detok.add(token)
         emit, pending, hit_stop = _stop_split(pending, stops) if stops else (pending, "", False)
         yield record(emit, token, None)

@@ -40,7 +40,7 @@ def test_run_raw_greedy_matches_llamacpp(smollm2_path, fixtures):
 
 
 def test_chat_prompt_uses_the_template(smollm2_path):
-    p = edgellm("run", smollm2_path, "--chat", "-p", "What is the capital of France?", "-n", "24", "--temp", "0")
+    p = edgellm("run", smollm2_path, "--chat", "-p", "What is the capital of France? Answer in one word.", "-n", "24", "--temp", "0")
     assert p.returncode == 0, p.stderr
     assert "Paris" in p.stdout and "<|im" not in p.stdout
 

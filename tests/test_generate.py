@@ -61,7 +61,7 @@ def test_completion_shapes_and_streaming(llm):
 
 
 def test_chat_completion_and_prefix_reuse(llm):
-    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    messages = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
     out = llm.create_chat_completion(messages, max_tokens=16, temperature=0)
     msg = out["choices"][0]["message"]
     assert out["object"] == "chat.completion" and msg["role"] == "assistant"
