@@ -252,6 +252,11 @@ def bench(model, n_prompt, n_gen, n_threads, reps, backend, as_json):
             click.echo(f"{test}{r['n']:<6} {r['tok_s']:9.2f} ± {r['std']:.2f} tok/s{extra}")
 
 
+from .cli_tools import register as _register_tools  # noqa: E402  (convert, perplexity)
+
+_register_tools(cli)
+
+
 def main(argv=None) -> None:
     warnings.showwarning = _warn_one_line
     try:

@@ -10,11 +10,13 @@ from __future__ import annotations
 from types import ModuleType
 
 from ..errors import ModelError
-from . import gemma3, llama
+from . import gemma3, llama, qwen2, qwen3
 
 ARCHITECTURES: dict[str, ModuleType] = {
     "llama": llama,
     "gemma3": gemma3,
+    "qwen2": qwen2,
+    "qwen3": qwen3,
 }
 
 

@@ -27,19 +27,29 @@ def create_backend(model, backend: str | None = "auto", n_threads: int | None = 
         raise EdgeLLMError(f"n_threads must be at least 1, got {n_threads}")
     n_threads = n_threads or default_threads()
 
-    fallback_reason = None
+    reasons = []  # why faster engines were passed over (auto); --verbose and `edgellm info` show them
     if name in ("auto", "native"):
         try:
             from .native import NativeBackend
+
             return NativeBackend(model, n_threads=n_threads)
         except (ImportError, NotImplementedError) as e:
             if name == "native":
                 raise EdgeLLMError(f"the native backend cannot run this model: {e}") from e
-            # auto: fall back quietly; `--verbose` and `edgellm info` say which backend runs and why
-            fallback_reason = f"native backend unavailable: {e}"
-    if name == "numba":
-        raise EdgeLLMError("the numba backend is not available in this build")
+            reasons.append(f"native: {e}")
+    if name in ("auto", "numba"):
+        try:
+            from .numba import NumbaBackend  # imports numba: only reached when it is needed
+
+            backend = NumbaBackend(model, n_threads=n_threads)
+            backend.fallback_reason = "; ".join(reasons) or None
+            return backend
+        except (ImportError, NotImplementedError) as e:
+            if name == "numba":
+                raise EdgeLLMError(f"the numba backend cannot run this model: {e}") from e
+            reasons.append(f"numba: {e}")
     from .reference import ReferenceBackend
+
     backend = ReferenceBackend(model, n_threads=n_threads)
-    backend.fallback_reason = fallback_reason
+    backend.fallback_reason = "; ".join(reasons) or None
     return backend

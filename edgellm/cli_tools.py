@@ -1,0 +1,79 @@
+"""The `convert` and `perplexity` commands, added to the `edgellm` click group by `register(cli)`.
+
+    edgellm convert HF_DIR -o OUT.gguf [--outtype f32|f16|bf16|q8_0]
+    edgellm perplexity MODEL -f FILE [-c 256] [-t THREADS] [--backend auto] [--json]
+
+Errors are EdgeLLMError subclasses (ConvertError, PerplexityError, ModelError, ...) so that `edgellm.cli.main`
+prints them on one line and exits 1.
+"""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from .errors import EdgeLLMError
+
+BACKENDS = ["auto", "native", "numba", "reference"]
+
+
+class InputFileError(EdgeLLMError, ValueError):
+    """A text file given on the command line cannot be read as UTF-8 text."""
+
+
+def read_text_file(path: str) -> str:
+    """The whole file as text (UTF-8; undecodable bytes kept as U+FFFD, as llama.cpp passes bytes through)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise InputFileError(f"cannot read {path}: {e.strerror or e}") from None
+    return data.decode("utf-8", errors="replace")
+
+
+def register(cli: click.Group) -> None:
+    """Add the `convert` and `perplexity` commands to `cli`."""
+
+    @cli.command()
+    @click.argument("hf_dir", type=click.Path(file_okay=False, dir_okay=True))
+    @click.option("-o", "--outfile", "out", required=True, type=click.Path(dir_okay=False),
+                  help="The GGUF file to write.")
+    @click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"], case_sensitive=False),
+                  default="f16", show_default=True, help="Type of the 2-D weights (norms and biases stay f32).")
+    def convert(hf_dir, out, outtype):
+        """Convert a Hugging Face checkpoint directory (llama, mistral, qwen2, qwen3, gemma3) to GGUF."""
+        from .convert import convert as do_convert
+
+        path = do_convert(hf_dir, out, outtype=outtype.lower())
+        click.echo(str(path))
+
+    @cli.command()
+    @click.argument("model")
+    @click.option("-f", "--file", "text_file", required=True, type=click.Path(dir_okay=False),
+                  help="The text to measure (read whole, as UTF-8).")
+    @click.option("-c", "--ctx-size", "n_ctx", type=click.IntRange(min=4), default=256, show_default=True,
+                  help="Tokens per chunk; the second half of each chunk is scored.")
+    @click.option("-t", "--threads", "n_threads", type=click.IntRange(min=1), default=None)
+    @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
+    @click.option("--json", "as_json", is_flag=True, help='Print {"ppl": ..., "chunks": ..., "n_ctx": ...}.')
+    def perplexity(model, text_file, n_ctx, n_threads, backend, as_json):
+        """Perplexity of MODEL on a text file, computed as llama.cpp's llama-perplexity does."""
+        from .backends.loader import create_backend
+        from .hub import resolve_model
+        from .model import Model
+        from .perplexity import perplexity as do_perplexity
+
+        text = read_text_file(text_file)
+        m = Model(resolve_model(model))
+        try:
+            be = create_backend(m, backend, n_threads)
+            res = do_perplexity(m, be, text, n_ctx=n_ctx, progress=None)  # tqdm on stderr when a terminal
+        finally:
+            m.close()
+        if as_json:
+            click.echo(json.dumps({"ppl": res["ppl"], "ppl_std": res["ppl_std"], "chunks": res["chunks"],
+                                   "n_ctx": res["n_ctx"]}))
+        else:
+            click.echo(f"Final estimate: PPL = {res['ppl']:.4f} +/- {res['ppl_std']:.5f} "
+                       f"({res['chunks']} chunks of {res['n_ctx']} tokens)")
