@@ -123,13 +123,13 @@ class LLM:
         grammar=None,
         json_schema=None,
         logit_bias: dict | None = None,
+        **sampling,
     ):
         """Continue `prompt` (text or token ids). Returns the text, or an iterator of text pieces with stream=True.
-        grammar: GBNF text or an edgellm.grammar.Grammar; json_schema: a JSON schema the output must satisfy."""
+        grammar: GBNF text or an edgellm.grammar.Grammar; json_schema: a JSON schema the output must satisfy;
+        **sampling: any other SamplingParams field (typical_p, mirostat, dry_multiplier, samplers, ...)."""
         ids = self._prompt_ids(prompt)
-        knobs = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                     repeat_penalty=repeat_penalty, seed=seed, grammar=grammar, json_schema=json_schema,
-                     logit_bias=logit_bias)
+        knobs = _knobs(locals(), sampling)
         records = self._stream(ids, max_tokens, stop, knobs)
         if stream:
             return (r.text for r in records if r.text)
@@ -153,13 +153,12 @@ class LLM:
         json_schema=None,
         logit_bias: dict | None = None,
         logprobs: int | None = None,
+        **sampling,
     ):
         """OpenAI-shaped text completion (`text_completion`), or an iterator of chunks with stream=True.
         logprobs=N (0..20): per-token log-probabilities and the N most likely alternatives (non-streaming)."""
         ids = self._prompt_ids(prompt)
-        knobs = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
-                     frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, seed=seed,
-                     grammar=grammar, json_schema=json_schema, logit_bias=logit_bias)
+        knobs = _knobs(locals(), sampling)
         recorder = LogprobsRecorder(self.tokenizer, logprobs) if logprobs is not None and not stream else None
         records = self._stream(ids, max_tokens, stop, knobs, recorder)
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": str(self.model.path)}
@@ -195,15 +194,14 @@ class LLM:
         logit_bias: dict | None = None,
         logprobs: bool | None = None,
         top_logprobs: int | None = None,
+        **sampling,
     ):
         """OpenAI-shaped chat completion rendered with the model's own chat template.
         response_format: {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": {...}}}
         constrains the reply; grammar: GBNF text. logprobs/top_logprobs: OpenAI's (non-streaming)."""
         ids = self._chat_ids(messages)
-        knobs = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
-                     frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, seed=seed,
-                     grammar=grammar, json_schema=response_format_to_schema(response_format),
-                     logit_bias=logit_bias)
+        json_schema = response_format_to_schema(response_format)
+        knobs = _knobs(locals(), sampling)
         recorder = LogprobsRecorder(self.tokenizer, top_logprobs or 0) if logprobs and not stream else None
         records = self._stream(ids, max_tokens, stop, knobs, recorder)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": str(self.model.path)}
@@ -241,6 +239,15 @@ class LLM:
 
     def __exit__(self, *exc):
         self.close()
+
+
+_KNOBS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "frequency_penalty", "presence_penalty", "seed",
+          "grammar", "json_schema", "logit_bias")
+
+
+def _knobs(args: dict, extra: dict) -> dict:
+    """The sampling settings among a method's arguments (None: the default), plus any other SamplingParams fields."""
+    return {**{k: args[k] for k in _KNOBS if k in args}, **extra}
 
 
 def _collect(records: Iterator[GenerationResponse]) -> tuple[str, GenerationResponse]:
