@@ -32,6 +32,7 @@ run: install
 
 test: install-dev
 	$(BIN)/python -m pytest -q
+	$(MAKE) test-arm
 
 # The NEON kernels as a Raspberry Pi runs them: cross-compiled, run under qemu-aarch64 as a
 # Cortex-A72 (Pi 4, no dot product) and a Cortex-A76 (Pi 5, dot product). Installs the toolchain if missing.

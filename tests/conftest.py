@@ -44,3 +44,21 @@ def gemma3_path() -> Path:
     from edgellm.hub import resolve_model
 
     return resolve_model("gemma3", progress=False)
+
+
+def require_native():
+    """edgellm._native, or a skip when the C core is deliberately absent (EDGELLM_NATIVE=0, or no C compiler on
+    this machine). With a compiler at hand a missing core is a failed build: that fails, never skips."""
+    import shutil
+
+    import pytest
+
+    if os.environ.get("EDGELLM_NATIVE", "1") == "0":
+        pytest.skip("native core disabled by EDGELLM_NATIVE=0", allow_module_level=True)
+    try:
+        import edgellm._native as native
+    except ImportError as e:
+        if shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc"):
+            raise ImportError(f"a C compiler is here but edgellm's native core did not build: {e}") from e
+        pytest.skip(f"no C compiler: the native core was not built ({e})", allow_module_level=True)
+    return native

@@ -1,0 +1,82 @@
+/* Choosing the instruction set: once, at first use, from the CPU's features; EDGELLM_ISA may force a lower
+ * level (tests run every level the machine has). x86-64: generic < avx2 < avx512vnni; aarch64: generic < neon <
+ * neon-dotprod. */
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include "kernels.h"
+#include "edgellm.h"
+#if defined(__aarch64__) && defined(__linux__)
+#include <sys/auxv.h>
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1 << 20)
+#endif
+#endif
+
+enum { ISA_GENERIC, ISA_AVX2, ISA_VNNI, ISA_NEON, ISA_NEON_DOTPROD, ISA_COUNT };
+static const char *const isa_names[ISA_COUNT] = { "generic", "avx2", "avx512vnni", "neon", "neon-dotprod" };
+
+static el_kernels tables[ISA_COUNT];
+static int isa_ok[ISA_COUNT];
+static int isa_best = ISA_GENERIC;
+static pthread_once_t once = PTHREAD_ONCE_INIT;
+const el_kernels *el_k;
+
+static int set_isa(const char *name);
+static void detect(void) {
+    isa_ok[ISA_GENERIC] = 1;
+    el_fill_generic(&tables[ISA_GENERIC]);
+#if defined(__x86_64__) || defined(_M_X64)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+        isa_ok[ISA_AVX2] = 1;
+        el_fill_avx2(&tables[ISA_AVX2]);
+        isa_best = ISA_AVX2;
+        if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl")) {
+            isa_ok[ISA_VNNI] = 1;
+            el_fill_vnni(&tables[ISA_VNNI]);
+            isa_best = ISA_VNNI;
+        }
+    }
+#elif defined(__aarch64__)
+    /* Advanced SIMD is mandatory on AArch64; the dot-product extension (sdot) is optional */
+    isa_ok[ISA_NEON] = 1;
+    el_fill_neon(&tables[ISA_NEON], 0);
+    isa_best = ISA_NEON;
+#if defined(__linux__)
+    if (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) {
+        isa_ok[ISA_NEON_DOTPROD] = 1;
+        el_fill_neon(&tables[ISA_NEON_DOTPROD], 1);
+        isa_best = ISA_NEON_DOTPROD;
+    }
+#endif
+#endif
+    el_k = &tables[isa_best];
+    const char *env = getenv("EDGELLM_ISA");
+    if (env && *env) set_isa(env);   /* unknown or unsupported: keep the best */
+}
+
+void el_init(void) { pthread_once(&once, detect); }
+
+static int set_isa(const char *name) {   /* without el_init: detect() calls it inside pthread_once */
+    for (int i = 0; i < ISA_COUNT; i++)
+        if (strcmp(name, isa_names[i]) == 0) {
+            if (!isa_ok[i]) return -1;
+            el_k = &tables[i];
+            return 0;
+        }
+    return -1;
+}
+
+int el_set_isa(const char *name) { el_init(); return set_isa(name); }
+
+const char *el_isa(void) { el_init(); return el_k->name; }
+
+int el_isa_available(const char *name) {
+    el_init();
+    for (int i = 0; i < ISA_COUNT; i++)
+        if (strcmp(name, isa_names[i]) == 0) return isa_ok[i];
+    return 0;
+}
+const char *el_isa_best(void) { el_init(); return isa_names[isa_best]; }

@@ -1,0 +1,121 @@
+/* edgellm's C core: the one public header.
+ *
+ * The part between the CFFI-BEGIN / CFFI-END markers is read verbatim by cffi's cdef (build_native.py), so it
+ * holds plain declarations only: no macros, no includes, no inline code. Everything else a kernel needs lives in
+ * quants.h (block layouts) and kernels.h (the per-ISA dispatch table).
+ *
+ * Memory: Python owns the KV cache and the weights' mmap; C owns its scratch (allocated once in el_model_new)
+ * and the repacked copies of the weights it chose to repack. Sizes are validated by the Python wrapper
+ * (edgellm/backends/native.py) before any call; C trusts them.
+ */
+#ifndef EDGELLM_H
+#define EDGELLM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* CFFI-BEGIN */
+/* weight / tensor types: the GGML type ids (quant/__init__.py GGMLType) */
+enum el_type {
+    EL_F32 = 0, EL_F16 = 1, EL_Q4_0 = 2, EL_Q4_1 = 3, EL_Q5_0 = 6, EL_Q5_1 = 7, EL_Q8_0 = 8, EL_BF16 = 30
+};
+
+/* which tensor of a llama-style model el_model_set_tensor receives */
+enum el_tensor {
+    EL_T_TOKEN_EMBD = 0, EL_T_OUTPUT_NORM = 1, EL_T_OUTPUT = 2,
+    EL_T_ATTN_NORM = 3, EL_T_WQ = 4, EL_T_WK = 5, EL_T_WV = 6, EL_T_WO = 7,
+    EL_T_FFN_NORM = 8, EL_T_FFN_GATE = 9, EL_T_FFN_UP = 10, EL_T_FFN_DOWN = 11
+};
+
+enum el_act { EL_ACT_SILU = 0, EL_ACT_GELU = 1 };
+
+typedef struct el_pool el_pool;       /* persistent worker threads */
+typedef struct el_weight el_weight;   /* a matrix [n_out, n_in], repacked for the active ISA when that pays */
+typedef struct el_model el_model;
+
+typedef struct el_model_desc {
+    int n_vocab, n_embd, n_layer, n_head, n_head_kv, head_dim, n_ff;
+    int rope_dim;          /* rotated dimensions per head (<= head_dim) */
+    int rope_neox;         /* 0: rotate (x[2i], x[2i+1]); 1: rotate (x[i], x[i + rope_dim/2]) */
+    int act;               /* enum el_act: gate activation of the gated FFN */
+    float rms_eps, rope_base;
+    int n_batch;           /* most tokens one el_model_forward call may carry */
+    int n_threads;
+} el_model_desc;
+
+/* One KV cache (one sequence): k, v are [n_layer, n_head_kv, n_ctx, head_dim] of `type`, owned by Python. */
+typedef struct el_cache {
+    void *k;
+    void *v;
+    int n_ctx;
+    int type;              /* EL_F16 or EL_F32 */
+} el_cache;
+
+/* A batch: token i goes to cache seq[i] at slot pos[i] and attends over slots [0, pos[i]] of that cache.
+ * Tokens of one sequence appear in increasing position order. Logits are written, in batch order, for the
+ * tokens with out[i] != 0 (out may be NULL: last token only; no flag set: no logits, e.g. a prompt chunk). */
+typedef struct el_batch {
+    int n_tokens;
+    const int32_t *tokens;
+    const int32_t *pos;
+    const int32_t *seq;
+    const int8_t *out;
+} el_batch;
+
+/* ---- instruction sets ---- */
+const char *el_isa(void);                    /* active: "generic", "avx2", "avx512vnni", "neon", "neon-dotprod" */
+int el_isa_available(const char *name);      /* 1 when this CPU can run it */
+const char *el_isa_best(void);               /* best this CPU supports */
+int el_set_isa(const char *name);            /* 0, or -1 if unknown / unsupported here */
+
+/* ---- thread pool ---- */
+el_pool *el_pool_new(int n_threads);
+void el_pool_free(el_pool *pool);
+int el_pool_size(const el_pool *pool);
+
+/* ---- weights and matmul ---- */
+/* data: n_out rows of n_in elements in the GGUF layout; kept by pointer unless repacked (then copied). */
+el_weight *el_weight_new(int type, const void *data, int n_out, int n_in);
+void el_weight_free(el_weight *w);
+int el_weight_repacked(const el_weight *w);
+/* y[t, r] = sum_k x[t, k] * w[r, k]   for t < n_tok, r < n_out (float x and y, row-major) */
+void el_matmul(el_pool *pool, const el_weight *w, const float *x, int n_tok, float *y);
+
+/* ---- single ops on the active ISA (tests and tools; the forward step calls them internally) ---- */
+size_t el_row_size(int type, int n);                       /* bytes of a row of n elements in GGUF layout */
+void el_quantize_q8a(const float *x, void *y, int n);      /* n % 32 == 0; y: n/32 blocks of 40 bytes */
+void el_dequantize_row(int type, const void *x, float *y, int n);
+void el_rmsnorm(const float *x, const float *w, float *y, int n, float eps);
+void el_rope(float *x, int n_head, int head_dim, int rope_dim, int pos, float base, int neox);
+void el_softmax(float *x, int n);
+void el_silu_mul(const float *g, const float *u, float *y, int n);
+void el_gelu_mul(const float *g, const float *u, float *y, int n);
+void el_add(const float *a, const float *b, float *y, int n);
+void el_to_f16(const float *x, uint16_t *y, int n);          /* round to nearest even, as numpy */
+/* one query head over n_kv cached slots of one kv head: k, v are [>= n_kv, head_dim] of kv_type */
+void el_attn_head(const float *q, const void *k, const void *v, int kv_type, int n_kv, int head_dim,
+                  float scale, float *scratch, float *out);
+/* n_q query rows [n_q, head_dim] over one kv head, row i over slots [0, n_kv[i]) (the prefill path) */
+size_t el_attn_rows_scratch_size(int n_q, int max_kv, int head_dim);   /* floats */
+void el_attn_rows(const float *q, int n_q, const int32_t *n_kv, const void *k, const void *v, int kv_type,
+                  int head_dim, float scale, float *scratch, float *out);
+
+/* ---- the whole forward step ---- */
+el_model *el_model_new(const el_model_desc *desc);
+void el_model_free(el_model *m);
+/* layer = -1 for the global tensors; returns 0, or -1 when type/shape does not fit the slot */
+int el_model_set_tensor(el_model *m, int which, int layer, int type, const void *data, int n_out, int n_in);
+int el_model_ready(const el_model *m);      /* 1 when every tensor is set */
+/* logits: [number of output tokens, n_vocab]; returns 0, or -1 on a bad batch */
+int el_model_forward(el_model *m, const el_batch *batch, const el_cache *caches, int n_caches, float *logits);
+/* CFFI-END */
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

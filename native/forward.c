@@ -1,0 +1,471 @@
+/* The whole forward step of a llama-style decoder in one call: embedding, every layer, final norm, logits.
+ *
+ * One el_pool_run per step; every thread walks the same layer loop and claims chunks of each stage; a stage
+ * starts when the previous one is complete (7 per layer: the norm, the QKV matmuls, RoPE + cache write,
+ * attention, the output projection + residual, the FFN norm, gate/up/act, down + residual).
+ * Buffers are allocated once in el_model_new for n_batch tokens; the KV cache is Python's.
+ */
+#define _POSIX_C_SOURCE 200809L  /* posix_memalign, clock_gettime */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <stdio.h>
+#include <time.h>
+#include "edgellm.h"
+#include "kernels.h"
+#include <stdatomic.h>
+#include "threadpool.h"
+#include "weights.h"
+
+typedef struct {
+    el_weight *wq, *wk, *wv, *wo;        /* [n_head*hd, E], [n_kv*hd, E] x2, [E, n_head*hd] */
+    el_weight *gate, *up, *down;         /* [F, E], [F, E], [E, F] */
+    const float *attn_norm, *ffn_norm;   /* [E] */
+} el_layer;
+
+struct el_model {
+    el_model_desc d;
+    el_pool *pool;
+    const el_kernels *k;                 /* element-wise ops; matmuls use each weight's own table */
+    const void *tok_embd;                /* [n_vocab, E] GGUF layout, borrowed: rows dequantized on lookup */
+    int tok_embd_type;
+    size_t tok_embd_row;
+    const float *output_norm;            /* [E] */
+    el_weight *output;                   /* [n_vocab, E] (token_embd again when tied) */
+    el_layer *layers;
+    /* scratch for n_batch tokens */
+    float *x;        /* [n_batch, E] residual stream */
+    float *xb;       /* [n_batch, W] normed input / attention output, W = max(E, n_head*hd) */
+    void *xq;        /* [n_batch] rows of q8a blocks for up to max(W, F) elements, xq_stride bytes apart */
+    void *xq2;       /* same shape: the FFN product's blocks (xq still feeds other threads' gate/up rows) */
+    size_t xq_stride;
+    float *q, *kb, *vb;  /* [n_batch, n_head*hd], [n_batch, n_kv*hd] x2 */
+    float *hg, *hu;  /* [n_batch, F] */
+    float *tmp;      /* [n_batch, E] projection output before the residual add */
+    float *cs;       /* [n_batch, rope_dim] cos/sin per token */
+    el_stage *stages;  /* [n_stages] claim / completion counters of one step */
+    int n_stages;
+    float *scratch;  /* [n_threads, scratch_n] attention scores and tiles */
+    size_t scratch_n;
+    int scratch_ctx; /* longest context scratch_n covers */
+};
+
+/* Stage timing of thread 0, on when EDGELLM_PROFILE is set (printed to stderr by el_model_free): where a step's
+ * time goes, to steer optimisation. Off, it costs one predictable branch per stage. */
+enum { P_EMBD, P_NORM, P_QKV, P_ROPE, P_ATTN, P_WO, P_FFN_UP, P_FFN_DOWN, P_OUT, P_COUNT };
+static const char *const prof_names[P_COUNT] = { "embd", "norm", "qkv", "rope+kv", "attn", "wo", "gate/up", "down", "output" };
+static double prof_s[P_COUNT];
+static int prof_on = -1;
+static double prof_t0;
+static double now_s(void) { struct timespec ts; clock_gettime(CLOCK_MONOTONIC, &ts); return ts.tv_sec + 1e-9 * ts.tv_nsec; }
+#define PROF(ith, stage) do { if (prof_on && (ith) == 0) { const double t_ = now_s(); prof_s[stage] += t_ - prof_t0; prof_t0 = t_; } } while (0)
+
+static void *zalloc(size_t bytes) {
+    void *p = NULL;
+    if (posix_memalign(&p, 64, bytes ? bytes : 64) != 0) return NULL;
+    memset(p, 0, bytes);
+    return p;
+}
+
+el_model *el_model_new(const el_model_desc *desc) {
+    el_init();
+    el_model *m = calloc(1, sizeof *m);
+    if (!m) return NULL;
+    m->d = *desc;
+    const el_model_desc *d = &m->d;
+    const size_t nb = (size_t)d->n_batch, E = d->n_embd, nq = (size_t)d->n_head * d->head_dim,
+                 nkv = (size_t)d->n_head_kv * d->head_dim, F = d->n_ff;
+    const size_t W = E > nq ? E : nq, WQ = W > F ? W : F;
+    m->k = el_k;
+    m->pool = el_pool_new(d->n_threads);
+    m->layers = calloc((size_t)d->n_layer, sizeof(el_layer));
+    m->x = zalloc(nb * E * 4);
+    m->xb = zalloc(nb * W * 4);
+    m->xq_stride = (WQ + EL_QK - 1) / EL_QK * sizeof(block_q8a);
+    m->xq = zalloc(nb * m->xq_stride);
+    m->xq2 = zalloc(nb * m->xq_stride);
+    m->q = zalloc(nb * nq * 4);
+    m->kb = zalloc(nb * nkv * 4);
+    m->vb = zalloc(nb * nkv * 4);
+    m->hg = zalloc(nb * F * 4);
+    m->hu = zalloc(nb * F * 4);
+    m->tmp = zalloc(nb * E * 4);
+    m->cs = zalloc(nb * (size_t)d->rope_dim * 4);
+    m->n_stages = 1 + 9 * d->n_layer + 2;   /* embd; per layer at most 9; final norm, output */
+    m->stages = zalloc(sizeof(el_stage) * (size_t)m->n_stages);
+    if (!m->pool || !m->layers || !m->x || !m->xb || !m->xq || !m->xq2 || !m->q || !m->kb || !m->vb || !m->hg || !m->hu ||
+        !m->tmp || !m->cs || !m->stages) {
+        el_model_free(m);
+        return NULL;
+    }
+    return m;
+}
+
+void el_model_free(el_model *m) {
+    if (!m) return;
+    if (prof_on > 0) {
+        double tot = 0;
+        for (int i = 0; i < P_COUNT; i++) tot += prof_s[i];
+        for (int i = 0; i < P_COUNT; i++)
+            fprintf(stderr, "edgellm profile %-8s %8.3f s %5.1f%%\n", prof_names[i], prof_s[i], 100 * prof_s[i] / (tot > 0 ? tot : 1));
+        memset(prof_s, 0, sizeof prof_s);
+    }
+    if (m->layers)
+        for (int l = 0; l < m->d.n_layer; l++) {
+            el_layer *L = &m->layers[l];
+            el_weight_free(L->wq); el_weight_free(L->wk); el_weight_free(L->wv); el_weight_free(L->wo);
+            el_weight_free(L->gate); el_weight_free(L->up); el_weight_free(L->down);
+        }
+    el_weight_free(m->output);
+    el_pool_free(m->pool);
+    free(m->layers); free(m->x); free(m->xb); free(m->xq); free(m->xq2); free(m->q); free(m->kb); free(m->vb);
+    free(m->hg); free(m->hu); free(m->tmp); free(m->cs); free(m->scratch); free(m->stages);
+    free(m);
+}
+
+/* ------------------------------------------------------------------------------------------- tensors */
+static int set_matrix(el_weight **slot, int type, const void *data, int n_out, int n_in, int want_out, int want_in) {
+    if (n_out != want_out || n_in != want_in) return -1;
+    el_weight *w = el_weight_new(type, data, n_out, n_in);
+    if (!w) return -1;
+    el_weight_free(*slot);
+    *slot = w;
+    return 0;
+}
+
+int el_model_set_tensor(el_model *m, int which, int layer, int type, const void *data, int n_out, int n_in) {
+    const el_model_desc *d = &m->d;
+    const int E = d->n_embd, nq = d->n_head * d->head_dim, nkv = d->n_head_kv * d->head_dim, F = d->n_ff;
+    if (which >= EL_T_ATTN_NORM && (layer < 0 || layer >= d->n_layer)) return -1;
+    el_layer *L = which >= EL_T_ATTN_NORM ? &m->layers[layer] : NULL;
+    const int is_norm = which == EL_T_OUTPUT_NORM || which == EL_T_ATTN_NORM || which == EL_T_FFN_NORM;
+    if (is_norm && (type != EL_F32 || n_out != 1 || n_in != E)) return -1;
+    switch (which) {
+    case EL_T_TOKEN_EMBD: {
+        const int ti = el_type_index(type);
+        if (ti < 0 || n_out != d->n_vocab || n_in != E || E % el_type_block(ti)) return -1;
+        m->tok_embd = data;
+        m->tok_embd_type = type;
+        m->tok_embd_row = el_row_size(type, E);
+        return 0;
+    }
+    case EL_T_OUTPUT_NORM: m->output_norm = data; return 0;
+    case EL_T_ATTN_NORM: L->attn_norm = data; return 0;
+    case EL_T_FFN_NORM: L->ffn_norm = data; return 0;
+    case EL_T_OUTPUT: return set_matrix(&m->output, type, data, n_out, n_in, d->n_vocab, E);
+    case EL_T_WQ: return set_matrix(&L->wq, type, data, n_out, n_in, nq, E);
+    case EL_T_WK: return set_matrix(&L->wk, type, data, n_out, n_in, nkv, E);
+    case EL_T_WV: return set_matrix(&L->wv, type, data, n_out, n_in, nkv, E);
+    case EL_T_WO: return set_matrix(&L->wo, type, data, n_out, n_in, E, nq);
+    case EL_T_FFN_GATE: return set_matrix(&L->gate, type, data, n_out, n_in, F, E);
+    case EL_T_FFN_UP: return set_matrix(&L->up, type, data, n_out, n_in, F, E);
+    case EL_T_FFN_DOWN: return set_matrix(&L->down, type, data, n_out, n_in, E, F);
+    default: return -1;
+    }
+}
+
+int el_model_ready(const el_model *m) {
+    if (!m->tok_embd || !m->output_norm || !m->output) return 0;
+    for (int l = 0; l < m->d.n_layer; l++) {
+        const el_layer *L = &m->layers[l];
+        if (!L->wq || !L->wk || !L->wv || !L->wo || !L->gate || !L->up || !L->down || !L->attn_norm || !L->ffn_norm)
+            return 0;
+    }
+    return 1;
+}
+
+/* --------------------------------------------------------------------------------------- the step */
+typedef struct {
+    el_model *m;
+    const el_batch *b;
+    const el_cache *caches;
+    float *logits;
+    int n_out;
+    const int *out_idx;   /* batch index of each logits row */
+} fwd_ctx;
+
+enum { ATTN_TILE = 16, ATTN_TILE_MIN = 4 };   /* tokens per prefill attention task; below MIN, per head */
+
+static inline void *xq_row(const el_model *m, int t) { return (char *)m->xq + (size_t)t * m->xq_stride; }
+
+static void *kv_slot(const el_model *m, void *base, const el_cache *c, int layer, int kvh, int pos) {
+    const size_t esize = c->type == EL_F16 ? 2 : 4;
+    return (char *)base + ((((size_t)layer * m->d.n_head_kv + kvh) * c->n_ctx + pos) * m->d.head_dim) * esize;
+}
+
+static void store_kv(const el_kernels *k, int type, void *dst, const float *src, int n) {
+    if (type == EL_F16) {
+        k->to_f16(src, dst, n);
+    } else {
+        memcpy(dst, src, (size_t)n * 4);
+    }
+}
+
+/* ---- stages: work cut into chunks that threads claim, and a completion count instead of a barrier ----
+ * A thread that the OS preempts (machines are shared; phones run other apps) holds nobody up unless it holds a
+ * chunk: the others take the remaining chunks, and a late thread finds its stages done and catches up. Every
+ * thread walks the same sequence of stages; a stage's chunks start only when the previous stage is complete. */
+typedef struct { el_stage *st; int si; } sync_t;
+
+static inline int claim(sync_t *s) {
+    return atomic_fetch_add_explicit(&s->st[s->si].next, 1, memory_order_relaxed);
+}
+
+static inline void finish(sync_t *s, int n_done, int total) {
+    el_stage *st = &s->st[s->si++];
+    el_stage_complete(&st->done, &st->sleepers, n_done, total);
+}
+
+/* chunks of a stage: a few per thread, so a late thread's share is picked up by the others */
+static inline int n_chunks(int units, int nth) {
+    const int want = nth == 1 ? 1 : 4 * nth;
+    return units < want ? (units > 0 ? units : 1) : want;
+}
+
+/* rows [r0, r1) of piece ch of NCH pieces of w (cut at w's interleave unit) */
+static inline void piece(const el_weight *w, int ch, int nch, int *r0, int *r1) { el_split(w->n_out, w->unit, ch, nch, r0, r1); }
+
+static void gemm_rows(const el_model *m, const el_weight *w, int r0, int r1, const void *xq, const float *xf,
+                      int n_tok, float *y, size_t y_stride) {
+    if (w->act_q8a) el_weight_gemm(w, r0, r1, xq, m->xq_stride, n_tok, y, y_stride);
+    else el_weight_gemm(w, r0, r1, xf, (size_t)w->n_in * 4, n_tok, y, y_stride);
+}
+
+static void forward_task(void *ctx, int ith, int nth) {
+    const fwd_ctx *c = ctx;
+    el_model *m = c->m;
+    const el_model_desc *d = &m->d;
+    const el_kernels *k = m->k;
+    const el_batch *b = c->b;
+    const int n = b->n_tokens, E = d->n_embd, hd = d->head_dim, nq = d->n_head * hd,
+              nkv = d->n_head_kv * hd, F = d->n_ff, group = d->n_head / d->n_head_kv;
+    const float scale = 1.0f / sqrtf((float)hd);
+    sync_t S = { m->stages, 0 };
+    const int tch = n_chunks(n, nth);   /* token chunks */
+    int ch, nd, t0, t1;
+
+    /* embedding rows and this step's RoPE angles */
+    const int embd_ti = el_type_index(m->tok_embd_type);
+    for (nd = 0; (ch = claim(&S)) < tch; nd++) {
+        el_split(n, 1, ch, tch, &t0, &t1);
+        for (int t = t0; t < t1; t++) {
+            k->dequantize_row[embd_ti]((const char *)m->tok_embd + (size_t)b->tokens[t] * m->tok_embd_row,
+                                       m->x + (size_t)t * E, E);
+            el_rope_table(m->cs + (size_t)t * d->rope_dim, b->pos[t], d->rope_dim, d->rope_base);
+        }
+    }
+    finish(&S, nd, tch);
+    PROF(ith, P_EMBD);
+
+    for (int l = 0; l < d->n_layer; l++) {
+        const el_layer *L = &m->layers[l];
+        /* attention norm -> xb (float) and xq (q8a) */
+        for (nd = 0; (ch = claim(&S)) < tch; nd++) {
+            el_split(n, 1, ch, tch, &t0, &t1);
+            for (int t = t0; t < t1; t++) {
+                float *xb = m->xb + (size_t)t * E;
+                k->rmsnorm(m->x + (size_t)t * E, L->attn_norm, xb, E, d->rms_eps);
+                if (E % EL_QK == 0) k->quantize_q8a(xb, xq_row(m, t), E);
+            }
+        }
+        finish(&S, nd, tch);
+        PROF(ith, P_NORM);
+        /* Q, K, V: chunk ch takes the ch-th piece of each */
+        const int qch = n_chunks(nkv / (L->wk->unit > 0 ? L->wk->unit : 1), nth);
+        for (nd = 0; (ch = claim(&S)) < qch; nd++) {
+            int r0, r1;
+            piece(L->wq, ch, qch, &r0, &r1); gemm_rows(m, L->wq, r0, r1, m->xq, m->xb, n, m->q, nq);
+            piece(L->wk, ch, qch, &r0, &r1); gemm_rows(m, L->wk, r0, r1, m->xq, m->xb, n, m->kb, nkv);
+            piece(L->wv, ch, qch, &r0, &r1); gemm_rows(m, L->wv, r0, r1, m->xq, m->xb, n, m->vb, nkv);
+        }
+        finish(&S, nd, qch);
+        PROF(ith, P_QKV);
+        /* RoPE, then K and V of the new tokens into their cache slots */
+        for (nd = 0; (ch = claim(&S)) < tch; nd++) {
+            el_split(n, 1, ch, tch, &t0, &t1);
+            for (int t = t0; t < t1; t++) {
+                const float *cs = m->cs + (size_t)t * d->rope_dim;
+                k->rope(m->q + (size_t)t * nq, d->n_head, hd, d->rope_dim, cs, d->rope_neox);
+                k->rope(m->kb + (size_t)t * nkv, d->n_head_kv, hd, d->rope_dim, cs, d->rope_neox);
+                const el_cache *cc = &c->caches[b->seq ? b->seq[t] : 0];
+                for (int h = 0; h < d->n_head_kv; h++) {
+                    store_kv(k, cc->type, kv_slot(m, cc->k, cc, l, h, b->pos[t]), m->kb + (size_t)t * nkv + h * hd, hd);
+                    store_kv(k, cc->type, kv_slot(m, cc->v, cc, l, h, b->pos[t]), m->vb + (size_t)t * nkv + h * hd, hd);
+                }
+            }
+        }
+        finish(&S, nd, tch);
+        PROF(ith, P_ROPE);
+        /* attention -> xb [n, nq], quantized per head when blocks allow (fuse_q) */
+        const int fuse_q = L->wo->act_q8a && hd % EL_QK == 0;
+        float *scr = m->scratch + (size_t)ith * m->scratch_n;
+        if (n < ATTN_TILE_MIN) {   /* decode: one (token, head) per chunk */
+            const int ach = n * d->n_head;
+            for (nd = 0; (ch = claim(&S)) < ach; nd++) {
+                const int t = ch / d->n_head, h = ch % d->n_head, kvh = h / group;
+                const el_cache *cc = &c->caches[b->seq ? b->seq[t] : 0];
+                float *out = m->xb + (size_t)t * nq + h * hd;
+                k->attn_head(m->q + (size_t)t * nq + h * hd, kv_slot(m, cc->k, cc, l, kvh, 0), kv_slot(m, cc->v, cc, l, kvh, 0),
+                             cc->type, b->pos[t] + 1, hd, scale, scr, out);
+                if (fuse_q) k->quantize_q8a(out, (block_q8a *)xq_row(m, t) + h * hd / EL_QK, hd);
+            }
+            finish(&S, nd, ach);
+        } else {   /* prefill: (tile of ATTN_TILE tokens) x (kv head) per chunk; late tiles (longer) first */
+            float *qbuf = scr, *obuf = qbuf + (size_t)ATTN_TILE * group * hd;
+            int32_t *nkvs = (int32_t *)(obuf + (size_t)ATTN_TILE * group * hd);
+            float *sc = (float *)(nkvs + ATTN_TILE * group);
+            const int n_tiles = (n + ATTN_TILE - 1) / ATTN_TILE, ach = n_tiles * d->n_head_kv;
+            for (nd = 0; (ch = claim(&S)) < ach; nd++) {
+                const int task = ach - 1 - ch, tile = task / d->n_head_kv, kvh = task % d->n_head_kv;
+                const int ta = tile * ATTN_TILE, tb = ta + ATTN_TILE < n ? ta + ATTN_TILE : n;
+                for (int s0 = ta; s0 < tb;) {   /* runs of one sequence: they share a cache */
+                    const int seq = b->seq ? b->seq[s0] : 0;
+                    int s1 = s0 + 1;
+                    while (s1 < tb && (b->seq ? b->seq[s1] : 0) == seq) s1++;
+                    const el_cache *cc = &c->caches[seq];
+                    int nr = 0;
+                    for (int t = s0; t < s1; t++)
+                        for (int g = 0; g < group; g++, nr++) {
+                            memcpy(qbuf + (size_t)nr * hd, m->q + (size_t)t * nq + (size_t)(kvh * group + g) * hd, sizeof(float) * hd);
+                            nkvs[nr] = b->pos[t] + 1;
+                        }
+                    k->attn_rows(qbuf, nr, nkvs, kv_slot(m, cc->k, cc, l, kvh, 0), kv_slot(m, cc->v, cc, l, kvh, 0),
+                                 cc->type, hd, scale, sc, obuf);
+                    nr = 0;
+                    for (int t = s0; t < s1; t++)
+                        for (int g = 0; g < group; g++, nr++) {
+                            const int h = kvh * group + g;
+                            float *out = m->xb + (size_t)t * nq + h * hd;
+                            memcpy(out, obuf + (size_t)nr * hd, sizeof(float) * hd);
+                            if (fuse_q) k->quantize_q8a(out, (block_q8a *)xq_row(m, t) + h * hd / EL_QK, hd);
+                        }
+                    s0 = s1;
+                }
+            }
+            finish(&S, nd, ach);
+        }
+        if (L->wo->act_q8a && !fuse_q) {
+            for (nd = 0; (ch = claim(&S)) < tch; nd++) {
+                el_split(n, 1, ch, tch, &t0, &t1);
+                for (int t = t0; t < t1; t++) k->quantize_q8a(m->xb + (size_t)t * nq, xq_row(m, t), nq);
+            }
+            finish(&S, nd, tch);
+        }
+        PROF(ith, P_ATTN);
+        /* output projection + residual, on the chunk's own rows */
+        const int och = n_chunks(E / L->wo->unit, nth);
+        for (nd = 0; (ch = claim(&S)) < och; nd++) {
+            int r0, r1;
+            piece(L->wo, ch, och, &r0, &r1);
+            gemm_rows(m, L->wo, r0, r1, m->xq, m->xb, n, m->tmp, E);
+            for (int t = 0; t < n && r0 < r1; t++)
+                k->add(m->x + (size_t)t * E + r0, m->tmp + (size_t)t * E + r0, m->x + (size_t)t * E + r0, r1 - r0);
+        }
+        finish(&S, nd, och);
+        PROF(ith, P_WO);
+        for (nd = 0; (ch = claim(&S)) < tch; nd++) {
+            el_split(n, 1, ch, tch, &t0, &t1);
+            for (int t = t0; t < t1; t++) {
+                float *xb = m->xb + (size_t)t * E;
+                k->rmsnorm(m->x + (size_t)t * E, L->ffn_norm, xb, E, d->rms_eps);
+                if (E % EL_QK == 0) k->quantize_q8a(xb, xq_row(m, t), E);
+            }
+        }
+        finish(&S, nd, tch);
+        PROF(ith, P_NORM);
+        /* gate and up on the same rows, then act(gate) * up and its q8a blocks (into xq2): rows cut at blocks */
+        {
+            const int unit = L->down->act_q8a ? EL_QK : (L->gate->unit > L->up->unit ? L->gate->unit : L->up->unit);
+            const int fch = n_chunks(F / unit, nth);
+            for (nd = 0; (ch = claim(&S)) < fch; nd++) {
+                int r0, r1;
+                el_split(F, unit, ch, fch, &r0, &r1);
+                if (r0 >= r1) continue;
+                gemm_rows(m, L->gate, r0, r1, m->xq, m->xb, n, m->hg, F);
+                gemm_rows(m, L->up, r0, r1, m->xq, m->xb, n, m->hu, F);
+                for (int t = 0; t < n; t++) {
+                    float *g = m->hg + (size_t)t * F + r0;
+                    if (d->act == EL_ACT_GELU) k->gelu_mul(g, m->hu + (size_t)t * F + r0, g, r1 - r0);
+                    else k->silu_mul(g, m->hu + (size_t)t * F + r0, g, r1 - r0);
+                    if (L->down->act_q8a)
+                        k->quantize_q8a(g, (block_q8a *)((char *)m->xq2 + (size_t)t * m->xq_stride) + r0 / EL_QK, r1 - r0);
+                }
+            }
+            finish(&S, nd, fch);
+        }
+        PROF(ith, P_FFN_UP);
+        const int dch = n_chunks(E / L->down->unit, nth);
+        for (nd = 0; (ch = claim(&S)) < dch; nd++) {
+            int r0, r1;
+            piece(L->down, ch, dch, &r0, &r1);
+            gemm_rows(m, L->down, r0, r1, m->xq2, m->hg, n, m->tmp, E);
+            for (int t = 0; t < n && r0 < r1; t++)
+                k->add(m->x + (size_t)t * E + r0, m->tmp + (size_t)t * E + r0, m->x + (size_t)t * E + r0, r1 - r0);
+        }
+        finish(&S, nd, dch);
+        PROF(ith, P_FFN_DOWN);
+    }
+
+    /* final norm of the tokens that want logits, then the vocabulary projection */
+    if (c->n_out == 0) return;
+    const int nch = n_chunks(c->n_out, nth);
+    for (nd = 0; (ch = claim(&S)) < nch; nd++) {
+        int o0, o1;
+        el_split(c->n_out, 1, ch, nch, &o0, &o1);
+        for (int i = o0; i < o1; i++) {
+            float *xb = m->xb + (size_t)i * E;
+            k->rmsnorm(m->x + (size_t)c->out_idx[i] * E, m->output_norm, xb, E, d->rms_eps);
+            if (E % EL_QK == 0) k->quantize_q8a(xb, xq_row(m, i), E);
+        }
+    }
+    finish(&S, nd, nch);
+    const int vch = n_chunks(d->n_vocab / m->output->unit, nth) * 4;   /* the biggest matrix: finer chunks */
+    for (nd = 0; (ch = claim(&S)) < vch; nd++) {
+        int r0, r1;
+        piece(m->output, ch, vch, &r0, &r1);
+        gemm_rows(m, m->output, r0, r1, m->xq, m->xb, c->n_out, c->logits, d->n_vocab);
+    }
+    finish(&S, nd, vch);
+    PROF(ith, P_OUT);
+}
+
+int el_model_forward(el_model *m, const el_batch *b, const el_cache *caches, int n_caches, float *logits) {
+    const el_model_desc *d = &m->d;
+    const int n = b->n_tokens;
+    if (n < 1 || n > d->n_batch || !el_model_ready(m) || n_caches < 1) return -1;
+    int max_ctx = 0;
+    for (int i = 0; i < n; i++) {
+        const int s = b->seq ? b->seq[i] : 0;
+        if (s < 0 || s >= n_caches || (caches[s].type != EL_F16 && caches[s].type != EL_F32) || b->pos[i] < 0 || b->pos[i] >= caches[s].n_ctx ||
+            b->tokens[i] < 0 || b->tokens[i] >= d->n_vocab)
+            return -1;
+        if (b->pos[i] + 1 > max_ctx) max_ctx = b->pos[i] + 1;
+    }
+    if (max_ctx > m->scratch_ctx) {   /* grows with the longest context seen, not per step */
+        const int ctx = (max_ctx + 255) / 256 * 256, rows = ATTN_TILE * (d->n_head / d->n_head_kv);
+        /* per thread: q and out tiles, n_kv, attn_rows scratch; the decode path uses the first ctx floats */
+        size_t want = (size_t)2 * rows * d->head_dim + rows + el_attn_rows_scratch(rows, ctx, d->head_dim);
+        if (want < (size_t)ctx) want = ctx;
+        want = (want + 15) / 16 * 16;
+        float *s = realloc(m->scratch, want * el_pool_size(m->pool) * sizeof(float));
+        if (!s) return -1;
+        m->scratch = s;
+        m->scratch_n = want;
+        m->scratch_ctx = ctx;
+    }
+    int out_idx_small[64], *out_idx = out_idx_small, n_out = 0;
+    if (n > 64) out_idx = malloc((size_t)n * sizeof(int));
+    if (!out_idx) return -1;
+    if (b->out) {
+        for (int i = 0; i < n; i++) if (b->out[i]) out_idx[n_out++] = i;
+    } else {
+        out_idx[n_out++] = n - 1;
+    }
+    fwd_ctx c = { m, b, caches, logits, n_out, out_idx };
+    if (prof_on < 0) prof_on = getenv("EDGELLM_PROFILE") != NULL;
+    if (prof_on) prof_t0 = now_s();
+    memset(m->stages, 0, sizeof(el_stage) * (size_t)m->n_stages);   /* published by el_pool_run's release */
+    el_pool_run(m->pool, forward_task, &c);
+    if (out_idx != out_idx_small) free(out_idx);
+    return 0;
+}

@@ -1,0 +1,72 @@
+/* The per-ISA dispatch table: one signature per operation, one table per instruction set
+ * (kernels_generic.c, kernels_avx2.c, kernels_neon.c), filled once at init (dispatch.c). Internal header. */
+#ifndef EDGELLM_KERNELS_H
+#define EDGELLM_KERNELS_H
+
+#include <stddef.h>
+#include "quants.h"
+
+/* compact index of the weight types the core knows (the traits table is indexed by it) */
+enum { EL_TI_F32, EL_TI_F16, EL_TI_BF16, EL_TI_Q4_0, EL_TI_Q4_1, EL_TI_Q5_0, EL_TI_Q5_1, EL_TI_Q8_0, EL_NTYPES };
+int el_type_index(int ggml_type);          /* -1 when unknown */
+int el_type_block(int ti);                 /* elements per block */
+size_t el_type_block_bytes(int ti);        /* bytes per block (GGUF layout) */
+
+/* y[t * y_stride + r] = dot(row r of w, activation row t)  for r in [r0, r1), t in [0, n_tok).
+ * w: the whole matrix in this ISA's layout for the type (interleave below); x: activation rows x_stride bytes
+ * apart, q8a blocks (act_q8a) or float. r0 is a multiple of the interleave; r1 <= n_out may end a group early
+ * (the kernel then writes only the rows that exist). */
+typedef void (*el_gemm_fn)(const void *w, int n_in, int r0, int r1,
+                           const void *x, size_t x_stride, int n_tok, float *y, size_t y_stride);
+
+typedef struct el_type_kernels {
+    int act_q8a;      /* 1: activations quantized to block_q8a; 0: float activations */
+    int interleave;   /* rows interleaved by repack; 0: the GGUF layout is used as is (no repack) */
+    void (*repack)(const void *src, void *dst, int n_out, int n_in);  /* dst holds ceil(n_out/interleave) groups */
+    el_gemm_fn gemm;
+} el_type_kernels;
+
+typedef struct el_kernels {
+    const char *name;
+    el_type_kernels types[EL_NTYPES];
+    void (*quantize_q8a)(const float *x, block_q8a *y, int n);
+    void (*dequantize_row[EL_NTYPES])(const void *x, float *y, int n);
+    void (*rmsnorm)(const float *x, const float *w, float *y, int n, float eps);
+    /* cs: cos/sin pairs for this position, cs[2i] = cos(pos * base^(-2i/rope_dim)), cs[2i+1] = sin(...) */
+    void (*rope)(float *x, int n_head, int head_dim, int rope_dim, const float *cs, int neox);
+    void (*softmax)(float *x, int n);
+    void (*silu_mul)(const float *g, const float *u, float *y, int n);
+    void (*gelu_mul)(const float *g, const float *u, float *y, int n);
+    void (*add)(const float *a, const float *b, float *y, int n);
+    void (*to_f16)(const float *x, el_half *y, int n);   /* round to nearest even: K/V into the cache */
+    void (*attn_head)(const float *q, const void *k, const void *v, int kv_type, int n_kv, int head_dim,
+                      float scale, float *scratch, float *out);
+    /* n_q query rows (q, out: [n_q, head_dim]) of one kv head; row i attends over slots [0, n_kv[i]).
+     * scratch: el_attn_rows_scratch(n_q, max n_kv, head_dim) floats. The prefill path: K/V converted once per
+     * chunk of slots for all rows (a tile of tokens x the query heads sharing the kv head). */
+    void (*attn_rows)(const float *q, int n_q, const int32_t *n_kv, const void *k, const void *v, int kv_type,
+                      int head_dim, float scale, float *scratch, float *out);
+} el_kernels;
+
+#define EL_ATTN_KC 64   /* slots per converted K/V chunk */
+static inline size_t el_attn_rows_scratch(int n_q, int max_kv, int head_dim) {
+    const size_t ld = (size_t)(max_kv + EL_ATTN_KC - 1) / EL_ATTN_KC * EL_ATTN_KC;
+    return (size_t)n_q * ld + (size_t)EL_ATTN_KC * head_dim;
+}
+
+extern const el_kernels *el_k;             /* the active table (dispatch.c) */
+void el_init(void);                        /* idempotent; fills el_k from CPU features and EDGELLM_ISA */
+
+void el_fill_generic(el_kernels *k);
+#if defined(__x86_64__) || defined(_M_X64)
+void el_fill_avx2(el_kernels *k);         /* starts from the generic table, overrides what it speeds up */
+void el_fill_vnni(el_kernels *k);         /* AVX2 table + vpdpbusd GEMMs (AVX512-VNNI, 256-bit) */
+#endif
+#if defined(__aarch64__)
+void el_fill_neon(el_kernels *k, int dotprod);
+#endif
+
+/* generic kernels other ISA files reuse where they have nothing better */
+void el_generic_rope(float *x, int n_head, int head_dim, int rope_dim, const float *cs, int neox);
+
+#endif

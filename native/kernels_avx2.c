@@ -1,0 +1,602 @@
+/* x86-64 kernels for AVX2 + FMA + F16C. Compiled for those instructions by the pragma below (never
+ * -march=native), called only when dispatch.c found them on the CPU. Same signatures as kernels_generic.c.
+ *
+ * The hot spot of the whole runtime is gemm_q4x8 / gemm_q8_0x8: weights repacked 8 rows interleaved
+ * (quants.h, *_x8), so for each 4-column group one 32-byte load holds all 8 rows; broadcasting the 4 matching
+ * activation bytes to every lane, vpmaddubsw + vpmaddwd leave each row's partial dot in its own 32-bit lane.
+ * No horizontal sums, one float FMA per block for 8 rows, and the scales of 8 rows convert in one vcvtph2ps. */
+#if defined(__x86_64__) || defined(_M_X64)
+#pragma GCC target("avx2,fma,f16c")
+#include <immintrin.h>
+#include <math.h>
+#include <string.h>
+#include "kernels.h"
+#include "edgellm.h"
+
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+INLINE int hsum8i(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+
+/* An empty asm that "changes" v: GCC otherwise reassociates the chain of integer adds into a tree, computes
+ * every vpmaddubsw of a block first and spills most of them (measured: 16+ stack round trips per block). */
+#define KEEP(v) __asm__("" : "+x"(v))
+
+INLINE __m256i bcast4(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return _mm256_set1_epi32(v); }
+
+/* e^x, Cephes' expf method: x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial; relative error ~1e-7 */
+INLINE __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.3762626647949f));
+    const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+/* ------------------------------------------------------------------------------------ activation quantizer */
+static void quantize_q8a(const float *x, block_q8a *y, int n) {
+    const __m256 signbit = _mm256_set1_ps(-0.0f);
+    for (int b = 0; b < n / EL_QK; b++, x += EL_QK) {
+        __m256 v0 = _mm256_loadu_ps(x), v1 = _mm256_loadu_ps(x + 8), v2 = _mm256_loadu_ps(x + 16),
+               v3 = _mm256_loadu_ps(x + 24);
+        __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(signbit, v0), _mm256_andnot_ps(signbit, v1)),
+                                 _mm256_max_ps(_mm256_andnot_ps(signbit, v2), _mm256_andnot_ps(signbit, v3)));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        const float d = _mm_cvtss_f32(m4) / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        const __m256 vid = _mm256_set1_ps(id);
+        const int rnd = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+        __m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v0, vid), rnd));
+        __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v1, vid), rnd));
+        __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v2, vid), rnd));
+        __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v3, vid), rnd));
+        const int sum = hsum8i(_mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3)));
+        /* packs work per 128-bit lane: the permute puts the 8 dwords back in element order */
+        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+        p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)y[b].qs, p);
+        y[b].d = d;
+        y[b].s = d * (float)sum;
+    }
+}
+
+/* ------------------------------------------------------------------------------- repack: 8 rows interleaved */
+/* qs bytes 4c..4c+3 of row i go to qs[c*32 + i*4 ..]; rows past n_out are zero (their outputs are never stored) */
+static void repack_x8(const void *src, void *dst, int n_out, int n_in, size_t src_block, size_t n_scales,
+                      size_t qs_bytes) {
+    const int nb = n_in / EL_QK, ng = (n_out + 7) / 8;
+    const size_t dst_block = 8 * src_block;
+    for (int G = 0; G < ng; G++)
+        for (int b = 0; b < nb; b++) {
+            uint8_t *o = (uint8_t *)dst + ((size_t)G * nb + b) * dst_block;
+            memset(o, 0, dst_block);
+            for (int i = 0; i < 8 && G * 8 + i < n_out; i++) {
+                const uint8_t *s = (const uint8_t *)src + ((size_t)(G * 8 + i) * nb + b) * src_block;
+                for (size_t k = 0; k < n_scales; k++) memcpy(o + k * 16 + i * 2, s + k * 2, 2);
+                const uint8_t *qs = s + n_scales * 2;
+                uint8_t *oq = o + n_scales * 16;
+                for (size_t c = 0; c < qs_bytes / 4; c++) memcpy(oq + c * 32 + i * 4, qs + c * 4, 4);
+            }
+        }
+}
+/* Q5: scales and nibbles as Q4 (the 4 qh bytes skipped), then the hb plane of quants.h */
+static void repack_q5(const void *src, void *dst, int n_out, int n_in, size_t src_block, size_t n_scales) {
+    const int nb = n_in / EL_QK, ng = (n_out + 7) / 8;
+    const size_t dst_block = 8 * src_block;
+    for (int G = 0; G < ng; G++)
+        for (int b = 0; b < nb; b++) {
+            uint8_t *o = (uint8_t *)dst + ((size_t)G * nb + b) * dst_block;
+            memset(o, 0, dst_block);
+            uint8_t *oq = o + n_scales * 16, *hb = oq + 128;
+            for (int i = 0; i < 8 && G * 8 + i < n_out; i++) {
+                const uint8_t *s = (const uint8_t *)src + ((size_t)(G * 8 + i) * nb + b) * src_block;
+                for (size_t k = 0; k < n_scales; k++) memcpy(o + k * 16 + i * 2, s + k * 2, 2);
+                uint32_t qh;
+                memcpy(&qh, s + n_scales * 2, 4);
+                const uint8_t *qs = s + n_scales * 2 + 4;
+                for (int c = 0; c < 4; c++) memcpy(oq + c * 32 + i * 4, qs + c * 4, 4);
+                for (int bb = 0; bb < 4; bb++) {
+                    uint8_t v = 0;
+                    for (int g = 0; g < 8; g++) v |= (uint8_t)(((qh >> (4 * g + bb)) & 1) << g);
+                    hb[i * 4 + bb] = v;
+                }
+            }
+        }
+}
+static void repack_q5_0(const void *s, void *d, int n_out, int n_in) { repack_q5(s, d, n_out, n_in, sizeof(block_q5_0), 1); }
+static void repack_q5_1(const void *s, void *d, int n_out, int n_in) { repack_q5(s, d, n_out, n_in, sizeof(block_q5_1), 2); }
+static void repack_q4_0(const void *s, void *d, int n_out, int n_in) { repack_x8(s, d, n_out, n_in, sizeof(block_q4_0), 1, 16); }
+static void repack_q4_1(const void *s, void *d, int n_out, int n_in) { repack_x8(s, d, n_out, n_in, sizeof(block_q4_1), 2, 16); }
+static void repack_q8_0(const void *s, void *d, int n_out, int n_in) { repack_x8(s, d, n_out, n_in, sizeof(block_q8_0), 1, 32); }
+
+INLINE void store_rows(float *y, __m256 v, int nrows) {
+    if (nrows == 8) { _mm256_storeu_ps(y, v); return; }
+    float tmp[8];
+    _mm256_storeu_ps(tmp, v);
+    memcpy(y, tmp, (size_t)nrows * 4);
+}
+
+/* ---- the hot spot: 8 rows x NT tokens of Q4_0 / Q4_1 (has_min) ----
+ * Column group outer, tokens inner: each unpacked 32-byte weight vector meets the NT tokens while in a register,
+ * and the live set (NT int16 sums + NT float accumulators + 2 weight vectors + constants) stays within the 16
+ * ymm registers for NT <= 4. */
+INLINE void q4x8_tile(const uint8_t *wg, int nb, int has_min, const uint8_t *x, size_t x_stride, int NT,
+                      float *y, size_t y_stride, int nrows) {
+    const size_t bsize = has_min ? sizeof(block_q4_1x8) : sizeof(block_q4_0x8);
+    const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    __m256 acc[4] = { _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps() };
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = wg + b * bsize;
+        const uint8_t *qs = blk + (has_min ? 32 : 16);
+        const block_q8a *a[4];
+        for (int t = 0; t < NT; t++) a[t] = (const block_q8a *)(x + t * x_stride) + b;
+        __m256i s16[4];
+        for (int c = 0; c < 4; c++) {
+            const __m256i raw = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
+            const __m256i lo = _mm256_and_si256(raw, m4);                              /* elements 4c..4c+3 */
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);        /* elements 16+4c..  */
+            for (int t = 0; t < NT; t++) {
+                /* u4 x s8 pairs <= 2*15*127; the eight of a block still fit int16 (30480) */
+                const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, bcast4(a[t]->qs + 4 * c)),
+                                                   _mm256_maddubs_epi16(hi, bcast4(a[t]->qs + 16 + 4 * c)));
+                s16[t] = c == 0 ? p : _mm256_add_epi16(s16[t], p);
+                KEEP(s16[t]);
+            }
+        }
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk));
+        if (has_min) {
+            const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16)));
+            for (int t = 0; t < NT; t++) {
+                const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16[t], ones));
+                acc[t] = _mm256_fmadd_ps(dw, _mm256_mul_ps(p, _mm256_set1_ps(a[t]->d)), acc[t]);
+                acc[t] = _mm256_fmadd_ps(mw, _mm256_set1_ps(a[t]->s), acc[t]);
+            }
+        } else {   /* d * (da * sum(q a) - 8 * da * sum(a)) */
+            for (int t = 0; t < NT; t++) {
+                const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16[t], ones));
+                acc[t] = _mm256_fmadd_ps(dw, _mm256_fmadd_ps(p, _mm256_set1_ps(a[t]->d), _mm256_set1_ps(-8.0f * a[t]->s)), acc[t]);
+            }
+        }
+    }
+    for (int t = 0; t < NT; t++) store_rows(y + t * y_stride, acc[t], nrows);
+}
+
+/* group g's 5th bits as 0x10 in each byte: bit g of hb moved to bit 4 (16-bit shifts; the mask drops what
+ * crosses from the neighbouring byte) */
+INLINE __m256i q5_high(__m256i hb, int g) {
+    const __m256i m = _mm256_set1_epi8(0x10);
+    switch (g) {
+    case 0: return _mm256_and_si256(_mm256_slli_epi16(hb, 4), m);
+    case 1: return _mm256_and_si256(_mm256_slli_epi16(hb, 3), m);
+    case 2: return _mm256_and_si256(_mm256_slli_epi16(hb, 2), m);
+    case 3: return _mm256_and_si256(_mm256_slli_epi16(hb, 1), m);
+    case 4: return _mm256_and_si256(hb, m);
+    case 5: return _mm256_and_si256(_mm256_srli_epi16(hb, 1), m);
+    case 6: return _mm256_and_si256(_mm256_srli_epi16(hb, 2), m);
+    default: return _mm256_and_si256(_mm256_srli_epi16(hb, 3), m);
+    }
+}
+
+/* 8 rows x NT tokens of Q5_0 / Q5_1: as q4x8_tile with 5-bit quants; u5 x s8 pairs reach 2*31*127, so int16
+ * holds the sums of 4 column groups, not 8: widen twice per block */
+INLINE void q5x8_tile(const uint8_t *wg, int nb, int has_min, const uint8_t *x, size_t x_stride, int NT,
+                      float *y, size_t y_stride, int nrows) {
+    const size_t bsize = has_min ? sizeof(block_q5_1x8) : sizeof(block_q5_0x8);
+    const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    __m256 acc[4] = { _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps() };
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = wg + b * bsize;
+        const uint8_t *qs = blk + (has_min ? 32 : 16);
+        const __m256i hb = _mm256_loadu_si256((const __m256i *)(qs + 128));
+        const block_q8a *a[4];
+        for (int t = 0; t < NT; t++) a[t] = (const block_q8a *)(x + t * x_stride) + b;
+        __m256i s16[4], s32[4];
+        for (int t = 0; t < 4; t++) s16[t] = s32[t] = _mm256_setzero_si256();   /* (quiets -Wmaybe-uninitialized) */
+        for (int c = 0; c < 4; c++) {
+            const __m256i raw = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
+            const __m256i lo = _mm256_or_si256(_mm256_and_si256(raw, m4), q5_high(hb, c));
+            const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(raw, 4), m4), q5_high(hb, c + 4));
+            for (int t = 0; t < NT; t++) {
+                const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, bcast4(a[t]->qs + 4 * c)),
+                                                   _mm256_maddubs_epi16(hi, bcast4(a[t]->qs + 16 + 4 * c)));
+                if (c == 0 || c == 2) s16[t] = p;
+                else {
+                    const __m256i w32 = _mm256_madd_epi16(_mm256_add_epi16(s16[t], p), ones);
+                    s32[t] = c == 1 ? w32 : _mm256_add_epi32(s32[t], w32);
+                    KEEP(s32[t]);
+                }
+            }
+        }
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk));
+        if (has_min) {
+            const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16)));
+            for (int t = 0; t < NT; t++) {
+                const __m256 p = _mm256_cvtepi32_ps(s32[t]);
+                acc[t] = _mm256_fmadd_ps(dw, _mm256_mul_ps(p, _mm256_set1_ps(a[t]->d)), acc[t]);
+                acc[t] = _mm256_fmadd_ps(mw, _mm256_set1_ps(a[t]->s), acc[t]);
+            }
+        } else {   /* d * (da * sum(q a) - 16 * da * sum(a)) */
+            for (int t = 0; t < NT; t++) {
+                const __m256 p = _mm256_cvtepi32_ps(s32[t]);
+                acc[t] = _mm256_fmadd_ps(dw, _mm256_fmadd_ps(p, _mm256_set1_ps(a[t]->d), _mm256_set1_ps(-16.0f * a[t]->s)), acc[t]);
+            }
+        }
+    }
+    for (int t = 0; t < NT; t++) store_rows(y + t * y_stride, acc[t], nrows);
+}
+
+INLINE void q8x8_tile(const uint8_t *wg, int nb, const uint8_t *x, size_t x_stride, int NT,
+                      float *y, size_t y_stride, int nrows) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[4] = { _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps() };
+    for (int b = 0; b < nb; b++) {
+        const block_q8_0x8 *blk = (const block_q8_0x8 *)wg + b;
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk->d));
+        __m256i w[8], aw[8];
+        for (int g = 0; g < 8; g++) {
+            w[g] = _mm256_loadu_si256((const __m256i *)(blk->qs + 32 * g));
+            aw[g] = _mm256_sign_epi8(w[g], w[g]);   /* |w|: vpmaddubsw wants one unsigned operand */
+        }
+        for (int t = 0; t < NT; t++) {
+            const block_q8a *a = (const block_q8a *)(x + t * x_stride) + b;
+            __m256i s32 = _mm256_setzero_si256();
+            for (int g = 0; g < 8; g++) {
+                /* s8 x s8 pairs reach 2*127*127: no room to add two in int16, widen every group */
+                const __m256i p = _mm256_maddubs_epi16(aw[g], _mm256_sign_epi8(bcast4(a->qs + 4 * g), w[g]));
+                s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(p, ones));
+                KEEP(s32);
+            }
+            acc[t] = _mm256_fmadd_ps(dw, _mm256_mul_ps(_mm256_cvtepi32_ps(s32), _mm256_set1_ps(a->d)), acc[t]);
+        }
+    }
+    for (int t = 0; t < NT; t++) store_rows(y + t * y_stride, acc[t], nrows);
+}
+
+/* rows of one 8-row group at a time; tokens 4 at a time so each unpacked weight block feeds 4 tokens while it
+ * sits in registers/L1 (the prefill GEMM); a decode step is the NT = 1 case */
+#define GEMM_X8(name, call_tile, block_t)                                                               \
+    static void name(const void *w, int n_in, int r0, int r1, const void *x, size_t x_stride, int n_tok,  \
+                     float *y, size_t y_stride) {                                                       \
+        const int nb = n_in / EL_QK;                                                                    \
+        for (int r = r0; r < r1; r += 8) {                                                              \
+            const uint8_t *wg = (const uint8_t *)w + (size_t)(r / 8) * nb * sizeof(block_t);            \
+            const int nrows = r1 - r < 8 ? r1 - r : 8;                                                  \
+            int t = 0;                                                                                  \
+            for (; t + 4 <= n_tok; t += 4) call_tile(4);                                                \
+            switch (n_tok - t) {                                                                        \
+            case 3: call_tile(3); break;                                                                \
+            case 2: call_tile(2); break;                                                                \
+            case 1: call_tile(1); break;                                                                \
+            default: break;                                                                             \
+            }                                                                                           \
+        }                                                                                               \
+    }
+#define TILE_Q4_0(NT) q4x8_tile(wg, nb, 0, (const uint8_t *)x + t * x_stride, x_stride, NT, y + t * y_stride + r, y_stride, nrows)
+#define TILE_Q4_1(NT) q4x8_tile(wg, nb, 1, (const uint8_t *)x + t * x_stride, x_stride, NT, y + t * y_stride + r, y_stride, nrows)
+#define TILE_Q8_0(NT) q8x8_tile(wg, nb, (const uint8_t *)x + t * x_stride, x_stride, NT, y + t * y_stride + r, y_stride, nrows)
+#define TILE_Q5_0(NT) q5x8_tile(wg, nb, 0, (const uint8_t *)x + t * x_stride, x_stride, NT, y + t * y_stride + r, y_stride, nrows)
+#define TILE_Q5_1(NT) q5x8_tile(wg, nb, 1, (const uint8_t *)x + t * x_stride, x_stride, NT, y + t * y_stride + r, y_stride, nrows)
+GEMM_X8(gemm_q5_0x8, TILE_Q5_0, block_q5_0x8)
+GEMM_X8(gemm_q5_1x8, TILE_Q5_1, block_q5_1x8)
+GEMM_X8(gemm_q4_0x8, TILE_Q4_0, block_q4_0x8)
+GEMM_X8(gemm_q4_1x8, TILE_Q4_1, block_q4_1x8)
+GEMM_X8(gemm_q8_0x8, TILE_Q8_0, block_q8_0x8)
+
+/* ---------------------------------------------------------------------------------- float weights (rows) */
+INLINE __m256 load8_f16(const el_half *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+INLINE __m256 load8_bf16(const el_bf16 *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+/* float weights: each 8-wide slice of a row is converted once and meets up to 4 tokens (prefill reuse) */
+INLINE void float_tile(const void *row_, int n_in, int kind, const float *x, size_t x_stride, int NT,
+                       float *y, size_t y_stride) {
+    __m256 acc[4] = { _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps() };
+    int i = 0;
+    for (; i + 8 <= n_in; i += 8) {
+        const __m256 w = kind == 0 ? _mm256_loadu_ps((const float *)row_ + i)
+                       : kind == 1 ? load8_f16((const el_half *)row_ + i) : load8_bf16((const el_bf16 *)row_ + i);
+        for (int t = 0; t < NT; t++)
+            acc[t] = _mm256_fmadd_ps(w, _mm256_loadu_ps((const float *)((const char *)x + t * x_stride) + i), acc[t]);
+    }
+    for (int t = 0; t < NT; t++) {
+        const float *xt = (const float *)((const char *)x + t * x_stride);
+        float s = hsum8(acc[t]);
+        for (int j = i; j < n_in; j++) {
+            const float wj = kind == 0 ? ((const float *)row_)[j]
+                           : kind == 1 ? el_half_to_float(((const el_half *)row_)[j]) : el_bf16_to_float(((const el_bf16 *)row_)[j]);
+            s += wj * xt[j];
+        }
+        y[t * y_stride] = s;
+    }
+}
+
+#define GEMM_FLOAT(name, kind, esize)                                                                   \
+    static void name(const void *w, int n_in, int r0, int r1, const void *x, size_t x_stride, int n_tok,  \
+                     float *y, size_t y_stride) {                                                       \
+        for (int r = r0; r < r1; r++) {                                                                 \
+            const void *row = (const char *)w + (size_t)r * n_in * esize;                               \
+            int t = 0;                                                                                  \
+            for (; t + 4 <= n_tok; t += 4)                                                              \
+                float_tile(row, n_in, kind, (const float *)((const char *)x + t * x_stride), x_stride, 4, y + t * y_stride + r, y_stride); \
+            for (; t < n_tok; t++)                                                                      \
+                float_tile(row, n_in, kind, (const float *)((const char *)x + t * x_stride), x_stride, 1, y + t * y_stride + r, y_stride); \
+        }                                                                                               \
+    }
+GEMM_FLOAT(gemm_f32, 0, 4)
+GEMM_FLOAT(gemm_f16, 1, 2)
+GEMM_FLOAT(gemm_bf16, 2, 2)
+
+/* --------------------------------------------------------------------------------------- element-wise */
+static void rmsnorm(const float *x, const float *w, float *y, int n, float eps) {
+    __m256 acc = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 8 <= n; i += 8) { const __m256 v = _mm256_loadu_ps(x + i); acc = _mm256_fmadd_ps(v, v, acc); }
+    float ss = hsum8(acc);
+    for (; i < n; i++) ss += x[i] * x[i];
+    const float scale = 1.0f / sqrtf(ss / (float)n + eps);
+    const __m256 vs = _mm256_set1_ps(scale);
+    for (i = 0; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), vs), _mm256_loadu_ps(w + i)));
+    for (; i < n; i++) y[i] = x[i] * scale * w[i];
+}
+
+static void softmax(float *x, int n) {
+    float mx = -INFINITY;
+    int i = 0;
+    __m256 vm = _mm256_set1_ps(-INFINITY);
+    for (; i + 8 <= n; i += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(x + i));
+    float t[8];
+    _mm256_storeu_ps(t, vm);
+    for (int j = 0; j < 8; j++) mx = fmaxf(mx, t[j]);
+    for (; i < n; i++) mx = fmaxf(mx, x[i]);
+    const __m256 vmx = _mm256_set1_ps(mx);
+    __m256 vs = _mm256_setzero_ps();
+    for (i = 0; i + 8 <= n; i += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), vmx));
+        _mm256_storeu_ps(x + i, e);
+        vs = _mm256_add_ps(vs, e);
+    }
+    float sum = hsum8(vs);
+    for (; i < n; i++) { x[i] = expf(x[i] - mx); sum += x[i]; }
+    const float inv = 1.0f / sum;
+    const __m256 vinv = _mm256_set1_ps(inv);
+    for (i = 0; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), vinv));
+    for (; i < n; i++) x[i] *= inv;
+}
+
+static void silu_mul(const float *g, const float *u, float *y, int n) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_loadu_ps(g + i);
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), v));
+        _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_div_ps(v, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
+    }
+    for (; i < n; i++) y[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
+static void gelu_mul(const float *g, const float *u, float *y, int n) {
+    const float c = 0.7978845608028654f;  /* sqrt(2/pi) */
+    const __m256 vc = _mm256_set1_ps(c), vk = _mm256_set1_ps(0.044715f), one = _mm256_set1_ps(1.0f),
+                 two = _mm256_set1_ps(2.0f), half = _mm256_set1_ps(0.5f);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_loadu_ps(g + i);
+        const __m256 z = _mm256_mul_ps(vc, _mm256_fmadd_ps(_mm256_mul_ps(vk, v), _mm256_mul_ps(v, v), v));
+        /* 1 + tanh(z) = 2 - 2 / (e^{2z} + 1) = 2 e^{2z} / (e^{2z} + 1) */
+        /* 2z capped at 80: e stays finite so 2e / (e + 1) is 2, not inf / inf */
+        const __m256 e = exp8(_mm256_min_ps(_mm256_mul_ps(two, z), _mm256_set1_ps(80.0f)));
+        const __m256 th1 = _mm256_div_ps(_mm256_mul_ps(two, e), _mm256_add_ps(e, one));
+        _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(half, v), th1), _mm256_loadu_ps(u + i)));
+    }
+    for (; i < n; i++) {
+        const float v = g[i];
+        y[i] = 0.5f * v * (1.0f + tanhf(c * (v + 0.044715f * v * v * v))) * u[i];
+    }
+}
+
+static void add(const float *a, const float *b, float *y, int n) {
+    int i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_add_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i)));
+    for (; i < n; i++) y[i] = a[i] + b[i];
+}
+
+static void to_f16(const float *x, el_half *y, int n) {
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(y + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < n; i++) y[i] = el_float_to_half(x[i]);
+}
+
+/* ------------------------------------------------------------------------------------------- attention */
+static void (*generic_attn)(const float *, const void *, const void *, int, int, int, float, float *, float *);
+
+static void attn_head(const float *q, const void *k, const void *v, int kv_type, int n_kv, int head_dim,
+                      float scale, float *scores, float *out) {
+    if (head_dim % 8 || head_dim > 256) { generic_attn(q, k, v, kv_type, n_kv, head_dim, scale, scores, out); return; }
+    const int nv = head_dim / 8;
+    const int f16 = kv_type == EL_F16;
+    for (int j = 0; j < n_kv; j++) {
+        __m256 acc = _mm256_setzero_ps();
+        if (f16) {
+            const el_half *kj = (const el_half *)k + (size_t)j * head_dim;
+            for (int i = 0; i < nv; i++) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * i), load8_f16(kj + 8 * i), acc);
+        } else {
+            const float *kj = (const float *)k + (size_t)j * head_dim;
+            for (int i = 0; i < nv; i++) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * i), _mm256_loadu_ps(kj + 8 * i), acc);
+        }
+        scores[j] = hsum8(acc) * scale;
+    }
+    softmax(scores, n_kv);
+    __m256 o[32];
+    for (int i = 0; i < nv; i++) o[i] = _mm256_setzero_ps();
+    for (int j = 0; j < n_kv; j++) {
+        const __m256 p = _mm256_set1_ps(scores[j]);
+        if (f16) {
+            const el_half *vj = (const el_half *)v + (size_t)j * head_dim;
+            for (int i = 0; i < nv; i++) o[i] = _mm256_fmadd_ps(p, load8_f16(vj + 8 * i), o[i]);
+        } else {
+            const float *vj = (const float *)v + (size_t)j * head_dim;
+            for (int i = 0; i < nv; i++) o[i] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + 8 * i), o[i]);
+        }
+    }
+    for (int i = 0; i < nv; i++) _mm256_storeu_ps(out + 8 * i, o[i]);
+}
+
+/* Many query rows over one kv head (prefill). Three passes over the slots, in chunks of EL_ATTN_KC:
+ *   scores: the K chunk converted and transposed once ([d][slot]), so 4 query rows x 8 slots accumulate with
+ *           broadcast-FMAs and no horizontal sums;
+ *   softmax per row (vector exp);
+ *   output: the V chunk converted once, each row sums p_j v_j in registers.
+ * Rows may read scores past their own n_kv inside a chunk (computed for a longer neighbour, never used). */
+static void (*generic_rows)(const float *, int, const int32_t *, const void *, const void *, int, int, float, float *, float *);
+
+INLINE void kv_chunk_to_float(const void *src, int kv_type, int j0, int jn, int hd, float *dst) {
+    if (kv_type == EL_F16) {
+        const el_half *h = (const el_half *)src + (size_t)j0 * hd;
+        for (int i = 0; i < jn * hd; i += 8) _mm256_storeu_ps(dst + i, load8_f16(h + i));
+    } else {
+        memcpy(dst, (const float *)src + (size_t)j0 * hd, sizeof(float) * (size_t)jn * hd);
+    }
+}
+
+/* NR query rows x 16 slots per pass: 8 accumulators, 2 loads + NR broadcasts per 2*NR FMAs; T is [d][KC] */
+INLINE void scores_tile(const float *q, int hd, const float *T, int jmax, int NR, float *S, size_t ld, __m256 vscale) {
+    for (int jb = 0; jb < jmax; jb += 16) {
+        __m256 acc[8];
+        for (int r = 0; r < 8; r++) acc[r] = _mm256_setzero_ps();
+        for (int d = 0; d < hd; d++) {   /* slots past jmax (up to the chunk's zero padding) cost nothing extra */
+            const __m256 k0 = _mm256_loadu_ps(T + d * EL_ATTN_KC + jb), k1 = _mm256_loadu_ps(T + d * EL_ATTN_KC + jb + 8);
+            for (int r = 0; r < NR; r++) {
+                const __m256 qv = _mm256_set1_ps(q[(size_t)r * hd + d]);
+                acc[r] = _mm256_fmadd_ps(qv, k0, acc[r]);
+                acc[4 + r] = _mm256_fmadd_ps(qv, k1, acc[4 + r]);
+            }
+        }
+        for (int r = 0; r < NR; r++) {
+            _mm256_storeu_ps(S + (size_t)r * ld + jb, _mm256_mul_ps(acc[r], vscale));
+            _mm256_storeu_ps(S + (size_t)r * ld + jb + 8, _mm256_mul_ps(acc[4 + r], vscale));
+        }
+    }
+}
+
+/* o[0 .. 8*NV) += sum_j p[j] * V[j][0 .. 8*NV): NV accumulators stay in registers when NV is a constant */
+INLINE void pv_slice(const float *p, const float *V, int hd, int jmax, int NV, float *o) {
+    __m256 acc[8];
+    for (int s = 0; s < NV; s++) acc[s] = _mm256_loadu_ps(o + 8 * s);
+    for (int j = 0; j < jmax; j++) {
+        const __m256 pj = _mm256_set1_ps(p[j]);
+        const float *vr = V + (size_t)j * hd;
+        for (int s = 0; s < NV; s++) acc[s] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vr + 8 * s), acc[s]);
+    }
+    for (int s = 0; s < NV; s++) _mm256_storeu_ps(o + 8 * s, acc[s]);
+}
+
+static void attn_rows(const float *q, int n_q, const int32_t *n_kv, const void *k, const void *v, int kv_type,
+                      int hd, float scale, float *scratch, float *out) {
+    if (hd % 8 || hd > 256) { generic_rows(q, n_q, n_kv, k, v, kv_type, hd, scale, scratch, out); return; }
+    enum { KC = EL_ATTN_KC };
+    int max_kv = 0;
+    for (int i = 0; i < n_q; i++) max_kv = n_kv[i] > max_kv ? n_kv[i] : max_kv;
+    const size_t ld = (size_t)(max_kv + KC - 1) / KC * KC;
+    float *S = scratch, *T = scratch + (size_t)n_q * ld;
+    const __m256 vscale = _mm256_set1_ps(scale);
+
+    for (int j0 = 0; j0 < max_kv; j0 += KC) {
+        const int jn = max_kv - j0 < KC ? max_kv - j0 : KC;
+        float tmp[256];
+        /* T[d * KC + j] = k[j0 + j][d]; slots past jn are zero */
+        for (int j = 0; j < KC; j++) {
+            if (j < jn) {
+                if (kv_type == EL_F16) {
+                    const el_half *kr = (const el_half *)k + (size_t)(j0 + j) * hd;
+                    for (int d = 0; d < hd; d += 8) _mm256_storeu_ps(tmp + d, load8_f16(kr + d));
+                } else {
+                    memcpy(tmp, (const float *)k + (size_t)(j0 + j) * hd, sizeof(float) * hd);
+                }
+                for (int d = 0; d < hd; d++) T[d * KC + j] = tmp[d];
+            } else {
+                for (int d = 0; d < hd; d++) T[d * KC + j] = 0.0f;
+            }
+        }
+        for (int i = 0; i < n_q; i += 4) {
+            const int nr = n_q - i < 4 ? n_q - i : 4;
+            int jmax = 0;
+            for (int r = 0; r < nr; r++) {
+                const int m = n_kv[i + r] - j0;
+                jmax = m > jmax ? m : jmax;
+            }
+            if (jmax > jn) jmax = jn;
+            if (nr == 4) scores_tile(q + (size_t)i * hd, hd, T, jmax, 4, S + (size_t)i * ld + j0, ld, vscale);
+            else scores_tile(q + (size_t)i * hd, hd, T, jmax, nr, S + (size_t)i * ld + j0, ld, vscale);
+        }
+    }
+    for (int i = 0; i < n_q; i++) softmax(S + (size_t)i * ld, n_kv[i]);
+    memset(out, 0, sizeof(float) * (size_t)n_q * hd);
+    for (int j0 = 0; j0 < max_kv; j0 += KC) {
+        const int jn = max_kv - j0 < KC ? max_kv - j0 : KC;
+        kv_chunk_to_float(v, kv_type, j0, jn, hd, T);
+        for (int i = 0; i < n_q; i++) {
+            int jmax = n_kv[i] - j0;
+            if (jmax <= 0) continue;
+            if (jmax > jn) jmax = jn;
+            const float *p = S + (size_t)i * ld + j0;
+            float *o = out + (size_t)i * hd;
+            for (int d0 = 0; d0 < hd; d0 += 64) {   /* 8 accumulators = 64 dims in registers */
+                const int nv = (hd - d0) / 8 < 8 ? (hd - d0) / 8 : 8;
+                if (nv == 8) pv_slice(p, T + d0, hd, jmax, 8, o + d0);
+                else pv_slice(p, T + d0, hd, jmax, nv, o + d0);
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------ table */
+void el_fill_avx2(el_kernels *k) {
+    el_fill_generic(k);
+    k->name = "avx2";
+    generic_attn = k->attn_head;
+    generic_rows = k->attn_rows;
+    k->types[EL_TI_Q4_0] = (el_type_kernels){ 1, 8, repack_q4_0, gemm_q4_0x8 };
+    k->types[EL_TI_Q4_1] = (el_type_kernels){ 1, 8, repack_q4_1, gemm_q4_1x8 };
+    k->types[EL_TI_Q8_0] = (el_type_kernels){ 1, 8, repack_q8_0, gemm_q8_0x8 };
+    k->types[EL_TI_F32].gemm = gemm_f32;
+    k->types[EL_TI_F16].gemm = gemm_f16;
+    k->types[EL_TI_BF16].gemm = gemm_bf16;
+    k->types[EL_TI_Q5_0] = (el_type_kernels){ 1, 8, repack_q5_0, gemm_q5_0x8 };
+    k->types[EL_TI_Q5_1] = (el_type_kernels){ 1, 8, repack_q5_1, gemm_q5_1x8 };
+    k->quantize_q8a = quantize_q8a;
+    k->rmsnorm = rmsnorm;
+    k->softmax = softmax;
+    k->silu_mul = silu_mul;
+    k->gelu_mul = gelu_mul;
+    k->add = add;
+    k->to_f16 = to_f16;
+    k->attn_head = attn_head;
+    k->attn_rows = attn_rows;
+}
+#else
+typedef int el_avx2_unused;
+#endif

@@ -1,0 +1,268 @@
+/* AArch64 Advanced SIMD kernels, in two flavours from one source: "neon" (vmull/vpadal integer dots, any ARMv8-A)
+ * and "neon-dotprod" (sdot, ARMv8.2-A+dotprod, compiled per function with target("arch=armv8.2-a+dotprod")). dispatch.c picks
+ * one from getauxval(AT_HWCAP). Same signatures as kernels_generic.c; tested against it by tests/test_kernels.c
+ * (under qemu-aarch64 on x86 hosts).
+ *
+ * Weights stay in the GGUF layout here (no repack yet): each row's blocks are unpacked once and dotted with up to
+ * 4 tokens' activations (the prefill reuse); per block one int dot -> one float multiply-add into 4 lanes,
+ * one horizontal sum per row and token at the end. A 4-row interleave (like the AVX2 x8 one, sized for sdot's
+ * 4-byte lanes) is the next step for speed. Q5_0/Q5_1, dequantize and RoPE use the generic kernels. */
+#if defined(__aarch64__)
+#include <arm_neon.h>
+#include <math.h>
+#include <string.h>
+#include "kernels.h"
+#include "edgellm.h"
+
+#define INLINE static inline __attribute__((always_inline))
+
+/* ---------------------------------------------------------------------------------- integer dots */
+INLINE int32x4_t dot16_plain(int32x4_t acc, int8x16_t a, int8x16_t b) {
+    acc = vpadalq_s16(acc, vmull_s8(vget_low_s8(a), vget_low_s8(b)));
+    return vpadalq_s16(acc, vmull_high_s8(a, b));
+}
+__attribute__((target("arch=armv8.2-a+dotprod"))) INLINE int32x4_t dot16_sdot(int32x4_t acc, int8x16_t a, int8x16_t b) {
+    return vdotq_s32(acc, a, b);
+}
+
+/* kind: 0 Q4_0, 1 Q4_1, 2 Q8_0. One row r, tokens [t0, t0 + NT). */
+#define ROW_KERNEL(NAME, DOT, ATTR)                                                                          \
+    ATTR static void NAME(int kind, const uint8_t *row, int nb, const uint8_t *x, size_t x_stride, int NT,      \
+                          float *y, size_t y_stride) {                                                        \
+        float32x4_t acc[4] = { vdupq_n_f32(0), vdupq_n_f32(0), vdupq_n_f32(0), vdupq_n_f32(0) };              \
+        float extra[4] = { 0, 0, 0, 0 };                                                                      \
+        const size_t bsize = kind == 0 ? sizeof(block_q4_0) : kind == 1 ? sizeof(block_q4_1) : sizeof(block_q8_0); \
+        for (int b = 0; b < nb; b++) {                                                                        \
+            const uint8_t *blk = row + b * bsize;                                                             \
+            el_half dh, mh = 0;                                                                               \
+            memcpy(&dh, blk, 2);                                                                              \
+            if (kind == 1) memcpy(&mh, blk + 2, 2);                                                           \
+            const float d = el_half_to_float(dh), mn = kind == 1 ? el_half_to_float(mh) : 0.0f;               \
+            int8x16_t w0, w1;                                                                                 \
+            if (kind == 2) {                                                                                  \
+                w0 = vld1q_s8((const int8_t *)blk + 2);                                                       \
+                w1 = vld1q_s8((const int8_t *)blk + 18);                                                      \
+            } else {   /* nibbles 0..15 as int8: the -8 / min go through the activation sums */              \
+                const uint8x16_t q = vld1q_u8(blk + (kind == 1 ? 4 : 2));                                     \
+                w0 = vreinterpretq_s8_u8(vandq_u8(q, vdupq_n_u8(0x0f)));                                      \
+                w1 = vreinterpretq_s8_u8(vshrq_n_u8(q, 4));                                                   \
+            }                                                                                                 \
+            for (int t = 0; t < NT; t++) {                                                                    \
+                const block_q8a *a = (const block_q8a *)(x + t * x_stride) + b;                               \
+                const int32x4_t p = DOT(DOT(vdupq_n_s32(0), w0, vld1q_s8(a->qs)), w1, vld1q_s8(a->qs + 16));  \
+                acc[t] = vfmaq_n_f32(acc[t], vcvtq_f32_s32(p), d * a->d);                                     \
+                if (kind == 0) extra[t] -= 8.0f * d * a->s;                                                   \
+                else if (kind == 1) extra[t] += mn * a->s;                                                    \
+            }                                                                                                 \
+        }                                                                                                     \
+        for (int t = 0; t < NT; t++) y[t * y_stride] = vaddvq_f32(acc[t]) + extra[t];                       \
+    }
+ROW_KERNEL(row_plain, dot16_plain, )
+ROW_KERNEL(row_sdot, dot16_sdot, __attribute__((target("arch=armv8.2-a+dotprod"))))
+
+#define GEMM(NAME, ROW, KIND, BLOCK, ATTR)                                                                   \
+    ATTR static void NAME(const void *w, int n_in, int r0, int r1, const void *x, size_t x_stride, int n_tok,  \
+                          float *y, size_t y_stride) {                                                        \
+        const int nb = n_in / EL_QK;                                                                          \
+        for (int r = r0; r < r1; r++) {                                                                       \
+            const uint8_t *row = (const uint8_t *)w + (size_t)r * nb * sizeof(BLOCK);                         \
+            for (int t = 0; t < n_tok; t += 4)                                                                \
+                ROW(KIND, row, nb, (const uint8_t *)x + t * x_stride, x_stride, n_tok - t < 4 ? n_tok - t : 4,   \
+                    y + t * y_stride + r, y_stride);                                                          \
+        }                                                                                                     \
+    }
+GEMM(gemm_q4_0_plain, row_plain, 0, block_q4_0, )
+GEMM(gemm_q4_1_plain, row_plain, 1, block_q4_1, )
+GEMM(gemm_q8_0_plain, row_plain, 2, block_q8_0, )
+GEMM(gemm_q4_0_sdot, row_sdot, 0, block_q4_0, __attribute__((target("arch=armv8.2-a+dotprod"))))
+GEMM(gemm_q4_1_sdot, row_sdot, 1, block_q4_1, __attribute__((target("arch=armv8.2-a+dotprod"))))
+GEMM(gemm_q8_0_sdot, row_sdot, 2, block_q8_0, __attribute__((target("arch=armv8.2-a+dotprod"))))
+
+/* ------------------------------------------------------------------------------- activation quantizer */
+static void quantize_q8a(const float *x, block_q8a *y, int n) {
+    for (int b = 0; b < n / EL_QK; b++, x += EL_QK) {
+        float32x4_t v[8];
+        float32x4_t m = vdupq_n_f32(0);
+        for (int i = 0; i < 8; i++) { v[i] = vld1q_f32(x + 4 * i); m = vmaxq_f32(m, vabsq_f32(v[i])); }
+        const float d = vmaxvq_f32(m) / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        int32x4_t s = vdupq_n_s32(0);
+        for (int i = 0; i < 8; i += 2) {
+            /* vcvtnq: round to nearest, ties to even, as the generic nearbyintf */
+            const int32x4_t q0 = vcvtnq_s32_f32(vmulq_n_f32(v[i], id)), q1 = vcvtnq_s32_f32(vmulq_n_f32(v[i + 1], id));
+            s = vaddq_s32(s, vaddq_s32(q0, q1));
+            const int16x8_t h = vcombine_s16(vmovn_s32(q0), vmovn_s32(q1));
+            vst1_s8(y[b].qs + 4 * i, vmovn_s16(h));
+        }
+        y[b].d = d;
+        y[b].s = d * (float)vaddvq_s32(s);
+    }
+}
+
+/* ------------------------------------------------------------------------------------ float weights */
+INLINE float32x4_t load4(const void *p, int kind, int i) {
+    if (kind == 0) return vld1q_f32((const float *)p + i);
+    if (kind == 1) return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16((const uint16_t *)p + i)));
+    return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16((const uint16_t *)p + i), 16));
+}
+INLINE float elem(const void *p, int kind, int i) {
+    return kind == 0 ? ((const float *)p)[i] : kind == 1 ? el_half_to_float(((const el_half *)p)[i])
+                                                         : el_bf16_to_float(((const el_bf16 *)p)[i]);
+}
+#define GEMM_FLOAT(NAME, KIND, ESIZE)                                                                         \
+    static void NAME(const void *w, int n_in, int r0, int r1, const void *x, size_t x_stride, int n_tok,         \
+                     float *y, size_t y_stride) {                                                            \
+        for (int r = r0; r < r1; r++) {                                                                      \
+            const void *row = (const char *)w + (size_t)r * n_in * ESIZE;                                    \
+            for (int t = 0; t < n_tok; t++) {                                                                \
+                const float *xt = (const float *)((const char *)x + t * x_stride);                           \
+                float32x4_t a0 = vdupq_n_f32(0), a1 = vdupq_n_f32(0);                                        \
+                int i = 0;                                                                                   \
+                for (; i + 8 <= n_in; i += 8) {                                                              \
+                    a0 = vfmaq_f32(a0, load4(row, KIND, i), vld1q_f32(xt + i));                              \
+                    a1 = vfmaq_f32(a1, load4(row, KIND, i + 4), vld1q_f32(xt + i + 4));                      \
+                }                                                                                            \
+                float s = vaddvq_f32(vaddq_f32(a0, a1));                                                     \
+                for (; i < n_in; i++) s += elem(row, KIND, i) * xt[i];                                       \
+                y[t * y_stride + r] = s;                                                                     \
+            }                                                                                                \
+        }                                                                                                    \
+    }
+GEMM_FLOAT(gemm_f32, 0, 4)
+GEMM_FLOAT(gemm_f16, 1, 2)
+GEMM_FLOAT(gemm_bf16, 2, 2)
+
+/* --------------------------------------------------------------------------------------- element-wise */
+/* e^x, Cephes' expf method as in kernels_avx2.c */
+INLINE float32x4_t exp4(float32x4_t x) {
+    x = vminq_f32(vmaxq_f32(x, vdupq_n_f32(-87.0f)), vdupq_n_f32(88.3762626647949f));
+    const float32x4_t fx = vrndnq_f32(vmulq_n_f32(x, 1.44269504088896341f));
+    x = vfmsq_f32(x, fx, vdupq_n_f32(0.693359375f));
+    x = vfmsq_f32(x, fx, vdupq_n_f32(-2.12194440e-4f));
+    float32x4_t p = vdupq_n_f32(1.9875691500E-4f);
+    p = vfmaq_f32(vdupq_n_f32(1.3981999507E-3f), p, x);
+    p = vfmaq_f32(vdupq_n_f32(8.3334519073E-3f), p, x);
+    p = vfmaq_f32(vdupq_n_f32(4.1665795894E-2f), p, x);
+    p = vfmaq_f32(vdupq_n_f32(1.6666665459E-1f), p, x);
+    p = vfmaq_f32(vdupq_n_f32(5.0000001201E-1f), p, x);
+    p = vfmaq_f32(vaddq_f32(x, vdupq_n_f32(1.0f)), p, vmulq_f32(x, x));
+    const int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(fx), vdupq_n_s32(127)), 23);
+    return vmulq_f32(p, vreinterpretq_f32_s32(e));
+}
+
+static void rmsnorm(const float *x, const float *w, float *y, int n, float eps) {
+    float32x4_t acc = vdupq_n_f32(0);
+    int i = 0;
+    for (; i + 4 <= n; i += 4) { const float32x4_t v = vld1q_f32(x + i); acc = vfmaq_f32(acc, v, v); }
+    float ss = vaddvq_f32(acc);
+    for (; i < n; i++) ss += x[i] * x[i];
+    const float scale = 1.0f / sqrtf(ss / (float)n + eps);
+    for (i = 0; i + 4 <= n; i += 4) vst1q_f32(y + i, vmulq_f32(vmulq_n_f32(vld1q_f32(x + i), scale), vld1q_f32(w + i)));
+    for (; i < n; i++) y[i] = x[i] * scale * w[i];
+}
+
+static void softmax(float *x, int n) {
+    float mx = -INFINITY;
+    for (int i = 0; i < n; i++) mx = fmaxf(mx, x[i]);
+    float32x4_t vs = vdupq_n_f32(0);
+    int i = 0;
+    for (; i + 4 <= n; i += 4) {
+        const float32x4_t e = exp4(vsubq_f32(vld1q_f32(x + i), vdupq_n_f32(mx)));
+        vst1q_f32(x + i, e);
+        vs = vaddq_f32(vs, e);
+    }
+    float sum = vaddvq_f32(vs);
+    for (; i < n; i++) { x[i] = expf(x[i] - mx); sum += x[i]; }
+    const float inv = 1.0f / sum;
+    for (i = 0; i + 4 <= n; i += 4) vst1q_f32(x + i, vmulq_n_f32(vld1q_f32(x + i), inv));
+    for (; i < n; i++) x[i] *= inv;
+}
+
+static void silu_mul(const float *g, const float *u, float *y, int n) {
+    int i = 0;
+    for (; i + 4 <= n; i += 4) {
+        const float32x4_t v = vld1q_f32(g + i), e = exp4(vnegq_f32(v));
+        vst1q_f32(y + i, vmulq_f32(vdivq_f32(v, vaddq_f32(vdupq_n_f32(1.0f), e)), vld1q_f32(u + i)));
+    }
+    for (; i < n; i++) y[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
+static void gelu_mul(const float *g, const float *u, float *y, int n) {
+    const float c = 0.7978845608028654f;  /* sqrt(2/pi) */
+    int i = 0;
+    for (; i + 4 <= n; i += 4) {
+        const float32x4_t v = vld1q_f32(g + i);
+        const float32x4_t z = vmulq_n_f32(vfmaq_f32(v, vmulq_n_f32(v, 0.044715f), vmulq_f32(v, v)), c);
+        /* 1 + tanh(z) = 2 e^{2z} / (e^{2z} + 1), 2z capped so e stays finite */
+        const float32x4_t e = exp4(vminq_f32(vmulq_n_f32(z, 2.0f), vdupq_n_f32(80.0f)));
+        const float32x4_t th1 = vdivq_f32(vmulq_n_f32(e, 2.0f), vaddq_f32(e, vdupq_n_f32(1.0f)));
+        vst1q_f32(y + i, vmulq_f32(vmulq_f32(vmulq_n_f32(v, 0.5f), th1), vld1q_f32(u + i)));
+    }
+    for (; i < n; i++) {
+        const float v = g[i];
+        y[i] = 0.5f * v * (1.0f + tanhf(c * (v + 0.044715f * v * v * v))) * u[i];
+    }
+}
+
+static void add(const float *a, const float *b, float *y, int n) {
+    int i = 0;
+    for (; i + 4 <= n; i += 4) vst1q_f32(y + i, vaddq_f32(vld1q_f32(a + i), vld1q_f32(b + i)));
+    for (; i < n; i++) y[i] = a[i] + b[i];
+}
+
+static void to_f16(const float *x, el_half *y, int n) {
+    int i = 0;   /* vcvt_f16_f32 rounds per FPCR: to nearest even by default */
+    for (; i + 4 <= n; i += 4) vst1_u16(y + i, vreinterpret_u16_f16(vcvt_f16_f32(vld1q_f32(x + i))));
+    for (; i < n; i++) y[i] = el_float_to_half(x[i]);
+}
+
+/* ------------------------------------------------------------------------------------------- attention */
+static void (*generic_attn)(const float *, const void *, const void *, int, int, int, float, float *, float *);
+
+static void attn_head(const float *q, const void *k, const void *v, int kv_type, int n_kv, int hd,
+                      float scale, float *scores, float *out) {
+    if (hd % 4 || hd > 256) { generic_attn(q, k, v, kv_type, n_kv, hd, scale, scores, out); return; }
+    const int kind = kv_type == EL_F16 ? 1 : 0, esize = kind ? 2 : 4;
+    for (int j = 0; j < n_kv; j++) {
+        const void *kj = (const char *)k + (size_t)j * hd * esize;
+        float32x4_t acc = vdupq_n_f32(0);
+        for (int i = 0; i < hd; i += 4) acc = vfmaq_f32(acc, vld1q_f32(q + i), load4(kj, kind, i));
+        scores[j] = vaddvq_f32(acc) * scale;
+    }
+    softmax(scores, n_kv);
+    for (int i = 0; i < hd; i++) out[i] = 0.0f;
+    for (int j = 0; j < n_kv; j++) {
+        const void *vj = (const char *)v + (size_t)j * hd * esize;
+        for (int i = 0; i < hd; i += 4) vst1q_f32(out + i, vfmaq_n_f32(vld1q_f32(out + i), load4(vj, kind, i), scores[j]));
+    }
+}
+
+static void attn_rows(const float *q, int n_q, const int32_t *n_kv, const void *k, const void *v, int kv_type,
+                      int head_dim, float scale, float *scratch, float *out) {
+    for (int i = 0; i < n_q; i++)
+        attn_head(q + (size_t)i * head_dim, k, v, kv_type, n_kv[i], head_dim, scale, scratch, out + (size_t)i * head_dim);
+}
+
+/* ------------------------------------------------------------------------------------------------ table */
+void el_fill_neon(el_kernels *k, int dotprod) {
+    el_fill_generic(k);
+    k->name = dotprod ? "neon-dotprod" : "neon";
+    generic_attn = k->attn_head;
+    k->types[EL_TI_Q4_0].gemm = dotprod ? gemm_q4_0_sdot : gemm_q4_0_plain;
+    k->types[EL_TI_Q4_1].gemm = dotprod ? gemm_q4_1_sdot : gemm_q4_1_plain;
+    k->types[EL_TI_Q8_0].gemm = dotprod ? gemm_q8_0_sdot : gemm_q8_0_plain;
+    k->types[EL_TI_F32].gemm = gemm_f32;
+    k->types[EL_TI_F16].gemm = gemm_f16;
+    k->types[EL_TI_BF16].gemm = gemm_bf16;
+    k->quantize_q8a = quantize_q8a;
+    k->rmsnorm = rmsnorm;
+    k->softmax = softmax;
+    k->silu_mul = silu_mul;
+    k->gelu_mul = gelu_mul;
+    k->add = add;
+    k->to_f16 = to_f16;
+    k->attn_head = attn_head;
+    k->attn_rows = attn_rows;
+}
+#else
+typedef int el_neon_unused;  /* ISO C forbids an empty translation unit */
+#endif

@@ -1,0 +1,132 @@
+/* x86-64 kernels for AVX512-VNNI at 256-bit width (EVEX vpdpbusd: AVX512VL + AVX512_VNNI), on top of the AVX2
+ * table: only the integer GEMMs change. vpdpbusd does u8 x s8 -> 4 products -> int32 accumulate in one
+ * instruction where AVX2 needs vpmaddubsw + vpaddw (+ vpmaddwd): half the vector work per block.
+ * Same 8-row interleaved layouts as kernels_avx2.c (quants.h *_x8), so the repacked weights are shared. */
+#if defined(__x86_64__) || defined(_M_X64)
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")
+#include <immintrin.h>
+#include <string.h>
+#include "kernels.h"
+#include "edgellm.h"
+
+#define INLINE static inline __attribute__((always_inline))
+#define KEEP(v) __asm__("" : "+v"(v))   /* keep the accumulation chains in order (see kernels_avx2.c) */
+
+INLINE __m256i bcast4(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return _mm256_set1_epi32(v); }
+
+INLINE void store_rows(float *y, __m256 v, int nrows) {
+    if (nrows == 8) { _mm256_storeu_ps(y, v); return; }
+    float tmp[8];
+    _mm256_storeu_ps(tmp, v);
+    memcpy(y, tmp, (size_t)nrows * 4);
+}
+
+INLINE __m256i q5_high(__m256i hb, int g) {   /* bit g of each hb byte -> 0x10 (quants.h block_q5_*x8) */
+    const __m256i m = _mm256_set1_epi8(0x10);
+    switch (g) {
+    case 0: return _mm256_and_si256(_mm256_slli_epi16(hb, 4), m);
+    case 1: return _mm256_and_si256(_mm256_slli_epi16(hb, 3), m);
+    case 2: return _mm256_and_si256(_mm256_slli_epi16(hb, 2), m);
+    case 3: return _mm256_and_si256(_mm256_slli_epi16(hb, 1), m);
+    case 4: return _mm256_and_si256(hb, m);
+    case 5: return _mm256_and_si256(_mm256_srli_epi16(hb, 1), m);
+    case 6: return _mm256_and_si256(_mm256_srli_epi16(hb, 2), m);
+    default: return _mm256_and_si256(_mm256_srli_epi16(hb, 3), m);
+    }
+}
+
+enum { K_Q4_0, K_Q4_1, K_Q5_0, K_Q5_1, K_Q8_0 };
+
+/* the hot spot on VNNI CPUs: 8 rows x NT tokens; two accumulators per token halve the vpdpbusd chains */
+INLINE void x8_tile(const uint8_t *wg, int nb, int kind, const uint8_t *x, size_t x_stride, int NT,
+                    float *y, size_t y_stride, int nrows) {
+    const int has_min = kind == K_Q4_1 || kind == K_Q5_1, q5 = kind == K_Q5_0 || kind == K_Q5_1;
+    const size_t bsize = kind == K_Q8_0 ? sizeof(block_q8_0x8) : kind == K_Q4_0 ? sizeof(block_q4_0x8)
+                       : kind == K_Q4_1 ? sizeof(block_q4_1x8) : kind == K_Q5_0 ? sizeof(block_q5_0x8) : sizeof(block_q5_1x8);
+    const float offset = kind == K_Q4_0 ? -8.0f : kind == K_Q5_0 ? -16.0f : 0.0f;
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    __m256 acc[4] = { _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps() };
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = wg + b * bsize;
+        const uint8_t *qs = blk + (has_min ? 32 : 16);
+        const block_q8a *a[4];
+        for (int t = 0; t < NT; t++) a[t] = (const block_q8a *)(x + t * x_stride) + b;
+        __m256i s0[4], s1[4];
+        for (int t = 0; t < 4; t++) s0[t] = s1[t] = _mm256_setzero_si256();
+        if (kind == K_Q8_0) {
+            for (int g = 0; g < 8; g += 2) {
+                const __m256i w0 = _mm256_loadu_si256((const __m256i *)(qs + 32 * g));
+                const __m256i w1 = _mm256_loadu_si256((const __m256i *)(qs + 32 * g + 32));
+                const __m256i aw0 = _mm256_abs_epi8(w0), aw1 = _mm256_abs_epi8(w1);  /* u8 operand: |w|, sign on a */
+                for (int t = 0; t < NT; t++) {
+                    s0[t] = _mm256_dpbusd_epi32(s0[t], aw0, _mm256_sign_epi8(bcast4(a[t]->qs + 4 * g), w0));
+                    s1[t] = _mm256_dpbusd_epi32(s1[t], aw1, _mm256_sign_epi8(bcast4(a[t]->qs + 4 * g + 4), w1));
+                    KEEP(s0[t]); KEEP(s1[t]);
+                }
+            }
+        } else {
+            const __m256i hb = q5 ? _mm256_loadu_si256((const __m256i *)(qs + 128)) : _mm256_setzero_si256();
+            for (int c = 0; c < 4; c++) {
+                const __m256i raw = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
+                __m256i lo = _mm256_and_si256(raw, m4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+                if (q5) { lo = _mm256_or_si256(lo, q5_high(hb, c)); hi = _mm256_or_si256(hi, q5_high(hb, c + 4)); }
+                for (int t = 0; t < NT; t++) {
+                    s0[t] = _mm256_dpbusd_epi32(s0[t], lo, bcast4(a[t]->qs + 4 * c));
+                    s1[t] = _mm256_dpbusd_epi32(s1[t], hi, bcast4(a[t]->qs + 16 + 4 * c));
+                    KEEP(s0[t]); KEEP(s1[t]);
+                }
+            }
+        }
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk));
+        const __m256 mw = has_min ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16))) : dw;
+        for (int t = 0; t < NT; t++) {
+            const __m256 p = _mm256_cvtepi32_ps(_mm256_add_epi32(s0[t], s1[t]));
+            if (has_min) {
+                acc[t] = _mm256_fmadd_ps(dw, _mm256_mul_ps(p, _mm256_set1_ps(a[t]->d)), acc[t]);
+                acc[t] = _mm256_fmadd_ps(mw, _mm256_set1_ps(a[t]->s), acc[t]);
+            } else if (kind == K_Q8_0) {
+                acc[t] = _mm256_fmadd_ps(dw, _mm256_mul_ps(p, _mm256_set1_ps(a[t]->d)), acc[t]);
+            } else {   /* d * (da * sum(q a) + offset * da * sum(a)) */
+                acc[t] = _mm256_fmadd_ps(dw, _mm256_fmadd_ps(p, _mm256_set1_ps(a[t]->d), _mm256_set1_ps(offset * a[t]->s)), acc[t]);
+            }
+        }
+    }
+    for (int t = 0; t < NT; t++) store_rows(y + t * y_stride, acc[t], nrows);
+}
+
+#define GEMM_X8(name, kind, block_t)                                                                    \
+    static void name(const void *w, int n_in, int r0, int r1, const void *x, size_t x_stride, int n_tok,  \
+                     float *y, size_t y_stride) {                                                       \
+        const int nb = n_in / EL_QK;                                                                    \
+        for (int r = r0; r < r1; r += 8) {                                                              \
+            const uint8_t *wg = (const uint8_t *)w + (size_t)(r / 8) * nb * sizeof(block_t);            \
+            const int nrows = r1 - r < 8 ? r1 - r : 8;                                                  \
+            int t = 0;                                                                                  \
+            for (; t + 4 <= n_tok; t += 4)                                                              \
+                x8_tile(wg, nb, kind, (const uint8_t *)x + t * x_stride, x_stride, 4, y + t * y_stride + r, y_stride, nrows); \
+            switch (n_tok - t) {                                                                        \
+            case 3: x8_tile(wg, nb, kind, (const uint8_t *)x + t * x_stride, x_stride, 3, y + t * y_stride + r, y_stride, nrows); break; \
+            case 2: x8_tile(wg, nb, kind, (const uint8_t *)x + t * x_stride, x_stride, 2, y + t * y_stride + r, y_stride, nrows); break; \
+            case 1: x8_tile(wg, nb, kind, (const uint8_t *)x + t * x_stride, x_stride, 1, y + t * y_stride + r, y_stride, nrows); break; \
+            default: break;                                                                             \
+            }                                                                                           \
+        }                                                                                               \
+    }
+GEMM_X8(gemm_q4_0x8, K_Q4_0, block_q4_0x8)
+GEMM_X8(gemm_q4_1x8, K_Q4_1, block_q4_1x8)
+GEMM_X8(gemm_q5_0x8, K_Q5_0, block_q5_0x8)
+GEMM_X8(gemm_q5_1x8, K_Q5_1, block_q5_1x8)
+GEMM_X8(gemm_q8_0x8, K_Q8_0, block_q8_0x8)
+
+void el_fill_vnni(el_kernels *k) {
+    el_fill_avx2(k);   /* same layouts and element-wise ops; repack functions stay the AVX2 ones */
+    k->name = "avx512vnni";
+    k->types[EL_TI_Q4_0].gemm = gemm_q4_0x8;
+    k->types[EL_TI_Q4_1].gemm = gemm_q4_1x8;
+    k->types[EL_TI_Q5_0].gemm = gemm_q5_0x8;
+    k->types[EL_TI_Q5_1].gemm = gemm_q5_1x8;
+    k->types[EL_TI_Q8_0].gemm = gemm_q8_0x8;
+}
+#else
+typedef int el_vnni_unused;
+#endif

@@ -1,0 +1,124 @@
+/* Weights (repacked or borrowed), the multithreaded matmul, and the single-op entry points on the active ISA. */
+#define _POSIX_C_SOURCE 200809L
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include "edgellm.h"
+#include "kernels.h"
+#include "threadpool.h"
+#include "weights.h"
+
+/* ------------------------------------------------------------------------------------------------ weights */
+el_weight *el_weight_new(int type, const void *data, int n_out, int n_in) {
+    el_init();
+    const int ti = el_type_index(type);
+    if (ti < 0 || n_out <= 0 || n_in <= 0 || n_in % el_type_block(ti)) return NULL;
+    el_weight *w = calloc(1, sizeof *w);
+    if (!w) return NULL;
+    w->type = type;
+    w->ti = ti;
+    w->n_out = n_out;
+    w->n_in = n_in;
+    w->k = el_k;   /* the layout below belongs to this table's gemm */
+    const el_type_kernels *tk = &el_k->types[ti];
+    w->act_q8a = tk->act_q8a;
+    w->unit = tk->interleave > 0 ? tk->interleave : 1;
+    if (tk->repack) {
+        const int n_pad = (n_out + tk->interleave - 1) / tk->interleave * tk->interleave;
+        const size_t bytes = (size_t)n_pad * el_row_size(type, n_in);
+        if (posix_memalign(&w->owned, 64, bytes) != 0) { free(w); return NULL; }
+        tk->repack(data, w->owned, n_out, n_in);
+        w->data = w->owned;
+    } else {
+        w->data = data;   /* borrowed: the caller keeps the mmap alive */
+    }
+    return w;
+}
+
+void el_weight_free(el_weight *w) {
+    if (!w) return;
+    free(w->owned);
+    free(w);
+}
+
+int el_weight_repacked(const el_weight *w) { return w->owned != NULL; }
+
+size_t el_act_row_bytes(const el_weight *w) {
+    return w->act_q8a ? (size_t)(w->n_in / EL_QK) * sizeof(block_q8a) : (size_t)w->n_in * sizeof(float);
+}
+
+void el_weight_gemm(const el_weight *w, int r0, int r1, const void *act, size_t act_stride, int n_tok,
+                    float *y, size_t y_stride) {
+    if (r0 < r1) w->k->types[w->ti].gemm(w->data, w->n_in, r0, r1, act, act_stride, n_tok, y, y_stride);
+}
+
+/* ------------------------------------------------------------------------------------------------ matmul */
+typedef struct { const el_weight *w; const void *act; size_t stride; int n_tok; float *y; } matmul_job;
+
+static void matmul_task(void *ctx, int ith, int nth) {
+    const matmul_job *j = ctx;
+    int r0, r1;
+    el_split(j->w->n_out, j->w->unit, ith, nth, &r0, &r1);
+    el_weight_gemm(j->w, r0, r1, j->act, j->stride, j->n_tok, j->y, (size_t)j->w->n_out);
+}
+
+void el_matmul(el_pool *pool, const el_weight *w, const float *x, int n_tok, float *y) {
+    matmul_job j = { w, x, (size_t)w->n_in * sizeof(float), n_tok, y };
+    void *q = NULL;
+    if (w->act_q8a) {
+        j.stride = el_act_row_bytes(w);
+        q = malloc(j.stride * (size_t)n_tok);
+        for (int t = 0; t < n_tok; t++)
+            w->k->quantize_q8a(x + (size_t)t * w->n_in, (block_q8a *)((char *)q + t * j.stride), w->n_in);
+        j.act = q;
+    }
+    el_pool_run(pool, matmul_task, &j);
+    free(q);
+}
+
+/* ---------------------------------------------------------------------------------------- single ops */
+size_t el_row_size(int type, int n) {
+    const int ti = el_type_index(type);
+    if (ti < 0) return 0;
+    return (size_t)(n / el_type_block(ti)) * el_type_block_bytes(ti);
+}
+
+void el_quantize_q8a(const float *x, void *y, int n) { el_init(); el_k->quantize_q8a(x, y, n); }
+void el_dequantize_row(int type, const void *x, float *y, int n) { el_init(); el_k->dequantize_row[el_type_index(type)](x, y, n); }
+void el_rmsnorm(const float *x, const float *w, float *y, int n, float eps) { el_init(); el_k->rmsnorm(x, w, y, n, eps); }
+void el_softmax(float *x, int n) { el_init(); el_k->softmax(x, n); }
+void el_silu_mul(const float *g, const float *u, float *y, int n) { el_init(); el_k->silu_mul(g, u, y, n); }
+void el_gelu_mul(const float *g, const float *u, float *y, int n) { el_init(); el_k->gelu_mul(g, u, y, n); }
+void el_to_f16(const float *x, uint16_t *y, int n) { el_init(); el_k->to_f16(x, y, n); }
+void el_add(const float *a, const float *b, float *y, int n) { el_init(); el_k->add(a, b, y, n); }
+
+void el_rope_table(float *cs, int pos, int rope_dim, float base) {
+    /* theta_i = pos * base^(-2i/rope_dim), in double so long contexts keep their angles exact in float */
+    for (int i = 0; i < rope_dim / 2; i++) {
+        const double theta = (double)pos * pow((double)base, -2.0 * i / rope_dim);
+        cs[2 * i] = (float)cos(theta);
+        cs[2 * i + 1] = (float)sin(theta);
+    }
+}
+
+void el_rope(float *x, int n_head, int head_dim, int rope_dim, int pos, float base, int neox) {
+    el_init();
+    float cs[512];
+    if (rope_dim > 512) return;   /* the wrapper never asks this */
+    el_rope_table(cs, pos, rope_dim, base);
+    el_k->rope(x, n_head, head_dim, rope_dim, cs, neox);
+}
+
+void el_attn_head(const float *q, const void *k, const void *v, int kv_type, int n_kv, int head_dim,
+                  float scale, float *scratch, float *out) {
+    el_init();
+    el_k->attn_head(q, k, v, kv_type, n_kv, head_dim, scale, scratch, out);
+}
+
+size_t el_attn_rows_scratch_size(int n_q, int max_kv, int head_dim) { return el_attn_rows_scratch(n_q, max_kv, head_dim); }
+
+void el_attn_rows(const float *q, int n_q, const int32_t *n_kv, const void *k, const void *v, int kv_type,
+                  int head_dim, float scale, float *scratch, float *out) {
+    el_init();
+    el_k->attn_rows(q, n_q, n_kv, k, v, kv_type, head_dim, scale, scratch, out);
+}
