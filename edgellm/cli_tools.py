@@ -1,9 +1,10 @@
-"""The `convert` and `perplexity` commands, added to the `edgellm` click group by `register(cli)`.
+"""The `convert`, `quantize` and `perplexity` commands, added to the `edgellm` click group by `register(cli)`.
 
     edgellm convert HF_DIR -o OUT.gguf [--outtype f32|f16|bf16|q8_0]
+    edgellm quantize IN.gguf OUT.gguf TYPE [--allow-requantize] [-t THREADS]
     edgellm perplexity MODEL -f FILE [-c 256] [-t THREADS] [--backend auto] [--json]
 
-Errors are EdgeLLMError subclasses (ConvertError, PerplexityError, ModelError, ...) so that `edgellm.cli.main`
+Errors are EdgeLLMError subclasses (ConvertError, QuantizeError, PerplexityError, ModelError, ...) so that `edgellm.cli.main`
 prints them on one line and exits 1.
 """
 
@@ -32,8 +33,12 @@ def read_text_file(path: str) -> str:
     return data.decode("utf-8", errors="replace")
 
 
+# The keys of edgellm.quantize.QUANT_TYPES, spelled out so that the CLI starts without importing numpy.
+QUANTIZE_TYPES = ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "Q4_K_M", "Q5_K_M"]
+
+
 def register(cli: click.Group) -> None:
-    """Add the `convert` and `perplexity` commands to `cli`."""
+    """Add the `convert`, `quantize` and `perplexity` commands to `cli`."""
 
     @cli.command()
     @click.argument("hf_dir", type=click.Path(file_okay=False, dir_okay=True))
@@ -47,6 +52,28 @@ def register(cli: click.Group) -> None:
 
         path = do_convert(hf_dir, out, outtype=outtype.lower())
         click.echo(str(path))
+
+    @cli.command()
+    @click.argument("input_path", metavar="IN.gguf", type=click.Path(dir_okay=False))
+    @click.argument("output_path", metavar="OUT.gguf", type=click.Path(dir_okay=False))
+    @click.argument("qtype", metavar="TYPE", type=click.Choice(QUANTIZE_TYPES, case_sensitive=False))
+    @click.option("--allow-requantize", is_flag=True,
+                  help="Allow re-encoding weights that are already quantized (loses quality twice).")
+    @click.option("-t", "--threads", "n_threads", type=click.IntRange(min=1), default=None,
+                  help="Worker threads (default: all CPUs).")
+    def quantize(input_path, output_path, qtype, allow_requantize, n_threads):
+        """Re-encode the weights of a GGUF file as TYPE, with llama.cpp's per-tensor choices.
+
+        TYPE: F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, Q4_K_M, Q5_K_M.
+        """
+        from .quantize import quantize_model
+
+        res = quantize_model(input_path, output_path, qtype.upper(), allow_requantize=allow_requantize,
+                             n_threads=n_threads, progress=None)   # tqdm on stderr when a terminal
+        types = ", ".join(f"{n} {t}" for t, n in sorted(res.type_counts.items()))
+        click.echo(f"{res.in_bytes / 2**20:.1f} MiB -> {res.out_bytes / 2**20:.1f} MiB in {res.seconds:.1f} s "
+                   f"({types})", err=True)
+        click.echo(str(res.path))
 
     @cli.command()
     @click.argument("model")

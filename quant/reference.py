@@ -340,13 +340,230 @@ def _quant_q5_1(x: np.ndarray, out: np.ndarray) -> None:
     out["qh"] = _pack_high_bits(q)
 
 
+# ---------------------------------------------------------------------------------------------------
+# K-quant quantizers: float32 [n_blocks, 256] -> structured [n_blocks]
+#
+# These follow the method of ggml's reference `quantize_row_q{4,5,6}_K_ref` (llama.cpp PR #1684 and later):
+# 1. each sub-block gets its own best-fitting float scale (and min) from a small search;
+# 2. the sub-block scales (and mins) are themselves quantized to 6 bits (8 bits for Q6_K) against one f16
+#    super-block scale;
+# 3. the elements are quantized again with the *stored* scales, so the integers fit what is decoded.
+# The searches are the same as ggml's, but run over all sub-blocks at once. Sums over a sub-block are
+# numpy's (pairwise) rather than C's left-to-right float loop, so a near-tie in the search can go the
+# other way and a block can differ from llama.cpp's bytes; the error bound is the same (tests measure it).
+# ---------------------------------------------------------------------------------------------------
+
+_GROUP_MAX_EPS = F32(1e-15)   # ggml: a group whose largest |x| is below this is all zeros
+
+
+def _nearest_int(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """ggml's nearest_int (the 1.5*2^23 float trick): round half to even, as np.rint does in float32."""
+    return np.rint(x, out=out)
+
+
+def _rowdot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-row sum of a*b over the last axis (float32)."""
+    return np.einsum("ij,ij->i", a, b)
+
+
+def _make_qkx2(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Asymmetric fit x ~ scale * L - m with L in [0, nmax], weighted by w; one row per sub-block.
+
+    ggml's make_qkx2_quants: start from the min/max grid, then try nstep+1 slightly different grid steps
+    (iscale = (nmax + rmin + rdelta*k) / (max - min)); for each, solve the weighted least-squares
+    scale and min for the rounded integers and keep the best by weighted squared error. The min is
+    never allowed above 0 (the stored min is subtracted, so `m` >= 0). As in ggml, a better fit
+    also moves the min used by the following trials.
+    Returns (scale [m], m = -min [m], L [m, n] uint8).
+    """
+    x = x.astype(F32, copy=False)
+    lo = np.minimum(x.min(axis=1), F32(0))
+    hi = x.max(axis=1)
+    sum_w = w.sum(axis=1, dtype=F32)
+    sum_x = _rowdot(w, x)
+    flat = hi == lo                                               # all elements equal (and <= 0): L = 0
+    fnmax = F32(nmax)
+
+    def grid(iscale):
+        q = np.multiply(iscale[:, None], xm)
+        return np.clip(_nearest_int(q, out=q), 0, fnmax, out=q)
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        xm = x - lo[:, None]                                      # x - min, updated with min below
+        iscale = fnmax / (hi - lo)
+        scale = F32(1) / iscale
+        L = grid(iscale)
+        diff = scale[:, None] * L + lo[:, None] - x
+        best = _rowdot(w, diff * diff)
+        for k in range(nstep + 1):
+            iscale = (F32(rmin) + F32(rdelta) * F32(k) + fnmax) / (hi - lo)
+            La = grid(iscale)
+            wl = w * La
+            sum_l = wl.sum(axis=1)
+            sum_l2 = _rowdot(wl, La)
+            sum_xl = _rowdot(wl, x)
+            D = sum_w * sum_l2 - sum_l * sum_l
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+            pos = this_min > 0                                    # a positive min cannot be stored: refit without
+            this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
+            this_min = np.where(pos, F32(0), this_min)
+            diff = this_scale[:, None] * La + this_min[:, None] - x
+            cur = _rowdot(w, diff * diff)
+            better = np.flatnonzero((D > 0) & (cur < best))     # usually few rows: update just those
+            if better.size:
+                L[better] = La[better]
+                best[better] = cur[better]
+                scale[better] = this_scale[better]
+                lo[better] = this_min[better]
+                xm[better] = x[better] - lo[better, None]
+    L = np.where(flat[:, None], F32(0), L)
+    scale = np.where(flat, F32(0), scale)
+    return scale.astype(F32), (-lo).astype(F32), L.astype(np.uint8)
+
+
+def _make_qx(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric fit x ~ scale * (L - nmax), L - nmax in [-nmax, nmax-1], weighted by x^2; one row per group.
+
+    ggml's make_qx_quants with rmse_type 1: the integers of the plain grid (the element of largest |x|,
+    with its sign, maps to -nmax), then 18 neighbouring grids (nmax + 0.1*k for k = -9..9); for each the
+    least-squares scale, keeping the grid that explains most of sum(w*x^2). Returns (scale [m], L [m, n] uint8).
+    """
+    x = x.astype(F32, copy=False)
+    mx = _signed_absmax(x)
+    tiny = np.abs(mx) < _GROUP_MAX_EPS
+    mx = np.where(tiny, F32(1), mx)                               # any non-zero: those rows are zeroed below
+    w = x * x
+    wx = w * x
+    fnmax = F32(nmax)
+
+    def fit(iscale):
+        l = np.clip(_nearest_int(iscale[:, None] * x), -fnmax, fnmax - 1)
+        return l, _rowdot(wx, l), _rowdot(w * l, l)
+
+    l, sumlx, suml2 = fit(-fnmax / mx)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(suml2 != 0, sumlx / suml2, F32(0)).astype(F32)
+        best = scale * sumlx
+        L = l
+        for k in range(-9, 10):
+            if k == 0:
+                continue
+            l, sumlx, suml2 = fit(-(fnmax + F32(0.1) * F32(k)) / mx)
+            better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+            L = np.where(better[:, None], l, L)
+            scale = np.where(better, sumlx / suml2, scale)
+            best = np.where(better, scale * sumlx, best)
+    L = np.where(tiny[:, None], F32(0), L + fnmax)                # ggml leaves L = 0 for an all-zero group
+    return np.where(tiny, F32(0), scale).astype(F32), L.astype(np.uint8)
+
+
+def _f16_round_trip(x: np.ndarray) -> np.ndarray:
+    """The float32 value a half field will decode to: ggml stores d as f16, then quantizes with that."""
+    return x.astype("<f2").astype(F32)
+
+
+def _quant_k4_like(x: np.ndarray, out: np.ndarray, nmax: int, rmin: float, nstep: int) -> np.ndarray:
+    """Shared part of Q4_K / Q5_K: fills d, dmin, scales; returns the integers L [nb, 8, 32] in [0, nmax]."""
+    nb = len(x)
+    xs = x.reshape(nb, 8, 32)
+    # Weights of the fit: elements of large magnitude count more, plus the sub-block's RMS so small ones still count.
+    av = np.sqrt((xs * xs).sum(axis=2, dtype=F32) / F32(32))                 # [nb, 8]
+    w = av[:, :, None] + np.abs(xs)
+    scale, mins, L = _make_qkx2(xs.reshape(-1, 32), w.reshape(-1, 32), nmax, rmin, 0.1, nstep)
+    scale, mins, L = scale.reshape(nb, 8), mins.reshape(nb, 8), L.reshape(nb, 8, 32)
+
+    # The 8 scales and 8 mins become 6-bit integers of the block's d and dmin.
+    max_scale = np.maximum(scale.max(axis=1), F32(0))
+    max_min = np.maximum(mins.max(axis=1), F32(0))
+    inv_scale = _inverse_pos(max_scale, F32(63))
+    inv_min = _inverse_pos(max_min, F32(63))
+    ls = np.clip(_nearest_int(inv_scale[:, None] * scale), 0, 63).astype(np.uint8)   # [nb, 8]
+    lm = np.clip(_nearest_int(inv_min[:, None] * mins), 0, 63).astype(np.uint8)
+    out["d"] = max_scale / F32(63)
+    out["dmin"] = max_min / F32(63)
+    # Packing (FORMATS.md): bytes 0-3 / 4-7 hold scales / mins 0-3 in their low 6 bits and the top 2 bits of
+    # scales / mins 4-7 in their top 2 bits; bytes 8-11 hold the low 4 bits of scales 4-7 | mins 4-7 << 4.
+    out["scales"] = np.concatenate([ls[:, :4] | ((ls[:, 4:] >> 4) << 6),
+                                    lm[:, :4] | ((lm[:, 4:] >> 4) << 6),
+                                    (ls[:, 4:] & 0x0F) | ((lm[:, 4:] & 0x0F) << 4)], axis=1)
+
+    # Re-quantize with what will be decoded: d*sc and dmin*m as the f16 fields give them back.
+    d = _f16_round_trip(out["d"])[:, None] * ls.astype(F32)                  # [nb, 8]
+    dm = _f16_round_trip(out["dmin"])[:, None] * lm.astype(F32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        Lq = np.clip(_nearest_int((xs + dm[:, :, None]) / d[:, :, None]), 0, nmax)
+    # A sub-block whose stored scale is 0 keeps the search's integers (ggml skips it); they decode to -dmin*m.
+    return np.where((d != 0)[:, :, None], Lq, L).astype(np.uint8)
+
+
+def _inverse_pos(v: np.ndarray, n: F32) -> np.ndarray:
+    """n / v where v > 0, else 0."""
+    with np.errstate(divide="ignore"):
+        return np.where(v > 0, n / v, F32(0)).astype(F32)
+
+
+def _pack_k4_nibbles(L: np.ndarray) -> np.ndarray:
+    """[nb, 8, 32] values -> [nb, 128]: sub-block 2c in the low nibbles of chunk c, 2c+1 in the high ones."""
+    pairs = (L & 0x0F).reshape(-1, 4, 2, 32)
+    return (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(-1, 128)
+
+
+def _quant_q4_k(x: np.ndarray, out: np.ndarray) -> None:
+    L = _quant_k4_like(x, out, nmax=15, rmin=-1.0, nstep=20)
+    out["qs"] = _pack_k4_nibbles(L)
+
+
+def _quant_q5_k(x: np.ndarray, out: np.ndarray) -> None:
+    L = _quant_k4_like(x, out, nmax=31, rmin=-0.5, nstep=15)
+    out["qs"] = _pack_k4_nibbles(L)
+    # qh[l] bit s = 5th bit of element l of sub-block s.
+    hbits = (L >> 4).astype(np.uint8)                                       # [nb, 8, 32]
+    out["qh"] = (hbits << np.arange(8, dtype=np.uint8)[None, :, None]).sum(axis=1, dtype=np.uint8)
+
+
+def _quant_q6_k(x: np.ndarray, out: np.ndarray) -> None:
+    nb = len(x)
+    scale, L = _make_qx(x.reshape(-1, 16), 32)
+    scale, L = scale.reshape(nb, 16), L.reshape(nb, 16, 16)
+    # The 16 group scales become int8 multiples of d; the largest |scale| maps to -128.
+    max_scale = _signed_absmax(scale)                                       # [nb], with its sign
+    zero = np.abs(max_scale) < _GROUP_MAX_EPS
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iscale = np.where(zero, F32(0), F32(-128) / np.where(zero, F32(1), max_scale)).astype(F32)
+        out["d"] = np.where(zero, F32(0), F32(1) / iscale)
+    sc = np.minimum(F32(127), _nearest_int(iscale[:, None] * scale)).astype(np.int8)   # [nb, 16]
+    out["scales"] = sc
+    d = _f16_round_trip(out["d"])[:, None] * sc.astype(F32)                 # [nb, 16]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        Lq = np.clip(_nearest_int(x.reshape(nb, 16, 16) / d[:, :, None]), -32, 31) + 32
+    L = np.where((d != 0)[:, :, None], Lq, L).astype(np.uint8)
+    L = np.where(zero[:, None, None], np.uint8(0), L)                       # an all-zero block: all bytes 0
+    # Packing (FORMATS.md): per 128-element half, groups g = 0..3 of 32; ql[l] = g0 | g2 << 4,
+    # ql[l+32] = g1 | g3 << 4, qh[l] = high 2 bits of g0 | g1 << 2 | g2 << 4 | g3 << 6.
+    g = L.reshape(nb, 2, 4, 32)
+    lo = g & 0x0F
+    out["ql"] = np.concatenate([lo[:, :, 0] | (lo[:, :, 2] << 4), lo[:, :, 1] | (lo[:, :, 3] << 4)],
+                               axis=2).reshape(nb, 128)
+    hi = g >> 4
+    out["qh"] = (hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)).reshape(nb, 64)
+
+
 _QUANT: dict[GGMLType, Callable[[np.ndarray, np.ndarray], None]] = {
     GGMLType.Q4_0: _quant_q4_0,
     GGMLType.Q4_1: _quant_q4_1,
     GGMLType.Q5_0: _quant_q5_0,
     GGMLType.Q5_1: _quant_q5_1,
     GGMLType.Q8_0: _quant_q8_0,
+    GGMLType.Q4_K: _quant_q4_k,
+    GGMLType.Q5_K: _quant_q5_k,
+    GGMLType.Q6_K: _quant_q6_k,
 }
+# The K-quant searches make many temporaries per element: they run over this many super-blocks at a
+# time (2 MB of input), which keeps the memory use flat for big tensors while each numpy call stays long
+# enough for threads calling `quantize` side by side not to fight over the GIL (edgellm/quantize.py).
+_K_CHUNK_BLOCKS = 2048
 
 
 def _to_bf16(x: np.ndarray) -> np.ndarray:
@@ -370,8 +587,8 @@ def quantize(x: np.ndarray, type: GGMLType | int) -> np.ndarray:
     """Encode float32 `x` (numpy order, last dim = row length, a multiple of the block size) as GGML type
     `type`. Returns uint8 of shape x.shape[:-1] + (bytes per row,), i.e. the tensor's bytes in file order.
 
-    K-quants are not here yet (they search for scales; a later issue). Raises NotImplementedError naming
-    an unsupported type.
+    The legacy types and F16/BF16 are bit-exact with ggml / gguf-py; Q4_K, Q5_K and Q6_K follow ggml's
+    reference search (see the K-quant section above). Raises NotImplementedError naming an unsupported type.
     """
     t = _as_type(type)
     if t is None or (t not in _QUANT and t not in _PLAIN_QUANT):
@@ -387,7 +604,9 @@ def quantize(x: np.ndarray, type: GGMLType | int) -> np.ndarray:
     with _ieee_quietly():
         if t in _PLAIN_QUANT:
             return np.ascontiguousarray(_PLAIN_QUANT[t](x)).view(np.uint8).reshape(out_shape)
-        blocks = x.reshape(-1, tr.block_size)                    # [nb, 32]
+        blocks = x.reshape(-1, tr.block_size)                    # [nb, block_size]
         out = np.zeros(len(blocks), dtype=_BLOCK[t])
-        _QUANT[t](blocks, out)
+        step = _K_CHUNK_BLOCKS if tr.block_size == 256 else max(1, len(blocks))
+        for i in range(0, len(blocks), step):
+            _QUANT[t](blocks[i:i + step], out[i:i + step])
     return out.view(np.uint8).reshape(out_shape)

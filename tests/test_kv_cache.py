@@ -120,3 +120,10 @@ def test_bad_session_files(llm, tmp_path):
     f32 = Engine(llm.model, llm.backend, n_ctx=64, cache_type="f32")
     with pytest.raises(SessionError, match="f16"):
         load_session(path, f32)
+
+
+def test_every_architecture_can_shift_its_cache():
+    from edgellm.arch import ARCHITECTURES
+
+    for name, module in ARCHITECTURES.items():
+        assert callable(getattr(module, "rope_shift", None)), f"{name} has no rope_shift: context shift would fail"

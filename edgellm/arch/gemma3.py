@@ -33,10 +33,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import ContextLengthError, ModelError
+from ..errors import ModelError
 from ..quant import TRAITS, type_name
 from ..quant.reference import dequantize
-from .llama import MAX_LAYERS, _scalar, rms_norm, softmax
+from .common import (
+    attend,
+    check_inputs,
+    check_shapes,
+    load_tensors,
+    read_dims,
+    read_vocab,
+    rms_norm,
+    rope_neox,
+    scalar,
+)
 
 ARCH_NAMES = ("gemma3",)
 
@@ -121,55 +131,14 @@ class HParams:
     @classmethod
     def from_gguf(cls, gf) -> HParams:
         md = gf.metadata
-        arch = md.get("general.architecture")
-        if arch is None:
-            raise ModelError("missing metadata key 'general.architecture'")
-        if arch not in ARCH_NAMES:
-            raise ModelError(f"general.architecture is {arch!r}; the gemma3 module reads {', '.join(ARCH_NAMES)}")
-        p = f"{arch}."
-
-        n_embd = _scalar(md, p + "embedding_length", int)
-        n_layer = _scalar(md, p + "block_count", int)
-        n_head = _scalar(md, p + "attention.head_count", int)
-        n_head_kv = _scalar(md, p + "attention.head_count_kv", int, n_head)
-        n_ff = _scalar(md, p + "feed_forward_length", int)
-        n_ctx_train = _scalar(md, p + "context_length", int)
-        rms_eps = _scalar(md, p + "attention.layer_norm_rms_epsilon", float)
-        rope_base = _scalar(md, p + "rope.freq_base", float, 10000.0)  # llama.cpp's default
-
-        if not 1 <= n_layer <= MAX_LAYERS:
-            raise ModelError(f"{p}block_count is {n_layer}; expected 1..{MAX_LAYERS}")
-        for key, v in (("embedding_length", n_embd), ("feed_forward_length", n_ff), ("context_length", n_ctx_train)):
-            if v <= 0:
-                raise ModelError(f"{p}{key} is {v}; it must be positive")
-        if n_head <= 0:
-            raise ModelError(f"{p}attention.head_count is {n_head}; it must be positive")
-        if n_head_kv <= 0 or n_head % n_head_kv:
-            raise ModelError(f"{p}attention.head_count_kv is {n_head_kv}; it must divide head_count {n_head}")
-
         # Gemma's heads are not n_embd / n_head wide (270M: 4 heads x 256 > 640), so key_length is expected;
-        # the converter always writes it (default 256). Without it, fall back to n_embd / n_head as llama.cpp does.
-        head_dim = _scalar(md, p + "attention.key_length", int, None)
-        if head_dim is None:
-            if n_embd % n_head:
-                raise ModelError(f"{p}embedding_length {n_embd} is not divisible by head_count {n_head} "
-                                 f"and no {p}attention.key_length is given")
-            head_dim = n_embd // n_head
-        value_len = _scalar(md, p + "attention.value_length", int, head_dim)
-        if head_dim <= 0 or value_len != head_dim:
-            raise ModelError(f"{p}attention.key_length {head_dim} / value_length {value_len}: "
-                             "they must be positive and equal")
-        rope_dim = _scalar(md, p + "rope.dimension_count", int, head_dim)
-        if rope_dim <= 0 or rope_dim % 2 or rope_dim > head_dim:
-            raise ModelError(f"{p}rope.dimension_count is {rope_dim}; it must be even and at most head_dim {head_dim}")
-        if not rms_eps > 0:
-            raise ModelError(f"{p}attention.layer_norm_rms_epsilon is {rms_eps}; it must be positive")
-        if not rope_base > 0:
-            raise ModelError(f"{p}rope.freq_base is {rope_base}; it must be positive")
+        # the converter always writes it (default 256). Without it, read_dims falls back to n_embd / n_head.
+        dims = read_dims(gf, ARCH_NAMES, "gemma3")
+        p, n_embd, n_head, n_layer, head_dim = dims.prefix, dims.n_embd, dims.n_head, dims.n_layer, dims.head_dim
 
         # Rope scaling: only linear (Gemma 3 4B/12B/27B: factor 8), applied to global layers only.
         scaling = md.get(p + "rope.scaling.type", "none")
-        factor = _scalar(md, p + "rope.scaling.factor", float, 0.0)
+        factor = scalar(md, p + "rope.scaling.factor", float, 0.0)
         if scaling not in ("none", "linear"):
             raise ModelError(f"{p}rope.scaling.type {scaling!r} is not supported (gemma3 uses none or linear)")
         if factor < 0:
@@ -181,7 +150,7 @@ class HParams:
 
         # Sliding window: present in every Gemma 3 GGUF; newer llama.cpp treats a missing or zero window as
         # "all layers global" (and then, only then, applies final_logit_softcapping).
-        window = _scalar(md, p + "attention.sliding_window", int, 0)
+        window = scalar(md, p + "attention.sliding_window", int, 0)
         if window < 0:
             raise ModelError(f"{p}attention.sliding_window is {window}; it must not be negative")
         if window > 0:
@@ -192,7 +161,7 @@ class HParams:
             layer_is_global = (True,) * n_layer
         _check_pattern_key(md, p, layer_is_global)
 
-        softcap = _scalar(md, p + "final_logit_softcapping", float, 0.0)
+        softcap = scalar(md, p + "final_logit_softcapping", float, 0.0)
         final_logit_softcap = softcap if (sliding_window is None and softcap > 0) else None
 
         # llama.cpp's f_attention_scale: 27B uses n_embd / n_head (its query_pre_attn_scalar), the rest head_dim.
@@ -200,34 +169,11 @@ class HParams:
         attn_scale = float(1.0 / np.sqrt(np.float32(pre_attn_scalar)))
         embd_scale = float(np.sqrt(np.float32(n_embd)))  # sqrtf(n_embd), as llama.cpp computes it
 
-        # Vocabulary: token_embd's rows, which the tokenizer and {arch}.vocab_size must agree with.
-        if TOKEN_EMBD not in gf.tensors:
-            raise ModelError(f"missing tensor {TOKEN_EMBD!r}")
-        embd_shape = tuple(gf.tensors[TOKEN_EMBD].shape)
-        if len(embd_shape) != 2 or embd_shape[1] != n_embd:
-            raise ModelError(f"tensor {TOKEN_EMBD!r} has shape {list(embd_shape)}; expected [n_vocab, {n_embd}]")
-        n_vocab = embd_shape[0]
-        tokens = md.get("tokenizer.ggml.tokens")
-        if tokens is not None and len(tokens) != n_vocab:
-            raise ModelError(f"tokenizer.ggml.tokens has {len(tokens)} tokens but {TOKEN_EMBD!r} has {n_vocab} rows")
-        vocab_key = _scalar(md, p + "vocab_size", int, n_vocab)
-        if vocab_key != n_vocab:
-            raise ModelError(f"{p}vocab_size is {vocab_key} but {TOKEN_EMBD!r} has {n_vocab} rows")
-
-        hp = cls(arch=arch, n_vocab=n_vocab, n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_head_kv=n_head_kv,
-                 head_dim=head_dim, n_ff=n_ff, n_ctx_train=n_ctx_train, rms_eps=rms_eps, rope_base=rope_base,
-                 rope_dim=rope_dim, tied_embeddings=OUTPUT not in gf.tensors,
+        hp = cls(**dims.fields(), n_vocab=read_vocab(gf, dims), tied_embeddings=OUTPUT not in gf.tensors,
                  rope_base_local=ROPE_BASE_LOCAL, rope_scale_global=rope_scale_global,
                  sliding_window=sliding_window, layer_is_global=layer_is_global, attn_scale=attn_scale,
                  embd_scale=embd_scale, final_logit_softcap=final_logit_softcap)
-
-        for name, want in tensor_shapes(hp).items():
-            if name not in gf.tensors:
-                raise ModelError(f"missing tensor {name!r}")
-            got = tuple(gf.tensors[name].shape)
-            if got != want:
-                raise ModelError(f"tensor {name!r} has shape {list(got)}; "
-                                 f"expected {list(want)} from the hyper-parameters")
+        check_shapes(gf, tensor_shapes(hp))
         return hp
 
     def layer_rope(self, il: int) -> tuple[float, float]:
@@ -248,7 +194,7 @@ def _check_pattern_key(md: dict, p: str, layer_is_global: tuple[bool, ...]) -> N
     if isinstance(v, (np.ndarray, list, tuple)):       # per layer: True = sliding (gemma3n's convention)
         stated = tuple(not bool(s) for s in np.asarray(v).ravel())
     else:  # a period, read as llama.cpp's set_swa_pattern(n): every n-th layer global, 0 = none global
-        n = _scalar(md, key, int)
+        n = scalar(md, key, int)
         stated = tuple(n > 0 and il % n == n - 1 for il in range(len(layer_is_global)))
     if stated != layer_is_global:
         raise ModelError(f"{key} states a layer pattern that differs from gemma3's fixed one "
@@ -306,19 +252,14 @@ def load_weights(gf, hp: HParams) -> dict:
 
     When embeddings are tied, 'output.weight' is the same object as 'token_embd.weight'.
     """
-    w = {}
-    for name, shape in tensor_shapes(hp).items():
-        info = gf.tensors[name]
-        try:
-            if name in LAZY:
-                w[name] = LazyMatrix(gf.tensor_data(name), info.type, shape)
-                w[name].rows(np.array([0]))  # fail now, not mid-generation, if the type cannot be dequantized
-            else:
-                w[name] = dequantize(gf.tensor_data(name), info.type, shape)
-        except NotImplementedError as e:
-            raise ModelError(f"tensor {name!r}: {e}") from None
-        except ValueError as e:  # byte count does not match the shape: a corrupt tensor
-            raise ModelError(f"tensor {name!r} ({type_name(int(info.type))}): {e}") from None
+    def load(name, raw, type, shape):
+        if name not in LAZY:
+            return dequantize(raw, type, shape)
+        m = LazyMatrix(raw, type, shape)
+        m.rows(np.array([0]))  # fail now, not mid-generation, if the type cannot be dequantized
+        return m
+
+    w = load_tensors(gf, tensor_shapes(hp), load)
     if hp.tied_embeddings:
         w[OUTPUT] = w[TOKEN_EMBD]
     return w
@@ -327,26 +268,11 @@ def load_weights(gf, hp: HParams) -> dict:
 # ---------------------------------------------------------------------------------------------------
 # 3. Reference forward pass (float32)
 # ---------------------------------------------------------------------------------------------------
-def rope_neox(x: np.ndarray, positions: np.ndarray, base: float, scale: float, rope_dim: int) -> np.ndarray:
-    """Rotary embedding, llama.cpp's NEOX mode: rotate (x[i], x[i + rope_dim/2]) by
-    (pos * scale) * base^(-2i/rope_dim). Dims past rope_dim pass through."""
-    # x: [heads, n, head_dim]
-    half = rope_dim // 2
-    inv_freq = base ** (-2.0 * np.arange(half) / rope_dim)                        # [half] (float64)
-    angle = (positions.astype(np.float64) * scale)[:, None] * inv_freq[None, :]  # [n, half]
-    cos, sin = np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)  # [n, half]
-    x0, x1 = x[..., :half], x[..., half:rope_dim]                                 # [heads, n, half] each
-    out = x.copy()                                                                # [heads, n, head_dim]
-    out[..., :half] = x0 * cos - x1 * sin
-    out[..., half:rope_dim] = x0 * sin + x1 * cos
-    return out
-
-
 def rope_shift(k: np.ndarray, delta: int, hp: HParams, il: int) -> np.ndarray:
     """Move cached keys of layer il (already rotated) by `delta` positions with that layer's own RoPE.
     Used by the KV cache's context shift. k: [heads, n, head_dim] -> same."""
     base, scale = hp.layer_rope(il)
-    return rope_neox(k, np.full(k.shape[1], delta), base, scale, hp.rope_dim)
+    return rope_neox(k, np.full(k.shape[1], delta), base, hp.rope_dim, scale)
 
 
 def gelu_tanh(x: np.ndarray) -> np.ndarray:
@@ -366,8 +292,8 @@ def project_qkv(h: np.ndarray, w, hp: HParams, il: int, positions: np.ndarray):
     k = rms_norm(k, w[ATTN_K_NORM.format(i=il)], hp.rms_eps)
     q, k, v = q.transpose(1, 0, 2), k.transpose(1, 0, 2), v.transpose(1, 0, 2)  # [heads, n, hd]
     base, scale = hp.layer_rope(il)
-    q = rope_neox(q, positions, base, scale, hp.rope_dim)                  # [n_head, n, hd]
-    k = rope_neox(k, positions, base, scale, hp.rope_dim)                  # [n_kv, n, hd]
+    q = rope_neox(q, positions, base, hp.rope_dim, scale)                  # [n_head, n, hd]
+    k = rope_neox(k, positions, base, hp.rope_dim, scale)                  # [n_kv, n, hd]
     q = q * np.float32(hp.attn_scale)  # llama.cpp scales Q, then attends with kq_scale 1
     return q, k, v
 
@@ -383,26 +309,11 @@ def visible(hp: HParams, il: int, positions: np.ndarray, n_slots: int) -> np.nda
 
 
 def attention(h, w, hp: HParams, il: int, positions, cache) -> np.ndarray:
-    n = h.shape[0]
-    hd, n_kv, group = hp.head_dim, hp.n_head_kv, hp.n_head // hp.n_head_kv
     q, k, v = project_qkv(h, w, hp, il, positions)  # [n_head, n, hd], [n_kv, n, hd], [n_kv, n, hd]
-
-    # Store the new keys/values at slot = position (rounded to the cache's dtype), then read the slots back,
-    # so a token attends to exactly what later tokens will see. (Local layers keep every slot for now and
-    # apply the window as a mask.)
-    cache.k[il][:, positions, :] = k
-    cache.v[il][:, positions, :] = v
+    # Q comes pre-scaled (attn_scale), so no scale here; the mask is causal plus, on local layers, the window.
+    # (Local layers keep every slot in the cache for now and apply the window as a mask.)
     n_slots = int(positions.max()) + 1
-    K = cache.k[il, :, :n_slots].astype(np.float32)                # [n_kv, T, hd]
-    V = cache.v[il, :, :n_slots].astype(np.float32)                # [n_kv, T, hd]
-
-    # GQA: query head j uses kv head j // group, so split the query heads into [n_kv, group].
-    q = q.reshape(n_kv, group, n, hd)                              # [n_kv, group, n, hd]
-    scores = q @ K[:, None].transpose(0, 1, 3, 2)                  # [n_kv, group, n, T]
-    scores = np.where(visible(hp, il, positions, n_slots), scores, np.float32(-np.inf))  # [n_kv, group, n, T]
-    out = softmax(scores) @ V[:, None]                             # [n_kv, group, n, hd]
-    out = out.reshape(hp.n_head, n, hd).transpose(1, 0, 2)         # [n, n_head, hd]
-    out = out.reshape(n, hp.n_head * hd)                           # [n, n_head*hd]
+    out = attend(q, k, v, cache, il, positions, visible=visible(hp, il, positions, n_slots))  # [n, n_head*hd]
     return out @ w[ATTN_OUTPUT.format(i=il)].T                     # [n, n_embd]
 
 
@@ -418,19 +329,7 @@ def forward(w: dict, hp: HParams, tokens, positions, cache, all_logits: bool = F
     Returns float32 logits [n, n_vocab] (all_logits) or [1, n_vocab] for the last token. The caller advances
     cache.n_past.
     """
-    tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)        # [n]
-    positions = np.asarray(positions, dtype=np.int64).reshape(-1)  # [n]
-    if tokens.size == 0 or tokens.size != positions.size:
-        raise ValueError(f"need as many positions as tokens (and at least one): "
-                         f"{tokens.size} tokens, {positions.size} positions")
-    if tokens.min() < 0 or tokens.max() >= hp.n_vocab:
-        raise ValueError(f"token id out of range [0, {hp.n_vocab}): {tokens.min()}..{tokens.max()}")
-    if positions.min() < 0 or positions.max() >= cache.n_ctx:
-        raise ContextLengthError(f"position {positions.max()} does not fit the context of {cache.n_ctx}")
-    geometry = (cache.n_layer, cache.n_head_kv, cache.head_dim)
-    if geometry != (hp.n_layer, hp.n_head_kv, hp.head_dim):
-        raise ValueError(f"KV cache (layers, kv heads, head_dim) = {geometry} "
-                         f"does not match the model's {(hp.n_layer, hp.n_head_kv, hp.head_dim)}")
+    tokens, positions = check_inputs(hp, tokens, positions, cache)  # [n], [n] int64
 
     x = w[TOKEN_EMBD].rows(tokens) * np.float32(hp.embd_scale)    # [n, n_embd]
     for il in range(hp.n_layer):

@@ -7,7 +7,8 @@ What differs from llama (llama.cpp: `LLM_ARCH_QWEN2`, src/models/qwen2.cpp; the 
   permute the Q/K rows for qwen2 (only llama-family checkpoints are permuted), so the rotation must pair
   the halves, not adjacent elements (llama.cpp: qwen2 -> LLAMA_ROPE_TYPE_NEOX).
 - Q, K and V projections carry biases (attn_q.bias / attn_k.bias / attn_v.bias); the output projection has none.
-- Everything else (RMSNorm, SwiGLU FFN, GQA, optional tied output) is llama's, imported from llama.py.
+- Everything else (RMSNorm, SwiGLU FFN, GQA, optional tied output) is llama's: llama.py's `ffn` and the
+  shared pieces in common.py.
 
 The attention here also serves qwen3 (qwen3.py), which adds a per-head RMSNorm on Q and K before RoPE.
 """
@@ -18,10 +19,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import ContextLengthError, ModelError
-from ..quant import type_name
-from ..quant.reference import dequantize
-from .llama import MAX_LAYERS, _scalar, ffn, rms_norm, softmax
+from .common import (
+    attend,
+    check_inputs,
+    check_shapes,
+    load_tensors,
+    read_dims,
+    read_vocab,
+    refuse_experts,
+    refuse_rope_scaling,
+    rms_norm,
+    rope_neox,
+)
+from .llama import ffn
 
 ARCH_NAMES = ("qwen2",)
 
@@ -98,82 +108,23 @@ class HParams:
     @classmethod
     def from_gguf(cls, gf, arch_names: tuple[str, ...] = ARCH_NAMES, qk_norm: bool = False) -> HParams:
         md = gf.metadata
-        arch = md.get("general.architecture")
-        if arch not in arch_names:
-            raise ModelError(f"general.architecture is {arch!r}; this module reads {', '.join(arch_names)}")
-        p = f"{arch}."
-        n_embd = _scalar(md, p + "embedding_length", int)
-        n_layer = _scalar(md, p + "block_count", int)
-        n_head = _scalar(md, p + "attention.head_count", int)
-        n_head_kv = _scalar(md, p + "attention.head_count_kv", int, n_head)
-        n_ff = _scalar(md, p + "feed_forward_length", int)
-        n_ctx_train = _scalar(md, p + "context_length", int)
-        rms_eps = _scalar(md, p + "attention.layer_norm_rms_epsilon", float)
-        rope_base = _scalar(md, p + "rope.freq_base", float, 10000.0)
-        if not 1 <= n_layer <= MAX_LAYERS:
-            raise ModelError(f"{p}block_count is {n_layer}; expected 1..{MAX_LAYERS}")
-        for key, v in (("embedding_length", n_embd), ("feed_forward_length", n_ff), ("context_length", n_ctx_train),
-                       ("attention.head_count", n_head)):
-            if v <= 0:
-                raise ModelError(f"{p}{key} is {v}; it must be positive")
-        if n_head_kv <= 0 or n_head % n_head_kv:
-            raise ModelError(f"{p}attention.head_count_kv is {n_head_kv}; it must divide head_count {n_head}")
-        head_dim = _scalar(md, p + "attention.key_length", int, None)
-        if head_dim is None:
-            if n_embd % n_head:
-                raise ModelError(f"{p}embedding_length {n_embd} is not divisible by head_count {n_head} "
-                                 f"and no {p}attention.key_length is given")
-            head_dim = n_embd // n_head
-        if head_dim <= 0 or _scalar(md, p + "attention.value_length", int, head_dim) != head_dim:
-            raise ModelError(f"{p}attention.key_length / value_length must be positive and equal")
-        rope_dim = _scalar(md, p + "rope.dimension_count", int, head_dim)
-        if rope_dim <= 0 or rope_dim % 2 or rope_dim > head_dim:
-            raise ModelError(f"{p}rope.dimension_count is {rope_dim}; it must be even and at most head_dim {head_dim}")
-        if not rms_eps > 0 or not rope_base > 0:
-            raise ModelError(f"{p}: layer_norm_rms_epsilon and rope.freq_base must be positive")
+        dims = read_dims(gf, arch_names, arch_names[0])
+        p = dims.prefix
         # Refuse what this reference does not implement rather than compute something else.
-        scaling = md.get(p + "rope.scaling.type", "none")
-        factor = _scalar(md, p + "rope.scaling.factor", float, 1.0)
-        if scaling not in ("none", "linear") or (scaling == "linear" and factor not in (0.0, 1.0)):
-            raise ModelError(f"{p}rope.scaling.type {scaling!r} (factor {factor}) is not supported")
-        if _scalar(md, p + "expert_count", int, 0) > 0:
-            raise ModelError(f"{p}expert_count > 0: mixture-of-experts models are not supported by this module")
+        refuse_rope_scaling(md, p)
+        refuse_experts(md, p)
 
-        if TOKEN_EMBD not in gf.tensors:
-            raise ModelError(f"missing tensor {TOKEN_EMBD!r}")
-        embd_shape = tuple(gf.tensors[TOKEN_EMBD].shape)
-        if len(embd_shape) != 2 or embd_shape[1] != n_embd:
-            raise ModelError(f"tensor {TOKEN_EMBD!r} has shape {list(embd_shape)}; expected [n_vocab, {n_embd}]")
-        n_vocab = embd_shape[0]
-        tokens = md.get("tokenizer.ggml.tokens")
-        if tokens is not None and len(tokens) != n_vocab:
-            raise ModelError(f"tokenizer.ggml.tokens has {len(tokens)} tokens but {TOKEN_EMBD!r} has {n_vocab} rows")
-
-        hp = cls(arch=arch, n_vocab=n_vocab, n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_head_kv=n_head_kv,
-                 head_dim=head_dim, n_ff=n_ff, n_ctx_train=n_ctx_train, rms_eps=rms_eps, rope_base=rope_base,
-                 rope_dim=rope_dim, tied_embeddings=OUTPUT not in gf.tensors,
-                 qkv_bias=ATTN_Q_B.format(i=0) in gf.tensors, qk_norm=qk_norm)
-        for name, want in tensor_shapes(hp).items():
-            if name not in gf.tensors:
-                raise ModelError(f"missing tensor {name!r}")
-            got = tuple(gf.tensors[name].shape)
-            if got != want:
-                raise ModelError(f"tensor {name!r} has shape {list(got)}; expected {list(want)} from the hyper-parameters")
+        # (qwen2 has never checked {arch}.vocab_size against token_embd, unlike llama and gemma3: kept so.)
+        hp = cls(**dims.fields(), n_vocab=read_vocab(gf, dims, check_vocab_size=False),
+                 tied_embeddings=OUTPUT not in gf.tensors, qkv_bias=ATTN_Q_B.format(i=0) in gf.tensors,
+                 qk_norm=qk_norm)
+        check_shapes(gf, tensor_shapes(hp))
         return hp
 
 
 def load_weights(gf, hp: HParams) -> dict[str, np.ndarray]:
-    """Every tensor of the table as float32 (llama.py's loader walks `tensor_shapes` of the module it is in,
-    so it is re-done here with this module's table)."""
-    w = {}
-    for name, shape in tensor_shapes(hp).items():
-        info = gf.tensors[name]
-        try:
-            w[name] = dequantize(gf.tensor_data(name), info.type, shape)
-        except NotImplementedError as e:
-            raise ModelError(f"tensor {name!r}: {e}") from None
-        except ValueError as e:
-            raise ModelError(f"tensor {name!r} ({type_name(int(info.type))}): {e}") from None
+    """Every tensor of this module's table as float32; 'output.weight' is token_embd's array when tied."""
+    w = load_tensors(gf, tensor_shapes(hp))
     if hp.tied_embeddings:
         w[OUTPUT] = w[TOKEN_EMBD]
     return w
@@ -182,23 +133,9 @@ def load_weights(gf, hp: HParams) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------------------------------------------
 # 3. Reference forward pass (float32)
 # ---------------------------------------------------------------------------------------------------
-def rope_neox(x: np.ndarray, positions: np.ndarray, hp) -> np.ndarray:
-    """NEOX rotary embedding: pair x[i] with x[i + rope_dim/2], angle pos * base^(-2i/rope_dim).
-    Dims past rope_dim pass through. x: [heads, n, head_dim]."""
-    half = hp.rope_dim // 2
-    inv_freq = hp.rope_base ** (-2.0 * np.arange(half) / hp.rope_dim)      # [half] (float64 for accuracy)
-    angle = positions.astype(np.float64)[:, None] * inv_freq[None, :]     # [n, half]
-    cos, sin = np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
-    x0, x1 = x[..., :half], x[..., half:hp.rope_dim]                      # [heads, n, half] each
-    out = x.copy()
-    out[..., :half] = x0 * cos - x1 * sin
-    out[..., half:hp.rope_dim] = x1 * cos + x0 * sin
-    return out
-
-
 def attention(h, w, hp, il: int, positions, cache) -> np.ndarray:
     n = h.shape[0]
-    hd, n_kv, group = hp.head_dim, hp.n_head_kv, hp.n_head // hp.n_head_kv
+    hd, n_kv = hp.head_dim, hp.n_head_kv
     q = h @ w[ATTN_Q.format(i=il)].T                               # [n, n_head*hd]
     k = h @ w[ATTN_K.format(i=il)].T                               # [n, n_kv*hd]
     v = h @ w[ATTN_V.format(i=il)].T                               # [n, n_kv*hd]
@@ -212,39 +149,20 @@ def attention(h, w, hp, il: int, positions, cache) -> np.ndarray:
     if hp.qk_norm:  # qwen3: RMSNorm over each head's head_dim values, one weight shared by all heads
         q = rms_norm(q, w[ATTN_Q_NORM.format(i=il)], hp.rms_eps)
         k = rms_norm(k, w[ATTN_K_NORM.format(i=il)], hp.rms_eps)
-    q, k = rope_neox(q, positions, hp), rope_neox(k, positions, hp)
-
-    # As llama.py: store the new K/V at slot = position, then attend over what the cache holds.
-    cache.k[il][:, positions, :] = k
-    cache.v[il][:, positions, :] = v
-    n_slots = int(positions.max()) + 1
-    K = cache.k[il, :, :n_slots].astype(np.float32)                # [n_kv, T, hd]
-    V = cache.v[il, :, :n_slots].astype(np.float32)                # [n_kv, T, hd]
-    q = q.reshape(n_kv, group, n, hd)                              # [n_kv, group, n, hd]
-    scores = q @ K[:, None].transpose(0, 1, 3, 2)                  # [n_kv, group, n, T]
-    scores *= np.float32(1.0 / np.sqrt(hd))
-    causal = np.arange(n_slots)[None, :] <= positions[:, None]     # [n, T]
-    scores = np.where(causal, scores, np.float32(-np.inf))
-    out = softmax(scores) @ V[:, None]                             # [n_kv, group, n, hd]
-    out = out.reshape(hp.n_head, n, hd).transpose(1, 0, 2).reshape(n, hp.n_head * hd)
+    q = rope_neox(q, positions, hp.rope_base, hp.rope_dim)        # [n_head, n, hd]
+    k = rope_neox(k, positions, hp.rope_base, hp.rope_dim)        # [n_kv, n, hd]
+    out = attend(q, k, v, cache, il, positions, scale=1.0 / np.sqrt(hd))  # [n, n_head*hd]
     return out @ w[ATTN_OUTPUT.format(i=il)].T                     # [n, n_embd]
+
+
+def rope_shift(k: np.ndarray, delta: int, hp: HParams, il: int) -> np.ndarray:
+    """Move cached keys (already rotated) by `delta` positions, for the KV cache's context shift."""
+    return rope_neox(k, np.full(k.shape[1], delta), hp.rope_base, hp.rope_dim)
 
 
 def forward(w: dict[str, np.ndarray], hp, tokens, positions, cache, all_logits: bool = False) -> np.ndarray:
     """Run tokens [n] at positions [n], writing their K/V into `cache`; logits [n or 1, n_vocab] (float32)."""
-    tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
-    positions = np.asarray(positions, dtype=np.int64).reshape(-1)
-    if tokens.size == 0 or tokens.size != positions.size:
-        raise ValueError(f"need as many positions as tokens (and at least one): "
-                         f"{tokens.size} tokens, {positions.size} positions")
-    if tokens.min() < 0 or tokens.max() >= hp.n_vocab:
-        raise ValueError(f"token id out of range [0, {hp.n_vocab}): {tokens.min()}..{tokens.max()}")
-    if positions.min() < 0 or positions.max() >= cache.n_ctx:
-        raise ContextLengthError(f"position {positions.max()} does not fit the context of {cache.n_ctx}")
-    geometry = (cache.n_layer, cache.n_head_kv, cache.head_dim)
-    if geometry != (hp.n_layer, hp.n_head_kv, hp.head_dim):
-        raise ValueError(f"KV cache (layers, kv heads, head_dim) = {geometry} "
-                         f"does not match the model's {(hp.n_layer, hp.n_head_kv, hp.head_dim)}")
+    tokens, positions = check_inputs(hp, tokens, positions, cache)  # [n], [n] int64
 
     x = w[TOKEN_EMBD][tokens]                                      # [n, n_embd]
     for il in range(hp.n_layer):

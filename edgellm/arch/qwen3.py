@@ -14,7 +14,7 @@ Everything is implemented once, in qwen2.py; this module only switches the Q/K n
 from __future__ import annotations
 
 from . import qwen2
-from .qwen2 import forward, load_weights, tensor_shapes  # noqa: F401  (the module's interface)
+from .qwen2 import forward, load_weights, rope_shift, tensor_shapes  # noqa: F401  (the module's interface)
 
 ARCH_NAMES = ("qwen3",)
 

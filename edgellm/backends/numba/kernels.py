@@ -8,10 +8,10 @@ Layout of this file:
 1. scalar helpers (half -> float, the f16 table for block scales, KV element -> float);
 2. per weight type, a pair of kernels: `_dot_<type>` (two weight rows . one float activation row) and
    `_deq_<type>` (one weight row -> float32);
-3. per weight type, the matmul driver `matmul_<type>` (parallel over rows; the same lines for every type
-   around shared helpers), the `MATMUL` table, and `get_rows` (embedding lookup). Adding a type (the K-quants:
+3. the matmul driver, written once and compiled per weight type as `matmul_<type>` (parallel over rows),
+   the `MATMUL` table, and `get_rows` (embedding lookup). Adding a type (the K-quants:
    256-element super-blocks whose mins fold in with the same 32-element activation sums `xs`) = its
-   `_dot`/`_deq` pair, a copy of a driver with the names changed, one entry in `MATMUL` and `DEQ_ROW`;
+   `_dot`/`_deq` pair, one entry in `KERNELS`, one line naming its driver and one in `MATMUL`;
 4. norms, RoPE, softmax, activations, add;
 5. attention (one query row against a head's K/V slots; parallel over tokens x heads, or serial for a
    decode step).
@@ -37,6 +37,8 @@ Choices, measured on this project's 2-core AMD EPYC (AVX-512) with numba 0.68.1 
 """
 
 from __future__ import annotations
+
+from types import FunctionType
 
 import llvmlite.binding as llvm
 import numpy as np
@@ -449,10 +451,16 @@ def _deq_q8_0(blocks, o2, tab, half):
 
 
 # ---------------------------------------------------------------------------------------------------
-# 3. Matmul drivers: one per weight type, the same ~35 lines around the shared helpers below.
+# 3. Matmul drivers: one driver, written once below (`_matmul`) and compiled per weight type.
+#    `_driver_for(wtype)` makes `matmul_<type>`: the template's code with `_dot`/`_deq` bound to that type's
+#    pair from `KERNELS`, which numba inlines as it did into the hand-written copies this replaced.
 #    Why not one driver with a switch on the type: numba compiles every branch of it, and LLVM re-optimizes
 #    all eight types inlined into both paths: ~30 s of cold compile where one type takes a few seconds.
 #    Per-type drivers compile only the types a model has, lazily, and cache each on disk.
+#    Why not a closure (a factory's inner function): numba keys a cached closure by pickling its cells, and a
+#    jitted function pickles with a per-process id, so closures over the kernels were recompiled in every
+#    process (numba 0.68: no cache hit ever); a closure over the type id, resolved by an `@overload`, caches
+#    but cost 20-40% more cold compile time (measured). Rebinding the template's globals costs nothing.
 #
 #    Every driver: matmul_<type>(ws, ys, x, tab, half, n_thr) computes ys[m] = x @ ws[m].T for m = 0, 1, 2:
 #      ws: 3-tuple of uint8 [n_out_m, nb, block_bytes] (GGUF rows cut into blocks; plain types nb = 1; same
@@ -542,9 +550,33 @@ def _tile_dot(tile, nr, x, t0, t1, y, r0):
             yt[r0 + 3] = a3
 
 
-@njit(**_JIT_PAR)
-def matmul_q4_0(ws, ys, x, tab, half, n_thr):
-    """ys[m] = x @ ws[m].T, the ws of type Q4_0 (shapes: the comment above the drivers)."""
+# GGML type id -> (its dot kernel, its row decoder): what the drivers specialize on. Adding a type = its
+# _dot/_deq pair in section 2, a line here, and a line naming its driver below.
+KERNELS = {
+    T_Q4_0: (_dot_q4_0, _deq_q4_0),
+    T_Q4_1: (_dot_q4_1, _deq_q4_1),
+    T_Q5_0: (_dot_q5_0, _deq_q5_0),
+    T_Q5_1: (_dot_q5_1, _deq_q5_1),
+    T_Q8_0: (_dot_q8_0, _deq_q8_0),
+    T_F16: (_dot_f16, _deq_f16),
+    T_BF16: (_dot_bf16, _deq_bf16),
+    T_F32: (_dot_f32, _deq_f32),
+}
+DEQ_ROW = {t: deq for t, (_, deq) in KERNELS.items()}
+
+
+def _dot(b0, b1, x2, xs, tab, half):
+    """Placeholder in the driver template: `_driver_for` binds it to a type's `_dot_<type>`."""
+    raise NotImplementedError
+
+
+def _deq(blocks, o2, tab, half):
+    """Placeholder in the driver template: `_driver_for` binds it to a type's `_deq_<type>`."""
+    raise NotImplementedError
+
+
+def _matmul(ws, ys, x, tab, half, n_thr):
+    """The driver template (plain Python, never run as is): `_driver_for` makes the per-type njit copies."""
     n_tok, n_in = x.shape
     xs = block_sums(x)                                # [n_tok, n_in/32]
     nbk = ws[0].shape[1]                              # blocks per row (1 for the plain types)
@@ -566,7 +598,7 @@ def matmul_q4_0(ws, ys, x, tab, half, n_thr):
                     prefetch_row(w, r + PREFETCH_ROWS)
                     prefetch_row(w, r1 + PREFETCH_ROWS)
                 for t in range(n_tok):
-                    a0, a1 = _dot_q4_0(w[r], w[r1], x3[t], xs[t], tab, half)
+                    a0, a1 = _dot(w[r], w[r1], x3[t], xs[t], tab, half)
                     y[t, r] = a0
                     y[t, r1] = a1
         else:
@@ -579,302 +611,36 @@ def matmul_q4_0(ws, ys, x, tab, half, n_thr):
                     r = i * TILE_ROWS
                     nr = min(TILE_ROWS, w.shape[0] - r)
                     for k in range(nr):
-                        _deq_q4_0(w[r + k], tile3[k], tab, half)
+                        _deq(w[r + k], tile3[k], tab, half)
                     _tile_dot(tile, nr, x, tok, min(n_tok, tok + TILE_TOKENS), ys[m], r)
 
 
-@njit(**_JIT_PAR)
-def matmul_q4_1(ws, ys, x, tab, half, n_thr):
-    """ys[m] = x @ ws[m].T, the ws of type Q4_1 (shapes: the comment above the drivers)."""
-    n_tok, n_in = x.shape
-    xs = block_sums(x)                                # [n_tok, n_in/32]
-    nbk = ws[0].shape[1]                              # blocks per row (1 for the plain types)
-    x3 = x.reshape(n_tok, nbk, n_in // nbk)           # [n_tok, nb, block]
-    decode = n_tok <= DECODE_MAX
-    unit = 2 if decode else TILE_ROWS                 # rows per work item: a pair (decode) or a tile
-    u0, u1 = _n_units(ws[0].shape[0], unit), _n_units(ws[1].shape[0], unit)
-    n_items = u0 + u1 + _n_units(ws[2].shape[0], unit)
-    for c in prange(n_thr):                           # one parallel region: both paths live in it
-        g0, g1 = _chunk(c, n_thr, n_items)
-        if decode:
-            for g in range(g0, g1):
-                m, i = _locate(g, u0, u1)
-                w = ws[m]
-                y = ys[m]
-                r = 2 * i
-                r1 = min(r + 1, w.shape[0] - 1)       # an odd last row pairs with itself
-                if r1 + PREFETCH_ROWS < w.shape[0]:
-                    prefetch_row(w, r + PREFETCH_ROWS)
-                    prefetch_row(w, r1 + PREFETCH_ROWS)
-                for t in range(n_tok):
-                    a0, a1 = _dot_q4_1(w[r], w[r1], x3[t], xs[t], tab, half)
-                    y[t, r] = a0
-                    y[t, r1] = a1
-        else:
-            tile = np.zeros((TILE_ROWS, n_in), F32)
-            tile3 = tile.reshape(TILE_ROWS, nbk, n_in // nbk)
-            for tok in range(0, n_tok, TILE_TOKENS):
-                for g in range(g0, g1):
-                    m, i = _locate(g, u0, u1)
-                    w = ws[m]
-                    r = i * TILE_ROWS
-                    nr = min(TILE_ROWS, w.shape[0] - r)
-                    for k in range(nr):
-                        _deq_q4_1(w[r + k], tile3[k], tab, half)
-                    _tile_dot(tile, nr, x, tok, min(n_tok, tok + TILE_TOKENS), ys[m], r)
+def _driver_for(wtype: int, name: str):
+    """`_matmul` with `_dot`/`_deq` bound to KERNELS[wtype], jitted (and cached) as `matmul_<name>`.
+
+    A new function object over the template's code with its own globals: numba reads `_dot`/`_deq` as
+    globals and inlines them, so the compiled driver is the one a hand-written copy gave (same LLVM IR).
+    The distinct __qualname__ matters: numba names a function's cache files by it.
+    """
+    dot, deq = KERNELS[wtype]
+    fn = FunctionType(_matmul.__code__, {**_matmul.__globals__, "_dot": dot, "_deq": deq}, f"matmul_{name}")
+    fn.__qualname__ = fn.__name__
+    fn.__doc__ = f"ys[m] = x @ ws[m].T, the ws of type {name.upper()} (shapes: the comment above the drivers)."
+    return njit(**_JIT_PAR)(fn)
 
 
-@njit(**_JIT_PAR)
-def matmul_q5_0(ws, ys, x, tab, half, n_thr):
-    """ys[m] = x @ ws[m].T, the ws of type Q5_0 (shapes: the comment above the drivers)."""
-    n_tok, n_in = x.shape
-    xs = block_sums(x)                                # [n_tok, n_in/32]
-    nbk = ws[0].shape[1]                              # blocks per row (1 for the plain types)
-    x3 = x.reshape(n_tok, nbk, n_in // nbk)           # [n_tok, nb, block]
-    decode = n_tok <= DECODE_MAX
-    unit = 2 if decode else TILE_ROWS                 # rows per work item: a pair (decode) or a tile
-    u0, u1 = _n_units(ws[0].shape[0], unit), _n_units(ws[1].shape[0], unit)
-    n_items = u0 + u1 + _n_units(ws[2].shape[0], unit)
-    for c in prange(n_thr):                           # one parallel region: both paths live in it
-        g0, g1 = _chunk(c, n_thr, n_items)
-        if decode:
-            for g in range(g0, g1):
-                m, i = _locate(g, u0, u1)
-                w = ws[m]
-                y = ys[m]
-                r = 2 * i
-                r1 = min(r + 1, w.shape[0] - 1)       # an odd last row pairs with itself
-                if r1 + PREFETCH_ROWS < w.shape[0]:
-                    prefetch_row(w, r + PREFETCH_ROWS)
-                    prefetch_row(w, r1 + PREFETCH_ROWS)
-                for t in range(n_tok):
-                    a0, a1 = _dot_q5_0(w[r], w[r1], x3[t], xs[t], tab, half)
-                    y[t, r] = a0
-                    y[t, r1] = a1
-        else:
-            tile = np.zeros((TILE_ROWS, n_in), F32)
-            tile3 = tile.reshape(TILE_ROWS, nbk, n_in // nbk)
-            for tok in range(0, n_tok, TILE_TOKENS):
-                for g in range(g0, g1):
-                    m, i = _locate(g, u0, u1)
-                    w = ws[m]
-                    r = i * TILE_ROWS
-                    nr = min(TILE_ROWS, w.shape[0] - r)
-                    for k in range(nr):
-                        _deq_q5_0(w[r + k], tile3[k], tab, half)
-                    _tile_dot(tile, nr, x, tok, min(n_tok, tok + TILE_TOKENS), ys[m], r)
+matmul_q4_0 = _driver_for(T_Q4_0, "q4_0")
+matmul_q4_1 = _driver_for(T_Q4_1, "q4_1")
+matmul_q5_0 = _driver_for(T_Q5_0, "q5_0")
+matmul_q5_1 = _driver_for(T_Q5_1, "q5_1")
+matmul_q8_0 = _driver_for(T_Q8_0, "q8_0")
+matmul_f16 = _driver_for(T_F16, "f16")
+matmul_bf16 = _driver_for(T_BF16, "bf16")
+matmul_f32 = _driver_for(T_F32, "f32")
 
-
-@njit(**_JIT_PAR)
-def matmul_q5_1(ws, ys, x, tab, half, n_thr):
-    """ys[m] = x @ ws[m].T, the ws of type Q5_1 (shapes: the comment above the drivers)."""
-    n_tok, n_in = x.shape
-    xs = block_sums(x)                                # [n_tok, n_in/32]
-    nbk = ws[0].shape[1]                              # blocks per row (1 for the plain types)
-    x3 = x.reshape(n_tok, nbk, n_in // nbk)           # [n_tok, nb, block]
-    decode = n_tok <= DECODE_MAX
-    unit = 2 if decode else TILE_ROWS                 # rows per work item: a pair (decode) or a tile
-    u0, u1 = _n_units(ws[0].shape[0], unit), _n_units(ws[1].shape[0], unit)
-    n_items = u0 + u1 + _n_units(ws[2].shape[0], unit)
-    for c in prange(n_thr):                           # one parallel region: both paths live in it
-        g0, g1 = _chunk(c, n_thr, n_items)
-        if decode:
-            for g in range(g0, g1):
-                m, i = _locate(g, u0, u1)
-                w = ws[m]
-                y = ys[m]
-                r = 2 * i
-                r1 = min(r + 1, w.shape[0] - 1)       # an odd last row pairs with itself
-                if r1 + PREFETCH_ROWS < w.shape[0]:
-                    prefetch_row(w, r + PREFETCH_ROWS)
-                    prefetch_row(w, r1 + PREFETCH_ROWS)
-                for t in range(n_tok):
-                    a0, a1 = _dot_q5_1(w[r], w[r1], x3[t], xs[t], tab, half)
-                    y[t, r] = a0
-                    y[t, r1] = a1
-        else:
-            tile = np.zeros((TILE_ROWS, n_in), F32)
-            tile3 = tile.reshape(TILE_ROWS, nbk, n_in // nbk)
-            for tok in range(0, n_tok, TILE_TOKENS):
-                for g in range(g0, g1):
-                    m, i = _locate(g, u0, u1)
-                    w = ws[m]
-                    r = i * TILE_ROWS
-                    nr = min(TILE_ROWS, w.shape[0] - r)
-                    for k in range(nr):
-                        _deq_q5_1(w[r + k], tile3[k], tab, half)
-                    _tile_dot(tile, nr, x, tok, min(n_tok, tok + TILE_TOKENS), ys[m], r)
-
-
-@njit(**_JIT_PAR)
-def matmul_q8_0(ws, ys, x, tab, half, n_thr):
-    """ys[m] = x @ ws[m].T, the ws of type Q8_0 (shapes: the comment above the drivers)."""
-    n_tok, n_in = x.shape
-    xs = block_sums(x)                                # [n_tok, n_in/32]
-    nbk = ws[0].shape[1]                              # blocks per row (1 for the plain types)
-    x3 = x.reshape(n_tok, nbk, n_in // nbk)           # [n_tok, nb, block]
-    decode = n_tok <= DECODE_MAX
-    unit = 2 if decode else TILE_ROWS                 # rows per work item: a pair (decode) or a tile
-    u0, u1 = _n_units(ws[0].shape[0], unit), _n_units(ws[1].shape[0], unit)
-    n_items = u0 + u1 + _n_units(ws[2].shape[0], unit)
-    for c in prange(n_thr):                           # one parallel region: both paths live in it
-        g0, g1 = _chunk(c, n_thr, n_items)
-        if decode:
-            for g in range(g0, g1):
-                m, i = _locate(g, u0, u1)
-                w = ws[m]
-                y = ys[m]
-                r = 2 * i
-                r1 = min(r + 1, w.shape[0] - 1)       # an odd last row pairs with itself
-                if r1 + PREFETCH_ROWS < w.shape[0]:
-                    prefetch_row(w, r + PREFETCH_ROWS)
-                    prefetch_row(w, r1 + PREFETCH_ROWS)
-                for t in range(n_tok):
-                    a0, a1 = _dot_q8_0(w[r], w[r1], x3[t], xs[t], tab, half)
-                    y[t, r] = a0
-                    y[t, r1] = a1
-        else:
-            tile = np.zeros((TILE_ROWS, n_in), F32)
-            tile3 = tile.reshape(TILE_ROWS, nbk, n_in // nbk)
-            for tok in range(0, n_tok, TILE_TOKENS):
-                for g in range(g0, g1):
-                    m, i = _locate(g, u0, u1)
-                    w = ws[m]
-                    r = i * TILE_ROWS
-                    nr = min(TILE_ROWS, w.shape[0] - r)
-                    for k in range(nr):
-                        _deq_q8_0(w[r + k], tile3[k], tab, half)
-                    _tile_dot(tile, nr, x, tok, min(n_tok, tok + TILE_TOKENS), ys[m], r)
-
-
-@njit(**_JIT_PAR)
-def matmul_f16(ws, ys, x, tab, half, n_thr):
-    """ys[m] = x @ ws[m].T, the ws of type F16 (shapes: the comment above the drivers)."""
-    n_tok, n_in = x.shape
-    xs = block_sums(x)                                # [n_tok, n_in/32]
-    nbk = ws[0].shape[1]                              # blocks per row (1 for the plain types)
-    x3 = x.reshape(n_tok, nbk, n_in // nbk)           # [n_tok, nb, block]
-    decode = n_tok <= DECODE_MAX
-    unit = 2 if decode else TILE_ROWS                 # rows per work item: a pair (decode) or a tile
-    u0, u1 = _n_units(ws[0].shape[0], unit), _n_units(ws[1].shape[0], unit)
-    n_items = u0 + u1 + _n_units(ws[2].shape[0], unit)
-    for c in prange(n_thr):                           # one parallel region: both paths live in it
-        g0, g1 = _chunk(c, n_thr, n_items)
-        if decode:
-            for g in range(g0, g1):
-                m, i = _locate(g, u0, u1)
-                w = ws[m]
-                y = ys[m]
-                r = 2 * i
-                r1 = min(r + 1, w.shape[0] - 1)       # an odd last row pairs with itself
-                if r1 + PREFETCH_ROWS < w.shape[0]:
-                    prefetch_row(w, r + PREFETCH_ROWS)
-                    prefetch_row(w, r1 + PREFETCH_ROWS)
-                for t in range(n_tok):
-                    a0, a1 = _dot_f16(w[r], w[r1], x3[t], xs[t], tab, half)
-                    y[t, r] = a0
-                    y[t, r1] = a1
-        else:
-            tile = np.zeros((TILE_ROWS, n_in), F32)
-            tile3 = tile.reshape(TILE_ROWS, nbk, n_in // nbk)
-            for tok in range(0, n_tok, TILE_TOKENS):
-                for g in range(g0, g1):
-                    m, i = _locate(g, u0, u1)
-                    w = ws[m]
-                    r = i * TILE_ROWS
-                    nr = min(TILE_ROWS, w.shape[0] - r)
-                    for k in range(nr):
-                        _deq_f16(w[r + k], tile3[k], tab, half)
-                    _tile_dot(tile, nr, x, tok, min(n_tok, tok + TILE_TOKENS), ys[m], r)
-
-
-@njit(**_JIT_PAR)
-def matmul_bf16(ws, ys, x, tab, half, n_thr):
-    """ys[m] = x @ ws[m].T, the ws of type BF16 (shapes: the comment above the drivers)."""
-    n_tok, n_in = x.shape
-    xs = block_sums(x)                                # [n_tok, n_in/32]
-    nbk = ws[0].shape[1]                              # blocks per row (1 for the plain types)
-    x3 = x.reshape(n_tok, nbk, n_in // nbk)           # [n_tok, nb, block]
-    decode = n_tok <= DECODE_MAX
-    unit = 2 if decode else TILE_ROWS                 # rows per work item: a pair (decode) or a tile
-    u0, u1 = _n_units(ws[0].shape[0], unit), _n_units(ws[1].shape[0], unit)
-    n_items = u0 + u1 + _n_units(ws[2].shape[0], unit)
-    for c in prange(n_thr):                           # one parallel region: both paths live in it
-        g0, g1 = _chunk(c, n_thr, n_items)
-        if decode:
-            for g in range(g0, g1):
-                m, i = _locate(g, u0, u1)
-                w = ws[m]
-                y = ys[m]
-                r = 2 * i
-                r1 = min(r + 1, w.shape[0] - 1)       # an odd last row pairs with itself
-                if r1 + PREFETCH_ROWS < w.shape[0]:
-                    prefetch_row(w, r + PREFETCH_ROWS)
-                    prefetch_row(w, r1 + PREFETCH_ROWS)
-                for t in range(n_tok):
-                    a0, a1 = _dot_bf16(w[r], w[r1], x3[t], xs[t], tab, half)
-                    y[t, r] = a0
-                    y[t, r1] = a1
-        else:
-            tile = np.zeros((TILE_ROWS, n_in), F32)
-            tile3 = tile.reshape(TILE_ROWS, nbk, n_in // nbk)
-            for tok in range(0, n_tok, TILE_TOKENS):
-                for g in range(g0, g1):
-                    m, i = _locate(g, u0, u1)
-                    w = ws[m]
-                    r = i * TILE_ROWS
-                    nr = min(TILE_ROWS, w.shape[0] - r)
-                    for k in range(nr):
-                        _deq_bf16(w[r + k], tile3[k], tab, half)
-                    _tile_dot(tile, nr, x, tok, min(n_tok, tok + TILE_TOKENS), ys[m], r)
-
-
-@njit(**_JIT_PAR)
-def matmul_f32(ws, ys, x, tab, half, n_thr):
-    """ys[m] = x @ ws[m].T, the ws of type F32 (shapes: the comment above the drivers)."""
-    n_tok, n_in = x.shape
-    xs = block_sums(x)                                # [n_tok, n_in/32]
-    nbk = ws[0].shape[1]                              # blocks per row (1 for the plain types)
-    x3 = x.reshape(n_tok, nbk, n_in // nbk)           # [n_tok, nb, block]
-    decode = n_tok <= DECODE_MAX
-    unit = 2 if decode else TILE_ROWS                 # rows per work item: a pair (decode) or a tile
-    u0, u1 = _n_units(ws[0].shape[0], unit), _n_units(ws[1].shape[0], unit)
-    n_items = u0 + u1 + _n_units(ws[2].shape[0], unit)
-    for c in prange(n_thr):                           # one parallel region: both paths live in it
-        g0, g1 = _chunk(c, n_thr, n_items)
-        if decode:
-            for g in range(g0, g1):
-                m, i = _locate(g, u0, u1)
-                w = ws[m]
-                y = ys[m]
-                r = 2 * i
-                r1 = min(r + 1, w.shape[0] - 1)       # an odd last row pairs with itself
-                if r1 + PREFETCH_ROWS < w.shape[0]:
-                    prefetch_row(w, r + PREFETCH_ROWS)
-                    prefetch_row(w, r1 + PREFETCH_ROWS)
-                for t in range(n_tok):
-                    a0, a1 = _dot_f32(w[r], w[r1], x3[t], xs[t], tab, half)
-                    y[t, r] = a0
-                    y[t, r1] = a1
-        else:
-            tile = np.zeros((TILE_ROWS, n_in), F32)
-            tile3 = tile.reshape(TILE_ROWS, nbk, n_in // nbk)
-            for tok in range(0, n_tok, TILE_TOKENS):
-                for g in range(g0, g1):
-                    m, i = _locate(g, u0, u1)
-                    w = ws[m]
-                    r = i * TILE_ROWS
-                    nr = min(TILE_ROWS, w.shape[0] - r)
-                    for k in range(nr):
-                        _deq_f32(w[r + k], tile3[k], tab, half)
-                    _tile_dot(tile, nr, x, tok, min(n_tok, tok + TILE_TOKENS), ys[m], r)
-
-
-# GGML type id -> its driver; adding a type = its _dot/_deq pair above, its driver, and a line here.
+# GGML type id -> its driver.
 MATMUL = {T_Q4_0: matmul_q4_0, T_Q4_1: matmul_q4_1, T_Q5_0: matmul_q5_0, T_Q5_1: matmul_q5_1,
           T_Q8_0: matmul_q8_0, T_F16: matmul_f16, T_BF16: matmul_bf16, T_F32: matmul_f32}
-DEQ_ROW = {T_Q4_0: _deq_q4_0, T_Q4_1: _deq_q4_1, T_Q5_0: _deq_q5_0, T_Q5_1: _deq_q5_1,
-           T_Q8_0: _deq_q8_0, T_F16: _deq_f16, T_BF16: _deq_bf16, T_F32: _deq_f32}
 
 
 def get_rows(wtype, w, ids, out, tab):
