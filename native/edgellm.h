@@ -21,14 +21,17 @@ extern "C" {
 /* CFFI-BEGIN */
 /* weight / tensor types: the GGML type ids (quant/__init__.py GGMLType) */
 enum el_type {
-    EL_F32 = 0, EL_F16 = 1, EL_Q4_0 = 2, EL_Q4_1 = 3, EL_Q5_0 = 6, EL_Q5_1 = 7, EL_Q8_0 = 8, EL_BF16 = 30
+    EL_F32 = 0, EL_F16 = 1, EL_Q4_0 = 2, EL_Q4_1 = 3, EL_Q5_0 = 6, EL_Q5_1 = 7, EL_Q8_0 = 8,
+    EL_Q4_K = 12, EL_Q5_K = 13, EL_Q6_K = 14, EL_BF16 = 30
 };
 
 /* which tensor of a llama-style model el_model_set_tensor receives */
 enum el_tensor {
     EL_T_TOKEN_EMBD = 0, EL_T_OUTPUT_NORM = 1, EL_T_OUTPUT = 2,
     EL_T_ATTN_NORM = 3, EL_T_WQ = 4, EL_T_WK = 5, EL_T_WV = 6, EL_T_WO = 7,
-    EL_T_FFN_NORM = 8, EL_T_FFN_GATE = 9, EL_T_FFN_UP = 10, EL_T_FFN_DOWN = 11
+    EL_T_FFN_NORM = 8, EL_T_FFN_GATE = 9, EL_T_FFN_UP = 10, EL_T_FFN_DOWN = 11,
+    /* Gemma 3: per-head RMSNorm of Q and K ([head_dim]), RMSNorm of the attention / FFN outputs ([n_embd]) */
+    EL_T_ATTN_Q_NORM = 12, EL_T_ATTN_K_NORM = 13, EL_T_POST_ATTN_NORM = 14, EL_T_POST_FFN_NORM = 15
 };
 
 enum el_act { EL_ACT_SILU = 0, EL_ACT_GELU = 1 };
@@ -45,6 +48,14 @@ typedef struct el_model_desc {
     float rms_eps, rope_base;
     int n_batch;           /* most tokens one el_model_forward call may carry */
     int n_threads;
+    /* Architecture options; all zero / NULL is llama. Per-layer arrays are copied by el_model_new. */
+    float embd_scale;              /* token embeddings times this (0: 1) */
+    float attn_scale;              /* Q.K scale (0: 1/sqrt(head_dim)) */
+    int qk_norm;                   /* 1: EL_T_ATTN_Q_NORM / EL_T_ATTN_K_NORM are applied per head before RoPE */
+    int post_norms;                /* 1: EL_T_POST_ATTN_NORM / EL_T_POST_FFN_NORM before each residual add */
+    const float *layer_rope_base;  /* [n_layer] or NULL (rope_base everywhere) */
+    const float *layer_rope_scale; /* [n_layer] position multiplier, or NULL (1) */
+    const int32_t *layer_window;   /* [n_layer] sliding window (query at p sees (p - window, p]), 0 = global; NULL: all global */
 } el_model_desc;
 
 /* One KV cache (one sequence): k, v are [n_layer, n_head_kv, n_ctx, head_dim] of `type`, owned by Python. */

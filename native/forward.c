@@ -1,4 +1,6 @@
 /* The whole forward step of a llama-style decoder in one call: embedding, every layer, final norm, logits.
+ * Gemma 3 is the same loop with options from el_model_desc: embedding scale, per-head Q/K RMSNorm, per-layer
+ * RoPE base/scale and sliding window, post-attention / post-FFN norms, GELU, its own attention scale.
  *
  * One el_pool_run per step; every thread walks the same layer loop and claims chunks of each stage; a stage
  * starts when the previous one is complete (7 per layer: the norm, the QKV matmuls, RoPE + cache write,
@@ -21,6 +23,10 @@ typedef struct {
     el_weight *wq, *wk, *wv, *wo;        /* [n_head*hd, E], [n_kv*hd, E] x2, [E, n_head*hd] */
     el_weight *gate, *up, *down;         /* [F, E], [F, E], [E, F] */
     const float *attn_norm, *ffn_norm;   /* [E] */
+    const float *q_norm, *k_norm;        /* [hd] (qk_norm) */
+    const float *post_attn_norm, *post_ffn_norm;   /* [E] (post_norms) */
+    int window;                          /* sliding window, 0 = global */
+    int rope_set;                        /* index of this layer's (base, scale) RoPE table */
 } el_layer;
 
 struct el_model {
@@ -42,7 +48,9 @@ struct el_model {
     float *q, *kb, *vb;  /* [n_batch, n_head*hd], [n_batch, n_kv*hd] x2 */
     float *hg, *hu;  /* [n_batch, F] */
     float *tmp;      /* [n_batch, E] projection output before the residual add */
-    float *cs;       /* [n_batch, rope_dim] cos/sin per token */
+    float *cs;       /* [n_rope_sets, n_batch, rope_dim] cos/sin per token, one table per distinct (base, scale) */
+    int n_rope_sets;
+    float *rope_base, *rope_scale;   /* [n_rope_sets] */
     el_stage *stages;  /* [n_stages] claim / completion counters of one step */
     int n_stages;
     float *scratch;  /* [n_threads, scratch_n] attention scores and tiles */
@@ -90,11 +98,28 @@ el_model *el_model_new(const el_model_desc *desc) {
     m->hg = zalloc(nb * F * 4);
     m->hu = zalloc(nb * F * 4);
     m->tmp = zalloc(nb * E * 4);
-    m->cs = zalloc(nb * (size_t)d->rope_dim * 4);
-    m->n_stages = 1 + 9 * d->n_layer + 2;   /* embd; per layer at most 9; final norm, output */
+    m->rope_base = zalloc(sizeof(float) * (size_t)(d->n_layer > 0 ? d->n_layer : 1));
+    m->rope_scale = zalloc(sizeof(float) * (size_t)(d->n_layer > 0 ? d->n_layer : 1));
+    if (m->layers && m->rope_base && m->rope_scale) {
+        m->n_rope_sets = 0;
+        for (int l = 0; l < d->n_layer; l++) {
+            const float base = d->layer_rope_base ? d->layer_rope_base[l] : d->rope_base;
+            const float scale = d->layer_rope_scale ? d->layer_rope_scale[l] : 1.0f;
+            int s = 0;
+            while (s < m->n_rope_sets && !(m->rope_base[s] == base && m->rope_scale[s] == scale)) s++;
+            if (s == m->n_rope_sets) { m->rope_base[s] = base; m->rope_scale[s] = scale; m->n_rope_sets++; }
+            m->layers[l].rope_set = s;
+            m->layers[l].window = d->layer_window && d->layer_window[l] > 0 ? d->layer_window[l] : 0;
+        }
+        if (m->n_rope_sets == 0) m->n_rope_sets = 1;
+    }
+    m->d.layer_rope_base = m->d.layer_rope_scale = NULL;   /* copied above: the caller's arrays may go */
+    m->d.layer_window = NULL;
+    m->cs = zalloc((size_t)(m->n_rope_sets > 0 ? m->n_rope_sets : 1) * nb * (size_t)d->rope_dim * 4);
+    m->n_stages = 1 + 10 * d->n_layer + 2;   /* embd; per layer at most 10; final norm, output */
     m->stages = zalloc(sizeof(el_stage) * (size_t)m->n_stages);
     if (!m->pool || !m->layers || !m->x || !m->xb || !m->xq || !m->xq2 || !m->q || !m->kb || !m->vb || !m->hg || !m->hu ||
-        !m->tmp || !m->cs || !m->stages) {
+        !m->tmp || !m->cs || !m->stages || !m->rope_base || !m->rope_scale) {
         el_model_free(m);
         return NULL;
     }
@@ -120,6 +145,7 @@ void el_model_free(el_model *m) {
     el_pool_free(m->pool);
     free(m->layers); free(m->x); free(m->xb); free(m->xq); free(m->xq2); free(m->q); free(m->kb); free(m->vb);
     free(m->hg); free(m->hu); free(m->tmp); free(m->cs); free(m->scratch); free(m->stages);
+    free(m->rope_base); free(m->rope_scale);
     free(m);
 }
 
@@ -138,8 +164,11 @@ int el_model_set_tensor(el_model *m, int which, int layer, int type, const void 
     const int E = d->n_embd, nq = d->n_head * d->head_dim, nkv = d->n_head_kv * d->head_dim, F = d->n_ff;
     if (which >= EL_T_ATTN_NORM && (layer < 0 || layer >= d->n_layer)) return -1;
     el_layer *L = which >= EL_T_ATTN_NORM ? &m->layers[layer] : NULL;
-    const int is_norm = which == EL_T_OUTPUT_NORM || which == EL_T_ATTN_NORM || which == EL_T_FFN_NORM;
+    const int is_norm = which == EL_T_OUTPUT_NORM || which == EL_T_ATTN_NORM || which == EL_T_FFN_NORM ||
+                        which == EL_T_POST_ATTN_NORM || which == EL_T_POST_FFN_NORM;
     if (is_norm && (type != EL_F32 || n_out != 1 || n_in != E)) return -1;
+    const int is_head_norm = which == EL_T_ATTN_Q_NORM || which == EL_T_ATTN_K_NORM;
+    if (is_head_norm && (type != EL_F32 || n_out != 1 || n_in != d->head_dim)) return -1;
     switch (which) {
     case EL_T_TOKEN_EMBD: {
         const int ti = el_type_index(type);
@@ -152,6 +181,10 @@ int el_model_set_tensor(el_model *m, int which, int layer, int type, const void 
     case EL_T_OUTPUT_NORM: m->output_norm = data; return 0;
     case EL_T_ATTN_NORM: L->attn_norm = data; return 0;
     case EL_T_FFN_NORM: L->ffn_norm = data; return 0;
+    case EL_T_ATTN_Q_NORM: L->q_norm = data; return 0;
+    case EL_T_ATTN_K_NORM: L->k_norm = data; return 0;
+    case EL_T_POST_ATTN_NORM: L->post_attn_norm = data; return 0;
+    case EL_T_POST_FFN_NORM: L->post_ffn_norm = data; return 0;
     case EL_T_OUTPUT: return set_matrix(&m->output, type, data, n_out, n_in, d->n_vocab, E);
     case EL_T_WQ: return set_matrix(&L->wq, type, data, n_out, n_in, nq, E);
     case EL_T_WK: return set_matrix(&L->wk, type, data, n_out, n_in, nkv, E);
@@ -170,6 +203,8 @@ int el_model_ready(const el_model *m) {
         const el_layer *L = &m->layers[l];
         if (!L->wq || !L->wk || !L->wv || !L->wo || !L->gate || !L->up || !L->down || !L->attn_norm || !L->ffn_norm)
             return 0;
+        if (m->d.qk_norm && (!L->q_norm || !L->k_norm)) return 0;
+        if (m->d.post_norms && (!L->post_attn_norm || !L->post_ffn_norm)) return 0;
     }
     return 1;
 }
@@ -239,7 +274,8 @@ static void forward_task(void *ctx, int ith, int nth) {
     const el_batch *b = c->b;
     const int n = b->n_tokens, E = d->n_embd, hd = d->head_dim, nq = d->n_head * hd,
               nkv = d->n_head_kv * hd, F = d->n_ff, group = d->n_head / d->n_head_kv;
-    const float scale = 1.0f / sqrtf((float)hd);
+    const float scale = d->attn_scale != 0.0f ? d->attn_scale : 1.0f / sqrtf((float)hd);
+    const size_t cs_set = (size_t)d->n_batch * d->rope_dim;   /* floats between two RoPE tables */
     sync_t S = { m->stages, 0 };
     const int tch = n_chunks(n, nth);   /* token chunks */
     int ch, nd, t0, t1;
@@ -249,9 +285,13 @@ static void forward_task(void *ctx, int ith, int nth) {
     for (nd = 0; (ch = claim(&S)) < tch; nd++) {
         el_split(n, 1, ch, tch, &t0, &t1);
         for (int t = t0; t < t1; t++) {
-            k->dequantize_row[embd_ti]((const char *)m->tok_embd + (size_t)b->tokens[t] * m->tok_embd_row,
-                                       m->x + (size_t)t * E, E);
-            el_rope_table(m->cs + (size_t)t * d->rope_dim, b->pos[t], d->rope_dim, d->rope_base);
+            float *xt = m->x + (size_t)t * E;
+            k->dequantize_row[embd_ti]((const char *)m->tok_embd + (size_t)b->tokens[t] * m->tok_embd_row, xt, E);
+            if (d->embd_scale != 0.0f && d->embd_scale != 1.0f)
+                for (int i = 0; i < E; i++) xt[i] *= d->embd_scale;
+            for (int s = 0; s < m->n_rope_sets; s++)
+                el_rope_table(m->cs + s * cs_set + (size_t)t * d->rope_dim, b->pos[t], d->rope_dim, m->rope_base[s],
+                              m->rope_scale[s]);
         }
     }
     finish(&S, nd, tch);
@@ -284,7 +324,17 @@ static void forward_task(void *ctx, int ith, int nth) {
         for (nd = 0; (ch = claim(&S)) < tch; nd++) {
             el_split(n, 1, ch, tch, &t0, &t1);
             for (int t = t0; t < t1; t++) {
-                const float *cs = m->cs + (size_t)t * d->rope_dim;
+                const float *cs = m->cs + L->rope_set * cs_set + (size_t)t * d->rope_dim;
+                if (d->qk_norm) {   /* per-head RMSNorm (in place) before RoPE */
+                    for (int h = 0; h < d->n_head; h++) {
+                        float *qh = m->q + (size_t)t * nq + (size_t)h * hd;
+                        k->rmsnorm(qh, L->q_norm, qh, hd, d->rms_eps);
+                    }
+                    for (int h = 0; h < d->n_head_kv; h++) {
+                        float *kh = m->kb + (size_t)t * nkv + (size_t)h * hd;
+                        k->rmsnorm(kh, L->k_norm, kh, hd, d->rms_eps);
+                    }
+                }
                 k->rope(m->q + (size_t)t * nq, d->n_head, hd, d->rope_dim, cs, d->rope_neox);
                 k->rope(m->kb + (size_t)t * nkv, d->n_head_kv, hd, d->rope_dim, cs, d->rope_neox);
                 const el_cache *cc = &c->caches[b->seq ? b->seq[t] : 0];
@@ -305,8 +355,9 @@ static void forward_task(void *ctx, int ith, int nth) {
                 const int t = ch / d->n_head, h = ch % d->n_head, kvh = h / group;
                 const el_cache *cc = &c->caches[b->seq ? b->seq[t] : 0];
                 float *out = m->xb + (size_t)t * nq + h * hd;
-                k->attn_head(m->q + (size_t)t * nq + h * hd, kv_slot(m, cc->k, cc, l, kvh, 0), kv_slot(m, cc->v, cc, l, kvh, 0),
-                             cc->type, b->pos[t] + 1, hd, scale, scr, out);
+                const int p = b->pos[t], first = L->window && p - L->window + 1 > 0 ? p - L->window + 1 : 0;
+                k->attn_head(m->q + (size_t)t * nq + h * hd, kv_slot(m, cc->k, cc, l, kvh, first),
+                             kv_slot(m, cc->v, cc, l, kvh, first), cc->type, p + 1 - first, hd, scale, scr, out);
                 if (fuse_q) k->quantize_q8a(out, (block_q8a *)xq_row(m, t) + h * hd / EL_QK, hd);
             }
             finish(&S, nd, ach);
@@ -323,6 +374,27 @@ static void forward_task(void *ctx, int ith, int nth) {
                     int s1 = s0 + 1;
                     while (s1 < tb && (b->seq ? b->seq[s1] : 0) == seq) s1++;
                     const el_cache *cc = &c->caches[seq];
+                    if (L->window && b->pos[s1 - 1] >= L->window) {
+                        /* a sliding window cuts in: tokens start at different slots, so one token at a time, its
+                         * query heads of this kv head together (they share the window's K/V) */
+                        for (int t = s0; t < s1; t++) {
+                            const int p = b->pos[t], first = p - L->window + 1 > 0 ? p - L->window + 1 : 0;
+                            for (int g = 0; g < group; g++) {
+                                memcpy(qbuf + (size_t)g * hd, m->q + (size_t)t * nq + (size_t)(kvh * group + g) * hd, sizeof(float) * hd);
+                                nkvs[g] = p + 1 - first;
+                            }
+                            k->attn_rows(qbuf, group, nkvs, kv_slot(m, cc->k, cc, l, kvh, first), kv_slot(m, cc->v, cc, l, kvh, first),
+                                         cc->type, hd, scale, sc, obuf);
+                            for (int g = 0; g < group; g++) {
+                                const int h = kvh * group + g;
+                                float *out = m->xb + (size_t)t * nq + h * hd;
+                                memcpy(out, obuf + (size_t)g * hd, sizeof(float) * hd);
+                                if (fuse_q) k->quantize_q8a(out, (block_q8a *)xq_row(m, t) + h * hd / EL_QK, hd);
+                            }
+                        }
+                        s0 = s1;
+                        continue;
+                    }
                     int nr = 0;
                     for (int t = s0; t < s1; t++)
                         for (int g = 0; g < group; g++, nr++) {
@@ -358,7 +430,7 @@ static void forward_task(void *ctx, int ith, int nth) {
             int r0, r1;
             piece(L->wo, ch, och, &r0, &r1);
             gemm_rows(m, L->wo, r0, r1, m->xq, m->xb, n, m->tmp, E);
-            for (int t = 0; t < n && r0 < r1; t++)
+            for (int t = 0; t < n && r0 < r1 && !d->post_norms; t++)
                 k->add(m->x + (size_t)t * E + r0, m->tmp + (size_t)t * E + r0, m->x + (size_t)t * E + r0, r1 - r0);
         }
         finish(&S, nd, och);
@@ -367,6 +439,11 @@ static void forward_task(void *ctx, int ith, int nth) {
             el_split(n, 1, ch, tch, &t0, &t1);
             for (int t = t0; t < t1; t++) {
                 float *xb = m->xb + (size_t)t * E;
+                if (d->post_norms) {   /* x += norm(attention output): the whole row is here now */
+                    float *o = m->tmp + (size_t)t * E;
+                    k->rmsnorm(o, L->post_attn_norm, o, E, d->rms_eps);
+                    k->add(m->x + (size_t)t * E, o, m->x + (size_t)t * E, E);
+                }
                 k->rmsnorm(m->x + (size_t)t * E, L->ffn_norm, xb, E, d->rms_eps);
                 if (E % EL_QK == 0) k->quantize_q8a(xb, xq_row(m, t), E);
             }
@@ -399,10 +476,21 @@ static void forward_task(void *ctx, int ith, int nth) {
             int r0, r1;
             piece(L->down, ch, dch, &r0, &r1);
             gemm_rows(m, L->down, r0, r1, m->xq2, m->hg, n, m->tmp, E);
-            for (int t = 0; t < n && r0 < r1; t++)
+            for (int t = 0; t < n && r0 < r1 && !d->post_norms; t++)
                 k->add(m->x + (size_t)t * E + r0, m->tmp + (size_t)t * E + r0, m->x + (size_t)t * E + r0, r1 - r0);
         }
         finish(&S, nd, dch);
+        if (d->post_norms) {   /* x += norm(FFN output) */
+            for (nd = 0; (ch = claim(&S)) < tch; nd++) {
+                el_split(n, 1, ch, tch, &t0, &t1);
+                for (int t = t0; t < t1; t++) {
+                    float *o = m->tmp + (size_t)t * E;
+                    k->rmsnorm(o, L->post_ffn_norm, o, E, d->rms_eps);
+                    k->add(m->x + (size_t)t * E, o, m->x + (size_t)t * E, E);
+                }
+            }
+            finish(&S, nd, tch);
+        }
         PROF(ith, P_FFN_DOWN);
     }
 

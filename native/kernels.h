@@ -7,7 +7,8 @@
 #include "quants.h"
 
 /* compact index of the weight types the core knows (the traits table is indexed by it) */
-enum { EL_TI_F32, EL_TI_F16, EL_TI_BF16, EL_TI_Q4_0, EL_TI_Q4_1, EL_TI_Q5_0, EL_TI_Q5_1, EL_TI_Q8_0, EL_NTYPES };
+enum { EL_TI_F32, EL_TI_F16, EL_TI_BF16, EL_TI_Q4_0, EL_TI_Q4_1, EL_TI_Q5_0, EL_TI_Q5_1, EL_TI_Q8_0,
+       EL_TI_Q4_K, EL_TI_Q5_K, EL_TI_Q6_K, EL_NTYPES };
 int el_type_index(int ggml_type);          /* -1 when unknown */
 int el_type_block(int ti);                 /* elements per block */
 size_t el_type_block_bytes(int ti);        /* bytes per block (GGUF layout) */

@@ -348,6 +348,72 @@ GEMM_FLOAT(gemm_f32, 0, 4)
 GEMM_FLOAT(gemm_f16, 1, 2)
 GEMM_FLOAT(gemm_bf16, 2, 2)
 
+/* ------------------------------------------------------------------------------------------- K-quants
+ * Q4_K / Q5_K / Q6_K run against the same q8a activations as the 32-blocks (a super-block = 8 q8a blocks, one per
+ * 32-element sub-block, whose own 6-bit / 8-bit scales apply after the integer dot): no second activation format,
+ * and the forward step's quantize-once-per-input stays as it is. Their rows are repacked 8-interleaved at load
+ * like Q4_0..Q8_0, so the kernels (kq_x8.h) have the same shape as the 32-block ones. */
+static void repack_kx8(const void *src, void *dst, int n_out, int n_in, int ti) {
+    const int nsb = n_in / EL_QK_K, ng = (n_out + 7) / 8;
+    const size_t sb = el_type_block_bytes(ti), db = 8 * sb;
+    for (int G = 0; G < ng; G++)
+        for (int b = 0; b < nsb; b++) {
+            uint8_t *o = (uint8_t *)dst + ((size_t)G * nsb + b) * db;
+            memset(o, 0, db);
+            for (int i = 0; i < 8 && G * 8 + i < n_out; i++) {
+                const uint8_t *s = (const uint8_t *)src + ((size_t)(G * 8 + i) * nsb + b) * sb;
+                if (ti == EL_TI_Q6_K) {
+                    const block_q6_k *x = (const block_q6_k *)s;
+                    block_q6_kx8 *y = (block_q6_kx8 *)o;
+                    for (int c = 0; c < 4; c++)
+                        for (int g = 0; g < 8; g++) memcpy(y->ql + c * 256 + g * 32 + i * 4, x->ql + c * 32 + g * 4, 4);
+                    for (int c = 0; c < 2; c++)
+                        for (int g = 0; g < 8; g++) memcpy(y->qh + c * 256 + g * 32 + i * 4, x->qh + c * 32 + g * 4, 4);
+                    for (int k = 0; k < 16; k++) y->scales[k][i] = x->scales[k];
+                    y->d[i] = x->d;
+                } else {
+                    const block_q4_k *x4 = (const block_q4_k *)s;   /* d, dmin, scales: same offsets in Q5_K */
+                    const uint8_t *qs = ti == EL_TI_Q4_K ? x4->qs : ((const block_q5_k *)s)->qs;
+                    block_q4_kx8 *y4 = (block_q4_kx8 *)o;           /* likewise d, dmin, scales in q5_kx8 */
+                    uint8_t *oqs = ti == EL_TI_Q4_K ? y4->qs : ((block_q5_kx8 *)o)->qs;
+                    y4->d[i] = x4->d;
+                    y4->dmin[i] = x4->dmin;
+                    memcpy(y4->scales[i], x4->scales, 12);
+                    for (int c = 0; c < 4; c++)
+                        for (int g = 0; g < 8; g++) memcpy(oqs + c * 256 + g * 32 + i * 4, qs + c * 32 + g * 4, 4);
+                    if (ti == EL_TI_Q5_K)
+                        for (int g = 0; g < 8; g++)
+                            memcpy(((block_q5_kx8 *)o)->qh + g * 32 + i * 4, ((const block_q5_k *)s)->qh + g * 4, 4);
+                }
+            }
+        }
+}
+static void repack_q4_k(const void *s, void *d, int n_out, int n_in) { repack_kx8(s, d, n_out, n_in, EL_TI_Q4_K); }
+static void repack_q5_k(const void *s, void *d, int n_out, int n_in) { repack_kx8(s, d, n_out, n_in, EL_TI_Q5_K); }
+static void repack_q6_k(const void *s, void *d, int n_out, int n_in) { repack_kx8(s, d, n_out, n_in, EL_TI_Q6_K); }
+
+#define KQX(name) name##_avx2
+#define KQ_ATTR
+#define KQ_DOT(acc, w, a) _mm256_add_epi32((acc), _mm256_madd_epi16(_mm256_maddubs_epi16((w), (a)), ones))
+#include "kq_x8.h"   /* no include guard: included once per flavour */
+#undef KQX
+#undef KQ_ATTR
+#undef KQ_DOT
+#define KQX(name) name##_vnni
+#define KQ_ATTR __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")))
+#define KQ_DOT(acc, w, a) _mm256_dpbusd_epi32((acc), (w), (a))
+#include "kq_x8.h"
+#undef KQX
+#undef KQ_ATTR
+#undef KQ_DOT
+
+/* kernels_vnni.c: the K-quant GEMMs with vpdpbusd (same repacked layouts) */
+void el_avx2_kquants_vnni(el_kernels *k) {
+    k->types[EL_TI_Q4_K].gemm = gemm_q4_kx8_vnni;
+    k->types[EL_TI_Q5_K].gemm = gemm_q5_kx8_vnni;
+    k->types[EL_TI_Q6_K].gemm = gemm_q6_kx8_vnni;
+}
+
 /* --------------------------------------------------------------------------------------- element-wise */
 static void rmsnorm(const float *x, const float *w, float *y, int n, float eps) {
     __m256 acc = _mm256_setzero_ps();
@@ -587,6 +653,9 @@ void el_fill_avx2(el_kernels *k) {
     k->types[EL_TI_BF16].gemm = gemm_bf16;
     k->types[EL_TI_Q5_0] = (el_type_kernels){ 1, 8, repack_q5_0, gemm_q5_0x8 };
     k->types[EL_TI_Q5_1] = (el_type_kernels){ 1, 8, repack_q5_1, gemm_q5_1x8 };
+    k->types[EL_TI_Q4_K] = (el_type_kernels){ 1, 8, repack_q4_k, gemm_q4_kx8_avx2 };   /* q8a activations */
+    k->types[EL_TI_Q5_K] = (el_type_kernels){ 1, 8, repack_q5_k, gemm_q5_kx8_avx2 };
+    k->types[EL_TI_Q6_K] = (el_type_kernels){ 1, 8, repack_q6_k, gemm_q6_kx8_avx2 };
     k->quantize_q8a = quantize_q8a;
     k->rmsnorm = rmsnorm;
     k->softmax = softmax;

@@ -11,15 +11,17 @@ int el_type_index(int t) {
     case EL_F32: return EL_TI_F32;   case EL_F16: return EL_TI_F16;   case EL_BF16: return EL_TI_BF16;
     case EL_Q4_0: return EL_TI_Q4_0; case EL_Q4_1: return EL_TI_Q4_1; case EL_Q5_0: return EL_TI_Q5_0;
     case EL_Q5_1: return EL_TI_Q5_1; case EL_Q8_0: return EL_TI_Q8_0;
+    case EL_Q4_K: return EL_TI_Q4_K; case EL_Q5_K: return EL_TI_Q5_K; case EL_Q6_K: return EL_TI_Q6_K;
     default: return -1;
     }
 }
 
-int el_type_block(int ti) { return ti <= EL_TI_BF16 ? 1 : EL_QK; }
+int el_type_block(int ti) { return ti <= EL_TI_BF16 ? 1 : ti >= EL_TI_Q4_K ? EL_QK_K : EL_QK; }
 
 size_t el_type_block_bytes(int ti) {
     static const size_t bytes[EL_NTYPES] = {
-        4, 2, 2, sizeof(block_q4_0), sizeof(block_q4_1), sizeof(block_q5_0), sizeof(block_q5_1), sizeof(block_q8_0)
+        4, 2, 2, sizeof(block_q4_0), sizeof(block_q4_1), sizeof(block_q5_0), sizeof(block_q5_1), sizeof(block_q8_0),
+        sizeof(block_q4_k), sizeof(block_q5_k), sizeof(block_q6_k)
     };
     return bytes[ti];
 }
@@ -103,6 +105,44 @@ static void deq_q8_0(const void *x, float *y, int n) {
     }
 }
 
+/* K-quants: element l of sub-block j (32 elements) of a super-block, as an unsigned quant */
+static inline int q4k_q(const block_q4_k *b, int j, int l) { return (b->qs[32 * (j / 2) + l] >> (4 * (j & 1))) & 15; }
+static inline int q5k_q(const block_q5_k *b, int j, int l) {
+    return ((b->qs[32 * (j / 2) + l] >> (4 * (j & 1))) & 15) | (((b->qh[l] >> j) & 1) << 4);
+}
+static inline int q6k_q(const block_q6_k *b, int j, int l) {   /* j < 8: half j/4, group j%4 */
+    const int h = j / 4, g = j % 4;
+    return ((b->ql[64 * h + l + 32 * (g & 1)] >> (4 * (g >> 1))) & 15) | (((b->qh[32 * h + l] >> (2 * g)) & 3) << 4);
+}
+static void deq_q4_k(const void *x, float *y, int n) {
+    const block_q4_k *b = x;
+    for (int i = 0; i < n / EL_QK_K; i++) {
+        uint8_t sc[8], mn[8];
+        el_k4_scales(b[i].scales, sc, mn);
+        const float d = el_half_to_float(b[i].d), dmin = el_half_to_float(b[i].dmin);
+        for (int j = 0; j < 8; j++, y += 32)
+            for (int l = 0; l < 32; l++) y[l] = d * sc[j] * q4k_q(&b[i], j, l) - dmin * mn[j];
+    }
+}
+static void deq_q5_k(const void *x, float *y, int n) {
+    const block_q5_k *b = x;
+    for (int i = 0; i < n / EL_QK_K; i++) {
+        uint8_t sc[8], mn[8];
+        el_k4_scales(b[i].scales, sc, mn);
+        const float d = el_half_to_float(b[i].d), dmin = el_half_to_float(b[i].dmin);
+        for (int j = 0; j < 8; j++, y += 32)
+            for (int l = 0; l < 32; l++) y[l] = d * sc[j] * q5k_q(&b[i], j, l) - dmin * mn[j];
+    }
+}
+static void deq_q6_k(const void *x, float *y, int n) {
+    const block_q6_k *b = x;
+    for (int i = 0; i < n / EL_QK_K; i++) {
+        const float d = el_half_to_float(b[i].d);
+        for (int j = 0; j < 8; j++, y += 32)
+            for (int l = 0; l < 32; l++) y[l] = d * b[i].scales[2 * j + l / 16] * (q6k_q(&b[i], j, l) - 32);
+    }
+}
+
 /* ---------------------------------------------------------------------------- dot products, one row each */
 /* quantized weights x q8a activations: integer sums per block, one float multiply-add per block */
 static float dot_q4_0(int n, const void *w, const block_q8a *a) {
@@ -163,6 +203,57 @@ static float dot_q8_0(int n, const void *w, const block_q8a *a) {
     }
     return s;
 }
+/* K-quants x q8a: a super-block meets 8 activation blocks; sub-block j's integer dot is scaled by its own scale
+ * (and Q4_K/Q5_K's min term is m[j] times the activation block's d*sum(q), already in s) */
+static float dot_q4_k(int n, const void *w, const block_q8a *a) {
+    const block_q4_k *b = w;
+    float s = 0.0f;
+    for (int i = 0; i < n / EL_QK_K; i++, a += 8) {
+        uint8_t sc[8], mn[8];
+        el_k4_scales(b[i].scales, sc, mn);
+        float sd = 0.0f, sm = 0.0f;
+        for (int j = 0; j < 8; j++) {
+            int isum = 0;
+            for (int l = 0; l < 32; l++) isum += q4k_q(&b[i], j, l) * a[j].qs[l];
+            sd += (float)(sc[j] * isum) * a[j].d;
+            sm += (float)mn[j] * a[j].s;
+        }
+        s += el_half_to_float(b[i].d) * sd - el_half_to_float(b[i].dmin) * sm;
+    }
+    return s;
+}
+static float dot_q5_k(int n, const void *w, const block_q8a *a) {
+    const block_q5_k *b = w;
+    float s = 0.0f;
+    for (int i = 0; i < n / EL_QK_K; i++, a += 8) {
+        uint8_t sc[8], mn[8];
+        el_k4_scales(b[i].scales, sc, mn);
+        float sd = 0.0f, sm = 0.0f;
+        for (int j = 0; j < 8; j++) {
+            int isum = 0;
+            for (int l = 0; l < 32; l++) isum += q5k_q(&b[i], j, l) * a[j].qs[l];
+            sd += (float)(sc[j] * isum) * a[j].d;
+            sm += (float)mn[j] * a[j].s;
+        }
+        s += el_half_to_float(b[i].d) * sd - el_half_to_float(b[i].dmin) * sm;
+    }
+    return s;
+}
+static float dot_q6_k(int n, const void *w, const block_q8a *a) {
+    const block_q6_k *b = w;
+    float s = 0.0f;
+    for (int i = 0; i < n / EL_QK_K; i++, a += 8) {
+        float sd = 0.0f;
+        for (int j = 0; j < 8; j++) {
+            int i0 = 0, i1 = 0;
+            for (int l = 0; l < 16; l++) i0 += (q6k_q(&b[i], j, l) - 32) * a[j].qs[l];
+            for (int l = 16; l < 32; l++) i1 += (q6k_q(&b[i], j, l) - 32) * a[j].qs[l];
+            sd += (float)(b[i].scales[2 * j] * i0 + b[i].scales[2 * j + 1] * i1) * a[j].d;
+        }
+        s += el_half_to_float(b[i].d) * sd;
+    }
+    return s;
+}
 /* float weights x float activations */
 static float dot_f32(int n, const void *w, const float *x) {
     const float *r = w; float s = 0.0f;
@@ -184,7 +275,7 @@ static float dot_bf16(int n, const void *w, const float *x) {
 #define GEMM_Q8A(name, dot, block_t)                                                                   \
     static void name(const void *w, int n_in, int r0, int r1, const void *x, size_t x_stride, int n_tok, \
                      float *y, size_t y_stride) {                                                      \
-        const size_t row_bytes = (size_t)(n_in / EL_QK) * sizeof(block_t);                            \
+        const size_t row_bytes = (size_t)n_in / (sizeof(block_t) >= 144 ? EL_QK_K : EL_QK) * sizeof(block_t); \
         for (int r = r0; r < r1; r++)                                                                  \
             for (int t = 0; t < n_tok; t++)                                                            \
                 y[t * y_stride + r] = dot(n_in, (const char *)w + r * row_bytes,                       \
@@ -195,6 +286,9 @@ GEMM_Q8A(gemm_q4_1, dot_q4_1, block_q4_1)
 GEMM_Q8A(gemm_q5_0, dot_q5_0, block_q5_0)
 GEMM_Q8A(gemm_q5_1, dot_q5_1, block_q5_1)
 GEMM_Q8A(gemm_q8_0, dot_q8_0, block_q8_0)
+GEMM_Q8A(gemm_q4_k, dot_q4_k, block_q4_k)
+GEMM_Q8A(gemm_q5_k, dot_q5_k, block_q5_k)
+GEMM_Q8A(gemm_q6_k, dot_q6_k, block_q6_k)
 
 #define GEMM_F(name, dot, esize)                                                                       \
     static void name(const void *w, int n_in, int r0, int r1, const void *x, size_t x_stride, int n_tok, \
@@ -295,9 +389,10 @@ void el_fill_generic(el_kernels *k) {
     memset(k, 0, sizeof *k);
     k->name = "generic";
     const el_gemm_fn gemm[EL_NTYPES] = { gemm_f32, gemm_f16, gemm_bf16, gemm_q4_0, gemm_q4_1,
-                                         gemm_q5_0, gemm_q5_1, gemm_q8_0 };
+                                         gemm_q5_0, gemm_q5_1, gemm_q8_0, gemm_q4_k, gemm_q5_k, gemm_q6_k };
     void (*deq[EL_NTYPES])(const void *, float *, int) = { deq_f32, deq_f16, deq_bf16, deq_q4_0, deq_q4_1,
-                                                           deq_q5_0, deq_q5_1, deq_q8_0 };
+                                                           deq_q5_0, deq_q5_1, deq_q8_0, deq_q4_k, deq_q5_k,
+                                                           deq_q6_k };
     for (int t = 0; t < EL_NTYPES; t++) {
         k->types[t].act_q8a = t >= EL_TI_Q4_0;
         k->types[t].interleave = 0;

@@ -5,6 +5,7 @@
  *
  * Weights stay in the GGUF layout here (no repack yet): each row's blocks are unpacked once and dotted with up to
  * 4 tokens' activations (the prefill reuse); per block one int dot -> one float multiply-add into 4 lanes,
+ * (K-quants: per 32-element sub-block one int dot and one scalar multiply-add with its own scale),
  * one horizontal sum per row and token at the end. A 4-row interleave (like the AVX2 x8 one, sized for sdot's
  * 4-byte lanes) is the next step for speed. Q5_0/Q5_1, dequantize and RoPE use the generic kernels. */
 #if defined(__aarch64__)
@@ -77,6 +78,98 @@ GEMM(gemm_q8_0_plain, row_plain, 2, block_q8_0, )
 GEMM(gemm_q4_0_sdot, row_sdot, 0, block_q4_0, __attribute__((target("arch=armv8.2-a+dotprod"))))
 GEMM(gemm_q4_1_sdot, row_sdot, 1, block_q4_1, __attribute__((target("arch=armv8.2-a+dotprod"))))
 GEMM(gemm_q8_0_sdot, row_sdot, 2, block_q8_0, __attribute__((target("arch=armv8.2-a+dotprod"))))
+
+/* ---- K-quants (GGUF layout): a super-block is unpacked once into 16 vectors of 16 quants (Q6_K already minus
+ * 32, signed), then each token's 8 q8a blocks are dotted sub-block by sub-block; a sub-block's integer sum takes
+ * its scale (Q6_K: one per 16-element half) and one float multiply-add. */
+#define KQ_ROW_KERNEL(NAME, DOT, ATTR)                                                                         \
+    ATTR static void NAME(int ti, const uint8_t *row, int nsb, const uint8_t *x, size_t x_stride, int NT,       \
+                          float *y, size_t y_stride) {                                                        \
+        float sum[4] = { 0, 0, 0, 0 };                                                                        \
+        const uint8x16_t m4 = vdupq_n_u8(15), b5 = vdupq_n_u8(0x10), b56 = vdupq_n_u8(0x30);                  \
+        for (int i = 0; i < nsb; i++) {                                                                       \
+            int8x16_t q[16];                                                                                  \
+            float dsc[8], dmn[8], d6 = 0.0f;                                                                  \
+            const int8_t *sc6 = NULL;                                                                         \
+            if (ti == EL_TI_Q6_K) {                                                                           \
+                const block_q6_k *b = (const block_q6_k *)row + i;                                            \
+                for (int j = 0; j < 8; j++) {                                                                 \
+                    const int h = j / 4, gq = j % 4;                                                          \
+                    for (int hl = 0; hl < 2; hl++) {                                                          \
+                        uint8x16_t lo = vld1q_u8(b->ql + 64 * h + 32 * (gq & 1) + 16 * hl);                   \
+                        lo = gq >> 1 ? vshrq_n_u8(lo, 4) : vandq_u8(lo, m4);                                  \
+                        const uint8x16_t hh = vld1q_u8(b->qh + 32 * h + 16 * hl);                             \
+                        const uint8x16_t hi = vandq_u8(vshlq_u8(hh, vdupq_n_s8((int8_t)(4 - 2 * gq))), b56);  \
+                        q[2 * j + hl] = vsubq_s8(vreinterpretq_s8_u8(vorrq_u8(lo, hi)), vdupq_n_s8(32));      \
+                    }                                                                                         \
+                }                                                                                             \
+                sc6 = b->scales;                                                                              \
+                d6 = el_half_to_float(b->d);                                                                  \
+            } else {                                                                                          \
+                const uint8_t *qs, *qh = NULL, *scales;                                                       \
+                el_half dh, mh;                                                                               \
+                if (ti == EL_TI_Q4_K) {                                                                       \
+                    const block_q4_k *b = (const block_q4_k *)row + i;                                        \
+                    qs = b->qs; scales = b->scales; dh = b->d; mh = b->dmin;                                  \
+                } else {                                                                                      \
+                    const block_q5_k *b = (const block_q5_k *)row + i;                                        \
+                    qs = b->qs; qh = b->qh; scales = b->scales; dh = b->d; mh = b->dmin;                      \
+                }                                                                                             \
+                for (int c = 0; c < 4; c++)                                                                   \
+                    for (int hl = 0; hl < 2; hl++) {                                                          \
+                        const uint8x16_t v = vld1q_u8(qs + 32 * c + 16 * hl);                                 \
+                        uint8x16_t lo = vandq_u8(v, m4), hi = vshrq_n_u8(v, 4);                               \
+                        if (qh) {                                                                             \
+                            const uint8x16_t hb = vld1q_u8(qh + 16 * hl);                                     \
+                            lo = vorrq_u8(lo, vandq_u8(vshlq_u8(hb, vdupq_n_s8((int8_t)(4 - 2 * c))), b5));   \
+                            hi = vorrq_u8(hi, vandq_u8(vshlq_u8(hb, vdupq_n_s8((int8_t)(3 - 2 * c))), b5));   \
+                        }                                                                                     \
+                        q[4 * c + hl] = vreinterpretq_s8_u8(lo);                                              \
+                        q[4 * c + 2 + hl] = vreinterpretq_s8_u8(hi);                                          \
+                    }                                                                                         \
+                uint8_t sc[8], mn[8];                                                                         \
+                el_k4_scales(scales, sc, mn);                                                                 \
+                const float d = el_half_to_float(dh), dmin = el_half_to_float(mh);                            \
+                for (int j = 0; j < 8; j++) { dsc[j] = d * sc[j]; dmn[j] = dmin * mn[j]; }                    \
+            }                                                                                                 \
+            for (int t = 0; t < NT; t++) {                                                                    \
+                const block_q8a *a = (const block_q8a *)(x + t * x_stride) + 8 * i;                           \
+                float s = 0.0f;                                                                               \
+                for (int j = 0; j < 8; j++) {                                                                 \
+                    const int8x16_t a0 = vld1q_s8(a[j].qs), a1 = vld1q_s8(a[j].qs + 16);                      \
+                    if (sc6) {                                                                                \
+                        const int i0 = vaddvq_s32(DOT(vdupq_n_s32(0), q[2 * j], a0));                         \
+                        const int i1 = vaddvq_s32(DOT(vdupq_n_s32(0), q[2 * j + 1], a1));                     \
+                        s += d6 * a[j].d * (float)(sc6[2 * j] * i0 + sc6[2 * j + 1] * i1);                    \
+                    } else {                                                                                  \
+                        const int is = vaddvq_s32(DOT(DOT(vdupq_n_s32(0), q[2 * j], a0), q[2 * j + 1], a1));  \
+                        s += dsc[j] * a[j].d * (float)is - dmn[j] * a[j].s;                                   \
+                    }                                                                                         \
+                }                                                                                             \
+                sum[t] += s;                                                                                  \
+            }                                                                                                 \
+        }                                                                                                     \
+        for (int t = 0; t < NT; t++) y[t * y_stride] = sum[t];                                                \
+    }
+KQ_ROW_KERNEL(kq_row_plain, dot16_plain, )
+KQ_ROW_KERNEL(kq_row_sdot, dot16_sdot, __attribute__((target("arch=armv8.2-a+dotprod"))))
+#define KQ_GEMM(NAME, ROW, TI, BLOCK, ATTR)                                                                    \
+    ATTR static void NAME(const void *w, int n_in, int r0, int r1, const void *x, size_t x_stride, int n_tok,  \
+                          float *y, size_t y_stride) {                                                        \
+        const int nsb = n_in / EL_QK_K;                                                                       \
+        for (int r = r0; r < r1; r++) {                                                                       \
+            const uint8_t *row = (const uint8_t *)w + (size_t)r * nsb * sizeof(BLOCK);                        \
+            for (int t = 0; t < n_tok; t += 4)                                                                \
+                ROW(TI, row, nsb, (const uint8_t *)x + t * x_stride, x_stride, n_tok - t < 4 ? n_tok - t : 4,   \
+                    y + t * y_stride + r, y_stride);                                                          \
+        }                                                                                                     \
+    }
+KQ_GEMM(gemm_q4_k_plain, kq_row_plain, EL_TI_Q4_K, block_q4_k, )
+KQ_GEMM(gemm_q5_k_plain, kq_row_plain, EL_TI_Q5_K, block_q5_k, )
+KQ_GEMM(gemm_q6_k_plain, kq_row_plain, EL_TI_Q6_K, block_q6_k, )
+KQ_GEMM(gemm_q4_k_sdot, kq_row_sdot, EL_TI_Q4_K, block_q4_k, __attribute__((target("arch=armv8.2-a+dotprod"))))
+KQ_GEMM(gemm_q5_k_sdot, kq_row_sdot, EL_TI_Q5_K, block_q5_k, __attribute__((target("arch=armv8.2-a+dotprod"))))
+KQ_GEMM(gemm_q6_k_sdot, kq_row_sdot, EL_TI_Q6_K, block_q6_k, __attribute__((target("arch=armv8.2-a+dotprod"))))
 
 /* ------------------------------------------------------------------------------- activation quantizer */
 static void quantize_q8a(const float *x, block_q8a *y, int n) {
@@ -250,6 +343,9 @@ void el_fill_neon(el_kernels *k, int dotprod) {
     k->types[EL_TI_Q4_0].gemm = dotprod ? gemm_q4_0_sdot : gemm_q4_0_plain;
     k->types[EL_TI_Q4_1].gemm = dotprod ? gemm_q4_1_sdot : gemm_q4_1_plain;
     k->types[EL_TI_Q8_0].gemm = dotprod ? gemm_q8_0_sdot : gemm_q8_0_plain;
+    k->types[EL_TI_Q4_K].gemm = dotprod ? gemm_q4_k_sdot : gemm_q4_k_plain;
+    k->types[EL_TI_Q5_K].gemm = dotprod ? gemm_q5_k_sdot : gemm_q5_k_plain;
+    k->types[EL_TI_Q6_K].gemm = dotprod ? gemm_q6_k_sdot : gemm_q6_k_plain;
     k->types[EL_TI_F32].gemm = gemm_f32;
     k->types[EL_TI_F16].gemm = gemm_f16;
     k->types[EL_TI_BF16].gemm = gemm_bf16;

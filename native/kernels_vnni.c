@@ -118,9 +118,12 @@ GEMM_X8(gemm_q5_0x8, K_Q5_0, block_q5_0x8)
 GEMM_X8(gemm_q5_1x8, K_Q5_1, block_q5_1x8)
 GEMM_X8(gemm_q8_0x8, K_Q8_0, block_q8_0x8)
 
+void el_avx2_kquants_vnni(el_kernels *k);   /* kernels_avx2.c */
+
 void el_fill_vnni(el_kernels *k) {
     el_fill_avx2(k);   /* same layouts and element-wise ops; repack functions stay the AVX2 ones */
     k->name = "avx512vnni";
+    el_avx2_kquants_vnni(k);   /* Q4_K/Q5_K prefill with vpdpbusd; Q6_K and decode as AVX2 */
     k->types[EL_TI_Q4_0].gemm = gemm_q4_0x8;
     k->types[EL_TI_Q4_1].gemm = gemm_q4_1x8;
     k->types[EL_TI_Q5_0].gemm = gemm_q5_0x8;

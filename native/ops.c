@@ -92,10 +92,11 @@ void el_gelu_mul(const float *g, const float *u, float *y, int n) { el_init(); e
 void el_to_f16(const float *x, uint16_t *y, int n) { el_init(); el_k->to_f16(x, y, n); }
 void el_add(const float *a, const float *b, float *y, int n) { el_init(); el_k->add(a, b, y, n); }
 
-void el_rope_table(float *cs, int pos, int rope_dim, float base) {
-    /* theta_i = pos * base^(-2i/rope_dim), in double so long contexts keep their angles exact in float */
+void el_rope_table(float *cs, int pos, int rope_dim, float base, float scale) {
+    /* theta_i = (pos * scale) * base^(-2i/rope_dim), in double so long contexts keep their angles exact in float */
+    const double p = (double)pos * (double)scale;
     for (int i = 0; i < rope_dim / 2; i++) {
-        const double theta = (double)pos * pow((double)base, -2.0 * i / rope_dim);
+        const double theta = p * pow((double)base, -2.0 * i / rope_dim);
         cs[2 * i] = (float)cos(theta);
         cs[2 * i + 1] = (float)sin(theta);
     }
@@ -105,7 +106,7 @@ void el_rope(float *x, int n_head, int head_dim, int rope_dim, int pos, float ba
     el_init();
     float cs[512];
     if (rope_dim > 512) return;   /* the wrapper never asks this */
-    el_rope_table(cs, pos, rope_dim, base);
+    el_rope_table(cs, pos, rope_dim, base, 1.0f);
     el_k->rope(x, n_head, head_dim, rope_dim, cs, neox);
 }
 

@@ -6,8 +6,9 @@
  *     activations lose nothing to an fp16 scale; `s` carries d*sum(q) for the offset/min terms);
  *   - *_x8: 8 weight rows interleaved block by block, the repacked layout of the AVX2 kernels
  *     (one 32-byte load feeds 8 rows at once; see kernels_avx2.c).
- * K-quants (Q4_K/Q5_K/Q6_K, 256-element super-blocks) will add their structs here and a Q8_K-style
- * activation block with 16-element sums; the traits table in kernels.h already keys everything by type.
+ * K-quants (Q4_K/Q5_K/Q6_K, 256-element super-blocks) run against the same block_q8a activations: a
+ * super-block is 8 q8a blocks, and each 32-element sub-block (two 16-element halves for Q6_K) is dotted in
+ * integers then scaled by its own 6-bit (8-bit for Q6_K) scale, so no second activation format is needed.
  */
 #ifndef EDGELLM_QUANTS_H
 #define EDGELLM_QUANTS_H
@@ -45,6 +46,36 @@ static_assert(sizeof(block_q8_0) == 2 + EL_QK, "block_q8_0 size");
 typedef struct { float d; float s; int8_t qs[EL_QK]; } block_q8a;
 static_assert(sizeof(block_q8a) == 8 + EL_QK, "block_q8a size");
 
+/* ---- K-quants: 256-element super-blocks (EL_QK_K) of 8 sub-blocks of 32 ---- */
+#define EL_QK_K 256
+
+/* Q4_K: w = d * sc[j] * q - dmin * m[j] for sub-block j, q in 0..15; sc, m 6-bit, packed in `scales`
+ * (j < 4: scales[j] & 63, scales[j+4] & 63; j >= 4: low 4 bits in scales[j+4] (sc low nibble, m high nibble),
+ * top 2 bits in the spare top bits of scales[j-4] (sc) and scales[j] (m)).
+ * qs: 32-byte chunk c holds sub-block 2c in its low nibbles and 2c+1 in its high nibbles. */
+typedef struct { el_half d; el_half dmin; uint8_t scales[12]; uint8_t qs[EL_QK_K / 2]; } block_q4_k;
+static_assert(sizeof(block_q4_k) == 4 + 12 + EL_QK_K / 2, "block_q4_k size");
+
+/* Q5_K: as Q4_K with a 5th bit: bit j of qh[l] is the high bit of element l of sub-block j. */
+typedef struct { el_half d; el_half dmin; uint8_t scales[12]; uint8_t qh[EL_QK_K / 8]; uint8_t qs[EL_QK_K / 2]; } block_q5_k;
+static_assert(sizeof(block_q5_k) == 4 + 12 + EL_QK_K / 8 + EL_QK_K / 2, "block_q5_k size");
+
+/* Q6_K: w = d * scales[e / 16] * (q - 32), q in 0..63. Per 128-element half h: element 32g + l (g < 4, l < 32)
+ * takes its low 4 bits from ql[64h + l + 32 (g & 1)] (low nibble for g < 2, high nibble for g >= 2) and its
+ * high 2 bits from bits 2g, 2g+1 of qh[32h + l]. */
+typedef struct { uint8_t ql[EL_QK_K / 2]; uint8_t qh[EL_QK_K / 4]; int8_t scales[EL_QK_K / 16]; el_half d; } block_q6_k;
+static_assert(sizeof(block_q6_k) == EL_QK_K / 2 + EL_QK_K / 4 + EL_QK_K / 16 + 2, "block_q6_k size");
+
+/* unpack Q4_K/Q5_K's 12 scale bytes into 8 scales and 8 mins */
+static inline void el_k4_scales(const uint8_t *s, uint8_t *sc, uint8_t *mn) {
+    for (int j = 0; j < 4; j++) {
+        sc[j] = s[j] & 63;
+        mn[j] = s[j + 4] & 63;
+        sc[j + 4] = (uint8_t)((s[j + 8] & 15) | ((s[j] >> 6) << 4));
+        mn[j + 4] = (uint8_t)((s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4));
+    }
+}
+
 /* ---- repacked layouts: 8 rows interleaved (AVX2 kernels) ----
  * Block b of rows r..r+7 of a matrix.  qs is cut in 4-byte groups: group g (elements 4g..4g+3 of the block
  * for Q8_0; bytes 4g..4g+3 of qs, i.e. two element groups per nibble, for Q4) of row i sits at
@@ -66,6 +97,16 @@ static_assert(sizeof(block_q5_0x8) == 8 * sizeof(block_q5_0), "block_q5_0x8 size
 
 typedef struct { el_half d[8]; el_half m[8]; uint8_t qs[8 * EL_QK / 2]; uint8_t hb[32]; } block_q5_1x8;
 static_assert(sizeof(block_q5_1x8) == 8 * sizeof(block_q5_1), "block_q5_1x8 size");
+
+/* K-quants, 8 rows interleaved per super-block (same bytes as 8 GGUF blocks): the quant bytes cut into 4-byte groups
+ * as the *_x8 above: byte group g of 32-byte chunk c of row i sits at [c*256 + g*32 + i*4]; scales stay per row. */
+typedef struct { el_half d[8]; el_half dmin[8]; uint8_t scales[8][12]; uint8_t qs[8 * EL_QK_K / 2]; } block_q4_kx8;
+static_assert(sizeof(block_q4_kx8) == 8 * sizeof(block_q4_k), "block_q4_kx8 size");
+typedef struct { el_half d[8]; el_half dmin[8]; uint8_t scales[8][12]; uint8_t qh[8 * EL_QK_K / 8]; uint8_t qs[8 * EL_QK_K / 2]; } block_q5_kx8;
+static_assert(sizeof(block_q5_kx8) == 8 * sizeof(block_q5_k), "block_q5_kx8 size");
+/* Q6_K: ql's 4 chunks and qh's 2 chunks interleaved as above; scales[k][i] = scale k of row i */
+typedef struct { uint8_t ql[8 * EL_QK_K / 2]; uint8_t qh[8 * EL_QK_K / 4]; int8_t scales[16][8]; el_half d[8]; } block_q6_kx8;
+static_assert(sizeof(block_q6_kx8) == 8 * sizeof(block_q6_k), "block_q6_kx8 size");
 
 /* ---- scalar conversions (portable; ISA files use their own instructions in hot loops) ---- */
 static inline float el_half_to_float(el_half h) {

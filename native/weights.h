@@ -15,5 +15,5 @@ struct el_weight {
 size_t el_act_row_bytes(const el_weight *w);
 void el_weight_gemm(const el_weight *w, int r0, int r1, const void *act, size_t act_stride, int n_tok,
                     float *y, size_t y_stride);
-void el_rope_table(float *cs, int pos, int rope_dim, float base);
+void el_rope_table(float *cs, int pos, int rope_dim, float base, float scale);
 #endif

@@ -27,7 +27,8 @@ except ImportError:  # pragma: no cover - before quant/reference.py landed
 
 ISAS = [n for n in ("generic", "avx2", "avx512vnni", "neon", "neon-dotprod") if lib.el_isa_available(n.encode())]
 MATRIX_TYPES = [GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.Q4_0, GGMLType.Q4_1,
-                GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0]
+                GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K]
+K_TYPES = (GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K)
 SENTINEL = np.float32(-31337.25)
 N_SENT = 16
 
@@ -73,6 +74,14 @@ def random_weights(rng, t: GGMLType, n_out: int, n_in: int) -> np.ndarray:
     tr = TRAITS[t]
     nb = n_in // tr.block_size
     raw = rng.integers(0, 256, (n_out, nb, tr.type_size), dtype=np.uint8)
+    if t in K_TYPES:  # super-block scale d (and dmin) of a realistic size; 6/8-bit sub-block scales stay random
+        d = (rng.uniform(0.0005, 0.005, (n_out, nb)) * rng.choice([-1, 1], (n_out, nb))).astype(np.float16)
+        at = 208 if t == GGMLType.Q6_K else 0
+        raw[:, :, at:at + 2] = d.view(np.uint8).reshape(n_out, nb, 2)
+        if t != GGMLType.Q6_K:
+            dmin = rng.uniform(0.0002, 0.002, (n_out, nb)).astype(np.float16)
+            raw[:, :, 2:4] = dmin.view(np.uint8).reshape(n_out, nb, 2)
+        return raw.reshape(n_out, -1)
     scales = (rng.uniform(0.002, 0.02, (n_out, nb)) * rng.choice([-1, 1], (n_out, nb))).astype(np.float16)
     raw[:, :, 0:2] = scales.view(np.uint8).reshape(n_out, nb, 2)
     if t in (GGMLType.Q4_1, GGMLType.Q5_1):  # the min, after d
@@ -108,6 +117,8 @@ def test_matmul(isa, pools, t, n_out, n_in, n_tok, n_threads):
     rng = np.random.default_rng(hash((t, n_out, n_in, n_tok)) % 2**32)
     if TRAITS[t].block_size == 1 and n_in % 2 == 0:
         n_in += 5  # float types: odd row lengths exercise the SIMD tails
+    if t in K_TYPES:
+        n_in = -(-n_in // 256) * 256  # whole super-blocks (1..3 of them)
     raw = random_weights(rng, t, n_out, n_in)
     x = rng.standard_normal((n_tok, n_in)).astype(np.float32)
     w = ffi.gc(lib.el_weight_new(int(t), ptr(raw, "void *"), n_out, n_in), lib.el_weight_free)
@@ -119,11 +130,33 @@ def test_matmul(isa, pools, t, n_out, n_in, n_tok, n_threads):
     assert nmse(y[:n_tok * n_out].reshape(n_tok, n_out), ref) <= 5e-4
 
 
+@pytest.mark.parametrize("t", K_TYPES, ids=lambda t: t.name)
+def test_matmul_kquant_extremes(isa, pools, t):
+    """Largest quants (all bits set: Q4_K/Q5_K q = 15/31 with 6-bit scales 63, Q6_K q = 63) against activations that
+    all quantize to +-127: the integer paths' 16-bit intermediates must not saturate."""
+    n_out, n_in, n_tok = 11, 512, 5
+    raw = np.full((n_out, n_in // 256, TRAITS[t].type_size), 0xFF, np.uint8)
+    at = 208 if t == GGMLType.Q6_K else 0
+    raw[:, :, at:at + 2] = np.array([0.003], np.float16).view(np.uint8)
+    if t != GGMLType.Q6_K:
+        raw[:, :, 2:4] = np.array([0.001], np.float16).view(np.uint8)
+    raw = raw.reshape(n_out, -1)
+    x = np.where(np.arange(n_tok * n_in).reshape(n_tok, n_in) % 3 == 0, -1.5, 1.5).astype(np.float32)
+    w = ffi.gc(lib.el_weight_new(int(t), ptr(raw, "void *"), n_out, n_in), lib.el_weight_free)
+    y = out_buffer(n_tok * n_out)
+    lib.el_matmul(pools[2], w, ptr(x), n_tok, ptr(y))
+    check_sentinel(y, n_tok * n_out)
+    ref = x.astype(np.float64) @ reference_dequant(raw, t, n_out, n_in).astype(np.float64).T
+    assert nmse(y[:n_tok * n_out].reshape(n_tok, n_out), ref) <= 5e-4
+
+
 def test_weight_rejects_bad_shapes():
     raw = np.zeros(1024, np.uint8)
     assert lib.el_weight_new(int(GGMLType.Q4_0), ptr(raw, "void *"), 2, 33) == ffi.NULL  # not whole blocks
     assert lib.el_weight_new(12345, ptr(raw, "void *"), 2, 32) == ffi.NULL              # unknown type
-    assert lib.el_weight_new(int(GGMLType.Q4_K), ptr(raw, "void *"), 1, 256) == ffi.NULL  # not yet
+    for t in K_TYPES:  # K-quants: rows of whole 256-element super-blocks only
+        assert lib.el_weight_new(int(t), ptr(raw, "void *"), 2, 160) == ffi.NULL
+    assert lib.el_weight_new(int(GGMLType.Q2_K), ptr(raw, "void *"), 1, 256) == ffi.NULL  # not supported
 
 
 # ------------------------------------------------------------------------------- quantize / dequantize
@@ -151,7 +184,7 @@ def test_quantize_q8a(isa, n):
 @pytest.mark.parametrize("t", MATRIX_TYPES, ids=lambda t: t.name)
 def test_dequantize_row(isa, t):
     rng = np.random.default_rng(int(t))
-    n = 160 if TRAITS[t].block_size > 1 else 77
+    n = 512 if t in K_TYPES else 160 if TRAITS[t].block_size > 1 else 77
     raw = random_weights(rng, t, 1, n)
     y = out_buffer(n)
     lib.el_dequantize_row(int(t), ptr(raw, "void *"), ptr(y), n)

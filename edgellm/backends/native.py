@@ -1,8 +1,8 @@
-"""The native backend: edgellm's C core (native/) through cffi, one C call per forward step.
+"""The native backend: edgellm's C core (native/) through cffi, one C call per forward step (llama and gemma3).
 
 Python validates everything here (shapes, types, ranges) so the C side never sees bad input; C does the
 arithmetic over the buffers it is handed: weights stay in the GGUF mmap (or are repacked once at load for the
-SIMD kernels: on x86, Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 matrices, 8 rows interleaved, same bytes), the KV cache arrays are
+SIMD kernels: on x86, Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 and Q4_K/Q5_K/Q6_K matrices, 8 rows interleaved, same bytes), the KV cache arrays are
 the driver's own numpy arrays, passed zero-copy. Python's part of a decode step is a few microseconds.
 """
 
@@ -27,15 +27,20 @@ def native_isa() -> str:
     """The instruction set the C core runs with (chosen at import from the CPU; EDGELLM_ISA may lower it)."""
     return ffi.string(lib.el_isa()).decode()
 
-ARCHS = ("llama",)
+ARCHS = ("llama", "gemma3")
 MATRIX_TYPES = {GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.Q4_0, GGMLType.Q4_1,
-                GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0}
+                GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K}
 CACHE_TYPES = {np.dtype(np.float16): lib.EL_F16, np.dtype(np.float32): lib.EL_F32}
 LAYER_TENSORS = {  # GGUF name in blk.{i}. -> slot of the C model
     "attn_norm": lib.EL_T_ATTN_NORM, "attn_q": lib.EL_T_WQ, "attn_k": lib.EL_T_WK, "attn_v": lib.EL_T_WV,
     "attn_output": lib.EL_T_WO, "ffn_norm": lib.EL_T_FFN_NORM, "ffn_gate": lib.EL_T_FFN_GATE,
     "ffn_up": lib.EL_T_FFN_UP, "ffn_down": lib.EL_T_FFN_DOWN,
 }
+GEMMA3_TENSORS = {  # the extra per-layer tensors of gemma3
+    "attn_q_norm": lib.EL_T_ATTN_Q_NORM, "attn_k_norm": lib.EL_T_ATTN_K_NORM,
+    "post_attention_norm": lib.EL_T_POST_ATTN_NORM, "post_ffw_norm": lib.EL_T_POST_FFN_NORM,
+}
+VECTOR_TENSORS = {"attn_norm", "ffn_norm", *GEMMA3_TENSORS}
 
 
 def isa() -> str:
@@ -73,6 +78,10 @@ class NativeBackend:
         desc.rope_dim, desc.rope_neox, desc.act = hp.rope_dim, 0, lib.EL_ACT_SILU
         desc.rms_eps, desc.rope_base = float(hp.rms_eps), float(hp.rope_base)
         desc.n_batch, desc.n_threads = self.n_batch, self.n_threads
+        layer_tensors = dict(LAYER_TENSORS)
+        if hp.arch == "gemma3":
+            self._describe_gemma3(hp, desc)
+            layer_tensors.update(GEMMA3_TENSORS)
         self._m = ffi.gc(lib.el_model_new(desc), lib.el_model_free)
         if self._m == ffi.NULL:
             raise MemoryError("el_model_new failed")
@@ -82,10 +91,10 @@ class NativeBackend:
         out = "output.weight" if "output.weight" in gf.tensors else "token_embd.weight"  # tied embeddings
         self._set(gf, out, lib.EL_T_OUTPUT, -1, matrix=True)
         for i in range(hp.n_layer):
-            for short, slot in LAYER_TENSORS.items():
-                self._set(gf, f"blk.{i}.{short}.weight", slot, i, matrix=short not in ("attn_norm", "ffn_norm"))
+            for short, slot in layer_tensors.items():
+                self._set(gf, f"blk.{i}.{short}.weight", slot, i, matrix=short not in VECTOR_TENSORS)
         if not lib.el_model_ready(self._m):
-            raise NotImplementedError("the model lacks tensors the llama forward needs")
+            raise NotImplementedError(f"the model lacks tensors the {hp.arch} forward needs")
 
         # decode-path buffers, reused every step
         self._tok = np.zeros(self.n_batch, np.int32)
@@ -98,6 +107,30 @@ class NativeBackend:
         self._batch.out = ffi.cast("int8_t *", self._out.ctypes.data)
         self._cache = ffi.new("el_cache[1]")
         self._bound = (None, None)   # the (k, v) arrays self._cache points into
+
+    def _describe_gemma3(self, hp, desc) -> None:
+        """Gemma 3's options on top of the llama step (see edgellm/arch/gemma3.py for where each comes from)."""
+        if hp.final_logit_softcap is not None:
+            raise NotImplementedError("gemma3 final logit soft-capping (files without a sliding window)")
+        bases, scales, windows = [], [], []
+        for il in range(hp.n_layer):
+            base, scale = hp.layer_rope(il)
+            if not (np.isfinite(base) and base > 0 and np.isfinite(scale) and scale > 0):
+                raise NotImplementedError(f"layer {il}: RoPE base {base} / scale {scale}")
+            bases.append(float(base))
+            scales.append(float(scale))
+            window = 0 if hp.layer_is_global[il] else int(hp.sliding_window or 0)
+            if not 0 <= window < 2**31:
+                raise NotImplementedError(f"layer {il}: sliding window {window}")
+            windows.append(window)
+        if not (np.isfinite(hp.attn_scale) and np.isfinite(hp.embd_scale)):
+            raise NotImplementedError("gemma3: non-finite attention / embedding scale")
+        # el_model_new copies the arrays: these only have to live until it returns (kept anyway, cheap)
+        self._desc_arrays = (ffi.new("float[]", bases), ffi.new("float[]", scales), ffi.new("int32_t[]", windows))
+        desc.layer_rope_base, desc.layer_rope_scale, desc.layer_window = self._desc_arrays
+        desc.rope_neox, desc.act = 1, lib.EL_ACT_GELU
+        desc.embd_scale, desc.attn_scale = float(hp.embd_scale), float(hp.attn_scale)
+        desc.qk_norm, desc.post_norms = 1, 1
 
     def _set(self, gf, name: str, slot: int, layer: int, matrix: bool) -> None:
         info = gf.tensors.get(name)

@@ -70,7 +70,11 @@ static void *random_weights(int type, int n_out, int n_in) {
     for (size_t b = 0; b < bytes / bsz; b++) {
         uint8_t *blk = w + b * bsz;
         const el_half d = el_float_to_half((0.002f + 0.018f * rnd_uniform()) * (rnd_u32() & 1 ? 1 : -1));
-        memcpy(blk, &d, 2);
+        memcpy(type == EL_Q6_K ? blk + 208 : blk, &d, 2);
+        if (type == EL_Q4_K || type == EL_Q5_K) {   /* dmin: positive, as the quantizer writes it */
+            const el_half m = el_float_to_half(0.001f + 0.01f * rnd_uniform());
+            memcpy(blk + 2, &m, 2);
+        }
         if (type == EL_Q4_1 || type == EL_Q5_1) {
             const el_half m = el_float_to_half(0.2f * rnd_uniform() - 0.1f);
             memcpy(blk + 2, &m, 2);
@@ -81,15 +85,17 @@ static void *random_weights(int type, int n_out, int n_in) {
     return w;
 }
 
-static const int TYPES[] = { EL_F32, EL_F16, EL_BF16, EL_Q4_0, EL_Q4_1, EL_Q5_0, EL_Q5_1, EL_Q8_0 };
-static const char *const TYPE_NAMES[] = { "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0" };
+static const int TYPES[] = { EL_F32, EL_F16, EL_BF16, EL_Q4_0, EL_Q4_1, EL_Q5_0, EL_Q5_1, EL_Q8_0, EL_Q4_K, EL_Q5_K, EL_Q6_K };
+static const char *const TYPE_NAMES[] = { "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K" };
+static int is_kquant(int type) { return type == EL_Q4_K || type == EL_Q5_K || type == EL_Q6_K; }
 
 static void test_matmul(const char *isa, el_pool *pool) {
     static const int shapes[][3] = { { 1, 32, 1 }, { 13, 96, 1 }, { 37, 160, 3 }, { 21, 64, 7 }, { 64, 320, 9 }, { 200, 576, 5 } };
     for (size_t ti = 0; ti < sizeof TYPES / sizeof *TYPES; ti++)
         for (size_t s = 0; s < sizeof shapes / sizeof *shapes; s++) {
             const int type = TYPES[ti], n_out = shapes[s][0], n_tok = shapes[s][2];
-            const int n_in = shapes[s][1] + (type == EL_F32 || type == EL_F16 || type == EL_BF16 ? 5 : 0);
+            int n_in = shapes[s][1] + (type == EL_F32 || type == EL_F16 || type == EL_BF16 ? 5 : 0);
+            if (is_kquant(type)) n_in = (n_in + 255) / 256 * 256;   /* whole super-blocks */
             void *raw = random_weights(type, n_out, n_in);
             float *x = malloc(sizeof(float) * (size_t)n_tok * n_in);
             fill_normal(x, n_tok * n_in, 1.0f);
@@ -156,7 +162,7 @@ static void test_elementwise(const char *isa) {
         free(a); free(b); free(ref); free(out);
     }
     for (size_t ti = 0; ti < sizeof TYPES / sizeof *TYPES; ti++) {
-        const int n = 160;
+        const int n = is_kquant(TYPES[ti]) ? 512 : 160;
         void *raw = random_weights(TYPES[ti], 1, n);
         float *ref = out_buf(n), *out = out_buf(n);
         el_set_isa("generic"); el_dequantize_row(TYPES[ti], raw, ref, n);

@@ -15,8 +15,10 @@
 
 static int failures, checks;
 static double worst_gemm[EL_NTYPES], worst_elem;
-static const char *type_names[EL_NTYPES] = { "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0" };
-static const int ggml_types[EL_NTYPES] = { EL_F32, EL_F16, EL_BF16, EL_Q4_0, EL_Q4_1, EL_Q5_0, EL_Q5_1, EL_Q8_0 };
+static const char *type_names[EL_NTYPES] = { "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
+                                             "Q4_K", "Q5_K", "Q6_K" };
+static const int ggml_types[EL_NTYPES] = { EL_F32, EL_F16, EL_BF16, EL_Q4_0, EL_Q4_1, EL_Q5_0, EL_Q5_1, EL_Q8_0,
+                                           EL_Q4_K, EL_Q5_K, EL_Q6_K };
 
 /* ------------------------------------------------------------------------------------------ helpers */
 static uint64_t rng = 0x9e3779b97f4a7c15ull;
@@ -69,6 +71,12 @@ static void *make_weights(int ti, int n_out, int n_in, int worst) {
     for (size_t b = 0; b < rb * n_out / bb; b++) {
         uint8_t *blk = w + b * bb;
         for (size_t j = 0; j < bb; j++) blk[j] = worst ? (ti == EL_TI_Q8_0 ? 0x80 : 0xff) : (uint8_t)next_u64();
+        if (ti >= EL_TI_Q4_K) {   /* K-quants: super-block d (and dmin) of a realistic size; sub-block scales as drawn */
+            const el_half d = el_float_to_half(uniform(0.0005f, 0.005f)), m = el_float_to_half(uniform(0.0002f, 0.002f));
+            memcpy(blk + (ti == EL_TI_Q6_K ? 208 : 0), &d, 2);
+            if (ti != EL_TI_Q6_K) memcpy(blk + 2, &m, 2);
+            continue;
+        }
         for (int s = 0; s < n_scales; s++) {
             const el_half h = el_float_to_half(s == 0 ? uniform(0.001f, 0.05f) : uniform(-0.2f, 0.2f));
             memcpy(blk + 2 * s, &h, 2);
@@ -302,7 +310,8 @@ int main(int argc, char **argv) {
             for (size_t o = 0; o < sizeof outs / sizeof *outs; o++)
                 for (size_t i = 0; i < sizeof ins / sizeof *ins; i++)
                     for (size_t t = 0; t < sizeof toks / sizeof *toks; t++)
-                        if (outs[o] * ins[i] <= 64 * 256 || toks[t] <= 2) test_gemm(k, &gen, ti, outs[o], ins[i], toks[t], 0);
+                        if ((outs[o] * ins[i] <= 64 * 256 || toks[t] <= 2) && ins[i] % el_type_block(ti) == 0)
+                            test_gemm(k, &gen, ti, outs[o], ins[i], toks[t], 0);
             if (ti >= EL_TI_Q4_0) test_gemm(k, &gen, ti, 8, 256, 5, 1);   /* largest |quant| x |activation|: int16 bounds */
             /* uneven shapes through the pool: leftover rows of the last group, 3 threads */
             el_pool *pool = el_pool_new(3);

@@ -1,0 +1,155 @@
+/* K-quant GEMMs over the 8-row interleaved layouts (quants.h block_q4_kx8 / q5_kx8 / q6_kx8), included by
+ * kernels_avx2.c once per dot-product flavour: KQX(name) names the functions, KQ_ATTR is the target attribute,
+ * KQ_DOT(acc, u8 weights, s8 activations) adds 8 lanes of 4-product sums (AVX2: vpmaddubsw + vpmaddwd + vpaddd;
+ * AVX512-VNNI: vpdpbusd). As in the *_x8 kernels: one 32-byte load holds 4 quants of 8 rows, a 4-byte broadcast of
+ * the activations meets it, each row's sum stays in its own lane; per 32-element sub-block (a q8a block) one FMA
+ * applies the 8 rows' d*scale times the block's d, one more the mins (d*m times the block's d*sum(q)).
+ * Q6_K: its two 16-element halves accumulate apart, lose 32 * (sum of the half's activations), take their int8
+ * scales by vpmulld. Tiles: 8 rows x up to 4 tokens; groups of KQ_G row groups per token tile keep the
+ * activations in L1 and the weights in L2. No include guard on purpose. */
+
+KQ_ATTR static inline __attribute__((always_inline)) __m256i KQX(to_bit4)(__m256i v, int j) {  /* bit j -> bit 4 */
+    return j <= 4 ? _mm256_sll_epi16(v, _mm_cvtsi32_si128(4 - j)) : _mm256_srl_epi16(v, _mm_cvtsi32_si128(j - 4));
+}
+
+KQ_ATTR static inline __attribute__((always_inline)) void KQX(k4x8_tile)(const int q5, const uint8_t *wg, int nsb,
+        const uint8_t *x, size_t x_stride, const int NT, float *y, size_t y_stride, int nrows) {
+    const __m256i m4 = _mm256_set1_epi8(15), h5 = _mm256_set1_epi8(0x10);
+    const __m256i ones = _mm256_set1_epi16(1);
+    (void)ones;
+    __m256 acc[4];
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
+    for (int i = 0; i < nsb; i++) {
+        const uint8_t *qs, *qh = NULL, (*scales)[12];
+        const el_half *dp, *dmp;
+        if (q5) {
+            const block_q5_kx8 *b = (const block_q5_kx8 *)wg + i;
+            qs = b->qs; qh = b->qh; dp = b->d; dmp = b->dmin; scales = b->scales;
+        } else {
+            const block_q4_kx8 *b = (const block_q4_kx8 *)wg + i;
+            qs = b->qs; dp = b->d; dmp = b->dmin; scales = b->scales;
+        }
+        uint8_t sc[8][8], mn[8][8];   /* [sub-block][row] */
+        for (int r = 0; r < 8; r++) {
+            uint32_t u[3], v[4];
+            memcpy(u, scales[r], 12);
+            v[0] = u[0] & 0x3f3f3f3fu;
+            v[1] = (u[2] & 0x0f0f0f0fu) | (((u[0] >> 6) & 0x03030303u) << 4);
+            v[2] = u[1] & 0x3f3f3f3fu;
+            v[3] = ((u[2] >> 4) & 0x0f0f0f0fu) | (((u[1] >> 6) & 0x03030303u) << 4);
+            const uint8_t *bb = (const uint8_t *)v;
+            for (int j = 0; j < 8; j++) { sc[j][r] = bb[j]; mn[j][r] = bb[8 + j]; }
+        }
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)dp));
+        const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)dmp));
+        for (int c = 0; c < 4; c++) {
+            __m256i aL[4], aH[4];
+            for (int t = 0; t < NT; t++) aL[t] = aH[t] = _mm256_setzero_si256();
+            for (int g = 0; g < 8; g++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(qs + c * 256 + g * 32));
+                __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                if (q5) {
+                    const __m256i hb = _mm256_loadu_si256((const __m256i *)(qh + g * 32));
+                    lo = _mm256_or_si256(lo, _mm256_and_si256(KQX(to_bit4)(hb, 2 * c), h5));
+                    hi = _mm256_or_si256(hi, _mm256_and_si256(KQX(to_bit4)(hb, 2 * c + 1), h5));
+                }
+                for (int t = 0; t < NT; t++) {
+                    const block_q8a *a = (const block_q8a *)(x + t * x_stride) + 8 * i + 2 * c;
+                    aL[t] = KQ_DOT(aL[t], lo, bcast4(a[0].qs + 4 * g));
+                    aH[t] = KQ_DOT(aH[t], hi, bcast4(a[1].qs + 4 * g));
+                }
+            }
+            const __m256 sL = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)sc[2 * c]))));
+            const __m256 sH = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)sc[2 * c + 1]))));
+            const __m256 mL = _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)mn[2 * c]))));
+            const __m256 mH = _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)mn[2 * c + 1]))));
+            for (int t = 0; t < NT; t++) {
+                const block_q8a *a = (const block_q8a *)(x + t * x_stride) + 8 * i + 2 * c;
+                __m256 s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(aL[t]), _mm256_mul_ps(sL, _mm256_set1_ps(a[0].d)), acc[t]);
+                s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(aH[t]), _mm256_mul_ps(sH, _mm256_set1_ps(a[1].d)), s);
+                s = _mm256_fnmadd_ps(mL, _mm256_set1_ps(a[0].s), s);
+                acc[t] = _mm256_fnmadd_ps(mH, _mm256_set1_ps(a[1].s), s);
+            }
+        }
+    }
+    for (int t = 0; t < NT; t++) store_rows(y + t * y_stride, acc[t], nrows);
+}
+
+KQ_ATTR static inline __attribute__((always_inline)) void KQX(q6kx8_tile)(const uint8_t *wg, int nsb,
+        const uint8_t *x, size_t x_stride, const int NT, float *y, size_t y_stride, int nrows) {
+    const __m256i m4 = _mm256_set1_epi8(15), m2 = _mm256_set1_epi8(0x30), one8 = _mm256_set1_epi8(1);
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[4];
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
+    for (int i = 0; i < nsb; i++) {
+        const block_q6_kx8 *b = (const block_q6_kx8 *)wg + i;
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b->d));
+        for (int j = 0; j < 8; j++) {
+            const int h = j / 4, gq = j % 4;
+            const uint8_t *lq = b->ql + (2 * h + (gq & 1)) * 256, *hq = b->qh + h * 256;
+            __m256i aA[4], aB[4];
+            for (int t = 0; t < NT; t++) aA[t] = aB[t] = _mm256_setzero_si256();
+            for (int g = 0; g < 8; g++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(lq + g * 32));
+                const __m256i lo = gq >> 1 ? _mm256_and_si256(_mm256_srli_epi16(v, 4), m4) : _mm256_and_si256(v, m4);
+                const __m256i hv = _mm256_loadu_si256((const __m256i *)(hq + g * 32));
+                const __m256i hi = _mm256_and_si256(KQX(to_bit4)(hv, 2 * gq), m2);   /* bits 2gq, 2gq+1 -> 4, 5 */
+                const __m256i q = _mm256_or_si256(lo, hi);
+                for (int t = 0; t < NT; t++) {
+                    const block_q8a *a = (const block_q8a *)(x + t * x_stride) + 8 * i + j;
+                    if (g < 4) aA[t] = KQ_DOT(aA[t], q, bcast4(a->qs + 4 * g));
+                    else aB[t] = KQ_DOT(aB[t], q, bcast4(a->qs + 4 * g));
+                }
+            }
+            const __m256i sA = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)b->scales[2 * j]));
+            const __m256i sB = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)b->scales[2 * j + 1]));
+            for (int t = 0; t < NT; t++) {
+                const block_q8a *a = (const block_q8a *)(x + t * x_stride) + 8 * i + j;
+                /* 32 * the two halves' activation sums: [A x4 | B x4] after two hadds */
+                __m256i bs = _mm256_madd_epi16(_mm256_maddubs_epi16(one8, _mm256_loadu_si256((const __m256i *)a->qs)), ones);
+                bs = _mm256_hadd_epi32(bs, bs);
+                bs = _mm256_slli_epi32(_mm256_hadd_epi32(bs, bs), 5);
+                const __m256i cA = _mm256_permute2x128_si256(bs, bs, 0x00), cB = _mm256_permute2x128_si256(bs, bs, 0x11);
+                const __m256i isum = _mm256_add_epi32(_mm256_mullo_epi32(_mm256_sub_epi32(aA[t], cA), sA),
+                                                      _mm256_mullo_epi32(_mm256_sub_epi32(aB[t], cB), sB));
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(d, _mm256_set1_ps(a->d)), acc[t]);
+            }
+        }
+    }
+    for (int t = 0; t < NT; t++) store_rows(y + t * y_stride, acc[t], nrows);
+}
+
+#define KQ_G 4   /* row groups (of 8) per token tile */
+#define KQ_GEMM_X8(fname, call)                                                                                  \
+    KQ_ATTR static void fname(const void *w, int n_in, int r0, int r1, const void *x, size_t x_stride, int n_tok, \
+                              float *y, size_t y_stride) {                                                       \
+        const int nsb = n_in / EL_QK_K;                                                                          \
+        for (int rb = r0; rb < r1; rb += 8 * KQ_G) {                                                             \
+            const int re = rb + 8 * KQ_G < r1 ? rb + 8 * KQ_G : r1;                                              \
+            for (int t = 0; t < n_tok; t += 4) {                                                                 \
+                const int nt = n_tok - t < 4 ? n_tok - t : 4;                                                    \
+                const uint8_t *xt = (const uint8_t *)x + t * x_stride;                                           \
+                for (int r = rb; r < re; r += 8) {                                                               \
+                    const int nrows = r1 - r < 8 ? r1 - r : 8;                                                   \
+                    float *yt = y + t * y_stride + r;                                                            \
+                    switch (nt) {                                                                                \
+                    case 4: call(4); break;                                                                      \
+                    case 3: call(3); break;                                                                      \
+                    case 2: call(2); break;                                                                      \
+                    default: call(1); break;                                                                     \
+                    }                                                                                            \
+                }                                                                                                \
+            }                                                                                                    \
+        }                                                                                                        \
+    }
+#define KQ_CALL_Q4(NT) KQX(k4x8_tile)(0, (const uint8_t *)w + (size_t)(r / 8) * nsb * sizeof(block_q4_kx8), nsb, xt, x_stride, NT, yt, y_stride, nrows)
+#define KQ_CALL_Q5(NT) KQX(k4x8_tile)(1, (const uint8_t *)w + (size_t)(r / 8) * nsb * sizeof(block_q5_kx8), nsb, xt, x_stride, NT, yt, y_stride, nrows)
+#define KQ_CALL_Q6(NT) KQX(q6kx8_tile)((const uint8_t *)w + (size_t)(r / 8) * nsb * sizeof(block_q6_kx8), nsb, xt, x_stride, NT, yt, y_stride, nrows)
+KQ_GEMM_X8(KQX(gemm_q4_kx8), KQ_CALL_Q4)
+KQ_GEMM_X8(KQX(gemm_q5_kx8), KQ_CALL_Q5)
+KQ_GEMM_X8(KQX(gemm_q6_kx8), KQ_CALL_Q6)
+#undef KQ_CALL_Q4
+#undef KQ_CALL_Q5
+#undef KQ_CALL_Q6
+#undef KQ_GEMM_X8
+#undef KQ_G
