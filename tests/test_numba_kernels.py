@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("numba")
 
-from edgellm.quant import GGMLType
+from edgellm.quant import GGMLType, row_nbytes
 from edgellm.quant.reference import dequantize, quantize
 
 from edgellm.backends.numba import kernels as K
@@ -55,20 +55,42 @@ def make_weight(t: int, n_out: int, n_in: int):
     w = RNG.standard_normal((n_out, n_in)).astype(np.float32)
     w[:, : min(5, n_in)] *= 4  # a few large weights per row, as real matrices have
     raw = quantize(w, t)                                           # [n_out, row_bytes]
-    nb = 1 if t in (K.T_F32, K.T_F16, K.T_BF16) else n_in // K.QK
+    nb = n_in // K.block_elems(t) if K.block_elems(t) else 1
     blocks = readonly(raw.reshape(n_out, nb, raw.shape[1] // nb))
     return blocks, dequantize(raw, t, (n_out, n_in)).astype(np.float64)
 
 
 EMPTY_W = readonly(np.empty((0, 1, 1), np.uint8))
+K_TYPES = [GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K]
 TYPES = [GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.Q4_0, GGMLType.Q4_1,
-         GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0]
+         GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0] + K_TYPES
+# offsets of the f16 super-block scales (d, and dmin where there is one) in a K-quant block
+K_HALVES = {int(GGMLType.Q4_K): (0, 2), int(GGMLType.Q5_K): (0, 2), int(GGMLType.Q6_K): (208,)}
+
+
+def n_in_for(t: int) -> int:
+    """Row length for tests: odd (plain types), or an odd number of blocks."""
+    blk = K.block_elems(t)
+    return 5 * blk if blk == K.QK else 3 * blk if blk else 67
+
+
+def random_k_blocks(t: int, n_out: int, n_in: int):
+    """Random valid K-quant blocks: every byte random (all scale, min and high-bit patterns), the f16 scales
+    finite. (blocks [n_out, nb, block_bytes] read-only uint8, float64 decoded [n_out, n_in])."""
+    nb = n_in // K.QK_K
+    bb = row_nbytes(GGMLType(t), K.QK_K)                           # bytes per super-block
+    raw = RNG.integers(0, 256, (n_out, nb, bb), dtype=np.uint8)
+    for off in K_HALVES[t]:
+        h = (RNG.standard_normal((n_out, nb)) * 0.02).astype(np.float16)
+        raw[:, :, off:off + 2] = h.view(np.uint8).reshape(n_out, nb, 2)
+    ref = dequantize(raw.reshape(n_out, nb * bb), t, (n_out, n_in)).astype(np.float64)
+    return readonly(raw), ref
 
 
 @pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
 def test_matmul_every_type(t):
     t = int(t)
-    n_in = 67 if t in (K.T_F32, K.T_F16, K.T_BF16) else 5 * K.QK  # odd, or an odd number of blocks
+    n_in = n_in_for(t)
     mats = [make_weight(t, n, n_in) for n in (37, 6, 1)]           # odd and even row counts, a single row
     for n_tok in (1, 2, 3, 70):                                   # decode path (<= 2), prefill path, > one token tile
         x = RNG.standard_normal((n_tok, n_in)).astype(np.float32)
@@ -92,6 +114,44 @@ def test_matmul_unused_slots_and_threads(n_thr):
         assert_guards(buf)
 
 
+@pytest.mark.parametrize("t", K_TYPES, ids=lambda t: t.name)
+def test_k_quants_random_blocks(t):
+    """K-quant dot and row decoder on random bytes (scale/min/high-bit patterns quantize never makes)."""
+    t = int(t)
+    n_in = 3 * K.QK_K
+    mats = [random_k_blocks(t, n, n_in) for n in (21, 4, 1)]
+    for n_tok in (1, 2, 5):                                       # decode and prefill paths
+        x = RNG.standard_normal((n_tok, n_in)).astype(np.float32)
+        bufs, ys = zip(*(guarded((n_tok, w.shape[0])) for w, _ in mats))
+        K.MATMUL[t](tuple(w for w, _ in mats), tuple(ys), x, TAB, K.HALF, 2)
+        for (w, ref_w), y, buf in zip(mats, ys, bufs):
+            assert nmse(y, x.astype(np.float64) @ ref_w.T) <= 5e-4, (GGMLType(t).name, n_tok, w.shape[0])
+            assert_guards(buf)
+    w, ref_w = mats[0]
+    for r in (0, 7, 20):                                           # the row decoder alone: exact
+        buf, out = guarded((w.shape[1], K.QK_K))
+        K.DEQ_ROW[t](w[r], out, TAB, K.HALF)
+        assert nmse(out.reshape(-1), ref_w[r]) <= 1e-12
+        assert_guards(buf)
+
+
+@pytest.mark.parametrize("t", K_TYPES, ids=lambda t: t.name)
+def test_k_quants_nan_scale_propagates(t):
+    """A NaN super-block scale (d, or dmin) must reach the output of that row only, decode and prefill."""
+    t = int(t)
+    for off in K_HALVES[t]:
+        w, _ = random_k_blocks(t, 5, 2 * K.QK_K)
+        raw = w.copy()
+        raw[3, 1, off:off + 2] = np.array([np.nan], np.float16).view(np.uint8)
+        raw = readonly(raw)
+        for n_tok in (1, 4):
+            y = np.zeros((n_tok, 5), np.float32)
+            none = np.empty((n_tok, 0), np.float32)
+            x = RNG.standard_normal((n_tok, 2 * K.QK_K)).astype(np.float32)
+            K.MATMUL[t]((raw, EMPTY_W, EMPTY_W), (y, none, none), x, TAB, K.HALF, 2)
+            assert np.all(np.isnan(y[:, 3])) and np.all(np.isfinite(y[:, [0, 1, 2, 4]])), (off, n_tok)
+
+
 def test_matmul_nan_weights_propagate():
     """A NaN scale in the file must reach the output, not be hidden by the kernel."""
     w = RNG.standard_normal((4, K.QK)).astype(np.float32)
@@ -104,11 +164,12 @@ def test_matmul_nan_weights_propagate():
     assert np.isnan(y[0, 1]) and np.all(np.isfinite(y[0, [0, 2, 3]]))
 
 
-@pytest.mark.parametrize("t", [GGMLType.Q8_0, GGMLType.Q4_1, GGMLType.F16], ids=lambda t: t.name)
+@pytest.mark.parametrize("t", [GGMLType.Q8_0, GGMLType.Q4_1, GGMLType.F16] + K_TYPES, ids=lambda t: t.name)
 def test_get_rows(t):
-    w, ref_w = make_weight(int(t), 11, 2 * K.QK)
+    n_in = 2 * (K.block_elems(int(t)) or K.QK)
+    w, ref_w = make_weight(int(t), 11, n_in)
     ids = np.array([10, 0, 3, 3], np.int64)
-    buf, out = guarded((4, 2 * K.QK))
+    buf, out = guarded((4, n_in))
     K.get_rows(int(t), w, ids, out, TAB)
     assert nmse(out, ref_w[ids]) <= 1e-12
     assert_guards(buf)

@@ -110,13 +110,14 @@ class NumbaBackend:
         if tuple(info.shape) != shape:
             raise NotImplementedError(f"tensor {name!r} has shape {list(info.shape)}; expected {list(shape)}")
         n_out, n_in = shape
-        if t not in (K.T_F32, K.T_F16, K.T_BF16) and n_in % K.QK:
+        blk = K.block_elems(t)                                          # 0: plain type, no blocks
+        if blk and n_in % blk:
             raise NotImplementedError(f"tensor {name!r}: rows of {n_in} are not whole {type_name(t)} blocks")
         rb = row_nbytes(GGMLType(t), n_in)
         raw = gf.tensor_data(name)
         if raw.size != n_out * rb:
             raise NotImplementedError(f"tensor {name!r}: {raw.size} bytes do not match {type_name(t)} {list(shape)}")
-        nb = 1 if t in (K.T_F32, K.T_F16, K.T_BF16) else n_in // K.QK   # blocks per row
+        nb = n_in // blk if blk else 1                                  # blocks per row
         self._mats[name] = (t, raw.reshape(n_out, nb, rb // nb))  # zero-copy view of the mmap, cut into blocks
 
     def _add_norm(self, gf, name: str, n: int) -> None:

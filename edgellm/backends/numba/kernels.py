@@ -9,9 +9,10 @@ Layout of this file:
 2. per weight type, a pair of kernels: `_dot_<type>` (two weight rows . one float activation row) and
    `_deq_<type>` (one weight row -> float32);
 3. the matmul driver, written once and compiled per weight type as `matmul_<type>` (parallel over rows),
-   the `MATMUL` table, and `get_rows` (embedding lookup). Adding a type (the K-quants:
-   256-element super-blocks whose mins fold in with the same 32-element activation sums `xs`) = its
-   `_dot`/`_deq` pair, one entry in `KERNELS`, one line naming its driver and one in `MATMUL`;
+   the `MATMUL` table, and `get_rows` (embedding lookup). Adding a type = its `_dot`/`_deq` pair, one
+   entry in `KERNELS`, one line naming its driver and one in `MATMUL` (and its block size in `block_elems`).
+   The K-quants (Q4_K, Q5_K, Q6_K) are such pairs: the driver cuts their rows into 256-element
+   super-blocks, and the Q4_K/Q5_K mins fold in with the same 32-element activation sums `xs`;
 4. norms, RoPE, softmax, activations, add;
 5. attention (one query row against a head's K/V slots; parallel over tokens x heads, or serial for a
    decode step).
@@ -59,8 +60,16 @@ U32 = np.uint32
 
 # GGML type ids (edgellm.quant.GGMLType), repeated as plain ints: numba compares them as constants.
 T_F32, T_F16, T_Q4_0, T_Q4_1, T_Q5_0, T_Q5_1, T_Q8_0, T_BF16 = 0, 1, 2, 3, 6, 7, 8, 30
-SUPPORTED = (T_F32, T_F16, T_BF16, T_Q4_0, T_Q4_1, T_Q5_0, T_Q5_1, T_Q8_0)
+T_Q4_K, T_Q5_K, T_Q6_K = 12, 13, 14
+SUPPORTED = (T_F32, T_F16, T_BF16, T_Q4_0, T_Q4_1, T_Q5_0, T_Q5_1, T_Q8_0, T_Q4_K, T_Q5_K, T_Q6_K)
 QK = 32     # elements per block of the legacy types
+QK_K = 256  # elements per super-block of the K-quants
+PLAIN = (T_F32, T_F16, T_BF16)  # no blocks: a row is one "block"
+
+
+def block_elems(t: int) -> int:
+    """Elements per block of a quantized type (a weight row is cut into blocks of this size); 0 for the plain types."""
+    return 0 if t in PLAIN else QK_K if t in (T_Q4_K, T_Q5_K, T_Q6_K) else QK
 HALF = 16   # QK // 2: the runtime loop bound the kernels get (see the module docstring)
 
 _JIT = {"cache": True, "fastmath": True, "nogil": True}
@@ -450,6 +459,283 @@ def _deq_q8_0(blocks, o2, tab, half):
             ob[j] = d * F32(np.int8(qs[j]))
 
 
+# --- K-quants: 256-element super-blocks (quant/FORMATS.md). The driver cuts a row into super-blocks, so
+#     x2 is [nb, 256] and xs holds 8 sums per super-block (xs[8b + s]: sub-block s of 32). Loops run over
+#     2*half (32) or half (16) elements, runtime bounds as for the legacy types.
+@njit(inline="always")
+def _k4_scale_min(sc, s):
+    """Q4_K / Q5_K: 6-bit scale and min of sub-block s (0..7) from the 12 packed bytes sc."""
+    if s < 4:
+        return I32(sc[s]) & 63, I32(sc[s + 4]) & 63
+    return ((I32(sc[s + 4]) & 15) | ((I32(sc[s - 4]) >> 6) << 4),
+            (I32(sc[s + 4]) >> 4) | ((I32(sc[s]) >> 6) << 4))
+
+
+# --- Q4_K: 144 bytes {half d; half dmin; u8 scales[12]; u8 qs[128]}; chunk c of 32 bytes: low nibbles =
+#     sub-block 2c, high nibbles = sub-block 2c+1; w = (d*sc)*q - dmin*m
+@njit(inline="always", **_JIT)
+def _dot_q4_k(b0, b1, x2, xs, tab, half):
+    n32 = 2 * half
+    a0 = F32(0)
+    a1 = F32(0)
+    for b in range(x2.shape[0]):
+        k0 = b0[b]
+        k1 = b1[b]
+        sc0 = k0[4:16]
+        sc1 = k1[4:16]
+        xb = x2[b]
+        t0 = F32(0)                      # sum over sub-blocks of sc * (q . x)
+        t1 = F32(0)
+        u0 = F32(0)                      # sum over sub-blocks of m * sum(x)
+        u1 = F32(0)
+        for c in range(4):
+            q0s = k0[16 + 32 * c:]
+            q1s = k1[16 + 32 * c:]
+            xcl = xb[64 * c:]                # sub-block 2c's activations
+            xch = xb[64 * c + n32:]          # and 2c+1's
+            s0l = F32(0)
+            s0h = F32(0)
+            s1l = F32(0)
+            s1h = F32(0)
+            for j in range(n32):
+                xl = xcl[j]
+                xh = xch[j]
+                q0 = I32(q0s[j])
+                q1 = I32(q1s[j])
+                s0l += F32(I32(q0 & 15)) * xl
+                s0h += F32(I32(q0 >> 4)) * xh
+                s1l += F32(I32(q1 & 15)) * xl
+                s1h += F32(I32(q1 >> 4)) * xh
+            xsl = xs[8 * b + 2 * c]
+            xsh = xs[8 * b + 2 * c + 1]
+            sa, ma = _k4_scale_min(sc0, 2 * c)
+            sb, mb = _k4_scale_min(sc0, 2 * c + 1)
+            t0 += F32(sa) * s0l + F32(sb) * s0h
+            u0 += F32(ma) * xsl + F32(mb) * xsh
+            sa, ma = _k4_scale_min(sc1, 2 * c)
+            sb, mb = _k4_scale_min(sc1, 2 * c + 1)
+            t1 += F32(sa) * s1l + F32(sb) * s1h
+            u1 += F32(ma) * xsl + F32(mb) * xsh
+        a0 += _half_at(k0, 0, tab) * t0 - _half_at(k0, 2, tab) * u0
+        a1 += _half_at(k1, 0, tab) * t1 - _half_at(k1, 2, tab) * u1
+    return a0, a1
+
+
+@njit(**_JIT)
+def _deq_q4_k(blocks, o2, tab, half):
+    n32 = 2 * half
+    nb = o2.shape[0]
+    for b in range(nb):
+        blk = blocks[b]
+        d = _half_at(blk, 0, tab)
+        dmin = _half_at(blk, 2, tab)
+        sc = blk[4:16]
+        ob = o2[b]
+        for c in range(4):
+            qs = blk[16 + 32 * c:]
+            ocl = ob[64 * c:]
+            och = ob[64 * c + n32:]
+            sa, ma = _k4_scale_min(sc, 2 * c)
+            sb, mb = _k4_scale_min(sc, 2 * c + 1)
+            da = d * F32(sa)
+            db = d * F32(sb)
+            mma = dmin * F32(ma)
+            mmb = dmin * F32(mb)
+            for j in range(n32):
+                q = I32(qs[j])
+                ocl[j] = da * F32(I32(q & 15)) - mma
+                och[j] = db * F32(I32(q >> 4)) - mmb
+
+
+# --- Q5_K: 176 bytes {half d; half dmin; u8 scales[12]; u8 qh[32]; u8 qs[128]}; as Q4_K, the 5th bit of
+#     element j of sub-block s is bit s of qh[j]
+@njit(inline="always", **_JIT)
+def _dot_q5_k(b0, b1, x2, xs, tab, half):
+    n32 = 2 * half
+    a0 = F32(0)
+    a1 = F32(0)
+    for b in range(x2.shape[0]):
+        k0 = b0[b]
+        k1 = b1[b]
+        sc0 = k0[4:16]
+        sc1 = k1[4:16]
+        h0s = k0[16:48]
+        h1s = k1[16:48]
+        xb = x2[b]
+        t0 = F32(0)
+        t1 = F32(0)
+        u0 = F32(0)
+        u1 = F32(0)
+        for c in range(4):
+            q0s = k0[48 + 32 * c:]
+            q1s = k1[48 + 32 * c:]
+            xcl = xb[64 * c:]
+            xch = xb[64 * c + n32:]
+            sl = I32(2 * c)
+            sh = I32(2 * c + 1)
+            s0l = F32(0)
+            s0h = F32(0)
+            s1l = F32(0)
+            s1h = F32(0)
+            for j in range(n32):
+                xl = xcl[j]
+                xh = xch[j]
+                q0 = I32(q0s[j])
+                q1 = I32(q1s[j])
+                h0 = I32(h0s[j])
+                h1 = I32(h1s[j])
+                s0l += F32(I32((q0 & 15) | (((h0 >> sl) & 1) << 4))) * xl
+                s0h += F32(I32((q0 >> 4) | (((h0 >> sh) & 1) << 4))) * xh
+                s1l += F32(I32((q1 & 15) | (((h1 >> sl) & 1) << 4))) * xl
+                s1h += F32(I32((q1 >> 4) | (((h1 >> sh) & 1) << 4))) * xh
+            xsl = xs[8 * b + 2 * c]
+            xsh = xs[8 * b + 2 * c + 1]
+            sa, ma = _k4_scale_min(sc0, 2 * c)
+            sb, mb = _k4_scale_min(sc0, 2 * c + 1)
+            t0 += F32(sa) * s0l + F32(sb) * s0h
+            u0 += F32(ma) * xsl + F32(mb) * xsh
+            sa, ma = _k4_scale_min(sc1, 2 * c)
+            sb, mb = _k4_scale_min(sc1, 2 * c + 1)
+            t1 += F32(sa) * s1l + F32(sb) * s1h
+            u1 += F32(ma) * xsl + F32(mb) * xsh
+        a0 += _half_at(k0, 0, tab) * t0 - _half_at(k0, 2, tab) * u0
+        a1 += _half_at(k1, 0, tab) * t1 - _half_at(k1, 2, tab) * u1
+    return a0, a1
+
+
+@njit(**_JIT)
+def _deq_q5_k(blocks, o2, tab, half):
+    n32 = 2 * half
+    nb = o2.shape[0]
+    for b in range(nb):
+        blk = blocks[b]
+        d = _half_at(blk, 0, tab)
+        dmin = _half_at(blk, 2, tab)
+        sc = blk[4:16]
+        hs = blk[16:48]
+        ob = o2[b]
+        for c in range(4):
+            qs = blk[48 + 32 * c:]
+            ocl = ob[64 * c:]
+            och = ob[64 * c + n32:]
+            sl = I32(2 * c)
+            sh = I32(2 * c + 1)
+            sa, ma = _k4_scale_min(sc, 2 * c)
+            sb, mb = _k4_scale_min(sc, 2 * c + 1)
+            da = d * F32(sa)
+            db = d * F32(sb)
+            mma = dmin * F32(ma)
+            mmb = dmin * F32(mb)
+            for j in range(n32):
+                q = I32(qs[j])
+                h = I32(hs[j])
+                ocl[j] = da * F32(I32((q & 15) | (((h >> sl) & 1) << 4))) - mma
+                och[j] = db * F32(I32((q >> 4) | (((h >> sh) & 1) << 4))) - mmb
+
+
+# --- Q6_K: 210 bytes {u8 ql[128]; u8 qh[64]; i8 scales[16]; half d}; per half h of 128 elements, group g
+#     of 32: low 4 bits from ql[64h + j] (g = 0, 2: low/high nibble) or ql[64h + 32 + j] (g = 1, 3), high
+#     2 bits = bits 2g, 2g+1 of qh[32h + j]; q - 32; w = (d*scales[e/16]) * (q - 32)
+@njit(inline="always")
+def _q6(lo, hq, shift):
+    """6-bit Q6_K value minus 32: 4 low bits lo, 2 high bits at `shift` in hq."""
+    return I32(I32(lo | (((hq >> shift) & 3) << 4)) - 32)
+
+
+@njit(inline="always", **_JIT)
+def _dot_q6_k(b0, b1, x2, xs, tab, half):
+    a0 = F32(0)
+    a1 = F32(0)
+    for b in range(x2.shape[0]):
+        k0 = b0[b]
+        k1 = b1[b]
+        xb = x2[b]
+        t0 = F32(0)
+        t1 = F32(0)
+        for h in range(2):
+            for k in range(2):                  # elements 16k..16k+15 of each group: one scale each
+                o = half * k
+                # one slice per stream, indexed by j alone: an index like 32 + j is a signed sum to numba,
+                # whose negative-index fix-up turned the loads into gathers (measured: 4x slower)
+                l0a = k0[64 * h + o:]
+                l0b = k0[64 * h + 32 + o:]
+                l1a = k1[64 * h + o:]
+                l1b = k1[64 * h + 32 + o:]
+                g0 = k0[128 + 32 * h + o:]
+                g1 = k1[128 + 32 * h + o:]
+                xa_ = xb[128 * h + o:]
+                xb_ = xb[128 * h + 32 + o:]
+                xc_ = xb[128 * h + 64 + o:]
+                xd_ = xb[128 * h + 96 + o:]
+                s00 = F32(0)
+                s01 = F32(0)
+                s02 = F32(0)
+                s03 = F32(0)
+                s10 = F32(0)
+                s11 = F32(0)
+                s12 = F32(0)
+                s13 = F32(0)
+                for j in range(half):
+                    xa = xa_[j]
+                    xq = xb_[j]
+                    xc = xc_[j]
+                    xd = xd_[j]
+                    la = I32(l0a[j])
+                    lb = I32(l0b[j])
+                    hq = I32(g0[j])
+                    s00 += F32(_q6(la & 15, hq, 0)) * xa
+                    s01 += F32(_q6(lb & 15, hq, 2)) * xq
+                    s02 += F32(_q6(la >> 4, hq, 4)) * xc
+                    s03 += F32(_q6(lb >> 4, hq, 6)) * xd
+                    la = I32(l1a[j])
+                    lb = I32(l1b[j])
+                    hq = I32(g1[j])
+                    s10 += F32(_q6(la & 15, hq, 0)) * xa
+                    s11 += F32(_q6(lb & 15, hq, 2)) * xq
+                    s12 += F32(_q6(la >> 4, hq, 4)) * xc
+                    s13 += F32(_q6(lb >> 4, hq, 6)) * xd
+                i = 192 + 8 * h + k             # scale of group g: byte i + 2g
+                t0 += (F32(np.int8(k0[i])) * s00 + F32(np.int8(k0[i + 2])) * s01
+                       + F32(np.int8(k0[i + 4])) * s02 + F32(np.int8(k0[i + 6])) * s03)
+                t1 += (F32(np.int8(k1[i])) * s10 + F32(np.int8(k1[i + 2])) * s11
+                       + F32(np.int8(k1[i + 4])) * s12 + F32(np.int8(k1[i + 6])) * s13)
+        a0 += _half_at(k0, 208, tab) * t0
+        a1 += _half_at(k1, 208, tab) * t1
+    return a0, a1
+
+
+@njit(**_JIT)
+def _deq_q6_k(blocks, o2, tab, half):
+    nb = o2.shape[0]
+    for b in range(nb):
+        blk = blocks[b]
+        d = _half_at(blk, 208, tab)
+        ob = o2[b]
+        for h in range(2):
+            for k in range(2):
+                o = half * k
+                la_ = blk[64 * h + o:]
+                lb_ = blk[64 * h + 32 + o:]
+                hs = blk[128 + 32 * h + o:]
+                oa = ob[128 * h + o:]
+                obb = ob[128 * h + 32 + o:]
+                oc = ob[128 * h + 64 + o:]
+                od = ob[128 * h + 96 + o:]
+                i = 192 + 8 * h + k
+                da = d * F32(np.int8(blk[i]))
+                db = d * F32(np.int8(blk[i + 2]))
+                dc = d * F32(np.int8(blk[i + 4]))
+                dd = d * F32(np.int8(blk[i + 6]))
+                for j in range(half):
+                    la = I32(la_[j])
+                    lb = I32(lb_[j])
+                    hq = I32(hs[j])
+                    oa[j] = da * F32(_q6(la & 15, hq, 0))
+                    obb[j] = db * F32(_q6(lb & 15, hq, 2))
+                    oc[j] = dc * F32(_q6(la >> 4, hq, 4))
+                    od[j] = dd * F32(_q6(lb >> 4, hq, 6))
+
+
 # ---------------------------------------------------------------------------------------------------
 # 3. Matmul drivers: one driver, written once below (`_matmul`) and compiled per weight type.
 #    `_driver_for(wtype)` makes `matmul_<type>`: the template's code with `_dot`/`_deq` bound to that type's
@@ -558,6 +844,9 @@ KERNELS = {
     T_Q5_0: (_dot_q5_0, _deq_q5_0),
     T_Q5_1: (_dot_q5_1, _deq_q5_1),
     T_Q8_0: (_dot_q8_0, _deq_q8_0),
+    T_Q4_K: (_dot_q4_k, _deq_q4_k),
+    T_Q5_K: (_dot_q5_k, _deq_q5_k),
+    T_Q6_K: (_dot_q6_k, _deq_q6_k),
     T_F16: (_dot_f16, _deq_f16),
     T_BF16: (_dot_bf16, _deq_bf16),
     T_F32: (_dot_f32, _deq_f32),
@@ -634,13 +923,17 @@ matmul_q4_1 = _driver_for(T_Q4_1, "q4_1")
 matmul_q5_0 = _driver_for(T_Q5_0, "q5_0")
 matmul_q5_1 = _driver_for(T_Q5_1, "q5_1")
 matmul_q8_0 = _driver_for(T_Q8_0, "q8_0")
+matmul_q4_k = _driver_for(T_Q4_K, "q4_k")
+matmul_q5_k = _driver_for(T_Q5_K, "q5_k")
+matmul_q6_k = _driver_for(T_Q6_K, "q6_k")
 matmul_f16 = _driver_for(T_F16, "f16")
 matmul_bf16 = _driver_for(T_BF16, "bf16")
 matmul_f32 = _driver_for(T_F32, "f32")
 
 # GGML type id -> its driver.
 MATMUL = {T_Q4_0: matmul_q4_0, T_Q4_1: matmul_q4_1, T_Q5_0: matmul_q5_0, T_Q5_1: matmul_q5_1,
-          T_Q8_0: matmul_q8_0, T_F16: matmul_f16, T_BF16: matmul_bf16, T_F32: matmul_f32}
+          T_Q8_0: matmul_q8_0, T_Q4_K: matmul_q4_k, T_Q5_K: matmul_q5_k, T_Q6_K: matmul_q6_k,
+          T_F16: matmul_f16, T_BF16: matmul_bf16, T_F32: matmul_f32}
 
 
 def get_rows(wtype, w, ids, out, tab):
