@@ -22,6 +22,20 @@ def _warn_one_line(message, category, filename, lineno, file=None, line=None):
     print(f"warning: {message}", file=sys.stderr)
 
 
+def _logit_bias(items) -> dict[int, float]:
+    """llama.cpp's --logit-bias TOKEN(+|-)BIAS, e.g. 15043+1, 15043-inf."""
+    import re
+
+    out = {}
+    for item in items:
+        m = re.fullmatch(r"\s*(\d+)\s*([+-]\s*(?:inf|\d+(?:\.\d*)?|\.\d+))\s*", item)
+        if not m:
+            raise click.BadParameter(f"{item!r}: expected TOKEN+BIAS or TOKEN-BIAS (e.g. 15043+1, 15043-inf)",
+                                     param_hint="--logit-bias")
+        out[int(m.group(1))] = float(m.group(2).replace(" ", ""))
+    return out
+
+
 def _model_path(model: str) -> str:
     from .hub import resolve_model
 
@@ -125,6 +139,28 @@ def tokenize(model, text, add_special, parse_special, as_json):
 @click.option("--top-p", type=float, default=SAMPLING_DEFAULTS["top_p"], show_default=True)
 @click.option("--min-p", type=float, default=SAMPLING_DEFAULTS["min_p"], show_default=True)
 @click.option("--repeat-penalty", type=float, default=SAMPLING_DEFAULTS["repeat_penalty"], show_default=True)
+@click.option("--repeat-last-n", type=int, default=None, help="Tokens of history the penalties look at (-1: all).")
+@click.option("--frequency-penalty", type=float, default=None)
+@click.option("--presence-penalty", type=float, default=None)
+@click.option("--typical", "typical_p", type=float, default=None, help="Locally typical sampling p (1: off).")
+@click.option("--top-nsigma", "top_n_sigma", type=float, default=None, help="Keep logits within n std of the max.")
+@click.option("--xtc-probability", type=float, default=None)
+@click.option("--xtc-threshold", type=float, default=None)
+@click.option("--dynatemp-range", type=float, default=None)
+@click.option("--dynatemp-exp", "dynatemp_exponent", type=float, default=None)
+@click.option("--dry-multiplier", type=float, default=None)
+@click.option("--dry-base", type=float, default=None)
+@click.option("--dry-allowed-length", type=int, default=None)
+@click.option("--dry-penalty-last-n", type=int, default=None)
+@click.option("--mirostat", type=click.IntRange(0, 2), default=None, help="1: Mirostat, 2: Mirostat 2.0.")
+@click.option("--mirostat-lr", "mirostat_eta", type=float, default=None)
+@click.option("--mirostat-ent", "mirostat_tau", type=float, default=None)
+@click.option("--samplers", default=None, help="Sampler order, llama.cpp's names separated by ';'.")
+@click.option("--logit-bias", "logit_bias", multiple=True, metavar="TOKEN(+|-)BIAS",
+              help="Add BIAS to TOKEN's logit, e.g. 15043+1 or 15043-inf; repeatable.")
+@click.option("--grammar", default=None, help="A GBNF grammar the output must follow.")
+@click.option("--grammar-file", type=click.Path(exists=True, dir_okay=False), default=None)
+@click.option("-j", "--json-schema", default=None, help="A JSON schema the output must satisfy.")
 @click.option("--seed", type=int, default=None, help="Same seed, same text.")
 @click.option("-c", "--ctx-size", "n_ctx", type=click.IntRange(min=1), default=None,
               help="Context size in tokens (default: the model's, at most 4096).")
@@ -143,7 +179,10 @@ def tokenize(model, text, add_special, parse_special, as_json):
 @click.option("--raw", is_flag=True, help="Interactive mode without the chat template: each line is continued.")
 @click.option("-s", "--system", default=None, help="A system message for the chat.")
 @click.option("--verbose", is_flag=True, help="Print load time and prompt / generation speed to stderr.")
-def run(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty, seed, n_ctx, n_threads, backend,
+def run(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, frequency_penalty,
+        presence_penalty, typical_p, top_n_sigma, xtc_probability, xtc_threshold, dynatemp_range, dynatemp_exponent,
+        dry_multiplier, dry_base, dry_allowed_length, dry_penalty_last_n, mirostat, mirostat_eta, mirostat_tau,
+        samplers, logit_bias, grammar, grammar_file, json_schema, seed, n_ctx, n_threads, backend,
         context_shift, n_keep, streaming, prompt_cache, chat_prompt, raw, system, verbose):
     """Run MODEL: continue -p's text (as llama.cpp's -p does), or chat interactively without -p.
 
@@ -162,7 +201,18 @@ def run(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty, see
                    f"({getattr(be, 'isa', '?')}), n_ctx {llm.n_ctx}", err=True)
         if getattr(be, "fallback_reason", None):
             click.echo(f"({be.fallback_reason})", err=True)
-    knobs = dict(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed)
+    if grammar_file:
+        with open(grammar_file, encoding="utf-8") as f:
+            grammar = f.read()
+    knobs = dict(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed,
+                 repeat_last_n=repeat_last_n, frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+                 typical_p=typical_p, top_n_sigma=top_n_sigma, xtc_probability=xtc_probability,
+                 xtc_threshold=xtc_threshold, dynatemp_range=dynatemp_range, dynatemp_exponent=dynatemp_exponent,
+                 dry_multiplier=dry_multiplier, dry_base=dry_base, dry_allowed_length=dry_allowed_length,
+                 dry_penalty_last_n=dry_penalty_last_n, mirostat=mirostat, mirostat_eta=mirostat_eta,
+                 mirostat_tau=mirostat_tau, samplers=samplers, logit_bias=_logit_bias(logit_bias) or None,
+                 grammar=grammar, json_schema=json_schema)
+    llm._params(**knobs)  # a bad value is one clear error now, not after the model has started
     max_tokens = None if n_predict < 0 else n_predict
     messages = [{"role": "system", "content": system}] if system else []
 

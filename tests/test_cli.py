@@ -120,3 +120,32 @@ def test_ctrl_c_stops_the_answer_not_the_chat(smollm2_path):
     assert p.returncode == 0, err
     assert "Traceback" not in err
     assert err.count("prompt:") == 2, err  # one stats line per answered turn
+
+
+def test_grammar_and_json_schema_flags(smollm2_path, tmp_path):
+    p = edgellm("run", smollm2_path, "-p", "Is Paris in France? Answer:", "--grammar", 'root ::= " yes" | " no"',
+                "-n", "8", "--temp", "0")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() in ("yes", "no")
+    gfile = tmp_path / "abc.gbnf"
+    gfile.write_text('root ::= [abc]+ "."\n')
+    p = edgellm("run", smollm2_path, "-p", "Letters:", "--grammar-file", gfile, "-n", "12", "--seed", "1")
+    assert p.returncode == 0, p.stderr
+    text = p.stdout.rstrip("\n")
+    assert text and set(text.rstrip(".")) <= set("abc")
+    schema = '{"type":"object","properties":{"name":{"type":"string"},"age":{"type":"integer"}},"required":["name","age"]}'
+    p = edgellm("run", smollm2_path, "--chat", "-p", "Give me a person as JSON.", "-j", schema, "-n", "48", "--temp", "0")
+    assert p.returncode == 0, p.stderr
+    obj = json.loads(p.stdout)
+    assert isinstance(obj["name"], str) and isinstance(obj["age"], int)
+
+
+def test_sampler_flags(smollm2_path):
+    p = edgellm("run", smollm2_path, "-p", "Once upon a time", "--mirostat", "2", "--dry-multiplier", "0.8",
+                "--logit-bias", "13-inf", "--samplers", "penalties;top_k;temperature", "--seed", "3", "-n", "12")
+    assert p.returncode == 0, p.stderr and p.stdout.strip()
+    assert_one_line_error(edgellm("run", smollm2_path, "-p", "hi", "--samplers", "top_k;bogus"), "bogus")
+    assert_one_line_error(edgellm("run", smollm2_path, "-p", "hi", "--top-p", "nan"), "top_p")
+    assert_one_line_error(edgellm("run", smollm2_path, "-p", "hi", "--grammar", "root ::= ("), "GBNF")
+    p = edgellm("run", smollm2_path, "-p", "hi", "--logit-bias", "12x")
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "logit-bias" in p.stderr
