@@ -99,12 +99,25 @@ def info(model):
 
 
 def _backend_summary() -> str:
-    try:
-        from .backends.native import native_isa
+    """What `auto` (or $EDGELLM_BACKEND) would run here, without building it."""
+    import importlib.util
+    import os
 
-        return f"native ({native_isa()})"
-    except Exception as e:  # the native core is missing or failed its self-check
-        return f"reference (native core unavailable: {e})"
+    wanted = os.environ.get("EDGELLM_BACKEND", "auto").lower() or "auto"
+    if wanted in ("auto", "native"):
+        try:
+            from .backends.native import native_isa
+
+            return f"native ({native_isa()})"
+        except ImportError as e:  # the native core is missing or turned off
+            why = str(e)
+        if wanted == "native":
+            return f"none: {why}"
+    else:
+        why = f"EDGELLM_BACKEND={wanted}"
+    if wanted in ("auto", "numba") and importlib.util.find_spec("numba") is not None:
+        return f"numba ({why})"
+    return f"reference ({why})"
 
 
 @cli.command()
