@@ -62,3 +62,26 @@ def require_native():
             raise ImportError(f"a C compiler is here but edgellm's native core did not build: {e}") from e
         pytest.skip(f"no C compiler: the native core was not built ({e})", allow_module_level=True)
     return native
+
+
+def assert_matches_llamacpp(cases, logits_of, label: str) -> None:
+    """The logits bar against llama.cpp's fixture, one definition for every backend and architecture.
+
+    For each case, `logits_of(ids + greedy32)` gives teacher-forced logits [n, n_vocab]; llama.cpp's top-1 must be
+    the argmax at >= 95% of positions, and the mean |logit - llama.cpp| over llama.cpp's top-10 ids <= 0.25
+    (llama.cpp rounds activations to 8 bits: an exact float32 engine sits about 0.17 away).
+    """
+    import numpy as np
+
+    agree, errs = [], []
+    for case in cases:
+        top = np.asarray(case["top10_ids"])
+        logits = np.asarray(logits_of(case["ids"] + case["greedy32"]))[: len(top)]
+        assert logits.shape[0] == len(top) and np.all(np.isfinite(logits)), label
+        agree.append(logits.argmax(1) == top[:, 0])
+        errs.append(np.abs(np.take_along_axis(logits, top, 1) - np.asarray(case["top10_logits"])))
+    agree, errs = np.concatenate(agree), np.concatenate(errs)
+    print(f"\n{label} vs llama.cpp: top-1 {agree.sum()}/{agree.size} = {agree.mean():.4f}, "
+          f"mean |logit diff| at top-10 = {errs.mean():.4f}")
+    assert agree.mean() >= 0.95, f"{label}: top-1 agrees at {agree.mean():.3f} of positions"
+    assert errs.mean() <= 0.25, f"{label}: mean |logit - llama.cpp| = {errs.mean():.3f}"

@@ -13,7 +13,7 @@ from edgellm.kv_cache import KVCache
 
 from edgellm.gguf import GGUFFile
 
-from conftest import load_fixture
+from conftest import assert_matches_llamacpp, load_fixture
 
 
 @pytest.fixture(scope="module")
@@ -121,21 +121,13 @@ def test_load_weights(weights, hp):
 
 
 def test_logits_match_llama_cpp(weights, hp, cases):
-    hits = total = 0
-    diffs = []
-    for case in cases:
-        seq = np.array(case["ids"] + case["greedy32"])
+    def logits_of(ids):
+        seq = np.array(ids)
         logits = llama.forward(weights, hp, seq, np.arange(len(seq)), new_cache(hp), all_logits=True)
         assert logits.shape == (len(seq), hp.n_vocab) and logits.dtype == np.float32
-        top_ids, top_logits = np.array(case["top10_ids"]), np.array(case["top10_logits"])
-        rows = logits[: len(top_ids)]
-        hits += int((rows.argmax(axis=1) == top_ids[:, 0]).sum())
-        total += len(top_ids)
-        diffs.append(np.abs(np.take_along_axis(rows, top_ids, axis=1) - top_logits).ravel())
-    top1, mean_diff = hits / total, float(np.concatenate(diffs).mean())
-    print(f"\nSmolLM2 vs llama.cpp: top-1 {hits}/{total} = {top1:.4f}, mean |logit diff| at top-10 = {mean_diff:.4f}")
-    assert top1 >= 0.95
-    assert mean_diff <= 0.25
+        return logits
+
+    assert_matches_llamacpp(cases, logits_of, "SmolLM2 (numpy reference)")
 
 
 @pytest.mark.parametrize("cache_type, max_tol, mean_tol", [

@@ -9,7 +9,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from conftest import load_fixture, require_native
+from conftest import assert_matches_llamacpp, load_fixture, require_native
 
 native = require_native()
 
@@ -51,18 +51,7 @@ def run(be, ids, cache=None, all_logits=True):
 
 def test_matches_llama_cpp(backend, fixtures):
     cases = load_fixture(fixtures, "logits-gemma-3-270m-q4_k_m.json")["cases"]
-    agree, errs = [], []
-    for case in cases:
-        ids = case["ids"] + case["greedy32"]
-        logits = run(backend, ids)
-        top = np.asarray(case["top10_ids"])
-        assert logits.shape[0] == top.shape[0]
-        agree.append(logits.argmax(1) == top[:, 0])
-        errs.append(np.abs(np.take_along_axis(logits, top, 1) - np.asarray(case["top10_logits"])))
-    agree, errs = np.concatenate(agree), np.concatenate(errs)
-    print(f"gemma3 native vs llama.cpp: top-1 {agree.mean():.4f}, mean |diff| top-10 {errs.mean():.4f}")
-    assert agree.mean() >= 0.95, f"top-1 agrees at {agree.mean():.3f} of positions"
-    assert errs.mean() <= 0.25, f"mean |logit - llama.cpp| = {errs.mean():.3f}"
+    assert_matches_llamacpp(cases, lambda ids: run(backend, ids), "gemma3 native")
 
 
 TEXT = ("The quick brown fox jumps over the lazy dog. In the beginning the universe was created; this has made "

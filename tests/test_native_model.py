@@ -14,7 +14,7 @@ from conftest import require_native
 
 native = require_native()
 
-from conftest import fixtures_dir
+from conftest import assert_matches_llamacpp, fixtures_dir, load_fixture
 
 from edgellm.backends.native import NativeBackend
 from edgellm.kv_cache import KVCache
@@ -48,17 +48,8 @@ def run(be, ids, cache=None, all_logits=True):
 
 
 def test_matches_llama_cpp(backend, fixtures):
-    cases = json.loads(FIXTURE.read_text())["cases"]
-    agree, errs = [], []
-    for case in cases:
-        ids = case["ids"] + case["greedy32"]
-        logits = run(backend, ids)
-        top = np.asarray(case["top10_ids"])
-        agree.append(logits.argmax(1) == top[:, 0])
-        errs.append(np.abs(np.take_along_axis(logits, top, 1) - np.asarray(case["top10_logits"])))
-    agree, errs = np.concatenate(agree), np.concatenate(errs)
-    assert agree.mean() >= 0.95, f"top-1 agrees at {agree.mean():.3f} of positions"
-    assert errs.mean() <= 0.25, f"mean |logit - llama.cpp| = {errs.mean():.3f}"
+    cases = load_fixture(fixtures, "logits-smollm2-135m-instruct-q4_1.json")["cases"]
+    assert_matches_llamacpp(cases, lambda ids: run(backend, ids), "SmolLM2 native")
 
 
 def decode(backend, ids):

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import load_fixture
+from conftest import assert_matches_llamacpp, load_fixture
 
 FIXTURE = "logits-smollm2-135m-instruct-q4_1.json"
 
@@ -57,21 +57,13 @@ def test_identity(backend):
 
 
 def test_matches_llama_cpp(backend, fixtures):
-    """Teacher-forced `ids + greedy32` of every case: top-1 agrees with llama.cpp at >= 95% of positions, mean
-    |logit - llama.cpp| over llama.cpp's top 10 <= 0.25 (llama.cpp rounds activations to 8 bits; an exact
-    float32 engine sits about 0.17 away)."""
-    agree, errs = [], []
-    for case in load_fixture(fixtures, FIXTURE)["cases"]:
-        logits = run(backend, case["ids"] + case["greedy32"])
-        top = np.asarray(case["top10_ids"])
-        assert logits.shape == (top.shape[0], backend.hparams.n_vocab)
-        assert np.all(np.isfinite(logits))
-        agree.append(logits.argmax(1) == top[:, 0])
-        errs.append(np.abs(np.take_along_axis(logits, top, 1) - np.asarray(case["top10_logits"])))
-    agree, errs = np.concatenate(agree), np.concatenate(errs)
-    print(f"\nnumba vs llama.cpp: top-1 {agree.mean():.4f} of {agree.size} positions, mean |diff| {errs.mean():.4f}")
-    assert agree.mean() >= 0.95, f"top-1 agrees at {agree.mean():.3f} of positions"
-    assert errs.mean() <= 0.25, f"mean |logit - llama.cpp| = {errs.mean():.3f}"
+    """Teacher-forced `ids + greedy32` of every case against llama.cpp (the bar: conftest.assert_matches_llamacpp)."""
+    def logits_of(ids):
+        logits = run(backend, ids)
+        assert logits.shape == (len(ids), backend.hparams.n_vocab)
+        return logits
+
+    assert_matches_llamacpp(load_fixture(fixtures, FIXTURE)["cases"], logits_of, "SmolLM2 numba")
 
 
 def test_decode_equals_prefill(backend):
