@@ -11,13 +11,13 @@ import numpy as np
 
 from .backends.loader import create_backend
 from .errors import EdgeLLMError
-from .generate import Engine, GenerationResponse, stream_generate
+from .generate import DEFAULT_BATCH, Engine, GenerationResponse, stream_generate
 from .hub import resolve_model
+from .kv_cache import CACHE_TYPES, default_n_ctx, parse_size
 from .model import Model
 from .grammar import response_format_to_schema
 from .sampling import LogprobsRecorder, SamplingParams
 
-DEFAULT_N_CTX = 4096  # capped by the model's training context
 
 
 class LLM:
@@ -38,17 +38,39 @@ class LLM:
         context_shift: bool = False,
         n_keep: int = 0,
         verbose: bool = False,
+        cache_type_v: str | None = None,
+        swa_full: bool = False,
+        kv_budget: int | str | None = None,
     ):
+        """n_ctx: context size in tokens; None: the model's training context, capped so that the KV cache fits
+        `kv_budget` (bytes or "512MiB"; default $EDGELLM_KV_BUDGET, else min(1 GiB, 1/8 of memory)); the choice
+        is in `self.context_info`. cache_type / cache_type_v: "f16" (default), "f32" or "q8_0" for K / V
+        (V defaults to K's). swa_full: sliding-window layers keep the whole context instead of a ring."""
         path = resolve_model(str(model))
         self.model = Model(path)
         try:
-            hp = self.model.hparams
             if n_ctx is not None and n_ctx < 1:
                 raise EdgeLLMError(f"n_ctx must be at least 1, got {n_ctx}")
-            self.n_ctx = n_ctx or min(DEFAULT_N_CTX, hp.n_ctx_train)
+            for t in (cache_type, cache_type_v):
+                if t is not None and t not in CACHE_TYPES:
+                    raise EdgeLLMError(f"unknown KV cache type {t!r}; expected one of {', '.join(CACHE_TYPES)}")
+            try:
+                budget = parse_size(kv_budget) if isinstance(kv_budget, str) else kv_budget
+            except ValueError as e:
+                raise EdgeLLMError(str(e)) from None
+            if n_ctx is None:
+                self.context_info = default_n_ctx(self.model, cache_type, cache_type_v, budget, DEFAULT_BATCH)
+                self.n_ctx = self.context_info["n_ctx"]
+            else:
+                self.n_ctx = n_ctx
+                self.context_info = {"n_ctx": n_ctx, "budget": None, "budget_from": "n_ctx given", "capped": False}
             self.backend = create_backend(self.model, backend, n_threads)
-            self.engine = Engine(self.model, self.backend, self.n_ctx, cache_type, context_shift=context_shift,
-                                 n_keep=n_keep)
+            try:
+                self.engine = Engine(self.model, self.backend, self.n_ctx, cache_type, context_shift=context_shift,
+                                     n_keep=n_keep, cache_type_v=cache_type_v, swa_full=swa_full)
+            except ValueError as e:   # a cache type this model cannot hold (q8_0 needs head_dim % 32 == 0)
+                raise EdgeLLMError(str(e)) from None
+            self.context_info["kv_bytes"] = self.engine.cache.nbytes
         except BaseException:
             self.model.close()
             raise
@@ -68,7 +90,8 @@ class LLM:
         ids = [int(i) for i in ids]
         self._check_ids(ids)
         if len(ids) > self.n_ctx:
-            engine = Engine(self.model, self.backend, len(ids), self.engine.cache.cache_type)
+            c = self.engine.cache
+            engine = Engine(self.model, self.backend, len(ids), c.type_k, cache_type_v=c.type_v)
             return engine.logits(ids)
         return self.engine.logits(ids)
 

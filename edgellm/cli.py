@@ -74,13 +74,17 @@ def ls_cmd():
 # ------------------------------------------------------------------------------------------------ info / tokenize
 @cli.command()
 @click.argument("model")
-def info(model):
+@click.option("--kv-budget", default=None, metavar="SIZE", help="Memory for the KV cache, e.g. 512MiB.")
+def info(model, kv_budget):
     """Describe a model: architecture, hyper-parameters, tensor types, tokenizer, backend."""
     from collections import Counter
 
     from .backends.loader import default_threads
     from .model import Model
 
+    from .kv_cache import parse_size
+
+    budget = parse_size(kv_budget) if kv_budget else None
     m = Model(_model_path(model))
     hp, tok, gf = m.hparams, m.tokenizer, m.gguf
     types = Counter(t.type.name for t in gf.tensors.values())
@@ -96,6 +100,25 @@ def info(model):
                f"{tok.n_vocab} tokens, BOS {tok.bos_id} (added: {tok.add_bos}), EOS {tok.eos_id}")
     click.echo(f"chat template: {'from the file' if gf.get('tokenizer.chat_template') else 'built-in fallback'}")
     click.echo(f"backend:      {_backend_summary()} ; threads {default_threads()}")
+    from .generate import DEFAULT_BATCH
+    from .kv_cache import default_n_ctx
+
+    ctx = default_n_ctx(m, budget=budget, n_batch=DEFAULT_BATCH)
+    click.echo(f"context:      {_context_line(ctx)}")
+
+
+def _context_line(ctx: dict, cache=None) -> str:
+    """n_ctx, the KV cache's memory, and the budget that chose n_ctx."""
+    line = f"n_ctx {ctx['n_ctx']}"
+    kv = cache.nbytes if cache is not None else ctx.get("kv_bytes")
+    if kv is not None:
+        kind = f" {cache.cache_type}" if cache is not None else " f16"
+        ring = f", sliding-window layers in rings of {cache.n_ring}" if cache is not None and cache.n_ring else ""
+        line += f", KV cache{kind} {kv / 2**20:.1f} MiB{ring}"
+    if ctx.get("budget"):
+        line += (f" (budget {ctx['budget'] / 2**20:.0f} MiB from {ctx['budget_from']}"
+                 f"{'; the model trained for more' if ctx['capped'] else ''})")
+    return line
 
 
 def _backend_summary() -> str:
@@ -176,7 +199,14 @@ def tokenize(model, text, add_special, parse_special, as_json):
 @click.option("-j", "--json-schema", default=None, help="A JSON schema the output must satisfy.")
 @click.option("--seed", type=int, default=None, help="Same seed, same text.")
 @click.option("-c", "--ctx-size", "n_ctx", type=click.IntRange(min=1), default=None,
-              help="Context size in tokens (default: the model's, at most 4096).")
+              help="Context size in tokens (default: the model's, capped by the KV memory budget; see `info`).")
+@click.option("-ctk", "--cache-type-k", "cache_type_k", type=click.Choice(["f16", "f32", "q8_0"]), default="f16",
+              show_default=True, help="KV cache type for K (q8_0: about half of f16's memory).")
+@click.option("-ctv", "--cache-type-v", "cache_type_v", type=click.Choice(["f16", "f32", "q8_0"]), default=None,
+              help="KV cache type for V (default: K's).")
+@click.option("--swa-full", is_flag=True, help="Sliding-window layers keep the whole context (no ring).")
+@click.option("--kv-budget", default=None, metavar="SIZE",
+              help="Memory for the KV cache when -c is not given, e.g. 512MiB (default: min(1 GiB, RAM/8)).")
 @click.option("-t", "--threads", "n_threads", type=click.IntRange(min=1), default=None)
 @click.option("--backend", type=click.Choice(["auto", "native", "numba", "reference"]), default="auto",
               show_default=True)
@@ -195,8 +225,9 @@ def tokenize(model, text, add_special, parse_special, as_json):
 def run(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, frequency_penalty,
         presence_penalty, typical_p, top_n_sigma, xtc_probability, xtc_threshold, dynatemp_range, dynatemp_exponent,
         dry_multiplier, dry_base, dry_allowed_length, dry_penalty_last_n, mirostat, mirostat_eta, mirostat_tau,
-        samplers, logit_bias, grammar, grammar_file, json_schema, seed, n_ctx, n_threads, backend,
-        context_shift, n_keep, streaming, prompt_cache, chat_prompt, raw, system, verbose):
+        samplers, logit_bias, grammar, grammar_file, json_schema, seed, n_ctx, cache_type_k, cache_type_v, swa_full,
+        kv_budget, n_threads, backend, context_shift, n_keep, streaming, prompt_cache, chat_prompt, raw, system,
+        verbose):
     """Run MODEL: continue -p's text (as llama.cpp's -p does), or chat interactively without -p.
 
     In the chat, /bye quits and Ctrl-C stops the answer, not the program.
@@ -207,11 +238,12 @@ def run(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty, rep
     if n_keep is None:
         n_keep = 4 if streaming else 0  # StreamingLLM's four attention sinks
     llm = LLM(_model_path(model), n_ctx=n_ctx, n_threads=n_threads, seed=seed, backend=backend,
-              context_shift=context_shift or streaming, n_keep=n_keep)
+              context_shift=context_shift or streaming, n_keep=n_keep, cache_type=cache_type_k,
+              cache_type_v=cache_type_v, swa_full=swa_full, kv_budget=kv_budget)
     if verbose:
         be = llm.backend
         click.echo(f"loaded {llm.model.name} in {time.perf_counter() - t0:.2f} s; backend {be.name} "
-                   f"({getattr(be, 'isa', '?')}), n_ctx {llm.n_ctx}", err=True)
+                   f"({getattr(be, 'isa', '?')}), {_context_line(llm.context_info, llm.engine.cache)}", err=True)
         if getattr(be, "fallback_reason", None):
             click.echo(f"({be.fallback_reason})", err=True)
     if grammar_file:

@@ -83,8 +83,12 @@ def register(cli: click.Group) -> None:
                   help="Tokens per chunk; the second half of each chunk is scored.")
     @click.option("-t", "--threads", "n_threads", type=click.IntRange(min=1), default=None)
     @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
+    @click.option("-ctk", "--cache-type-k", "cache_type_k", type=click.Choice(["f16", "f32", "q8_0"]), default="f16",
+                  show_default=True, help="KV cache type for K.")
+    @click.option("-ctv", "--cache-type-v", "cache_type_v", type=click.Choice(["f16", "f32", "q8_0"]), default=None,
+                  help="KV cache type for V (default: K's).")
     @click.option("--json", "as_json", is_flag=True, help='Print {"ppl": ..., "chunks": ..., "n_ctx": ...}.')
-    def perplexity(model, text_file, n_ctx, n_threads, backend, as_json):
+    def perplexity(model, text_file, n_ctx, n_threads, backend, cache_type_k, cache_type_v, as_json):
         """Perplexity of MODEL on a text file, computed as llama.cpp's llama-perplexity does."""
         from .backends.loader import create_backend
         from .hub import resolve_model
@@ -95,7 +99,8 @@ def register(cli: click.Group) -> None:
         m = Model(resolve_model(model))
         try:
             be = create_backend(m, backend, n_threads)
-            res = do_perplexity(m, be, text, n_ctx=n_ctx, progress=None)  # tqdm on stderr when a terminal
+            res = do_perplexity(m, be, text, n_ctx=n_ctx, progress=None,  # tqdm on stderr when a terminal
+                                cache_type=cache_type_k, cache_type_v=cache_type_v)
         finally:
             m.close()
         if as_json:

@@ -13,7 +13,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from .errors import ContextLengthError
-from .kv_cache import KVCache
+from .kv_cache import KVCache, new_cache
 from .sampling import Sampler, SamplingParams
 from .tokenizer import StreamingDetokenizer
 
@@ -48,10 +48,10 @@ class Engine:
     attention sinks + recent window: generation runs on in flat memory."""
 
     def __init__(self, model, backend, n_ctx: int, cache_type: str = "f16", n_batch: int = DEFAULT_BATCH,
-                 context_shift: bool = False, n_keep: int = 0):
-        hp = model.hparams
+                 context_shift: bool = False, n_keep: int = 0, cache_type_v: str | None = None,
+                 swa_full: bool = False):
         self.model, self.backend, self.n_batch = model, backend, n_batch
-        self.cache = KVCache(hp.n_layer, n_ctx, hp.n_head_kv, hp.head_dim, cache_type)
+        self.cache: KVCache = new_cache(model, n_ctx, cache_type, cache_type_v, n_batch=n_batch, swa_full=swa_full)
         if context_shift and not 0 <= n_keep < n_ctx // 2:
             raise ValueError(f"--keep {n_keep} must be at least 0 and less than half the context ({n_ctx})")
         self.context_shift, self.n_keep = context_shift, n_keep
@@ -121,7 +121,8 @@ class Engine:
             )
         prompt_ids = list(prompt_ids)
         n = len(prompt_ids)
-        if self._last_prompt is not None and self._last_prompt[0] == prompt_ids and self.cached_ids[:n] == prompt_ids:
+        if (self._last_prompt is not None and self._last_prompt[0] == prompt_ids and self.cached_ids[:n] == prompt_ids
+                and self.cache.reusable(n) == n):
             self.cache.truncate(n)
             del self.cached_ids[n:]
             self.last_prefill_evaluated = 0
@@ -132,7 +133,7 @@ class Engine:
                 break
             keep += 1
         keep = min(keep, len(prompt_ids) - 1)  # re-evaluate at least the last token to get its logits
-        self.cache.truncate(keep)
+        keep = self.cache.truncate(keep)       # less when sliding-window rings no longer hold the prefix's end
         del self.cached_ids[keep:]
         self.last_prefill_evaluated = len(prompt_ids) - keep
         logits = self._eval(prompt_ids[keep:], all_logits=False)[-1]

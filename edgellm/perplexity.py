@@ -27,7 +27,7 @@ import numpy as np
 
 from .errors import EdgeLLMError
 from .generate import DEFAULT_BATCH
-from .kv_cache import KVCache
+from .kv_cache import new_cache
 
 __all__ = ["PerplexityError", "perplexity", "token_nll"]
 
@@ -68,7 +68,7 @@ def _make_progress(progress, total: int):
 
 
 def perplexity(model, backend, text: str, n_ctx: int = 256, progress=None,
-               n_batch: int = DEFAULT_BATCH) -> dict:
+               n_batch: int = DEFAULT_BATCH, cache_type: str = "f16", cache_type_v: str | None = None) -> dict:
     """Perplexity of `model` (run by `backend`) on `text` with chunks of `n_ctx` tokens.
 
     `progress`: None = a tqdm bar on stderr when it is a terminal; True/False = always/never; or a callable
@@ -98,8 +98,7 @@ def perplexity(model, backend, text: str, n_ctx: int = 256, progress=None,
     first = n_ctx // 2
     bos = tok.bos_id if tok.add_bos else None
 
-    hp = model.hparams
-    cache = KVCache(hp.n_layer, n_ctx, hp.n_head_kv, hp.head_dim)
+    cache = new_cache(model, n_ctx, cache_type, cache_type_v, n_batch=n_batch)
     nll_sum = nll2_sum = 0.0
     count = 0
     advance, close = _make_progress(progress, n_chunk)

@@ -58,15 +58,26 @@ typedef struct el_model_desc {
     const int32_t *layer_window;   /* [n_layer] sliding window (query at p sees (p - window, p]), 0 = global; NULL: all global */
 } el_model_desc;
 
-/* One KV cache (one sequence): k, v are [n_layer, n_head_kv, n_ctx, head_dim] of `type`, owned by Python. */
+/* One KV cache (one sequence), owned by Python. Rows of head_dim elements of k_type / v_type (EL_F16, EL_F32 or
+ * EL_Q8_0; el_kv_row_size bytes each). Full-context layers: k, v are [n_full, n_head_kv, n_ctx, row], position p
+ * in slot p. Sliding-window layers (desc.layer_window > 0) live in k_swa, v_swa when those are set:
+ * [n_swa, n_head_kv, 2 * n_ring, row], a ring of n_ring >= window + n_batch slots written twice (position p in
+ * slots p % n_ring and p % n_ring + n_ring), so every window is one contiguous run of slots. Layers count in
+ * their own group, in layer order. With k_swa NULL every layer is in k, v (window applied by where it starts).
+ * swa_from: ring layers hold no position below it (after a context shift dropped them). */
 typedef struct el_cache {
     void *k;
     void *v;
     int n_ctx;
-    int type;              /* EL_F16 or EL_F32 */
+    int type_k, type_v;
+    void *k_swa;
+    void *v_swa;
+    int n_ring;
+    int swa_from;
 } el_cache;
 
-/* A batch: token i goes to cache seq[i] at slot pos[i] and attends over slots [0, pos[i]] of that cache.
+/* A batch: token i goes to cache seq[i] at position pos[i] and attends over positions [0, pos[i]] of that cache
+ * (its layer's window of them, on sliding-window layers).
  * Tokens of one sequence appear in increasing position order. Logits are written, in batch order, for the
  * tokens with out[i] != 0 (out may be NULL: last token only; no flag set: no logits, e.g. a prompt chunk). */
 typedef struct el_batch {
@@ -107,13 +118,15 @@ void el_silu_mul(const float *g, const float *u, float *y, int n);
 void el_gelu_mul(const float *g, const float *u, float *y, int n);
 void el_add(const float *a, const float *b, float *y, int n);
 void el_to_f16(const float *x, uint16_t *y, int n);          /* round to nearest even, as numpy */
-/* one query head over n_kv cached slots of one kv head: k, v are [>= n_kv, head_dim] of kv_type */
-void el_attn_head(const float *q, const void *k, const void *v, int kv_type, int n_kv, int head_dim,
+/* one query head over n_kv cached rows of one kv head: k, v are [>= n_kv] rows of k_type / v_type */
+void el_attn_head(const float *q, const void *k, int k_type, const void *v, int v_type, int n_kv, int head_dim,
                   float scale, float *scratch, float *out);
 /* n_q query rows [n_q, head_dim] over one kv head, row i over slots [0, n_kv[i]) (the prefill path) */
 size_t el_attn_rows_scratch_size(int n_q, int max_kv, int head_dim);   /* floats */
-void el_attn_rows(const float *q, int n_q, const int32_t *n_kv, const void *k, const void *v, int kv_type,
+void el_attn_rows(const float *q, int n_q, const int32_t *n_kv, const void *k, int k_type, const void *v, int v_type,
                   int head_dim, float scale, float *scratch, float *out);
+size_t el_kv_row_size(int type, int head_dim);               /* bytes of one cached K/V row */
+void el_kv_store_row(int type, const float *x, void *dst, int head_dim);   /* as the forward step stores K/V */
 
 /* ---- the whole forward step ---- */
 el_model *el_model_new(const el_model_desc *desc);

@@ -26,6 +26,7 @@ typedef struct {
     const float *q_norm, *k_norm;        /* [hd] (qk_norm) */
     const float *post_attn_norm, *post_ffn_norm;   /* [E] (post_norms) */
     int window;                          /* sliding window, 0 = global */
+    int group_idx;                       /* index among the layers of its cache group (ring or full-context) */
     int rope_set;                        /* index of this layer's (base, scale) RoPE table */
 } el_layer;
 
@@ -111,6 +112,9 @@ el_model *el_model_new(const el_model_desc *desc) {
             m->layers[l].rope_set = s;
             m->layers[l].window = d->layer_window && d->layer_window[l] > 0 ? d->layer_window[l] : 0;
         }
+        int n_ring_layers = 0, n_full_layers = 0;
+        for (int l = 0; l < d->n_layer; l++)
+            m->layers[l].group_idx = m->layers[l].window ? n_ring_layers++ : n_full_layers++;
         if (m->n_rope_sets == 0) m->n_rope_sets = 1;
     }
     m->d.layer_rope_base = m->d.layer_rope_scale = NULL;   /* copied above: the caller's arrays may go */
@@ -223,17 +227,42 @@ enum { ATTN_TILE = 16, ATTN_TILE_MIN = 4 };   /* tokens per prefill attention ta
 
 static inline void *xq_row(const el_model *m, int t) { return (char *)m->xq + (size_t)t * m->xq_stride; }
 
-static void *kv_slot(const el_model *m, void *base, const el_cache *c, int layer, int kvh, int pos) {
-    const size_t esize = c->type == EL_F16 ? 2 : 4;
-    return (char *)base + ((((size_t)layer * m->d.n_head_kv + kvh) * c->n_ctx + pos) * m->d.head_dim) * esize;
+/* One layer of one cache: where head h's rows are, and how positions map to rows (see el_cache). */
+typedef struct {
+    char *k, *v;
+    size_t krow, vrow;   /* bytes per row */
+    size_t rows;         /* rows per head */
+    int ring;            /* ring length (0: row = position) */
+    int from;            /* no position below it is cached */
+} kv_layer;
+
+static kv_layer layer_kv(const el_model *m, const el_cache *c, int l) {
+    const el_layer *L = &m->layers[l];
+    const int ring = c->k_swa && L->window, idx = c->k_swa ? L->group_idx : l, hd = m->d.head_dim;
+    kv_layer v;
+    v.krow = el_kv_row_bytes(c->type_k, hd);
+    v.vrow = el_kv_row_bytes(c->type_v, hd);
+    v.rows = ring ? 2 * (size_t)c->n_ring : (size_t)c->n_ctx;
+    v.k = (char *)(ring ? c->k_swa : c->k) + (size_t)idx * m->d.n_head_kv * v.rows * v.krow;
+    v.v = (char *)(ring ? c->v_swa : c->v) + (size_t)idx * m->d.n_head_kv * v.rows * v.vrow;
+    v.ring = ring ? c->n_ring : 0;
+    v.from = ring ? c->swa_from : 0;
+    return v;
+}
+
+static inline char *kv_row_k(const kv_layer *v, int h, int row) { return v->k + ((size_t)h * v->rows + row) * v->krow; }
+static inline char *kv_row_v(const kv_layer *v, int h, int row) { return v->v + ((size_t)h * v->rows + row) * v->vrow; }
+static inline int kv_row_of(const kv_layer *v, int pos) { return v->ring ? pos % v->ring : pos; }
+/* the first position the query at pos sees in layer L */
+static inline int kv_first(const el_layer *L, const kv_layer *v, int pos) {
+    int first = L->window && pos - L->window + 1 > 0 ? pos - L->window + 1 : 0;
+    return first > v->from ? first : v->from;
 }
 
 static void store_kv(const el_kernels *k, int type, void *dst, const float *src, int n) {
-    if (type == EL_F16) {
-        k->to_f16(src, dst, n);
-    } else {
-        memcpy(dst, src, (size_t)n * 4);
-    }
+    if (type == EL_F16) k->to_f16(src, dst, n);
+    else if (type == EL_Q8_0) el_kv_quantize_q8_0(src, dst, n);
+    else memcpy(dst, src, (size_t)n * 4);
 }
 
 /* ---- stages: work cut into chunks that threads claim, and a completion count instead of a barrier ----
@@ -338,9 +367,16 @@ static void forward_task(void *ctx, int ith, int nth) {
                 k->rope(m->q + (size_t)t * nq, d->n_head, hd, d->rope_dim, cs, d->rope_neox);
                 k->rope(m->kb + (size_t)t * nkv, d->n_head_kv, hd, d->rope_dim, cs, d->rope_neox);
                 const el_cache *cc = &c->caches[b->seq ? b->seq[t] : 0];
+                const kv_layer kv = layer_kv(m, cc, l);
+                const int row = kv_row_of(&kv, b->pos[t]);
                 for (int h = 0; h < d->n_head_kv; h++) {
-                    store_kv(k, cc->type, kv_slot(m, cc->k, cc, l, h, b->pos[t]), m->kb + (size_t)t * nkv + h * hd, hd);
-                    store_kv(k, cc->type, kv_slot(m, cc->v, cc, l, h, b->pos[t]), m->vb + (size_t)t * nkv + h * hd, hd);
+                    const float *kt = m->kb + (size_t)t * nkv + h * hd, *vt = m->vb + (size_t)t * nkv + h * hd;
+                    store_kv(k, cc->type_k, kv_row_k(&kv, h, row), kt, hd);
+                    store_kv(k, cc->type_v, kv_row_v(&kv, h, row), vt, hd);
+                    if (kv.ring) {   /* the mirror copy: windows never wrap */
+                        memcpy(kv_row_k(&kv, h, row + kv.ring), kv_row_k(&kv, h, row), kv.krow);
+                        memcpy(kv_row_v(&kv, h, row + kv.ring), kv_row_v(&kv, h, row), kv.vrow);
+                    }
                 }
             }
         }
@@ -354,10 +390,11 @@ static void forward_task(void *ctx, int ith, int nth) {
             for (nd = 0; (ch = claim(&S)) < ach; nd++) {
                 const int t = ch / d->n_head, h = ch % d->n_head, kvh = h / group;
                 const el_cache *cc = &c->caches[b->seq ? b->seq[t] : 0];
+                const kv_layer kv = layer_kv(m, cc, l);
                 float *out = m->xb + (size_t)t * nq + h * hd;
-                const int p = b->pos[t], first = L->window && p - L->window + 1 > 0 ? p - L->window + 1 : 0;
-                k->attn_head(m->q + (size_t)t * nq + h * hd, kv_slot(m, cc->k, cc, l, kvh, first),
-                             kv_slot(m, cc->v, cc, l, kvh, first), cc->type, p + 1 - first, hd, scale, scr, out);
+                const int p = b->pos[t], first = kv_first(L, &kv, p), r0 = kv_row_of(&kv, first);
+                k->attn_head(m->q + (size_t)t * nq + h * hd, kv_row_k(&kv, kvh, r0), cc->type_k,
+                             kv_row_v(&kv, kvh, r0), cc->type_v, p + 1 - first, hd, scale, scr, out);
                 if (fuse_q) k->quantize_q8a(out, (block_q8a *)xq_row(m, t) + h * hd / EL_QK, hd);
             }
             finish(&S, nd, ach);
@@ -374,17 +411,18 @@ static void forward_task(void *ctx, int ith, int nth) {
                     int s1 = s0 + 1;
                     while (s1 < tb && (b->seq ? b->seq[s1] : 0) == seq) s1++;
                     const el_cache *cc = &c->caches[seq];
-                    if (L->window && b->pos[s1 - 1] >= L->window) {
+                    const kv_layer kv = layer_kv(m, cc, l);
+                    if (kv_first(L, &kv, b->pos[s1 - 1]) > 0) {
                         /* a sliding window cuts in: tokens start at different slots, so one token at a time, its
                          * query heads of this kv head together (they share the window's K/V) */
                         for (int t = s0; t < s1; t++) {
-                            const int p = b->pos[t], first = p - L->window + 1 > 0 ? p - L->window + 1 : 0;
+                            const int p = b->pos[t], first = kv_first(L, &kv, p), r0 = kv_row_of(&kv, first);
                             for (int g = 0; g < group; g++) {
                                 memcpy(qbuf + (size_t)g * hd, m->q + (size_t)t * nq + (size_t)(kvh * group + g) * hd, sizeof(float) * hd);
                                 nkvs[g] = p + 1 - first;
                             }
-                            k->attn_rows(qbuf, group, nkvs, kv_slot(m, cc->k, cc, l, kvh, first), kv_slot(m, cc->v, cc, l, kvh, first),
-                                         cc->type, hd, scale, sc, obuf);
+                            k->attn_rows(qbuf, group, nkvs, kv_row_k(&kv, kvh, r0), cc->type_k, kv_row_v(&kv, kvh, r0),
+                                         cc->type_v, hd, scale, sc, obuf);
                             for (int g = 0; g < group; g++) {
                                 const int h = kvh * group + g;
                                 float *out = m->xb + (size_t)t * nq + h * hd;
@@ -401,8 +439,8 @@ static void forward_task(void *ctx, int ith, int nth) {
                             memcpy(qbuf + (size_t)nr * hd, m->q + (size_t)t * nq + (size_t)(kvh * group + g) * hd, sizeof(float) * hd);
                             nkvs[nr] = b->pos[t] + 1;
                         }
-                    k->attn_rows(qbuf, nr, nkvs, kv_slot(m, cc->k, cc, l, kvh, 0), kv_slot(m, cc->v, cc, l, kvh, 0),
-                                 cc->type, hd, scale, sc, obuf);
+                    k->attn_rows(qbuf, nr, nkvs, kv_row_k(&kv, kvh, 0), cc->type_k, kv_row_v(&kv, kvh, 0), cc->type_v,
+                                 hd, scale, sc, obuf);
                     nr = 0;
                     for (int t = s0; t < s1; t++)
                         for (int g = 0; g < group; g++, nr++) {
@@ -521,10 +559,21 @@ int el_model_forward(el_model *m, const el_batch *b, const el_cache *caches, int
     const el_model_desc *d = &m->d;
     const int n = b->n_tokens;
     if (n < 1 || n > d->n_batch || !el_model_ready(m) || n_caches < 1) return -1;
-    int max_ctx = 0;
+    int max_ctx = 0, max_window = 0;
+    for (int l = 0; l < d->n_layer; l++) max_window = m->layers[l].window > max_window ? m->layers[l].window : max_window;
+    for (int s = 0; s < n_caches; s++) {
+        const el_cache *c = &caches[s];
+        for (int kv = 0; kv < 2; kv++) {
+            const int t = kv ? c->type_v : c->type_k;
+            if (t != EL_F16 && t != EL_F32 && !(t == EL_Q8_0 && d->head_dim % EL_QK == 0)) return -1;
+        }
+        if (!c->k || !c->v || c->n_ctx < 1) return -1;
+        /* a ring holds every window of a full batch: the batch's first token still sees what its last overwrote */
+        if (c->k_swa && (!c->v_swa || c->n_ring < max_window + n || c->swa_from < 0)) return -1;
+    }
     for (int i = 0; i < n; i++) {
         const int s = b->seq ? b->seq[i] : 0;
-        if (s < 0 || s >= n_caches || (caches[s].type != EL_F16 && caches[s].type != EL_F32) || b->pos[i] < 0 || b->pos[i] >= caches[s].n_ctx ||
+        if (s < 0 || s >= n_caches || b->pos[i] < 0 || b->pos[i] >= caches[s].n_ctx ||
             b->tokens[i] < 0 || b->tokens[i] >= d->n_vocab)
             return -1;
         if (b->pos[i] + 1 > max_ctx) max_ctx = b->pos[i] + 1;

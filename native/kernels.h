@@ -3,6 +3,7 @@
 #ifndef EDGELLM_KERNELS_H
 #define EDGELLM_KERNELS_H
 
+#include <math.h>
 #include <stddef.h>
 #include "quants.h"
 
@@ -40,14 +41,49 @@ typedef struct el_kernels {
     void (*gelu_mul)(const float *g, const float *u, float *y, int n);
     void (*add)(const float *a, const float *b, float *y, int n);
     void (*to_f16)(const float *x, el_half *y, int n);   /* round to nearest even: K/V into the cache */
-    void (*attn_head)(const float *q, const void *k, const void *v, int kv_type, int n_kv, int head_dim,
+    /* K / V rows are cache rows: k_type / v_type each EL_F16, EL_F32 or EL_Q8_0 (el_kv_row_bytes apart) */
+    void (*attn_head)(const float *q, const void *k, int k_type, const void *v, int v_type, int n_kv, int head_dim,
                       float scale, float *scratch, float *out);
     /* n_q query rows (q, out: [n_q, head_dim]) of one kv head; row i attends over slots [0, n_kv[i]).
      * scratch: el_attn_rows_scratch(n_q, max n_kv, head_dim) floats. The prefill path: K/V converted once per
      * chunk of slots for all rows (a tile of tokens x the query heads sharing the kv head). */
-    void (*attn_rows)(const float *q, int n_q, const int32_t *n_kv, const void *k, const void *v, int kv_type,
-                      int head_dim, float scale, float *scratch, float *out);
+    void (*attn_rows)(const float *q, int n_q, const int32_t *n_kv, const void *k, int k_type, const void *v,
+                      int v_type, int head_dim, float scale, float *scratch, float *out);
 } el_kernels;
+
+/* bytes of one cached K or V row of head_dim elements (q8_0: head_dim % 32 == 0) */
+static inline size_t el_kv_row_bytes(int type, int head_dim) {
+    return type == 8 /* EL_Q8_0 */ ? (size_t)head_dim / EL_QK * sizeof(block_q8_0)
+                                   : (size_t)head_dim * (type == 1 /* EL_F16 */ ? 2 : 4);
+}
+
+/* row j of a cache block as float: f32 rows are returned in place, others converted into tmp [head_dim] */
+static inline const float *el_kv_row(const void *base, int type, int j, int head_dim, float *tmp) {
+    const char *row = (const char *)base + (size_t)j * el_kv_row_bytes(type, head_dim);
+    if (type == 0) return (const float *)row;
+    if (type == 1) {
+        for (int i = 0; i < head_dim; i++) tmp[i] = el_half_to_float(((const el_half *)row)[i]);
+    } else {
+        const block_q8_0 *b = (const block_q8_0 *)row;
+        for (int i = 0; i < head_dim / EL_QK; i++) {
+            const float d = el_half_to_float(b[i].d);
+            for (int l = 0; l < EL_QK; l++) tmp[i * EL_QK + l] = d * b[i].qs[l];
+        }
+    }
+    return tmp;
+}
+
+/* one row of head_dim floats into a q8_0 cache row: d = max|x| / 127, q = round(x / d) (gguf.quants' rule) */
+static inline void el_kv_quantize_q8_0(const float *x, void *dst, int head_dim) {
+    block_q8_0 *b = dst;
+    for (int i = 0; i < head_dim / EL_QK; i++) {
+        float amax = 0.0f;
+        for (int l = 0; l < EL_QK; l++) { const float a = x[i * EL_QK + l] < 0 ? -x[i * EL_QK + l] : x[i * EL_QK + l]; amax = a > amax ? a : amax; }
+        const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        b[i].d = el_float_to_half(d);
+        for (int l = 0; l < EL_QK; l++) b[i].qs[l] = (int8_t)roundf(x[i * EL_QK + l] * id);
+    }
+}
 
 #define EL_ATTN_KC 64   /* slots per converted K/V chunk */
 static inline size_t el_attn_rows_scratch(int n_q, int max_kv, int head_dim) {

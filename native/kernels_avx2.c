@@ -497,21 +497,31 @@ static void to_f16(const float *x, el_half *y, int n) {
 }
 
 /* ------------------------------------------------------------------------------------------- attention */
-static void (*generic_attn)(const float *, const void *, const void *, int, int, int, float, float *, float *);
+static void (*generic_attn)(const float *, const void *, int, const void *, int, int, int, float, float *, float *);
 
-static void attn_head(const float *q, const void *k, const void *v, int kv_type, int n_kv, int head_dim,
+/* 8 floats of cache row `row` from element i (i % 8 == 0): f32, f16 or q8_0 */
+INLINE __m256 kv_load8(const void *row, int type, int i) {
+    if (type == EL_F16) return load8_f16((const el_half *)row + i);
+    if (type == EL_F32) return _mm256_loadu_ps((const float *)row + i);
+    const block_q8_0 *b = (const block_q8_0 *)row + i / EL_QK;
+    const __m128i q = _mm_loadl_epi64((const __m128i *)(b->qs + i % EL_QK));
+    return _mm256_mul_ps(_mm256_set1_ps(el_half_to_float(b->d)), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)));
+}
+
+static void attn_head(const float *q, const void *k, int k_type, const void *v, int v_type, int n_kv, int head_dim,
                       float scale, float *scores, float *out) {
-    if (head_dim % 8 || head_dim > 256) { generic_attn(q, k, v, kv_type, n_kv, head_dim, scale, scores, out); return; }
+    if (head_dim % 8 || head_dim > 256) { generic_attn(q, k, k_type, v, v_type, n_kv, head_dim, scale, scores, out); return; }
     const int nv = head_dim / 8;
-    const int f16 = kv_type == EL_F16;
+    const size_t krow = el_kv_row_bytes(k_type, head_dim), vrow = el_kv_row_bytes(v_type, head_dim);
     for (int j = 0; j < n_kv; j++) {
         __m256 acc = _mm256_setzero_ps();
-        if (f16) {
-            const el_half *kj = (const el_half *)k + (size_t)j * head_dim;
-            for (int i = 0; i < nv; i++) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * i), load8_f16(kj + 8 * i), acc);
+        const char *kj = (const char *)k + (size_t)j * krow;
+        if (k_type == EL_F16) {
+            for (int i = 0; i < nv; i++) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * i), kv_load8(kj, EL_F16, 8 * i), acc);
+        } else if (k_type == EL_F32) {
+            for (int i = 0; i < nv; i++) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * i), kv_load8(kj, EL_F32, 8 * i), acc);
         } else {
-            const float *kj = (const float *)k + (size_t)j * head_dim;
-            for (int i = 0; i < nv; i++) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * i), _mm256_loadu_ps(kj + 8 * i), acc);
+            for (int i = 0; i < nv; i++) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * i), kv_load8(kj, EL_Q8_0, 8 * i), acc);
         }
         scores[j] = hsum8(acc) * scale;
     }
@@ -520,12 +530,13 @@ static void attn_head(const float *q, const void *k, const void *v, int kv_type,
     for (int i = 0; i < nv; i++) o[i] = _mm256_setzero_ps();
     for (int j = 0; j < n_kv; j++) {
         const __m256 p = _mm256_set1_ps(scores[j]);
-        if (f16) {
-            const el_half *vj = (const el_half *)v + (size_t)j * head_dim;
-            for (int i = 0; i < nv; i++) o[i] = _mm256_fmadd_ps(p, load8_f16(vj + 8 * i), o[i]);
+        const char *vj = (const char *)v + (size_t)j * vrow;
+        if (v_type == EL_F16) {
+            for (int i = 0; i < nv; i++) o[i] = _mm256_fmadd_ps(p, kv_load8(vj, EL_F16, 8 * i), o[i]);
+        } else if (v_type == EL_F32) {
+            for (int i = 0; i < nv; i++) o[i] = _mm256_fmadd_ps(p, kv_load8(vj, EL_F32, 8 * i), o[i]);
         } else {
-            const float *vj = (const float *)v + (size_t)j * head_dim;
-            for (int i = 0; i < nv; i++) o[i] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + 8 * i), o[i]);
+            for (int i = 0; i < nv; i++) o[i] = _mm256_fmadd_ps(p, kv_load8(vj, EL_Q8_0, 8 * i), o[i]);
         }
     }
     for (int i = 0; i < nv; i++) _mm256_storeu_ps(out + 8 * i, o[i]);
@@ -537,14 +548,18 @@ static void attn_head(const float *q, const void *k, const void *v, int kv_type,
  *   softmax per row (vector exp);
  *   output: the V chunk converted once, each row sums p_j v_j in registers.
  * Rows may read scores past their own n_kv inside a chunk (computed for a longer neighbour, never used). */
-static void (*generic_rows)(const float *, int, const int32_t *, const void *, const void *, int, int, float, float *, float *);
+static void (*generic_rows)(const float *, int, const int32_t *, const void *, int, const void *, int, int, float, float *, float *);
 
 INLINE void kv_chunk_to_float(const void *src, int kv_type, int j0, int jn, int hd, float *dst) {
-    if (kv_type == EL_F16) {
-        const el_half *h = (const el_half *)src + (size_t)j0 * hd;
-        for (int i = 0; i < jn * hd; i += 8) _mm256_storeu_ps(dst + i, load8_f16(h + i));
-    } else {
-        memcpy(dst, (const float *)src + (size_t)j0 * hd, sizeof(float) * (size_t)jn * hd);
+    const size_t rb = el_kv_row_bytes(kv_type, hd);
+    if (kv_type == EL_F32) {
+        memcpy(dst, (const char *)src + (size_t)j0 * rb, sizeof(float) * (size_t)jn * hd);
+        return;
+    }
+    for (int j = 0; j < jn; j++) {
+        const char *row = (const char *)src + (size_t)(j0 + j) * rb;
+        if (kv_type == EL_F16) for (int i = 0; i < hd; i += 8) _mm256_storeu_ps(dst + (size_t)j * hd + i, kv_load8(row, EL_F16, i));
+        else for (int i = 0; i < hd; i += 8) _mm256_storeu_ps(dst + (size_t)j * hd + i, kv_load8(row, EL_Q8_0, i));
     }
 }
 
@@ -580,9 +595,9 @@ INLINE void pv_slice(const float *p, const float *V, int hd, int jmax, int NV, f
     for (int s = 0; s < NV; s++) _mm256_storeu_ps(o + 8 * s, acc[s]);
 }
 
-static void attn_rows(const float *q, int n_q, const int32_t *n_kv, const void *k, const void *v, int kv_type,
-                      int hd, float scale, float *scratch, float *out) {
-    if (hd % 8 || hd > 256) { generic_rows(q, n_q, n_kv, k, v, kv_type, hd, scale, scratch, out); return; }
+static void attn_rows(const float *q, int n_q, const int32_t *n_kv, const void *k, int k_type, const void *v,
+                      int v_type, int hd, float scale, float *scratch, float *out) {
+    if (hd % 8 || hd > 256) { generic_rows(q, n_q, n_kv, k, k_type, v, v_type, hd, scale, scratch, out); return; }
     enum { KC = EL_ATTN_KC };
     int max_kv = 0;
     for (int i = 0; i < n_q; i++) max_kv = n_kv[i] > max_kv ? n_kv[i] : max_kv;
@@ -596,12 +611,7 @@ static void attn_rows(const float *q, int n_q, const int32_t *n_kv, const void *
         /* T[d * KC + j] = k[j0 + j][d]; slots past jn are zero */
         for (int j = 0; j < KC; j++) {
             if (j < jn) {
-                if (kv_type == EL_F16) {
-                    const el_half *kr = (const el_half *)k + (size_t)(j0 + j) * hd;
-                    for (int d = 0; d < hd; d += 8) _mm256_storeu_ps(tmp + d, load8_f16(kr + d));
-                } else {
-                    memcpy(tmp, (const float *)k + (size_t)(j0 + j) * hd, sizeof(float) * hd);
-                }
+                kv_chunk_to_float(k, k_type, j0 + j, 1, hd, tmp);
                 for (int d = 0; d < hd; d++) T[d * KC + j] = tmp[d];
             } else {
                 for (int d = 0; d < hd; d++) T[d * KC + j] = 0.0f;
@@ -623,7 +633,7 @@ static void attn_rows(const float *q, int n_q, const int32_t *n_kv, const void *
     memset(out, 0, sizeof(float) * (size_t)n_q * hd);
     for (int j0 = 0; j0 < max_kv; j0 += KC) {
         const int jn = max_kv - j0 < KC ? max_kv - j0 : KC;
-        kv_chunk_to_float(v, kv_type, j0, jn, hd, T);
+        kv_chunk_to_float(v, v_type, j0, jn, hd, T);
         for (int i = 0; i < n_q; i++) {
             int jmax = n_kv[i] - j0;
             if (jmax <= 0) continue;

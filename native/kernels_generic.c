@@ -351,37 +351,28 @@ static void to_f16(const float *x, el_half *y, int n) {
     for (int i = 0; i < n; i++) y[i] = el_float_to_half(x[i]);
 }
 
-static void attn_head(const float *q, const void *k, const void *v, int kv_type, int n_kv, int head_dim,
+static void attn_head(const float *q, const void *k, int k_type, const void *v, int v_type, int n_kv, int head_dim,
                       float scale, float *scores, float *out) {
+    float tmp[512];   /* head_dim <= 512 (checked by the callers) */
     for (int j = 0; j < n_kv; j++) {
+        const float *kj = el_kv_row(k, k_type, j, head_dim, tmp);
         float s = 0.0f;
-        if (kv_type == EL_F16) {
-            const el_half *kj = (const el_half *)k + (size_t)j * head_dim;
-            for (int i = 0; i < head_dim; i++) s += q[i] * el_half_to_float(kj[i]);
-        } else {
-            const float *kj = (const float *)k + (size_t)j * head_dim;
-            for (int i = 0; i < head_dim; i++) s += q[i] * kj[i];
-        }
+        for (int i = 0; i < head_dim; i++) s += q[i] * kj[i];
         scores[j] = s * scale;
     }
     softmax(scores, n_kv);
     for (int i = 0; i < head_dim; i++) out[i] = 0.0f;
     for (int j = 0; j < n_kv; j++) {
-        const float p = scores[j];
-        if (kv_type == EL_F16) {
-            const el_half *vj = (const el_half *)v + (size_t)j * head_dim;
-            for (int i = 0; i < head_dim; i++) out[i] += p * el_half_to_float(vj[i]);
-        } else {
-            const float *vj = (const float *)v + (size_t)j * head_dim;
-            for (int i = 0; i < head_dim; i++) out[i] += p * vj[i];
-        }
+        const float p = scores[j], *vj = el_kv_row(v, v_type, j, head_dim, tmp);
+        for (int i = 0; i < head_dim; i++) out[i] += p * vj[i];
     }
 }
 
-static void attn_rows(const float *q, int n_q, const int32_t *n_kv, const void *k, const void *v, int kv_type,
-                      int head_dim, float scale, float *scratch, float *out) {
+static void attn_rows(const float *q, int n_q, const int32_t *n_kv, const void *k, int k_type, const void *v,
+                      int v_type, int head_dim, float scale, float *scratch, float *out) {
     for (int i = 0; i < n_q; i++)
-        attn_head(q + (size_t)i * head_dim, k, v, kv_type, n_kv[i], head_dim, scale, scratch, out + (size_t)i * head_dim);
+        attn_head(q + (size_t)i * head_dim, k, k_type, v, v_type, n_kv[i], head_dim, scale, scratch,
+                  out + (size_t)i * head_dim);
 }
 
 /* ------------------------------------------------------------------------------------------------ table */

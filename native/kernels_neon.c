@@ -309,14 +309,35 @@ static void to_f16(const float *x, el_half *y, int n) {
 }
 
 /* ------------------------------------------------------------------------------------------- attention */
-static void (*generic_attn)(const float *, const void *, const void *, int, int, int, float, float *, float *);
+static void (*generic_attn)(const float *, const void *, int, const void *, int, int, int, float, float *, float *);
 
-static void attn_head(const float *q, const void *k, const void *v, int kv_type, int n_kv, int hd,
+/* cache row j as floats: f32 / f16 read in place (load4 kinds 0 / 1); q8_0 converted into tmp first */
+INLINE const void *kv_row4(const void *base, int type, int j, int hd, float *tmp, int *kind) {
+    const char *row = (const char *)base + (size_t)j * el_kv_row_bytes(type, hd);
+    if (type != EL_Q8_0) { *kind = type == EL_F16; return row; }
+    const block_q8_0 *b = (const block_q8_0 *)row;
+    for (int i = 0; i < hd / EL_QK; i++) {
+        const float32x4_t d = vdupq_n_f32(el_half_to_float(b[i].d));
+        for (int l = 0; l < EL_QK; l += 8) {
+            const int16x8_t w = vmovl_s8(vld1_s8(b[i].qs + l));
+            vst1q_f32(tmp + i * EL_QK + l, vmulq_f32(d, vcvtq_f32_s32(vmovl_s16(vget_low_s16(w)))));
+            vst1q_f32(tmp + i * EL_QK + l + 4, vmulq_f32(d, vcvtq_f32_s32(vmovl_s16(vget_high_s16(w)))));
+        }
+    }
+    *kind = 0;
+    return tmp;
+}
+
+static void attn_head(const float *q, const void *k, int k_type, const void *v, int v_type, int n_kv, int hd,
                       float scale, float *scores, float *out) {
-    if (hd % 4 || hd > 256) { generic_attn(q, k, v, kv_type, n_kv, hd, scale, scores, out); return; }
-    const int kind = kv_type == EL_F16 ? 1 : 0, esize = kind ? 2 : 4;
+    if (hd % 4 || hd > 256 || ((k_type == EL_Q8_0 || v_type == EL_Q8_0) && hd % EL_QK)) {
+        generic_attn(q, k, k_type, v, v_type, n_kv, hd, scale, scores, out);
+        return;
+    }
+    float tmp[256];
+    int kind;
     for (int j = 0; j < n_kv; j++) {
-        const void *kj = (const char *)k + (size_t)j * hd * esize;
+        const void *kj = kv_row4(k, k_type, j, hd, tmp, &kind);
         float32x4_t acc = vdupq_n_f32(0);
         for (int i = 0; i < hd; i += 4) acc = vfmaq_f32(acc, vld1q_f32(q + i), load4(kj, kind, i));
         scores[j] = vaddvq_f32(acc) * scale;
@@ -324,15 +345,16 @@ static void attn_head(const float *q, const void *k, const void *v, int kv_type,
     softmax(scores, n_kv);
     for (int i = 0; i < hd; i++) out[i] = 0.0f;
     for (int j = 0; j < n_kv; j++) {
-        const void *vj = (const char *)v + (size_t)j * hd * esize;
+        const void *vj = kv_row4(v, v_type, j, hd, tmp, &kind);
         for (int i = 0; i < hd; i += 4) vst1q_f32(out + i, vfmaq_n_f32(vld1q_f32(out + i), load4(vj, kind, i), scores[j]));
     }
 }
 
-static void attn_rows(const float *q, int n_q, const int32_t *n_kv, const void *k, const void *v, int kv_type,
-                      int head_dim, float scale, float *scratch, float *out) {
+static void attn_rows(const float *q, int n_q, const int32_t *n_kv, const void *k, int k_type, const void *v,
+                      int v_type, int head_dim, float scale, float *scratch, float *out) {
     for (int i = 0; i < n_q; i++)
-        attn_head(q + (size_t)i * head_dim, k, v, kv_type, n_kv[i], head_dim, scale, scratch, out + (size_t)i * head_dim);
+        attn_head(q + (size_t)i * head_dim, k, k_type, v, v_type, n_kv[i], head_dim, scale, scratch,
+                  out + (size_t)i * head_dim);
 }
 
 /* ------------------------------------------------------------------------------------------------ table */

@@ -110,16 +110,25 @@ void el_rope(float *x, int n_head, int head_dim, int rope_dim, int pos, float ba
     el_k->rope(x, n_head, head_dim, rope_dim, cs, neox);
 }
 
-void el_attn_head(const float *q, const void *k, const void *v, int kv_type, int n_kv, int head_dim,
+void el_attn_head(const float *q, const void *k, int k_type, const void *v, int v_type, int n_kv, int head_dim,
                   float scale, float *scratch, float *out) {
     el_init();
-    el_k->attn_head(q, k, v, kv_type, n_kv, head_dim, scale, scratch, out);
+    el_k->attn_head(q, k, k_type, v, v_type, n_kv, head_dim, scale, scratch, out);
 }
 
 size_t el_attn_rows_scratch_size(int n_q, int max_kv, int head_dim) { return el_attn_rows_scratch(n_q, max_kv, head_dim); }
 
-void el_attn_rows(const float *q, int n_q, const int32_t *n_kv, const void *k, const void *v, int kv_type,
+void el_attn_rows(const float *q, int n_q, const int32_t *n_kv, const void *k, int k_type, const void *v, int v_type,
                   int head_dim, float scale, float *scratch, float *out) {
     el_init();
-    el_k->attn_rows(q, n_q, n_kv, k, v, kv_type, head_dim, scale, scratch, out);
+    el_k->attn_rows(q, n_q, n_kv, k, k_type, v, v_type, head_dim, scale, scratch, out);
+}
+
+size_t el_kv_row_size(int type, int head_dim) { return el_kv_row_bytes(type, head_dim); }
+
+void el_kv_store_row(int type, const float *x, void *dst, int head_dim) {
+    el_init();
+    if (type == EL_F16) el_k->to_f16(x, dst, head_dim);
+    else if (type == EL_Q8_0) el_kv_quantize_q8_0(x, dst, head_dim);
+    else memcpy(dst, x, (size_t)head_dim * 4);
 }

@@ -16,6 +16,7 @@ native = require_native()
 ffi, lib = native.ffi, native.lib
 
 from edgellm.quant import TRAITS, GGMLType
+from edgellm import kv_cache
 
 try:
     from edgellm.quant.reference import dequantize
@@ -263,26 +264,55 @@ def test_rope(isa, neox, n_head, head_dim, rope_dim, pos):
     assert nmse(y[:x.size].reshape(n_head, head_dim), rope_reference(x, pos, rope_dim, 10000.0, neox)) <= 1e-7
 
 
-@pytest.mark.parametrize("dtype", [np.float16, np.float32])
-@pytest.mark.parametrize("n_kv,head_dim", [(1, 64), (7, 64), (133, 64), (5, 20), (9, 128)])
-def test_attn_head(isa, dtype, n_kv, head_dim):
+KV_TYPES = [("f16", "f16"), ("f32", "f32"), ("q8_0", "q8_0"), ("q8_0", "f16"), ("f16", "q8_0")]
+KV_ENUM = {"f16": lib.EL_F16, "f32": lib.EL_F32, "q8_0": lib.EL_Q8_0}
+
+
+def kv_rows(x: np.ndarray, cache_type: str, rng) -> tuple[np.ndarray, np.ndarray]:
+    """(rows as the cache stores them, with 3 trailing rows of garbage; what they decode to, float64)."""
+    enc = kv_cache.encode(x, cache_type)
+    if cache_type == "q8_0":
+        garbage = rng.integers(0, 256, (3, enc.shape[1])).astype(np.uint8)
+        garbage[:, 0:2] = np.frombuffer(np.float16(np.nan).tobytes(), np.uint8)  # NaN scales: must stay unread
+    else:
+        garbage = np.full((3, x.shape[1]), np.nan, enc.dtype)
+    return np.ascontiguousarray(np.concatenate([enc, garbage])), kv_cache.decode(enc, cache_type, x.shape[1]).astype(np.float64)
+
+
+@pytest.mark.parametrize("kv_types", KV_TYPES)
+@pytest.mark.parametrize("n_kv,head_dim", [(1, 64), (7, 64), (133, 64), (5, 20), (9, 128), (4, 256)])
+def test_attn_head(isa, kv_types, n_kv, head_dim):
+    if "q8_0" in kv_types and head_dim % 32:
+        pytest.skip("q8_0 rows need head_dim % 32 == 0")
     rng = np.random.default_rng(n_kv * head_dim)
     q = rng.standard_normal(head_dim).astype(np.float32)
-    k = rng.standard_normal((n_kv + 3, head_dim)).astype(dtype)  # slots past n_kv must be ignored
-    v = rng.standard_normal((n_kv + 3, head_dim)).astype(dtype)
-    k[n_kv:] = np.nan
-    v[n_kv:] = np.nan
+    k, kref = kv_rows(rng.standard_normal((n_kv, head_dim)).astype(np.float32), kv_types[0], rng)
+    v, vref = kv_rows(rng.standard_normal((n_kv, head_dim)).astype(np.float32), kv_types[1], rng)
     scale = 1 / np.sqrt(head_dim)
     scratch = out_buffer(n_kv)
     y = out_buffer(head_dim)
-    lib.el_attn_head(ptr(q), ptr(k, "void *"), ptr(v, "void *"), lib.EL_F16 if dtype == np.float16 else lib.EL_F32,
+    lib.el_attn_head(ptr(q), ptr(k, "void *"), KV_ENUM[kv_types[0]], ptr(v, "void *"), KV_ENUM[kv_types[1]],
                      n_kv, head_dim, scale, ptr(scratch), ptr(y))
     check_sentinel(scratch, n_kv)
     check_sentinel(y, head_dim)
-    s = k[:n_kv].astype(np.float64) @ q * scale
+    s = kref @ q * scale
     p = np.exp(s - s.max())
     p /= p.sum()
-    assert nmse(y[:head_dim], p @ v[:n_kv].astype(np.float64)) <= 1e-7
+    assert nmse(y[:head_dim], p @ vref) <= 1e-7
+
+
+@pytest.mark.parametrize("cache_type", ["f16", "q8_0"])
+def test_kv_store_row(cache_type):
+    """What the forward step writes into the cache is what the Python side (and gguf.quants) would write."""
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((5, 64)) * [[1], [1e-3], [0], [300], [1]]).astype(np.float32)
+    x[4, :32] = np.arange(32) - 15.5   # with max |x| = 127 the scale is 1: every x / d is a rounding tie
+    x[4, 31] = 127
+    size = lib.el_kv_row_size(KV_ENUM[cache_type], 64)
+    out = np.zeros((5, size), np.uint8)
+    for i in range(5):
+        lib.el_kv_store_row(KV_ENUM[cache_type], ptr(x[i]), ptr(out[i], "void *"), 64)
+    np.testing.assert_array_equal(out, kv_cache.encode(x, cache_type).view(np.uint8).reshape(5, size))
 
 
 def test_isa_names():
@@ -291,15 +321,16 @@ def test_isa_names():
     assert lib.el_set_isa(b"no-such-isa") == -1
 
 
-@pytest.mark.parametrize("dtype", [np.float16, np.float32])
-@pytest.mark.parametrize("n_q,max_kv,head_dim", [(1, 1, 64), (5, 70, 64), (48, 133, 64), (7, 9, 20), (6, 65, 128)])
-def test_attn_rows(isa, dtype, n_q, max_kv, head_dim):
+@pytest.mark.parametrize("kv_types", KV_TYPES)
+@pytest.mark.parametrize("n_q,max_kv,head_dim", [(1, 1, 64), (5, 70, 64), (48, 133, 64), (7, 9, 20), (6, 65, 128),
+                                                 (8, 100, 256)])
+def test_attn_rows(isa, kv_types, n_q, max_kv, head_dim):
+    if "q8_0" in kv_types and head_dim % 32:
+        pytest.skip("q8_0 rows need head_dim % 32 == 0")
     rng = np.random.default_rng(n_q * max_kv + head_dim)
     q = rng.standard_normal((n_q, head_dim)).astype(np.float32)
-    k = rng.standard_normal((max_kv + 2, head_dim)).astype(dtype)
-    v = rng.standard_normal((max_kv + 2, head_dim)).astype(dtype)
-    k[max_kv:] = np.nan
-    v[max_kv:] = np.nan
+    k, kref = kv_rows(rng.standard_normal((max_kv, head_dim)).astype(np.float32), kv_types[0], rng)
+    v, vref = kv_rows(rng.standard_normal((max_kv, head_dim)).astype(np.float32), kv_types[1], rng)
     n_kv = np.sort(rng.integers(1, max_kv + 1, n_q)).astype(np.int32)
     n_kv[-1] = max_kv
     scale = 1 / np.sqrt(head_dim)
@@ -307,15 +338,15 @@ def test_attn_rows(isa, dtype, n_q, max_kv, head_dim):
     scratch = out_buffer(ns)
     scratch[:ns] = 0
     y = out_buffer(n_q * head_dim)
-    lib.el_attn_rows(ptr(q), n_q, ptr(n_kv, "int32_t *"), ptr(k, "void *"), ptr(v, "void *"),
-                     lib.EL_F16 if dtype == np.float16 else lib.EL_F32, head_dim, scale, ptr(scratch), ptr(y))
+    lib.el_attn_rows(ptr(q), n_q, ptr(n_kv, "int32_t *"), ptr(k, "void *"), KV_ENUM[kv_types[0]], ptr(v, "void *"),
+                     KV_ENUM[kv_types[1]], head_dim, scale, ptr(scratch), ptr(y))
     check_sentinel(scratch, ns)
     check_sentinel(y, n_q * head_dim)
     ref = np.empty((n_q, head_dim))
     for i in range(n_q):
-        s = k[:n_kv[i]].astype(np.float64) @ q[i] * scale
+        s = kref[:n_kv[i]] @ q[i] * scale
         p = np.exp(s - s.max())
-        ref[i] = (p / p.sum()) @ v[:n_kv[i]].astype(np.float64)
+        ref[i] = (p / p.sum()) @ vref[:n_kv[i]]
     assert nmse(y[:n_q * head_dim].reshape(n_q, head_dim), ref) <= 1e-7
 
 

@@ -256,30 +256,36 @@ def rope_neox(x: np.ndarray, positions: np.ndarray, base: float, rope_dim: int, 
 
 
 def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, cache, il: int, positions: np.ndarray,
-           scale=None, visible=None) -> np.ndarray:
+           scale=None, window: int = 0) -> np.ndarray:
     """Attention of the new tokens over layer il of the cache: [n, n_head*hd], before the output projection.
 
     q: [n_head, n, hd] (after RoPE); k, v: [n_kv, n, hd] the new tokens' keys (after RoPE) and values;
-    scale: multiplies Q.K (None: Q came pre-scaled); visible: bool [n, positions.max()+1], may the query at
-    positions[i] see slot t (None: causal, t <= p).
+    scale: multiplies Q.K (None: Q came pre-scaled); window: the query at p sees only positions > p - window
+    (0: all of [0, p]).
     """
     n_head, n, hd = q.shape
     n_kv = k.shape[0]
-    # Store the new keys/values at slot = position (rounded to the cache's dtype, f16 by default), then
-    # read every slot back from the cache, so a token attends to exactly what later tokens will see.
-    cache.k[il][:, positions, :] = k
-    cache.v[il][:, positions, :] = v
-    n_slots = int(positions.max()) + 1
-    K = cache.k[il, :, :n_slots].astype(np.float32)                # [n_kv, T, hd]
-    V = cache.v[il, :, :n_slots].astype(np.float32)                # [n_kv, T, hd]
+    if cache.layer_window[il] not in (0, window):
+        raise ValueError(f"layer {il}: the cache was made for a window of {cache.layer_window[il]}, the model has {window}")
+    step = cache.max_batch
+    if n > step:  # a ring keeps window + n_batch positions: store and attend a piece at a time
+        parts = [attend(q[:, i:i + step], k[:, i:i + step], v[:, i:i + step], cache, il, positions[i:i + step],
+                        scale, window) for i in range(0, n, step)]
+        return np.concatenate(parts, axis=0)
+    # Store the new keys/values (rounded to the cache's type, f16 by default), then read the span back from the
+    # cache, so a token attends to exactly what later tokens will see.
+    cache.store(il, positions, k, v)
+    first = np.maximum(cache.first_visible(il, positions), positions - window + 1 if window else 0)  # [n]
+    lo, hi = int(first.min()), int(positions.max()) + 1
+    K, V = cache.read(il, lo, hi)                                  # [n_kv, T, hd] positions lo .. hi-1
+    t = np.arange(lo, hi)[None, :]                                 # [1, T]
+    visible = (t <= positions[:, None]) & (t >= first[:, None])    # [n, T]
 
     # GQA: query head j uses kv head j // group, so split the query heads into [n_kv, group].
     q = q.reshape(n_kv, n_head // n_kv, n, hd)                     # [n_kv, group, n, hd]
     scores = q @ K[:, None].transpose(0, 1, 3, 2)                  # [n_kv, group, n, T]
     if scale is not None:
         scores *= np.float32(scale)
-    if visible is None:
-        visible = np.arange(n_slots)[None, :] <= positions[:, None]  # [n, T]: slot t visible from p iff t <= p
     scores = np.where(visible, scores, np.float32(-np.inf))       # [n_kv, group, n, T]
     out = softmax(scores) @ V[:, None]                             # [n_kv, group, n, hd]
     out = out.reshape(n_head, n, hd).transpose(1, 0, 2)            # [n, n_head, hd]

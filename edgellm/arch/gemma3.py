@@ -298,22 +298,17 @@ def project_qkv(h: np.ndarray, w, hp: HParams, il: int, positions: np.ndarray):
     return q, k, v
 
 
-def visible(hp: HParams, il: int, positions: np.ndarray, n_slots: int) -> np.ndarray:
-    """[n, n_slots] bool: may the query at positions[i] attend to the key in slot (= position) t?"""
-    t = np.arange(n_slots)[None, :]                                         # [1, T]
-    p = positions[:, None]                                                  # [n, 1]
-    mask = t <= p                                                           # causal
-    if not hp.layer_is_global[il]:
-        mask &= p - t < hp.sliding_window  # llama.cpp is_masked_swa: masked iff p - t >= n_swa
-    return mask                                                             # [n, T]
+def window(hp: HParams, il: int) -> int:
+    """Layer il's sliding window (0: global). A query at p sees keys at t with p - window < t <= p
+    (llama.cpp's is_masked_swa: masked iff p - t >= n_swa)."""
+    return 0 if hp.layer_is_global[il] else int(hp.sliding_window or 0)
 
 
 def attention(h, w, hp: HParams, il: int, positions, cache) -> np.ndarray:
     q, k, v = project_qkv(h, w, hp, il, positions)  # [n_head, n, hd], [n_kv, n, hd], [n_kv, n, hd]
-    # Q comes pre-scaled (attn_scale), so no scale here; the mask is causal plus, on local layers, the window.
-    # (Local layers keep every slot in the cache for now and apply the window as a mask.)
-    n_slots = int(positions.max()) + 1
-    out = attend(q, k, v, cache, il, positions, visible=visible(hp, il, positions, n_slots))  # [n, n_head*hd]
+    # Q comes pre-scaled (attn_scale), so no scale here; the mask is causal plus, on local layers, the window
+    # (which the cache may keep as a ring of its own: see kv_cache.py).
+    out = attend(q, k, v, cache, il, positions, window=window(hp, il))  # [n, n_head*hd]
     return out @ w[ATTN_OUTPUT.format(i=il)].T                     # [n, n_embd]
 
 

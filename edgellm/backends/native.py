@@ -30,7 +30,7 @@ def native_isa() -> str:
 ARCHS = ("llama", "gemma3")
 MATRIX_TYPES = {GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.Q4_0, GGMLType.Q4_1,
                 GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K}
-CACHE_TYPES = {np.dtype(np.float16): lib.EL_F16, np.dtype(np.float32): lib.EL_F32}
+CACHE_TYPES = {"f16": lib.EL_F16, "f32": lib.EL_F32, "q8_0": lib.EL_Q8_0}
 LAYER_TENSORS = {  # GGUF name in blk.{i}. -> slot of the C model
     "attn_norm": lib.EL_T_ATTN_NORM, "attn_q": lib.EL_T_WQ, "attn_k": lib.EL_T_WK, "attn_v": lib.EL_T_WV,
     "attn_output": lib.EL_T_WO, "ffn_norm": lib.EL_T_FFN_NORM, "ffn_gate": lib.EL_T_FFN_GATE,
@@ -60,7 +60,8 @@ class NativeBackend:
         hp = model.hparams
         if hp.arch not in ARCHS:
             raise NotImplementedError(f"architecture {hp.arch!r} (the native core runs {', '.join(ARCHS)})")
-        if hp.n_head % hp.n_head_kv or hp.rope_dim > hp.head_dim or hp.rope_dim % 2 or hp.rope_dim > 512:
+        if (hp.n_head % hp.n_head_kv or hp.rope_dim > hp.head_dim or hp.rope_dim % 2 or hp.rope_dim > 512
+                or hp.head_dim > 512):
             raise NotImplementedError(f"head layout n_head={hp.n_head} n_head_kv={hp.n_head_kv} "
                                       f"head_dim={hp.head_dim} rope_dim={hp.rope_dim}")
         self.model, self.hparams = model, hp
@@ -69,6 +70,7 @@ class NativeBackend:
         if self.n_batch < 1:
             raise ValueError(f"n_batch must be at least 1, got {n_batch}")
         self.isa = isa()
+        self._windows = (0,) * hp.n_layer   # sliding windows per layer (gemma3 sets them)
         gf = model.gguf
         self._keep = []  # the buffers C points into: must outlive the C model
 
@@ -106,7 +108,7 @@ class NativeBackend:
         self._batch.seq = ffi.NULL
         self._batch.out = ffi.cast("int8_t *", self._out.ctypes.data)
         self._cache = ffi.new("el_cache[1]")
-        self._bound = (None, None)   # the (k, v) arrays self._cache points into
+        self._bound = None   # the cache self._cache describes, and its state then (see _bind_cache)
 
     def _describe_gemma3(self, hp, desc) -> None:
         """Gemma 3's options on top of the llama step (see edgellm/arch/gemma3.py for where each comes from)."""
@@ -126,6 +128,7 @@ class NativeBackend:
         if not (np.isfinite(hp.attn_scale) and np.isfinite(hp.embd_scale)):
             raise NotImplementedError("gemma3: non-finite attention / embedding scale")
         # el_model_new copies the arrays: these only have to live until it returns (kept anyway, cheap)
+        self._windows = tuple(windows)
         self._desc_arrays = (ffi.new("float[]", bases), ffi.new("float[]", scales), ffi.new("int32_t[]", windows))
         desc.layer_rope_base, desc.layer_rope_scale, desc.layer_window = self._desc_arrays
         desc.rope_neox, desc.act = 1, lib.EL_ACT_GELU
@@ -156,22 +159,34 @@ class NativeBackend:
             raise NotImplementedError(f"{name}: {ttype.name} {shape} does not fit the model's hyper-parameters")
 
     def _bind_cache(self, cache: KVCache) -> None:
-        hp = self.hparams
-        want = (hp.n_layer, hp.n_head_kv, cache.n_ctx, hp.head_dim)
-        if self._bound[0] is cache.k and self._bound[1] is cache.v and cache.k.shape == want and cache.v.shape == want:
+        state = (cache, cache.k, cache.k_swa, cache.swa_from)
+        if self._bound is not None and all(a is b for a, b in zip(self._bound, state)):
             return  # the same arrays as last step (the decode loop): nothing to check again
-        for a in (cache.k, cache.v):
-            if a.shape != want or a.dtype not in CACHE_TYPES or not a.flags.c_contiguous or not a.flags.writeable:
-                raise ValueError(f"KV cache arrays must be writable C-contiguous float16/float32 {want}, "
-                                 f"got {a.dtype} {a.shape}")
-        if cache.k.dtype != cache.v.dtype:
-            raise ValueError("KV cache k and v must share a dtype")
+        hp = self.hparams
+        if (cache.n_layer, cache.n_head_kv, cache.head_dim) != (hp.n_layer, hp.n_head_kv, hp.head_dim):
+            raise ValueError(f"KV cache (layers, kv heads, head_dim) = {(cache.n_layer, cache.n_head_kv, cache.head_dim)} "
+                             f"does not match the model's {(hp.n_layer, hp.n_head_kv, hp.head_dim)}")
+        if any(cache.layer_window) and tuple(cache.layer_window) != tuple(self._windows):
+            raise ValueError(f"the KV cache was made for sliding windows {cache.layer_window}, the model has {self._windows}")
+        n_full = sum(1 for swa, _ in cache.layer_slot if not swa)
+        arrays = [(cache.k, n_full, cache.n_ctx, cache.type_k), (cache.v, n_full, cache.n_ctx, cache.type_v)]
+        if cache.n_ring:
+            n_swa = hp.n_layer - n_full
+            arrays += [(cache.k_swa, n_swa, 2 * cache.n_ring, cache.type_k), (cache.v_swa, n_swa, 2 * cache.n_ring, cache.type_v)]
+        for a, layers, rows, t in arrays:
+            want = (layers, hp.n_head_kv, rows, int(lib.el_kv_row_size(CACHE_TYPES[t], hp.head_dim)))
+            if (a is None or a.shape[:3] != want[:3] or a.nbytes != np.prod(want) or not a.flags.c_contiguous
+                    or not a.flags.writeable):
+                raise ValueError(f"KV cache arrays must be writable C-contiguous {t} rows {want}")
         c = self._cache[0]
         c.k = ffi.cast("void *", cache.k.ctypes.data)
         c.v = ffi.cast("void *", cache.v.ctypes.data)
         c.n_ctx = cache.n_ctx
-        c.type = CACHE_TYPES[cache.k.dtype]
-        self._bound = (cache.k, cache.v)
+        c.type_k, c.type_v = CACHE_TYPES[cache.type_k], CACHE_TYPES[cache.type_v]
+        c.k_swa = ffi.cast("void *", cache.k_swa.ctypes.data) if cache.n_ring else ffi.NULL
+        c.v_swa = ffi.cast("void *", cache.v_swa.ctypes.data) if cache.n_ring else ffi.NULL
+        c.n_ring, c.swa_from = cache.n_ring, cache.swa_from
+        self._bound = state
 
     def forward(self, tokens, positions, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Run tokens [n] at positions [n]; K/V go to cache slot = position. Returns float32 [n or 1, n_vocab].
@@ -202,9 +217,9 @@ class NativeBackend:
             if lib.el_model_forward(self._m, self._batch, self._cache, 1, dst) != 0:
                 raise RuntimeError("el_model_forward rejected the batch")  # unreachable after the checks above
             return logits
-        row = 0
-        for s in range(0, n, self.n_batch):
-            m = min(self.n_batch, n - s)
+        row, step = 0, min(self.n_batch, cache.max_batch)
+        for s in range(0, n, step):
+            m = min(step, n - s)
             self._tok[:m] = tokens[s:s + m]
             self._pos[:m] = positions[s:s + m]
             self._out[:m] = 1 if all_logits else 0
@@ -249,7 +264,10 @@ class NativeBackend:
             self._bind_cache(cache)
             cs[i] = self._cache[0]
             keep.append(cache)
-        self._bound = (None, None)
+        self._bound = None
+        for s in range(len(caches)):
+            if np.count_nonzero(seqs == s) > caches[s].max_batch:
+                raise ValueError(f"sequence {s}: more tokens than its cache's ring keeps ({caches[s].max_batch})")
         out = np.zeros(n, np.int8)
         if all_logits:
             out[:] = 1

@@ -181,51 +181,48 @@ static void test_elementwise(const char *isa) {
         check(isa, neox ? "rope neox" : "rope normal", out, ref, n, 1e-7);
         free(x); free(ref); free(out);
     }
-    static const int attn[][2] = { { 1, 64 }, { 7, 64 }, { 133, 64 }, { 5, 20 }, { 9, 128 } };
+    /* attention over cache rows of each type (f32, f16, q8_0), stored as the forward step stores them */
+    static const int kv_types[3] = { EL_F32, EL_F16, EL_Q8_0 };
+    static const char *const kv_names[3] = { "f32", "f16", "q8_0" };
+    static const int attn[][2] = { { 1, 64 }, { 7, 64 }, { 133, 64 }, { 5, 20 }, { 9, 128 }, { 4, 256 } };
     for (size_t s = 0; s < sizeof attn / sizeof *attn; s++)
-        for (int f16 = 0; f16 < 2; f16++) {
-            const int n_kv = attn[s][0], hd = attn[s][1];
+        for (int ti = 0; ti < 3; ti++) {
+            const int n_kv = attn[s][0], hd = attn[s][1], t = kv_types[ti];
+            if (t == EL_Q8_0 && hd % 32) continue;
             float *q = malloc(sizeof(float) * hd), *kf = malloc(sizeof(float) * n_kv * hd), *vf = malloc(sizeof(float) * n_kv * hd);
             fill_normal(q, hd, 1.0f); fill_normal(kf, n_kv * hd, 1.0f); fill_normal(vf, n_kv * hd, 1.0f);
-            void *k = kf, *v = vf;
-            if (f16) {
-                el_half *kh = malloc(2 * (size_t)n_kv * hd), *vh = malloc(2 * (size_t)n_kv * hd);
-                for (int i = 0; i < n_kv * hd; i++) { kh[i] = el_float_to_half(kf[i]); vh[i] = el_float_to_half(vf[i]); }
-                k = kh; v = vh;
-            }
+            const size_t rb = el_kv_row_size(t, hd);
+            char *k = malloc(rb * n_kv), *v = malloc(rb * n_kv);
+            for (int j = 0; j < n_kv; j++) { el_kv_store_row(t, kf + (size_t)j * hd, k + j * rb, hd); el_kv_store_row(t, vf + (size_t)j * hd, v + j * rb, hd); }
             float *sr = out_buf(n_kv), *so = out_buf(n_kv), *ref = out_buf(hd), *out = out_buf(hd);
-            el_set_isa("generic"); el_attn_head(q, k, v, f16 ? EL_F16 : EL_F32, n_kv, hd, 0.125f, sr, ref);
-            el_set_isa(isa); el_attn_head(q, k, v, f16 ? EL_F16 : EL_F32, n_kv, hd, 0.125f, so, out);
-            snprintf(what, sizeof what, "attn_head %s n_kv=%d hd=%d", f16 ? "f16" : "f32", n_kv, hd);
+            el_set_isa("generic"); el_attn_head(q, k, t, v, t, n_kv, hd, 0.125f, sr, ref);
+            el_set_isa(isa); el_attn_head(q, k, t, v, t, n_kv, hd, 0.125f, so, out);
+            snprintf(what, sizeof what, "attn_head %s n_kv=%d hd=%d", kv_names[ti], n_kv, hd);
             check(isa, what, out, ref, hd, 1e-7);
             check(isa, "attn_head scratch bounds", so, sr, n_kv, 1.0);
-            if (f16) { free(k); free(v); }
-            free(q); free(kf); free(vf); free(sr); free(so); free(ref); free(out);
+            free(k); free(v); free(q); free(kf); free(vf); free(sr); free(so); free(ref); free(out);
         }
     /* many rows over one kv head (prefill path), rows with different lengths */
-    static const int rows[][3] = { { 1, 1, 64 }, { 5, 70, 64 }, { 48, 133, 64 }, { 7, 9, 20 }, { 6, 65, 128 } };
+    static const int rows[][3] = { { 1, 1, 64 }, { 5, 70, 64 }, { 48, 133, 64 }, { 7, 9, 20 }, { 6, 65, 128 }, { 8, 100, 256 } };
     for (size_t s = 0; s < sizeof rows / sizeof *rows; s++)
-        for (int f16 = 0; f16 < 2; f16++) {
-            const int n_q = rows[s][0], max_kv = rows[s][1], hd = rows[s][2];
+        for (int ti = 0; ti < 3; ti++) {
+            const int n_q = rows[s][0], max_kv = rows[s][1], hd = rows[s][2], t = kv_types[ti];
+            if (t == EL_Q8_0 && hd % 32) continue;
             float *q = malloc(sizeof(float) * n_q * hd), *kf = malloc(sizeof(float) * max_kv * hd), *vf = malloc(sizeof(float) * max_kv * hd);
             int32_t *nkv = malloc(sizeof(int32_t) * n_q);
             fill_normal(q, n_q * hd, 1.0f); fill_normal(kf, max_kv * hd, 1.0f); fill_normal(vf, max_kv * hd, 1.0f);
             for (int i = 0; i < n_q; i++) nkv[i] = i == n_q - 1 ? max_kv : 1 + (int)(rnd_u32() % (uint32_t)max_kv);
-            void *k = kf, *v = vf;
-            if (f16) {
-                el_half *kh = malloc(2 * (size_t)max_kv * hd), *vh = malloc(2 * (size_t)max_kv * hd);
-                for (int i = 0; i < max_kv * hd; i++) { kh[i] = el_float_to_half(kf[i]); vh[i] = el_float_to_half(vf[i]); }
-                k = kh; v = vh;
-            }
+            const size_t rb = el_kv_row_size(t, hd);
+            char *k = malloc(rb * max_kv), *v = malloc(rb * max_kv);
+            for (int j = 0; j < max_kv; j++) { el_kv_store_row(t, kf + (size_t)j * hd, k + j * rb, hd); el_kv_store_row(t, vf + (size_t)j * hd, v + j * rb, hd); }
             const int ns = (int)el_attn_rows_scratch_size(n_q, max_kv, hd);
             float *scr = out_buf(ns), *ref = out_buf(n_q * hd), *out = out_buf(n_q * hd);
-            el_set_isa("generic"); el_attn_rows(q, n_q, nkv, k, v, f16 ? EL_F16 : EL_F32, hd, 0.125f, scr, ref);
-            el_set_isa(isa); el_attn_rows(q, n_q, nkv, k, v, f16 ? EL_F16 : EL_F32, hd, 0.125f, scr, out);
-            snprintf(what, sizeof what, "attn_rows %s %dx%d hd=%d", f16 ? "f16" : "f32", n_q, max_kv, hd);
+            el_set_isa("generic"); el_attn_rows(q, n_q, nkv, k, t, v, t, hd, 0.125f, scr, ref);
+            el_set_isa(isa); el_attn_rows(q, n_q, nkv, k, t, v, t, hd, 0.125f, scr, out);
+            snprintf(what, sizeof what, "attn_rows %s %dx%d hd=%d", kv_names[ti], n_q, max_kv, hd);
             check(isa, what, out, ref, n_q * hd, 1e-7);
             for (int i = 0; i < NSENT; i++) if (scr[ns + i] != SENTINEL) { failures++; printf("FAIL %s attn_rows scratch overrun\n", isa); break; }
-            if (f16) { free(k); free(v); }
-            free(q); free(kf); free(vf); free(nkv); free(scr); free(ref); free(out);
+            free(k); free(v); free(q); free(kf); free(vf); free(nkv); free(scr); free(ref); free(out);
         }
 }
 
@@ -261,7 +258,7 @@ static void run_tiny_model(const char *isa, int n_threads, float *logits /* [11,
         bad |= el_model_set_tensor(m, EL_T_ATTN_NORM, l, EL_F32, norm[l][0], 1, E) | el_model_set_tensor(m, EL_T_FFN_NORM, l, EL_F32, norm[l][1], 1, E);
     }
     el_half *k = calloc((size_t)L * HKV * CTX * HD, 2), *v = calloc((size_t)L * HKV * CTX * HD, 2);
-    el_cache cache = { k, v, CTX, EL_F16 };
+    el_cache cache = { .k = k, .v = v, .n_ctx = CTX, .type_k = EL_F16, .type_v = EL_F16 };
     const int32_t toks[11] = { 1, 5, 9, 33, 2, 63, 17, 40, 8, 12, 50 };
     int32_t pos[11];
     int8_t out[11];

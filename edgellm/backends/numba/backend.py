@@ -192,10 +192,10 @@ class NumbaBackend:
         if positions.min() < 0 or positions.max() >= cache.n_ctx:
             raise ContextLengthError(f"position {positions.min()}..{positions.max()} does not fit the context "
                                      f"of {cache.n_ctx}")
-        want = (hp.n_layer, hp.n_head_kv, cache.n_ctx, hp.head_dim)
-        for a in (cache.k, cache.v):
-            if a.shape != want or a.dtype not in (np.float16, np.float32) or not a.flags.c_contiguous:
-                raise ValueError(f"KV cache arrays must be C-contiguous float16/float32 {want}, got {a.dtype} {a.shape}")
+        if (cache.n_layer, cache.n_head_kv, cache.head_dim) != (hp.n_layer, hp.n_head_kv, hp.head_dim) or cache.n_ring:
+            raise ValueError(f"KV cache (layers, kv heads, head_dim, ring) = "
+                             f"{(cache.n_layer, cache.n_head_kv, cache.head_dim, cache.n_ring)} does not fit the model's "
+                             f"{(hp.n_layer, hp.n_head_kv, hp.head_dim, 0)}")
         return tokens, positions
 
     def forward(self, tokens, positions, cache: KVCache, all_logits: bool = False) -> np.ndarray:
@@ -205,10 +205,6 @@ class NumbaBackend:
         numba.set_num_threads(self.n_threads)  # per calling thread in numba: set it where forward runs
         hp = self.hparams
         n, nt, tab, half = tokens.size, self.n_threads, self._tab, K.HALF
-        # A run of consecutive positions (the usual case) is stored with a slice, not a gather.
-        p0 = int(positions[0])
-        slots = slice(p0, p0 + n) if np.array_equal(positions, np.arange(p0, p0 + n)) else positions
-        f16_cache = cache.k.dtype == np.float16
         parallel_attn = n * hp.n_head * (int(positions.max()) + 1) * hp.head_dim >= ATTN_SERIAL_WORK
         w = self._workspace(n)
         x, h = w.x, w.h
@@ -223,11 +219,11 @@ class NumbaBackend:
                 fn(ws, ys, h, tab, half, nt)
             K.rope(w.q3, positions, self._inv_freq, False)
             K.rope(w.k3, positions, self._inv_freq, False)
-            kc, vc = cache.k[il], cache.v[il]          # [n_kv, n_ctx, hd]
-            kc[:, slots, :] = w.k3.transpose(1, 0, 2)  # numpy rounds to the cache's dtype (f16: nearest even)
-            vc[:, slots, :] = w.v3.transpose(1, 0, 2)
-            if f16_cache:                              # numba has no float16: the kernels read the bits
-                kc, vc = kc.view(np.uint16), vc.view(np.uint16)
+            # into the cache in its own row type (f16: numpy rounds to nearest even; q8_0: ggml's rule)
+            cache.store(il, positions, w.k3.transpose(1, 0, 2), w.v3.transpose(1, 0, 2))
+            kc, vc = cache.k[il], cache.v[il]          # [n_kv, n_ctx, row]
+            kc = kc.view(np.uint16) if kc.dtype == np.float16 else kc   # numba has no float16: it reads the bits
+            vc = vc.view(np.uint16) if vc.dtype == np.float16 else vc
             if parallel_attn:
                 K.attention(w.q3, kc, vc, positions, self._scale, w.att3, nt)
             else:

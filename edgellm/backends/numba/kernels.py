@@ -150,17 +150,25 @@ def prefetch_row(typingctx, arr, i):
     return sig, codegen
 
 
-def kv_f32(v):
-    """A KV-cache element as float32: the cache is float32, or float16 passed as its uint16 bits."""
+def kv_elem(row, d):
+    """Element d of a KV-cache row as float32: the row is float32, float16 bits (uint16) or q8_0 bytes (uint8:
+    blocks of a float16 scale and 32 int8)."""
     raise NotImplementedError  # numba-only: implemented by the overload below
 
 
-@overload(kv_f32, inline="always")
-def _kv_f32_impl(v):
-    if isinstance(v, types.Float):
-        return lambda v: F32(v)
-    if isinstance(v, types.Integer):  # float16 bits (numba has no float16 on the CPU)
-        return lambda v: h2f(v)
+@overload(kv_elem, inline="always")
+def _kv_elem_impl(row, d):
+    dt = row.dtype
+    if isinstance(dt, types.Float):
+        return lambda row, d: F32(row[d])
+    if dt == types.uint16:  # float16 bits (numba has no float16 on the CPU)
+        return lambda row, d: h2f(row[d])
+    if dt == types.uint8:   # q8_0
+        def q8_0(row, d):
+            off = (d >> 5) * 34
+            q = np.int32(row[off + 2 + (d & 31)])
+            return h2f(np.int32(row[off]) | (np.int32(row[off + 1]) << 8)) * F32(q - 256 if q > 127 else q)
+        return q8_0
     return None
 
 
@@ -1037,7 +1045,7 @@ def add(a, b, y):
 def attn_head(q, k, v, n_kv, scale, scores, out):
     """One query row against slots [0, n_kv) of one KV head.
 
-    q: float32 [hd]; k, v: [n_ctx, hd] float32 or float16 bits (uint16); scores: float32 scratch [>= n_kv];
+    q: float32 [hd]; k, v: [n_ctx, row] cache rows (see kv_elem); scores: float32 scratch [>= n_kv];
     out: float32 [hd] = softmax(scale * K q) @ V.
     """
     hd = q.size
@@ -1045,7 +1053,7 @@ def attn_head(q, k, v, n_kv, scale, scores, out):
         ks = k[s]
         acc = F32(0)
         for d in range(hd):
-            acc += q[d] * kv_f32(ks[d])
+            acc += q[d] * kv_elem(ks, d)
         scores[s] = acc * scale
     sc = scores[:n_kv]
     softmax(sc)
@@ -1055,7 +1063,7 @@ def attn_head(q, k, v, n_kv, scale, scores, out):
         p = sc[s]
         vs = v[s]
         for d in range(hd):
-            out[d] += p * kv_f32(vs[d])
+            out[d] += p * kv_elem(vs, d)
 
 
 @njit(**_JIT)
