@@ -91,10 +91,11 @@ def run(args) -> dict:
         if n == 1:  # the prompt is evaluated and the first token sampled: the clock starts here
             rss_after_prefill = vm_rss_kib()
             t_block = time.perf_counter()
+            c_block = time.process_time()
             t_first = t_block
             continue
         if n % args.block == 0 or n == args.n_predict:
-            now = time.perf_counter()
+            now, cpu = time.perf_counter(), time.process_time()
             # block 0 times tokens 2..block (block - 1 decode steps); every later block times `block` steps
             steps = args.block - 1 if not blocks else n - blocks[-1]["tokens"]
             texts.append("".join(block_text))
@@ -103,12 +104,15 @@ def run(args) -> dict:
                 "tokens": n,
                 "rss_kib": vm_rss_kib(),
                 "tok_s": steps / (now - t_block),
+                # CPU seconds of this process per token (all its threads): less sensitive than the wall clock
+                # to other jobs on a shared machine, though not immune (caches, memory bandwidth)
+                "cpu_ms_per_tok": 1000 * (cpu - c_block) / steps,
                 "shifts": getattr(engine, "n_shifts", None),
                 "n_past": getattr(getattr(engine, "cache", None), "n_past", None),
                 "cache_bytes": getattr(getattr(engine, "cache", None), "nbytes", None),
                 "load1": os.getloadavg()[0],
             })
-            t_block = time.perf_counter()
+            t_block, c_block = time.perf_counter(), time.process_time()
             b = blocks[-1]
             if not args.json:
                 print(f"{n:>7} tokens  {b['tok_s']:7.1f} tok/s  RSS {b['rss_kib'] / 1024:7.1f} MiB  shifts "
@@ -154,7 +158,10 @@ def run(args) -> dict:
         res["speed"] = {"first_block_tok_s": first, "last_block_tok_s": last, "ratio": last / first,
                         "min_block_tok_s": min(b["tok_s"] for b in blocks),
                         "max_block_tok_s": max(b["tok_s"] for b in blocks),
-                        "mean_tok_s": (n - 1) / total_s, "bar": 0.10, "pass": abs(last / first - 1) <= 0.10}
+                        "mean_tok_s": (n - 1) / total_s, "bar": 0.10, "pass": abs(last / first - 1) <= 0.10,
+                        "cpu_ms_per_tok_first": blocks[0]["cpu_ms_per_tok"],
+                        "cpu_ms_per_tok_last": blocks[-1]["cpu_ms_per_tok"],
+                        "cpu_ratio_last_first": blocks[-1]["cpu_ms_per_tok"] / blocks[0]["cpu_ms_per_tok"]}
     res["cache_bytes_constant"] = len({b["cache_bytes"] for b in blocks}) == 1
     res["text"] = {
         "alpha_words": alpha_word_fraction(full_text),
@@ -183,10 +190,11 @@ def report(res: dict) -> None:
           f"{res['sampler']}: "
           f"{res['generated']} tokens generated (finish: {res['finish_reason']}), load {res['load_s']:.2f} s, "
           f"decode {res['total_decode_s']:.1f} s")
-    print(f"\n{'tokens':>7} {'tok/s':>7} {'RSS MiB':>8} {'shifts':>6} {'n_past':>6} {'cache KiB':>9} "
+    print(f"\n{'tokens':>7} {'tok/s':>7} {'cpu ms':>6} {'RSS MiB':>8} {'shifts':>6} {'n_past':>6} {'cache KiB':>9} "
           f"{'alpha':>6} {'common':>6} {'dist4':>6} {'run1':>4} {'loop':>5} {'load':>5}")
     for b in res["blocks"]:
-        print(f"{b['tokens']:>7} {b['tok_s']:>7.1f} {b['rss_kib'] / 1024:>8.1f} {b['shifts']:>6} {b['n_past']:>6} "
+        print(f"{b['tokens']:>7} {b['tok_s']:>7.1f} {b.get('cpu_ms_per_tok', float('nan')):>6.2f} "
+              f"{b['rss_kib'] / 1024:>8.1f} {b['shifts']:>6} {b['n_past']:>6} "
               f"{b['cache_bytes'] / 1024:>9.0f} {b['alpha_words']:>6.3f} {b['common_words']:>6.3f} "
               f"{b['distinct_4grams']:>6.3f} {b['longest_token_run']:>4} {b['longest_periodic_run']:>5} "
               f"{b['load1']:>5.2f}")
@@ -201,6 +209,9 @@ def report(res: dict) -> None:
         print(f"speed: first block {s['first_block_tok_s']:.1f} tok/s, last block {s['last_block_tok_s']:.1f} tok/s "
               f"(ratio {s['ratio']:.3f}; blocks {s['min_block_tok_s']:.1f}-{s['max_block_tok_s']:.1f}, mean "
               f"{s['mean_tok_s']:.1f})  -> bar 10%: {'PASS' if s['pass'] else 'FAIL'}")
+        if "cpu_ratio_last_first" in s:
+            print(f"CPU time per token: first block {s['cpu_ms_per_tok_first']:.2f} ms, last block "
+                  f"{s['cpu_ms_per_tok_last']:.2f} ms (ratio {s['cpu_ratio_last_first']:.3f})")
     t = res["text"]
     print(f"cache size constant: {res['cache_bytes_constant']}")
     print(f"text: alphabetic words {t['alpha_words']:.3f} (min block {t['min_block_alpha_words']:.3f}), common "
