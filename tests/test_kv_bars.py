@@ -1,0 +1,194 @@
+"""Issue 7's KV-cache bars in small: counts and text checks, never timings.
+
+What tests/test_kv_cache.py and tests/test_generate.py already cover is not repeated here (re-rotation against
+the architecture's rope_shift, a 120-token shifted generation on SmolLM2, prefix reuse with one short turn,
+sessions). Added here: the exact number of tokens a second chat turn evaluates for several new-message sizes
+and a long history; streaming mode (the CLI's --streaming) past a small context in constant cache memory,
+through the API and through the real CLI; shifted keys equal to a fresh evaluation at the new positions; and
+a context shift on Gemma 3.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+NOTES = ("The committee met on Tuesday to review the budget for the new library wing. Maria said the heating "
+         "costs had doubled. The architect presented two designs, one with large windows and one with a garden "
+         "courtyard, and most people preferred the courtyard. ")
+
+
+def longest_token_run(tokens) -> int:
+    best = run = 0
+    prev = None
+    for t in tokens:
+        run = run + 1 if t == prev else 1
+        prev = t
+        best = max(best, run)
+    return best
+
+
+def common_prefix(a, b) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2_path):
+    from edgellm import LLM
+
+    with LLM(smollm2_path, n_ctx=1024, seed=3) as llm:
+        yield llm
+
+
+def chat_ids(llm, messages):
+    """The ids the API sends for `messages` (template + tokenizer), to count without the engine's help."""
+    ids = []
+    for text, special in llm.model.chat_template.render(messages, add_generation_prompt=True):
+        ids += llm.tokenize(text, add_special=False, parse_special=special)
+    bos = llm.tokenizer.bos_id
+    if llm.tokenizer.add_bos and bos is not None and (not ids or ids[0] != bos):
+        ids.insert(0, bos)
+    return ids
+
+
+@pytest.mark.parametrize("new_words", [3, 40, 150])
+def test_second_chat_turn_evaluates_only_the_new_tokens(llm, new_words):
+    # A long first turn (system + ~400 tokens of notes), then a second user message of growing size: the
+    # second turn must evaluate what is new since turn 1 (plus turn 1's last sampled token, which was never
+    # fed back), not the history, and the count must grow with the new message and only with it.
+    history = [{"role": "system", "content": "You summarise meeting notes."},
+               {"role": "user", "content": NOTES * 8 + "What was decided?"}]
+    llm.engine.reset()
+    out1 = llm.create_chat_completion(history, max_tokens=12, seed=5)
+    assert llm.engine.last_prefill_evaluated == out1["usage"]["prompt_tokens"] > 350  # cold: all of it
+    reply = out1["choices"][0]["message"]["content"]
+    turn1_ids = chat_ids(llm, history)
+    assert len(turn1_ids) == out1["usage"]["prompt_tokens"]
+
+    question = " ".join(("please also list every cost that was mentioned " * 30).split()[:new_words])
+    messages = history + [{"role": "assistant", "content": reply}, {"role": "user", "content": question}]
+    turn2_ids = chat_ids(llm, messages)
+    out2 = llm.create_chat_completion(messages, max_tokens=1, temperature=0)
+    evaluated = llm.engine.last_prefill_evaluated
+    assert out2["usage"]["prompt_tokens"] == len(turn2_ids)
+
+    # What turn 1 left in the cache: its prompt and all of its reply but the last token. Everything of turn 2
+    # that matches it is reused; the rest is evaluated.
+    n_reply = out1["usage"]["completion_tokens"]
+    reused = common_prefix(turn2_ids, turn1_ids + llm.tokenize(reply, add_special=False))
+    assert reused >= len(turn1_ids)                        # the whole history at least
+    new_tokens = len(turn2_ids) - len(turn1_ids) - n_reply  # the end of turn 1 + the new message + the prompt
+    assert new_tokens < evaluated <= new_tokens + 3         # + the reply's unfed last token (+ retokenising)
+    assert evaluated < len(turn2_ids) - 350                 # never the history again
+    q_tokens = len(llm.tokenize(question, add_special=False))
+    assert q_tokens <= evaluated <= q_tokens + 20           # grows with the new message: template tokens aside
+
+    # The warm answer's first (greedy) token is the one a cold evaluation of the same conversation picks.
+    llm.engine.reset()
+    cold = llm.create_chat_completion(messages, max_tokens=1, temperature=0)
+    assert llm.engine.last_prefill_evaluated == len(turn2_ids)
+    assert cold["choices"][0]["message"]["content"] == out2["choices"][0]["message"]["content"]
+
+
+def test_streaming_mode_runs_past_the_context_in_constant_cache_memory(llm):
+    # What `edgellm run --streaming` sets up (context_shift, 4 attention sinks), at n_ctx 64 for 300 tokens:
+    # the cache never grows, holds at most n_ctx tokens, shifts the expected number of times, and the text
+    # does not collapse into one repeated token.
+    from edgellm import LLM
+    from edgellm.generate import stream_generate
+    from edgellm.sampling import SamplingParams
+
+    with LLM(llm.model.path, n_ctx=64, seed=11, context_shift=True, n_keep=4) as s:
+        eng = s.engine
+        size0 = eng.cache.nbytes
+        eog = {i: float("-inf") for i in range(s.tokenizer.n_vocab) if s.tokenizer.is_eog(i)}
+        prompt = s.tokenize("Once upon a time, in a village by the sea, there lived")
+        sizes, n_past, tokens, text = set(), [], [], []
+        for r in stream_generate(eng, prompt, SamplingParams(seed=11, logit_bias=eog), max_tokens=300):
+            sizes.add(eng.cache.nbytes)
+            n_past.append(eng.cache.n_past)
+            if r.token is not None:
+                tokens.append(r.token)
+            text.append(r.text)
+        assert len(tokens) == 300
+        assert sizes == {size0}
+        assert max(n_past) <= 64
+        # each shift drops (n_past - 4) // 2 >= 30 tokens: 13 + 300 - 64 tokens past the context need >= 5 shifts,
+        # and far fewer than one per token
+        assert 5 <= eng.n_shifts <= 12
+        assert longest_token_run(tokens) < 10
+        assert len(set(tokens)) > 40
+        words = "".join(text).split()
+        assert sum(w.strip(".,;:!?\"'").isalpha() for w in words) / len(words) > 0.7  # still words, not junk
+
+
+def test_cli_streaming_generates_past_the_context(smollm2_path):
+    # The CLI's own path: -n 200 with -c 48 must print all 200 tokens (without --streaming it stops at n_ctx).
+    from edgellm.model import Model
+
+    m = Model(smollm2_path)
+    no_eog = [f"--logit-bias={i}-inf" for i in range(m.tokenizer.n_vocab) if m.tokenizer.is_eog(i)]
+    m.close()
+    cmd = [sys.executable, "-m", "edgellm.cli", "run", str(smollm2_path), "-p", "Once upon a time", "-c", "48",
+           "-n", "200", "--seed", "1", "--verbose", *no_eog]
+    streaming = subprocess.run(cmd + ["--streaming"], capture_output=True, text=True, timeout=120)
+    assert streaming.returncode == 0, streaming.stderr
+    assert "generation: 200 tokens" in streaming.stderr
+    assert len(streaming.stdout.split()) > 60
+    plain = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert plain.returncode == 0, plain.stderr
+    assert "generation: 200 tokens" not in plain.stderr
+
+
+def test_shifted_keys_equal_a_fresh_evaluation_at_the_new_positions(llm):
+    # Layer 0's keys depend on the token and its position only. After a shift, the moved keys must be exactly
+    # what the backend itself computes for the same tokens at their new positions (the re-rotation agrees with
+    # the forward pass's RoPE, not only with the Python rope_shift).
+    from edgellm.generate import Engine
+
+    ids = llm.tokenize("The quick brown fox jumps over the lazy dog. " * 4)[:40]
+    shifted = Engine(llm.model, llm.backend, n_ctx=48, cache_type="f32", context_shift=True, n_keep=4)
+    for t in ids:                # token by token, as a generation fills the cache
+        shifted.decode(t)
+    shifted.decode(ids[0])      # 41 tokens in 48 slots: no shift yet
+    for t in ids[1:10]:          # ... the 49th token forces one
+        shifted.decode(t)
+    assert shifted.n_shifts == 1
+    n = shifted.cache.n_past
+    fresh = Engine(llm.model, llm.backend, n_ctx=48, cache_type="f32")
+    fresh.prefill(shifted.cached_ids)
+    assert fresh.cache.n_past == n
+    k_shift, k_fresh = shifted.cache.k[0, :, :n], fresh.cache.k[0, :, :n]
+    np.testing.assert_allclose(k_shift, k_fresh, atol=1e-4 * float(np.abs(k_fresh).max()))
+    v_shift, v_fresh = shifted.cache.v[0, :, :n], fresh.cache.v[0, :, :n]
+    np.testing.assert_allclose(v_shift, v_fresh, atol=1e-4 * float(np.abs(v_fresh).max()))
+
+
+def test_gemma3_context_shift_keeps_producing_text(gemma3_path):
+    # Gemma 3 (local and global layers with their own RoPE bases) past a 64-token context with --keep 8.
+    from edgellm import LLM
+    from edgellm.generate import stream_generate
+    from edgellm.sampling import SamplingParams
+
+    with LLM(gemma3_path, n_ctx=64, seed=2, context_shift=True, n_keep=8) as g:
+        eog = {i: float("-inf") for i in range(g.tokenizer.n_vocab) if g.tokenizer.is_eog(i)}
+        prompt = g.tokenize("The history of the town begins with a small market on the river.")
+        size0 = g.engine.cache.nbytes
+        recs = list(stream_generate(g.engine, prompt, SamplingParams(seed=2, logit_bias=eog), max_tokens=160))
+        tokens = [r.token for r in recs if r.token is not None]
+        text = "".join(r.text for r in recs)
+        assert len(tokens) == 160 and g.engine.n_shifts >= 3
+        assert g.engine.cache.nbytes == size0 and g.engine.cache.n_past <= 64
+        assert g.engine.cached_ids[:8] == prompt[:8]  # the kept tokens stay at the start
+        assert longest_token_run(tokens) < 8 and len(set(tokens)) > 40
+        words = text.split()
+        assert len(words) > 50
+        assert sum(w.strip(".,;:!?\"'()").isalpha() for w in words) / len(words) > 0.7
