@@ -188,6 +188,9 @@ def stream_generate(
     sampler = Sampler(params, vocab=tok)  # the vocabulary: grammars and DRY's breakers need token bytes
     detok = StreamingDetokenizer(tok)
     history = list(prompt_ids)
+    # penalties look back at most the context ("-1 = the whole history" is llama.cpp's n_ctx): keep that much, so an
+    # endless generation stays in flat memory and flat time per token
+    keep_history = max(engine.n_ctx, 64)
     if max_tokens is not None and max_tokens >= 0:
         limit = max_tokens
     else:  # until the end of the answer: the context's room, or forever when the context shifts
@@ -210,6 +213,8 @@ def stream_generate(
         sampler.accept(token)  # advances the grammar (if any) past this token
         n_gen += 1
         history.append(token)
+        if len(history) > 2 * keep_history:
+            del history[:-keep_history]
         if tok.is_eog(token):
             finish = "stop"
             break
