@@ -108,6 +108,7 @@ class KVCache:
         self.v_swa = np.zeros((n_swa, n_head_kv, 2 * self.n_ring, vr), vd) if n_swa else None
         self.swa_from = 0   # ring layers hold no position below this (set by a shift)
         self.n_past = 0     # tokens stored: positions [0, n_past)
+        self.ring_top = 0  # 1 + the highest position the rings were written at (n_past may have been cut since)
 
     # ------------------------------------------------------------------ facts
     @property
@@ -223,6 +224,7 @@ class KVCache:
                 vc[:, dst + off] = v_rows
         if self.n_ring:
             self.swa_from = new_from
+            self.ring_top = n_new
         self.n_past = n_new
 
     def reusable(self, n: int) -> int:
@@ -231,21 +233,24 @@ class KVCache:
         n = max(0, min(n, self.n_past))
         if not self.n_ring or n == 0:
             return n
-        held_from = max(self.swa_from, self.n_past - self.n_ring)
+        held_from = max(self.swa_from, max(self.ring_top, self.n_past) - self.n_ring)
         need_from = max(0, n - max(self.layer_window) + 1)
         return n if need_from >= held_from else 0
 
     def clear(self) -> None:
         self.n_past = 0
         self.swa_from = 0
+        self.ring_top = 0
 
     def truncate(self, n: int) -> int:
         """Forget everything from position n on (keeps a shared prefix for reuse); returns the tokens kept,
         fewer than n (0) when ring layers no longer hold what the prefix's continuation needs."""
-        self.n_past = self.reusable(n)
-        if self.n_past == 0:
-            self.swa_from = 0
-        return self.n_past
+        keep = self.reusable(n)
+        self.ring_top = max(self.ring_top, self.n_past)
+        self.n_past = keep
+        if keep == 0:
+            self.clear()
+        return keep
 
 
 def layer_windows(model) -> tuple[int, ...]:

@@ -4,7 +4,7 @@ Layout (little-endian):
     magic      b"EDGELLM-SESSION\\0"  (16 bytes)
     version    u32
     header_len u32, then a JSON header: model_id, n_layer, n_head_kv, head_dim, cache_type, n_ring, swa_from,
-               n_tokens
+               ring_top (1 + the highest position the rings hold, see kv_cache.py), n_tokens
     tokens     int32[n_tokens]
     k, v       the full-context layers' rows of positions [0, n_tokens): [n_full, n_head_kv, n_tokens, row] each
     k_swa, v_swa  when n_ring > 0: the sliding-window layers' rings, whole
@@ -40,7 +40,8 @@ def model_id(gguf_file) -> str:
         return hashlib.sha256(f.read(gguf_file.data_offset)).hexdigest()
 
 
-HEADER_KEYS = ("model_id", "n_layer", "n_head_kv", "head_dim", "cache_type", "n_ring", "swa_from", "n_tokens")
+HEADER_KEYS = ("model_id", "n_layer", "n_head_kv", "head_dim", "cache_type", "n_ring", "swa_from", "ring_top",
+               "n_tokens")
 
 
 def _blocks(cache, n: int) -> list[np.ndarray]:
@@ -55,7 +56,7 @@ def save_session(path: str | os.PathLike, engine) -> None:
     cache, n = engine.cache, engine.cache.n_past
     header = {"model_id": model_id(engine.model.gguf), "n_layer": cache.n_layer, "n_head_kv": cache.n_head_kv,
               "head_dim": cache.head_dim, "cache_type": cache.cache_type, "n_ring": cache.n_ring,
-              "swa_from": cache.swa_from, "n_tokens": n}
+              "swa_from": cache.swa_from, "ring_top": max(cache.ring_top, n), "n_tokens": n}
     blob = json.dumps(header).encode()
     tmp = Path(f"{path}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:  # written aside, renamed into place: an interrupted save leaves the old file
@@ -102,6 +103,9 @@ def load_session(path: str | os.PathLike, engine) -> int:
         raise SessionError(f"{where}: {n!r} tokens do not fit the context of {cache.n_ctx}")
     if not isinstance(swa_from, int) or not 0 <= swa_from <= n:
         raise SessionError(f"{where}: bad swa_from {swa_from!r}")
+    ring_top = want["ring_top"]
+    if not isinstance(ring_top, int) or not n <= ring_top <= cache.n_ctx:
+        raise SessionError(f"{where}: bad ring_top {ring_top!r}")
     targets = _blocks(cache, n)
     body = start + hlen
     sizes = [a.nbytes for a in targets]
@@ -115,6 +119,6 @@ def load_session(path: str | os.PathLike, engine) -> int:
     for a, size in zip(_blocks(cache, n), sizes):
         a[...] = np.frombuffer(raw, dtype=a.dtype, count=a.size, offset=off).reshape(a.shape)
         off += size
-    cache.n_past, cache.swa_from = n, swa_from
+    cache.n_past, cache.swa_from, cache.ring_top = n, swa_from, ring_top
     engine.cached_ids[:] = ids.tolist()
     return n

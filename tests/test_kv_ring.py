@@ -102,6 +102,11 @@ def test_prefix_reuse_only_while_the_ring_holds_it():
     assert c.reusable(48) == 48                    # rolling back 2: windows of 48.. are still in the ring
     assert c.reusable(30) == 0                     # the ring has overwritten 26..29: start over
     assert c.truncate(30) == 0 and c.n_past == 0
+    # cutting twice: the ring was written up to 50, not just up to the first cut
+    c = ring_cache(n_ctx=100)
+    fill(c, 50, 4)
+    assert c.truncate(48) == 48
+    assert c.reusable(44) == 0                     # needs 40..43; 41..49 overwrote slots of 32..40
     full = ring_cache(n_ctx=100, swa_full=True)
     fill(full, 50, 4)
     assert full.truncate(30) == 30
