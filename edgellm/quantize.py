@@ -24,9 +24,15 @@ What gets which type follows llama.cpp's `llama-quantize` (src/llama-quant.cpp),
 
 How it runs: the tensor table of the output is known from the input's alone, so it is written first; then
 the tensors are encoded and appended one after the other (GGUFWriter's streaming calls), each read through
-the input's memory map. Encoding is split into chunks of rows handed to a thread pool; numpy's vector
-operations release the GIL, so the threads overlap. A few tensors are in flight at a time, in order, so
-memory stays a small multiple of one tensor. The file is written as OUT.part and renamed at the end.
+the input's memory map. The file is written as OUT.part and renamed at the end.
+
+Encoding runs in edgellm's C core when it is built (native/quantize.c, `el_requantize_rows`): the source bytes
+(F32/F16/BF16, or a block type with allow_requantize) are decoded a few thousand elements at a time and encoded
+again on the core's thread pool (`n_threads`), straight from the memory map into the output tensor, so memory
+stays near one output tensor. Its encoders give the same bytes as the numpy ones for F16/BF16 and the 32-element
+types, and ggml's own bytes for the K-quants. Without the core (not built, or EDGELLM_NATIVE=0) the numpy
+encoders of quant/reference.py run instead: chunks of rows handed to a Python thread pool (numpy's vector
+operations release the GIL, so the threads overlap), a few tensors in flight at a time, in order.
 """
 
 from __future__ import annotations
@@ -128,6 +134,7 @@ class QuantizeResult:
     in_bytes: int
     out_bytes: int
     type_counts: dict[str, int] = field(default_factory=dict)
+    encoder: str = "numpy"      # "native" (the C core) or "numpy" (quant/reference.py)
 
 
 def _use_more_bits(i_layer: int, n_layers: int) -> bool:
@@ -304,13 +311,54 @@ def _check(gf: GGUFFile, plans: list[TensorPlan], allow_requantize: bool) -> Non
                       f"the original F32/F16/BF16 weights", RequantizeWarning, stacklevel=3)
 
 
+_FAST_WRITERS: dict = {}
+
+
+def _fast_writer_class(gguf):
+    """GGUFWriter, with metadata arrays packed in one go instead of item by item.
+
+    gguf-py packs every element of an array through its generic `_pack_val` (a few microseconds each): for a
+    tokenizer's 50k tokens and merges that is most of the second the whole write of a small model takes. Here an
+    array of strings or numbers of a declared type is packed with one join / one numpy conversion, to the same
+    bytes (GGUF: u32 element type, u64 count, then the elements; a string is u64 length + UTF-8 bytes).
+    Anything else (big-endian output, untyped arrays) goes through gguf-py's own code.
+    """
+    cls = _FAST_WRITERS.get(gguf)
+    if cls is not None:
+        return cls
+    import struct
+
+    G = gguf.GGUFValueType
+    numeric = {G.UINT8: "<u1", G.INT8: "<i1", G.UINT16: "<u2", G.INT16: "<i2", G.UINT32: "<u4", G.INT32: "<i4",
+               G.FLOAT32: "<f4", G.UINT64: "<u8", G.INT64: "<i8", G.FLOAT64: "<f8", G.BOOL: "?"}
+
+    class FastGGUFWriter(gguf.GGUFWriter):
+        def _pack_val(self, val, vtype, add_vtype, sub_type=None):
+            if (vtype != G.ARRAY or sub_type is None or self.endianess != gguf.GGUFEndian.LITTLE
+                    or isinstance(val, (bytes, str)) or not len(val)):
+                return super()._pack_val(val, vtype, add_vtype, sub_type=sub_type)
+            if sub_type == G.STRING:
+                pack_len = struct.Struct("<Q").pack
+                items = (v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in val)
+                body = b"".join(pack_len(len(b)) + b for b in items)
+            elif sub_type in numeric:
+                body = np.asarray(val).astype(numeric[sub_type], casting="unsafe").tobytes()
+            else:
+                return super()._pack_val(val, vtype, add_vtype, sub_type=sub_type)
+            head = struct.pack("<I", int(vtype)) if add_vtype else b""
+            return head + struct.pack("<IQ", int(sub_type), len(val)) + body
+
+    _FAST_WRITERS[gguf] = FastGGUFWriter
+    return FastGGUFWriter
+
+
 def _metadata_writer(gf: GGUFFile, tmp: Path, q: QuantType, gguf):
     """A GGUFWriter with the input's metadata, general.file_type and quantization version updated."""
     G = gguf.GGUFValueType
     arch = str(gf.metadata.get("general.architecture", ""))
     if not arch:
         raise QuantizeError(f"{gf.path}: no general.architecture")
-    writer = gguf.GGUFWriter(tmp, arch)
+    writer = _fast_writer_class(gguf)(tmp, arch)
     if "general.alignment" in gf.metadata:
         writer.data_alignment = int(gf.metadata["general.alignment"])
     # llama.cpp sets these two whatever the input said; they keep their place when present.
@@ -375,7 +423,7 @@ def quantize_model(in_path: str | os.PathLike, out_path: str | os.PathLike, qtyp
         try:
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
-            _write_tensors(gf, plans, writer, n_threads, progress)
+            encoder = _write_tensors(gf, plans, writer, n_threads, progress)
             writer.close()
             os.replace(tmp, out_path)
         except BaseException as e:
@@ -389,10 +437,84 @@ def quantize_model(in_path: str | os.PathLike, out_path: str | os.PathLike, qtyp
     counts = Counter(p.dst_type.name for p in plans)
     return QuantizeResult(out_path, q.name, plans, time.perf_counter() - t0,
                           in_bytes=sum(gf.tensors[p.name].nbytes for p in plans),
-                          out_bytes=sum(p.nbytes for p in plans), type_counts=dict(counts))
+                          out_bytes=sum(p.nbytes for p in plans), type_counts=dict(counts), encoder=encoder)
 
 
-def _write_tensors(gf: GGUFFile, plans: list[TensorPlan], writer, n_threads: int, progress) -> None:
+def _native():
+    """(ffi, lib) of the C core, or None when it is not built or turned off (EDGELLM_NATIVE=0)."""
+    try:
+        from .backends import native
+    except ImportError:
+        return None
+    return native.ffi, native.lib
+
+
+# Types the C core decodes and encodes (el_type_index in native/kernels_generic.c).
+_NATIVE_TYPES = frozenset((T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K))
+# Elements per C call: each call runs on all the pool's threads; between calls the progress bar moves.
+NATIVE_CALL_ELEMENTS = 1 << 22
+
+
+def _write_tensors(gf: GGUFFile, plans: list[TensorPlan], writer, n_threads: int, progress) -> str:
+    """Encode and append every tensor; returns the encoder that ran ("native" or "numpy")."""
+    native = _native()
+    if native is not None:
+        _write_tensors_native(gf, plans, writer, n_threads, progress, *native)
+        return "native"
+    _write_tensors_numpy(gf, plans, writer, n_threads, progress)
+    return "numpy"
+
+
+def _write_tensors_native(gf: GGUFFile, plans: list[TensorPlan], writer, n_threads: int, progress, ffi, lib) -> None:
+    bar = _bar(plans, progress)
+    pool = lib.el_pool_new(n_threads)
+    if pool == ffi.NULL:
+        raise QuantizeError("cannot start the quantizer's threads")
+    try:
+        for p in plans:
+            n = int(np.prod(p.shape, dtype=np.int64))
+            if p.copy:
+                data = gf.tensor_data(p.name)            # unchanged: straight from the input's mapping
+                if bar is not None:
+                    bar.update(n)
+            elif p.src_type in _NATIVE_TYPES and p.dst_type in _NATIVE_TYPES:
+                data = _encode_native(ffi, lib, pool, gf, p, bar)
+            else:                                        # a source type only numpy decodes (Q2_K, Q3_K)
+                data = _encode_rows(gf.tensor_data(p.name), p.src_type, p.shape[-1], p.dst_type)
+                if bar is not None:
+                    bar.update(n)
+            if data.nbytes != p.nbytes:                  # the table written first must describe these bytes
+                raise QuantizeError(f"{p.name}: {data.nbytes} bytes encoded, {p.nbytes} announced")
+            writer.write_tensor_data(data)
+            del data
+    finally:
+        lib.el_pool_free(pool)
+        if bar is not None:
+            bar.close()
+
+
+def _encode_native(ffi, lib, pool, gf: GGUFFile, p: TensorPlan, bar) -> np.ndarray:
+    """One tensor through the C core: source bytes -> bytes of p.dst_type, a run of whole rows per call."""
+    raw = gf.tensor_data(p.name)
+    row = p.shape[-1]
+    n_rows = int(np.prod(p.shape[:-1], dtype=np.int64)) if len(p.shape) > 1 else 1
+    src_row, dst_row = row_nbytes(p.src_type, row), row_nbytes(p.dst_type, row)
+    out = np.empty(n_rows * dst_row, dtype=np.uint8)
+    step = max(1, NATIVE_CALL_ELEMENTS // row)
+    for r0 in range(0, n_rows, step):
+        r1 = min(n_rows, r0 + step)
+        src = ffi.from_buffer("uint8_t[]", raw[r0 * src_row:r1 * src_row])
+        dst = ffi.from_buffer("uint8_t[]", out[r0 * dst_row:r1 * dst_row], require_writable=True)
+        written = lib.el_requantize_rows(pool, int(p.src_type), src, int(p.dst_type), dst, r1 - r0, row)
+        if written != (r1 - r0) * dst_row:
+            raise QuantizeError(f"{p.name}: the native quantizer refused rows {r0}..{r1} "
+                                f"({p.src_type.name} -> {p.dst_type.name}, {row} per row)")
+        if bar is not None:
+            bar.update((r1 - r0) * row)
+    return out
+
+
+def _write_tensors_numpy(gf: GGUFFile, plans: list[TensorPlan], writer, n_threads: int, progress) -> None:
     bar = _bar(plans, progress)
     pending: deque[tuple[TensorPlan, list[Future] | None]] = deque()
     ahead = 0
