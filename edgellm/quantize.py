@@ -451,8 +451,10 @@ def _native():
 
 # Types the C core decodes and encodes (el_type_index in native/kernels_generic.c).
 _NATIVE_TYPES = frozenset((T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K))
-# Elements per C call: each call runs on all the pool's threads; between calls the progress bar moves.
-NATIVE_CALL_ELEMENTS = 1 << 22
+# Elements per C call (el_requantize_batch: several tensors, all of the pool's threads, one wait at the end).
+# While one batch is encoded the previous one is written, so two are in memory: with 2^24 elements, a few tens of
+# MB, or two tensors when a tensor is bigger than that (a tensor is encoded whole).
+NATIVE_BATCH_ELEMENTS = 1 << 24
 
 
 def _write_tensors(gf: GGUFFile, plans: list[TensorPlan], writer, n_threads: int, progress) -> str:
@@ -465,52 +467,92 @@ def _write_tensors(gf: GGUFFile, plans: list[TensorPlan], writer, n_threads: int
     return "numpy"
 
 
+def _on_native(p: TensorPlan) -> bool:
+    return not p.copy and p.src_type in _NATIVE_TYPES and p.dst_type in _NATIVE_TYPES
+
+
+def _native_batches(plans: list[TensorPlan]) -> list[list[TensorPlan]]:
+    """Consecutive runs of plans holding about NATIVE_BATCH_ELEMENTS elements to encode natively each."""
+    batches, cur, n = [], [], 0
+    for p in plans:
+        cur.append(p)
+        if _on_native(p):
+            n += int(np.prod(p.shape, dtype=np.int64))
+        if n >= NATIVE_BATCH_ELEMENTS:
+            batches.append(cur)
+            cur, n = [], 0
+    if cur:
+        batches.append(cur)
+    return batches
+
+
 def _write_tensors_native(gf: GGUFFile, plans: list[TensorPlan], writer, n_threads: int, progress, ffi, lib) -> None:
+    """The C core encodes batch i + 1 (in a helper thread: the C call releases the GIL) while batch i is written."""
     bar = _bar(plans, progress)
     pool = lib.el_pool_new(n_threads)
     if pool == ffi.NULL:
         raise QuantizeError("cannot start the quantizer's threads")
     try:
-        for p in plans:
-            n = int(np.prod(p.shape, dtype=np.int64))
-            if p.copy:
-                data = gf.tensor_data(p.name)            # unchanged: straight from the input's mapping
-                if bar is not None:
-                    bar.update(n)
-            elif p.src_type in _NATIVE_TYPES and p.dst_type in _NATIVE_TYPES:
-                data = _encode_native(ffi, lib, pool, gf, p, bar)
-            else:                                        # a source type only numpy decodes (Q2_K, Q3_K)
-                data = _encode_rows(gf.tensor_data(p.name), p.src_type, p.shape[-1], p.dst_type)
-                if bar is not None:
-                    bar.update(n)
-            if data.nbytes != p.nbytes:                  # the table written first must describe these bytes
-                raise QuantizeError(f"{p.name}: {data.nbytes} bytes encoded, {p.nbytes} announced")
-            writer.write_tensor_data(data)
-            del data
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgellm-quantize") as helper:
+            pending: deque[tuple[list[TensorPlan], Future]] = deque()
+            todo = iter(_native_batches(plans))
+            try:
+                while True:
+                    while len(pending) < 2:
+                        nxt = next(todo, None)
+                        if nxt is None:
+                            break
+                        pending.append((nxt, helper.submit(_encode_batch, ffi, lib, pool, gf, nxt)))
+                    if not pending:
+                        break
+                    batch, fut = pending.popleft()
+                    encoded = fut.result()
+                    for p in batch:
+                        if p.copy:
+                            data = gf.tensor_data(p.name)      # unchanged: straight from the input's mapping
+                        elif p.name in encoded:
+                            data = encoded.pop(p.name)
+                        else:                                  # a source type only numpy decodes (Q2_K, Q3_K)
+                            data = _encode_rows(gf.tensor_data(p.name), p.src_type, p.shape[-1], p.dst_type)
+                        if data.nbytes != p.nbytes:            # the table written first must describe these bytes
+                            raise QuantizeError(f"{p.name}: {data.nbytes} bytes encoded, {p.nbytes} announced")
+                        writer.write_tensor_data(data)
+                        del data
+                        if bar is not None:
+                            bar.update(int(np.prod(p.shape, dtype=np.int64)))
+            except BaseException:
+                for _, fut in pending:
+                    fut.cancel()
+                raise
     finally:
-        lib.el_pool_free(pool)
+        lib.el_pool_free(pool)                                 # after the helper thread is done with it
         if bar is not None:
             bar.close()
 
 
-def _encode_native(ffi, lib, pool, gf: GGUFFile, p: TensorPlan, bar) -> np.ndarray:
-    """One tensor through the C core: source bytes -> bytes of p.dst_type, a run of whole rows per call."""
-    raw = gf.tensor_data(p.name)
-    row = p.shape[-1]
-    n_rows = int(np.prod(p.shape[:-1], dtype=np.int64)) if len(p.shape) > 1 else 1
-    src_row, dst_row = row_nbytes(p.src_type, row), row_nbytes(p.dst_type, row)
-    out = np.empty(n_rows * dst_row, dtype=np.uint8)
-    step = max(1, NATIVE_CALL_ELEMENTS // row)
-    for r0 in range(0, n_rows, step):
-        r1 = min(n_rows, r0 + step)
-        src = ffi.from_buffer("uint8_t[]", raw[r0 * src_row:r1 * src_row])
-        dst = ffi.from_buffer("uint8_t[]", out[r0 * dst_row:r1 * dst_row], require_writable=True)
-        written = lib.el_requantize_rows(pool, int(p.src_type), src, int(p.dst_type), dst, r1 - r0, row)
-        if written != (r1 - r0) * dst_row:
-            raise QuantizeError(f"{p.name}: the native quantizer refused rows {r0}..{r1} "
-                                f"({p.src_type.name} -> {p.dst_type.name}, {row} per row)")
-        if bar is not None:
-            bar.update((r1 - r0) * row)
+def _encode_batch(ffi, lib, pool, gf: GGUFFile, batch: list[TensorPlan]) -> dict[str, np.ndarray]:
+    """The batch's natively encoded tensors, name -> bytes: one el_requantize_batch call, straight from the
+    input's mapping into new arrays."""
+    todo = [p for p in batch if _on_native(p)]
+    if not todo:
+        return {}
+    jobs = ffi.new("el_quant_job[]", len(todo))
+    keep, out = [], {}
+    for job, p in zip(jobs, todo):
+        row = p.shape[-1]
+        n_rows = int(np.prod(p.shape[:-1], dtype=np.int64)) if len(p.shape) > 1 else 1
+        if n_rows >= 2**31:
+            raise QuantizeError(f"{p.name}: {n_rows} rows are more than the native quantizer takes")
+        dst = out[p.name] = np.empty(p.nbytes, dtype=np.uint8)
+        src_buf = ffi.from_buffer("uint8_t[]", gf.tensor_data(p.name))
+        dst_buf = ffi.from_buffer("uint8_t[]", dst, require_writable=True)
+        keep += [src_buf, dst_buf]
+        job.src_type, job.src, job.dst_type, job.dst = int(p.src_type), src_buf, int(p.dst_type), dst_buf
+        job.n_rows, job.n_per_row = n_rows, row
+    written = lib.el_requantize_batch(pool, jobs, len(todo))
+    if written != sum(p.nbytes for p in todo):
+        names = ", ".join(f"{p.name} ({p.src_type.name} -> {p.dst_type.name})" for p in todo)
+        raise QuantizeError(f"the native quantizer refused a batch of tensors: {names}")
     return out
 
 

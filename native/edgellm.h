@@ -134,6 +134,17 @@ size_t el_dequantize_rows(el_pool *pool, int type, const void *src, float *dst, 
 /* src_type -> dst_type without a float copy of the tensor (decoded a few thousand elements at a time) */
 size_t el_requantize_rows(el_pool *pool, int src_type, const void *src, int dst_type, void *dst,
                           int n_rows, int n_per_row);
+/* several tensors in one run of the pool (one wake-up and one wait for all: small tensors cost no barrier each);
+ * returns the bytes written by all, 0 (and nothing written) when any job is bad or n_jobs < 1 */
+typedef struct {
+    int src_type;
+    const void *src;
+    int dst_type;
+    void *dst;
+    int n_rows;
+    int n_per_row;
+} el_quant_job;
+size_t el_requantize_batch(el_pool *pool, const el_quant_job *jobs, int n_jobs);
 /* CFFI-END */
 
 #ifdef __cplusplus

@@ -26,6 +26,7 @@
 #include <math.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include "edgellm.h"
 #include "kernels.h"
@@ -35,47 +36,31 @@
 #define GROUP_MAX_EPS 1e-15f   /* ggml: a group whose largest |x| is below this is all zeros */
 
 /* ------------------------------------------------------------------------------------------------ helpers */
-/* round half to even (numpy's rint, ggml's nearest_int); values of 2^22 and more are returned as they are
- * (every caller clamps them to a small range) */
-static inline float rne(float v) {
-    return fabsf(v) < 4194304.f ? (v + 12582912.f) - 12582912.f : v;
-}
-
-/* v clamped to [lo, hi]; NaN gives lo (so that the integer conversion after it is always defined) */
-static inline float clampf(float v, float lo, float hi) {
-    return v >= lo ? (v <= hi ? v : hi) : lo;
-}
-
-/* C's roundf (halves away from zero) as an int, for the Q8_0 quants; |v| is at most 127 plus an ulp there.
- * Inf / NaN (a subnormal block scale) give 0. */
-static inline int round_away(float v) {
-    const float a = fabsf(v);
-    if (!(a < 1073741824.f)) return 0;
-    const int t = (int)a;
-    const int r = t + (a - (float)t >= 0.5f);   /* a - t is exact */
-    return v < 0 ? -r : r;
-}
-
-/* C's float -> int truncation for v + 0.5 style values, clamped to [0, hi] (only NaN / out of range can need it) */
-static inline int trunc_clamp(float v, int hi) {
-    return v >= 0.f ? (v < (float)hi ? (int)v : hi) : 0;
-}
-
-/* the first element of largest magnitude, with its sign (numpy's x[argmax(|x|)]) */
-static inline float signed_absmax(const float *x, int n) {
-    float amax = fabsf(x[0]), m = x[0];
-    for (int j = 1; j < n; j++) {
-        const float a = fabsf(x[j]);
-        if (a > amax) { amax = a; m = x[j]; }
-    }
-    return m;
-}
-
 static inline float inverse(float d) { return d != 0.f ? 1.f / d : 0.f; }
 
 static inline void put_u32le(uint8_t *p, uint32_t v) {
     p[0] = (uint8_t)v; p[1] = (uint8_t)(v >> 8); p[2] = (uint8_t)(v >> 16); p[3] = (uint8_t)(v >> 24);
 }
+
+/* ------------------------------------------------------------------------------------------ lanes */
+/* The K-quant searches run every sub-block of a super-block side by side, one vector lane per sub-block, with
+ * the compilers' generic vectors of 4 floats (SSE2 on any x86-64, NEON on aarch64; no intrinsics): Q4_K / Q5_K's
+ * 8 sub-blocks are 2 vectors, Q6_K's 16 groups 4. Each lane does exactly the float operations of the scalar
+ * method, in the same order: vectors change the speed, never a result. Comparisons give lanes of -1 / 0, used as
+ * masks by `sel`. */
+typedef float v4f __attribute__((vector_size(16)));
+typedef int32_t v4i __attribute__((vector_size(16)));
+typedef uint32_t v4u __attribute__((vector_size(16)));
+
+static inline v4f splat(float v) { return (v4f){ v, v, v, v }; }
+static inline v4f sel(v4i m, v4f a, v4f b) { return (v4f)((m & (v4i)a) | (~m & (v4i)b)); }
+static inline v4f vabs(v4f a) { return (v4f)((v4i)a & 0x7fffffff); }
+/* round half to even (numpy's rint, ggml's nearest_int) by adding and subtracting 1.5 * 2^23; values of 2^22 and
+ * more are returned as they are (every caller clamps them to a small range) */
+static inline v4f vrne(v4f v) { return sel(vabs(v) < 4194304.f, (v + 12582912.f) - 12582912.f, v); }
+/* v clamped to [lo, hi]; NaN gives lo (so that an integer conversion after it is always defined) */
+static inline v4f vclamp(v4f v, float lo, float hi) { return sel(v >= lo, sel(v <= hi, v, splat(hi)), splat(lo)); }
+static inline int vany(v4i m) { return (m[0] | m[1] | m[2] | m[3]) != 0; }
 
 /* --------------------------------------------------------------------------------------- plain types */
 static void quant_f32(const float *x, void *y, int64_t n) { memcpy(y, x, (size_t)n * sizeof(float)); }
@@ -95,61 +80,145 @@ static void quant_bf16(const float *x, void *vy, int64_t n) {
     }
 }
 
+/* f16 -> f32 for a source tensor, 4 at a time without branches: the same values as el_half_to_float.
+ * Normal: exponent and mantissa shifted into place, exponent rebased by adding 224 then scaling by 2^-112 (exact,
+ * and exponent 31 lands on 255: inf / NaN); subnormal (exponent 0): 0.5 + m 2^-24 built from bits, minus 0.5
+ * (exact). Inf / NaN take their bits directly, so a NaN payload is kept as it is. */
+static void dec_f16(const void *src, float *y, int64_t n) {
+    const uint16_t *h = src;
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        v4u w = { h[i], h[i + 1], h[i + 2], h[i + 3] };
+        w <<= 16;
+        const v4u sign = w & 0x80000000u, two_w = w + w;
+        const v4f norm = (v4f)((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+        const v4f sub = (v4f)((two_w >> 17) | (126u << 23)) - 0.5f;
+        v4u bits = (v4u)sel((v4i)(two_w < (1u << 27)), sub, norm);
+        bits = (v4u)sel((v4i)(two_w >= 0xF8000000u), (v4f)(0x7f800000u | ((two_w >> 4) & 0x007fffffu)), (v4f)bits);
+        const v4f r = (v4f)(bits | sign);
+        memcpy(y + i, &r, sizeof r);
+    }
+    for (; i < n; i++) y[i] = el_half_to_float(h[i]);
+}
+
+static void dec_bf16(const void *src, float *y, int64_t n) {
+    const uint16_t *h = src;
+    for (int64_t i = 0; i < n; i++) {
+        const uint32_t u = (uint32_t)h[i] << 16;
+        memcpy(y + i, &u, 4);
+    }
+}
+
 /* --------------------------------------------------------------------------------------- 32-element blocks */
-/* each takes nb blocks of 32 floats */
+/* each takes nb blocks of 32 floats; a block is 8 vectors of 4 */
+static inline v4f vload(const float *p) { v4f v; memcpy(&v, p, sizeof v); return v; }
+static inline v4i vtrunc(v4f v) { return (v4i){ (int32_t)v[0], (int32_t)v[1], (int32_t)v[2], (int32_t)v[3] }; }
+static inline v4f vfloat(v4i v) { return (v4f){ (float)v[0], (float)v[1], (float)v[2], (float)v[3] }; }
+static inline float hmax4(v4f m) {
+    const float a = m[0] > m[1] ? m[0] : m[1], b = m[2] > m[3] ? m[2] : m[3];
+    return a > b ? a : b;
+}
+
+static inline void load_block(const float *x, v4f v[8]) {
+    for (int k = 0; k < 8; k++) v[k] = vload(x + 4 * k);
+}
+
+static inline float block_absmax(const v4f v[8]) {
+    v4f m = vabs(v[0]);
+    for (int k = 1; k < 8; k++) {
+        const v4f a = vabs(v[k]);
+        m = sel(a > m, a, m);
+    }
+    return hmax4(m);
+}
+
+/* the first element of largest magnitude, with its sign (numpy's x[argmax(|x|)]) */
+static inline float block_signed_absmax(const float *x, const v4f v[8]) {
+    const float amax = block_absmax(v);
+    for (int j = 0; j < EL_QK; j++)
+        if (fabsf(x[j]) == amax) return x[j];
+    return amax;   /* NaN in the block */
+}
+
+static inline void block_min_max(const v4f v[8], float *lo, float *hi) {
+    v4f mn = v[0], mx = v[0];
+    for (int k = 1; k < 8; k++) {
+        mn = sel(v[k] < mn, v[k], mn);
+        mx = sel(v[k] > mx, v[k], mx);
+    }
+    float a = mn[0], b = mx[0];
+    for (int j = 1; j < 4; j++) {
+        a = mn[j] < a ? mn[j] : a;
+        b = mx[j] > b ? mx[j] : b;
+    }
+    *lo = a;
+    *hi = b;
+}
+
+/* C's (int) truncation of v, clamped to [0, hi] (only NaN / out-of-range values need the clamp) */
+static inline v4i vtrunc_clamp(v4f v, float hi) {
+    return vtrunc(sel(v >= 0.f, sel(v < hi, v, splat(hi)), splat(0.f)));
+}
+
 static void quant_q8_0(const float *x, void *vy, int64_t nb) {
     block_q8_0 *y = vy;
     for (int64_t i = 0; i < nb; i++, x += EL_QK) {
-        float amax = 0.f;
-        for (int j = 0; j < EL_QK; j++) {
-            const float a = fabsf(x[j]);
-            amax = a > amax ? a : amax;
-        }
-        const float d = amax / 127.f, id = inverse(d);
+        v4f v[8];
+        load_block(x, v);
+        const float d = block_absmax(v) / 127.f, id = inverse(d);
         y[i].d = el_float_to_half(d);
-        for (int j = 0; j < EL_QK; j++) y[i].qs[j] = (int8_t)round_away(x[j] * id);
+        int32_t q[EL_QK];
+        for (int k = 0; k < 8; k++) {      /* C's roundf: halves away from zero; inf / NaN (subnormal d) give 0 */
+            const v4f s = v[k] * id, a = sel(vabs(s) < 1073741824.f, vabs(s), splat(0.f));
+            const v4i t = vtrunc(a), r = t - (v4i)(a - vfloat(t) >= 0.5f);   /* a - t is exact */
+            const v4i neg = s < 0.f, qr = (r ^ neg) - neg;                      /* -r where s < 0 */
+            memcpy(q + 4 * k, &qr, sizeof qr);
+        }
+        for (int j = 0; j < EL_QK; j++) y[i].qs[j] = (int8_t)q[j];
     }
+}
+
+static inline void pack4(const int32_t *q, uint8_t *qs) {
+    for (int j = 0; j < EL_QK / 2; j++) qs[j] = (uint8_t)(q[j] | (q[j + 16] << 4));
 }
 
 static void quant_q4_0(const float *x, void *vy, int64_t nb) {
     block_q4_0 *y = vy;
     for (int64_t i = 0; i < nb; i++, x += EL_QK) {
-        const float d = signed_absmax(x, EL_QK) / -8.f, id = inverse(d);   /* the extreme maps to -8 */
+        v4f v[8];
+        load_block(x, v);
+        const float d = block_signed_absmax(x, v) / -8.f, id = inverse(d);   /* the extreme maps to -8 */
         y[i].d = el_float_to_half(d);
-        for (int j = 0; j < EL_QK / 2; j++) {
-            const int a = trunc_clamp(x[j] * id + 8.5f, 15), b = trunc_clamp(x[j + 16] * id + 8.5f, 15);
-            y[i].qs[j] = (uint8_t)(a | (b << 4));
+        int32_t q[EL_QK];
+        for (int k = 0; k < 8; k++) {
+            const v4i t = vtrunc_clamp(v[k] * id + 8.5f, 15.f);
+            memcpy(q + 4 * k, &t, sizeof t);
         }
+        pack4(q, y[i].qs);
     }
-}
-
-static inline void min_max(const float *x, int n, float *lo, float *hi) {
-    float mn = x[0], mx = x[0];
-    for (int j = 1; j < n; j++) {
-        mn = x[j] < mn ? x[j] : mn;
-        mx = x[j] > mx ? x[j] : mx;
-    }
-    *lo = mn;
-    *hi = mx;
 }
 
 static void quant_q4_1(const float *x, void *vy, int64_t nb) {
     block_q4_1 *y = vy;
     for (int64_t i = 0; i < nb; i++, x += EL_QK) {
+        v4f v[8];
+        load_block(x, v);
         float lo, hi;
-        min_max(x, EL_QK, &lo, &hi);
+        block_min_max(v, &lo, &hi);
         const float d = (hi - lo) / 15.f, id = inverse(d);
         y[i].d = el_float_to_half(d);
         y[i].m = el_float_to_half(lo);
-        for (int j = 0; j < EL_QK / 2; j++) {
-            const int a = trunc_clamp((x[j] - lo) * id + 0.5f, 15), b = trunc_clamp((x[j + 16] - lo) * id + 0.5f, 15);
-            y[i].qs[j] = (uint8_t)(a | (b << 4));
+        int32_t q[EL_QK];
+        for (int k = 0; k < 8; k++) {
+            const v4i t = vtrunc_clamp((v[k] - lo) * id + 0.5f, 15.f);
+            memcpy(q + 4 * k, &t, sizeof t);
         }
+        pack4(q, y[i].qs);
     }
 }
 
 /* 32 values of 5 bits: low nibbles as Q4_0, bit 4 of element j in bit j of the little-endian qh */
-static inline void pack5(const int *q, uint8_t *qs, uint8_t *qh) {
+static inline void pack5(const int32_t *q, uint8_t *qs, uint8_t *qh) {
     uint32_t h = 0;
     for (int j = 0; j < EL_QK / 2; j++) qs[j] = (uint8_t)((q[j] & 15) | ((q[j + 16] & 15) << 4));
     for (int j = 0; j < EL_QK; j++) h |= (uint32_t)((q[j] >> 4) & 1) << j;
@@ -159,9 +228,14 @@ static inline void pack5(const int *q, uint8_t *qs, uint8_t *qh) {
 static void quant_q5_0(const float *x, void *vy, int64_t nb) {
     block_q5_0 *y = vy;
     for (int64_t i = 0; i < nb; i++, x += EL_QK) {
-        const float d = signed_absmax(x, EL_QK) / -16.f, id = inverse(d);
-        int q[EL_QK];
-        for (int j = 0; j < EL_QK; j++) q[j] = trunc_clamp(x[j] * id + 16.5f, 31);
+        v4f v[8];
+        load_block(x, v);
+        const float d = block_signed_absmax(x, v) / -16.f, id = inverse(d);
+        int32_t q[EL_QK];
+        for (int k = 0; k < 8; k++) {
+            const v4i t = vtrunc_clamp(v[k] * id + 16.5f, 31.f);
+            memcpy(q + 4 * k, &t, sizeof t);
+        }
         y[i].d = el_float_to_half(d);
         pack5(q, y[i].qs, y[i].qh);
     }
@@ -170,33 +244,22 @@ static void quant_q5_0(const float *x, void *vy, int64_t nb) {
 static void quant_q5_1(const float *x, void *vy, int64_t nb) {
     block_q5_1 *y = vy;
     for (int64_t i = 0; i < nb; i++, x += EL_QK) {
+        v4f v[8];
+        load_block(x, v);
         float lo, hi;
-        min_max(x, EL_QK, &lo, &hi);
+        block_min_max(v, &lo, &hi);
         const float d = (hi - lo) / 31.f, id = inverse(d);
-        int q[EL_QK];
+        int32_t q[EL_QK];
         /* (x - min) * id <= 31 (plus an ulp): + 0.5 and truncation stay below 32, as in ggml (no clamp there) */
-        for (int j = 0; j < EL_QK; j++) q[j] = trunc_clamp((x[j] - lo) * id + 0.5f, 31);
+        for (int k = 0; k < 8; k++) {
+            const v4i t = vtrunc_clamp((v[k] - lo) * id + 0.5f, 31.f);
+            memcpy(q + 4 * k, &t, sizeof t);
+        }
         y[i].d = el_float_to_half(d);
         y[i].m = el_float_to_half(lo);
         pack5(q, y[i].qs, y[i].qh);
     }
 }
-
-/* ------------------------------------------------------------------------------------------ lanes */
-/* The K-quant searches run every sub-block of a super-block side by side, one vector lane per sub-block, with
- * the compilers' generic vectors of 4 floats (SSE2 on any x86-64, NEON on aarch64; no intrinsics): Q4_K / Q5_K's
- * 8 sub-blocks are 2 vectors, Q6_K's 16 groups 4. Each lane does exactly the float operations of the scalar
- * method, in the same order: vectors change the speed, never a result. Comparisons give lanes of -1 / 0, used as
- * masks by `sel`. */
-typedef float v4f __attribute__((vector_size(16)));
-typedef int32_t v4i __attribute__((vector_size(16)));
-
-static inline v4f splat(float v) { return (v4f){ v, v, v, v }; }
-static inline v4f sel(v4i m, v4f a, v4f b) { return (v4f)((m & (v4i)a) | (~m & (v4i)b)); }
-static inline v4f vabs(v4f a) { return (v4f)((v4i)a & 0x7fffffff); }
-static inline v4f vrne(v4f v) { return sel(vabs(v) < 4194304.f, (v + 12582912.f) - 12582912.f, v); }   /* rne() */
-static inline v4f vclamp(v4f v, float lo, float hi) { return sel(v >= lo, sel(v <= hi, v, splat(hi)), splat(lo)); }
-static inline int vany(v4i m) { return (m[0] | m[1] | m[2] | m[3]) != 0; }
 
 /* ------------------------------------------------------------------------------------------ Q4_K, Q5_K */
 #define K4_N 32    /* elements of a sub-block */
@@ -458,83 +521,127 @@ static quant_fn quantizer(int ti) {
 
 /* Elements per claimed chunk: a multiple of every block size (256), small enough for a stack buffer of floats,
  * big enough that claiming costs nothing next to the work. Chunks are claimed from a shared counter, so a thread
- * slowed by a neighbour takes fewer of them. */
+ * slowed by a neighbour (a shared machine) takes fewer of them. */
 #define CHUNK 4096
 
+/* One tensor of a batch. src_ti / dst_ti: type index, or -1 for float32 rows (nothing to decode / to encode). */
 typedef struct {
-    int src_ti, dst_ti;           /* -1: float32 rows (no decoding / no encoding) */
+    int src_ti, dst_ti;
     const uint8_t *src;
     uint8_t *dst;
-    int64_t n;                    /* elements in all */
-    atomic_llong next;            /* next chunk to claim */
-} conv_job;
+    int64_t n;                    /* elements */
+    int64_t chunk1;               /* one past its last chunk, counted over the whole batch */
+} part;
+
+/* Several tensors in one run of the pool: their chunks are numbered one after the other and claimed from one
+ * counter, so a batch of many small tensors costs one wake-up of the workers and one final wait, not one each. */
+typedef struct {
+    const part *parts;
+    int n_parts;
+    atomic_llong next;
+} batch;
 
 static inline size_t span_bytes(int ti, int64_t e) {   /* bytes of the first e elements (e: whole blocks) */
     return ti < 0 ? (size_t)e * sizeof(float) : (size_t)(e / el_type_block(ti)) * el_type_block_bytes(ti);
 }
 
-static void conv_task(void *ctx, int ith, int nth) {
+static void convert_chunk(const part *p, int64_t c, float *buf) {
+    const int64_t e0 = c * CHUNK, m = (p->n - e0 < CHUNK) ? p->n - e0 : CHUNK;
+    const uint8_t *src = p->src + span_bytes(p->src_ti, e0);
+    uint8_t *dst = p->dst + span_bytes(p->dst_ti, e0);
+    const float *x = buf;
+    if (p->src_ti < 0) {
+        x = (const float *)src;
+    } else if (p->dst_ti < 0) {          /* decode only: straight into the output */
+        el_k->dequantize_row[p->src_ti](src, (float *)dst, (int)m);
+        return;
+    } else if (p->src_ti == EL_TI_F16) {
+        dec_f16(src, buf, m);
+    } else if (p->src_ti == EL_TI_BF16) {
+        dec_bf16(src, buf, m);
+    } else {
+        el_k->dequantize_row[p->src_ti](src, buf, (int)m);
+    }
+    quantizer(p->dst_ti)(x, dst, m / el_type_block(p->dst_ti));
+}
+
+static void batch_task(void *ctx, int ith, int nth) {
     (void)ith;
     (void)nth;
-    conv_job *j = ctx;
+    batch *b = ctx;
     float buf[CHUNK];
-    const int64_t n_chunks = (j->n + CHUNK - 1) / CHUNK;
-    const quant_fn q = j->dst_ti >= 0 ? quantizer(j->dst_ti) : NULL;
+    int k = 0;                           /* a thread's claims only grow: its part index only moves forward */
+    const int64_t end = b->parts[b->n_parts - 1].chunk1;
     for (;;) {
-        const int64_t c = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed);
-        if (c >= n_chunks) break;
-        const int64_t e0 = c * CHUNK, m = (j->n - e0 < CHUNK) ? j->n - e0 : CHUNK;
-        const uint8_t *src = j->src + span_bytes(j->src_ti, e0);
-        uint8_t *dst = j->dst + span_bytes(j->dst_ti, e0);
-        const float *x;
-        if (j->src_ti < 0) {
-            x = (const float *)src;
-        } else if (j->dst_ti < 0) {          /* dequantize only: straight into the output */
-            el_k->dequantize_row[j->src_ti](src, (float *)dst, (int)m);
-            continue;
-        } else {
-            el_k->dequantize_row[j->src_ti](src, buf, (int)m);
-            x = buf;
-        }
-        q(x, dst, m / el_type_block(j->dst_ti));
+        const int64_t c = atomic_fetch_add_explicit(&b->next, 1, memory_order_relaxed);
+        if (c >= end) break;
+        while (c >= b->parts[k].chunk1) k++;
+        const int64_t chunk0 = k ? b->parts[k - 1].chunk1 : 0;
+        convert_chunk(&b->parts[k], c - chunk0, buf);
     }
 }
 
-/* checks shared by the entry points; returns the element count, or -1 */
-static int64_t check_args(int src_ti, int dst_ti, const void *src, const void *dst, int n_rows, int n_per_row) {
-    if (!src || !dst || n_rows <= 0 || n_per_row <= 0) return -1;
+/* a part from the arguments, or n = -1 when they are bad */
+static part make_part(int src_ti, const void *src, int dst_ti, void *dst, int n_rows, int n_per_row) {
+    part p = { .src_ti = src_ti, .dst_ti = dst_ti, .src = src, .dst = dst, .n = -1 };
+    if (!src || !dst || n_rows <= 0 || n_per_row <= 0) return p;
     if ((src_ti >= 0 && n_per_row % el_type_block(src_ti)) || (dst_ti >= 0 && n_per_row % el_type_block(dst_ti)))
-        return -1;
-    return (int64_t)n_rows * n_per_row;
+        return p;
+    p.n = (int64_t)n_rows * n_per_row;
+    return p;
 }
 
-static size_t run_job(el_pool *pool, int src_ti, const void *src, int dst_ti, void *dst, int64_t n) {
+/* runs parts[0..n) (all valid, chunk1 not yet set); returns the bytes written */
+static size_t run_parts(el_pool *pool, part *parts, int n) {
     el_init();
-    conv_job j = { .src_ti = src_ti, .dst_ti = dst_ti, .src = src, .dst = dst, .n = n };
-    atomic_init(&j.next, 0);
-    if (pool && el_pool_size(pool) > 1 && n > CHUNK) el_pool_run(pool, conv_task, &j);
-    else conv_task(&j, 0, 1);
-    return span_bytes(dst_ti, n);
+    int64_t chunks = 0;
+    size_t bytes = 0;
+    for (int i = 0; i < n; i++) {
+        chunks += (parts[i].n + CHUNK - 1) / CHUNK;
+        parts[i].chunk1 = chunks;
+        bytes += span_bytes(parts[i].dst_ti, parts[i].n);
+    }
+    batch b = { .parts = parts, .n_parts = n };
+    atomic_init(&b.next, 0);
+    if (pool && el_pool_size(pool) > 1 && chunks > 1) el_pool_run(pool, batch_task, &b);
+    else batch_task(&b, 0, 1);
+    return bytes;
+}
+
+static size_t run_one(el_pool *pool, int src_ti, const void *src, int dst_ti, void *dst, int n_rows, int n_per_row) {
+    part p = make_part(src_ti, src, dst_ti, dst, n_rows, n_per_row);
+    return p.n < 0 ? 0 : run_parts(pool, &p, 1);
 }
 
 size_t el_quantize_rows(el_pool *pool, int type, const float *src, void *dst, int n_rows, int n_per_row) {
     const int ti = el_type_index(type);
-    if (ti < 0) return 0;
-    const int64_t n = check_args(-1, ti, src, dst, n_rows, n_per_row);
-    return n < 0 ? 0 : run_job(pool, -1, src, ti, dst, n);
+    return ti < 0 ? 0 : run_one(pool, -1, src, ti, dst, n_rows, n_per_row);
 }
 
 size_t el_dequantize_rows(el_pool *pool, int type, const void *src, float *dst, int n_rows, int n_per_row) {
     const int ti = el_type_index(type);
-    if (ti < 0) return 0;
-    const int64_t n = check_args(ti, -1, src, dst, n_rows, n_per_row);
-    return n < 0 ? 0 : run_job(pool, ti, src, -1, dst, n);
+    return ti < 0 ? 0 : run_one(pool, ti, src, -1, dst, n_rows, n_per_row);
 }
 
 size_t el_requantize_rows(el_pool *pool, int src_type, const void *src, int dst_type, void *dst,
                           int n_rows, int n_per_row) {
     const int si = el_type_index(src_type), di = el_type_index(dst_type);
-    if (si < 0 || di < 0) return 0;
-    const int64_t n = check_args(si, di, src, dst, n_rows, n_per_row);
-    return n < 0 ? 0 : run_job(pool, si, src, di, dst, n);
+    return si < 0 || di < 0 ? 0 : run_one(pool, si, src, di, dst, n_rows, n_per_row);
+}
+
+size_t el_requantize_batch(el_pool *pool, const el_quant_job *jobs, int n_jobs) {
+    if (!jobs || n_jobs < 1) return 0;
+    part *parts = malloc((size_t)n_jobs * sizeof *parts);
+    if (!parts) return 0;
+    size_t bytes = 0;
+    int ok = 1;
+    for (int i = 0; i < n_jobs && ok; i++) {
+        const el_quant_job *j = &jobs[i];
+        const int si = el_type_index(j->src_type), di = el_type_index(j->dst_type);
+        parts[i] = make_part(si, j->src, di, j->dst, j->n_rows, j->n_per_row);
+        ok = si >= 0 && di >= 0 && parts[i].n >= 0;
+    }
+    if (ok) bytes = run_parts(pool, parts, n_jobs);
+    free(parts);
+    return bytes;
 }

@@ -286,6 +286,39 @@ def test_bad_arguments_give_zero():
     assert not out[288:].any()                                                          # nothing else was written
 
 
+def test_requantize_batch(pools):
+    """Several tensors of different types and shapes in one call: the bytes of one call each."""
+    rng = np.random.default_rng(12)
+    specs = [(T.F16, T.Q4_K, 3, 512), (T.F32, T.Q8_0, 1, 32), (T.BF16, T.Q5_1, 40, 96), (T.Q8_0, T.Q6_K, 2, 256),
+             (T.F16, T.F16, 5, 64), (T.F32, T.Q4_0, 300, 64)]
+    srcs, outs, wants = [], [], []
+    jobs = ffi.new("el_quant_job[]", len(specs))
+    keep = []
+    for job, (st, dt, rows, n) in zip(jobs, specs):
+        x = (rng.standard_t(4, (rows, n)) * 0.02).astype(np.float32)
+        raw = quantize(x, st).reshape(-1)
+        want = nat_quantize(dequantize(raw, st, x.shape), dt).reshape(-1)
+        out = np.zeros(want.size, np.uint8)
+        srcs.append(raw), outs.append(out), wants.append(want)
+        sb, db = ffi.from_buffer(raw), ffi.from_buffer(out)
+        keep += [sb, db]
+        job.src_type, job.src, job.dst_type, job.dst, job.n_rows, job.n_per_row = int(st), sb, int(dt), db, rows, n
+    for pool in (ffi.NULL, pools[2], pools[3]):
+        for out in outs:
+            out[:] = 0
+        assert lib.el_requantize_batch(pool, jobs, len(specs)) == sum(w.size for w in wants)
+        for out, want, spec in zip(outs, wants, specs):
+            np.testing.assert_array_equal(out, want, err_msg=str(spec))
+    # one bad job: nothing is done at all
+    for out in outs:
+        out[:] = 0
+    jobs[3].n_per_row = 224                # Q8_0 blocks, but not Q6_K ones
+    assert lib.el_requantize_batch(pools[2], jobs, len(specs)) == 0
+    assert not any(out.any() for out in outs)
+    assert lib.el_requantize_batch(pools[2], jobs, 0) == 0
+    assert lib.el_requantize_batch(pools[2], ffi.NULL, 1) == 0
+
+
 # ---------------------------------------------------------------------------------------------------
 # quantize_model: the native path against the numpy one
 # ---------------------------------------------------------------------------------------------------
@@ -334,6 +367,19 @@ def test_quantize_model_native_and_numpy(tmp_path, monkeypatch, qtype):
                     np.testing.assert_array_equal(da, db, err_msg=name)
     else:
         assert a == b
+
+
+@pytest.mark.parametrize("batch", [1, 70000, 1 << 30])
+def test_quantize_model_batches_do_not_change_bytes(tmp_path, monkeypatch, batch):
+    """One tensor per C call, a few, or the whole model in one: the same file."""
+    import edgellm.quantize as qm
+
+    src = tmp_path / "in.gguf"
+    _tiny_model(src, seed=3)
+    qm.quantize_model(src, tmp_path / "ref.gguf", "Q4_K_M", n_threads=1, progress=False)
+    monkeypatch.setattr(qm, "NATIVE_BATCH_ELEMENTS", batch)
+    qm.quantize_model(src, tmp_path / "out.gguf", "Q4_K_M", n_threads=3, progress=True)
+    assert (tmp_path / "out.gguf").read_bytes() == (tmp_path / "ref.gguf").read_bytes()
 
 
 def test_fast_metadata_packing_same_bytes():
