@@ -16,12 +16,15 @@
  * left-to-right sums. The compiler vectorises those loops without reordering any sum.
  *
  * Rounding to nearest even is done with the 1.5 * 2^23 trick (exact for |v| < 2^22, which covers every value
- * that is not clamped anyway): no libm call, vectorisable. The build is ISO C (-std=c11), where GCC does not
- * contract a*b+c into fused multiply-adds; that matters here, as an FMA rounds once instead of twice.
+ * that is not clamped anyway): no libm call, vectorisable. No a*b+c here may become a fused multiply-add (which
+ * rounds once instead of twice, so aarch64 would give other bytes): ISO C mode (-std=c11, the cffi build) does not
+ * contract, and the pragma below keeps GNU mode from doing it.
  * Portable C11, no intrinsics: the same file builds for x86-64 and aarch64.
  */
 #if defined(__clang__)
 #pragma STDC FP_CONTRACT OFF
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")   /* also in GNU mode (-std=gnu11, native/Makefile), where GCC contracts */
 #endif
 #include <math.h>
 #include <stdatomic.h>
