@@ -136,10 +136,14 @@ static inline float block_absmax(const v4f v[8]) {
 }
 
 /* the first element of largest magnitude, with its sign (numpy's x[argmax(|x|)]) */
-static inline float block_signed_absmax(const float *x, const v4f v[8]) {
+static inline float block_signed_absmax(const v4f v[8]) {
     const float amax = block_absmax(v);
-    for (int j = 0; j < EL_QK; j++)
-        if (fabsf(x[j]) == amax) return x[j];
+    for (int k = 0; k < 8; k++) {
+        const v4i eq = vabs(v[k]) == amax;
+        if (vany(eq))
+            for (int j = 0; j < 4; j++)
+                if (eq[j]) return v[k][j];
+    }
     return amax;   /* NaN in the block */
 }
 
@@ -190,7 +194,7 @@ static void quant_q4_0(const float *x, void *vy, int64_t nb) {
     for (int64_t i = 0; i < nb; i++, x += EL_QK) {
         v4f v[8];
         load_block(x, v);
-        const float d = block_signed_absmax(x, v) / -8.f, id = inverse(d);   /* the extreme maps to -8 */
+        const float d = block_signed_absmax(v) / -8.f, id = inverse(d);   /* the extreme maps to -8 */
         y[i].d = el_float_to_half(d);
         int32_t q[EL_QK];
         for (int k = 0; k < 8; k++) {
@@ -233,7 +237,7 @@ static void quant_q5_0(const float *x, void *vy, int64_t nb) {
     for (int64_t i = 0; i < nb; i++, x += EL_QK) {
         v4f v[8];
         load_block(x, v);
-        const float d = block_signed_absmax(x, v) / -16.f, id = inverse(d);
+        const float d = block_signed_absmax(v) / -16.f, id = inverse(d);
         int32_t q[EL_QK];
         for (int k = 0; k < 8; k++) {
             const v4i t = vtrunc_clamp(v[k] * id + 16.5f, 31.f);
