@@ -1,5 +1,5 @@
 /* Weight quantizers of `edgellm quantize`: float32 -> F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K,
- * and whole tensors converted (dequantized, then encoded again) on the thread pool.
+ * and whole tensors (or batches of tensors) decoded and encoded again on the thread pool.
  *
  * The methods are those of quant/reference.py, the numpy definitions, which follow ggml's reference quantizers
  * (`quantize_row_*_ref`, make_qkx2_quants, make_qx_quants); the arithmetic is float32, operation by operation
@@ -8,18 +8,19 @@
  *     Q8_0 rounds halves away from zero (C's roundf), the others truncate `v + 0.5` / `v + 8.5` / `v + 16.5`;
  *     the block maximum of Q4_0 / Q5_0 is the first element of largest magnitude, with its sign (numpy's
  *     argmax); f16 scales round to nearest even;
- *   - the K-quant searches sum over a sub-block left to right as ggml's C loops do. Numpy's reference sums the
- *     same terms pairwise, so where two candidate grids tie within a rounding error the two can keep different
- *     ones (tests/test_quantize_native.py measures how often: a fraction of a percent of the blocks).
+ *   - the K-quant searches sum over a sub-block left to right as ggml's C loops do, which gives ggml's bytes
+ *     (tests compare with llama-cpp-python's libggml-base). Numpy's reference sums the same terms pairwise, so
+ *     where two candidate grids tie within a rounding error it can keep the other one: 0.4% to 2.6% of the
+ *     blocks on weight-like data (tests/test_quantize_native.py), with the same error.
  * The searches (Q4_K / Q5_K: 8 sub-blocks of 32; Q6_K: 16 groups of 16) run all sub-blocks of a super-block side
- * by side: arrays are [element][sub-block], so the inner loops run across sub-blocks, each lane keeping its own
- * left-to-right sums. The compiler vectorises those loops without reordering any sum.
+ * by side, one vector lane each (section "lanes"), each lane keeping its own left-to-right sums.
  *
  * Rounding to nearest even is done with the 1.5 * 2^23 trick (exact for |v| < 2^22, which covers every value
  * that is not clamped anyway): no libm call, vectorisable. No a*b+c here may become a fused multiply-add (which
  * rounds once instead of twice, so aarch64 would give other bytes): ISO C mode (-std=c11, the cffi build) does not
  * contract, and the pragma below keeps GNU mode from doing it.
- * Portable C11, no intrinsics: the same file builds for x86-64 and aarch64.
+ * Portable C11 plus GCC/clang generic vectors (no intrinsics): the same file builds for x86-64 and aarch64, and
+ * native/tests/run_arm.sh checks that both give the same bytes.
  */
 #if defined(__clang__)
 #pragma STDC FP_CONTRACT OFF

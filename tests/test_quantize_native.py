@@ -117,6 +117,20 @@ def test_float_conversions_nan_inf():
         assert all((int(v) & exp_mask) == exp_mask and (int(v) & man_mask) for v in got[np.isnan(x)])  # NaN stays NaN
 
 
+def test_f16_source_decoding_every_value():
+    """The f16 decoder of el_requantize_rows (branch-free bit arithmetic) on all 65536 halves: numpy's float32,
+    bit for bit, NaN payloads included; and the BF16 one on a spread of values."""
+    h = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+    out = np.zeros(65536, np.float32)
+    assert lib.el_requantize_rows(ffi.NULL, int(T.F16), ffi.from_buffer(h), int(T.F32),
+                                  ffi.from_buffer("float[]", out), 1, 65536) == out.nbytes
+    np.testing.assert_array_equal(out.view(np.uint32), h.view(np.float16).astype(np.float32).view(np.uint32))
+    out[:] = 0
+    assert lib.el_requantize_rows(ffi.NULL, int(T.BF16), ffi.from_buffer(h), int(T.F32),
+                                  ffi.from_buffer("float[]", out), 1, 65536) == out.nbytes
+    np.testing.assert_array_equal(out.view(np.uint32), h.astype(np.uint32) << 16)
+
+
 # ---------------------------------------------------------------------------------------------------
 # K-quants
 # ---------------------------------------------------------------------------------------------------
