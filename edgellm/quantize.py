@@ -26,13 +26,14 @@ How it runs: the tensor table of the output is known from the input's alone, so 
 the tensors are encoded and appended one after the other (GGUFWriter's streaming calls), each read through
 the input's memory map. The file is written as OUT.part and renamed at the end.
 
-Encoding runs in edgellm's C core when it is built (native/quantize.c, `el_requantize_rows`): the source bytes
+Encoding runs in edgellm's C core when it is built (native/quantize.c, `el_requantize_batch`): the source bytes
 (F32/F16/BF16, or a block type with allow_requantize) are decoded a few thousand elements at a time and encoded
-again on the core's thread pool (`n_threads`), straight from the memory map into the output tensor, so memory
-stays near one output tensor. Its encoders give the same bytes as the numpy ones for F16/BF16 and the 32-element
-types, and ggml's own bytes for the K-quants. Without the core (not built, or EDGELLM_NATIVE=0) the numpy
-encoders of quant/reference.py run instead: chunks of rows handed to a Python thread pool (numpy's vector
-operations release the GIL, so the threads overlap), a few tensors in flight at a time, in order.
+again on the core's thread pool (`n_threads`), straight from the memory map into the output tensors, a batch of
+tensors per call (about NATIVE_BATCH_ELEMENTS elements) while the previous batch is written; so memory stays near
+two batches (or two tensors, when a tensor is bigger). Its encoders give the same bytes as the numpy ones for
+F16/BF16 and the 32-element types, and ggml's own bytes for the K-quants. Without the core (not built, or
+EDGELLM_NATIVE=0) the numpy encoders of quant/reference.py run instead: chunks of rows handed to a Python thread
+pool (numpy's vector operations release the GIL, so the threads overlap), a few tensors in flight at a time.
 """
 
 from __future__ import annotations
@@ -445,6 +446,8 @@ def _native():
     try:
         from .backends import native
     except ImportError:
+        return None
+    if not hasattr(native.lib, "el_requantize_batch"):   # a module built before quantize.c: rebuild it to use it
         return None
     return native.ffi, native.lib
 
