@@ -23,10 +23,13 @@ import time
 from pathlib import Path
 
 
+ENCODER = {}
+
+
 def edgellm_quantize(src: Path, dst: Path, qtype: str, threads: int) -> None:
     from edgellm.quantize import quantize_model
 
-    quantize_model(src, dst, qtype, n_threads=threads, progress=False)
+    ENCODER["edgellm"] = quantize_model(src, dst, qtype, n_threads=threads, progress=False).encoder
 
 
 def llama_quantize(src: Path, dst: Path, qtype: str, threads: int) -> None:
@@ -109,10 +112,12 @@ def main() -> None:
             for f in outs.values():
                 f.unlink(missing_ok=True)
 
+    encoder = ENCODER.get("edgellm", "?")
     if args.json:
-        print(json.dumps({"input": str(args.input or "smollm2 -> F16"), "rows": rows}))
+        print(json.dumps({"input": str(args.input or "smollm2 -> F16"), "encoder": encoder, "rows": rows}))
         return
-    print(f"input: {args.input or 'SmolLM2-135M dequantized to F16'}, threads {args.threads}, {args.reps} reps")
+    print(f"input: {args.input or 'SmolLM2-135M dequantized to F16'}, threads {args.threads}, {args.reps} reps, "
+          f"edgellm's {encoder} encoders")
     print(f"{'type':8s} {'edgellm median/best s':>22s} {'llama.cpp median/best s':>24s} {'ratio':>6s} "
           f"{'MiB (e / l)':>14s} same types")
     for r in rows:

@@ -72,7 +72,7 @@ def register(cli: click.Group) -> None:
                              n_threads=n_threads, progress=None)   # tqdm on stderr when a terminal
         types = ", ".join(f"{n} {t}" for t, n in sorted(res.type_counts.items()))
         click.echo(f"{res.in_bytes / 2**20:.1f} MiB -> {res.out_bytes / 2**20:.1f} MiB in {res.seconds:.1f} s "
-                   f"({types})", err=True)
+                   f"({types}; {res.encoder} encoders)", err=True)
         click.echo(str(res.path))
 
     @cli.command()

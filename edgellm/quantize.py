@@ -24,9 +24,16 @@ What gets which type follows llama.cpp's `llama-quantize` (src/llama-quant.cpp),
 
 How it runs: the tensor table of the output is known from the input's alone, so it is written first; then
 the tensors are encoded and appended one after the other (GGUFWriter's streaming calls), each read through
-the input's memory map. Encoding is split into chunks of rows handed to a thread pool; numpy's vector
-operations release the GIL, so the threads overlap. A few tensors are in flight at a time, in order, so
-memory stays a small multiple of one tensor. The file is written as OUT.part and renamed at the end.
+the input's memory map. The file is written as OUT.part and renamed at the end.
+
+Encoding runs in edgellm's C core when it is built (native/quantize.c, `el_requantize_batch`): the source bytes
+(F32/F16/BF16, or a block type with allow_requantize) are decoded a few thousand elements at a time and encoded
+again on the core's thread pool (`n_threads`), straight from the memory map into the output tensors, a batch of
+tensors per call (about NATIVE_BATCH_ELEMENTS elements) while the previous batch is written; so memory stays near
+two batches (or two tensors, when a tensor is bigger). Its encoders give the same bytes as the numpy ones for
+F16/BF16 and the 32-element types, and ggml's own bytes for the K-quants. Without the core (not built, or
+EDGELLM_NATIVE=0) the numpy encoders of quant/reference.py run instead: chunks of rows handed to a Python thread
+pool (numpy's vector operations release the GIL, so the threads overlap), a few tensors in flight at a time.
 """
 
 from __future__ import annotations
@@ -128,6 +135,7 @@ class QuantizeResult:
     in_bytes: int
     out_bytes: int
     type_counts: dict[str, int] = field(default_factory=dict)
+    encoder: str = "numpy"      # "native" (the C core) or "numpy" (quant/reference.py)
 
 
 def _use_more_bits(i_layer: int, n_layers: int) -> bool:
@@ -304,13 +312,54 @@ def _check(gf: GGUFFile, plans: list[TensorPlan], allow_requantize: bool) -> Non
                       f"the original F32/F16/BF16 weights", RequantizeWarning, stacklevel=3)
 
 
+_FAST_WRITERS: dict = {}
+
+
+def _fast_writer_class(gguf):
+    """GGUFWriter, with metadata arrays packed in one go instead of item by item.
+
+    gguf-py packs every element of an array through its generic `_pack_val` (a few microseconds each): for a
+    tokenizer's 50k tokens and merges that is most of the second the whole write of a small model takes. Here an
+    array of strings or numbers of a declared type is packed with one join / one numpy conversion, to the same
+    bytes (GGUF: u32 element type, u64 count, then the elements; a string is u64 length + UTF-8 bytes).
+    Anything else (big-endian output, untyped arrays) goes through gguf-py's own code.
+    """
+    cls = _FAST_WRITERS.get(gguf)
+    if cls is not None:
+        return cls
+    import struct
+
+    G = gguf.GGUFValueType
+    numeric = {G.UINT8: "<u1", G.INT8: "<i1", G.UINT16: "<u2", G.INT16: "<i2", G.UINT32: "<u4", G.INT32: "<i4",
+               G.FLOAT32: "<f4", G.UINT64: "<u8", G.INT64: "<i8", G.FLOAT64: "<f8", G.BOOL: "?"}
+
+    class FastGGUFWriter(gguf.GGUFWriter):
+        def _pack_val(self, val, vtype, add_vtype, sub_type=None):
+            if (vtype != G.ARRAY or sub_type is None or self.endianess != gguf.GGUFEndian.LITTLE
+                    or isinstance(val, (bytes, str)) or not len(val)):
+                return super()._pack_val(val, vtype, add_vtype, sub_type=sub_type)
+            if sub_type == G.STRING:
+                pack_len = struct.Struct("<Q").pack
+                items = (v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in val)
+                body = b"".join(pack_len(len(b)) + b for b in items)
+            elif sub_type in numeric:
+                body = np.asarray(val).astype(numeric[sub_type], casting="unsafe").tobytes()
+            else:
+                return super()._pack_val(val, vtype, add_vtype, sub_type=sub_type)
+            head = struct.pack("<I", int(vtype)) if add_vtype else b""
+            return head + struct.pack("<IQ", int(sub_type), len(val)) + body
+
+    _FAST_WRITERS[gguf] = FastGGUFWriter
+    return FastGGUFWriter
+
+
 def _metadata_writer(gf: GGUFFile, tmp: Path, q: QuantType, gguf):
     """A GGUFWriter with the input's metadata, general.file_type and quantization version updated."""
     G = gguf.GGUFValueType
     arch = str(gf.metadata.get("general.architecture", ""))
     if not arch:
         raise QuantizeError(f"{gf.path}: no general.architecture")
-    writer = gguf.GGUFWriter(tmp, arch)
+    writer = _fast_writer_class(gguf)(tmp, arch)
     if "general.alignment" in gf.metadata:
         writer.data_alignment = int(gf.metadata["general.alignment"])
     # llama.cpp sets these two whatever the input said; they keep their place when present.
@@ -375,7 +424,7 @@ def quantize_model(in_path: str | os.PathLike, out_path: str | os.PathLike, qtyp
         try:
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
-            _write_tensors(gf, plans, writer, n_threads, progress)
+            encoder = _write_tensors(gf, plans, writer, n_threads, progress)
             writer.close()
             os.replace(tmp, out_path)
         except BaseException as e:
@@ -389,10 +438,128 @@ def quantize_model(in_path: str | os.PathLike, out_path: str | os.PathLike, qtyp
     counts = Counter(p.dst_type.name for p in plans)
     return QuantizeResult(out_path, q.name, plans, time.perf_counter() - t0,
                           in_bytes=sum(gf.tensors[p.name].nbytes for p in plans),
-                          out_bytes=sum(p.nbytes for p in plans), type_counts=dict(counts))
+                          out_bytes=sum(p.nbytes for p in plans), type_counts=dict(counts), encoder=encoder)
 
 
-def _write_tensors(gf: GGUFFile, plans: list[TensorPlan], writer, n_threads: int, progress) -> None:
+def _native():
+    """(ffi, lib) of the C core, or None when it is not built or turned off (EDGELLM_NATIVE=0)."""
+    try:
+        from .backends import native
+    except ImportError:
+        return None
+    if not hasattr(native.lib, "el_requantize_batch"):   # a module built before quantize.c: rebuild it to use it
+        return None
+    return native.ffi, native.lib
+
+
+# Types the C core decodes and encodes (el_type_index in native/kernels_generic.c).
+_NATIVE_TYPES = frozenset((T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K))
+# Elements per C call (el_requantize_batch: several tensors, all of the pool's threads, one wait at the end).
+# While one batch is encoded the previous one is written, so two are in memory: with 2^24 elements, a few tens of
+# MB, or two tensors when a tensor is bigger than that (a tensor is encoded whole).
+NATIVE_BATCH_ELEMENTS = 1 << 24
+
+
+def _write_tensors(gf: GGUFFile, plans: list[TensorPlan], writer, n_threads: int, progress) -> str:
+    """Encode and append every tensor; returns the encoder that ran ("native" or "numpy")."""
+    native = _native()
+    if native is not None:
+        _write_tensors_native(gf, plans, writer, n_threads, progress, *native)
+        return "native"
+    _write_tensors_numpy(gf, plans, writer, n_threads, progress)
+    return "numpy"
+
+
+def _on_native(p: TensorPlan) -> bool:
+    return not p.copy and p.src_type in _NATIVE_TYPES and p.dst_type in _NATIVE_TYPES
+
+
+def _native_batches(plans: list[TensorPlan]) -> list[list[TensorPlan]]:
+    """Consecutive runs of plans holding about NATIVE_BATCH_ELEMENTS elements to encode natively each."""
+    batches, cur, n = [], [], 0
+    for p in plans:
+        cur.append(p)
+        if _on_native(p):
+            n += int(np.prod(p.shape, dtype=np.int64))
+        if n >= NATIVE_BATCH_ELEMENTS:
+            batches.append(cur)
+            cur, n = [], 0
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def _write_tensors_native(gf: GGUFFile, plans: list[TensorPlan], writer, n_threads: int, progress, ffi, lib) -> None:
+    """The C core encodes batch i + 1 (in a helper thread: the C call releases the GIL) while batch i is written."""
+    bar = _bar(plans, progress)
+    pool = lib.el_pool_new(n_threads)
+    if pool == ffi.NULL:
+        raise QuantizeError("cannot start the quantizer's threads")
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgellm-quantize") as helper:
+            pending: deque[tuple[list[TensorPlan], Future]] = deque()
+            todo = iter(_native_batches(plans))
+            try:
+                while True:
+                    while len(pending) < 2:
+                        nxt = next(todo, None)
+                        if nxt is None:
+                            break
+                        pending.append((nxt, helper.submit(_encode_batch, ffi, lib, pool, gf, nxt)))
+                    if not pending:
+                        break
+                    batch, fut = pending.popleft()
+                    encoded = fut.result()
+                    for p in batch:
+                        if p.copy:
+                            data = gf.tensor_data(p.name)      # unchanged: straight from the input's mapping
+                        elif p.name in encoded:
+                            data = encoded.pop(p.name)
+                        else:                                  # a source type only numpy decodes (Q2_K, Q3_K)
+                            data = _encode_rows(gf.tensor_data(p.name), p.src_type, p.shape[-1], p.dst_type)
+                        if data.nbytes != p.nbytes:            # the table written first must describe these bytes
+                            raise QuantizeError(f"{p.name}: {data.nbytes} bytes encoded, {p.nbytes} announced")
+                        writer.write_tensor_data(data)
+                        del data
+                        if bar is not None:
+                            bar.update(int(np.prod(p.shape, dtype=np.int64)))
+            except BaseException:
+                for _, fut in pending:
+                    fut.cancel()
+                raise
+    finally:
+        lib.el_pool_free(pool)                                 # after the helper thread is done with it
+        if bar is not None:
+            bar.close()
+
+
+def _encode_batch(ffi, lib, pool, gf: GGUFFile, batch: list[TensorPlan]) -> dict[str, np.ndarray]:
+    """The batch's natively encoded tensors, name -> bytes: one el_requantize_batch call, straight from the
+    input's mapping into new arrays."""
+    todo = [p for p in batch if _on_native(p)]
+    if not todo:
+        return {}
+    jobs = ffi.new("el_quant_job[]", len(todo))
+    keep, out = [], {}
+    for job, p in zip(jobs, todo):
+        row = p.shape[-1]
+        n_rows = int(np.prod(p.shape[:-1], dtype=np.int64)) if len(p.shape) > 1 else 1
+        if n_rows >= 2**31:
+            raise QuantizeError(f"{p.name}: {n_rows} rows are more than the native quantizer takes")
+        dst = out[p.name] = np.empty(p.nbytes, dtype=np.uint8)
+        src_buf = ffi.from_buffer("uint8_t[]", gf.tensor_data(p.name))
+        dst_buf = ffi.from_buffer("uint8_t[]", dst, require_writable=True)
+        keep += [src_buf, dst_buf]
+        job.src_type, job.src, job.dst_type, job.dst = int(p.src_type), src_buf, int(p.dst_type), dst_buf
+        job.n_rows, job.n_per_row = n_rows, row
+    written = lib.el_requantize_batch(pool, jobs, len(todo))
+    if written != sum(p.nbytes for p in todo):
+        names = ", ".join(f"{p.name} ({p.src_type.name} -> {p.dst_type.name})" for p in todo)
+        raise QuantizeError(f"the native quantizer refused a batch of tensors: {names}")
+    return out
+
+
+def _write_tensors_numpy(gf: GGUFFile, plans: list[TensorPlan], writer, n_threads: int, progress) -> None:
     bar = _bar(plans, progress)
     pending: deque[tuple[TensorPlan, list[Future] | None]] = deque()
     ahead = 0

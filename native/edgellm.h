@@ -136,6 +136,28 @@ int el_model_set_tensor(el_model *m, int which, int layer, int type, const void 
 int el_model_ready(const el_model *m);      /* 1 when every tensor is set */
 /* logits: [number of output tokens, n_vocab]; returns 0, or -1 on a bad batch */
 int el_model_forward(el_model *m, const el_batch *batch, const el_cache *caches, int n_caches, float *logits);
+/* ---- quantization (quantize.c) ---- */
+/* Whole tensors of n_rows rows of n_per_row elements, on pool's threads (NULL: the calling thread only). Types:
+ * EL_F32, EL_F16, EL_BF16, EL_Q4_0, EL_Q4_1, EL_Q5_0, EL_Q5_1, EL_Q8_0, EL_Q4_K, EL_Q5_K, EL_Q6_K; n_per_row a
+ * multiple of the types' blocks. Each returns the bytes written to dst, 0 on bad arguments (unknown type, NULL
+ * buffer, n_rows or n_per_row < 1, a row that is not whole blocks). The encoders are those of quant/reference.py
+ * (gguf.quants' bytes for F16/BF16 and the 32-element types; ggml's searches for the K-quants). */
+size_t el_quantize_rows(el_pool *pool, int type, const float *src, void *dst, int n_rows, int n_per_row);
+size_t el_dequantize_rows(el_pool *pool, int type, const void *src, float *dst, int n_rows, int n_per_row);
+/* src_type -> dst_type without a float copy of the tensor (decoded a few thousand elements at a time) */
+size_t el_requantize_rows(el_pool *pool, int src_type, const void *src, int dst_type, void *dst,
+                          int n_rows, int n_per_row);
+/* several tensors in one run of the pool (one wake-up and one wait for all: small tensors cost no barrier each);
+ * returns the bytes written by all, 0 (and nothing written) when any job is bad or n_jobs < 1 */
+typedef struct {
+    int src_type;
+    const void *src;
+    int dst_type;
+    void *dst;
+    int n_rows;
+    int n_per_row;
+} el_quant_job;
+size_t el_requantize_batch(el_pool *pool, const el_quant_job *jobs, int n_jobs);
 /* CFFI-END */
 
 #ifdef __cplusplus

@@ -34,6 +34,14 @@ fail() { echo "run_arm: FAIL: $*"; fails=$((fails + 1)); }
 
 build test_kernels || { echo "run_arm: cross-build of test_kernels failed" >&2; exit 1; }
 build test_neon_extra || { echo "run_arm: cross-build of test_neon_extra failed" >&2; exit 1; }
+build test_quantize || { echo "run_arm: cross-build of test_quantize failed" >&2; exit 1; }
+# the weight quantizers on the host too: both must print the same bytes (hash lines)
+HOST_CC=${HOST_CC:-cc}
+host_quant=""
+if command -v "$HOST_CC" >/dev/null 2>&1 && "$HOST_CC" -O2 -std=c11 -Wall -Wno-unused-function -pthread -I. \
+        -o "$out/test_quantize_host" tests/test_quantize.c $core -lm; then
+    host_quant=$("$out/test_quantize_host") || fail "host: test_quantize"
+fi
 
 # run CPU PROGRAM ARGS...: under qemu with the environment's EDGELLM_ISA removed (detection must work alone);
 # a timeout so a hang fails instead of stalling CI
@@ -66,7 +74,15 @@ for cpu in cortex-a72 cortex-a76; do
     done
     [ "$cpu" = cortex-a72 ] && echo "$log" | grep -q '^neon-dotprod ' && fail "$cpu: neon-dotprod ran on a CPU without sdot"
 
-    # 4. the NEON tables in detail: repack bounds, row splits, extreme quants, bit-exact q8a, each ISA forced
+    # 4. the weight quantizers: round trips, threads, and the same bytes as the host build
+    qlog=$(run "$cpu" "$out/test_quantize") || fail "$cpu: test_quantize"
+    echo "$qlog" | grep -v '^hash '
+    if [ -n "$host_quant" ]; then
+        [ "$(echo "$qlog" | grep '^hash ')" = "$(echo "$host_quant" | grep '^hash ')" ] \
+            || fail "$cpu: quantized bytes differ from the host's"
+    fi
+
+    # 5. the NEON tables in detail: repack bounds, row splits, extreme quants, bit-exact q8a, each ISA forced
     for isa in $isas; do
         run "$cpu" "$out/test_neon_extra" --isa "$isa" --expect-isa "$isa" || fail "$cpu: test_neon_extra --isa $isa"
     done
