@@ -261,7 +261,7 @@ static inline int kv_first(const el_layer *L, const kv_layer *v, int pos) {
 
 static void store_kv(const el_kernels *k, int type, void *dst, const float *src, int n) {
     if (type == EL_F16) k->to_f16(src, dst, n);
-    else if (type == EL_Q8_0) el_kv_quantize_q8_0(src, dst, n);
+    else if (type == EL_Q8_0) el_quantize_q8_0_blocks(src, dst, n / EL_QK);
     else memcpy(dst, src, (size_t)n * 4);
 }
 

@@ -3,8 +3,8 @@
 #ifndef EDGELLM_KERNELS_H
 #define EDGELLM_KERNELS_H
 
-#include <math.h>
 #include <stddef.h>
+#include <stdint.h>
 #include "quants.h"
 
 /* compact index of the weight types the core knows (the traits table is indexed by it) */
@@ -73,17 +73,9 @@ static inline const float *el_kv_row(const void *base, int type, int j, int head
     return tmp;
 }
 
-/* one row of head_dim floats into a q8_0 cache row: d = max|x| / 127, q = round(x / d) (gguf.quants' rule) */
-static inline void el_kv_quantize_q8_0(const float *x, void *dst, int head_dim) {
-    block_q8_0 *b = dst;
-    for (int i = 0; i < head_dim / EL_QK; i++) {
-        float amax = 0.0f;
-        for (int l = 0; l < EL_QK; l++) { const float a = x[i * EL_QK + l] < 0 ? -x[i * EL_QK + l] : x[i * EL_QK + l]; amax = a > amax ? a : amax; }
-        const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
-        b[i].d = el_float_to_half(d);
-        for (int l = 0; l < EL_QK; l++) b[i].qs[l] = (int8_t)roundf(x[i * EL_QK + l] * id);
-    }
-}
+/* nb blocks of 32 floats into Q8_0 (quantize.c): d = max|x| / 127, q = roundf(x / d), gguf.quants' bytes.
+ * Weights and the KV cache's q8_0 rows both use it. */
+void el_quantize_q8_0_blocks(const float *x, void *y, int64_t nb);
 
 #define EL_ATTN_KC 64   /* slots per converted K/V chunk */
 static inline size_t el_attn_rows_scratch(int n_q, int max_kv, int head_dim) {

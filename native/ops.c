@@ -129,6 +129,6 @@ size_t el_kv_row_size(int type, int head_dim) { return el_kv_row_bytes(type, hea
 void el_kv_store_row(int type, const float *x, void *dst, int head_dim) {
     el_init();
     if (type == EL_F16) el_k->to_f16(x, dst, head_dim);
-    else if (type == EL_Q8_0) el_kv_quantize_q8_0(x, dst, head_dim);
+    else if (type == EL_Q8_0) el_quantize_q8_0_blocks(x, dst, head_dim / EL_QK);
     else memcpy(dst, x, (size_t)head_dim * 4);
 }

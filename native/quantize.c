@@ -168,7 +168,7 @@ static inline v4i vtrunc_clamp(v4f v, float hi) {
     return vtrunc(sel(v >= 0.f, sel(v < hi, v, splat(hi)), splat(0.f)));
 }
 
-static void quant_q8_0(const float *x, void *vy, int64_t nb) {
+void el_quantize_q8_0_blocks(const float *x, void *vy, int64_t nb) {   /* also the KV cache's q8_0 rows */
     block_q8_0 *y = vy;
     for (int64_t i = 0; i < nb; i++, x += EL_QK) {
         v4f v[8];
@@ -521,7 +521,7 @@ static quant_fn quantizer(int ti) {
     switch (ti) {
     case EL_TI_F32: return quant_f32;   case EL_TI_F16: return quant_f16;   case EL_TI_BF16: return quant_bf16;
     case EL_TI_Q4_0: return quant_q4_0; case EL_TI_Q4_1: return quant_q4_1; case EL_TI_Q5_0: return quant_q5_0;
-    case EL_TI_Q5_1: return quant_q5_1; case EL_TI_Q8_0: return quant_q8_0; case EL_TI_Q4_K: return quant_q4_k;
+    case EL_TI_Q5_1: return quant_q5_1; case EL_TI_Q8_0: return el_quantize_q8_0_blocks; case EL_TI_Q4_K: return quant_q4_k;
     case EL_TI_Q5_K: return quant_q5_k; case EL_TI_Q6_K: return quant_q6_k;
     default: return NULL;
     }
