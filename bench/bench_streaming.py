@@ -56,6 +56,34 @@ def eog_bias(llm) -> dict[int, float]:
     return {i: float("-inf") for i in range(tok.n_vocab) if tok.is_eog(i)}
 
 
+def paired_speed(llm, gen_a, ids, params, args) -> dict:
+    """Speed of the long stream's next `block` tokens against a fresh stream's first `block`, step by step in
+    turn: on a shared machine the speed drifts by 10-25% from one minute to the next, which a first-vs-last block
+    comparison cannot tell from a real slowdown; alternating steps puts both under the same conditions."""
+    from edgellm.generate import Engine, stream_generate
+
+    eng_b = Engine(llm.model, llm.backend, args.ctx, context_shift=True, n_keep=args.keep)
+    gen_b = stream_generate(eng_b, ids, params, max_tokens=args.block + 1)
+    next(gen_b)   # prompt + first token, untimed (as block 0 of the main run)
+    t_late = t_early = 0.0
+    steps = 0
+    for _ in range(args.block):
+        t0 = time.perf_counter()
+        ra = next(gen_a, None)
+        t1 = time.perf_counter()
+        rb = next(gen_b, None)
+        t2 = time.perf_counter()
+        if ra is None or rb is None or ra.finish_reason or rb.finish_reason:
+            break
+        t_late += t1 - t0
+        t_early += t2 - t1
+        steps += 1
+    late, early = steps / t_late, steps / t_early
+    return {"steps": steps, "late_tok_s": late, "early_tok_s": early, "ratio": late / early,
+            "late_n_shifts": llm.engine.n_shifts, "early_n_shifts": eng_b.n_shifts,
+            "bar": 0.10, "pass": abs(late / early - 1) <= 0.10}
+
+
 def run(args) -> dict:
     from edgellm import LLM
     from edgellm.generate import stream_generate
@@ -80,7 +108,9 @@ def run(args) -> dict:
     t_block = None
     n = 0
     finish = None
-    for rec in stream_generate(engine, ids, params, max_tokens=args.n_predict):
+    # A runs `block` tokens longer than n_predict: those are timed against a fresh stream's first block (below)
+    gen_a = stream_generate(engine, ids, params, max_tokens=args.n_predict + (args.block if args.paired else 0))
+    for rec in gen_a:
         if rec.finish_reason is not None:
             finish = rec.finish_reason
             block_text.append(rec.text)
@@ -118,7 +148,10 @@ def run(args) -> dict:
                 print(f"{n:>7} tokens  {b['tok_s']:7.1f} tok/s  RSS {b['rss_kib'] / 1024:7.1f} MiB  shifts "
                       f"{b['shifts']:>4}  n_past {b['n_past']:>4}  load {b['load1']:.2f}", file=sys.stderr,
                       flush=True)
+        if n >= args.n_predict:
+            break
     total_s = time.perf_counter() - t_first
+    paired = paired_speed(llm, gen_a, ids, params, args) if args.paired and finish is None else None
     if block_text:
         texts.append("".join(block_text))
     llm.close()
@@ -146,7 +179,8 @@ def run(args) -> dict:
                  "sampler": sampler or "defaults (temp 0.8, top-k 40, top-p 0.95, min-p 0.05, no penalties)",
                  "banned_eog_tokens": sorted(bias) if bias else [],
                  "generated": n, "finish_reason": finish, "load_s": t_load, "total_decode_s": total_s,
-                 "rss_kib_before_load": rss_start, "rss_kib_after_prefill": rss_after_prefill, "blocks": blocks}
+                 "rss_kib_before_load": rss_start, "rss_kib_after_prefill": rss_after_prefill, "blocks": blocks,
+                 "paired_speed": paired}
     if len(blocks) >= 2:
         base = blocks[0]["rss_kib"]   # end of the warm-up block
         after = [b["rss_kib"] for b in blocks[1:]]
@@ -209,6 +243,12 @@ def report(res: dict) -> None:
         print(f"speed: first block {s['first_block_tok_s']:.1f} tok/s, last block {s['last_block_tok_s']:.1f} tok/s "
               f"(ratio {s['ratio']:.3f}; blocks {s['min_block_tok_s']:.1f}-{s['max_block_tok_s']:.1f}, mean "
               f"{s['mean_tok_s']:.1f})  -> bar 10%: {'PASS' if s['pass'] else 'FAIL'}")
+        if res.get("paired_speed"):
+            p = res["paired_speed"]
+            print(f"speed, paired (tokens {res['generated'] + 1}-{res['generated'] + p['steps']} of the long stream "
+                  f"alternating step by step with tokens 2-{p['steps'] + 1} of a fresh one): late {p['late_tok_s']:.1f} "
+                  f"tok/s, early {p['early_tok_s']:.1f} tok/s (ratio {p['ratio']:.3f})  -> bar 10%: "
+                  f"{'PASS' if p['pass'] else 'FAIL'}")
         if "cpu_ratio_last_first" in s:
             print(f"CPU time per token: first block {s['cpu_ms_per_tok_first']:.2f} ms, last block "
                   f"{s['cpu_ms_per_tok_last']:.2f} ms (ratio {s['cpu_ratio_last_first']:.3f})")
@@ -242,6 +282,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-penalty-last-n", type=int, default=None)
     ap.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
                     help="let the model end the text (by default end-of-generation tokens are banned)")
+    ap.add_argument("--no-paired", dest="paired", action="store_false",
+                    help="skip the paired speed check (the next block of the long stream vs a fresh stream's first)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     res = run(args)
