@@ -243,27 +243,32 @@ static void test_elementwise(const el_kernels *k, const el_kernels *g) {
         k->softmax(o, n); g->softmax(r, n); check_elem("softmax", n, o, r, S);
         free(a); free(b); free(r); free(o);
     }
-    /* attention: f32 and f16 caches, head sizes on and off the vector path */
+    /* attention: f32, f16 and q8_0 cache rows (K and V of different types too), head sizes on and off the vector
+     * path; q8_0 only where head_dim is whole blocks */
     static const int dims[] = { 64, 128, 256, 80, 36 }, kvs[] = { 1, 5, 33, 300 };
-    for (int f16 = 0; f16 < 2; f16++)
+    static const int types[][2] = { { EL_F32, EL_F32 }, { EL_F16, EL_F16 }, { EL_Q8_0, EL_Q8_0 }, { EL_Q8_0, EL_F16 } };
+    static const char *const tname[] = { "f32", "f16", "q8_0", "q8_0/f16" };
+    for (int ti = 0; ti < 4; ti++)
         for (size_t di = 0; di < sizeof dims / sizeof *dims; di++)
             for (size_t ki = 0; ki < sizeof kvs / sizeof *kvs; ki++) {
-                const int hd = dims[di], nkv = kvs[ki], S = 8, es = f16 ? 2 : 4;
+                const int hd = dims[di], nkv = kvs[ki], S = 8, kt = types[ti][0], vt = types[ti][1];
+                if ((kt == EL_Q8_0 || vt == EL_Q8_0) && hd % 32) continue;
                 float *q = malloc(4 * hd), *kf = malloc(4 * (size_t)hd * nkv), *vf = malloc(4 * (size_t)hd * nkv);
                 fill_uniform(q, hd, -1, 1); fill_uniform(kf, hd * nkv, -1, 1); fill_uniform(vf, hd * nkv, -1, 1);
-                void *kc = malloc((size_t)es * hd * nkv), *vc = malloc((size_t)es * hd * nkv);
-                for (int i = 0; i < hd * nkv; i++) {
-                    if (f16) { ((el_half *)kc)[i] = el_float_to_half(kf[i]); ((el_half *)vc)[i] = el_float_to_half(vf[i]); }
-                    else { ((float *)kc)[i] = kf[i]; ((float *)vc)[i] = vf[i]; }
+                const size_t kr = el_kv_row_size(kt, hd), vr = el_kv_row_size(vt, hd);
+                char *kc = malloc(kr * nkv), *vc = malloc(vr * nkv);
+                for (int j = 0; j < nkv; j++) {
+                    el_kv_store_row(kt, kf + (size_t)j * hd, kc + j * kr, hd);
+                    el_kv_store_row(vt, vf + (size_t)j * hd, vc + j * vr, hd);
                 }
                 float *sc = malloc(4 * (nkv + S)), *sr = malloc(4 * nkv), *o = malloc(4 * (hd + S)), *r = malloc(4 * (hd + S));
                 put_sentinels(sc, nkv + S);
                 put_sentinels(o, hd + S);
                 const float scale = 1.0f / sqrtf((float)hd);
-                k->attn_head(q, kc, vc, f16 ? EL_F16 : EL_F32, nkv, hd, scale, sc, o);
-                g->attn_head(q, kc, vc, f16 ? EL_F16 : EL_F32, nkv, hd, scale, sr, r);
+                k->attn_head(q, kc, kt, vc, vt, nkv, hd, scale, sc, o);
+                g->attn_head(q, kc, kt, vc, vt, nkv, hd, scale, sr, r);
                 char name[64];
-                snprintf(name, sizeof name, "attn_head %s head_dim=%d n_kv=%d", f16 ? "f16" : "f32", hd, nkv);
+                snprintf(name, sizeof name, "attn_head %s head_dim=%d n_kv=%d", tname[ti], hd, nkv);
                 check_elem(name, hd, o, r, S);
                 int ok = 1;
                 for (int i = 0; i < S; i++) ok &= is_sentinel(sc + nkv + i);
