@@ -179,10 +179,11 @@ class LLM:
         **sampling,
     ):
         """OpenAI-shaped text completion (`text_completion`), or an iterator of chunks with stream=True.
-        logprobs=N (0..20): per-token log-probabilities and the N most likely alternatives (non-streaming)."""
+        logprobs=N (0..20): per-token log-probabilities and the N most likely alternatives (streamed chunks carry
+        those of their own tokens)."""
         ids = self._prompt_ids(prompt)
         knobs = _knobs(locals(), sampling)
-        recorder = LogprobsRecorder(self.tokenizer, logprobs) if logprobs is not None and not stream else None
+        recorder = LogprobsRecorder(self.tokenizer, logprobs) if logprobs is not None else None
         records = self._stream(ids, max_tokens, stop, knobs, recorder)
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": str(self.model.path)}
         prompt_len = len(prompt) if isinstance(prompt, str) else len(self.detokenize(ids))
@@ -191,9 +192,13 @@ class LLM:
             lp = recorder.completion(text_offset=prompt_len) if recorder is not None and reason else None
             return {"text": text, "index": 0, "logprobs": lp, "finish_reason": reason}
 
+        def chunk(r):
+            lp = recorder.take(False, prompt_len) if recorder is not None else None
+            return {**meta, "object": "text_completion",
+                    "choices": [{"text": r.text, "index": 0, "logprobs": lp, "finish_reason": r.finish_reason}]}
+
         if stream:
-            return ({**meta, "object": "text_completion", "choices": [choice(r.text, r.finish_reason)]}
-                    for r in records if r.text or r.finish_reason)
+            return (chunk(r) for r in records if r.text or r.finish_reason)
         text, last = _collect(records)
         return {**meta, "object": "text_completion", "choices": [choice(text, last.finish_reason)],
                 "usage": _usage(last)}
@@ -221,15 +226,16 @@ class LLM:
     ):
         """OpenAI-shaped chat completion rendered with the model's own chat template.
         response_format: {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": {...}}}
-        constrains the reply; grammar: GBNF text. logprobs/top_logprobs: OpenAI's (non-streaming)."""
+        constrains the reply; grammar: GBNF text. logprobs/top_logprobs: OpenAI's (streamed chunks carry those of
+        their own tokens)."""
         ids = self._chat_ids(messages)
         json_schema = response_format_to_schema(response_format)
         knobs = _knobs(locals(), sampling)
-        recorder = LogprobsRecorder(self.tokenizer, top_logprobs or 0) if logprobs and not stream else None
+        recorder = LogprobsRecorder(self.tokenizer, top_logprobs or 0) if logprobs else None
         records = self._stream(ids, max_tokens, stop, knobs, recorder)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": str(self.model.path)}
         if stream:
-            return _chat_chunks(meta, records)
+            return _chat_chunks(meta, records, recorder)
         text, last = _collect(records)
         return {**meta, "object": "chat.completion",
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
@@ -286,14 +292,14 @@ def _usage(r: GenerationResponse) -> dict[str, int]:
             "total_tokens": r.prompt_tokens + r.generation_tokens}
 
 
-def _chat_chunks(meta, records):
-    def chunk(delta, reason):
+def _chat_chunks(meta, records, recorder=None):
+    def chunk(delta, reason, lp=None):
         return {**meta, "object": "chat.completion.chunk",
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+                "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": reason}]}
 
     yield chunk({"role": "assistant"}, None)
     for r in records:
-        if r.text:
-            yield chunk({"content": r.text}, None)
+        if r.text:   # the logprobs of every token since the last chunk (held-back text: UTF-8, stop strings)
+            yield chunk({"content": r.text}, None, recorder.take(True) if recorder is not None else None)
         if r.finish_reason:
-            yield chunk({}, r.finish_reason)
+            yield chunk({}, r.finish_reason, recorder.take(True) if recorder is not None else None)

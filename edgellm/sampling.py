@@ -32,6 +32,8 @@ the row handed to ``sample`` (edit it in place, or return a new row); they run f
 """
 from __future__ import annotations
 
+import codecs
+
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
@@ -1231,6 +1233,9 @@ class LogprobsRecorder:
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
         self.tops: list[list[tuple[int, float]]] = []
+        self._taken = 0      # tokens already handed out by take() (streamed chunks)
+        self._chars = 0      # characters of completion text those tokens spell
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="ignore")
 
     def add(self, token: int, logits) -> None:
         lp = log_softmax(logits)
@@ -1249,6 +1254,24 @@ class LogprobsRecorder:
 
     def chat(self) -> dict:
         return chat_logprobs(self.tok, self.tokens, self.logprobs, self.tops)
+
+    def take(self, chat: bool, text_offset: int = 0) -> dict | None:
+        """The logprobs of the tokens added since the last take, for a streamed chunk (None when there are none):
+        chat (`{"content": [...]}`) or text-completion shaped, offsets counted from `text_offset` (the prompt's
+        length) across chunks, so that the chunks' lists concatenate to the non-streamed object."""
+        start, self._taken = self._taken, len(self.tokens)
+        if start == self._taken:
+            return None
+        toks, lps, tops = self.tokens[start:], self.logprobs[start:], self.tops[start:]
+        if chat:
+            return chat_logprobs(self.tok, toks, lps, tops)
+        out = completion_logprobs(self.tok, toks, lps, tops)
+        offsets = []
+        for t in toks:
+            offsets.append(text_offset + self._chars)
+            self._chars += len(self._utf8.decode(self.tok.token_bytes(int(t))))
+        out["text_offset"] = offsets
+        return out
 
 
 def completion_logprobs(tok, tokens, logprobs, tops, text_offset: int = 0) -> dict:

@@ -284,3 +284,21 @@ def test_api_response_format_and_logprobs(llm):
     c = r["choices"][0]
     assert c["text"] in (" yes", " no") and "".join(c["logprobs"]["tokens"]) == c["text"]
     assert c["logprobs"]["text_offset"][0] == len("Is water wet? Answer:")
+
+
+def test_streamed_chunks_carry_their_logprobs(llm):
+    """Streamed chunks carry the logprobs of their own tokens; together they are the non-streamed object."""
+    kw = dict(max_tokens=24, seed=3, temperature=0.8)
+    whole = llm.create_completion("Once upon a time", logprobs=2, **kw)["choices"][0]
+    chunks = list(llm.create_completion("Once upon a time", logprobs=2, stream=True, **kw))
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole["text"]
+    lps = [c["choices"][0]["logprobs"] for c in chunks if c["choices"][0]["logprobs"]]
+    for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        assert sum((lp[key] for lp in lps), []) == whole["logprobs"][key]
+    msgs = [{"role": "user", "content": "Say something nice."}]
+    whole = llm.create_chat_completion(msgs, logprobs=True, top_logprobs=1, **kw)["choices"][0]
+    chunks = list(llm.create_chat_completion(msgs, logprobs=True, top_logprobs=1, stream=True, **kw))
+    content = sum((c["choices"][0]["logprobs"]["content"] for c in chunks if c["choices"][0]["logprobs"]), [])
+    assert content == whole["logprobs"]["content"]
+    assert all(c["choices"][0]["logprobs"] is None for c in chunks if not c["choices"][0]["delta"].get("content")
+               and not c["choices"][0]["finish_reason"])

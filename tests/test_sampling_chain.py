@@ -377,6 +377,27 @@ def test_logprobs_shapes():
         LogprobsRecorder(vocab, top_n=21)
 
 
+def test_logprobs_taken_chunk_by_chunk_add_up_to_the_whole():
+    # streamed chunks: each takes the tokens since the last one; offsets run on across chunks, also when a
+    # character is split between two chunks
+    vocab = FakeVocab(["He", "llo", " wor", "ld", "\xe2\x82".encode("latin-1"), b"\xac"])
+    row = np.log(np.array([0.7, 0.1, 0.1, 0.05, 0.03, 0.02], np.float32))
+    whole, text, chat = (LogprobsRecorder(vocab, top_n=1) for _ in range(3))
+    parts, chats = [], []
+    for group in ((0,), (4,), (5, 1), (), (2, 3)):
+        for t in group:
+            for rec in (whole, text, chat):
+                rec.add(t, row)
+        chats.append(chat.take(True))
+        parts.append(text.take(False, text_offset=3))
+    assert parts[3] is None and chats[3] is None
+    full = whole.completion(text_offset=3)
+    for key in ("tokens", "token_logprobs", "text_offset"):
+        assert sum((p[key] for p in parts if p), []) == full[key]
+    assert sum((p["top_logprobs"] for p in parts if p), []) == full["top_logprobs"]
+    assert sum((c["content"] for c in chats if c), []) == whole.chat()["content"]
+
+
 # ---- bad knobs -------------------------------------------------------------------------------------------
 
 nan, inf = float("nan"), float("inf")
