@@ -203,6 +203,10 @@ class LLM:
         return {**meta, "object": "text_completion", "choices": [choice(text, last.finish_reason)],
                 "usage": _usage(last)}
 
+    def __call__(self, prompt: str | Sequence[int], **kwargs):
+        """`llm(prompt, max_tokens=...)`: create_completion, as llama-cpp-python's `Llama.__call__`."""
+        return self.create_completion(prompt, **kwargs)
+
     def create_chat_completion(
         self,
         messages: list[dict[str, Any]],

@@ -168,6 +168,8 @@ def tokenize(model, text, add_special, parse_special, as_json):
 @click.argument("model")
 @click.option("-p", "--prompt", default=None,
               help="Continue this text and exit (with --chat: answer it as a chat message). Without -p: a chat.")
+@click.option("-f", "--file", "prompt_file", type=click.Path(dir_okay=False), default=None,
+              help="Read the prompt from FILE (instead of -p).")
 @click.option("-n", "--n-predict", "n_predict", type=int, default=-1, show_default=True,
               help="Tokens to generate (-1: until the end of the answer or a full context).")
 @click.option("--temp", type=float, default=SAMPLING_DEFAULTS["temp"], show_default=True)
@@ -194,6 +196,7 @@ def tokenize(model, text, add_special, parse_special, as_json):
 @click.option("--samplers", default=None, help="Sampler order, llama.cpp's names separated by ';'.")
 @click.option("--logit-bias", "logit_bias", multiple=True, metavar="TOKEN(+|-)BIAS",
               help="Add BIAS to TOKEN's logit, e.g. 15043+1 or 15043-inf; repeatable.")
+@click.option("--ignore-eos", is_flag=True, help="Never end the text: end-of-generation tokens get -inf.")
 @click.option("--grammar", default=None, help="A GBNF grammar the output must follow.")
 @click.option("--grammar-file", type=click.Path(exists=True, dir_okay=False), default=None)
 @click.option("-j", "--json-schema", default=None, help="A JSON schema the output must satisfy.")
@@ -222,10 +225,10 @@ def tokenize(model, text, add_special, parse_special, as_json):
 @click.option("--raw", is_flag=True, help="Interactive mode without the chat template: each line is continued.")
 @click.option("-s", "--system", default=None, help="A system message for the chat.")
 @click.option("--verbose", is_flag=True, help="Print load time and prompt / generation speed to stderr.")
-def run(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, frequency_penalty,
+def run(model, prompt, prompt_file, n_predict, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, frequency_penalty,
         presence_penalty, typical_p, top_n_sigma, xtc_probability, xtc_threshold, dynatemp_range, dynatemp_exponent,
         dry_multiplier, dry_base, dry_allowed_length, dry_penalty_last_n, mirostat, mirostat_eta, mirostat_tau,
-        samplers, logit_bias, grammar, grammar_file, json_schema, seed, n_ctx, cache_type_k, cache_type_v, swa_full,
+        samplers, logit_bias, ignore_eos, grammar, grammar_file, json_schema, seed, n_ctx, cache_type_k, cache_type_v, swa_full,
         kv_budget, n_threads, backend, context_shift, n_keep, streaming, prompt_cache, chat_prompt, raw, system,
         verbose):
     """Run MODEL: continue -p's text (as llama.cpp's -p does), or chat interactively without -p.
@@ -235,6 +238,12 @@ def run(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty, rep
     from .api import LLM
 
     t0 = time.perf_counter()
+    if prompt_file is not None:
+        if prompt is not None:
+            raise click.UsageError("give the prompt with -p or -f, not both")
+        from .cli_tools import read_text_file
+
+        prompt = read_text_file(prompt_file)
     if n_keep is None:
         n_keep = 4 if streaming else 0  # StreamingLLM's four attention sinks
     llm = LLM(_model_path(model), n_ctx=n_ctx, n_threads=n_threads, seed=seed, backend=backend,
@@ -257,6 +266,8 @@ def run(model, prompt, n_predict, temp, top_k, top_p, min_p, repeat_penalty, rep
                  dry_penalty_last_n=dry_penalty_last_n, mirostat=mirostat, mirostat_eta=mirostat_eta,
                  mirostat_tau=mirostat_tau, samplers=samplers, logit_bias=_logit_bias(logit_bias) or None,
                  grammar=grammar, json_schema=json_schema)
+    if ignore_eos:
+        knobs["logit_bias"] = {**(knobs["logit_bias"] or {}), **{t: float("-inf") for t in llm.tokenizer.eog_ids}}
     llm._params(**knobs)  # a bad value is one clear error now, not after the model has started
     max_tokens = None if n_predict < 0 else n_predict
     messages = [{"role": "system", "content": system}] if system else []

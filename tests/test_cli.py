@@ -149,3 +149,33 @@ def test_sampler_flags(smollm2_path):
     assert_one_line_error(edgellm("run", smollm2_path, "-p", "hi", "--grammar", "root ::= ("), "GBNF")
     p = edgellm("run", smollm2_path, "-p", "hi", "--logit-bias", "12x")
     assert p.returncode == 2 and "Traceback" not in p.stderr and "logit-bias" in p.stderr
+
+
+def test_prompt_file_ignore_eos_and_kv_flags(smollm2_path, tmp_path):
+    f = tmp_path / "prompt.txt"
+    f.write_text("The capital of France is", encoding="utf-8")
+    a = edgellm("run", smollm2_path, "-f", f, "-n", "6", "--temp", "0")
+    b = edgellm("run", smollm2_path, "-p", "The capital of France is", "-n", "6", "--temp", "0")
+    assert a.returncode == 0 and a.stdout == b.stdout and "Paris" in a.stdout
+    assert_one_line_error(edgellm("run", smollm2_path, "-f", tmp_path / "none.txt"), "none.txt")
+    both = edgellm("run", smollm2_path, "-f", f, "-p", "hi")
+    assert both.returncode == 2 and "not both" in both.stderr and "Traceback" not in both.stderr
+    # EOS pushed up by a logit bias ends the text at once; --ignore-eos overrides that and runs to -n
+    from edgellm.model import Model
+
+    m = Model(smollm2_path)
+    eos = m.tokenizer.eos_id
+    m.close()
+    args = ("run", smollm2_path, "-p", "Hello", "--temp", "0", "-n", "20", "--logit-bias", f"{eos}+100", "--verbose")
+    short, long = edgellm(*args), edgellm(*args, "--ignore-eos")
+    assert short.returncode == 0 and long.returncode == 0, long.stderr
+    assert "generation: 1 tokens" in short.stderr and "generation: 20 tokens" in long.stderr
+    # KV cache flags: q8_0 rows, a budget, and what --verbose says about them
+    p = edgellm("run", smollm2_path, "-p", "Hello", "-n", "4", "-ctk", "q8_0", "-ctv", "q8_0", "--kv-budget", "20MiB",
+                "--verbose")
+    assert p.returncode == 0, p.stderr
+    assert "KV cache q8_0" in p.stderr and "budget 20 MiB" in p.stderr
+    assert edgellm("run", smollm2_path, "-p", "Hi", "-ctk", "q4_0").returncode == 2       # not a cache type
+    assert_one_line_error(edgellm("run", smollm2_path, "-p", "Hi", "--kv-budget", "lots"), "lots")
+    p = edgellm("info", smollm2_path, "--kv-budget", "50MiB")
+    assert p.returncode == 0 and "n_ctx 2048" in p.stdout and "budget 50 MiB" in p.stdout

@@ -100,3 +100,11 @@ def test_bad_token_ids_and_knobs(llm):
         llm.logits([1, 10**9])
     with pytest.raises(ValueError):
         llm.generate("hi", max_tokens=2, top_p=float("nan"))
+
+
+def test_calling_the_llm_is_create_completion(llm):
+    # llama-cpp-python's `llm(prompt, ...)`
+    a = llm("The capital of France is", max_tokens=6, temperature=0)
+    b = llm.create_completion("The capital of France is", max_tokens=6, temperature=0)
+    assert a["object"] == "text_completion" and a["choices"][0]["text"] == b["choices"][0]["text"]
+    assert "Paris" in a["choices"][0]["text"]
