@@ -499,13 +499,36 @@ static void to_f16(const float *x, el_half *y, int n) {
 /* ------------------------------------------------------------------------------------------- attention */
 static void (*generic_attn)(const float *, const void *, int, const void *, int, int, int, float, float *, float *);
 
-/* 8 floats of cache row `row` from element i (i % 8 == 0): f32, f16 or q8_0 */
+/* 8 floats of an f32 / f16 cache row from element i (i % 8 == 0) */
 INLINE __m256 kv_load8(const void *row, int type, int i) {
     if (type == EL_F16) return load8_f16((const el_half *)row + i);
-    if (type == EL_F32) return _mm256_loadu_ps((const float *)row + i);
-    const block_q8_0 *b = (const block_q8_0 *)row + i / EL_QK;
-    const __m128i q = _mm_loadl_epi64((const __m128i *)(b->qs + i % EL_QK));
-    return _mm256_mul_ps(_mm256_set1_ps(el_half_to_float(b->d)), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)));
+    return _mm256_loadu_ps((const float *)row + i);
+}
+
+/* the 8 int8 of a q8_0 block from element l (l % 8 == 0), as floats (the block's scale not applied) */
+INLINE __m256 q8_load8(const block_q8_0 *b, int l) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(b->qs + l))));
+}
+
+/* q . row for a q8_0 cache row: per block the int8 products summed in float, then times the block's scale once */
+INLINE float dot_q8_0_row(const float *q, const block_q8_0 *b, int nb) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int i = 0; i < nb; i++, q += EL_QK) {
+        __m256 s = _mm256_mul_ps(_mm256_loadu_ps(q), q8_load8(b + i, 0));
+        s = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8), q8_load8(b + i, 8), s);
+        s = _mm256_fmadd_ps(_mm256_loadu_ps(q + 16), q8_load8(b + i, 16), s);
+        s = _mm256_fmadd_ps(_mm256_loadu_ps(q + 24), q8_load8(b + i, 24), s);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(b[i].d)), s, acc);
+    }
+    return hsum8(acc);
+}
+
+/* a q8_0 cache row as floats */
+INLINE void q8_0_row_to_float(const block_q8_0 *b, int nb, float *dst) {
+    for (int i = 0; i < nb; i++, dst += EL_QK) {
+        const __m256 d = _mm256_set1_ps(_cvtsh_ss(b[i].d));
+        for (int l = 0; l < EL_QK; l += 8) _mm256_storeu_ps(dst + l, _mm256_mul_ps(d, q8_load8(b + i, l)));
+    }
 }
 
 static void attn_head(const float *q, const void *k, int k_type, const void *v, int v_type, int n_kv, int head_dim,
@@ -521,7 +544,8 @@ static void attn_head(const float *q, const void *k, int k_type, const void *v, 
         } else if (k_type == EL_F32) {
             for (int i = 0; i < nv; i++) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * i), kv_load8(kj, EL_F32, 8 * i), acc);
         } else {
-            for (int i = 0; i < nv; i++) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * i), kv_load8(kj, EL_Q8_0, 8 * i), acc);
+            scores[j] = dot_q8_0_row(q, (const block_q8_0 *)kj, head_dim / EL_QK) * scale;
+            continue;
         }
         scores[j] = hsum8(acc) * scale;
     }
@@ -535,8 +559,12 @@ static void attn_head(const float *q, const void *k, int k_type, const void *v, 
             for (int i = 0; i < nv; i++) o[i] = _mm256_fmadd_ps(p, kv_load8(vj, EL_F16, 8 * i), o[i]);
         } else if (v_type == EL_F32) {
             for (int i = 0; i < nv; i++) o[i] = _mm256_fmadd_ps(p, kv_load8(vj, EL_F32, 8 * i), o[i]);
-        } else {
-            for (int i = 0; i < nv; i++) o[i] = _mm256_fmadd_ps(p, kv_load8(vj, EL_Q8_0, 8 * i), o[i]);
+        } else {   /* o += (p * d) * int8 values, block by block */
+            const block_q8_0 *b = (const block_q8_0 *)vj;
+            for (int i = 0; i < nv; i += 4) {
+                const __m256 pd = _mm256_mul_ps(p, _mm256_set1_ps(_cvtsh_ss(b[i / 4].d)));
+                for (int l = 0; l < 4; l++) o[i + l] = _mm256_fmadd_ps(pd, q8_load8(b + i / 4, 8 * l), o[i + l]);
+            }
         }
     }
     for (int i = 0; i < nv; i++) _mm256_storeu_ps(out + 8 * i, o[i]);
@@ -559,7 +587,7 @@ INLINE void kv_chunk_to_float(const void *src, int kv_type, int j0, int jn, int 
     for (int j = 0; j < jn; j++) {
         const char *row = (const char *)src + (size_t)(j0 + j) * rb;
         if (kv_type == EL_F16) for (int i = 0; i < hd; i += 8) _mm256_storeu_ps(dst + (size_t)j * hd + i, kv_load8(row, EL_F16, i));
-        else for (int i = 0; i < hd; i += 8) _mm256_storeu_ps(dst + (size_t)j * hd + i, kv_load8(row, EL_Q8_0, i));
+        else q8_0_row_to_float((const block_q8_0 *)row, hd / EL_QK, dst + (size_t)j * hd);
     }
 }
 
