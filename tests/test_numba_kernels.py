@@ -246,14 +246,16 @@ def test_activations_and_add():
     assert nmse(y, g64 / (1 + np.exp(-g64)) * u64) <= 1e-7
 
 
-def attention_ref(q, k, v, pos):
-    """float64 numpy: q [n, H, hd], k/v [KV, T, hd] -> [n, H, hd], causal by position, GQA."""
+def attention_ref(q, k, v, first, count):
+    """float64 numpy: q [n, H, hd], k/v [KV, rows, hd] -> [n, H, hd]; token t sees rows first[t] .. first[t] +
+    count[t] - 1; GQA."""
     n, H, hd = q.shape
     group = H // k.shape[0]
     out = np.zeros((n, H, hd))
     for t in range(n):
+        rows = slice(first[t], first[t] + count[t])
         for h in range(H):
-            kk, vv = k[h // group, : pos[t] + 1].astype(np.float64), v[h // group, : pos[t] + 1].astype(np.float64)
+            kk, vv = k[h // group, rows].astype(np.float64), v[h // group, rows].astype(np.float64)
             s = kk @ q[t, h].astype(np.float64) / np.sqrt(hd)
             p = np.exp(s - s.max())
             out[t, h] = (p / p.sum()) @ vv
@@ -261,19 +263,27 @@ def attention_ref(q, k, v, pos):
 
 
 @pytest.mark.parametrize("cache_dtype", [np.float16, np.float32], ids=["f16", "f32"])
-def test_attention(cache_dtype):
+@pytest.mark.parametrize("span", ["causal", "window"])
+def test_attention(cache_dtype, span):
+    """Causal (row = position, from row 0) and windowed spans (each token its own first row, as a sliding window
+    or a ring gives them)."""
     n_kv, H, hd, n_ctx = 2, 6, 20, 40
     k = RNG.standard_normal((n_kv, n_ctx, hd)).astype(cache_dtype)
     v = RNG.standard_normal((n_kv, n_ctx, hd)).astype(cache_dtype)
     q = RNG.standard_normal((4, H, hd)).astype(np.float32)
     pos = np.array([0, 5, 6, 33], np.int64)
-    ref = attention_ref(q, k, v, pos)
+    if span == "causal":
+        first = np.zeros_like(pos)
+    else:
+        first = np.array([0, 2, 31, 17], np.int64)    # rows of a ring need not grow with the position
+    count = np.where(span == "causal", pos + 1, np.array([1, 4, 9, 7]))
+    ref = attention_ref(q, k, v, first, count)
     kk, vv = (k.view(np.uint16), v.view(np.uint16)) if cache_dtype == np.float16 else (k, v)
     buf, out = guarded(q.shape)
-    K.attention(q, kk, vv, pos, 1.0 / np.sqrt(hd), out, 3)
+    K.attention(q, kk, vv, first, count, 1.0 / np.sqrt(hd), out, 3)
     assert nmse(out, ref) <= 1e-7
     assert_guards(buf)
     buf, out = guarded(q.shape)
-    K.attention_serial(q, kk, vv, pos, 1.0 / np.sqrt(hd), out)
+    K.attention_serial(q, kk, vv, first, count, 1.0 / np.sqrt(hd), out)
     assert nmse(out, ref) <= 1e-7
     assert_guards(buf)

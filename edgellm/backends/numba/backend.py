@@ -1,9 +1,14 @@
-"""The numba backend: the native core's forward step written in Python over numba kernels.
+"""The numba backend: the native core's forward step written in Python over numba kernels (llama and gemma3).
 
 For CPUs where the C core cannot be built. Same contract as the other backends: weights stay in the GGUF
 mmap (each matrix a read-only uint8 [n_out, n_blocks, block_bytes] view, decoded inside the dot products), the
-KV cache is the driver's own arrays, and `forward` writes the new tokens' K/V at slot = position, then attends
-causally.
+KV cache is the driver's own arrays, and `forward` writes the new tokens' K/V at slot = position (a
+sliding-window layer's ring: position % n_ring, mirrored), then attends causally.
+
+One layer loop for both architectures, as in native/forward.c: Gemma 3 is the llama step with options
+(see edgellm/arch/gemma3.py for where each comes from): embeddings scaled by sqrt(n_embd), a per-head RMSNorm
+of Q and K before RoPE, NEOX RoPE with per-layer base and scale, its own attention scale, sliding windows on
+the local layers, RMSNorms of the attention and FFN outputs before the residual adds, GELU (tanh) gating.
 
 The layer loop runs in Python: about a dozen kernel calls per layer (four of them parallel matmul regions:
 Q/K/V, output projection, gate/up, down), each a microsecond or two of dispatch, against ~20 ms of arithmetic
@@ -33,7 +38,7 @@ from ...quant import GGMLType, row_nbytes, type_name
 from ...quant.reference import dequantize
 from . import kernels as K
 
-ARCHS = ("llama",)
+ARCHS = ("llama", "gemma3")
 # An unused slot of a matmul call: read-only like the mmap views, so every call has one numba type.
 _EMPTY_W = np.empty((0, 1, 1), np.uint8)
 _EMPTY_W.flags.writeable = False
@@ -56,6 +61,9 @@ class NumbaBackend:
         if hp.n_head % hp.n_head_kv or hp.rope_dim % 2 or hp.rope_dim > hp.head_dim:
             raise NotImplementedError(f"head layout n_head={hp.n_head} n_head_kv={hp.n_head_kv} "
                                       f"head_dim={hp.head_dim} rope_dim={hp.rope_dim}")
+        gemma = hp.arch == "gemma3"
+        if gemma and hp.final_logit_softcap is not None:
+            raise NotImplementedError("gemma3 final logit soft-capping (files without a sliding window)")
         self.model, self.hparams = model, hp
         # numba's pool is sized once per process (NUMBA_NUM_THREADS, default: the CPU count); ask for at most that.
         want = int(n_threads) if n_threads else numba.config.NUMBA_NUM_THREADS
@@ -80,6 +88,11 @@ class NumbaBackend:
             self._add_matrix(gf, p + "ffn_gate.weight", (hp.n_ff, hp.n_embd))
             self._add_matrix(gf, p + "ffn_up.weight", (hp.n_ff, hp.n_embd))
             self._add_matrix(gf, p + "ffn_down.weight", (hp.n_embd, hp.n_ff))
+            if gemma:
+                self._add_norm(gf, p + "attn_q_norm.weight", hp.head_dim)
+                self._add_norm(gf, p + "attn_k_norm.weight", hp.head_dim)
+                self._add_norm(gf, p + "post_attention_norm.weight", hp.n_embd)
+                self._add_norm(gf, p + "post_ffw_norm.weight", hp.n_embd)
 
         # Matmuls that share an input run as one parallel region when their types agree (see kernels.py).
         self._groups = []  # per layer: {"qkv": [...], "o": [...], "ffn_up": [...], "ffn_down": [...]}
@@ -94,9 +107,32 @@ class NumbaBackend:
         self._out_group = self._group([self.output_name])
         self._tab = K.f16_table()
         self._ws = None  # activation buffers of the last call's token count (see _workspace)
-        # RoPE frequencies base^(-2i/rope_dim) in float64, as the reference computes them.
-        self._inv_freq = hp.rope_base ** (-2.0 * np.arange(hp.rope_dim // 2, dtype=np.float64) / hp.rope_dim)
-        self._scale = float(1.0 / np.sqrt(hp.head_dim))
+        self._describe(hp, gemma)
+
+    def _describe(self, hp, gemma: bool) -> None:
+        """The options of the layer loop: llama's step, or Gemma 3's on top of it (as native.py tells the C core)."""
+        self._qk_norm = self._post_norms = gemma
+        self._neox = gemma
+        self._act = K.gelu_mul if gemma else K.silu_mul
+        self._embd_scale = np.float32(hp.embd_scale) if gemma else None
+        # Gemma 3 pre-scales Q by attn_scale and attends unscaled: the same product, applied to Q.K here.
+        self._scale = float(hp.attn_scale) if gemma else float(1.0 / np.sqrt(hp.head_dim))
+        if not (np.isfinite(self._scale) and (self._embd_scale is None or np.isfinite(self._embd_scale))):
+            raise NotImplementedError("non-finite attention / embedding scale")
+        # Per layer: RoPE frequencies (pos * scale) * base^(-2i/rope_dim) in float64, as the reference computes
+        # them (the position scale folded into the table), and the sliding window (0 = the whole context).
+        tables: dict[tuple[float, float], np.ndarray] = {}
+        self._rope, windows = [], []
+        for il in range(hp.n_layer):
+            base, scale = hp.layer_rope(il) if gemma else (hp.rope_base, 1.0)
+            if not (np.isfinite(base) and base > 0 and np.isfinite(scale) and scale > 0):
+                raise NotImplementedError(f"layer {il}: RoPE base {base} / scale {scale}")
+            key = (float(base), float(scale))
+            if key not in tables:
+                tables[key] = scale * base ** (-2.0 * np.arange(hp.rope_dim // 2, dtype=np.float64) / hp.rope_dim)
+            self._rope.append(tables[key])
+            windows.append(0 if not gemma or hp.layer_is_global[il] else int(hp.sliding_window or 0))
+        self._windows = tuple(windows)
 
     # ---- weights -------------------------------------------------------------------------------------
     def _add_matrix(self, gf, name: str, shape: tuple[int, int]) -> None:
@@ -172,6 +208,8 @@ class NumbaBackend:
         w.k3 = w.k.reshape(n, hp.n_head_kv, hd)
         w.v3 = w.v.reshape(n, hp.n_head_kv, hd)
         w.att3 = w.att.reshape(n, hp.n_head, hd)
+        w.qh = w.q.reshape(n * hp.n_head, hd)            # one row per head: the per-head Q/K norms
+        w.kh = w.k.reshape(n * hp.n_head_kv, hd)
         w.xf, w.projf, w.gatef, w.upf = w.x.reshape(-1), w.proj.reshape(-1), w.gate.reshape(-1), w.up.reshape(-1)
         w.layers = [(self._bind(g["qkv"], [w.q, w.k, w.v], n), self._bind(g["o"], [w.proj], n),
                      self._bind(g["ffn_up"], [w.gate, w.up], n), self._bind(g["ffn_down"], [w.proj], n))
@@ -192,58 +230,108 @@ class NumbaBackend:
         if positions.min() < 0 or positions.max() >= cache.n_ctx:
             raise ContextLengthError(f"position {positions.min()}..{positions.max()} does not fit the context "
                                      f"of {cache.n_ctx}")
-        if (cache.n_layer, cache.n_head_kv, cache.head_dim) != (hp.n_layer, hp.n_head_kv, hp.head_dim) or cache.n_ring:
-            raise ValueError(f"KV cache (layers, kv heads, head_dim, ring) = "
-                             f"{(cache.n_layer, cache.n_head_kv, cache.head_dim, cache.n_ring)} does not fit the model's "
-                             f"{(hp.n_layer, hp.n_head_kv, hp.head_dim, 0)}")
+        if (cache.n_layer, cache.n_head_kv, cache.head_dim) != (hp.n_layer, hp.n_head_kv, hp.head_dim):
+            raise ValueError(f"KV cache (layers, kv heads, head_dim) = "
+                             f"{(cache.n_layer, cache.n_head_kv, cache.head_dim)} does not fit the model's "
+                             f"{(hp.n_layer, hp.n_head_kv, hp.head_dim)}")
+        if any(cache.layer_window) and tuple(cache.layer_window) != self._windows:
+            raise ValueError(f"the KV cache was made for sliding windows {cache.layer_window}, "
+                             f"the model has {self._windows}")
         return tokens, positions
+
+    def _spans(self, cache: KVCache, il: int, positions: np.ndarray, memo: dict) -> tuple:
+        """What each new token attends to in layer il: (k, v, first row, row count, parallel?). Layers of one kind
+        (window, ring or not) share the rows and counts: computed once per forward (memo)."""
+        kc, vc, ring = cache.layer_arrays(il)          # [n_kv, rows, row]
+        kc = kc.view(np.uint16) if kc.dtype == np.float16 else kc   # numba has no float16: it reads the bits
+        vc = vc.view(np.uint16) if vc.dtype == np.float16 else vc
+        window = self._windows[il]
+        key = (window, ring, cache.layer_slot[il][0])
+        if key not in memo:
+            # the window, and what a ring still holds (cache.first_visible); the model's window also applies
+            # when the cache was made without windows
+            first = cache.first_visible(il, positions)
+            if window:
+                first = np.maximum(first, positions - (window - 1))
+            count = positions + 1 - first
+            rows = first % ring if ring else first
+            work = int(count.sum()) * self.hparams.n_head * self.hparams.head_dim
+            memo[key] = (np.ascontiguousarray(rows, np.int64), np.ascontiguousarray(count, np.int64),
+                         work >= ATTN_SERIAL_WORK)
+        return (kc, vc) + memo[key]
 
     def forward(self, tokens, positions, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Run tokens [n] at positions [n]; K/V go to cache slot = position. Returns float32 [n or 1, n_vocab].
-        The driver advances cache.n_past."""
+        The driver advances cache.n_past. A batch longer than the cache's max_batch (a ring keeps the windows of
+        at most that many new tokens) runs in pieces of that size."""
         tokens, positions = self._check(tokens, positions, cache)
         numba.set_num_threads(self.n_threads)  # per calling thread in numba: set it where forward runs
+        n, step = tokens.size, cache.max_batch
+        if n <= step:
+            return self._forward(tokens, positions, cache, "all" if all_logits else "last")
+        parts = []
+        for s in range(0, n, step):
+            last = s + step >= n
+            out = self._forward(tokens[s:s + step], positions[s:s + step], cache,
+                                "all" if all_logits else "last" if last else None)
+            if out is not None:
+                parts.append(out)
+        return np.concatenate(parts) if all_logits else parts[-1]
+
+    def _forward(self, tokens, positions, cache: KVCache, logits_of: str | None) -> np.ndarray | None:
+        """One piece of a batch (at most cache.max_batch tokens): logits of "all" its tokens, of the "last", or
+        None (an earlier piece of a longer batch)."""
         hp = self.hparams
-        n, nt, tab, half = tokens.size, self.n_threads, self._tab, K.HALF
-        parallel_attn = n * hp.n_head * (int(positions.max()) + 1) * hp.head_dim >= ATTN_SERIAL_WORK
+        n, nt, tab, half, eps = tokens.size, self.n_threads, self._tab, K.HALF, hp.rms_eps
         w = self._workspace(n)
         x, h = w.x, w.h
+        norms, memo = self._norms, {}
 
         t_embd, w_embd = self._mats["token_embd.weight"]
         K.get_rows(t_embd, w_embd, tokens, x, tab)
+        if self._embd_scale is not None:
+            x *= self._embd_scale
         for il, (qkv, o, ffn_up, ffn_down) in enumerate(w.layers):
             p = f"blk.{il}."
             # attention block
-            K.rmsnorm(x, self._norms[p + "attn_norm.weight"], hp.rms_eps, h)
+            K.rmsnorm(x, norms[p + "attn_norm.weight"], eps, h)
             for fn, ws, ys in qkv:
                 fn(ws, ys, h, tab, half, nt)
-            K.rope(w.q3, positions, self._inv_freq, False)
-            K.rope(w.k3, positions, self._inv_freq, False)
+            if self._qk_norm:                            # per head, over head_dim, in place
+                K.rmsnorm(w.qh, norms[p + "attn_q_norm.weight"], eps, w.qh)
+                K.rmsnorm(w.kh, norms[p + "attn_k_norm.weight"], eps, w.kh)
+            inv_freq = self._rope[il]
+            K.rope(w.q3, positions, inv_freq, self._neox)
+            K.rope(w.k3, positions, inv_freq, self._neox)
             # into the cache in its own row type (f16: numpy rounds to nearest even; q8_0: ggml's rule)
             cache.store(il, positions, w.k3.transpose(1, 0, 2), w.v3.transpose(1, 0, 2))
-            kc, vc = cache.k[il], cache.v[il]          # [n_kv, n_ctx, row]
-            kc = kc.view(np.uint16) if kc.dtype == np.float16 else kc   # numba has no float16: it reads the bits
-            vc = vc.view(np.uint16) if vc.dtype == np.float16 else vc
-            if parallel_attn:
-                K.attention(w.q3, kc, vc, positions, self._scale, w.att3, nt)
+            kc, vc, first, count, parallel = self._spans(cache, il, positions, memo)
+            if parallel:
+                K.attention(w.q3, kc, vc, first, count, self._scale, w.att3, nt)
             else:
-                K.attention_serial(w.q3, kc, vc, positions, self._scale, w.att3)
+                K.attention_serial(w.q3, kc, vc, first, count, self._scale, w.att3)
             for fn, ws, ys in o:
                 fn(ws, ys, w.att, tab, half, nt)
+            if self._post_norms:
+                K.rmsnorm(w.proj, norms[p + "post_attention_norm.weight"], eps, w.proj)
             K.add(w.xf, w.projf, w.xf)
             # feed-forward block
-            K.rmsnorm(x, self._norms[p + "ffn_norm.weight"], hp.rms_eps, h)
+            K.rmsnorm(x, norms[p + "ffn_norm.weight"], eps, h)
             for fn, ws, ys in ffn_up:
                 fn(ws, ys, h, tab, half, nt)
-            K.silu_mul(w.gatef, w.upf, w.gatef)
+            self._act(w.gatef, w.upf, w.gatef)
             for fn, ws, ys in ffn_down:
                 fn(ws, ys, w.gate, tab, half, nt)
+            if self._post_norms:
+                K.rmsnorm(w.proj, norms[p + "post_ffw_norm.weight"], eps, w.proj)
             K.add(w.xf, w.projf, w.xf)
 
-        if not all_logits:
+        if logits_of is None:
+            return None
+        if logits_of == "last":
             x = x[-1:]                                  # [1, e], still C-contiguous
         out = np.empty_like(x)
-        K.rmsnorm(x, self._norms["output_norm.weight"], hp.rms_eps, out)
+        K.rmsnorm(x, norms["output_norm.weight"], eps, out)
         logits = np.empty((out.shape[0], hp.n_vocab), np.float32)  # fresh: the caller keeps it
         for fn, ws, ys in self._bind(self._out_group, [logits], out.shape[0]):
             fn(ws, ys, out, tab, half, nt)

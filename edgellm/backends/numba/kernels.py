@@ -14,8 +14,8 @@ Layout of this file:
    The K-quants (Q4_K, Q5_K, Q6_K) are such pairs: the driver cuts their rows into 256-element
    super-blocks, and the Q4_K/Q5_K mins fold in with the same 32-element activation sums `xs`;
 4. norms, RoPE, softmax, activations, add;
-5. attention (one query row against a head's K/V slots; parallel over tokens x heads, or serial for a
-   decode step).
+5. attention (one query row against a run of a head's K/V rows: the causal span, a sliding window, or a
+   window in a ring; parallel over tokens x heads, or serial for a decode step).
 
 Choices, measured on this project's 2-core AMD EPYC (AVX-512) with numba 0.68.1 / llvmlite 0.50:
 - Activations stay float32. An int8 activation path (as the native core and llama.cpp do) does not pay off
@@ -1042,15 +1042,15 @@ def add(a, b, y):
 # 5. Attention
 # ---------------------------------------------------------------------------------------------------
 @njit(**_JIT)
-def attn_head(q, k, v, n_kv, scale, scores, out):
-    """One query row against slots [0, n_kv) of one KV head.
+def attn_head(q, k, v, r0, n_kv, scale, scores, out):
+    """One query row against rows [r0, r0 + n_kv) of one KV head.
 
-    q: float32 [hd]; k, v: [n_ctx, row] cache rows (see kv_elem); scores: float32 scratch [>= n_kv];
+    q: float32 [hd]; k, v: [rows, row] cache rows (see kv_elem); scores: float32 scratch [>= n_kv];
     out: float32 [hd] = softmax(scale * K q) @ V.
     """
     hd = q.size
     for s in range(n_kv):
-        ks = k[s]
+        ks = k[r0 + s]
         acc = F32(0)
         for d in range(hd):
             acc += q[d] * kv_elem(ks, d)
@@ -1061,43 +1061,46 @@ def attn_head(q, k, v, n_kv, scale, scores, out):
         out[d] = 0
     for s in range(n_kv):
         p = sc[s]
-        vs = v[s]
+        vs = v[r0 + s]
         for d in range(hd):
             out[d] += p * kv_elem(vs, d)
 
 
 @njit(**_JIT)
-def _attention_items(q, k, v, positions, scale, out, i0, i1, scores):
-    """Items [i0, i1) of the (token, head) grid; scores: float32 scratch [>= max position + 1]."""
+def _attention_items(q, k, v, first, count, scale, out, i0, i1, scores):
+    """Items [i0, i1) of the (token, head) grid; scores: float32 scratch [>= max count]."""
     n_head = q.shape[1]
     group = n_head // k.shape[0]
     for it in range(i0, i1):
         t = it // n_head
         h = it - t * n_head
         kh = h // group
-        attn_head(q[t, h], k[kh], v[kh], positions[t] + 1, scale, scores, out[t, h])
+        attn_head(q[t, h], k[kh], v[kh], first[t], count[t], scale, scores, out[t, h])
 
 
 @njit(**_JIT_PAR)
-def attention(q, k, v, positions, scale, out, n_thr):
-    """Causal attention of new tokens over the cache (slot = position; slot s visible from position p iff s <= p).
+def attention(q, k, v, first, count, scale, out, n_thr):
+    """Attention of new tokens over one layer of the cache: token t sees the `count[t]` rows starting at row
+    `first[t]` (the cache already holds the new tokens).
 
-    q: float32 [n_tok, n_head, hd] (after RoPE); k, v: [n_kv_head, n_ctx, hd] one layer of the cache, float32
-    or float16 bits (uint16), already holding the new tokens; positions: int [n_tok];
+    Full-context layers (llama, Gemma 3's global layers): row = position, first = 0 (or the window's first
+    position), count = position + 1 - first. Sliding-window rings (kv_cache.py): first = first visible
+    position % n_ring; the ring's mirror copy makes every window one contiguous run of rows.
+    q: float32 [n_tok, n_head, hd] (after RoPE); k, v: [n_kv_head, rows, row] one layer of the cache, float32,
+    float16 bits (uint16) or q8_0 bytes (uint8); first, count: int [n_tok]; scale multiplies Q.K;
     out: float32 [n_tok, n_head, hd]; n_thr: numba's thread count (see the matmul drivers).
     Query head h reads KV head h // (n_head / n_kv_head) (GQA). Parallel over (token, head) pairs.
     """
     n_items = q.shape[0] * q.shape[1]
     n_thr = max(1, min(n_thr, n_items))
-    n_slots = positions.max() + 1
+    n_slots = count.max()
     for c in prange(n_thr):
         i0, i1 = _chunk(c, n_thr, n_items)
-        _attention_items(q, k, v, positions, scale, out, i0, i1, np.empty(n_slots, F32))
+        _attention_items(q, k, v, first, count, scale, out, i0, i1, np.empty(n_slots, F32))
 
 
 @njit(**_JIT)
-def attention_serial(q, k, v, positions, scale, out):
+def attention_serial(q, k, v, first, count, scale, out):
     """attention() on the calling thread: for a decode step over a short context the work is smaller than
     the cost of waking the workers."""
-    _attention_items(q, k, v, positions, scale, out, 0, q.shape[0] * q.shape[1],
-                     np.empty(positions.max() + 1, F32))
+    _attention_items(q, k, v, first, count, scale, out, 0, q.shape[0] * q.shape[1], np.empty(count.max(), F32))
