@@ -59,7 +59,7 @@ class LLM:
             except ValueError as e:
                 raise EdgeLLMError(str(e)) from None
             if n_ctx is None:
-                self.context_info = default_n_ctx(self.model, cache_type, cache_type_v, budget, DEFAULT_BATCH)
+                self.context_info = default_n_ctx(self.model, cache_type, cache_type_v, budget, DEFAULT_BATCH, swa_full)
                 self.n_ctx = self.context_info["n_ctx"]
             else:
                 self.n_ctx = n_ctx

@@ -188,9 +188,9 @@ def stream_generate(
     sampler = Sampler(params, vocab=tok)  # the vocabulary: grammars and DRY's breakers need token bytes
     detok = StreamingDetokenizer(tok)
     history = list(prompt_ids)
-    # penalties look back at most the context ("-1 = the whole history" is llama.cpp's n_ctx): keep that much, so an
-    # endless generation stays in flat memory and flat time per token
-    keep_history = max(engine.n_ctx, 64)
+    # penalties look back at most the context ("-1 = the whole history" is llama.cpp's n_ctx) or their own window:
+    # the sampler sees that much, and the list is cut now and then, so an endless generation stays in flat memory
+    keep_history = max(engine.n_ctx, params.repeat_last_n or 0, params.dry_penalty_last_n or 0, 64)
     if max_tokens is not None and max_tokens >= 0:
         limit = max_tokens
     else:  # until the end of the answer: the context's room, or forever when the context shifts
@@ -209,7 +209,7 @@ def stream_generate(
 
     hit_stop = False
     while n_gen < limit:
-        token = sampler.sample(logits, history)
+        token = sampler.sample(logits, history if len(history) <= keep_history else history[-keep_history:])
         sampler.accept(token)  # advances the grammar (if any) past this token
         n_gen += 1
         history.append(token)

@@ -16,7 +16,8 @@ n_ring = window + n_batch slots instead of n_ctx: memory for a long context grow
 Each position is written twice, to slot p % n_ring and p % n_ring + n_ring, so that any window (at most
 n_ring long) is one contiguous run of slots: the attention kernels need no wrap-around. The extra n_batch
 slots let the first token of a batch still see the positions the batch's later tokens overwrite.
-When n_ring would not be smaller than n_ctx (or with swa_full), window layers keep full rows like the others.
+Rings are used when they are less than half the context (2 * n_ring < n_ctx: a mirrored ring takes 2 * n_ring
+rows) and not turned off by swa_full; otherwise window layers keep full rows like the others.
 
 When the context fills up, `shift` drops a block of old tokens after the first `n_keep`, slides the rest
 down and re-rotates their cached keys so that they sit at their new positions (keys are stored after RoPE,
@@ -39,9 +40,17 @@ _Q8_BYTES = 34
 
 def row_bytes(cache_type: str, head_dim: int) -> int:
     """Bytes of one cached K or V row."""
+    _check_type(cache_type, head_dim, "K/V")
     if cache_type == "q8_0":
         return head_dim // _QK * _Q8_BYTES
     return head_dim * (2 if cache_type == "f16" else 4)
+
+
+def ring_length(layer_window, n_ctx: int, n_batch: int, swa_full: bool = False) -> int:
+    """Slots of the sliding-window layers' rings (window + n_batch), or 0 when they keep full rows."""
+    max_window = max((int(w or 0) for w in layer_window), default=0)
+    ring = max_window + n_batch
+    return ring if max_window and not swa_full and 2 * ring < n_ctx else 0
 
 
 def _check_type(cache_type: str, head_dim: int, which: str) -> str:
@@ -88,9 +97,7 @@ class KVCache:
         if len(windows) != n_layer or min(windows, default=0) < 0:
             raise ValueError(f"layer_window must give {n_layer} windows >= 0, got {layer_window!r}")
         self.layer_window = tuple(windows)
-        max_window = max(windows, default=0)
-        ring = max_window + n_batch
-        self.n_ring = ring if max_window and not swa_full and 2 * ring < n_ctx else 0
+        self.n_ring = ring_length(windows, n_ctx, n_batch, swa_full)
         # where each layer lives: (in the ring group?, index in its group)
         self.layer_slot: list[tuple[bool, int]] = []
         n_full = n_swa = 0
@@ -108,7 +115,7 @@ class KVCache:
         self.v_swa = np.zeros((n_swa, n_head_kv, 2 * self.n_ring, vr), vd) if n_swa else None
         self.swa_from = 0   # ring layers hold no position below this (set by a shift)
         self.n_past = 0     # tokens stored: positions [0, n_past)
-        self.ring_top = 0  # 1 + the highest position the rings were written at (n_past may have been cut since)
+        self.ring_top = 0   # 1 + the highest position written before n_past was last cut back (see held_from)
 
     # ------------------------------------------------------------------ facts
     @property
@@ -128,14 +135,14 @@ class KVCache:
 
     @staticmethod
     def bytes_per_token(n_layer: int, n_head_kv: int, head_dim: int, type_k: str = "f16", type_v: str | None = None,
-                        layer_window=None, n_ctx: int | None = None, n_batch: int = 512) -> tuple[int, int]:
+                        layer_window=None, n_ctx: int | None = None, n_batch: int = 512,
+                        swa_full: bool = False) -> tuple[int, int]:
         """(bytes per context token, fixed bytes): a cache of n_ctx tokens takes n_ctx * per_token + fixed."""
         type_v = type_v or type_k
         per_row = (row_bytes(type_k, head_dim) + row_bytes(type_v, head_dim)) * n_head_kv
         windows = [int(w or 0) for w in (layer_window or [0] * n_layer)]
-        ring = max(windows, default=0) + n_batch
-        use_ring = max(windows, default=0) > 0 and (n_ctx is None or 2 * ring < n_ctx)
-        n_swa = sum(1 for w in windows if w) if use_ring else 0
+        ring = ring_length(windows, n_ctx if n_ctx is not None else 1 << 62, n_batch, swa_full)
+        n_swa = sum(1 for w in windows if w) if ring else 0
         return per_row * (n_layer - n_swa), per_row * n_swa * 2 * ring
 
     def layer_arrays(self, il: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -144,6 +151,12 @@ class KVCache:
         if swa:
             return self.k_swa[idx], self.v_swa[idx], self.n_ring
         return self.k[idx], self.v[idx], 0
+
+    @property
+    def held_from(self) -> int:
+        """The oldest position the rings still hold: they were written up to ring_top (or n_past, if it has grown
+        past that since a cut), and a shift may have dropped what lies below swa_from."""
+        return max(self.swa_from, max(self.ring_top, self.n_past) - self.n_ring)
 
     def first_visible(self, il: int, pos: np.ndarray) -> np.ndarray:
         """The first position the query at each of `pos` sees in layer il (its window, what the ring holds)."""
@@ -198,7 +211,7 @@ class KVCache:
         n_new = self.n_past - n_discard
         if self.n_ring:
             # ring layers: new position q holds old position q (q < n_keep) or q + n_discard, if still cached
-            lo_old = max(self.swa_from, self.n_past - self.n_ring)
+            lo_old = self.held_from
             q = np.arange(max(0, n_new - self.n_ring), n_new)
             old = np.where(q < n_keep, q, q + n_discard)
             have = old >= lo_old
@@ -233,9 +246,8 @@ class KVCache:
         n = max(0, min(n, self.n_past))
         if not self.n_ring or n == 0:
             return n
-        held_from = max(self.swa_from, max(self.ring_top, self.n_past) - self.n_ring)
         need_from = max(0, n - max(self.layer_window) + 1)
-        return n if need_from >= held_from else 0
+        return n if need_from >= self.held_from else 0
 
     def clear(self) -> None:
         self.n_past = 0
@@ -246,7 +258,8 @@ class KVCache:
         """Forget everything from position n on (keeps a shared prefix for reuse); returns the tokens kept,
         fewer than n (0) when ring layers no longer hold what the prefix's continuation needs."""
         keep = self.reusable(n)
-        self.ring_top = max(self.ring_top, self.n_past)
+        if self.n_ring:
+            self.ring_top = max(self.ring_top, self.n_past)
         self.n_past = keep
         if keep == 0:
             self.clear()
@@ -286,8 +299,10 @@ def parse_size(text: str) -> int:
         value = float(num)
     except ValueError:
         raise ValueError(f"cannot read {text!r} as a memory size (e.g. 512MiB, 2GiB)") from None
-    if not value > 0 or value * mult > 1 << 50:
-        raise ValueError(f"memory size {text!r} must be positive")
+    if not (value > 0 and value * mult >= 1):
+        raise ValueError(f"memory size {text!r} must be at least one byte")
+    if value * mult > 1 << 50:
+        raise ValueError(f"memory size {text!r} is more than a petabyte")
     return int(value * mult)
 
 
@@ -309,7 +324,7 @@ def memory_budget() -> tuple[int, str]:
 
 
 def default_n_ctx(model, cache_type: str = "f16", cache_type_v: str | None = None, budget: int | None = None,
-                  n_batch: int = 512) -> dict:
+                  n_batch: int = 512, swa_full: bool = False) -> dict:
     """The context a model gets when the user names none: its training context, capped so that the KV cache
     fits the memory budget. Returns {"n_ctx", "kv_bytes", "budget", "budget_from", "capped"}."""
     hp = model.hparams
@@ -321,7 +336,7 @@ def default_n_ctx(model, cache_type: str = "f16", cache_type_v: str | None = Non
 
     def size(n):
         per, fixed = KVCache.bytes_per_token(hp.n_layer, hp.n_head_kv, hp.head_dim, cache_type, cache_type_v,
-                                             windows, n, n_batch)
+                                             windows, n, n_batch, swa_full)
         return per * n + fixed
 
     n_ctx = train

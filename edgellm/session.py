@@ -4,7 +4,7 @@ Layout (little-endian):
     magic      b"EDGELLM-SESSION\\0"  (16 bytes)
     version    u32
     header_len u32, then a JSON header: model_id, n_layer, n_head_kv, head_dim, cache_type, n_ring, swa_from,
-               ring_top (1 + the highest position the rings hold, see kv_cache.py), n_tokens
+               ring_top (how far the rings were written: KVCache.held_from), n_tokens
     tokens     int32[n_tokens]
     k, v       the full-context layers' rows of positions [0, n_tokens): [n_full, n_head_kv, n_tokens, row] each
     k_swa, v_swa  when n_ring > 0: the sliding-window layers' rings, whole

@@ -78,7 +78,8 @@ typedef struct el_cache {
 
 /* A batch: token i goes to cache seq[i] at position pos[i] and attends over positions [0, pos[i]] of that cache
  * (its layer's window of them, on sliding-window layers).
- * Tokens of one sequence appear in increasing position order. Logits are written, in batch order, for the
+ * Tokens of one sequence appear in strictly increasing position order (el_model_forward rejects the batch
+ * otherwise). Logits are written, in batch order, for the
  * tokens with out[i] != 0 (out may be NULL: last token only; no flag set: no logits, e.g. a prompt chunk). */
 typedef struct el_batch {
     int n_tokens;
@@ -119,12 +120,12 @@ void el_gelu_mul(const float *g, const float *u, float *y, int n);
 void el_add(const float *a, const float *b, float *y, int n);
 void el_to_f16(const float *x, uint16_t *y, int n);          /* round to nearest even, as numpy */
 /* one query head over n_kv cached rows of one kv head: k, v are [>= n_kv] rows of k_type / v_type */
-void el_attn_head(const float *q, const void *k, int k_type, const void *v, int v_type, int n_kv, int head_dim,
-                  float scale, float *scratch, float *out);
+int el_attn_head(const float *q, const void *k, int k_type, const void *v, int v_type, int n_kv, int head_dim,
+                 float scale, float *scratch, float *out);   /* 0, or -1 on a bad type / size (nothing read) */
 /* n_q query rows [n_q, head_dim] over one kv head, row i over slots [0, n_kv[i]) (the prefill path) */
 size_t el_attn_rows_scratch_size(int n_q, int max_kv, int head_dim);   /* floats */
-void el_attn_rows(const float *q, int n_q, const int32_t *n_kv, const void *k, int k_type, const void *v, int v_type,
-                  int head_dim, float scale, float *scratch, float *out);
+int el_attn_rows(const float *q, int n_q, const int32_t *n_kv, const void *k, int k_type, const void *v, int v_type,
+                 int head_dim, float scale, float *scratch, float *out);   /* 0, or -1 as el_attn_head */
 size_t el_kv_row_size(int type, int head_dim);               /* bytes of one cached K/V row */
 void el_kv_store_row(int type, const float *x, void *dst, int head_dim);   /* as the forward step stores K/V */
 

@@ -57,6 +57,7 @@ struct el_model {
     float *scratch;  /* [n_threads, scratch_n] attention scores and tiles */
     size_t scratch_n;
     int scratch_ctx; /* longest context scratch_n covers */
+    int max_window;  /* the widest sliding window of any layer (0: none) */
 };
 
 /* Stage timing of thread 0, on when EDGELLM_PROFILE is set (printed to stderr by el_model_free): where a step's
@@ -113,8 +114,10 @@ el_model *el_model_new(const el_model_desc *desc) {
             m->layers[l].window = d->layer_window && d->layer_window[l] > 0 ? d->layer_window[l] : 0;
         }
         int n_ring_layers = 0, n_full_layers = 0;
-        for (int l = 0; l < d->n_layer; l++)
+        for (int l = 0; l < d->n_layer; l++) {
             m->layers[l].group_idx = m->layers[l].window ? n_ring_layers++ : n_full_layers++;
+            if (m->layers[l].window > m->max_window) m->max_window = m->layers[l].window;
+        }
         if (m->n_rope_sets == 0) m->n_rope_sets = 1;
     }
     m->d.layer_rope_base = m->d.layer_rope_scale = NULL;   /* copied above: the caller's arrays may go */
@@ -259,12 +262,6 @@ static inline int kv_first(const el_layer *L, const kv_layer *v, int pos) {
     return first > v->from ? first : v->from;
 }
 
-static void store_kv(const el_kernels *k, int type, void *dst, const float *src, int n) {
-    if (type == EL_F16) k->to_f16(src, dst, n);
-    else if (type == EL_Q8_0) el_quantize_q8_0_blocks(src, dst, n / EL_QK);
-    else memcpy(dst, src, (size_t)n * 4);
-}
-
 /* ---- stages: work cut into chunks that threads claim, and a completion count instead of a barrier ----
  * A thread that the OS preempts (machines are shared; phones run other apps) holds nobody up unless it holds a
  * chunk: the others take the remaining chunks, and a late thread finds its stages done and catches up. Every
@@ -371,8 +368,8 @@ static void forward_task(void *ctx, int ith, int nth) {
                 const int row = kv_row_of(&kv, b->pos[t]);
                 for (int h = 0; h < d->n_head_kv; h++) {
                     const float *kt = m->kb + (size_t)t * nkv + h * hd, *vt = m->vb + (size_t)t * nkv + h * hd;
-                    store_kv(k, cc->type_k, kv_row_k(&kv, h, row), kt, hd);
-                    store_kv(k, cc->type_v, kv_row_v(&kv, h, row), vt, hd);
+                    el_kv_store_row(cc->type_k, kt, kv_row_k(&kv, h, row), hd);
+                    el_kv_store_row(cc->type_v, vt, kv_row_v(&kv, h, row), hd);
                     if (kv.ring) {   /* the mirror copy: windows never wrap */
                         memcpy(kv_row_k(&kv, h, row + kv.ring), kv_row_k(&kv, h, row), kv.krow);
                         memcpy(kv_row_v(&kv, h, row + kv.ring), kv_row_v(&kv, h, row), kv.vrow);
@@ -559,8 +556,7 @@ int el_model_forward(el_model *m, const el_batch *b, const el_cache *caches, int
     const el_model_desc *d = &m->d;
     const int n = b->n_tokens;
     if (n < 1 || n > d->n_batch || !el_model_ready(m) || n_caches < 1) return -1;
-    int max_ctx = 0, max_window = 0;
-    for (int l = 0; l < d->n_layer; l++) max_window = m->layers[l].window > max_window ? m->layers[l].window : max_window;
+    int max_ctx = 0;
     for (int s = 0; s < n_caches; s++) {
         const el_cache *c = &caches[s];
         for (int kv = 0; kv < 2; kv++) {
@@ -568,16 +564,34 @@ int el_model_forward(el_model *m, const el_batch *b, const el_cache *caches, int
             if (t != EL_F16 && t != EL_F32 && !(t == EL_Q8_0 && d->head_dim % EL_QK == 0)) return -1;
         }
         if (!c->k || !c->v || c->n_ctx < 1) return -1;
-        /* a ring holds every window of a full batch: the batch's first token still sees what its last overwrote */
-        if (c->k_swa && (!c->v_swa || c->n_ring < max_window + n || c->swa_from < 0)) return -1;
+        if (c->k_swa && (!c->v_swa || c->n_ring < 1 || c->swa_from < 0)) return -1;
     }
-    for (int i = 0; i < n; i++) {
+    /* per sequence: positions strictly increase (the attention paths rely on it: a run's last token has its
+     * largest position), none below what a ring still holds, and no more tokens than a ring keeps windows for
+     * (the batch's first token still sees what its last overwrote) */
+    int last_small[16], count_small[16], *last = last_small, *count = count_small;
+    if (n_caches > 16) {
+        last = malloc(2 * sizeof(int) * (size_t)n_caches);
+        if (!last) return -1;
+        count = last + n_caches;
+    }
+    for (int s = 0; s < n_caches; s++) { last[s] = -1; count[s] = 0; }
+    int bad = 0;
+    for (int i = 0; i < n && !bad; i++) {
         const int s = b->seq ? b->seq[i] : 0;
         if (s < 0 || s >= n_caches || b->pos[i] < 0 || b->pos[i] >= caches[s].n_ctx ||
-            b->tokens[i] < 0 || b->tokens[i] >= d->n_vocab)
-            return -1;
+            b->tokens[i] < 0 || b->tokens[i] >= d->n_vocab || b->pos[i] <= last[s]) {
+            bad = 1;
+            break;
+        }
+        const el_cache *c = &caches[s];
+        last[s] = b->pos[i];
+        count[s]++;
+        if (c->k_swa && (b->pos[i] < c->swa_from || c->n_ring < m->max_window + count[s])) bad = 1;
         if (b->pos[i] + 1 > max_ctx) max_ctx = b->pos[i] + 1;
     }
+    if (last != last_small) free(last);
+    if (bad) return -1;
     if (max_ctx > m->scratch_ctx) {   /* grows with the longest context seen, not per step */
         const int ctx = (max_ctx + 255) / 256 * 256, rows = ATTN_TILE * (d->n_head / d->n_head_kv);
         /* per thread: q and out tiles, n_kv, attn_rows scratch; the decode path uses the first ctx floats */

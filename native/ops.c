@@ -110,23 +110,39 @@ void el_rope(float *x, int n_head, int head_dim, int rope_dim, int pos, float ba
     el_k->rope(x, n_head, head_dim, rope_dim, cs, neox);
 }
 
-void el_attn_head(const float *q, const void *k, int k_type, const void *v, int v_type, int n_kv, int head_dim,
-                  float scale, float *scratch, float *out) {
+/* what the attention kernels accept: a cache row type, head_dim within their stack buffers, whole q8_0 blocks */
+static int attn_args_ok(int k_type, int v_type, int head_dim, int n_kv) {
+    if (head_dim < 1 || head_dim > 512 || n_kv < 1) return 0;
+    for (int i = 0; i < 2; i++) {
+        const int t = i ? v_type : k_type;
+        if (t != EL_F32 && t != EL_F16 && t != EL_Q8_0) return 0;
+        if (t == EL_Q8_0 && head_dim % EL_QK) return 0;
+    }
+    return 1;
+}
+
+int el_attn_head(const float *q, const void *k, int k_type, const void *v, int v_type, int n_kv, int head_dim,
+                 float scale, float *scratch, float *out) {
     el_init();
+    if (!attn_args_ok(k_type, v_type, head_dim, n_kv)) return -1;
     el_k->attn_head(q, k, k_type, v, v_type, n_kv, head_dim, scale, scratch, out);
+    return 0;
 }
 
 size_t el_attn_rows_scratch_size(int n_q, int max_kv, int head_dim) { return el_attn_rows_scratch(n_q, max_kv, head_dim); }
 
-void el_attn_rows(const float *q, int n_q, const int32_t *n_kv, const void *k, int k_type, const void *v, int v_type,
-                  int head_dim, float scale, float *scratch, float *out) {
+int el_attn_rows(const float *q, int n_q, const int32_t *n_kv, const void *k, int k_type, const void *v, int v_type,
+                 int head_dim, float scale, float *scratch, float *out) {
     el_init();
+    if (n_q < 1 || !attn_args_ok(k_type, v_type, head_dim, 1)) return -1;
+    for (int i = 0; i < n_q; i++) if (n_kv[i] < 1) return -1;
     el_k->attn_rows(q, n_q, n_kv, k, k_type, v, v_type, head_dim, scale, scratch, out);
+    return 0;
 }
 
 size_t el_kv_row_size(int type, int head_dim) { return el_kv_row_bytes(type, head_dim); }
 
-void el_kv_store_row(int type, const float *x, void *dst, int head_dim) {
+void el_kv_store_row(int type, const float *x, void *dst, int head_dim) {   /* the forward step stores with it too */
     el_init();
     if (type == EL_F16) el_k->to_f16(x, dst, head_dim);
     else if (type == EL_Q8_0) el_quantize_q8_0_blocks(x, dst, head_dim / EL_QK);

@@ -304,3 +304,66 @@ def test_q8_0_perplexity_within_one_percent_of_f16(smollm2, fixtures):
     assert abs(q8 / f16 - 1) < 0.01, (f16, q8)
     ratio = kv_cache.new_cache(smollm2, 256, "q8_0").nbytes / kv_cache.new_cache(smollm2, 256).nbytes
     assert 0.5 <= ratio <= 0.55
+
+
+def test_shift_after_a_cut_knows_what_the_rings_hold():
+    # rings written to 30, cut back to 28, one token rewritten, then a shift: the slot the abandoned position 29
+    # took (old position 23's) must not pass for position 23
+    c = KVCache(2, 64, 2, 32, "f32", layer_window=[4, 0], n_batch=2)   # ring 6
+    fill(c, 30, 2)
+    assert c.truncate(28) == 28
+    for il in range(2):
+        c.store(il, np.array([28]), marked([28]), marked([28], delta=0.5))
+    c.n_past = 29
+    c.shift(0, 10, lambda k, delta, il: k + delta)
+    assert c.n_past == 19 and c.swa_from == 14          # new 14..18 = old 24..28; old 23 is gone
+    assert c.reusable(16) == 0                          # its window would need new 13 = old 23
+    assert c.truncate(18) == 18
+    k, _ = c.read(0, 15, 18)
+    np.testing.assert_array_equal(k[0, :, 0], np.arange(15, 18))   # old 25..27 moved by -10
+
+
+def test_default_context_with_swa_full_counts_full_rows(gemma):
+    ring = kv_cache.default_n_ctx(gemma, budget=64 << 20, n_batch=256)
+    full = kv_cache.default_n_ctx(gemma, budget=64 << 20, n_batch=256, swa_full=True)
+    assert full["n_ctx"] < ring["n_ctx"] and full["kv_bytes"] <= 64 << 20 and ring["kv_bytes"] <= 64 << 20
+    c = kv_cache.new_cache(gemma, full["n_ctx"], swa_full=True)
+    assert c.nbytes == full["kv_bytes"]
+
+
+def test_native_rejects_positions_that_do_not_increase(gemma):
+    from conftest import require_native
+    require_native()
+    from edgellm.backends.native import NativeBackend, ffi, lib
+
+    be = NativeBackend(gemma, n_threads=2)
+    cache = kv_cache.new_cache(gemma, 4096, n_batch=64)
+    assert cache.n_ring
+    ids = np.asarray(gemma.tokenizer.encode(TEXT)[:4], np.int32)
+    with pytest.raises(ValueError, match="increase"):
+        be.forward(ids, np.array([3000, 3001, 3002, 5], np.int32), cache)
+    # the C core refuses such a batch on its own too (a ring layer would read past its rows)
+    be._bind_cache(cache)
+    batch = ffi.new("el_batch *")
+    tok, pos = np.ascontiguousarray(ids), np.array([3000, 3001, 3002, 5], np.int32)
+    batch.n_tokens, batch.tokens, batch.pos = 4, ffi.from_buffer("int32_t[]", tok), ffi.from_buffer("int32_t[]", pos)
+    batch.seq, batch.out = ffi.NULL, ffi.NULL
+    logits = np.empty((1, gemma.hparams.n_vocab), np.float32)
+    assert lib.el_model_forward(be._m, batch, be._cache, 1, ffi.from_buffer("float[]", logits)) == -1
+    cache.swa_from = 10                                  # and tokens below what a ring still holds
+    with pytest.raises(ValueError, match="rings hold"):
+        be.forward(ids[:1], np.array([5], np.int32), cache)
+
+
+def test_attention_entry_points_refuse_bad_arguments():
+    from conftest import require_native
+    require_native()
+    from edgellm.backends.native import ffi, lib
+
+    q = np.zeros(1024, np.float32)
+    k = np.zeros(4096, np.float32)
+    out = np.zeros(1024, np.float32)
+    args = (ffi.from_buffer("float[]", q), ffi.from_buffer("float[]", k))
+    for k_type, hd in ((lib.EL_F16, 600), (lib.EL_Q8_0, 48), (99, 64)):
+        assert lib.el_attn_head(args[0], args[1], k_type, args[1], lib.EL_F32, 2, hd, 1.0,
+                                ffi.from_buffer("float[]", out), ffi.from_buffer("float[]", out)) == -1

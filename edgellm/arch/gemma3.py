@@ -319,7 +319,8 @@ def ffn(h, w, il: int) -> np.ndarray:
 
 
 def forward(w: dict, hp: HParams, tokens, positions, cache, all_logits: bool = False) -> np.ndarray:
-    """Run tokens [n] at positions [n] through the model, writing their K/V into `cache` at slot = position.
+    """Run tokens [n] at positions [n] through the model, writing their K/V into `cache` (kv_cache.py: row =
+    position, or position mod the ring on sliding-window layers).
 
     Returns float32 logits [n, n_vocab] (all_logits) or [1, n_vocab] for the last token. The caller advances
     cache.n_past.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..arch import gemma3
 from ..kv_cache import KVCache
 from ..quant import GGMLType
 
@@ -121,7 +122,7 @@ class NativeBackend:
                 raise NotImplementedError(f"layer {il}: RoPE base {base} / scale {scale}")
             bases.append(float(base))
             scales.append(float(scale))
-            window = 0 if hp.layer_is_global[il] else int(hp.sliding_window or 0)
+            window = gemma3.window(hp, il)
             if not 0 <= window < 2**31:
                 raise NotImplementedError(f"layer {il}: sliding window {window}")
             windows.append(window)
@@ -159,8 +160,9 @@ class NativeBackend:
             raise NotImplementedError(f"{name}: {ttype.name} {shape} does not fit the model's hyper-parameters")
 
     def _bind_cache(self, cache: KVCache) -> None:
-        state = (cache, cache.k, cache.k_swa, cache.swa_from)
-        if self._bound is not None and all(a is b for a, b in zip(self._bound, state)):
+        state = (cache, cache.k, cache.v, cache.k_swa, cache.v_swa, cache.swa_from)
+        if self._bound is not None and all(a is b for a, b in zip(self._bound[:5], state[:5])) \
+                and self._bound[5] == state[5]:
             return  # the same arrays as last step (the decode loop): nothing to check again
         hp = self.hparams
         if (cache.n_layer, cache.n_head_kv, cache.head_dim) != (hp.n_layer, hp.n_head_kv, hp.head_dim):
@@ -189,8 +191,8 @@ class NativeBackend:
         self._bound = state
 
     def forward(self, tokens, positions, cache: KVCache, all_logits: bool = False) -> np.ndarray:
-        """Run tokens [n] at positions [n]; K/V go to cache slot = position. Returns float32 [n or 1, n_vocab].
-        The driver advances cache.n_past."""
+        """Run tokens [n] at increasing positions [n]; their K/V go into the cache (row = position, or position mod
+        the ring on sliding-window layers). Returns float32 [n or 1, n_vocab]. The driver advances cache.n_past."""
         tokens = np.asarray(tokens).reshape(-1)
         positions = np.asarray(positions).reshape(-1)
         n = tokens.size
@@ -208,6 +210,10 @@ class NativeBackend:
             raise ValueError(f"token id out of range [0, {hp.n_vocab}): {tmin}..{tmax}")
         if pmin < 0 or pmax >= cache.n_ctx:
             raise ValueError(f"position out of range [0, {cache.n_ctx}): {pmin}..{pmax}")
+        if n > 1 and np.any(np.diff(positions) <= 0):
+            raise ValueError("positions must increase from token to token")
+        if cache.n_ring and pmin < cache.swa_from:
+            raise ValueError(f"position {pmin} is below what the cache's sliding-window rings hold ({cache.swa_from})")
         self._bind_cache(cache)
         logits = np.empty((n if all_logits else 1, hp.n_vocab), np.float32)
         dst = ffi.from_buffer("float[]", logits)
@@ -233,7 +239,7 @@ class NativeBackend:
         return logits
 
     def forward_multi(self, tokens, positions, seqs, caches: list[KVCache], all_logits: bool = False) -> np.ndarray:
-        """Advance several sequences in one C call: token i goes to caches[seqs[i]] at slot positions[i].
+        """Advance several sequences in one C call: token i goes to caches[seqs[i]] at position positions[i].
 
         Tokens of one sequence must come in increasing position order. Returns float32 [n, n_vocab] (all_logits)
         or one row per cache: the logits of that sequence's last token in the batch (caches without tokens get

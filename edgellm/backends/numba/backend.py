@@ -32,6 +32,7 @@ if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
 
 import numba
 
+from ...arch import gemma3
 from ...errors import ContextLengthError
 from ...kv_cache import KVCache
 from ...quant import GGMLType, row_nbytes, type_name
@@ -131,7 +132,7 @@ class NumbaBackend:
             if key not in tables:
                 tables[key] = scale * base ** (-2.0 * np.arange(hp.rope_dim // 2, dtype=np.float64) / hp.rope_dim)
             self._rope.append(tables[key])
-            windows.append(0 if not gemma or hp.layer_is_global[il] else int(hp.sliding_window or 0))
+            windows.append(gemma3.window(hp, il) if gemma else 0)
         self._windows = tuple(windows)
 
     # ---- weights -------------------------------------------------------------------------------------
@@ -261,7 +262,8 @@ class NumbaBackend:
         return (kc, vc) + memo[key]
 
     def forward(self, tokens, positions, cache: KVCache, all_logits: bool = False) -> np.ndarray:
-        """Run tokens [n] at positions [n]; K/V go to cache slot = position. Returns float32 [n or 1, n_vocab].
+        """Run tokens [n] at positions [n]; K/V go into the cache (kv_cache.py: row = position, or mod the ring).
+        Returns float32 [n or 1, n_vocab].
         The driver advances cache.n_past. A batch longer than the cache's max_batch (a ring keeps the windows of
         at most that many new tokens) runs in pieces of that size."""
         tokens, positions = self._check(tokens, positions, cache)

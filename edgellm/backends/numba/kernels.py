@@ -150,25 +150,70 @@ def prefetch_row(typingctx, arr, i):
     return sig, codegen
 
 
-def kv_elem(row, d):
-    """Element d of a KV-cache row as float32: the row is float32, float16 bits (uint16) or q8_0 bytes (uint8:
-    blocks of a float16 scale and 32 int8)."""
+def kv_dot(q, row):
+    """q . row for a KV-cache row: float32, float16 bits (uint16) or q8_0 bytes (uint8: blocks of a float16 scale
+    and 32 int8; the scale is applied once per block)."""
     raise NotImplementedError  # numba-only: implemented by the overload below
 
 
-@overload(kv_elem, inline="always")
-def _kv_elem_impl(row, d):
+def kv_axpy(p, row, out):
+    """out += p * row for a KV-cache row (types as kv_dot)."""
+    raise NotImplementedError  # numba-only: implemented by the overload below
+
+
+@overload(kv_dot, inline="always")
+def _kv_dot_impl(q, row):
     dt = row.dtype
     if isinstance(dt, types.Float):
-        return lambda row, d: F32(row[d])
+        def dot_f(q, row):
+            acc = F32(0)
+            for d in range(q.size):
+                acc += q[d] * F32(row[d])
+            return acc
+        return dot_f
     if dt == types.uint16:  # float16 bits (numba has no float16 on the CPU)
-        return lambda row, d: h2f(row[d])
+        def dot_h(q, row):
+            acc = F32(0)
+            for d in range(q.size):
+                acc += q[d] * h2f(row[d])
+            return acc
+        return dot_h
     if dt == types.uint8:   # q8_0
-        def q8_0(row, d):
-            off = (d >> 5) * 34
-            q = np.int32(row[off + 2 + (d & 31)])
-            return h2f(np.int32(row[off]) | (np.int32(row[off + 1]) << 8)) * F32(q - 256 if q > 127 else q)
-        return q8_0
+        def dot_q8(q, row):
+            acc = F32(0)
+            for b in range(q.size >> 5):
+                off = b * 34
+                s = F32(0)
+                for j in range(32):
+                    s += q[b * 32 + j] * F32(row[off + 2:off + 34].view(np.int8)[j])
+                acc += s * h2f(np.int32(row[off]) | (np.int32(row[off + 1]) << 8))
+            return acc
+        return dot_q8
+    return None
+
+
+@overload(kv_axpy, inline="always")
+def _kv_axpy_impl(p, row, out):
+    dt = row.dtype
+    if isinstance(dt, types.Float):
+        def axpy_f(p, row, out):
+            for d in range(out.size):
+                out[d] += p * F32(row[d])
+        return axpy_f
+    if dt == types.uint16:
+        def axpy_h(p, row, out):
+            for d in range(out.size):
+                out[d] += p * h2f(row[d])
+        return axpy_h
+    if dt == types.uint8:
+        def axpy_q8(p, row, out):
+            for b in range(out.size >> 5):
+                off = b * 34
+                pd = p * h2f(np.int32(row[off]) | (np.int32(row[off + 1]) << 8))
+                qs = row[off + 2:off + 34].view(np.int8)
+                for j in range(32):
+                    out[b * 32 + j] += pd * F32(qs[j])
+        return axpy_q8
     return None
 
 
@@ -1045,25 +1090,17 @@ def add(a, b, y):
 def attn_head(q, k, v, r0, n_kv, scale, scores, out):
     """One query row against rows [r0, r0 + n_kv) of one KV head.
 
-    q: float32 [hd]; k, v: [rows, row] cache rows (see kv_elem); scores: float32 scratch [>= n_kv];
+    q: float32 [hd]; k, v: [rows, row] cache rows (see kv_dot); scores: float32 scratch [>= n_kv];
     out: float32 [hd] = softmax(scale * K q) @ V.
     """
-    hd = q.size
     for s in range(n_kv):
-        ks = k[r0 + s]
-        acc = F32(0)
-        for d in range(hd):
-            acc += q[d] * kv_elem(ks, d)
-        scores[s] = acc * scale
+        scores[s] = kv_dot(q, k[r0 + s]) * scale
     sc = scores[:n_kv]
     softmax(sc)
-    for d in range(hd):
+    for d in range(out.size):
         out[d] = 0
     for s in range(n_kv):
-        p = sc[s]
-        vs = v[r0 + s]
-        for d in range(hd):
-            out[d] += p * kv_elem(vs, d)
+        kv_axpy(sc[s], v[r0 + s], out)
 
 
 @njit(**_JIT)
