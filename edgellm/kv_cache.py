@@ -145,6 +145,15 @@ class KVCache:
         n_swa = sum(1 for w in windows if w) if ring else 0
         return per_row * (n_layer - n_swa), per_row * n_swa * 2 * ring
 
+    def check_model(self, n_layer: int, n_head_kv: int, head_dim: int, windows) -> None:
+        """ValueError unless this cache fits a model of that geometry and those sliding windows."""
+        if (self.n_layer, self.n_head_kv, self.head_dim) != (n_layer, n_head_kv, head_dim):
+            raise ValueError(f"KV cache (layers, kv heads, head_dim) = {(self.n_layer, self.n_head_kv, self.head_dim)} "
+                             f"does not match the model's {(n_layer, n_head_kv, head_dim)}")
+        if any(self.layer_window) and tuple(self.layer_window) != tuple(windows):
+            raise ValueError(f"the KV cache was made for sliding windows {self.layer_window}, the model has "
+                             f"{tuple(windows)}")
+
     def layer_arrays(self, il: int) -> tuple[np.ndarray, np.ndarray, int]:
         """(k, v, ring) of layer il: arrays [n_head_kv, rows, row]; ring = n_ring for ring layers, else 0."""
         swa, idx = self.layer_slot[il]

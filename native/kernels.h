@@ -6,6 +6,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include "quants.h"
+#include "edgellm.h"
 
 /* compact index of the weight types the core knows (the traits table is indexed by it) */
 enum { EL_TI_F32, EL_TI_F16, EL_TI_BF16, EL_TI_Q4_0, EL_TI_Q4_1, EL_TI_Q5_0, EL_TI_Q5_1, EL_TI_Q8_0,
@@ -53,15 +54,14 @@ typedef struct el_kernels {
 
 /* bytes of one cached K or V row of head_dim elements (q8_0: head_dim % 32 == 0) */
 static inline size_t el_kv_row_bytes(int type, int head_dim) {
-    return type == 8 /* EL_Q8_0 */ ? (size_t)head_dim / EL_QK * sizeof(block_q8_0)
-                                   : (size_t)head_dim * (type == 1 /* EL_F16 */ ? 2 : 4);
+    return type == EL_Q8_0 ? (size_t)head_dim / EL_QK * sizeof(block_q8_0) : (size_t)head_dim * (type == EL_F16 ? 2 : 4);
 }
 
 /* row j of a cache block as float: f32 rows are returned in place, others converted into tmp [head_dim] */
 static inline const float *el_kv_row(const void *base, int type, int j, int head_dim, float *tmp) {
     const char *row = (const char *)base + (size_t)j * el_kv_row_bytes(type, head_dim);
-    if (type == 0) return (const float *)row;
-    if (type == 1) {
+    if (type == EL_F32) return (const float *)row;
+    if (type == EL_F16) {
         for (int i = 0; i < head_dim; i++) tmp[i] = el_half_to_float(((const el_half *)row)[i]);
     } else {
         const block_q8_0 *b = (const block_q8_0 *)row;

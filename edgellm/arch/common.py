@@ -210,10 +210,7 @@ def check_inputs(hp, tokens, positions, cache) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"token id out of range [0, {hp.n_vocab}): {tokens.min()}..{tokens.max()}")
     if positions.min() < 0 or positions.max() >= cache.n_ctx:
         raise ContextLengthError(f"position {positions.max()} does not fit the context of {cache.n_ctx}")
-    geometry = (cache.n_layer, cache.n_head_kv, cache.head_dim)
-    if geometry != (hp.n_layer, hp.n_head_kv, hp.head_dim):
-        raise ValueError(f"KV cache (layers, kv heads, head_dim) = {geometry} "
-                         f"does not match the model's {(hp.n_layer, hp.n_head_kv, hp.head_dim)}")
+    cache.check_model(hp.n_layer, hp.n_head_kv, hp.head_dim, cache.layer_window)  # windows: per layer in attend
     return tokens, positions
 
 

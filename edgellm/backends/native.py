@@ -165,11 +165,7 @@ class NativeBackend:
                 and self._bound[5] == state[5]:
             return  # the same arrays as last step (the decode loop): nothing to check again
         hp = self.hparams
-        if (cache.n_layer, cache.n_head_kv, cache.head_dim) != (hp.n_layer, hp.n_head_kv, hp.head_dim):
-            raise ValueError(f"KV cache (layers, kv heads, head_dim) = {(cache.n_layer, cache.n_head_kv, cache.head_dim)} "
-                             f"does not match the model's {(hp.n_layer, hp.n_head_kv, hp.head_dim)}")
-        if any(cache.layer_window) and tuple(cache.layer_window) != tuple(self._windows):
-            raise ValueError(f"the KV cache was made for sliding windows {cache.layer_window}, the model has {self._windows}")
+        cache.check_model(hp.n_layer, hp.n_head_kv, hp.head_dim, self._windows)
         n_full = sum(1 for swa, _ in cache.layer_slot if not swa)
         arrays = [(cache.k, n_full, cache.n_ctx, cache.type_k), (cache.v, n_full, cache.n_ctx, cache.type_v)]
         if cache.n_ring:

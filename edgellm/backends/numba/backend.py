@@ -231,13 +231,7 @@ class NumbaBackend:
         if positions.min() < 0 or positions.max() >= cache.n_ctx:
             raise ContextLengthError(f"position {positions.min()}..{positions.max()} does not fit the context "
                                      f"of {cache.n_ctx}")
-        if (cache.n_layer, cache.n_head_kv, cache.head_dim) != (hp.n_layer, hp.n_head_kv, hp.head_dim):
-            raise ValueError(f"KV cache (layers, kv heads, head_dim) = "
-                             f"{(cache.n_layer, cache.n_head_kv, cache.head_dim)} does not fit the model's "
-                             f"{(hp.n_layer, hp.n_head_kv, hp.head_dim)}")
-        if any(cache.layer_window) and tuple(cache.layer_window) != self._windows:
-            raise ValueError(f"the KV cache was made for sliding windows {cache.layer_window}, "
-                             f"the model has {self._windows}")
+        cache.check_model(hp.n_layer, hp.n_head_kv, hp.head_dim, self._windows)
         return tokens, positions
 
     def _spans(self, cache: KVCache, il: int, positions: np.ndarray, memo: dict) -> tuple:
