@@ -517,12 +517,9 @@ def _write_tensors_native(gf: GGUFFile, plans: list[TensorPlan], writer, n_threa
                             data = encoded.pop(p.name)
                         else:                                  # a source type only numpy decodes (Q2_K, Q3_K)
                             data = _encode_rows(gf.tensor_data(p.name), p.src_type, p.shape[-1], p.dst_type)
-                        if data.nbytes != p.nbytes:            # the table written first must describe these bytes
-                            raise QuantizeError(f"{p.name}: {data.nbytes} bytes encoded, {p.nbytes} announced")
-                        writer.write_tensor_data(data)
-                        del data
-                        if bar is not None:
-                            bar.update(int(np.prod(p.shape, dtype=np.int64)))
+                        _emit(writer, p, data, bar)
+                del data                                 # before the next tensor is read
+                        del data                               # before the next tensor is read
             except BaseException:
                 for _, fut in pending:
                     fut.cancel()
@@ -531,6 +528,15 @@ def _write_tensors_native(gf: GGUFFile, plans: list[TensorPlan], writer, n_threa
         lib.el_pool_free(pool)                                 # after the helper thread is done with it
         if bar is not None:
             bar.close()
+
+
+def _emit(writer, p: TensorPlan, data: np.ndarray, bar) -> None:
+    """Append one tensor's bytes to the output (the table written first must describe exactly these bytes)."""
+    if data.nbytes != p.nbytes:
+        raise QuantizeError(f"{p.name}: {data.nbytes} bytes encoded, {p.nbytes} announced")
+    writer.write_tensor_data(data)
+    if bar is not None:
+        bar.update(int(np.prod(p.shape, dtype=np.int64)))
 
 
 def _encode_batch(ffi, lib, pool, gf: GGUFFile, batch: list[TensorPlan]) -> dict[str, np.ndarray]:
@@ -580,12 +586,8 @@ def _write_tensors_numpy(gf: GGUFFile, plans: list[TensorPlan], writer, n_thread
                 else:
                     data = np.concatenate([f.result() for f in futures])
                     ahead -= int(np.prod(p.shape, dtype=np.int64))
-                if data.nbytes != p.nbytes:              # the table written first must describe these bytes
-                    raise QuantizeError(f"{p.name}: {data.nbytes} bytes encoded, {p.nbytes} announced")
-                writer.write_tensor_data(data)
-                del data
-                if bar is not None:
-                    bar.update(int(np.prod(p.shape, dtype=np.int64)))
+                _emit(writer, p, data, bar)
+                del data                                 # before the next tensor is read
         except BaseException:
             for _, futures in pending:
                 for f in futures or ():

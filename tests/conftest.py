@@ -46,6 +46,45 @@ def gemma3_path() -> Path:
     return resolve_model("gemma3", progress=False)
 
 
+def _open_model(path):
+    from edgellm.model import Model
+
+    m = Model(path)
+    yield m
+    m.close()
+
+
+@pytest.fixture(scope="session")
+def smollm2_model(smollm2_path):
+    """The SmolLM2 file opened once (read-only mmap, shared by the tests that only read it)."""
+    yield from _open_model(smollm2_path)
+
+
+@pytest.fixture(scope="session")
+def gemma3_model(gemma3_path):
+    yield from _open_model(gemma3_path)
+
+
+class EditedModel:
+    """A model with edited hyper-parameters (same file, tokenizer and architecture), e.g. a sliding window small
+    enough for rings to wrap in a short test."""
+
+    def __init__(self, model, hp):
+        self.gguf, self.hparams, self.tokenizer, self.arch = model.gguf, hp, model.tokenizer, model.arch
+
+
+def forward_in_steps(be, ids, cache, step):
+    """All logits of `ids` run through backend `be` `step` tokens per call, the cache advanced as a driver does."""
+    import numpy as np
+
+    out = []
+    for s in range(0, len(ids), step):
+        pos = np.arange(s, min(s + step, len(ids)), dtype=np.int32)
+        out.append(be.forward(np.asarray(ids[s:s + step], np.int32), pos, cache, all_logits=True))
+        cache.n_past = int(pos[-1]) + 1
+    return np.concatenate(out)
+
+
 def require_native():
     """edgellm._native, or a skip when the C core is deliberately absent (EDGELLM_NATIVE=0, or no C compiler on
     this machine). With a compiler at hand a missing core is a failed build: that fails, never skips."""

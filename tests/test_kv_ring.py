@@ -9,6 +9,8 @@ import types
 import numpy as np
 import pytest
 
+from conftest import EditedModel, forward_in_steps
+
 from edgellm import kv_cache
 from edgellm.kv_cache import KVCache
 
@@ -166,33 +168,13 @@ def test_budget_from_the_environment(monkeypatch):
 
 # ------------------------------------------------------------------------------------------ real models
 @pytest.fixture(scope="module")
-def gemma(gemma3_path):
-    from edgellm.model import Model
-
-    m = Model(gemma3_path)
-    yield m
-    m.close()
-
-
-class _Shim:
-    """Gemma 3 with an edited sliding window (same file): small enough for rings to wrap in a short test."""
-
-    def __init__(self, model, hp):
-        self.gguf, self.hparams, self.tokenizer, self.arch = model.gguf, hp, model.tokenizer, model.arch
+def gemma(gemma3_model):
+    return gemma3_model
 
 
 TEXT = ("The quick brown fox jumps over the lazy dog. In the beginning the universe was created; this has made "
         "a lot of people very angry and been widely regarded as a bad move. Far out in the uncharted backwaters of "
         "the unfashionable end of the western spiral arm of the galaxy lies a small unregarded yellow sun.")
-
-
-def _forward_all(be, ids, cache, step):
-    out = []
-    for s in range(0, len(ids), step):
-        pos = np.arange(s, min(s + step, len(ids)), dtype=np.int32)
-        out.append(be.forward(np.asarray(ids[s:s + step], np.int32), pos, cache, all_logits=True))
-        cache.n_past = int(pos[-1]) + 1
-    return np.concatenate(out)
 
 
 @pytest.mark.parametrize("backend_name", ["reference", "native"])
@@ -203,14 +185,14 @@ def test_gemma_ring_equals_full_cache(gemma, backend_name):
     if backend_name == "native":
         from conftest import require_native
         require_native()
-    m = _Shim(gemma, dataclasses.replace(gemma.hparams, sliding_window=6))
+    m = EditedModel(gemma, dataclasses.replace(gemma.hparams, sliding_window=6))
     be = create_backend(m, backend_name, 2)
     ids = gemma.tokenizer.encode(TEXT)[:40]
     ring = kv_cache.new_cache(m, 64, n_batch=4)
     full = kv_cache.new_cache(m, 64, n_batch=4, swa_full=True)
     assert ring.n_ring == 10 and full.n_ring == 0
-    a = _forward_all(be, ids, ring, 4)
-    b = _forward_all(be, ids, full, 4)
+    a = forward_in_steps(be, ids, ring, 4)
+    b = forward_in_steps(be, ids, full, 4)
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * np.abs(b).max())
     assert (a.argmax(1) == b.argmax(1)).all()
 
@@ -223,7 +205,7 @@ def test_gemma_ring_shift_and_session(gemma, tmp_path):
     from edgellm.generate import Engine
     from edgellm.session import load_session, save_session
 
-    m = _Shim(gemma, dataclasses.replace(gemma.hparams, sliding_window=6))
+    m = EditedModel(gemma, dataclasses.replace(gemma.hparams, sliding_window=6))
     be = NativeBackend(m, n_threads=2, n_batch=4)
     ids = gemma.tokenizer.encode(TEXT)[:40]
     engines = {swa_full: Engine(m, be, n_ctx=40, n_batch=4, context_shift=True, n_keep=4, swa_full=swa_full)
@@ -258,12 +240,8 @@ def test_gemma_default_ring_is_the_window_plus_a_batch(gemma):
 
 
 @pytest.fixture(scope="module")
-def smollm2(smollm2_path):
-    from edgellm.model import Model
-
-    m = Model(smollm2_path)
-    yield m
-    m.close()
+def smollm2(smollm2_model):
+    return smollm2_model
 
 
 @pytest.mark.parametrize("backend_name", ["native", "numba", "reference"])

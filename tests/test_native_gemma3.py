@@ -9,7 +9,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from conftest import assert_matches_llamacpp, load_fixture, require_native
+from conftest import EditedModel, assert_matches_llamacpp, load_fixture, require_native
 
 native = require_native()
 
@@ -19,24 +19,13 @@ from edgellm.kv_cache import KVCache
 
 
 @pytest.fixture(scope="module")
-def model(gemma3_path):
-    from edgellm.model import Model
-
-    m = Model(gemma3_path)
-    yield m
-    m.close()
+def model(gemma3_model):
+    return gemma3_model
 
 
 @pytest.fixture(scope="module")
 def backend(model):
     return NativeBackend(model, n_threads=2)
-
-
-class _Shim:
-    """A model with edited hyper-parameters (same file)."""
-
-    def __init__(self, model, hp):
-        self.gguf, self.hparams, self.tokenizer = model.gguf, hp, model.tokenizer
 
 
 def new_cache(hp, n_ctx=256, cache_type="f16"):
@@ -79,7 +68,7 @@ def test_matches_numpy_reference(model, ref_weights, window):
     hp = model.hparams
     if window is not None:
         hp = dataclasses.replace(hp, sliding_window=window)
-    be = NativeBackend(_Shim(model, hp), n_threads=2)
+    be = NativeBackend(EditedModel(model, hp), n_threads=2)
     ids = _ids(be, 24, seed=1)
     pos = np.arange(ids.size, dtype=np.int32)
     ref = gemma3.forward(ref_weights, hp, ids, pos, new_cache(hp, 64, "f32"), all_logits=True)

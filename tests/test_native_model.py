@@ -23,12 +23,8 @@ FIXTURE = (fixtures_dir() or Path("/nonexistent")) / "logits-smollm2-135m-instru
 
 
 @pytest.fixture(scope="module")
-def model(smollm2_path):
-    from edgellm.model import Model
-
-    m = Model(smollm2_path)
-    yield m
-    m.close()
+def model(smollm2_model):
+    return smollm2_model
 
 
 @pytest.fixture(scope="module")

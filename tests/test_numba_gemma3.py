@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import assert_matches_llamacpp, load_fixture
+from conftest import EditedModel, forward_in_steps, assert_matches_llamacpp, load_fixture
 
 numba = pytest.importorskip("numba")
 
@@ -27,12 +27,8 @@ TEXT = ("The quick brown fox jumps over the lazy dog. In the beginning the unive
 
 
 @pytest.fixture(scope="module")
-def model(gemma3_path):
-    from edgellm.model import Model
-
-    m = Model(gemma3_path)
-    yield m
-    m.close()
+def model(gemma3_model):
+    return gemma3_model
 
 
 @pytest.fixture(scope="module")
@@ -43,13 +39,6 @@ def backend(model):
 @pytest.fixture(scope="module")
 def ref_weights(model):
     return gemma3.load_weights(model.gguf, model.hparams)
-
-
-class _Shim:
-    """Gemma 3 with edited hyper-parameters (same file); `arch` gives kv_cache.new_cache the windows."""
-
-    def __init__(self, model, hp):
-        self.gguf, self.hparams, self.tokenizer, self.arch = model.gguf, hp, model.tokenizer, model.arch
 
 
 def new_cache(hp, n_ctx=256, cache_type="f16"):
@@ -93,7 +82,7 @@ def test_matches_numpy_reference(model, ref_weights, window, cache_type):
     now and then moves a K/V value across a rounding boundary, a whole quantization step: ~3e-3 relative, against
     ~3e-2 between the reference's q8_0 and f32 caches."""
     hp = model.hparams if window is None else dataclasses.replace(model.hparams, sliding_window=window)
-    be = NumbaBackend(_Shim(model, hp), n_threads=2)
+    be = NumbaBackend(EditedModel(model, hp), n_threads=2)
     ids = text_ids(model, 16, offset=1)
     pos = np.arange(ids.size, dtype=np.int32)
     ref = gemma3.forward(ref_weights, hp, ids, pos, new_cache(hp, 32, cache_type), all_logits=True)
@@ -118,32 +107,23 @@ def test_window_changes_the_logits(model, backend):
     hp = dataclasses.replace(model.hparams, sliding_window=5)
     ids = text_ids(model, 12)
     a = run(backend, ids)
-    b = run(NumbaBackend(_Shim(model, hp), n_threads=2), ids)
+    b = run(NumbaBackend(EditedModel(model, hp), n_threads=2), ids)
     np.testing.assert_allclose(a[:5], b[:5], atol=1e-4 * np.abs(a).max())   # windows not cut in yet
     assert rel_err(b[6:], a[6:]) > 1e-2
-
-
-def _forward_all(be, ids, cache, step):
-    out = []
-    for s in range(0, len(ids), step):
-        pos = np.arange(s, min(s + step, len(ids)), dtype=np.int32)
-        out.append(be.forward(np.asarray(ids[s:s + step], np.int32), pos, cache, all_logits=True))
-        cache.n_past = int(pos[-1]) + 1
-    return np.concatenate(out)
 
 
 @pytest.mark.parametrize("cache_type", ["f16", "q8_0"])
 def test_ring_equals_full_cache(model, cache_type):
     """Window 6, batches of 4: rings of 10 rows wrap several times; the logits are those of a full cache. A batch
     longer than the ring's max_batch runs in pieces inside forward: the same logits again."""
-    m = _Shim(model, dataclasses.replace(model.hparams, sliding_window=6))
+    m = EditedModel(model, dataclasses.replace(model.hparams, sliding_window=6))
     be = NumbaBackend(m, n_threads=2)
     ids = model.tokenizer.encode(TEXT)[:40]
     ring = kv_cache.new_cache(m, 64, cache_type, n_batch=4)
     full = kv_cache.new_cache(m, 64, cache_type, n_batch=4, swa_full=True)
     assert ring.n_ring == 10 and full.n_ring == 0 and ring.max_batch == 4
-    a = _forward_all(be, ids, ring, 4)
-    b = _forward_all(be, ids, full, 4)
+    a = forward_in_steps(be, ids, ring, 4)
+    b = forward_in_steps(be, ids, full, 4)
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * np.abs(b).max())
     assert (a.argmax(1) == b.argmax(1)).all()
     whole = kv_cache.new_cache(m, 64, cache_type, n_batch=4)
@@ -156,7 +136,7 @@ def test_ring_equals_full_cache(model, cache_type):
 
 
 def test_rejects_a_cache_of_other_windows(model, backend):
-    m = _Shim(model, dataclasses.replace(model.hparams, sliding_window=6))
+    m = EditedModel(model, dataclasses.replace(model.hparams, sliding_window=6))
     with pytest.raises(ValueError, match="sliding windows"):
         backend.forward(np.array([2], np.int32), np.array([0], np.int32), kv_cache.new_cache(m, 64, n_batch=4))
 

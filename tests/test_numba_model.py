@@ -25,14 +25,11 @@ numba = pytest.importorskip("numba")
 
 from edgellm.backends.numba import NumbaBackend
 from edgellm.kv_cache import KVCache
-from edgellm.model import Model
 
 
 @pytest.fixture(scope="module")
-def model(smollm2_path):
-    m = Model(smollm2_path)
-    yield m
-    m.close()
+def model(smollm2_model):
+    return smollm2_model
 
 
 @pytest.fixture(scope="module")
