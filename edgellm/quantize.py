@@ -518,7 +518,6 @@ def _write_tensors_native(gf: GGUFFile, plans: list[TensorPlan], writer, n_threa
                         else:                                  # a source type only numpy decodes (Q2_K, Q3_K)
                             data = _encode_rows(gf.tensor_data(p.name), p.src_type, p.shape[-1], p.dst_type)
                         _emit(writer, p, data, bar)
-                del data                                 # before the next tensor is read
                         del data                               # before the next tensor is read
             except BaseException:
                 for _, fut in pending:
