@@ -19,3 +19,8 @@ class ContextLengthError(EdgeLLMError, ValueError):
 
 class ChatTemplateError(EdgeLLMError, ValueError):
     """The model's chat template failed to render, or tried to reach outside its sandbox."""
+
+
+class BatchError(EdgeLLMError, ValueError):
+    """A batch handed to a backend is malformed: token ids outside the vocabulary, positions that do not increase
+    within a sequence or that the sequence's cache does not hold, sequence ids without a cache."""

@@ -58,20 +58,30 @@ typedef struct el_model_desc {
     const int32_t *layer_window;   /* [n_layer] sliding window (query at p sees (p - window, p]), 0 = global; NULL: all global */
 } el_model_desc;
 
-/* One KV cache (one sequence), owned by Python. Rows of head_dim elements of k_type / v_type (EL_F16, EL_F32 or
- * EL_Q8_0; el_kv_row_size bytes each). Full-context layers: k, v are [n_full, n_head_kv, n_ctx, row], position p
- * in slot p. Sliding-window layers (desc.layer_window > 0) live in k_swa, v_swa when those are set:
- * [n_swa, n_head_kv, 2 * n_ring, row], a ring of n_ring >= window + n_batch slots written twice (position p in
- * slots p % n_ring and p % n_ring + n_ring), so every window is one contiguous run of slots. Layers count in
- * their own group, in layer order. With k_swa NULL every layer is in k, v (window applied by where it starts).
- * swa_from: ring layers hold no position below it (after a context shift dropped them). */
+/* One sequence's KV cache: block tables into K/V memory owned by Python. Rows of head_dim elements of type_k /
+ * type_v (EL_F16, EL_F32 or EL_Q8_0; el_kv_row_size bytes each).
+ * Two layer groups. Group 0 holds the full-context layers (and every layer when k_swa is NULL):
+ *     k, v: [n_full, n_blocks, n_head_kv, block, row]
+ * block b of a layer holds, per kv head, `block` contiguous rows. Slot s (= position) is row s % block of block
+ * table[s / block] (0 <= table[i] < n_blocks; a negative entry is a block the sequence does not hold).
+ * Group 1 holds the sliding-window layers (desc.layer_window > 0) when k_swa is set, laid out the same way with
+ * its own block, n_blocks_swa, table_swa, n_table_swa. Layers count in their own group, in layer order.
+ * The paged cache (edgellm/kv/paged.py): block = 64 in both groups, one table entry per 64 positions, window
+ * layers dropping the blocks no window sees any more. A contiguous cache (edgellm/kv_cache.py) is one block of
+ * n_ctx slots (table {0}); its window layers a mirrored ring: n_ring > 0 puts position p in slot p % n_ring and
+ * writes it again at slot p % n_ring + n_ring (one block of 2 * n_ring rows), so every window is a contiguous run.
+ * swa_from: group 1 holds no position below it (a context shift dropped them). */
 typedef struct el_cache {
     void *k;
     void *v;
-    int n_ctx;
-    int type_k, type_v;
     void *k_swa;
     void *v_swa;
+    int type_k, type_v;
+    int n_ctx;                 /* positions < n_ctx */
+    int block, n_blocks, n_table;
+    const int32_t *table;
+    int block_swa, n_blocks_swa, n_table_swa;
+    const int32_t *table_swa;
     int n_ring;
     int swa_from;
 } el_cache;
@@ -119,13 +129,15 @@ void el_silu_mul(const float *g, const float *u, float *y, int n);
 void el_gelu_mul(const float *g, const float *u, float *y, int n);
 void el_add(const float *a, const float *b, float *y, int n);
 void el_to_f16(const float *x, uint16_t *y, int n);          /* round to nearest even, as numpy */
-/* one query head over n_kv cached rows of one kv head: k, v are [>= n_kv] rows of k_type / v_type */
+/* one query head over n_kv cached rows of one kv head: k, v are [>= n_kv] rows of k_type / v_type;
+ * scratch: el_attn_scratch_size(1, n_kv, head_dim) floats */
 int el_attn_head(const float *q, const void *k, int k_type, const void *v, int v_type, int n_kv, int head_dim,
                  float scale, float *scratch, float *out);   /* 0, or -1 on a bad type / size (nothing read) */
-/* n_q query rows [n_q, head_dim] over one kv head, row i over slots [0, n_kv[i]) (the prefill path) */
-size_t el_attn_rows_scratch_size(int n_q, int max_kv, int head_dim);   /* floats */
-int el_attn_rows(const float *q, int n_q, const int32_t *n_kv, const void *k, int k_type, const void *v, int v_type,
-                 int head_dim, float scale, float *scratch, float *out);   /* 0, or -1 as el_attn_head */
+/* n_q query rows [n_q, head_dim] over rows spread over blocks, as the forward step reads the cache: walk row j is
+ * row (off + j) % block of block kb[(off + j) / block] (V: vb); query row i attends walk rows [0, n_kv[i]) */
+size_t el_attn_scratch_size(int n_q, int max_kv, int head_dim);   /* floats */
+int el_attn_blocks(const float *q, int n_q, const int32_t *n_kv, const void *const *kb, const void *const *vb, int block,
+                   int off, int k_type, int v_type, int head_dim, float scale, float *scratch, float *out);
 size_t el_kv_row_size(int type, int head_dim);               /* bytes of one cached K/V row */
 void el_kv_store_row(int type, const float *x, void *dst, int head_dim);   /* as the forward step stores K/V */
 

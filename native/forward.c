@@ -54,9 +54,11 @@ struct el_model {
     float *rope_base, *rope_scale;   /* [n_rope_sets] */
     el_stage *stages;  /* [n_stages] claim / completion counters of one step */
     int n_stages;
-    float *scratch;  /* [n_threads, scratch_n] attention scores and tiles */
-    size_t scratch_n;
-    int scratch_ctx; /* longest context scratch_n covers */
+    char *scratch;   /* per thread, scratch_n bytes: the attention kernel's scratch (scratch_attn floats), a query and
+                      * an output tile, then (at byte scratch_ptr_at) the K and V block pointers of one walk
+                      * (scratch_ptrs each) and the rows' lengths */
+    size_t scratch_n, scratch_attn, scratch_ptr_at;
+    int scratch_ctx, scratch_ptrs;   /* the longest context / block walk the scratch covers */
     int max_window;  /* the widest sliding window of any layer (0: none) */
 };
 
@@ -226,36 +228,53 @@ typedef struct {
     const int *out_idx;   /* batch index of each logits row */
 } fwd_ctx;
 
-enum { ATTN_TILE = 16, ATTN_TILE_MIN = 4 };   /* tokens per prefill attention task; below MIN, per head */
-
 static inline void *xq_row(const el_model *m, int t) { return (char *)m->xq + (size_t)t * m->xq_stride; }
 
-/* One layer of one cache: where head h's rows are, and how positions map to rows (see el_cache). */
+enum { ATTN_TILE = 16 };   /* most tokens per attention task */
+
+/* tokens per attention task: up to ATTN_TILE, fewer when that would leave fewer than 4 tasks per thread */
+static inline int attn_tile(int n, int n_head_kv, int nth) {
+    int tile = n * n_head_kv / (4 * nth);
+    return tile < 1 ? 1 : tile > ATTN_TILE ? ATTN_TILE : tile;
+}
+
+/* One layer of one cache (see el_cache): where its blocks are and how positions map to slots. */
 typedef struct {
-    char *k, *v;
-    size_t krow, vrow;   /* bytes per row */
-    size_t rows;         /* rows per head */
-    int ring;            /* ring length (0: row = position) */
-    int from;            /* no position below it is cached */
+    char *k, *v;          /* this layer's block 0 */
+    size_t krow, vrow;    /* bytes per row */
+    size_t kblk, vblk;    /* bytes per block of one kv head (block rows) */
+    int n_head_kv, block;
+    const int32_t *table;
+    int ring;             /* mirrored ring length (0: slot = position) */
+    int from;             /* no position below it is cached */
 } kv_layer;
 
 static kv_layer layer_kv(const el_model *m, const el_cache *c, int l) {
     const el_layer *L = &m->layers[l];
-    const int ring = c->k_swa && L->window, idx = c->k_swa ? L->group_idx : l, hd = m->d.head_dim;
+    const int swa = c->k_swa && L->window, idx = c->k_swa ? L->group_idx : l, hd = m->d.head_dim;
+    const int n_blocks = swa ? c->n_blocks_swa : c->n_blocks;
     kv_layer v;
+    v.n_head_kv = m->d.n_head_kv;
+    v.block = swa ? c->block_swa : c->block;
     v.krow = el_kv_row_bytes(c->type_k, hd);
     v.vrow = el_kv_row_bytes(c->type_v, hd);
-    v.rows = ring ? 2 * (size_t)c->n_ring : (size_t)c->n_ctx;
-    v.k = (char *)(ring ? c->k_swa : c->k) + (size_t)idx * m->d.n_head_kv * v.rows * v.krow;
-    v.v = (char *)(ring ? c->v_swa : c->v) + (size_t)idx * m->d.n_head_kv * v.rows * v.vrow;
-    v.ring = ring ? c->n_ring : 0;
-    v.from = ring ? c->swa_from : 0;
+    v.kblk = (size_t)v.block * v.krow;
+    v.vblk = (size_t)v.block * v.vrow;
+    const size_t layer_blocks = (size_t)idx * n_blocks * v.n_head_kv;
+    v.k = (char *)(swa ? c->k_swa : c->k) + layer_blocks * v.kblk;
+    v.v = (char *)(swa ? c->v_swa : c->v) + layer_blocks * v.vblk;
+    v.table = swa ? c->table_swa : c->table;
+    v.ring = swa ? c->n_ring : 0;
+    v.from = swa ? c->swa_from : 0;
     return v;
 }
 
-static inline char *kv_row_k(const kv_layer *v, int h, int row) { return v->k + ((size_t)h * v->rows + row) * v->krow; }
-static inline char *kv_row_v(const kv_layer *v, int h, int row) { return v->v + ((size_t)h * v->rows + row) * v->vrow; }
-static inline int kv_row_of(const kv_layer *v, int pos) { return v->ring ? pos % v->ring : pos; }
+/* block i of the table for kv head h: its first K / V row */
+static inline char *kv_block_k(const kv_layer *v, int h, int i) { return v->k + ((size_t)v->table[i] * v->n_head_kv + h) * v->kblk; }
+static inline char *kv_block_v(const kv_layer *v, int h, int i) { return v->v + ((size_t)v->table[i] * v->n_head_kv + h) * v->vblk; }
+static inline int kv_slot(const kv_layer *v, int pos) { return v->ring ? pos % v->ring : pos; }
+static inline char *kv_row_k(const kv_layer *v, int h, int slot) { return kv_block_k(v, h, slot / v->block) + (size_t)(slot % v->block) * v->krow; }
+static inline char *kv_row_v(const kv_layer *v, int h, int slot) { return kv_block_v(v, h, slot / v->block) + (size_t)(slot % v->block) * v->vrow; }
 /* the first position the query at pos sees in layer L */
 static inline int kv_first(const el_layer *L, const kv_layer *v, int pos) {
     int first = L->window && pos - L->window + 1 > 0 ? pos - L->window + 1 : 0;
@@ -365,87 +384,75 @@ static void forward_task(void *ctx, int ith, int nth) {
                 k->rope(m->kb + (size_t)t * nkv, d->n_head_kv, hd, d->rope_dim, cs, d->rope_neox);
                 const el_cache *cc = &c->caches[b->seq ? b->seq[t] : 0];
                 const kv_layer kv = layer_kv(m, cc, l);
-                const int row = kv_row_of(&kv, b->pos[t]);
+                const int slot = kv_slot(&kv, b->pos[t]);
                 for (int h = 0; h < d->n_head_kv; h++) {
                     const float *kt = m->kb + (size_t)t * nkv + h * hd, *vt = m->vb + (size_t)t * nkv + h * hd;
-                    el_kv_store_row(cc->type_k, kt, kv_row_k(&kv, h, row), hd);
-                    el_kv_store_row(cc->type_v, vt, kv_row_v(&kv, h, row), hd);
+                    char *kr = kv_row_k(&kv, h, slot), *vr = kv_row_v(&kv, h, slot);
+                    el_kv_store_row(cc->type_k, kt, kr, hd);
+                    el_kv_store_row(cc->type_v, vt, vr, hd);
                     if (kv.ring) {   /* the mirror copy: windows never wrap */
-                        memcpy(kv_row_k(&kv, h, row + kv.ring), kv_row_k(&kv, h, row), kv.krow);
-                        memcpy(kv_row_v(&kv, h, row + kv.ring), kv_row_v(&kv, h, row), kv.vrow);
+                        memcpy(kv_row_k(&kv, h, slot + kv.ring), kr, kv.krow);
+                        memcpy(kv_row_v(&kv, h, slot + kv.ring), vr, kv.vrow);
                     }
                 }
             }
         }
         finish(&S, nd, tch);
         PROF(ith, P_ROPE);
-        /* attention -> xb [n, nq], quantized per head when blocks allow (fuse_q) */
+        /* attention -> xb [n, nq], quantized per head when blocks allow (fuse_q). A task is a tile of tokens x one kv
+         * head (the query heads sharing it): its rows share each converted K/V chunk. Every row gets the same
+         * arithmetic whatever its tile (see el_kernels.attn), so the tiling follows the batch freely: few tokens
+         * (decode) -> one token per task, or one query head when even that leaves threads idle. */
         const int fuse_q = L->wo->act_q8a && hd % EL_QK == 0;
-        float *scr = m->scratch + (size_t)ith * m->scratch_n;
-        if (n < ATTN_TILE_MIN) {   /* decode: one (token, head) per chunk */
-            const int ach = n * d->n_head;
+        {
+            float *scr = (float *)(m->scratch + (size_t)ith * m->scratch_n);
+            const void **kb = (const void **)(m->scratch + (size_t)ith * m->scratch_n + m->scratch_ptr_at);
+            const void **vb = kb + m->scratch_ptrs;
+            int32_t *nkvs = (int32_t *)(vb + m->scratch_ptrs);
+            float *qbuf = scr + m->scratch_attn, *obuf = qbuf + (size_t)ATTN_TILE * group * hd;
+            const int per_head = n * d->n_head_kv < 2 * nth;        /* split the query heads of a kv head too */
+            const int tile = per_head ? 1 : attn_tile(n, d->n_head_kv, nth);
+            const int n_tiles = (n + tile - 1) / tile, gsplit = per_head ? group : 1;
+            const int ach = n_tiles * d->n_head_kv * gsplit;
             for (nd = 0; (ch = claim(&S)) < ach; nd++) {
-                const int t = ch / d->n_head, h = ch % d->n_head, kvh = h / group;
-                const el_cache *cc = &c->caches[b->seq ? b->seq[t] : 0];
-                const kv_layer kv = layer_kv(m, cc, l);
-                float *out = m->xb + (size_t)t * nq + h * hd;
-                const int p = b->pos[t], first = kv_first(L, &kv, p), r0 = kv_row_of(&kv, first);
-                k->attn_head(m->q + (size_t)t * nq + h * hd, kv_row_k(&kv, kvh, r0), cc->type_k,
-                             kv_row_v(&kv, kvh, r0), cc->type_v, p + 1 - first, hd, scale, scr, out);
-                if (fuse_q) k->quantize_q8a(out, (block_q8a *)xq_row(m, t) + h * hd / EL_QK, hd);
-            }
-            finish(&S, nd, ach);
-        } else {   /* prefill: (tile of ATTN_TILE tokens) x (kv head) per chunk; late tiles (longer) first */
-            float *qbuf = scr, *obuf = qbuf + (size_t)ATTN_TILE * group * hd;
-            int32_t *nkvs = (int32_t *)(obuf + (size_t)ATTN_TILE * group * hd);
-            float *sc = (float *)(nkvs + ATTN_TILE * group);
-            const int n_tiles = (n + ATTN_TILE - 1) / ATTN_TILE, ach = n_tiles * d->n_head_kv;
-            for (nd = 0; (ch = claim(&S)) < ach; nd++) {
-                const int task = ach - 1 - ch, tile = task / d->n_head_kv, kvh = task % d->n_head_kv;
-                const int ta = tile * ATTN_TILE, tb = ta + ATTN_TILE < n ? ta + ATTN_TILE : n;
+                const int task = ach - 1 - ch;     /* late tiles (longer rows) first */
+                const int ti = task / (d->n_head_kv * gsplit), kvh = task / gsplit % d->n_head_kv;
+                const int g0 = per_head ? task % gsplit : 0, ng = per_head ? 1 : group;
+                const int ta = ti * tile, tb = ta + tile < n ? ta + tile : n;
                 for (int s0 = ta; s0 < tb;) {   /* runs of one sequence: they share a cache */
                     const int seq = b->seq ? b->seq[s0] : 0;
                     int s1 = s0 + 1;
                     while (s1 < tb && (b->seq ? b->seq[s1] : 0) == seq) s1++;
                     const el_cache *cc = &c->caches[seq];
                     const kv_layer kv = layer_kv(m, cc, l);
-                    if (kv_first(L, &kv, b->pos[s1 - 1]) > 0) {
-                        /* a sliding window cuts in: tokens start at different slots, so one token at a time, its
-                         * query heads of this kv head together (they share the window's K/V) */
-                        for (int t = s0; t < s1; t++) {
-                            const int p = b->pos[t], first = kv_first(L, &kv, p), r0 = kv_row_of(&kv, first);
-                            for (int g = 0; g < group; g++) {
-                                memcpy(qbuf + (size_t)g * hd, m->q + (size_t)t * nq + (size_t)(kvh * group + g) * hd, sizeof(float) * hd);
-                                nkvs[g] = p + 1 - first;
+                    /* rows share a start when nothing cuts in front (global layers); else one token at a time */
+                    const int shared = kv_first(L, &kv, b->pos[s1 - 1]) == 0;
+                    for (int u0 = s0; u0 < s1; u0 = shared ? s1 : u0 + 1) {
+                        const int u1 = shared ? s1 : u0 + 1;
+                        const int first = kv_first(L, &kv, b->pos[u0]), sa = kv_slot(&kv, first);
+                        const int last = b->pos[u1 - 1], b0 = sa / kv.block, b1 = (sa + last - first) / kv.block;
+                        for (int i = b0; i <= b1; i++) {
+                            kb[i - b0] = kv_block_k(&kv, kvh, i);
+                            vb[i - b0] = kv_block_v(&kv, kvh, i);
+                        }
+                        int nr = 0;
+                        for (int t = u0; t < u1; t++)
+                            for (int g = g0; g < g0 + ng; g++, nr++) {
+                                memcpy(qbuf + (size_t)nr * hd, m->q + (size_t)t * nq + (size_t)(kvh * group + g) * hd,
+                                       sizeof(float) * hd);
+                                nkvs[nr] = b->pos[t] + 1 - first;
                             }
-                            k->attn_rows(qbuf, group, nkvs, kv_row_k(&kv, kvh, r0), cc->type_k, kv_row_v(&kv, kvh, r0),
-                                         cc->type_v, hd, scale, sc, obuf);
-                            for (int g = 0; g < group; g++) {
+                        k->attn(qbuf, nr, nkvs, kb, vb, kv.block, sa % kv.block, cc->type_k, cc->type_v, hd, scale,
+                                scr, obuf);
+                        nr = 0;
+                        for (int t = u0; t < u1; t++)
+                            for (int g = g0; g < g0 + ng; g++, nr++) {
                                 const int h = kvh * group + g;
                                 float *out = m->xb + (size_t)t * nq + h * hd;
-                                memcpy(out, obuf + (size_t)g * hd, sizeof(float) * hd);
+                                memcpy(out, obuf + (size_t)nr * hd, sizeof(float) * hd);
                                 if (fuse_q) k->quantize_q8a(out, (block_q8a *)xq_row(m, t) + h * hd / EL_QK, hd);
                             }
-                        }
-                        s0 = s1;
-                        continue;
                     }
-                    int nr = 0;
-                    for (int t = s0; t < s1; t++)
-                        for (int g = 0; g < group; g++, nr++) {
-                            memcpy(qbuf + (size_t)nr * hd, m->q + (size_t)t * nq + (size_t)(kvh * group + g) * hd, sizeof(float) * hd);
-                            nkvs[nr] = b->pos[t] + 1;
-                        }
-                    k->attn_rows(qbuf, nr, nkvs, kv_row_k(&kv, kvh, 0), cc->type_k, kv_row_v(&kv, kvh, 0), cc->type_v,
-                                 hd, scale, sc, obuf);
-                    nr = 0;
-                    for (int t = s0; t < s1; t++)
-                        for (int g = 0; g < group; g++, nr++) {
-                            const int h = kvh * group + g;
-                            float *out = m->xb + (size_t)t * nq + h * hd;
-                            memcpy(out, obuf + (size_t)nr * hd, sizeof(float) * hd);
-                            if (fuse_q) k->quantize_q8a(out, (block_q8a *)xq_row(m, t) + h * hd / EL_QK, hd);
-                        }
                     s0 = s1;
                 }
             }
@@ -556,27 +563,29 @@ int el_model_forward(el_model *m, const el_batch *b, const el_cache *caches, int
     const el_model_desc *d = &m->d;
     const int n = b->n_tokens;
     if (n < 1 || n > d->n_batch || !el_model_ready(m) || n_caches < 1) return -1;
-    int max_ctx = 0;
     for (int s = 0; s < n_caches; s++) {
         const el_cache *c = &caches[s];
         for (int kv = 0; kv < 2; kv++) {
             const int t = kv ? c->type_v : c->type_k;
             if (t != EL_F16 && t != EL_F32 && !(t == EL_Q8_0 && d->head_dim % EL_QK == 0)) return -1;
         }
-        if (!c->k || !c->v || c->n_ctx < 1) return -1;
-        if (c->k_swa && (!c->v_swa || c->n_ring < 1 || c->swa_from < 0)) return -1;
+        if (!c->k || !c->v || c->n_ctx < 1 || c->block < 1 || c->n_blocks < 1 || c->n_table < 1 || !c->table ||
+            c->swa_from < 0 || c->n_ring < 0) return -1;
+        if (c->k_swa && (!c->v_swa || c->block_swa < 1 || c->n_blocks_swa < 1 || c->n_table_swa < 1 ||
+                         !c->table_swa || (c->n_ring && c->block_swa < 2 * c->n_ring))) return -1;
     }
-    /* per sequence: positions strictly increase (the attention paths rely on it: a run's last token has its
-     * largest position), none below what a ring still holds, and no more tokens than a ring keeps windows for
-     * (the batch's first token still sees what its last overwrote) */
-    int last_small[16], count_small[16], *last = last_small, *count = count_small;
+    /* per sequence: positions strictly increase (a row's slots are those below its own), none below what the
+     * window group still holds, no more tokens than a ring keeps windows for (the batch's first token still sees
+     * what its last overwrote); every block a token reads or writes is in its table and in the pool */
+    int small[48], *first = small, *last = small + 16, *count = small + 32;
     if (n_caches > 16) {
-        last = malloc(2 * sizeof(int) * (size_t)n_caches);
-        if (!last) return -1;
+        first = malloc(3 * sizeof(int) * (size_t)n_caches);
+        if (!first) return -1;
+        last = first + n_caches;
         count = last + n_caches;
     }
-    for (int s = 0; s < n_caches; s++) { last[s] = -1; count[s] = 0; }
-    int bad = 0;
+    for (int s = 0; s < n_caches; s++) { first[s] = last[s] = -1; count[s] = 0; }
+    int bad = 0, max_ctx = 0, max_ptrs = 2;
     for (int i = 0; i < n && !bad; i++) {
         const int s = b->seq ? b->seq[i] : 0;
         if (s < 0 || s >= n_caches || b->pos[i] < 0 || b->pos[i] >= caches[s].n_ctx ||
@@ -585,24 +594,50 @@ int el_model_forward(el_model *m, const el_batch *b, const el_cache *caches, int
             break;
         }
         const el_cache *c = &caches[s];
+        if (first[s] < 0) first[s] = b->pos[i];
         last[s] = b->pos[i];
         count[s]++;
-        if (c->k_swa && (b->pos[i] < c->swa_from || c->n_ring < m->max_window + count[s])) bad = 1;
+        if (c->k_swa && (b->pos[i] < c->swa_from || (c->n_ring && c->n_ring < m->max_window + count[s]))) bad = 1;
         if (b->pos[i] + 1 > max_ctx) max_ctx = b->pos[i] + 1;
     }
-    if (last != last_small) free(last);
+    for (int s = 0; s < n_caches && !bad; s++) {
+        if (count[s] == 0) continue;
+        const el_cache *c = &caches[s];
+        int b0 = 0, b1 = last[s] / c->block;
+        if (b1 >= c->n_table) bad = 1;
+        for (int i = b0; i <= b1 && !bad; i++) bad = c->table[i] < 0 || c->table[i] >= c->n_blocks;
+        if (b1 + 2 > max_ptrs) max_ptrs = b1 + 2;
+        if (!c->k_swa || bad) continue;
+        if (c->n_ring) {
+            b0 = 0;
+            b1 = (2 * c->n_ring - 1) / c->block_swa;
+        } else {
+            const int lo = first[s] - m->max_window + 1 > c->swa_from ? first[s] - m->max_window + 1 : c->swa_from;
+            b0 = (lo > 0 ? lo : 0) / c->block_swa;
+            b1 = last[s] / c->block_swa;
+        }
+        if (b1 >= c->n_table_swa) bad = 1;
+        for (int i = b0; i <= b1 && !bad; i++) bad = c->table_swa[i] < 0 || c->table_swa[i] >= c->n_blocks_swa;
+        if (b1 - b0 + 2 > max_ptrs) max_ptrs = b1 - b0 + 2;
+    }
+    if (first != small) free(first);
     if (bad) return -1;
-    if (max_ctx > m->scratch_ctx) {   /* grows with the longest context seen, not per step */
-        const int ctx = (max_ctx + 255) / 256 * 256, rows = ATTN_TILE * (d->n_head / d->n_head_kv);
-        /* per thread: q and out tiles, n_kv, attn_rows scratch; the decode path uses the first ctx floats */
-        size_t want = (size_t)2 * rows * d->head_dim + rows + el_attn_rows_scratch(rows, ctx, d->head_dim);
-        if (want < (size_t)ctx) want = ctx;
-        want = (want + 15) / 16 * 16;
-        float *s = realloc(m->scratch, want * el_pool_size(m->pool) * sizeof(float));
-        if (!s) return -1;
-        m->scratch = s;
+    if (max_ctx > m->scratch_ctx || max_ptrs > m->scratch_ptrs) {   /* grows with the longest context seen */
+        const int ctx = (max_ctx + 255) / 256 * 256 > m->scratch_ctx ? (max_ctx + 255) / 256 * 256 : m->scratch_ctx;
+        const int ptrs = (max_ptrs + 63) / 64 * 64 > m->scratch_ptrs ? (max_ptrs + 63) / 64 * 64 : m->scratch_ptrs;
+        const int rows = ATTN_TILE * (d->n_head / d->n_head_kv);
+        const size_t attn = (el_attn_scratch(rows, ctx, d->head_dim) + 15) / 16 * 16;
+        const size_t floats = attn + 2 * (size_t)rows * d->head_dim;
+        const size_t ptr_at = (floats * sizeof(float) + 63) / 64 * 64;
+        const size_t want = (ptr_at + 2 * (size_t)ptrs * sizeof(void *) + (size_t)rows * sizeof(int32_t) + 63) / 64 * 64;
+        char *p = realloc(m->scratch, want * el_pool_size(m->pool));
+        if (!p) return -1;
+        m->scratch = p;
         m->scratch_n = want;
+        m->scratch_attn = attn;
+        m->scratch_ptr_at = ptr_at;
         m->scratch_ctx = ctx;
+        m->scratch_ptrs = ptrs;
     }
     int out_idx_small[64], *out_idx = out_idx_small, n_out = 0;
     if (n > 64) out_idx = malloc((size_t)n * sizeof(int));

@@ -42,14 +42,14 @@ typedef struct el_kernels {
     void (*gelu_mul)(const float *g, const float *u, float *y, int n);
     void (*add)(const float *a, const float *b, float *y, int n);
     void (*to_f16)(const float *x, el_half *y, int n);   /* round to nearest even: K/V into the cache */
-    /* K / V rows are cache rows: k_type / v_type each EL_F16, EL_F32 or EL_Q8_0 (el_kv_row_bytes apart) */
-    void (*attn_head)(const float *q, const void *k, int k_type, const void *v, int v_type, int n_kv, int head_dim,
-                      float scale, float *scratch, float *out);
-    /* n_q query rows (q, out: [n_q, head_dim]) of one kv head; row i attends over slots [0, n_kv[i]).
-     * scratch: el_attn_rows_scratch(n_q, max n_kv, head_dim) floats. The prefill path: K/V converted once per
-     * chunk of slots for all rows (a tile of tokens x the query heads sharing the kv head). */
-    void (*attn_rows)(const float *q, int n_q, const int32_t *n_kv, const void *k, int k_type, const void *v,
-                      int v_type, int head_dim, float scale, float *scratch, float *out);
+    /* n_q query rows (q, out: [n_q, head_dim]) over the cached rows of one kv head, read block by block: row j of
+     * the walk is slot off + j, which lives in kb[(off + j) / block] at row (off + j) % block (V: vb). Query row i
+     * attends walk rows [0, n_kv[i]). K / V rows are cache rows: k_type / v_type each EL_F16, EL_F32 or EL_Q8_0
+     * (el_kv_row_bytes apart). scratch: el_attn_scratch(n_q, max n_kv, head_dim) floats.
+     * Decode rows and prefill rows both come here: a row's result depends on its own query and slots only, never
+     * on the other rows of the call or the tokens of the batch (batch invariance). */
+    void (*attn)(const float *q, int n_q, const int32_t *n_kv, const void *const *kb, const void *const *vb,
+                 int block, int off, int k_type, int v_type, int head_dim, float scale, float *scratch, float *out);
 } el_kernels;
 
 /* bytes of one cached K or V row of head_dim elements (q8_0: head_dim % 32 == 0) */
@@ -77,10 +77,18 @@ static inline const float *el_kv_row(const void *base, int type, int j, int head
  * Weights and the KV cache's q8_0 rows both use it. */
 void el_quantize_q8_0_blocks(const float *x, void *y, int64_t nb);
 
-#define EL_ATTN_KC 64   /* slots per converted K/V chunk */
-static inline size_t el_attn_rows_scratch(int n_q, int max_kv, int head_dim) {
-    const size_t ld = (size_t)(max_kv + EL_ATTN_KC - 1) / EL_ATTN_KC * EL_ATTN_KC;
-    return (size_t)n_q * ld + (size_t)EL_ATTN_KC * head_dim;
+#define EL_ATTN_KC 64   /* walk rows per converted K/V chunk */
+static inline size_t el_attn_scratch(int n_q, int max_kv, int head_dim) {
+    return (size_t)n_q * (size_t)((max_kv + 7) / 8 * 8) + (size_t)EL_ATTN_KC * head_dim;
+}
+
+/* A walk over the cache rows [j, n) of a block table (see el_kernels.attn): the next run of rows that sit in one
+ * block; *row points at row j, the return value is how many rows follow it contiguously. */
+static inline int el_kv_run(const void *const *blocks, int block, int off, int j, int n, size_t row_bytes,
+                            const char **row) {
+    const int s = off + j, r = s % block, left = block - r;
+    *row = (const char *)blocks[s / block] + (size_t)r * row_bytes;
+    return left < n - j ? left : n - j;
 }
 
 extern const el_kernels *el_k;             /* the active table (dispatch.c) */

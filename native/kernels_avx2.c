@@ -497,7 +497,8 @@ static void to_f16(const float *x, el_half *y, int n) {
 }
 
 /* ------------------------------------------------------------------------------------------- attention */
-static void (*generic_attn)(const float *, const void *, int, const void *, int, int, int, float, float *, float *);
+static void (*generic_attn)(const float *, int, const int32_t *, const void *const *, const void *const *, int, int, int,
+                            int, int, float, float *, float *);
 
 /* 8 floats of an f32 / f16 cache row from element i (i % 8 == 0) */
 INLINE __m256 kv_load8(const void *row, int type, int i) {
@@ -510,108 +511,51 @@ INLINE __m256 q8_load8(const block_q8_0 *b, int l) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(b->qs + l))));
 }
 
-/* q . row for a q8_0 cache row: per block the int8 products summed in float, then times the block's scale once */
-INLINE float dot_q8_0_row(const float *q, const block_q8_0 *b, int nb) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int i = 0; i < nb; i++, q += EL_QK) {
-        __m256 s = _mm256_mul_ps(_mm256_loadu_ps(q), q8_load8(b + i, 0));
-        s = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8), q8_load8(b + i, 8), s);
-        s = _mm256_fmadd_ps(_mm256_loadu_ps(q + 16), q8_load8(b + i, 16), s);
-        s = _mm256_fmadd_ps(_mm256_loadu_ps(q + 24), q8_load8(b + i, 24), s);
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(b[i].d)), s, acc);
-    }
-    return hsum8(acc);
-}
-
-/* a q8_0 cache row as floats */
-INLINE void q8_0_row_to_float(const block_q8_0 *b, int nb, float *dst) {
-    for (int i = 0; i < nb; i++, dst += EL_QK) {
-        const __m256 d = _mm256_set1_ps(_cvtsh_ss(b[i].d));
-        for (int l = 0; l < EL_QK; l += 8) _mm256_storeu_ps(dst + l, _mm256_mul_ps(d, q8_load8(b + i, l)));
-    }
-}
-
-static void attn_head(const float *q, const void *k, int k_type, const void *v, int v_type, int n_kv, int head_dim,
-                      float scale, float *scores, float *out) {
-    if (head_dim % 8 || head_dim > 256) { generic_attn(q, k, k_type, v, v_type, n_kv, head_dim, scale, scores, out); return; }
-    const int nv = head_dim / 8;
-    const size_t krow = el_kv_row_bytes(k_type, head_dim), vrow = el_kv_row_bytes(v_type, head_dim);
-    for (int j = 0; j < n_kv; j++) {
-        __m256 acc = _mm256_setzero_ps();
-        const char *kj = (const char *)k + (size_t)j * krow;
-        if (k_type == EL_F16) {
-            for (int i = 0; i < nv; i++) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * i), kv_load8(kj, EL_F16, 8 * i), acc);
-        } else if (k_type == EL_F32) {
-            for (int i = 0; i < nv; i++) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * i), kv_load8(kj, EL_F32, 8 * i), acc);
-        } else {
-            scores[j] = dot_q8_0_row(q, (const block_q8_0 *)kj, head_dim / EL_QK) * scale;
-            continue;
-        }
-        scores[j] = hsum8(acc) * scale;
-    }
-    softmax(scores, n_kv);
-    __m256 o[32];
-    for (int i = 0; i < nv; i++) o[i] = _mm256_setzero_ps();
-    for (int j = 0; j < n_kv; j++) {
-        const __m256 p = _mm256_set1_ps(scores[j]);
-        const char *vj = (const char *)v + (size_t)j * vrow;
-        if (v_type == EL_F16) {
-            for (int i = 0; i < nv; i++) o[i] = _mm256_fmadd_ps(p, kv_load8(vj, EL_F16, 8 * i), o[i]);
-        } else if (v_type == EL_F32) {
-            for (int i = 0; i < nv; i++) o[i] = _mm256_fmadd_ps(p, kv_load8(vj, EL_F32, 8 * i), o[i]);
-        } else {   /* o += (p * d) * int8 values, block by block */
-            const block_q8_0 *b = (const block_q8_0 *)vj;
-            for (int i = 0; i < nv; i += 4) {
-                const __m256 pd = _mm256_mul_ps(p, _mm256_set1_ps(_cvtsh_ss(b[i / 4].d)));
-                for (int l = 0; l < 4; l++) o[i + l] = _mm256_fmadd_ps(pd, q8_load8(b + i / 4, 8 * l), o[i + l]);
+/* Rows [j0, j0 + jn) of a block walk as floats: dst [round8(jn)][hd], the rows past jn zero (f16 exactly widened;
+ * q8_0 as scale * int8, rounded once) */
+INLINE void kv_rows_float(const void *const *blocks, int block, int off, int j0, int jn, int type, int hd, float *dst) {
+    const size_t rb = el_kv_row_bytes(type, hd);
+    float *o = dst;
+    for (int j = j0; j < j0 + jn;) {
+        const char *row;
+        for (int run = el_kv_run(blocks, block, off, j, j0 + jn, rb, &row); run > 0; run--, j++, row += rb, o += hd) {
+            if (type == EL_F32) memcpy(o, row, sizeof(float) * (size_t)hd);
+            else if (type == EL_F16) for (int i = 0; i < hd; i += 8) _mm256_storeu_ps(o + i, kv_load8(row, EL_F16, i));
+            else {
+                const block_q8_0 *b = (const block_q8_0 *)row;
+                for (int i = 0; i < hd / EL_QK; i++) {
+                    const __m256 d = _mm256_set1_ps(_cvtsh_ss(b[i].d));
+                    for (int l = 0; l < EL_QK; l += 8) _mm256_storeu_ps(o + i * EL_QK + l, _mm256_mul_ps(d, q8_load8(b + i, l)));
+                }
             }
         }
     }
-    for (int i = 0; i < nv; i++) _mm256_storeu_ps(out + 8 * i, o[i]);
+    memset(o, 0, sizeof(float) * (size_t)hd * (size_t)((jn + 7) / 8 * 8 - jn));
 }
 
-/* Many query rows over one kv head (prefill). Three passes over the slots, in chunks of EL_ATTN_KC:
- *   scores: the K chunk converted and transposed once ([d][slot]), so 4 query rows x 8 slots accumulate with
- *           broadcast-FMAs and no horizontal sums;
- *   softmax per row (vector exp);
- *   output: the V chunk converted once, each row sums p_j v_j in registers.
- * Rows may read scores past their own n_kv inside a chunk (computed for a longer neighbour, never used). */
-static void (*generic_rows)(const float *, int, const int32_t *, const void *, int, const void *, int, int, float, float *, float *);
-
-INLINE void kv_chunk_to_float(const void *src, int kv_type, int j0, int jn, int hd, float *dst) {
-    const size_t rb = el_kv_row_bytes(kv_type, hd);
-    if (kv_type == EL_F32) {
-        memcpy(dst, (const char *)src + (size_t)j0 * rb, sizeof(float) * (size_t)jn * hd);
-        return;
+/* scores of one query row against 8 float K rows (K: [8][hd]): per row an 8-lane FMA chain over head_dim, then the
+ * lanes summed by one fixed tree ((l0+l1)+(l2+l3)) + ((l4+l5)+(l6+l7)), four rows' trees at once by hadd. A slot's
+ * score depends on its own row only: whatever the other 7, whichever call. */
+INLINE __m256 scores8(const float *q, const float *K, int hd) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    for (int i = 0; i < hd; i += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + i);
+        a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(K + i), a0);
+        a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(K + hd + i), a1);
+        a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(K + 2 * hd + i), a2);
+        a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(K + 3 * hd + i), a3);
+        a4 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(K + 4 * hd + i), a4);
+        a5 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(K + 5 * hd + i), a5);
+        a6 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(K + 6 * hd + i), a6);
+        a7 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(K + 7 * hd + i), a7);
     }
-    for (int j = 0; j < jn; j++) {
-        const char *row = (const char *)src + (size_t)(j0 + j) * rb;
-        if (kv_type == EL_F16) for (int i = 0; i < hd; i += 8) _mm256_storeu_ps(dst + (size_t)j * hd + i, kv_load8(row, EL_F16, i));
-        else q8_0_row_to_float((const block_q8_0 *)row, hd / EL_QK, dst + (size_t)j * hd);
-    }
+    const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
-/* NR query rows x 16 slots per pass: 8 accumulators, 2 loads + NR broadcasts per 2*NR FMAs; T is [d][KC] */
-INLINE void scores_tile(const float *q, int hd, const float *T, int jmax, int NR, float *S, size_t ld, __m256 vscale) {
-    for (int jb = 0; jb < jmax; jb += 16) {
-        __m256 acc[8];
-        for (int r = 0; r < 8; r++) acc[r] = _mm256_setzero_ps();
-        for (int d = 0; d < hd; d++) {   /* slots past jmax (up to the chunk's zero padding) cost nothing extra */
-            const __m256 k0 = _mm256_loadu_ps(T + d * EL_ATTN_KC + jb), k1 = _mm256_loadu_ps(T + d * EL_ATTN_KC + jb + 8);
-            for (int r = 0; r < NR; r++) {
-                const __m256 qv = _mm256_set1_ps(q[(size_t)r * hd + d]);
-                acc[r] = _mm256_fmadd_ps(qv, k0, acc[r]);
-                acc[4 + r] = _mm256_fmadd_ps(qv, k1, acc[4 + r]);
-            }
-        }
-        for (int r = 0; r < NR; r++) {
-            _mm256_storeu_ps(S + (size_t)r * ld + jb, _mm256_mul_ps(acc[r], vscale));
-            _mm256_storeu_ps(S + (size_t)r * ld + jb + 8, _mm256_mul_ps(acc[4 + r], vscale));
-        }
-    }
-}
-
-/* o[0 .. 8*NV) += sum_j p[j] * V[j][0 .. 8*NV): NV accumulators stay in registers when NV is a constant */
+/* o[0 .. 8*NV) += sum_j p[j] * V[j][0 .. 8*NV): NV accumulators stay in registers when NV is a constant; each
+ * element sums its slots in order */
 INLINE void pv_slice(const float *p, const float *V, int hd, int jmax, int NV, float *o) {
     __m256 acc[8];
     for (int s = 0; s < NV; s++) acc[s] = _mm256_loadu_ps(o + 8 * s);
@@ -623,55 +567,44 @@ INLINE void pv_slice(const float *p, const float *V, int hd, int jmax, int NV, f
     for (int s = 0; s < NV; s++) _mm256_storeu_ps(o + 8 * s, acc[s]);
 }
 
-static void attn_rows(const float *q, int n_q, const int32_t *n_kv, const void *k, int k_type, const void *v,
-                      int v_type, int hd, float scale, float *scratch, float *out) {
-    if (hd % 8 || hd > 256) { generic_rows(q, n_q, n_kv, k, k_type, v, v_type, hd, scale, scratch, out); return; }
+/* n_q query rows sharing a start slot; two passes over the slots in chunks of EL_ATTN_KC, each chunk of K (then V)
+ * converted to float once for all rows: scores (scores8), softmax per row, then p . V. Decode (the query heads of
+ * one token) and prefill (a tile of tokens) run this same arithmetic per row. */
+static void attn(const float *q, int n_q, const int32_t *n_kv, const void *const *kb, const void *const *vb,
+                 int block, int off, int k_type, int v_type, int hd, float scale, float *scratch, float *out) {
+    if (hd % 8 || hd > 256) {
+        generic_attn(q, n_q, n_kv, kb, vb, block, off, k_type, v_type, hd, scale, scratch, out);
+        return;
+    }
     enum { KC = EL_ATTN_KC };
     int max_kv = 0;
     for (int i = 0; i < n_q; i++) max_kv = n_kv[i] > max_kv ? n_kv[i] : max_kv;
-    const size_t ld = (size_t)(max_kv + KC - 1) / KC * KC;
-    float *S = scratch, *T = scratch + (size_t)n_q * ld;
+    const size_t ld = (size_t)(max_kv + 7) / 8 * 8;
+    float *S = scratch, *C = scratch + (size_t)n_q * ld;
     const __m256 vscale = _mm256_set1_ps(scale);
-
     for (int j0 = 0; j0 < max_kv; j0 += KC) {
         const int jn = max_kv - j0 < KC ? max_kv - j0 : KC;
-        float tmp[256];
-        /* T[d * KC + j] = k[j0 + j][d]; slots past jn are zero */
-        for (int j = 0; j < KC; j++) {
-            if (j < jn) {
-                kv_chunk_to_float(k, k_type, j0 + j, 1, hd, tmp);
-                for (int d = 0; d < hd; d++) T[d * KC + j] = tmp[d];
-            } else {
-                for (int d = 0; d < hd; d++) T[d * KC + j] = 0.0f;
-            }
-        }
-        for (int i = 0; i < n_q; i += 4) {
-            const int nr = n_q - i < 4 ? n_q - i : 4;
-            int jmax = 0;
-            for (int r = 0; r < nr; r++) {
-                const int m = n_kv[i + r] - j0;
-                jmax = m > jmax ? m : jmax;
-            }
-            if (jmax > jn) jmax = jn;
-            if (nr == 4) scores_tile(q + (size_t)i * hd, hd, T, jmax, 4, S + (size_t)i * ld + j0, ld, vscale);
-            else scores_tile(q + (size_t)i * hd, hd, T, jmax, nr, S + (size_t)i * ld + j0, ld, vscale);
+        kv_rows_float(kb, block, off, j0, jn, k_type, hd, C);
+        for (int i = 0; i < n_q; i++) {
+            const int jmax = n_kv[i] - j0 < jn ? n_kv[i] - j0 : jn;
+            for (int jb = 0; jb < jmax; jb += 8)
+                _mm256_storeu_ps(S + (size_t)i * ld + j0 + jb, _mm256_mul_ps(scores8(q + (size_t)i * hd, C + (size_t)jb * hd, hd), vscale));
         }
     }
     for (int i = 0; i < n_q; i++) softmax(S + (size_t)i * ld, n_kv[i]);
     memset(out, 0, sizeof(float) * (size_t)n_q * hd);
     for (int j0 = 0; j0 < max_kv; j0 += KC) {
         const int jn = max_kv - j0 < KC ? max_kv - j0 : KC;
-        kv_chunk_to_float(v, v_type, j0, jn, hd, T);
+        kv_rows_float(vb, block, off, j0, jn, v_type, hd, C);
         for (int i = 0; i < n_q; i++) {
-            int jmax = n_kv[i] - j0;
+            const int jmax = n_kv[i] - j0 < jn ? n_kv[i] - j0 : jn;
             if (jmax <= 0) continue;
-            if (jmax > jn) jmax = jn;
             const float *p = S + (size_t)i * ld + j0;
             float *o = out + (size_t)i * hd;
             for (int d0 = 0; d0 < hd; d0 += 64) {   /* 8 accumulators = 64 dims in registers */
                 const int nv = (hd - d0) / 8 < 8 ? (hd - d0) / 8 : 8;
-                if (nv == 8) pv_slice(p, T + d0, hd, jmax, 8, o + d0);
-                else pv_slice(p, T + d0, hd, jmax, nv, o + d0);
+                if (nv == 8) pv_slice(p, C + d0, hd, jmax, 8, o + d0);
+                else pv_slice(p, C + d0, hd, jmax, nv, o + d0);
             }
         }
     }
@@ -681,8 +614,7 @@ static void attn_rows(const float *q, int n_q, const int32_t *n_kv, const void *
 void el_fill_avx2(el_kernels *k) {
     el_fill_generic(k);
     k->name = "avx2";
-    generic_attn = k->attn_head;
-    generic_rows = k->attn_rows;
+    generic_attn = k->attn;
     k->types[EL_TI_Q4_0] = (el_type_kernels){ 1, 8, repack_q4_0, gemm_q4_0x8 };
     k->types[EL_TI_Q4_1] = (el_type_kernels){ 1, 8, repack_q4_1, gemm_q4_1x8 };
     k->types[EL_TI_Q8_0] = (el_type_kernels){ 1, 8, repack_q8_0, gemm_q8_0x8 };
@@ -701,8 +633,7 @@ void el_fill_avx2(el_kernels *k) {
     k->gelu_mul = gelu_mul;
     k->add = add;
     k->to_f16 = to_f16;
-    k->attn_head = attn_head;
-    k->attn_rows = attn_rows;
+    k->attn = attn;
 }
 #else
 typedef int el_avx2_unused;

@@ -351,28 +351,35 @@ static void to_f16(const float *x, el_half *y, int n) {
     for (int i = 0; i < n; i++) y[i] = el_float_to_half(x[i]);
 }
 
-static void attn_head(const float *q, const void *k, int k_type, const void *v, int v_type, int n_kv, int head_dim,
-                      float scale, float *scores, float *out) {
+static void attn_row(const float *q, const void *const *kb, const void *const *vb, int block, int off, int n_kv,
+                     int k_type, int v_type, int head_dim, float scale, float *scores, float *out) {
     float tmp[512];   /* head_dim <= 512 (checked by the callers) */
-    for (int j = 0; j < n_kv; j++) {
-        const float *kj = el_kv_row(k, k_type, j, head_dim, tmp);
-        float s = 0.0f;
-        for (int i = 0; i < head_dim; i++) s += q[i] * kj[i];
-        scores[j] = s * scale;
+    const size_t krow = el_kv_row_bytes(k_type, head_dim), vrow = el_kv_row_bytes(v_type, head_dim);
+    for (int j = 0; j < n_kv;) {
+        const char *row;
+        for (int run = el_kv_run(kb, block, off, j, n_kv, krow, &row); run > 0; run--, j++, row += krow) {
+            const float *kj = el_kv_row(row, k_type, 0, head_dim, tmp);
+            float s = 0.0f;
+            for (int i = 0; i < head_dim; i++) s += q[i] * kj[i];
+            scores[j] = s * scale;
+        }
     }
     softmax(scores, n_kv);
     for (int i = 0; i < head_dim; i++) out[i] = 0.0f;
-    for (int j = 0; j < n_kv; j++) {
-        const float p = scores[j], *vj = el_kv_row(v, v_type, j, head_dim, tmp);
-        for (int i = 0; i < head_dim; i++) out[i] += p * vj[i];
+    for (int j = 0; j < n_kv;) {
+        const char *row;
+        for (int run = el_kv_run(vb, block, off, j, n_kv, vrow, &row); run > 0; run--, j++, row += vrow) {
+            const float p = scores[j], *vj = el_kv_row(row, v_type, 0, head_dim, tmp);
+            for (int i = 0; i < head_dim; i++) out[i] += p * vj[i];
+        }
     }
 }
 
-static void attn_rows(const float *q, int n_q, const int32_t *n_kv, const void *k, int k_type, const void *v,
-                      int v_type, int head_dim, float scale, float *scratch, float *out) {
+static void attn(const float *q, int n_q, const int32_t *n_kv, const void *const *kb, const void *const *vb,
+                 int block, int off, int k_type, int v_type, int head_dim, float scale, float *scratch, float *out) {
     for (int i = 0; i < n_q; i++)
-        attn_head(q + (size_t)i * head_dim, k, k_type, v, v_type, n_kv[i], head_dim, scale, scratch,
-                  out + (size_t)i * head_dim);
+        attn_row(q + (size_t)i * head_dim, kb, vb, block, off, n_kv[i], k_type, v_type, head_dim, scale, scratch,
+                 out + (size_t)i * head_dim);
 }
 
 /* ------------------------------------------------------------------------------------------------ table */
@@ -399,6 +406,5 @@ void el_fill_generic(el_kernels *k) {
     k->gelu_mul = gelu_mul;
     k->add = add;
     k->to_f16 = to_f16;
-    k->attn_head = attn_head;
-    k->attn_rows = attn_rows;
+    k->attn = attn;
 }

@@ -309,7 +309,8 @@ static void to_f16(const float *x, el_half *y, int n) {
 }
 
 /* ------------------------------------------------------------------------------------------- attention */
-static void (*generic_attn)(const float *, const void *, int, const void *, int, int, int, float, float *, float *);
+static void (*generic_attn)(const float *, int, const int32_t *, const void *const *, const void *const *, int, int, int,
+                            int, int, float, float *, float *);
 
 /* cache row j as floats: f32 / f16 read in place (load4 kinds 0 / 1); q8_0 converted into tmp first */
 INLINE const void *kv_row4(const void *base, int type, int j, int hd, float *tmp, int *kind) {
@@ -328,40 +329,46 @@ INLINE const void *kv_row4(const void *base, int type, int j, int hd, float *tmp
     return tmp;
 }
 
-static void attn_head(const float *q, const void *k, int k_type, const void *v, int v_type, int n_kv, int hd,
-                      float scale, float *scores, float *out) {
-    if (hd % 4 || hd > 256 || ((k_type == EL_Q8_0 || v_type == EL_Q8_0) && hd % EL_QK)) {
-        generic_attn(q, k, k_type, v, v_type, n_kv, hd, scale, scores, out);
-        return;
-    }
+static void attn_row(const float *q, const void *const *kb, const void *const *vb, int block, int off, int n_kv,
+                     int k_type, int v_type, int hd, float scale, float *scores, float *out) {
     float tmp[256];
     int kind;
-    for (int j = 0; j < n_kv; j++) {
-        const void *kj = kv_row4(k, k_type, j, hd, tmp, &kind);
-        float32x4_t acc = vdupq_n_f32(0);
-        for (int i = 0; i < hd; i += 4) acc = vfmaq_f32(acc, vld1q_f32(q + i), load4(kj, kind, i));
-        scores[j] = vaddvq_f32(acc) * scale;
+    const size_t krow = el_kv_row_bytes(k_type, hd), vrow = el_kv_row_bytes(v_type, hd);
+    for (int j = 0; j < n_kv;) {
+        const char *row;
+        for (int run = el_kv_run(kb, block, off, j, n_kv, krow, &row); run > 0; run--, j++, row += krow) {
+            const void *kj = kv_row4(row, k_type, 0, hd, tmp, &kind);
+            float32x4_t acc = vdupq_n_f32(0);
+            for (int i = 0; i < hd; i += 4) acc = vfmaq_f32(acc, vld1q_f32(q + i), load4(kj, kind, i));
+            scores[j] = vaddvq_f32(acc) * scale;
+        }
     }
     softmax(scores, n_kv);
     for (int i = 0; i < hd; i++) out[i] = 0.0f;
-    for (int j = 0; j < n_kv; j++) {
-        const void *vj = kv_row4(v, v_type, j, hd, tmp, &kind);
-        for (int i = 0; i < hd; i += 4) vst1q_f32(out + i, vfmaq_n_f32(vld1q_f32(out + i), load4(vj, kind, i), scores[j]));
+    for (int j = 0; j < n_kv;) {
+        const char *row;
+        for (int run = el_kv_run(vb, block, off, j, n_kv, vrow, &row); run > 0; run--, j++, row += vrow) {
+            const void *vj = kv_row4(row, v_type, 0, hd, tmp, &kind);
+            for (int i = 0; i < hd; i += 4) vst1q_f32(out + i, vfmaq_n_f32(vld1q_f32(out + i), load4(vj, kind, i), scores[j]));
+        }
     }
 }
 
-static void attn_rows(const float *q, int n_q, const int32_t *n_kv, const void *k, int k_type, const void *v,
-                      int v_type, int head_dim, float scale, float *scratch, float *out) {
+static void attn(const float *q, int n_q, const int32_t *n_kv, const void *const *kb, const void *const *vb,
+                 int block, int off, int k_type, int v_type, int hd, float scale, float *scratch, float *out) {
+    if (hd % 4 || hd > 256 || ((k_type == EL_Q8_0 || v_type == EL_Q8_0) && hd % EL_QK)) {
+        generic_attn(q, n_q, n_kv, kb, vb, block, off, k_type, v_type, hd, scale, scratch, out);
+        return;
+    }
     for (int i = 0; i < n_q; i++)
-        attn_head(q + (size_t)i * head_dim, k, k_type, v, v_type, n_kv[i], head_dim, scale, scratch,
-                  out + (size_t)i * head_dim);
+        attn_row(q + (size_t)i * hd, kb, vb, block, off, n_kv[i], k_type, v_type, hd, scale, scratch, out + (size_t)i * hd);
 }
 
 /* ------------------------------------------------------------------------------------------------ table */
 void el_fill_neon(el_kernels *k, int dotprod) {
     el_fill_generic(k);
     k->name = dotprod ? "neon-dotprod" : "neon";
-    generic_attn = k->attn_head;
+    generic_attn = k->attn;
     k->types[EL_TI_Q4_0].gemm = dotprod ? gemm_q4_0_sdot : gemm_q4_0_plain;
     k->types[EL_TI_Q4_1].gemm = dotprod ? gemm_q4_1_sdot : gemm_q4_1_plain;
     k->types[EL_TI_Q8_0].gemm = dotprod ? gemm_q8_0_sdot : gemm_q8_0_plain;
@@ -378,8 +385,7 @@ void el_fill_neon(el_kernels *k, int dotprod) {
     k->gelu_mul = gelu_mul;
     k->add = add;
     k->to_f16 = to_f16;
-    k->attn_head = attn_head;
-    k->attn_rows = attn_rows;
+    k->attn = attn;
 }
 #else
 typedef int el_neon_unused;  /* ISO C forbids an empty translation unit */

@@ -125,18 +125,25 @@ int el_attn_head(const float *q, const void *k, int k_type, const void *v, int v
                  float scale, float *scratch, float *out) {
     el_init();
     if (!attn_args_ok(k_type, v_type, head_dim, n_kv)) return -1;
-    el_k->attn_head(q, k, k_type, v, v_type, n_kv, head_dim, scale, scratch, out);
+    const void *kb[1] = { k }, *vb[1] = { v };
+    const int32_t nkv[1] = { n_kv };
+    el_k->attn(q, 1, nkv, kb, vb, n_kv, 0, k_type, v_type, head_dim, scale, scratch, out);
     return 0;
 }
 
-size_t el_attn_rows_scratch_size(int n_q, int max_kv, int head_dim) { return el_attn_rows_scratch(n_q, max_kv, head_dim); }
+size_t el_attn_scratch_size(int n_q, int max_kv, int head_dim) { return el_attn_scratch(n_q, max_kv, head_dim); }
 
-int el_attn_rows(const float *q, int n_q, const int32_t *n_kv, const void *k, int k_type, const void *v, int v_type,
-                 int head_dim, float scale, float *scratch, float *out) {
+int el_attn_blocks(const float *q, int n_q, const int32_t *n_kv, const void *const *kb, const void *const *vb, int block,
+                   int off, int k_type, int v_type, int head_dim, float scale, float *scratch, float *out) {
     el_init();
-    if (n_q < 1 || !attn_args_ok(k_type, v_type, head_dim, 1)) return -1;
-    for (int i = 0; i < n_q; i++) if (n_kv[i] < 1) return -1;
-    el_k->attn_rows(q, n_q, n_kv, k, k_type, v, v_type, head_dim, scale, scratch, out);
+    if (n_q < 1 || !attn_args_ok(k_type, v_type, head_dim, 1) || block < 1 || off < 0 || !kb || !vb) return -1;
+    int max_kv = 0;
+    for (int i = 0; i < n_q; i++) {
+        if (n_kv[i] < 1) return -1;
+        if (n_kv[i] > max_kv) max_kv = n_kv[i];
+    }
+    for (int b = 0; b <= (off + max_kv - 1) / block; b++) if (!kb[b] || !vb[b]) return -1;
+    el_k->attn(q, n_q, n_kv, kb, vb, block, off, k_type, v_type, head_dim, scale, scratch, out);
     return 0;
 }
 

@@ -321,15 +321,15 @@ def test_native_rejects_positions_that_do_not_increase(gemma):
     with pytest.raises(ValueError, match="increase"):
         be.forward(ids, np.array([3000, 3001, 3002, 5], np.int32), cache)
     # the C core refuses such a batch on its own too (a ring layer would read past its rows)
-    be._bind_cache(cache)
+    el_cache = be._el_cache(cache)
     batch = ffi.new("el_batch *")
     tok, pos = np.ascontiguousarray(ids), np.array([3000, 3001, 3002, 5], np.int32)
     batch.n_tokens, batch.tokens, batch.pos = 4, ffi.from_buffer("int32_t[]", tok), ffi.from_buffer("int32_t[]", pos)
     batch.seq, batch.out = ffi.NULL, ffi.NULL
     logits = np.empty((1, gemma.hparams.n_vocab), np.float32)
-    assert lib.el_model_forward(be._m, batch, be._cache, 1, ffi.from_buffer("float[]", logits)) == -1
+    assert lib.el_model_forward(be._m, batch, el_cache, 1, ffi.from_buffer("float[]", logits)) == -1
     cache.swa_from = 10                                  # and tokens below what a ring still holds
-    with pytest.raises(ValueError, match="rings hold"):
+    with pytest.raises(ValueError, match="sliding-window layers hold"):
         be.forward(ids[:1], np.array([5], np.int32), cache)
 
 

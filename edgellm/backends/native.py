@@ -11,7 +11,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..arch import gemma3
-from ..kv_cache import KVCache
+from ..engine.batch import Batch
+from ..errors import BatchError
+from ..kv.paged import SeqKV
 from ..quant import GGMLType
 
 import os
@@ -102,14 +104,13 @@ class NativeBackend:
         # decode-path buffers, reused every step
         self._tok = np.zeros(self.n_batch, np.int32)
         self._pos = np.zeros(self.n_batch, np.int32)
+        self._seq = np.zeros(self.n_batch, np.int32)
         self._out = np.zeros(self.n_batch, np.int8)
         self._batch = ffi.new("el_batch *")
         self._batch.tokens = ffi.cast("int32_t *", self._tok.ctypes.data)
         self._batch.pos = ffi.cast("int32_t *", self._pos.ctypes.data)
-        self._batch.seq = ffi.NULL
+        self._batch.seq = ffi.cast("int32_t *", self._seq.ctypes.data)
         self._batch.out = ffi.cast("int8_t *", self._out.ctypes.data)
-        self._cache = ffi.new("el_cache[1]")
-        self._bound = None   # the cache self._cache describes, and its state then (see _bind_cache)
 
     def _describe_gemma3(self, hp, desc) -> None:
         """Gemma 3's options on top of the llama step (see edgellm/arch/gemma3.py for where each comes from)."""
@@ -159,141 +160,98 @@ class NativeBackend:
         if lib.el_model_set_tensor(self._m, slot, layer, int(ttype), buf, n_out, n_in) != 0:
             raise NotImplementedError(f"{name}: {ttype.name} {shape} does not fit the model's hyper-parameters")
 
-    def _bind_cache(self, cache: KVCache) -> None:
-        state = (cache, cache.k, cache.v, cache.k_swa, cache.v_swa, cache.swa_from)
-        if self._bound is not None and all(a is b for a, b in zip(self._bound[:5], state[:5])) \
-                and self._bound[5] == state[5]:
-            return  # the same arrays as last step (the decode loop): nothing to check again
-        hp = self.hparams
-        cache.check_model(hp.n_layer, hp.n_head_kv, hp.head_dim, self._windows)
-        n_full = sum(1 for swa, _ in cache.layer_slot if not swa)
-        arrays = [(cache.k, n_full, cache.n_ctx, cache.type_k), (cache.v, n_full, cache.n_ctx, cache.type_v)]
-        if cache.n_ring:
-            n_swa = hp.n_layer - n_full
-            arrays += [(cache.k_swa, n_swa, 2 * cache.n_ring, cache.type_k), (cache.v_swa, n_swa, 2 * cache.n_ring, cache.type_v)]
-        for a, layers, rows, t in arrays:
-            want = (layers, hp.n_head_kv, rows, int(lib.el_kv_row_size(CACHE_TYPES[t], hp.head_dim)))
-            if (a is None or a.shape[:3] != want[:3] or a.nbytes != np.prod(want) or not a.flags.c_contiguous
-                    or not a.flags.writeable):
-                raise ValueError(f"KV cache arrays must be writable C-contiguous {t} rows {want}")
-        c = self._cache[0]
-        c.k = ffi.cast("void *", cache.k.ctypes.data)
-        c.v = ffi.cast("void *", cache.v.ctypes.data)
-        c.n_ctx = cache.n_ctx
-        c.type_k, c.type_v = CACHE_TYPES[cache.type_k], CACHE_TYPES[cache.type_v]
-        c.k_swa = ffi.cast("void *", cache.k_swa.ctypes.data) if cache.n_ring else ffi.NULL
-        c.v_swa = ffi.cast("void *", cache.v_swa.ctypes.data) if cache.n_ring else ffi.NULL
-        c.n_ring, c.swa_from = cache.n_ring, cache.swa_from
-        self._bound = state
-
-    def forward(self, tokens, positions, cache: KVCache, all_logits: bool = False) -> np.ndarray:
-        """Run tokens [n] at increasing positions [n]; their K/V go into the cache (row = position, or position mod
-        the ring on sliding-window layers). Returns float32 [n or 1, n_vocab]. The driver advances cache.n_past."""
-        tokens = np.asarray(tokens).reshape(-1)
-        positions = np.asarray(positions).reshape(-1)
-        n = tokens.size
-        if n == 0 or n != positions.size:
-            raise ValueError(f"need as many positions as tokens (and at least one): {n} tokens, {positions.size} positions")
-        if tokens.dtype.kind not in "iu" or positions.dtype.kind not in "iu":
-            raise TypeError(f"tokens and positions must be integers, got {tokens.dtype} and {positions.dtype}")
-        hp = self.hparams
-        if n == 1:  # the decode step: plain ints, no numpy reductions or slices (Python's share of a step)
-            tmin = tmax = int(tokens[0])
-            pmin = pmax = int(positions[0])
+    def _el_cache(self, kv):
+        """The `el_cache` describing `kv` (a contiguous KVCache or a paged SeqKV), kept on the view and rebuilt only
+        when its arrays or tables change (the decode loop binds the same view every step)."""
+        if isinstance(kv, SeqKV):
+            pool = kv.pool
+            state = (self, pool, *kv.tables, kv.swa_from)
         else:
-            tmin, tmax, pmin, pmax = int(tokens.min()), int(tokens.max()), int(positions.min()), int(positions.max())
-        if tmin < 0 or tmax >= hp.n_vocab:
-            raise ValueError(f"token id out of range [0, {hp.n_vocab}): {tmin}..{tmax}")
-        if pmin < 0 or pmax >= cache.n_ctx:
-            raise ValueError(f"position out of range [0, {cache.n_ctx}): {pmin}..{pmax}")
-        if n > 1 and np.any(np.diff(positions) <= 0):
-            raise ValueError("positions must increase from token to token")
-        if cache.n_ring and pmin < cache.swa_from:
-            raise ValueError(f"position {pmin} is below what the cache's sliding-window rings hold ({cache.swa_from})")
-        self._bind_cache(cache)
-        logits = np.empty((n if all_logits else 1, hp.n_vocab), np.float32)
-        dst = ffi.from_buffer("float[]", logits)
-        if n == 1:
-            self._tok[0], self._pos[0], self._out[0] = tmin, pmin, 1
-            self._batch.n_tokens = 1
-            if lib.el_model_forward(self._m, self._batch, self._cache, 1, dst) != 0:
-                raise RuntimeError("el_model_forward rejected the batch")  # unreachable after the checks above
-            return logits
-        row, step = 0, min(self.n_batch, cache.max_batch)
-        for s in range(0, n, step):
-            m = min(step, n - s)
-            self._tok[:m] = tokens[s:s + m]
-            self._pos[:m] = positions[s:s + m]
-            self._out[:m] = 1 if all_logits else 0
-            if not all_logits and s + m == n:
-                self._out[m - 1] = 1
-            n_out = m if all_logits else int(s + m == n)
-            self._batch.n_tokens = m
-            if lib.el_model_forward(self._m, self._batch, self._cache, 1, dst + row * hp.n_vocab) != 0:
-                raise RuntimeError("el_model_forward rejected the batch")
-            row += n_out
-        return logits
-
-    def forward_multi(self, tokens, positions, seqs, caches: list[KVCache], all_logits: bool = False) -> np.ndarray:
-        """Advance several sequences in one C call: token i goes to caches[seqs[i]] at position positions[i].
-
-        Tokens of one sequence must come in increasing position order. Returns float32 [n, n_vocab] (all_logits)
-        or one row per cache: the logits of that sequence's last token in the batch (caches without tokens get
-        a row of NaN). Each cache's n_past is the caller's to advance.
-        """
-        tokens = np.ascontiguousarray(tokens, dtype=np.int64).reshape(-1)
-        positions = np.ascontiguousarray(positions, dtype=np.int64).reshape(-1)
-        seqs = np.ascontiguousarray(seqs, dtype=np.int64).reshape(-1)
-        n, hp = tokens.size, self.hparams
-        if n == 0 or positions.size != n or seqs.size != n:
-            raise ValueError(f"need one position and one sequence per token: {n}, {positions.size}, {seqs.size}")
-        if n > self.n_batch:
-            raise ValueError(f"{n} tokens exceed n_batch {self.n_batch}")
-        if not caches or seqs.min() < 0 or seqs.max() >= len(caches):
-            raise ValueError(f"sequence ids must index the {len(caches)} caches")
-        if tokens.min() < 0 or tokens.max() >= hp.n_vocab:
-            raise ValueError(f"token id out of range [0, {hp.n_vocab})")
-        n_ctx = np.array([c.n_ctx for c in caches])
-        if positions.min() < 0 or np.any(positions >= n_ctx[seqs]):
-            raise ValueError("position out of range of its cache")
-        for s in range(len(caches)):
-            p = positions[seqs == s]
-            if np.any(np.diff(p) <= 0):
-                raise ValueError(f"positions of sequence {s} must increase")
-        cs = ffi.new("el_cache[]", len(caches))
+            state = (self, kv, kv.k, kv.v, kv.k_swa, kv.v_swa, kv.swa_from)
+        bound = getattr(kv, "_el", None)
+        if bound is not None and len(bound[0]) == len(state) and all(a is b for a, b in zip(bound[0][:-1], state[:-1])) \
+                and bound[0][-1] == state[-1]:
+            return bound[1]
+        hp = self.hparams
+        c = ffi.new("el_cache *")
         keep = []
-        for i, cache in enumerate(caches):
-            self._bind_cache(cache)
-            cs[i] = self._cache[0]
-            keep.append(cache)
-        self._bound = None
-        for s in range(len(caches)):
-            if np.count_nonzero(seqs == s) > caches[s].max_batch:
-                raise ValueError(f"sequence {s}: more tokens than its cache's ring keeps ({caches[s].max_batch})")
-        out = np.zeros(n, np.int8)
-        if all_logits:
-            out[:] = 1
+        if isinstance(kv, SeqKV):
+            pool.check_model(hp.n_layer, hp.n_head_kv, hp.head_dim, self._windows)
+            c.n_ctx = kv.n_ctx
+            c.type_k, c.type_v = CACHE_TYPES[pool.type_k], CACHE_TYPES[pool.type_v]
+            groups = [(pool.k[g], pool.v[g], pool.block, pool.n_blocks[g], kv.tables[g]) for g in range(pool.n_groups)]
+            c.n_ring = 0
         else:
-            for s in range(len(caches)):
-                idx = np.flatnonzero(seqs == s)
-                if idx.size:
-                    out[idx[-1]] = 1
-        t32, p32, s32 = tokens.astype(np.int32), positions.astype(np.int32), seqs.astype(np.int32)
-        batch = ffi.new("el_batch *")
-        batch.n_tokens = n
-        batch.tokens = ffi.from_buffer("int32_t[]", t32)
-        batch.pos = ffi.from_buffer("int32_t[]", p32)
-        batch.seq = ffi.from_buffer("int32_t[]", s32)
-        batch.out = ffi.from_buffer("int8_t[]", out)
-        rows = np.empty((int(out.sum()), hp.n_vocab), np.float32)
-        if lib.el_model_forward(self._m, batch, cs, len(caches), ffi.from_buffer("float[]", rows)) != 0:
-            raise RuntimeError("el_model_forward rejected the batch")
-        if all_logits:
-            return rows
-        result = np.full((len(caches), hp.n_vocab), np.nan, np.float32)
-        written = seqs[out.astype(bool)]   # batch order of the rows
-        result[written] = rows
-        return result
+            kv.check_model(hp.n_layer, hp.n_head_kv, hp.head_dim, self._windows)
+            c.n_ctx = kv.n_ctx
+            c.type_k, c.type_v = CACHE_TYPES[kv.type_k], CACHE_TYPES[kv.type_v]
+            zero = np.zeros(1, np.int32)   # one block holding every slot
+            groups = [(kv.k, kv.v, kv.n_ctx, 1, zero)]
+            if kv.n_ring:
+                groups.append((kv.k_swa, kv.v_swa, 2 * kv.n_ring, 1, zero))
+            c.n_ring = kv.n_ring
+        for g, (k, v, block, n_blocks, table) in enumerate(groups):
+            for a, t in ((k, c.type_k), (v, c.type_v)):
+                row = int(lib.el_kv_row_size(t, hp.head_dim))
+                if (a is None or a.shape[-3] != hp.n_head_kv or a.shape[-2] != block
+                        or a.nbytes != a[..., 0].size * row or not a.flags.c_contiguous or not a.flags.writeable):
+                    raise ValueError(f"KV cache arrays must be writable C-contiguous rows of {row} bytes, "
+                                     f"{hp.n_head_kv} kv heads x {block} slots per block")
+            table = np.ascontiguousarray(table, dtype=np.int32)
+            keep.append(table)
+            fields = dict(k=ffi.cast("void *", k.ctypes.data), v=ffi.cast("void *", v.ctypes.data), block=block,
+                          n_blocks=n_blocks, n_table=table.size, table=ffi.cast("int32_t *", table.ctypes.data))
+            for name, value in fields.items():
+                setattr(c, name if g == 0 else f"{name}_swa", value)
+        c.swa_from = kv.swa_from
+        kv._el = (state, c, keep)
+        return c
+
+    def forward_batch(self, batch: Batch, kvs) -> np.ndarray:
+        """Run a batch of several sequences' tokens in one C call: token i is stored into kvs[batch.seq_ids[i]] at
+        batch.positions[i] (K/V of every layer) and attends over that sequence's cache. Returns float32
+        [batch.n_logits, n_vocab], the rows of the tokens that want logits, in batch order. The caller advances
+        each view's n_past. At most n_batch tokens."""
+        hp = self.hparams
+        n = len(batch)
+        if n > self.n_batch:
+            raise BatchError(f"{n} tokens exceed the backend's n_batch ({self.n_batch}); split the batch")
+        batch.validate(kvs, hp.n_vocab)
+        cs = ffi.new("el_cache[]", len(kvs))
+        for i, kv in enumerate(kvs):
+            cs[i] = self._el_cache(kv)[0]
+        eb = self._batch
+        if n == 1:   # the decode step: the preallocated buffers, no cffi allocations
+            self._tok[0], self._pos[0], self._seq[0], self._out[0] = batch.tokens[0], batch.positions[0], \
+                batch.seq_ids[0], batch.want[0]
+        else:
+            self._tok[:n], self._pos[:n], self._seq[:n], self._out[:n] = batch.tokens, batch.positions, \
+                batch.seq_ids, batch.want
+        eb.n_tokens = n
+        rows = np.empty((batch.n_logits, hp.n_vocab), np.float32)
+        if lib.el_model_forward(self._m, eb, cs, len(kvs), ffi.from_buffer("float[]", rows)) != 0:
+            raise BatchError("the C core rejected the batch: a block it reads or writes is missing from a sequence's "
+                             "block table (or a ring would be overrun)")
+        return rows
+
+    def forward(self, tokens, positions, cache, all_logits: bool = False) -> np.ndarray:
+        """Run tokens [n] of one sequence at increasing positions [n]; their K/V go into `cache` (a KVCache or SeqKV).
+        Returns float32 [n or 1, n_vocab]. Batches longer than n_batch (or than a ring keeps) run in pieces. The
+        driver advances cache.n_past."""
+        batch = Batch.of_one(tokens, positions, all_logits)
+        batch.validate([cache], self.hparams.n_vocab)
+        n, step = len(batch), min(self.n_batch, cache.max_batch)
+        if n <= step:
+            return self.forward_batch(batch, [cache])
+        out = []
+        for s in range(0, n, step):
+            e = min(n, s + step)
+            part = Batch(batch.tokens[s:e], batch.positions[s:e], batch.seq_ids[s:e], batch.want[s:e])
+            if part.n_logits:
+                out.append(self.forward_batch(part, [cache]))
+            else:
+                self.forward_batch(part, [cache])
+        return np.concatenate(out, axis=0)
 
     def close(self) -> None:
         self._m = None

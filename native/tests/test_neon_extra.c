@@ -265,8 +265,10 @@ static void test_elementwise(const el_kernels *k, const el_kernels *g) {
                 put_sentinels(sc, nkv + S);
                 put_sentinels(o, hd + S);
                 const float scale = 1.0f / sqrtf((float)hd);
-                k->attn_head(q, kc, kt, vc, vt, nkv, hd, scale, sc, o);
-                g->attn_head(q, kc, kt, vc, vt, nkv, hd, scale, sr, r);
+                const void *kb[1] = { kc }, *vb[1] = { vc };
+                const int32_t nk[1] = { nkv };
+                k->attn(q, 1, nk, kb, vb, nkv, 0, kt, vt, hd, scale, sc, o);
+                g->attn(q, 1, nk, kb, vb, nkv, 0, kt, vt, hd, scale, sr, r);
                 char name[64];
                 snprintf(name, sizeof name, "attn_head %s head_dim=%d n_kv=%d", tname[ti], hd, nkv);
                 check_elem(name, hd, o, r, S);
