@@ -22,8 +22,9 @@ W = 6            # the window of layer 1 in window pools
 N_LAYER, HEADS, HD = 2, 2, 32
 
 
-def make(n_blocks=16, *, window=False, n_swa=8, type_k="f32", prefix_cache=True) -> BlockManager:
-    windows = [0, W] if window else None
+def make(n_blocks=16, *, window=0, n_swa=8, type_k="f32", prefix_cache=True) -> BlockManager:
+    """A manager of a fresh pool; window: layer 1's sliding window (0: none)."""
+    windows = [0, window] if window else None
     pool = KVPool(N_LAYER, HEADS, HD, n_blocks, type_k=type_k, layer_window=windows,
                   n_blocks_swa=n_swa if window else 0, block=B)
     return BlockManager(pool, prefix_cache=prefix_cache)
@@ -278,7 +279,7 @@ def test_rewinding_into_a_cached_block_copies_it_before_writing():
 
 # ------------------------------------------------------------------------------------------ the window group
 def test_window_group_gives_back_old_blocks_and_stays_bounded():
-    mgr = make(n_blocks=16, window=True, n_swa=4)
+    mgr = make(n_blocks=16, window=W, n_swa=4)
     s = mgr.new_seq(64)
     tokens = list(range(60))
     for n in range(1, 61):                                  # decode one token at a time
@@ -291,7 +292,7 @@ def test_window_group_gives_back_old_blocks_and_stays_bounded():
 
 
 def test_match_prefix_cuts_a_hit_whose_window_blocks_are_gone():
-    mgr = make(n_blocks=16, window=True, n_swa=8)
+    mgr = make(n_blocks=16, window=W, n_swa=8)
     a = mgr.new_seq(32)
     tokens = list(range(40, 57))                            # 17 tokens
     run(mgr, a, tokens, 8)                                  # blocks 0, 1 filed with their window blocks
@@ -309,11 +310,28 @@ def test_match_prefix_cuts_a_hit_whose_window_blocks_are_gone():
     store(b, 8, 17, history_values(tokens))
     b.n_past = 17
     assert_rows(b, history_values(tokens))
+    mgr.commit(b, tokens)                                   # b still holds window block 2: filed in a's entry
+    assert mgr.match_prefix(tokens) == 16 and mgr._cache[mgr._seqs[a].chain[2]][1] == b.tables[1][2]
     no_window = make(n_blocks=16)                           # without window layers the same steps file all 4
     c = no_window.new_seq(32)
     run(no_window, c, tokens, 8)
     run(no_window, c, tokens, 17)
     assert no_window.match_prefix(tokens) == 16
+
+
+def test_a_donor_that_gave_back_its_window_blocks_still_serves_the_window_a_hit_needs():
+    mgr = make(window=5)
+    a = mgr.new_seq(32)
+    tokens = list(range(9))
+    assert mgr.allocate(a, tokens, 8)
+    store(a, 0, 8, history_values(tokens))
+    a.n_past = 8
+    mgr.release_window(a)                                   # the query at 8 sees 4..8: window block 0 goes
+    mgr.commit(a, tokens)
+    assert a.tables[1][0] < 0 and mgr.match_prefix(tokens) == 8
+    b = mgr.new_seq(32)
+    assert mgr.allocate(b, tokens, 9) and b.n_past == 8 and b.tables[1][0] < 0
+    assert_rows(b, history_values(tokens))
 
 
 # ------------------------------------------------------------------------------------------ truncate
@@ -336,7 +354,7 @@ def test_truncate_matches_kvcache_without_windows():
 
 
 def test_truncate_keeps_what_the_window_still_holds_or_nothing():
-    mgr = make(n_blocks=16, window=True, n_swa=8)
+    mgr = make(n_blocks=16, window=W, n_swa=8)
     s = mgr.new_seq(48)
     tokens = list(range(40))
     for n in range(4, 41, 4):
@@ -400,6 +418,9 @@ def test_shift_matches_kvcache_and_leaves_sharers_alone(type_k, n_keep, n_discar
     shifted = tokens[:n_keep] + tokens[n_keep + n_discard:]
     mgr.commit(s, shifted)
     assert mgr.match_prefix(shifted + [0]) <= n_keep // B * B
+    assert mgr.truncate(s, n_keep) == n_keep                # recomputed from an unshifted prefix: filed again
+    run(mgr, s, shifted)
+    assert mgr.match_prefix(shifted + [0]) == len(shifted) // B * B
 
 
 def test_shift_unfiles_blocks_it_rewrites_in_place_and_fails_cleanly_without_room():
@@ -422,7 +443,7 @@ def test_shift_unfiles_blocks_it_rewrites_in_place_and_fails_cleanly_without_roo
 
 
 def test_window_shift_keeps_what_the_next_query_sees():
-    mgr = make(n_blocks=16, window=True, n_swa=8)
+    mgr = make(n_blocks=16, window=W, n_swa=8)
     cache = KVCache(N_LAYER, 64, HEADS, HD, "f32", layer_window=[0, W], n_batch=4)
     assert cache.n_ring
     s = mgr.new_seq(64)
@@ -490,7 +511,7 @@ def record_chains(chains: dict, tokens) -> None:
 @pytest.mark.parametrize("window", [False, True])
 def test_random_operations_keep_the_invariants(window):
     rng = np.random.default_rng(1234 + window)
-    mgr = make(n_blocks=20, window=window, n_swa=10)
+    mgr = make(n_blocks=20, window=W if window else 0, n_swa=10)
     heads = [[1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 9, 9, 9, 9], [3, 3, 3, 3]]
     # per live sequence: its tokens, the V value of each position, the K value's offset from it (shifts move K)
     live: list[dict] = []

@@ -45,6 +45,7 @@ class _SeqState:
 @dataclass
 class _Plan:
     """What allocate would do; need[g] is how many free + evictable blocks of group g it uses up."""
+    fresh: bool                           # the sequence holds nothing yet: it takes the cached prefix
     hit_chain: list[bytes]
     prefix: list[list[tuple[int, int]]]   # per group: (table index, block) taken from the prefix cache
     fill: list[tuple[int, int]]           # (group, table index): -1 entries that get a fresh block
@@ -124,19 +125,24 @@ class BlockManager:
 
     def commit(self, seq: SeqKV, token_ids: Sequence[int] | np.ndarray) -> None:
         """File every full block of seq (all positions < seq.n_past) in the prefix cache under its chained key.
-        When the key is already filed, the existing blocks stay filed (no duplicate; seq keeps its own copy)."""
+        When the key is already filed, the existing blocks stay filed (no duplicate; seq keeps its own copy).
+        Nothing from the last context shift's n_keep on is filed until a truncate goes back to n_keep or less.
+        That also keeps unwritten window rows out of the cache: the window blocks a shift keeps with positions
+        below swa_from lie past n_keep, and a truncate back that far keeps no window block (it returns 0)."""
         state = self._state(seq)
         if len(token_ids) < seq.n_past:
             raise ValueError(f"commit needs the {seq.n_past} stored tokens' ids, got {len(token_ids)}")
-        if not self.prefix_cache:
+        B, first = self.pool.block, len(state.chain)
+        end = min(seq.n_past, state.exact_until) // B
+        if not self.prefix_cache or end <= first:
             return
-        tokens, B = np.asarray(token_ids[:seq.n_past], np.int32), self.pool.block
-        for j in range(len(state.chain), min(seq.n_past, state.exact_until) // B):
-            key = block_hash(state.chain[-1] if state.chain else b"", tokens[j * B:(j + 1) * B])
+        tokens = np.asarray(token_ids[first * B:end * B], np.int32)
+        for j in range(first, end):
+            key = block_hash(state.chain[-1] if state.chain else b"", tokens[(j - first) * B:(j - first + 1) * B])
             state.chain.append(key)
             blocks = [int(t[j]) for t in seq.tables]
-            if self.pool.swa and blocks[1] >= 0 and (j * B < seq.swa_from or self._hash[1][blocks[1]] is not None):
-                blocks[1] = -1   # group 1 holds garbage below swa_from; a filed block stays under its own key
+            if self.pool.swa and blocks[1] >= 0 and self._hash[1][blocks[1]] is not None:
+                blocks[1] = -1   # a block is filed under one key only
             entry = self._cache.get(key)
             if entry is None and self._hash[0][blocks[0]] is None:
                 self._cache[key] = blocks
@@ -161,10 +167,10 @@ class BlockManager:
         prefix = [[(j, self._cache[key][0]) for j, key in enumerate(chain)]]
         if pool.swa:
             prefix.append([(j, self._cache[chain[j]][1]) for j in range(self._window_lo(n_past), len(chain))])
-        plan = _Plan(chain, prefix, [], [], [])
+        plan = _Plan(fresh, chain, prefix, [], [], [])
         for g, table in enumerate(seq.tables):
             taken = dict(prefix[g])
-            lo = 0 if g == 0 else max(0, n_past - pool.window + 1, seq.swa_from)
+            lo = n_past if g == 0 else max(0, n_past - pool.window + 1, seq.swa_from)   # group 0 holds [0, n_past)
             for j in range(lo // B, -(-n_total // B)):
                 b = taken.get(j, int(table[j]))
                 if b < 0 and max(j * B, lo) < n_past:
@@ -198,7 +204,7 @@ class BlockManager:
         plan = self._plan(seq, token_ids, n_total)
         if any(need > self.num_free(g) for g, need in enumerate(plan.need)):
             return False
-        if seq.n_past == 0 and all(np.all(t < 0) for t in seq.tables):
+        if plan.fresh:
             for g, taken in enumerate(plan.prefix):
                 for j, b in taken:
                     self._lru[g].pop(b, None)
