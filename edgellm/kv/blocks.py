@@ -59,7 +59,9 @@ class BlockManager:
     def __init__(self, pool: KVPool, prefix_cache: bool = True):
         self.pool, self.prefix_cache = pool, prefix_cache
         groups = range(pool.n_groups)
-        self._free = [deque(range(pool.n_blocks[g])) for g in groups]
+        # free lists are stacks (block 0 on top): the most recently freed block is reused first, so the pages a
+        # workload touches stay few and warm (the pool's numpy arrays are committed lazily by the OS)
+        self._free = [deque(range(pool.n_blocks[g] - 1, -1, -1)) for g in groups]
         self._ref = [[0] * pool.n_blocks[g] for g in groups]
         self._hash: list[list[bytes | None]] = [[None] * pool.n_blocks[g] for g in groups]   # the key it is filed under
         self._lru: list[OrderedDict[int, None]] = [OrderedDict() for _ in groups]   # filed blocks nobody references
@@ -196,10 +198,10 @@ class BlockManager:
             raise ValueError(f"the pool has {self.pool.n_groups} layer group(s), no group {g}")
         return len(self._free[g]) + len(self._lru[g])
 
-    def allocate(self, seq: SeqKV, token_ids: Sequence[int] | np.ndarray, n_total: int) -> bool:
+    def allocate(self, seq: SeqKV, token_ids: Sequence[int] | np.ndarray | None, n_total: int) -> bool:
         """Make seq hold positions [0, n_total), every block the next forward writes ([seq.n_past, n_total)) its
         own and unfiled. A sequence with nothing stored first takes the cached prefix of token_ids[:n_total]
-        (seq.n_past becomes the hit). Returns False, changing nothing, when the pool lacks the blocks."""
+        (seq.n_past becomes the hit; token_ids None: no hit, e.g. a sequence that wants the logits of every token). Returns False, changing nothing, when the pool lacks the blocks."""
         self._state(seq)
         plan = self._plan(seq, token_ids, n_total)
         if any(need > self.num_free(g) for g, need in enumerate(plan.need)):
@@ -213,7 +215,7 @@ class BlockManager:
             self._seqs[seq].chain = list(plan.hit_chain)
             seq.n_past = len(plan.hit_chain) * self.pool.block
             self.hit_tokens += seq.n_past
-            self.miss_tokens += len(token_ids) - seq.n_past
+            self.miss_tokens += (len(token_ids) if token_ids is not None else n_total) - seq.n_past
         for g, j in plan.fill:
             seq.tables[g][j] = self._take(g)
         for g, j in plan.cow:
@@ -331,7 +333,7 @@ class BlockManager:
     def _take(self, g: int) -> int:
         """A block of group g for one owner: from the free list, else the least recently used cached block."""
         if self._free[g]:
-            b = self._free[g].popleft()
+            b = self._free[g].pop()
         else:
             b = self._lru[g].popitem(last=False)[0]
             self._unfile(g, b)
