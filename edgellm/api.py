@@ -10,10 +10,12 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from .backends.loader import create_backend
+from .engine import DEFAULT_BATCH, DEFAULT_PARALLEL
+from .engine.core import EngineCore, EngineRunner
+from .engine.sequence import GenerationResponse, Sequence
 from .errors import EdgeLLMError
-from .generate import DEFAULT_BATCH, Engine, GenerationResponse, stream_generate
 from .hub import resolve_model
-from .kv_cache import CACHE_TYPES, default_n_ctx, parse_size
+from .kv_cache import CACHE_TYPES, default_n_ctx, memory_budget, parse_size
 from .model import Model
 from .grammar import response_format_to_schema
 from .sampling import LogprobsRecorder, SamplingParams
@@ -41,16 +43,25 @@ class LLM:
         cache_type_v: str | None = None,
         swa_full: bool = False,
         kv_budget: int | str | None = None,
+        n_parallel: int = DEFAULT_PARALLEL,
+        n_batch: int = DEFAULT_BATCH,
+        prefix_cache: bool = True,
     ):
-        """n_ctx: context size in tokens; None: the model's training context, capped so that the KV cache fits
-        `kv_budget` (bytes or "512MiB"; default $EDGELLM_KV_BUDGET, else min(1 GiB, 1/8 of memory)); the choice
-        is in `self.context_info`. cache_type / cache_type_v: "f16" (default), "f32" or "q8_0" for K / V
-        (V defaults to K's). swa_full: sliding-window layers keep the whole context instead of a ring."""
+        """n_ctx: the context of one sequence in tokens; None: the model's training context, capped so that one
+        sequence's KV cache fits `kv_budget` (bytes or "512MiB"; default $EDGELLM_KV_BUDGET, else min(1 GiB, 1/8 of
+        memory)); the choice is in `self.context_info`. The KV pool that every sequence draws its blocks from is
+        that budget (never less than one sequence of n_ctx). cache_type / cache_type_v: "f16" (default), "f32" or
+        "q8_0" for K / V (V defaults to K's). swa_full: sliding-window layers keep the whole context.
+        n_parallel: sequences running at once; more wait their turn. n_batch: tokens per engine step.
+        prefix_cache: requests that start with the same tokens share their KV blocks."""
         path = resolve_model(str(model))
         self.model = Model(path)
         try:
             if n_ctx is not None and n_ctx < 1:
                 raise EdgeLLMError(f"n_ctx must be at least 1, got {n_ctx}")
+            for name, v in (("n_parallel", n_parallel), ("n_batch", n_batch)):
+                if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                    raise EdgeLLMError(f"{name} must be a positive integer, got {v!r}")
             for t in (cache_type, cache_type_v):
                 if t is not None and t not in CACHE_TYPES:
                     raise EdgeLLMError(f"unknown KV cache type {t!r}; expected one of {', '.join(CACHE_TYPES)}")
@@ -59,23 +70,35 @@ class LLM:
             except ValueError as e:
                 raise EdgeLLMError(str(e)) from None
             if n_ctx is None:
-                self.context_info = default_n_ctx(self.model, cache_type, cache_type_v, budget, DEFAULT_BATCH, swa_full)
+                self.context_info = default_n_ctx(self.model, cache_type, cache_type_v, budget, n_batch, swa_full)
                 self.n_ctx = self.context_info["n_ctx"]
             else:
                 self.n_ctx = n_ctx
-                self.context_info = {"n_ctx": n_ctx, "budget": None, "budget_from": "n_ctx given", "capped": False}
-            self.backend = create_backend(self.model, backend, n_threads)
+                self.context_info = {"n_ctx": n_ctx, "budget": budget, "budget_from": "argument" if budget else
+                                     "n_ctx given", "capped": False}
+            if context_shift and not 0 <= n_keep < self.n_ctx // 2:
+                raise EdgeLLMError(f"--keep {n_keep} must be at least 0 and less than half the context ({self.n_ctx})")
+            pool_budget = self.context_info["budget"] if self.context_info["budget"] is not None else memory_budget()[0]
+            self.backend = create_backend(self.model, backend, n_threads, n_batch=n_batch)
             try:
-                self.engine = Engine(self.model, self.backend, self.n_ctx, cache_type, context_shift=context_shift,
-                                     n_keep=n_keep, cache_type_v=cache_type_v, swa_full=swa_full)
+                self.core = EngineCore.for_model(self.model, self.backend, self.n_ctx, cache_type=cache_type,
+                                                 cache_type_v=cache_type_v, budget=pool_budget, swa_full=swa_full,
+                                                 n_batch=n_batch, n_parallel=n_parallel, context_shift=context_shift,
+                                                 n_keep=n_keep, prefix_cache=prefix_cache)
             except ValueError as e:   # a cache type this model cannot hold (q8_0 needs head_dim % 32 == 0)
                 raise EdgeLLMError(str(e)) from None
-            self.context_info["kv_bytes"] = self.engine.cache.nbytes
+            pool = self.core.pool
+            self.runner = EngineRunner(self.core)
+            self.context_info["kv_bytes"] = pool.nbytes
+            self.context_info["kv_blocks"] = pool.n_blocks[0]
+            self.context_info["kv_block"] = pool.block
         except BaseException:
             self.model.close()
             raise
         self.seed = seed
         self.verbose = verbose
+        self.context_shift = context_shift
+        self.cache_type = pool.type_k if pool.type_k == pool.type_v else f"{pool.type_k}/{pool.type_v}"
         self.tokenizer = self.model.tokenizer
 
     # ---------------------------------------------------------------- tokens
@@ -89,11 +112,13 @@ class LLM:
         """float32 [len(ids), n_vocab], teacher-forced from an empty context (row i predicts token i+1)."""
         ids = [int(i) for i in ids]
         self._check_ids(ids)
-        if len(ids) > self.n_ctx:
-            c = self.engine.cache
-            engine = Engine(self.model, self.backend, len(ids), c.type_k, cache_type_v=c.type_v)
-            return engine.logits(ids)
-        return self.engine.logits(ids)
+        if not ids:
+            raise EdgeLLMError("logits of an empty list of tokens")
+        seq = Sequence(ids, SamplingParams(), self.tokenizer, n_ctx=max(self.n_ctx, len(ids)), all_logits=True)
+        self.runner.submit(seq)
+        for _ in seq.records(self.runner.cancel):
+            pass
+        return np.concatenate(seq.rows, axis=0)
 
     def _check_ids(self, ids: Sequence[int]) -> None:
         n = self.tokenizer.n_vocab
@@ -124,12 +149,27 @@ class LLM:
             ids.insert(0, tok.bos_id)  # the template did not write BOS itself: add it once, as llama.cpp does
         return ids
 
-    def _stream(self, ids, max_tokens, stop, knobs, recorder=None) -> Iterator[GenerationResponse]:
+    def _submit_all(self, ids_list, max_tokens, stop, knobs, logprobs=None) -> list[Sequence]:
+        """Sequences for every prompt, all checked before the first is submitted (one bad prompt submits none)."""
         params = self._params(**knobs)
         if isinstance(stop, str):
             stop = [stop]
-        return stream_generate(self.engine, ids, params, max_tokens=max_tokens, stop=list(stop or ()),
-                               logprobs=recorder)
+        seqs = [Sequence(ids, params, self.tokenizer, n_ctx=self.n_ctx, max_tokens=max_tokens, stop=list(stop or ()),
+                         logprobs=logprobs, context_shift=self.context_shift) for ids in ids_list]
+        for seq in seqs:
+            self.runner.submit(seq)
+        return seqs
+
+    def _stream(self, ids, max_tokens, stop, knobs, recorder=None) -> Iterator[GenerationResponse]:
+        seq, = self._submit_all([ids], max_tokens, stop, knobs, recorder.top_n if recorder is not None else None)
+        return self._records(seq, recorder)
+
+    def _records(self, seq: Sequence, recorder=None) -> Iterator[GenerationResponse]:
+        for r in seq.records(self.runner.cancel):
+            if recorder is not None:
+                for e in r.logprobs:
+                    recorder.add_entry(e)
+            yield r
 
     def generate(
         self,
@@ -149,11 +189,16 @@ class LLM:
         **sampling,
     ):
         """Continue `prompt` (text or token ids). Returns the text, or an iterator of text pieces with stream=True.
+        A list of prompts runs as one batch and returns a list of texts.
         grammar: GBNF text or an edgellm.grammar.Grammar; json_schema: a JSON schema the output must satisfy;
         **sampling: any other SamplingParams field (typical_p, mirostat, dry_multiplier, samplers, ...)."""
-        ids = self._prompt_ids(prompt)
         knobs = _knobs(locals(), sampling)
-        records = self._stream(ids, max_tokens, stop, knobs)
+        if _is_batch(prompt):
+            if stream:
+                raise EdgeLLMError("stream=True takes one prompt; a list of prompts returns a list of texts")
+            seqs = self._submit_all([self._prompt_ids(p) for p in prompt], max_tokens, stop, knobs)
+            return ["".join(r.text for r in self._records(seq)) for seq in seqs]
+        records = self._stream(self._prompt_ids(prompt), max_tokens, stop, knobs)
         if stream:
             return (r.text for r in records if r.text)
         return "".join(r.text for r in records)
@@ -179,29 +224,40 @@ class LLM:
         **sampling,
     ):
         """OpenAI-shaped text completion (`text_completion`), or an iterator of chunks with stream=True.
+        A list of prompts (texts or lists of token ids) runs as one batch: one choice per prompt, with its "index",
+        usage summed (streamed: each chunk carries the index of its choice).
         logprobs=N (0..20): per-token log-probabilities and the N most likely alternatives (streamed chunks carry
         those of their own tokens)."""
-        ids = self._prompt_ids(prompt)
         knobs = _knobs(locals(), sampling)
-        recorder = LogprobsRecorder(self.tokenizer, logprobs) if logprobs is not None else None
-        records = self._stream(ids, max_tokens, stop, knobs, recorder)
+        prompts = list(prompt) if _is_batch(prompt) else [prompt]
+        ids_all = [self._prompt_ids(p) for p in prompts]
+        recorders = [LogprobsRecorder(self.tokenizer, logprobs) if logprobs is not None else None for _ in prompts]
+        seqs = self._submit_all(ids_all, max_tokens, stop, knobs, logprobs)
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": str(self.model.path)}
-        prompt_len = len(prompt) if isinstance(prompt, str) else len(self.detokenize(ids))
+        offsets = [len(p) if isinstance(p, str) else len(self.detokenize(ids)) for p, ids in zip(prompts, ids_all)]
 
-        def choice(text, reason):
-            lp = recorder.completion(text_offset=prompt_len) if recorder is not None and reason else None
-            return {"text": text, "index": 0, "logprobs": lp, "finish_reason": reason}
+        def choice(i, text, reason):
+            rec = recorders[i]
+            lp = rec.completion(text_offset=offsets[i]) if rec is not None and reason else None
+            return {"text": text, "index": i, "logprobs": lp, "finish_reason": reason}
 
-        def chunk(r):
-            lp = recorder.take(False, prompt_len) if recorder is not None else None
-            return {**meta, "object": "text_completion",
-                    "choices": [{"text": r.text, "index": 0, "logprobs": lp, "finish_reason": r.finish_reason}]}
+        def chunks():
+            for i, seq in enumerate(seqs):
+                for r in self._records(seq, recorders[i]):
+                    if r.text or r.finish_reason:
+                        lp = recorders[i].take(False, offsets[i]) if recorders[i] is not None else None
+                        yield {**meta, "object": "text_completion",
+                               "choices": [{"text": r.text, "index": i, "logprobs": lp,
+                                            "finish_reason": r.finish_reason}]}
 
         if stream:
-            return (chunk(r) for r in records if r.text or r.finish_reason)
-        text, last = _collect(records)
-        return {**meta, "object": "text_completion", "choices": [choice(text, last.finish_reason)],
-                "usage": _usage(last)}
+            return chunks()
+        choices, lasts = [], []
+        for i, seq in enumerate(seqs):
+            text, last = _collect(self._records(seq, recorders[i]))
+            choices.append(choice(i, text, last.finish_reason))
+            lasts.append(last)
+        return {**meta, "object": "text_completion", "choices": choices, "usage": _usage(*lasts)}
 
     def __call__(self, prompt: str | Sequence[int], **kwargs):
         """`llm(prompt, max_tokens=...)`: create_completion, as llama-cpp-python's `Llama.__call__`."""
@@ -249,23 +305,37 @@ class LLM:
 
     # ---------------------------------------------------------------- sessions
     def save_state(self, path: str | os.PathLike) -> None:
-        """Write the KV cache and the tokens it holds to `path` (a later `load_state` skips re-evaluating them)."""
+        """Write the KV cache of the last finished request and the tokens it holds to `path` (a later `load_state`
+        skips re-evaluating them)."""
         from .session import save_session
 
-        save_session(path, self.engine)
+        def save(core):
+            seq = core.last_finished if core.last_finished is not None and core.last_finished.kv is not None else None
+            save_session(path, self.model, seq.kv if seq else None, seq.tokens if seq else [])
+
+        self.runner.call(save)
 
     def load_state(self, path: str | os.PathLike) -> int:
-        """Restore a cache saved by `save_state` with this model; returns the number of tokens restored."""
+        """Restore a cache saved by `save_state` with this model; returns the number of tokens restored. The next
+        request that starts with those tokens evaluates only what follows them."""
         from .session import load_session
 
-        return load_session(path, self.engine)
+        return self.runner.call(lambda core: core.adopt(*load_session(path, self.model, core.blocks, self.n_ctx)))
 
     # ---------------------------------------------------------------- lifetime
     def close(self) -> None:
+        runner = getattr(self, "runner", None)
+        if runner is not None:
+            runner.close()
         close = getattr(self.backend, "close", None)
         if close:
             close()
         self.model.close()
+
+    def __del__(self):   # the engine thread holds the model, not the LLM: let it go with the LLM
+        runner = getattr(self, "runner", None)
+        if runner is not None:
+            runner.close()
 
     def __enter__(self):
         return self
@@ -291,9 +361,18 @@ def _collect(records: Iterator[GenerationResponse]) -> tuple[str, GenerationResp
     return "".join(parts), last
 
 
-def _usage(r: GenerationResponse) -> dict[str, int]:
-    return {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.generation_tokens,
-            "total_tokens": r.prompt_tokens + r.generation_tokens}
+def _usage(*records: GenerationResponse) -> dict:
+    """OpenAI's usage of one or several finished requests (prompt_tokens_details.cached_tokens: prompt tokens whose
+    KV came from the cache instead of being evaluated)."""
+    prompt = sum(r.prompt_tokens for r in records)
+    completion = sum(r.generation_tokens for r in records)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(r.cached_tokens for r in records)}}
+
+
+def _is_batch(prompt) -> bool:
+    """A list of prompts (texts or token lists), as opposed to one text or one list of token ids."""
+    return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and not isinstance(prompt[0], (int, np.integer))
 
 
 def _chat_chunks(meta, records, recorder=None):

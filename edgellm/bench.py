@@ -13,7 +13,8 @@ import time
 
 import numpy as np
 
-from .generate import Engine
+from .kv.blocks import BlockManager
+from .kv.paged import KVPool, pool_blocks
 
 
 def weights_read_per_token(model) -> int:
@@ -32,19 +33,29 @@ def _rate(n: int, seconds: list[float]) -> dict:
 
 
 def run_bench(model, backend, n_prompt: int = 512, n_gen: int = 128, reps: int = 3, seed: int = 0) -> dict:
+    """pp and tg of `backend` over one sequence of the paged KV cache, as the engine runs it (batches of the
+    backend's n_batch tokens)."""
     rng = np.random.default_rng(seed)
     n_vocab = model.hparams.n_vocab
-    engine = Engine(model, backend, n_ctx=max(n_prompt, n_gen, 1), n_batch=max(n_prompt, 1))
+    n_ctx = max(n_prompt, n_gen, 1)
+    n_blocks, n_swa = pool_blocks(model, n_ctx=n_ctx, budget=None, n_batch=getattr(backend, "n_batch", 512),
+                                  n_parallel=1)
+    blocks = BlockManager(KVPool.for_model(model, n_blocks, n_swa), prefix_cache=False)
+    kv = blocks.new_seq(n_ctx)
     result = {"model": str(model.path), "backend": backend.name, "isa": getattr(backend, "isa", "?"),
               "threads": getattr(backend, "n_threads", None)}
+
+    def fresh(n: int) -> None:
+        blocks.free(kv)
+        blocks.allocate(kv, None, n)   # every block a run of n tokens writes, taken up front
 
     if n_prompt > 0:
         times = []
         for r in range(reps + 1):
-            ids = rng.integers(0, n_vocab, n_prompt).tolist()
-            engine.reset()
+            ids = rng.integers(0, n_vocab, n_prompt)
+            fresh(n_prompt)
             t0 = time.perf_counter()
-            engine._eval(ids, all_logits=False)
+            backend.forward(ids, np.arange(n_prompt), kv)
             if r:  # the first run warms caches and page-faults the mmap in
                 times.append(time.perf_counter() - t0)
         result["pp"] = _rate(n_prompt, times)
@@ -52,12 +63,12 @@ def run_bench(model, backend, n_prompt: int = 512, n_gen: int = 128, reps: int =
     if n_gen > 0:
         times = []
         for r in range(reps + 1):
-            engine.reset()
-            tok = int(rng.integers(0, n_vocab))
+            fresh(n_gen)
+            tok = np.array([int(rng.integers(0, n_vocab))], np.int32)
             t0 = time.perf_counter()
-            for _ in range(n_gen):
-                logits = engine.decode(tok)
-                tok = int(np.argmax(logits))
+            for i in range(n_gen):
+                logits = backend.forward(tok, np.array([i], np.int32), kv)
+                tok[0] = int(np.argmax(logits[0]))
             if r:
                 times.append(time.perf_counter() - t0)
         result["tg"] = _rate(n_gen, times)

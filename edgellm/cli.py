@@ -100,21 +100,28 @@ def info(model, kv_budget):
                f"{tok.n_vocab} tokens, BOS {tok.bos_id} (added: {tok.add_bos}), EOS {tok.eos_id}")
     click.echo(f"chat template: {'from the file' if gf.get('tokenizer.chat_template') else 'built-in fallback'}")
     click.echo(f"backend:      {_backend_summary()} ; threads {default_threads()}")
-    from .generate import DEFAULT_BATCH
-    from .kv_cache import default_n_ctx
+    from .engine import DEFAULT_BATCH, DEFAULT_PARALLEL
+    from .kv.paged import KVPool, pool_blocks
+    from .kv_cache import default_n_ctx, memory_budget
 
     ctx = default_n_ctx(m, budget=budget, n_batch=DEFAULT_BATCH)
+    n_blocks, n_swa = pool_blocks(m, n_ctx=ctx["n_ctx"], budget=ctx["budget"] or memory_budget()[0],
+                                  n_batch=DEFAULT_BATCH, n_parallel=DEFAULT_PARALLEL)
+    probe = KVPool.for_model(m, 1, 1 if n_swa else 0)
+    ctx["kv_bytes"] = n_blocks * probe.block_bytes(0) + (n_swa * probe.block_bytes(1) if n_swa else 0)
+    ctx["kv_blocks"], ctx["kv_block"], ctx["kv_blocks_swa"] = n_blocks, probe.block, n_swa
     click.echo(f"context:      {_context_line(ctx)}")
 
 
-def _context_line(ctx: dict, cache=None) -> str:
-    """n_ctx, the KV cache's memory, and the budget that chose n_ctx."""
+def _context_line(ctx: dict, cache_type: str = "f16") -> str:
+    """n_ctx of one sequence, the KV pool every sequence draws its blocks from, and the budget behind both."""
     line = f"n_ctx {ctx['n_ctx']}"
-    kv = cache.nbytes if cache is not None else ctx.get("kv_bytes")
+    kv = ctx.get("kv_bytes")
     if kv is not None:
-        kind = f" {cache.cache_type}" if cache is not None else " f16"
-        ring = f", sliding-window layers in rings of {cache.n_ring}" if cache is not None and cache.n_ring else ""
-        line += f", KV cache{kind} {kv / 2**20:.1f} MiB{ring}"
+        line += f", KV pool {cache_type} {kv / 2**20:.1f} MiB"
+        if ctx.get("kv_blocks"):
+            line += f" ({ctx['kv_blocks']} blocks of {ctx['kv_block']} tokens"
+            line += f", sliding-window layers {ctx['kv_blocks_swa']} blocks)" if ctx.get("kv_blocks_swa") else ")"
     if ctx.get("budget"):
         line += (f" (budget {ctx['budget'] / 2**20:.0f} MiB from {ctx['budget_from']}"
                  f"{'; the model trained for more' if ctx['capped'] else ''})")
@@ -252,7 +259,7 @@ def run(model, prompt, prompt_file, n_predict, temp, top_k, top_p, min_p, repeat
     if verbose:
         be = llm.backend
         click.echo(f"loaded {llm.model.name} in {time.perf_counter() - t0:.2f} s; backend {be.name} "
-                   f"({getattr(be, 'isa', '?')}), {_context_line(llm.context_info, llm.engine.cache)}", err=True)
+                   f"({getattr(be, 'isa', '?')}), {_context_line(llm.context_info, llm.cache_type)}", err=True)
         if getattr(be, "fallback_reason", None):
             click.echo(f"({be.fallback_reason})", err=True)
     if grammar_file:
@@ -271,6 +278,7 @@ def run(model, prompt, prompt_file, n_predict, temp, top_k, top_p, min_p, repeat
     llm._params(**knobs)  # a bad value is one clear error now, not after the model has started
     max_tokens = None if n_predict < 0 else n_predict
     messages = [{"role": "system", "content": system}] if system else []
+    loaded: list[bool] = []   # the prompt cache is read once, before the first answer
 
     def answer(user_text: str) -> str:
         if raw:
@@ -278,15 +286,14 @@ def run(model, prompt, prompt_file, n_predict, temp, top_k, top_p, min_p, repeat
         else:
             messages.append({"role": "user", "content": user_text})
             ids = llm._chat_ids(messages)
-        if prompt_cache and os.path.exists(prompt_cache) and not llm.engine.cached_ids:
+        if prompt_cache and os.path.exists(prompt_cache) and not loaded:
+            loaded.append(True)
             n = llm.load_state(prompt_cache)
             if verbose:
                 click.echo(f"prompt cache: {n} tokens loaded from {prompt_cache}", err=True)
         parts, last = [], None
         try:
-            for i, r in enumerate(llm._stream(ids, max_tokens, None, knobs)):
-                if i == 0 and prompt_cache:  # the cache holds just the prompt now: save it for the next run
-                    llm.save_state(prompt_cache)
+            for r in llm._stream(ids, max_tokens, None, knobs):
                 if r.text:
                     parts.append(r.text)
                     click.echo(r.text, nl=False)
@@ -294,6 +301,8 @@ def run(model, prompt, prompt_file, n_predict, temp, top_k, top_p, min_p, repeat
         except KeyboardInterrupt:
             click.echo("", err=True)
         click.echo("")
+        if prompt_cache and last is not None:   # the finished sequence (prompt + answer) for the next run
+            llm.save_state(prompt_cache)
         if verbose and last is not None:
             click.echo(f"prompt: {last.prompt_eval_tokens} tokens evaluated ({last.prompt_tokens} in prompt), "
                        f"{last.prompt_tps:.1f} tok/s; generation: {last.generation_tokens} tokens, "

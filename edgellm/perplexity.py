@@ -26,8 +26,9 @@ import sys
 import numpy as np
 
 from .errors import EdgeLLMError
-from .generate import DEFAULT_BATCH
-from .kv_cache import new_cache
+from .engine import DEFAULT_BATCH
+from .kv.blocks import BlockManager
+from .kv.paged import KVPool, pool_blocks
 
 __all__ = ["PerplexityError", "perplexity", "token_nll"]
 
@@ -98,7 +99,13 @@ def perplexity(model, backend, text: str, n_ctx: int = 256, progress=None,
     first = n_ctx // 2
     bos = tok.bos_id if tok.add_bos else None
 
-    cache = new_cache(model, n_ctx, cache_type, cache_type_v, n_batch=n_batch)
+    try:
+        n_blocks, n_swa = pool_blocks(model, n_ctx=n_ctx, budget=None, type_k=cache_type, type_v=cache_type_v,
+                                      n_batch=n_batch, n_parallel=1)
+        blocks = BlockManager(KVPool.for_model(model, n_blocks, n_swa, cache_type, cache_type_v), prefix_cache=False)
+    except ValueError as e:
+        raise PerplexityError(str(e)) from None
+    cache = blocks.new_seq(n_ctx)
     nll_sum = nll2_sum = 0.0
     count = 0
     advance, close = _make_progress(progress, n_chunk)
@@ -108,7 +115,7 @@ def perplexity(model, backend, text: str, n_ctx: int = 256, progress=None,
             inputs = chunk.copy()
             if bos is not None:
                 inputs[0] = bos                                 # replaced, not prepended (llama.cpp)
-            cache.clear()
+            blocks.free(cache)
             scored_rows = []
             # Positions < first produce no scored row: evaluate them asking only for the last row, which
             # skips most of the output projection (the largest matmul for big vocabularies).
@@ -119,8 +126,10 @@ def perplexity(model, backend, text: str, n_ctx: int = 256, progress=None,
                 for a, b in itertools.pairwise(cuts):
                     pos = np.arange(a, b, dtype=np.int32)
                     want_all = b > first
+                    blocks.allocate(cache, None, b)      # sized for it: window layers give blocks back below
                     out = backend.forward(inputs[a:b], pos, cache, all_logits=want_all)
                     cache.n_past = b
+                    blocks.release_window(cache)
                     if want_all:
                         lo = max(a, first)
                         hi = min(b, n_ctx - 1)              # the last row predicts past the chunk: unused
@@ -134,7 +143,7 @@ def perplexity(model, backend, text: str, n_ctx: int = 256, progress=None,
             advance(1)
     finally:
         close()
-        cache.clear()
+        blocks.free(cache)
 
     mean = nll_sum / count
     ppl = math.exp(mean)

@@ -1238,17 +1238,26 @@ class LogprobsRecorder:
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="ignore")
 
     def add(self, token: int, logits) -> None:
+        self.add_entry(self.entry(token, logits, self.top_n))
+
+    @staticmethod
+    def entry(token: int, logits, top_n: int) -> tuple[int, float, list[tuple[int, float]]]:
+        """(token, its log-probability, the top_n alternatives) from the logits row that predicted it: the part
+        that needs the row (the engine thread computes it; the request's own thread files it with add_entry)."""
         lp = log_softmax(logits)
-        self.tokens.append(int(token))
-        self.logprobs.append(float(lp[int(token)]))
-        if self.top_n:
-            n = min(self.top_n, lp.size)
+        tops: list[tuple[int, float]] = []
+        if top_n:
+            n = min(top_n, lp.size)
             part = np.argpartition(lp, lp.size - n)[lp.size - n:] if n < lp.size else np.arange(lp.size)
             order = part[np.lexsort((part, -lp[part]))]
-            self.tops.append([(int(i), float(lp[i])) for i in order])
-        else:
-            self.tops.append([])
+            tops = [(int(i), float(lp[i])) for i in order]
+        return int(token), float(lp[int(token)]), tops
 
+    def add_entry(self, entry: tuple[int, float, list[tuple[int, float]]]) -> None:
+        token, logprob, tops = entry
+        self.tokens.append(token)
+        self.logprobs.append(logprob)
+        self.tops.append(tops)
     def completion(self, text_offset: int = 0) -> dict:
         return completion_logprobs(self.tok, self.tokens, self.logprobs, self.tops, text_offset)
 

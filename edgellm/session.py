@@ -1,13 +1,14 @@
-"""Saved sessions: the KV cache and the token ids it holds, written to a file and read back.
+"""Saved sessions: a sequence's KV rows and the token ids they hold, written to a file and read back.
 
 Layout (little-endian):
-    magic      b"EDGELLM-SESSION\\0"  (16 bytes)
+    magic      b"EDGELLM-SESSION\0"  (16 bytes)
     version    u32
-    header_len u32, then a JSON header: model_id, n_layer, n_head_kv, head_dim, cache_type, n_ring, swa_from,
-               ring_top (how far the rings were written: KVCache.held_from), n_tokens
+    header_len u32, then a JSON header: model_id, n_layer, n_head_kv, head_dim, cache_type, groups (per layer
+               group of the KV pool: its number of layers), held_from (per group: the first position stored; the
+               window layers keep only what their window still sees), swa_from, n_tokens
     tokens     int32[n_tokens]
-    k, v       the full-context layers' rows of positions [0, n_tokens): [n_full, n_head_kv, n_tokens, row] each
-    k_swa, v_swa  when n_ring > 0: the sliding-window layers' rings, whole
+    rows       per group g, K then V: [n_layers_g, n_tokens - held_from[g], n_head_kv, row] of positions
+               [held_from[g], n_tokens)
 
 model_id is the sha256 of the GGUF's header, metadata and tensor table (everything before the tensor data): it
 changes with any other model, quantization or file, and costs milliseconds. Every field is checked before any
@@ -27,7 +28,7 @@ import numpy as np
 from .errors import EdgeLLMError
 
 MAGIC = b"EDGELLM-SESSION\0"
-VERSION = 2
+VERSION = 3
 MAX_HEADER = 1 << 16
 
 
@@ -40,36 +41,55 @@ def model_id(gguf_file) -> str:
         return hashlib.sha256(f.read(gguf_file.data_offset)).hexdigest()
 
 
-HEADER_KEYS = ("model_id", "n_layer", "n_head_kv", "head_dim", "cache_type", "n_ring", "swa_from", "ring_top",
+HEADER_KEYS = ("model_id", "n_layer", "n_head_kv", "head_dim", "cache_type", "groups", "held_from", "swa_from",
                "n_tokens")
 
 
-def _blocks(cache, n: int) -> list[np.ndarray]:
-    """The arrays a session holds, in file order (views of the cache)."""
-    out = [cache.k[:, :, :n], cache.v[:, :, :n]]
-    if cache.n_ring:
-        out += [cache.k_swa, cache.v_swa]
-    return out
+def _cache_type(pool) -> str:
+    return pool.type_k if pool.type_k == pool.type_v else f"{pool.type_k}/{pool.type_v}"
 
 
-def save_session(path: str | os.PathLike, engine) -> None:
-    cache, n = engine.cache, engine.cache.n_past
-    header = {"model_id": model_id(engine.model.gguf), "n_layer": cache.n_layer, "n_head_kv": cache.n_head_kv,
-              "head_dim": cache.head_dim, "cache_type": cache.cache_type, "n_ring": cache.n_ring,
-              "swa_from": cache.swa_from, "ring_top": max(cache.ring_top, n), "n_tokens": n}
+def _held_from(kv, g: int, n: int) -> int:
+    """The first position of the run ending at n that group g of the sequence still holds."""
+    B, t = kv.pool.block, kv.tables[g]
+    j = (n - 1) // B
+    while j >= 0 and t[j] >= 0:
+        j -= 1
+    return max(kv.swa_from if g else 0, (j + 1) * B) if n else 0
+
+
+def _rows(kv, g: int, lo: int, n: int):
+    """(block ids, slots) of positions [lo, n) in group g."""
+    pos = np.arange(lo, n)
+    return kv.tables[g][pos // kv.pool.block], pos % kv.pool.block
+
+
+def save_session(path: str | os.PathLike, model, kv, tokens) -> None:
+    """Write the sequence `kv` (a SeqKV holding `tokens`' first kv.n_past positions) to `path`."""
+    n = kv.n_past if kv is not None else 0
+    pool = kv.pool if kv is not None else None
+    held = [_held_from(kv, g, n) for g in range(pool.n_groups)] if pool is not None else []
+    hp = model.hparams
+    header = {"model_id": model_id(model.gguf), "n_layer": hp.n_layer, "n_head_kv": hp.n_head_kv,
+              "head_dim": hp.head_dim, "cache_type": _cache_type(pool) if pool is not None else None,
+              "groups": [int(a.shape[0]) for a in pool.k] if pool is not None else [], "held_from": held,
+              "swa_from": kv.swa_from if kv is not None else 0, "n_tokens": n}
     blob = json.dumps(header).encode()
     tmp = Path(f"{path}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:  # written aside, renamed into place: an interrupted save leaves the old file
         f.write(MAGIC + struct.pack("<II", VERSION, len(blob)) + blob)
-        f.write(np.asarray(engine.cached_ids[:n], dtype="<i4").tobytes())
-        for a in _blocks(cache, n):
-            f.write(np.ascontiguousarray(a).tobytes())
+        f.write(np.asarray(list(tokens)[:n], dtype="<i4").tobytes())
+        for g in range(len(held)):
+            blocks, slots = _rows(kv, g, held[g], n)
+            for arr in (pool.k[g], pool.v[g]):
+                f.write(np.ascontiguousarray(arr[:, blocks, :, slots].transpose(1, 0, 2, 3)).tobytes())
     os.replace(tmp, path)
 
 
-def load_session(path: str | os.PathLike, engine) -> int:
-    """Fill engine's cache from `path`; returns the number of tokens restored."""
-    cache = engine.cache
+def load_session(path: str | os.PathLike, model, blocks, n_ctx: int):
+    """Read `path` into a new sequence of the block manager's pool; returns (SeqKV, token ids). The caller keeps
+    the sequence (or frees it)."""
+    pool = blocks.pool
     try:
         raw = Path(path).read_bytes()
     except OSError as e:
@@ -88,37 +108,52 @@ def load_session(path: str | os.PathLike, engine) -> int:
         want = {k: h[k] for k in HEADER_KEYS}
     except (ValueError, KeyError, TypeError) as e:
         raise SessionError(f"{where}: malformed header ({e})") from None
-    if want["model_id"] != model_id(engine.model.gguf):
+    if want["model_id"] != model_id(model.gguf):
         raise SessionError(f"{where} was saved with another model file")
+    hp = model.hparams
     for key in ("n_layer", "n_head_kv", "head_dim"):
-        if want[key] != getattr(cache, key):
-            raise SessionError(f"{where}: {key} {want[key]!r} does not match the model's {getattr(cache, key)}")
-    if want["cache_type"] != cache.cache_type:
-        raise SessionError(f"{where} holds a {want['cache_type']!r} KV cache; this one is {cache.cache_type!r}")
-    if want["n_ring"] != cache.n_ring:
-        raise SessionError(f"{where}: sliding-window rings of {want['n_ring']} slots; this cache has {cache.n_ring} "
-                           f"(another batch size or context size)")
+        if want[key] != getattr(hp, key):
+            raise SessionError(f"{where}: {key} {want[key]!r} does not match the model's {getattr(hp, key)}")
     n, swa_from = want["n_tokens"], want["swa_from"]
-    if not isinstance(n, int) or not 0 <= n <= cache.n_ctx:
-        raise SessionError(f"{where}: {n!r} tokens do not fit the context of {cache.n_ctx}")
-    if not isinstance(swa_from, int) or not 0 <= swa_from <= n:
+    if not isinstance(n, int) or not 0 <= n <= n_ctx:
+        raise SessionError(f"{where}: {n!r} tokens do not fit the context of {n_ctx}")
+    kv = blocks.new_seq(n_ctx)
+    if n == 0:
+        return kv, []
+    if want["cache_type"] != _cache_type(pool):
+        raise SessionError(f"{where} holds a {want['cache_type']!r} KV cache; this one is {_cache_type(pool)!r}")
+    if want["groups"] != [int(a.shape[0]) for a in pool.k]:
+        raise SessionError(f"{where}: layer groups {want['groups']!r} do not match this cache's "
+                           f"{[int(a.shape[0]) for a in pool.k]} (sliding windows kept whole or not)")
+    held = want["held_from"]
+    if not isinstance(swa_from, int) or not 0 <= swa_from <= n or (swa_from and not pool.swa):
         raise SessionError(f"{where}: bad swa_from {swa_from!r}")
-    ring_top = want["ring_top"]
-    if not isinstance(ring_top, int) or not n <= ring_top <= cache.n_ctx:
-        raise SessionError(f"{where}: bad ring_top {ring_top!r}")
-    targets = _blocks(cache, n)
+    if (not isinstance(held, list) or len(held) != pool.n_groups or held[0] != 0
+            or not all(isinstance(x, int) and 0 <= x <= n for x in held)):
+        raise SessionError(f"{where}: bad held_from {held!r}")
+    if pool.swa and held[1] > max(0, n - pool.window + 1, swa_from):
+        raise SessionError(f"{where}: the window layers lack positions the next token sees")
     body = start + hlen
-    sizes = [a.nbytes for a in targets]
+    row = [pool.k[0].shape[-1] * pool.k[0].itemsize, pool.v[0].shape[-1] * pool.v[0].itemsize]
+    sizes = [int(a.shape[0]) * (n - held[g]) * hp.n_head_kv * row[i] for g, arrs in enumerate(zip(pool.k, pool.v))
+             for i, a in enumerate(arrs)]
     if len(raw) != body + 4 * n + sum(sizes):
         raise SessionError(f"{where}: {len(raw)} bytes, expected {body + 4 * n + sum(sizes)} (truncated or padded)")
     ids = np.frombuffer(raw, dtype="<i4", count=n, offset=body)
-    if n and (ids.min() < 0 or ids.max() >= engine.model.hparams.n_vocab):
+    if ids.min() < 0 or ids.max() >= hp.n_vocab:
         raise SessionError(f"{where}: token ids outside the vocabulary")
-    engine.reset()
+    kv.swa_from = swa_from
+    if not blocks.allocate(kv, None, n):
+        blocks.free(kv)
+        raise SessionError(f"{where}: {n} tokens do not fit the KV pool now")
     off = body + 4 * n
-    for a, size in zip(_blocks(cache, n), sizes):
-        a[...] = np.frombuffer(raw, dtype=a.dtype, count=a.size, offset=off).reshape(a.shape)
-        off += size
-    cache.n_past, cache.swa_from, cache.ring_top = n, swa_from, ring_top
-    engine.cached_ids[:] = ids.tolist()
-    return n
+    for g in range(pool.n_groups):
+        b, slots = _rows(kv, g, held[g], n)
+        for arr in (pool.k[g], pool.v[g]):
+            shape = (arr.shape[0], n - held[g], arr.shape[2], arr.shape[4])
+            data = np.frombuffer(raw, dtype=arr.dtype, count=int(np.prod(shape)), offset=off).reshape(shape)
+            arr[:, b, :, slots] = data.transpose(1, 0, 2, 3)
+            off += data.nbytes
+    kv.n_past = n
+    blocks.commit(kv, ids)
+    return kv, ids.tolist()

@@ -174,7 +174,7 @@ def test_prompt_file_ignore_eos_and_kv_flags(smollm2_path, tmp_path):
     p = edgellm("run", smollm2_path, "-p", "Hello", "-n", "4", "-ctk", "q8_0", "-ctv", "q8_0", "--kv-budget", "20MiB",
                 "--verbose")
     assert p.returncode == 0, p.stderr
-    assert "KV cache q8_0" in p.stderr and "budget 20 MiB" in p.stderr
+    assert "KV pool q8_0" in p.stderr and "budget 20 MiB" in p.stderr
     assert edgellm("run", smollm2_path, "-p", "Hi", "-ctk", "q4_0").returncode == 2       # not a cache type
     assert_one_line_error(edgellm("run", smollm2_path, "-p", "Hi", "--kv-budget", "lots"), "lots")
     p = edgellm("info", smollm2_path, "--kv-budget", "50MiB")

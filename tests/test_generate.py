@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from edgellm.errors import ContextLengthError, EdgeLLMError
-from edgellm.generate import _stop_split
+from edgellm.engine.sequence import stop_split as _stop_split
 
 from conftest import load_fixture
 
@@ -71,7 +71,8 @@ def test_chat_completion_and_prefix_reuse(llm):
     messages += [msg, {"role": "user", "content": "And of Italy?"}]
     out2 = llm.create_chat_completion(messages, max_tokens=4, temperature=0)
     assert out2["usage"]["prompt_tokens"] > first_prompt
-    assert llm.engine.last_prefill_evaluated <= out2["usage"]["prompt_tokens"] - first_prompt
+    evaluated = out2["usage"]["prompt_tokens"] - out2["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert evaluated <= out2["usage"]["prompt_tokens"] - first_prompt
     chunks = list(llm.create_chat_completion(messages, max_tokens=4, temperature=0, stream=True))
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)

@@ -210,24 +210,13 @@ def llm(smollm2_path):
 
 
 def constrained(llm, ids, params, max_tokens):
-    """The generation loop as generate.py runs it (sample, accept, stop on end-of-generation), kept here so this
-    test does not depend on the integration patch."""
-    from edgellm.sampling import Sampler
+    """One generation through the engine with these SamplingParams: (text, ended by end-of-generation)."""
+    from edgellm.engine.sequence import Sequence
 
-    tok = llm.tokenizer
-    sampler = Sampler(params, vocab=tok)
-    history = list(ids)
-    logits = llm.engine.prefill(ids)
-    out = []
-    for _ in range(max_tokens):
-        t = sampler.sample(logits, history)
-        sampler.accept(t)
-        if tok.is_eog(t):
-            return tok.decode(out), True
-        out.append(t)
-        history.append(t)
-        logits = llm.engine.decode(t)
-    return tok.decode(out), False
+    seq = Sequence(ids, params, llm.tokenizer, n_ctx=llm.n_ctx, max_tokens=max_tokens)
+    llm.runner.submit(seq)
+    parts = [r for r in seq.records(llm.runner.cancel)]
+    return "".join(r.text for r in parts), parts[-1].finish_reason == "stop"
 
 
 def test_100_schema_constrained_generations_parse_and_validate(llm, capsys):

@@ -16,7 +16,7 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def create_backend(model, backend: str | None = "auto", n_threads: int | None = None):
+def create_backend(model, backend: str | None = "auto", n_threads: int | None = None, n_batch: int = 512):
     """Build the backend named `backend` (or $EDGELLM_BACKEND when `auto`) for `model`."""
     name = (backend or "auto").lower()
     if name == "auto":
@@ -32,7 +32,7 @@ def create_backend(model, backend: str | None = "auto", n_threads: int | None = 
         try:
             from .native import NativeBackend
 
-            return NativeBackend(model, n_threads=n_threads)
+            return NativeBackend(model, n_threads=n_threads, n_batch=n_batch)
         except (ImportError, NotImplementedError) as e:
             if name == "native":
                 raise EdgeLLMError(f"the native backend cannot run this model: {e}") from e
@@ -41,7 +41,7 @@ def create_backend(model, backend: str | None = "auto", n_threads: int | None = 
         try:
             from .numba import NumbaBackend  # imports numba: only reached when it is needed
 
-            backend = NumbaBackend(model, n_threads=n_threads)
+            backend = NumbaBackend(model, n_threads=n_threads, n_batch=n_batch)
             backend.fallback_reason = "; ".join(reasons) or None
             return backend
         except (ImportError, NotImplementedError) as e:
@@ -50,6 +50,6 @@ def create_backend(model, backend: str | None = "auto", n_threads: int | None = 
             reasons.append(f"numba: {e}")
     from .reference import ReferenceBackend
 
-    backend = ReferenceBackend(model, n_threads=n_threads)
+    backend = ReferenceBackend(model, n_threads=n_threads, n_batch=n_batch)
     backend.fallback_reason = "; ".join(reasons) or None
     return backend

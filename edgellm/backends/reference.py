@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..engine.backend import forward_by_sequence
+from ..engine.batch import Batch
 from ..kv_cache import KVCache
 
 
@@ -14,14 +16,18 @@ class ReferenceBackend:
     name = "reference"
     isa = "numpy"
 
-    def __init__(self, model, n_threads: int | None = None):
-        self.model = model
+    def __init__(self, model, n_threads: int | None = None, n_batch: int = 512):
+        self.model, self.n_batch = model, n_batch
         self.n_threads = 1  # numpy's own BLAS threads do the work
         self.hparams = model.hparams
         self.weights = model.arch.load_weights(model.gguf, model.hparams)  # name -> float32 array
 
     def forward(self, tokens: np.ndarray, positions: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
+        Batch.of_one(tokens, positions, all_logits).validate([cache], self.hparams.n_vocab)
         return self.model.arch.forward(self.weights, self.hparams, tokens, positions, cache, all_logits)
+
+    def forward_batch(self, batch: Batch, kvs) -> np.ndarray:
+        return forward_by_sequence(self.forward, self.hparams.n_vocab, batch, kvs)
 
     def close(self) -> None:
         self.weights = {}

@@ -120,6 +120,9 @@ class SeqKV:
     def max_batch(self) -> int:
         return self.n_ctx
 
+    def check_model(self, n_layer: int, n_head_kv: int, head_dim: int, windows) -> None:
+        self.pool.check_model(n_layer, n_head_kv, head_dim, windows)
+
     def first_visible(self, il: int, pos: np.ndarray) -> np.ndarray:
         """The first position the query at each of `pos` sees in layer il (its window, what the group holds)."""
         w = self.pool.layer_window[il]
@@ -150,3 +153,26 @@ class SeqKV:
         v = vc[blocks, :, slots].transpose(1, 0, 2)
         hd = self.pool.head_dim
         return decode(k, self.pool.type_k, hd), decode(v, self.pool.type_v, hd)
+
+
+def pool_blocks(model, *, n_ctx: int, budget: int | None,
+                type_k: str = "f16", type_v: str | None = None, swa_full: bool = False, n_batch: int = 256,
+                n_parallel: int = 16, block: int = BLOCK) -> tuple[int, int]:
+    """(blocks of the full-context group, blocks of the window group) for a pool serving `model`.
+
+    The window group gets what n_parallel sequences need at once (each keeps at most window + n_batch positions,
+    plus a block on either side); the full-context group gets the rest of the budget, and never less than one
+    sequence of n_ctx tokens (plus a block for copy-on-write). budget None: exactly that one sequence."""
+    hp = model.hparams
+    windows = layer_windows(model)
+    probe = KVPool(hp.n_layer, hp.n_head_kv, hp.head_dim, 1, type_k=type_k, type_v=type_v, layer_window=windows,
+                   n_blocks_swa=1, swa_full=swa_full, block=block)
+    n_swa = 0
+    if probe.swa:
+        per_seq = -(-(probe.window + n_batch) // block) + 2
+        n_swa = per_seq * max(1, n_parallel)
+    one_seq = -(-n_ctx // block) + 1
+    if budget is None:
+        return one_seq, n_swa
+    rest = budget - (n_swa * probe.block_bytes(1) if probe.swa else 0)
+    return max(one_seq, rest // probe.block_bytes(0)), n_swa

@@ -34,6 +34,8 @@ import numba
 
 from ...arch import gemma3
 from ...errors import ContextLengthError
+from ...engine.backend import forward_by_sequence
+from ...engine.batch import Batch
 from ...kv_cache import KVCache
 from ...quant import GGMLType, row_nbytes, type_name
 from ...quant.reference import dequantize
@@ -55,7 +57,8 @@ class NumbaBackend:
     name = "numba"
     isa = f"numba {numba.__version__}"
 
-    def __init__(self, model, n_threads: int | None = None):
+    def __init__(self, model, n_threads: int | None = None, n_batch: int = 512):
+        self.n_batch = n_batch
         hp = model.hparams
         if hp.arch not in ARCHS:
             raise NotImplementedError(f"architecture {hp.arch!r} (the numba backend runs {', '.join(ARCHS)})")
@@ -254,6 +257,9 @@ class NumbaBackend:
             memo[key] = (np.ascontiguousarray(rows, np.int64), np.ascontiguousarray(count, np.int64),
                          work >= ATTN_SERIAL_WORK)
         return (kc, vc) + memo[key]
+
+    def forward_batch(self, batch: Batch, kvs) -> np.ndarray:
+        return forward_by_sequence(self.forward, self.hparams.n_vocab, batch, kvs)
 
     def forward(self, tokens, positions, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Run tokens [n] at positions [n]; K/V go into the cache (kv_cache.py: row = position, or mod the ring).

@@ -1,0 +1,52 @@
+"""What the engine asks of a backend, and the per-sequence runner for backends whose kernels take one sequence at a
+time.
+
+A backend (native, numba, reference) provides:
+    name: str, n_batch: int (most tokens one forward_batch takes)
+    forward_batch(batch: Batch, kvs: list[SeqKV | KVCache]) -> float32 [batch.n_logits, n_vocab]
+        every token's K/V stored into kvs[batch.seq_ids[i]] at batch.positions[i]; the logits rows of the tokens
+        with batch.want set, in batch order; each view's n_past is the caller's to advance
+    forward(tokens, positions, kv, all_logits=False) -> float32 [n or 1, n_vocab]
+        the same for one sequence (tools and tests); longer than n_batch runs in pieces
+Both validate through Batch.validate, so every backend rejects the same inputs with the same errors.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from .batch import Batch
+
+
+class Backend(Protocol):
+    name: str
+    n_batch: int
+
+    def forward_batch(self, batch: Batch, kvs) -> np.ndarray: ...
+
+    def forward(self, tokens, positions, kv, all_logits: bool = False) -> np.ndarray: ...
+
+
+def forward_by_sequence(forward_one, n_vocab: int, batch: Batch, kvs) -> np.ndarray:
+    """forward_batch for a backend that runs one sequence per call: forward_one(tokens, positions, kv, all_logits)
+    runs each sequence's tokens of the batch in turn. A sequence's logits never see the other sequences, so the
+    batch cannot change them; whether a token's row equals its row in a longer run of the same sequence is the
+    backend's own arithmetic (numpy's BLAS picks kernels by shape)."""
+    batch.validate(kvs, n_vocab)
+    out = np.empty((batch.n_logits, n_vocab), np.float32)
+    out_row = np.cumsum(batch.want) - 1          # row of out for each wanting token
+    ids = batch.seq_ids
+    for s in dict.fromkeys(ids.tolist()):        # in order of first appearance
+        idx = np.flatnonzero(ids == s)
+        want = batch.want[idx]
+        if not want.any():
+            forward_one(batch.tokens[idx], batch.positions[idx], kvs[s], False)
+        elif want.all() or not want[:-1].any():
+            rows = forward_one(batch.tokens[idx], batch.positions[idx], kvs[s], bool(want[:-1].any()))
+            out[out_row[idx[want]]] = rows[-int(want.sum()):]
+        else:
+            rows = forward_one(batch.tokens[idx], batch.positions[idx], kvs[s], True)
+            out[out_row[idx[want]]] = rows[want]
+    return out

@@ -1,0 +1,302 @@
+"""The engine: many sequences over one model, one step at a time.
+
+`EngineCore.step()` asks the scheduler which sequences advance and by how many tokens, runs them as one batch
+through the backend (each token in its own sequence's paged KV view), and hands every sequence the logits row that
+follows its last token. `EngineRunner` is the thread that owns an EngineCore: any number of threads submit
+sequences and read their records; only the runner touches the model, the pool and the scheduler.
+
+Finished sequences stay idle (their blocks held) so that a next request that continues one of them (a chat's next
+turn) reuses its cache token for token, not only in whole cached blocks; the scheduler reclaims idle ones first
+when the pool runs short.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict, deque
+
+import numpy as np
+
+from ..errors import ContextLengthError, EdgeLLMError
+from ..kv.blocks import BlockManager
+from ..kv.paged import KVPool, pool_blocks
+from . import DEFAULT_PARALLEL
+from ..sampling import SamplingParams
+from .batch import Batch
+from .scheduler import Scheduler
+from .sequence import Sequence, Status
+
+
+class EngineCore:
+    def __init__(self, model, backend, pool: KVPool, *, n_batch: int, max_seqs: int = 16, context_shift: bool = False,
+                 n_keep: int = 0, prefix_cache: bool = True, max_idle: int | None = None):
+        self.model, self.backend, self.pool = model, backend, pool
+        self.blocks = BlockManager(pool, prefix_cache=prefix_cache)
+        self.scheduler = Scheduler(self.blocks, max_tokens=n_batch, max_seqs=max_seqs, reclaim=self._reclaim)
+        self.context_shift, self.n_keep = context_shift, n_keep
+        self.idle: OrderedDict[int, Sequence] = OrderedDict()   # finished sequences still holding their blocks
+        self.max_idle = max_seqs if max_idle is None else max_idle
+        self.n_steps = self.n_evaluated = 0   # steps run, tokens computed (prefill and decode)
+        self.last_finished: Sequence | None = None
+
+    @classmethod
+    def for_model(cls, model, backend, n_ctx: int, *, cache_type: str = "f16", cache_type_v: str | None = None,
+                  budget: int | None = None, swa_full: bool = False, n_batch: int | None = None,
+                  n_parallel: int = DEFAULT_PARALLEL, **kw) -> "EngineCore":
+        """An engine with a pool sized for `model`: `budget` bytes (None: one sequence of n_ctx tokens), never less
+        than one sequence of n_ctx; n_batch defaults to the backend's."""
+        n_batch = n_batch or backend.n_batch
+        n_blocks, n_swa = pool_blocks(model, n_ctx=n_ctx, budget=budget, type_k=cache_type, type_v=cache_type_v,
+                                      swa_full=swa_full, n_batch=n_batch, n_parallel=n_parallel)
+        pool = KVPool.for_model(model, n_blocks, n_swa, cache_type, cache_type_v, swa_full)
+        return cls(model, backend, pool, n_batch=n_batch, max_seqs=n_parallel, **kw)
+
+    def generate(self, seq: Sequence):
+        """Run `seq` (and whatever else is queued) on the calling thread until it finishes, yielding its records:
+        the engine without its thread, for tools and tests that own it alone."""
+        self.add(seq)
+        while True:
+            while not seq.out.empty():
+                r = seq.out.get()
+                if isinstance(r, BaseException):
+                    raise r
+                yield r
+                if r.finish_reason is not None:
+                    return
+            if seq.finished and seq.out.empty():
+                return
+            self.step()
+
+    # ------------------------------------------------------------------ requests
+    def add(self, seq: Sequence) -> None:
+        """Queue a sequence. When an idle sequence shares a longer prefix with it than the cached blocks do, the new
+        one starts from a fork of that sequence's cache, cut back to the shared prefix."""
+        if not seq.context_shift and len(seq.tokens) > seq.n_ctx:
+            seq.fail(ContextLengthError(f"the prompt has {len(seq.tokens)} tokens but the context holds {seq.n_ctx}; "
+                                        f"raise n_ctx (-c) or shorten the prompt"))
+            return
+        if not seq.all_logits and self.idle:
+            self._reuse_idle(seq)
+        self.scheduler.add(seq)
+
+    def _reuse_idle(self, seq: Sequence) -> None:
+        best, best_n = None, 0
+        limit = len(seq.tokens) - 1   # the last prompt token is evaluated for its logits
+        for idle in self.idle.values():
+            held = idle.tokens[:min(idle.kv.n_past, limit)]
+            n = 0
+            for a, b in zip(held, seq.tokens):
+                if a != b:
+                    break
+                n += 1
+            if n > best_n:
+                best, best_n = idle, n
+        if best is None or best_n <= self.blocks.match_prefix(seq.tokens):
+            return
+        kv = self.blocks.fork(best.kv)
+        if self.blocks.truncate(kv, best_n) == 0:   # window layers no longer hold what the prefix's end needs
+            self.blocks.free(kv)
+            return
+        seq.kv = kv
+        self.idle.move_to_end(best.id)
+
+    def adopt(self, kv, tokens) -> int:
+        """Keep a filled sequence (a loaded session) as an idle one that later requests can continue; returns its
+        length."""
+        if kv.n_past == 0:
+            self.blocks.free(kv)
+            return 0
+        seq = Sequence(tokens, SamplingParams(), self.model.tokenizer, n_ctx=kv.n_ctx, all_logits=True)
+        seq.kv, seq.n_computed, seq.status, seq.finish_reason = kv, kv.n_past, Status.FINISHED, "stop"
+        self._retire(seq)
+        return kv.n_past
+
+    def abort(self, seq: Sequence) -> None:
+        """Drop a sequence (its requester went away): its blocks are freed at once."""
+        if seq.status is not Status.FINISHED:
+            self.scheduler.remove(seq)
+            seq.finish("abort", flush=False)
+        self._free(seq)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ------------------------------------------------------------------ one step
+    def step(self) -> None:
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            if seq.cancelled:
+                self.abort(seq)
+        self._shift_full()
+        plan = self.scheduler.schedule()
+        if not plan:
+            return
+        n = sum(k for _, k in plan)
+        tokens, positions, seq_ids = np.empty(n, np.int32), np.empty(n, np.int32), np.empty(n, np.int32)
+        want = np.zeros(n, bool)
+        at = 0
+        for i, (seq, k) in enumerate(plan):
+            a = seq.n_computed
+            tokens[at:at + k] = seq.tokens[a:a + k]
+            positions[at:at + k] = np.arange(a, a + k)
+            seq_ids[at:at + k] = i
+            if seq.all_logits:
+                want[at:at + k] = True
+            elif a + k == len(seq.tokens):
+                want[at + k - 1] = True
+            at += k
+        rows = self.backend.forward_batch(Batch(tokens, positions, seq_ids, want), [s.kv for s, _ in plan])
+        self.n_steps += 1
+        self.n_evaluated += n
+        r = 0
+        for (seq, k), w in zip(plan, np.split(want, np.cumsum([k for _, k in plan])[:-1])):
+            seq.n_computed += k
+            seq.kv.n_past = seq.n_computed
+            self.blocks.commit(seq.kv, seq.tokens)
+            self.blocks.release_window(seq.kv)
+            m = int(np.count_nonzero(w))
+            try:
+                if seq.all_logits:
+                    seq.on_rows(rows[r:r + m])
+                    if seq.n_pending == 0:
+                        seq.finish("stop")
+                elif m:
+                    seq.on_logits(rows[r])
+            except Exception as e:   # a sampler or logits processor of this request failed: only it ends
+                seq.fail(e if isinstance(e, EdgeLLMError) else EdgeLLMError(f"sampling failed: {e}"))
+            r += m
+            if seq.finished:
+                self._retire(seq)
+
+    def _shift_full(self) -> None:
+        """Context shift (llama.cpp's --context-shift): a running sequence whose context is full drops the oldest
+        half of what follows its first n_keep tokens, so it can go on."""
+        for seq in self.scheduler.running:
+            while seq.context_shift and seq.n_pending and seq.n_computed >= seq.n_ctx:
+                n_discard = (seq.n_computed - self.n_keep) // 2
+                rope = self.model.arch.rope_shift
+                hp = self.model.hparams
+                while not self.blocks.shift(seq.kv, self.n_keep, n_discard, lambda k, d, il: rope(k, d, hp, il)):
+                    if not self._reclaim():
+                        raise EdgeLLMError("no free KV blocks for a context shift")
+                del seq.tokens[self.n_keep:self.n_keep + n_discard]
+                seq.n_computed -= n_discard
+                seq.n_shifts += 1
+
+    # ------------------------------------------------------------------ finished sequences
+    def _retire(self, seq: Sequence) -> None:
+        self.scheduler.remove(seq)
+        if seq.finish_reason in ("error", "abort") or seq.kv is None or seq.kv.n_past == 0 or self.max_idle == 0:
+            self._free(seq)
+            return
+        self.idle[seq.id] = seq
+        self.last_finished = seq
+        while len(self.idle) > self.max_idle:
+            self._free(self.idle.popitem(last=False)[1])
+
+    def _free(self, seq: Sequence) -> None:
+        self.idle.pop(seq.id, None)
+        if seq.kv is not None:
+            self.blocks.free(seq.kv)
+            seq.kv = None
+
+    def _reclaim(self) -> bool:
+        """Free the least recently used idle sequence; False when none is left."""
+        if not self.idle:
+            return False
+        self._free(next(iter(self.idle.values())))
+        return True
+
+    def fail_all(self, error: BaseException) -> None:
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            self.scheduler.remove(seq)
+            seq.fail(error)
+            self._free(seq)
+
+
+class EngineRunner:
+    """The one thread that runs an EngineCore. submit() and cancel() may be called from any thread."""
+
+    def __init__(self, core: EngineCore, name: str = "edgellm-engine"):
+        self.core, self.name = core, name
+        self._inbox: deque = deque()
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def submit(self, seq: Sequence) -> None:
+        with self._cv:
+            if self._closed:
+                raise EdgeLLMError("the model is closed")
+            self._inbox.append((True, seq))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
+                self._thread.start()
+            self._cv.notify()
+
+    def cancel(self, seq: Sequence) -> None:
+        seq.cancelled = True
+        with self._cv:
+            self._inbox.append((False, seq))
+            self._cv.notify()
+
+    def call(self, fn):
+        """Run fn(core) on the engine thread between steps and return its result (sessions, stats)."""
+        done, box = threading.Event(), {}
+
+        def job(core):
+            try:
+                box["value"] = fn(core)
+            except BaseException as e:   # handed back to the caller
+                box["error"] = e
+            done.set()
+
+        with self._cv:
+            if self._closed:
+                raise EdgeLLMError("the model is closed")
+            if self._thread is None:   # nothing runs yet: no other thread can touch the core
+                job(self.core)
+            else:
+                self._inbox.append((None, job))
+                self._cv.notify()
+        done.wait()
+        if "error" in box:
+            raise box["error"]
+        return box.get("value")
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    def _loop(self) -> None:
+        core = self.core
+        while True:
+            with self._cv:
+                while not self._inbox and not core.has_work() and not self._closed:
+                    self._cv.wait()
+                if self._closed:
+                    items = list(self._inbox)
+                    self._inbox.clear()
+                    for kind, item in items:
+                        if kind is None:
+                            item(core)
+                        elif kind:
+                            item.fail(EdgeLLMError("the model was closed"))
+                    core.fail_all(EdgeLLMError("the model was closed"))
+                    return
+                items = list(self._inbox)
+                self._inbox.clear()
+            for kind, item in items:
+                if kind is None:
+                    item(core)
+                elif kind:
+                    core.add(item)
+                else:
+                    core.abort(item)
+            try:
+                core.step()
+            except BaseException as e:   # the backend failed: every running request hears of it
+                core.fail_all(e if isinstance(e, EdgeLLMError) else EdgeLLMError(f"the engine failed: {e!r}"))
