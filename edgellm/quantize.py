@@ -492,7 +492,7 @@ def _native_batches(plans: list[TensorPlan]) -> list[list[TensorPlan]]:
 def _write_tensors_native(gf: GGUFFile, plans: list[TensorPlan], writer, n_threads: int, progress, ffi, lib) -> None:
     """The C core encodes batch i + 1 (in a helper thread: the C call releases the GIL) while batch i is written."""
     bar = _bar(plans, progress)
-    pool = lib.el_pool_new(n_threads)
+    pool = lib.el_pool_acquire(n_threads)
     if pool == ffi.NULL:
         raise QuantizeError("cannot start the quantizer's threads")
     try:
@@ -524,7 +524,7 @@ def _write_tensors_native(gf: GGUFFile, plans: list[TensorPlan], writer, n_threa
                     fut.cancel()
                 raise
     finally:
-        lib.el_pool_free(pool)                                 # after the helper thread is done with it
+        lib.el_pool_release(pool)                              # after the helper thread is done with it
         if bar is not None:
             bar.close()
 

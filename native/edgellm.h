@@ -109,6 +109,11 @@ int el_set_isa(const char *name);            /* 0, or -1 if unknown / unsupporte
 el_pool *el_pool_new(int n_threads);
 void el_pool_free(el_pool *pool);
 int el_pool_size(const el_pool *pool);
+/* The process's one shared pool: the first holder's n_threads sets its size (later ones share it as it is); freed
+ * when the last holder releases it. Every model (el_model_new) and the quantizer use it; runs from several threads
+ * take turns. */
+el_pool *el_pool_acquire(int n_threads);
+void el_pool_release(el_pool *pool);
 
 /* ---- weights and matmul ---- */
 /* data: n_out rows of n_in elements in the GGUF layout; kept by pointer unless repacked (then copied). */
@@ -147,6 +152,7 @@ void el_model_free(el_model *m);
 /* layer = -1 for the global tensors; returns 0, or -1 when type/shape does not fit the slot */
 int el_model_set_tensor(el_model *m, int which, int layer, int type, const void *data, int n_out, int n_in);
 int el_model_ready(const el_model *m);      /* 1 when every tensor is set */
+int el_model_n_threads(const el_model *m);  /* threads of the (shared) pool it runs on */
 /* logits: [number of output tokens, n_vocab]; returns 0, or -1 on a bad batch */
 int el_model_forward(el_model *m, const el_batch *batch, const el_cache *caches, int n_caches, float *logits);
 /* ---- quantization (quantize.c) ---- */

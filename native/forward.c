@@ -89,7 +89,7 @@ el_model *el_model_new(const el_model_desc *desc) {
                  nkv = (size_t)d->n_head_kv * d->head_dim, F = d->n_ff;
     const size_t W = E > nq ? E : nq, WQ = W > F ? W : F;
     m->k = el_k;
-    m->pool = el_pool_new(d->n_threads);
+    m->pool = el_pool_acquire(d->n_threads);
     m->layers = calloc((size_t)d->n_layer, sizeof(el_layer));
     m->x = zalloc(nb * E * 4);
     m->xb = zalloc(nb * W * 4);
@@ -151,7 +151,7 @@ void el_model_free(el_model *m) {
             el_weight_free(L->gate); el_weight_free(L->up); el_weight_free(L->down);
         }
     el_weight_free(m->output);
-    el_pool_free(m->pool);
+    el_pool_release(m->pool);
     free(m->layers); free(m->x); free(m->xb); free(m->xq); free(m->xq2); free(m->q); free(m->kb); free(m->vb);
     free(m->hg); free(m->hu); free(m->tmp); free(m->cs); free(m->scratch); free(m->stages);
     free(m->rope_base); free(m->rope_scale);
@@ -205,6 +205,8 @@ int el_model_set_tensor(el_model *m, int which, int layer, int type, const void 
     default: return -1;
     }
 }
+
+int el_model_n_threads(const el_model *m) { return el_pool_size(m->pool); }
 
 int el_model_ready(const el_model *m) {
     if (!m->tok_embd || !m->output_norm || !m->output) return 0;

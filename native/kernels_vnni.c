@@ -36,10 +36,11 @@ INLINE __m256i q5_high(__m256i hb, int g) {   /* bit g of each hb byte -> 0x10 (
 }
 
 enum { K_Q4_0, K_Q4_1, K_Q5_0, K_Q5_1, K_Q8_0 };
+enum { PF_GROUPS = 2 };   /* row groups of weights prefetched ahead of the one being computed */
 
 /* the hot spot on VNNI CPUs: 8 rows x NT tokens; two accumulators per token halve the vpdpbusd chains */
 INLINE void x8_tile(const uint8_t *wg, int nb, int kind, const uint8_t *x, size_t x_stride, int NT,
-                    float *y, size_t y_stride, int nrows) {
+                    float *y, size_t y_stride, int nrows, const uint8_t *pf) {
     const int has_min = kind == K_Q4_1 || kind == K_Q5_1, q5 = kind == K_Q5_0 || kind == K_Q5_1;
     const size_t bsize = kind == K_Q8_0 ? sizeof(block_q8_0x8) : kind == K_Q4_0 ? sizeof(block_q4_0x8)
                        : kind == K_Q4_1 ? sizeof(block_q4_1x8) : kind == K_Q5_0 ? sizeof(block_q5_0x8) : sizeof(block_q5_1x8);
@@ -49,6 +50,10 @@ INLINE void x8_tile(const uint8_t *wg, int nb, int kind, const uint8_t *x, size_
     for (int b = 0; b < nb; b++) {
         const uint8_t *blk = wg + b * bsize;
         const uint8_t *qs = blk + (has_min ? 32 : 16);
+        if (pf) {   /* the weights of a row group further on: DRAM streams in while this one computes */
+            const uint8_t *p = pf + b * bsize;
+            for (size_t o = 0; o < bsize; o += 64) _mm_prefetch((const char *)p + o, _MM_HINT_T0);
+        }
         const block_q8a *a[4];
         for (int t = 0; t < NT; t++) a[t] = (const block_q8a *)(x + t * x_stride) + b;
         __m256i s0[4], s1[4];
@@ -101,13 +106,15 @@ INLINE void x8_tile(const uint8_t *wg, int nb, int kind, const uint8_t *x, size_
         for (int r = r0; r < r1; r += 8) {                                                              \
             const uint8_t *wg = (const uint8_t *)w + (size_t)(r / 8) * nb * sizeof(block_t);            \
             const int nrows = r1 - r < 8 ? r1 - r : 8;                                                  \
+            /* prefetch PF_GROUPS row groups ahead, during the first token tile only */                 \
+            const uint8_t *pf = r + 8 * PF_GROUPS < r1 ? wg + (size_t)PF_GROUPS * nb * sizeof(block_t) : NULL; \
             int t = 0;                                                                                  \
-            for (; t + 4 <= n_tok; t += 4)                                                              \
-                x8_tile(wg, nb, kind, (const uint8_t *)x + t * x_stride, x_stride, 4, y + t * y_stride + r, y_stride, nrows); \
+            for (; t + 4 <= n_tok; t += 4, pf = NULL)                                                   \
+                x8_tile(wg, nb, kind, (const uint8_t *)x + t * x_stride, x_stride, 4, y + t * y_stride + r, y_stride, nrows, pf); \
             switch (n_tok - t) {                                                                        \
-            case 3: x8_tile(wg, nb, kind, (const uint8_t *)x + t * x_stride, x_stride, 3, y + t * y_stride + r, y_stride, nrows); break; \
-            case 2: x8_tile(wg, nb, kind, (const uint8_t *)x + t * x_stride, x_stride, 2, y + t * y_stride + r, y_stride, nrows); break; \
-            case 1: x8_tile(wg, nb, kind, (const uint8_t *)x + t * x_stride, x_stride, 1, y + t * y_stride + r, y_stride, nrows); break; \
+            case 3: x8_tile(wg, nb, kind, (const uint8_t *)x + t * x_stride, x_stride, 3, y + t * y_stride + r, y_stride, nrows, pf); break; \
+            case 2: x8_tile(wg, nb, kind, (const uint8_t *)x + t * x_stride, x_stride, 2, y + t * y_stride + r, y_stride, nrows, pf); break; \
+            case 1: x8_tile(wg, nb, kind, (const uint8_t *)x + t * x_stride, x_stride, 1, y + t * y_stride + r, y_stride, nrows, pf); break; \
             default: break;                                                                             \
             }                                                                                           \
         }                                                                                               \

@@ -62,7 +62,15 @@ struct el_pool {
     atomic_int stop;
     pthread_mutex_t mu;
     pthread_cond_t cv;
+    pthread_mutex_t run_mu;   /* one run at a time: callers on several threads (two models) take turns */
+    int refs;                 /* holders of the shared pool (el_pool_acquire) */
 };
+
+/* The process's pool (el_pool_acquire / el_pool_release): every model loaded in a process shares one set of
+ * worker threads, so a draft model beside its target, or two models served at once, never oversubscribe the
+ * cores. */
+static el_pool *shared_pool;
+static pthread_mutex_t shared_mu = PTHREAD_MUTEX_INITIALIZER;
 
 typedef struct { el_pool *p; int ith; } worker_arg;
 
@@ -99,6 +107,7 @@ el_pool *el_pool_new(int n_threads) {
     p->pid = getpid();
     pthread_mutex_init(&p->mu, NULL);
     pthread_cond_init(&p->cv, NULL);
+    pthread_mutex_init(&p->run_mu, NULL);
     p->threads = calloc((size_t)n_threads, sizeof(pthread_t));
     for (int i = 1; i < n_threads; i++) {
         worker_arg *a = malloc(sizeof *a);
@@ -122,8 +131,28 @@ void el_pool_free(el_pool *p) {
     for (int i = 1; i < p->n; i++) pthread_join(p->threads[i], NULL);
     pthread_mutex_destroy(&p->mu);
     pthread_cond_destroy(&p->cv);
+    pthread_mutex_destroy(&p->run_mu);
     free(p->threads);
     free(p);
+}
+
+el_pool *el_pool_acquire(int n_threads) {
+    pthread_mutex_lock(&shared_mu);
+    if (shared_pool && shared_pool->pid != getpid()) shared_pool = NULL;   /* a forked child: the parent's, unusable */
+    if (!shared_pool) shared_pool = el_pool_new(n_threads);
+    el_pool *p = shared_pool;
+    if (p) p->refs++;
+    pthread_mutex_unlock(&shared_mu);
+    return p;
+}
+
+void el_pool_release(el_pool *p) {
+    if (!p) return;
+    pthread_mutex_lock(&shared_mu);
+    const int last = --p->refs == 0 && p == shared_pool;
+    if (last) shared_pool = NULL;
+    pthread_mutex_unlock(&shared_mu);
+    if (last) el_pool_free(p);
 }
 
 int el_pool_size(const el_pool *p) { return p->n; }
@@ -131,6 +160,7 @@ int el_pool_size(const el_pool *p) { return p->n; }
 void el_pool_run(el_pool *p, el_task_fn fn, void *ctx) {
     /* after fork() only the calling thread exists: run alone (every task splits work by nth) */
     if (p->n == 1 || getpid() != p->pid) { fn(ctx, 0, 1); return; }
+    pthread_mutex_lock(&p->run_mu);
     p->fn = fn;
     p->ctx = ctx;
     atomic_store_explicit(&p->done, 0, memory_order_relaxed);
@@ -147,6 +177,7 @@ void el_pool_run(el_pool *p, el_task_fn fn, void *ctx) {
         if (atomic_load_explicit(&p->done, memory_order_seq_cst) == d) futex_wait(&p->done, d);
         atomic_store_explicit(&p->done_sleeper, 0, memory_order_seq_cst);
     }
+    pthread_mutex_unlock(&p->run_mu);
 }
 
 void el_stage_complete(atomic_int *done, atomic_int *sleepers, int n_done, int total) {

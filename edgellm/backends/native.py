@@ -90,6 +90,8 @@ class NativeBackend:
         self._m = ffi.gc(lib.el_model_new(desc), lib.el_model_free)
         if self._m == ffi.NULL:
             raise MemoryError("el_model_new failed")
+        # the process's one thread pool: a second model (a draft) shares the first one's threads
+        self.n_threads = int(lib.el_model_n_threads(self._m))
 
         self._set(gf, "token_embd.weight", lib.EL_T_TOKEN_EMBD, -1, matrix=True)
         self._set(gf, "output_norm.weight", lib.EL_T_OUTPUT_NORM, -1, matrix=False)
