@@ -198,37 +198,77 @@ def test_gemma_ring_equals_full_cache(gemma, backend_name):
 
 
 def test_gemma_ring_shift_and_session(gemma, tmp_path):
-    """A context shift and a saved session on a ring cache give the text a full cache gives."""
+    """A context shift and a saved session with the window layers keeping only their window give the logits a full
+    cache gives.
+
+    On the engine's paged KV pool: the window layers are a block group of their own that gives back the blocks
+    that fell out of every window (`BlockManager.release_window`) instead of a ring, so the context is longer than
+    two blocks (160 positions, window 6, steps of 4 tokens) for blocks to be given back before and after the
+    shift. The continuation is teacher-forced (the sampler is replaced) so both caches see the same tokens."""
     from conftest import require_native
     require_native()
     from edgellm.backends.native import NativeBackend
-    from edgellm.generate import Engine
+    from edgellm.engine.core import EngineCore
+    from edgellm.engine.sequence import Sequence
+    from edgellm.sampling import SamplingParams
     from edgellm.session import load_session, save_session
 
+    class Forced:   # a sampler that picks the given tokens
+        def __init__(self, tokens):
+            self.tokens = iter(tokens)
+
+        def sample(self, logits, history):
+            return next(self.tokens)
+
+        def accept(self, token):
+            pass
+
+    class Recording(Sequence):
+        def on_logits(self, logits):
+            self.seen.append(np.array(logits, np.float32))
+            super().on_logits(logits)
+
+    n_ctx = 160
     m = EditedModel(gemma, dataclasses.replace(gemma.hparams, sliding_window=6))
     be = NativeBackend(m, n_threads=2, n_batch=4)
-    ids = gemma.tokenizer.encode(TEXT)[:40]
-    engines = {swa_full: Engine(m, be, n_ctx=40, n_batch=4, context_shift=True, n_keep=4, swa_full=swa_full)
-               for swa_full in (False, True)}
-    assert engines[False].cache.n_ring and not engines[True].cache.n_ring
-    logits = {}
-    for swa_full, eng in engines.items():
-        eng._eval(ids, all_logits=False)
-        logits[swa_full] = [eng._eval(ids[i:i + 1], all_logits=False)[-1] for i in range(5)]   # shifts once
-        assert eng.n_shifts == 1 and eng.cache.swa_from == 0
+    ids = gemma.tokenizer.encode(" ".join([TEXT] * 3))
+    prompt, cont = ids[:n_ctx], ids[n_ctx:n_ctx + 5]
+    logits, seqs, cores = {}, {}, {}
+    for swa_full in (False, True):
+        core = EngineCore.for_model(m, be, n_ctx, n_batch=4, context_shift=True, n_keep=4, swa_full=swa_full)
+        assert core.pool.swa is not swa_full
+        seq = Recording(prompt, SamplingParams(), gemma.tokenizer, n_ctx, max_tokens=len(cont), context_shift=True)
+        seq.seen, seq.sampler = [], Forced(cont)
+        recs = list(core.generate(seq))
+        assert [r.token for r in recs if r.token is not None] == cont
+        assert seq.n_shifts == 1 and seq.kv.swa_from == 0   # 160 full: (160 - 4) // 2 = 78 dropped
+        assert len(seq.seen) == len(cont)                    # the prompt's row, then 4 after the shift
+        if not swa_full:   # only the blocks of the last window (+ the step being written) stay in group 1
+            assert np.count_nonzero(seq.kv.tables[1] >= 0) <= 2
+        logits[swa_full], seqs[swa_full], cores[swa_full] = seq.seen, seq, core
     for a, b in zip(logits[False], logits[True]):
         np.testing.assert_allclose(a, b, atol=1e-3 * np.abs(b).max())
-    # save the ring cache, load it into a fresh engine, go on: same logits as the original going on
-    eng = engines[False]
-    save_session(tmp_path / "s.bin", eng)
-    fresh = Engine(m, be, n_ctx=40, n_batch=4, context_shift=True, n_keep=4)
-    assert load_session(tmp_path / "s.bin", fresh) == eng.cache.n_past
-    np.testing.assert_array_equal(fresh.cache.k_swa, eng.cache.k_swa)
-    np.testing.assert_array_equal(fresh._eval(ids[5:6], False), eng._eval(ids[5:6], False))
+    # save the windowed sequence, load it into a fresh engine, go on: same logits as the original going on
+    seq, core = seqs[False], cores[False]
+    n = seq.kv.n_past
+    save_session(tmp_path / "s.bin", m, seq.kv, seq.tokens)
+    fresh = EngineCore.for_model(m, be, n_ctx, n_batch=4, context_shift=True, n_keep=4)
+    kv, held = load_session(tmp_path / "s.bin", m, fresh.blocks, n_ctx)
+    assert kv.n_past == n and held == seq.tokens[:n]
+    for il, w in enumerate(fresh.pool.layer_window):   # every row the next token sees, bit for bit
+        lo = max(0, n - w + 1) if w else 0
+        for a, b in zip(kv.read(il, lo, n), seq.kv.read(il, lo, n)):
+            np.testing.assert_array_equal(a, b)
+    nxt = np.array([seq.tokens[n]], np.int32)
+    out = []
+    for blocks, view in ((fresh.blocks, kv), (core.blocks, seq.kv)):
+        assert blocks.allocate(view, seq.tokens, n + 1)
+        out.append(be.forward(nxt, np.array([n], np.int32), view))
+    np.testing.assert_array_equal(out[0], out[1])
 
 
 def test_gemma_default_ring_is_the_window_plus_a_batch(gemma):
-    from edgellm.generate import DEFAULT_BATCH
+    from edgellm.engine import DEFAULT_BATCH
 
     c = kv_cache.new_cache(gemma, 32768, n_batch=DEFAULT_BATCH)
     window = gemma.hparams.sliding_window
