@@ -23,9 +23,11 @@ from edgellm.quant import GGMLType
 from edgellm import convert as convert_mod
 from edgellm.backends.reference import ReferenceBackend
 from edgellm.convert import ConvertError, convert
-from edgellm.generate import Engine
+from edgellm.engine.core import EngineCore
+from edgellm.engine.sequence import Sequence
 from edgellm.gguf import GGUFFile
 from edgellm.model import Model
+from edgellm.sampling import SamplingParams
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -178,10 +180,15 @@ def hf_logits(model, ids: list[int]) -> np.ndarray:
 
 
 def edgellm_logits(path: Path, ids: list[int]) -> np.ndarray:
+    """Teacher-forced logits [len(ids), n_vocab] of the converted file, as the engine scores a prompt (a sequence
+    that wants every row) on the reference backend over an f32 KV pool."""
     m = Model(path)
     try:
-        eng = Engine(m, ReferenceBackend(m), n_ctx=64, cache_type="f32")
-        return eng.logits(ids)
+        core = EngineCore.for_model(m, ReferenceBackend(m), 64, cache_type="f32")
+        seq = Sequence(ids, SamplingParams(), m.tokenizer, 64, all_logits=True)
+        recs = list(core.generate(seq))
+        assert recs[-1].finish_reason == "stop"
+        return np.concatenate(seq.rows, axis=0)
     finally:
         m.close()
 
