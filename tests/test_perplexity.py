@@ -13,9 +13,11 @@ import pytest
 
 from edgellm.backends.loader import create_backend
 from edgellm.errors import EdgeLLMError
-from edgellm.generate import Engine
+from edgellm.engine.core import EngineCore
+from edgellm.engine.sequence import Sequence
 from edgellm.model import Model
 from edgellm.perplexity import PerplexityError, perplexity, token_nll
+from edgellm.sampling import SamplingParams
 
 # llama-perplexity -c 256 on text/GPL-3.txt (fixtures README): PPL and number of chunks
 LLAMA_CPP = {"smollm2": (20.8256, 29), "gemma3": (16.4296, 29)}
@@ -116,7 +118,8 @@ def _backend(model, name="auto"):
 
 
 def test_smollm2_short_context_matches_a_plain_computation(smollm2_path, fixtures):
-    """On the real model, with small chunks: the same numbers as Engine.logits scored by hand."""
+    """On the real model, with small chunks: the same numbers as the engine's teacher-forced logits (a Sequence
+    that wants every row, each chunk a sequence of its own from an empty context) scored by hand."""
     text = (fixtures / "text" / "GPL-3.txt").read_text()[:700]
     m = Model(smollm2_path)
     try:
@@ -125,11 +128,14 @@ def test_smollm2_short_context_matches_a_plain_computation(smollm2_path, fixture
         res = perplexity(m, be, text, n_ctx=n_ctx, progress=False)
         tokens = m.tokenizer.encode(text, add_special=True)
         assert not m.tokenizer.add_bos        # llama.cpp adds no BOS for this file (fixtures README)
-        eng = Engine(m, be, n_ctx=n_ctx)
+        core = EngineCore.for_model(m, be, n_ctx)
         nll = []
         for c in range(len(tokens) // n_ctx):
             chunk = tokens[c * n_ctx:(c + 1) * n_ctx]
-            logits = eng.logits(chunk)
+            seq = Sequence(chunk, SamplingParams(), m.tokenizer, n_ctx, all_logits=True)
+            assert list(core.generate(seq))[-1].finish_reason == "stop"
+            logits = np.concatenate(seq.rows, axis=0)
+            assert logits.shape[0] == n_ctx
             nll.extend(token_nll(logits[n_ctx // 2:n_ctx - 1], np.array(chunk[n_ctx // 2 + 1:])))
         assert res["chunks"] == len(tokens) // n_ctx
         assert res["ppl"] == pytest.approx(math.exp(np.mean(nll)), rel=1e-6)
