@@ -2,8 +2,9 @@
 
 For each model: `LLM(n_ctx=C, context_shift=True, n_keep=K)` continues a prompt for -n tokens (several times
 n_ctx), with the CLI's default sampler and a fixed seed, end-of-generation tokens banned (llama.cpp's
---ignore-eos) so the text runs the whole length. Each context shift (`Engine.n_shifts` going up) is located
-between two generated tokens; the text around it is printed with a marker, and simple coherence metrics are
+--ignore-eos) so the text runs the whole length. The request runs as one Sequence on the LLM's EngineCore (on
+this thread: `core.generate`), which shifts it when its context is full. Each context shift (`Sequence.n_shifts`
+going up) is located between two generated tokens; the text around it is printed with a marker, and simple coherence metrics are
 computed over the --window tokens before and after it:
   alpha   fraction of words made of ASCII letters     common  fraction of words among common English words
   dist2/3 distinct 2-/3-grams over all                run1    longest run of one token
@@ -32,22 +33,23 @@ DEFAULT_PROMPT = ("The history of the town begins with a small market on the riv
 
 
 def generate(llm, prompt_ids, n, seed, ignore_eos, repeat_penalty):
-    """Tokens, and for each the number of shifts the engine had made before computing its logits."""
-    from edgellm.generate import stream_generate
+    """Tokens, for each the number of shifts the engine had made before computing its logits, and the shifts in
+    all."""
+    from edgellm.engine.sequence import Sequence
     from edgellm.sampling import SamplingParams
 
     tok = llm.tokenizer
     bias = {i: float("-inf") for i in range(tok.n_vocab) if tok.is_eog(i)} if ignore_eos else None
     kw = {"repeat_penalty": repeat_penalty} if repeat_penalty is not None else {}
     params = SamplingParams(seed=seed, logit_bias=bias, **kw).validate()
+    seq = Sequence(prompt_ids, params, tok, llm.n_ctx, max_tokens=n, context_shift=llm.context_shift)
     tokens, shifts_before = [], []
-    eng = llm.engine
-    for rec in stream_generate(eng, prompt_ids, params, max_tokens=n):
+    for rec in llm.core.generate(seq):   # one record per step: read between steps, n_shifts is the token's
         if rec.token is None:
             break
         tokens.append(rec.token)
-        shifts_before.append(getattr(eng, "n_shifts", 0))
-    return tokens, shifts_before
+        shifts_before.append(seq.n_shifts)
+    return tokens, shifts_before, seq.n_shifts
 
 
 def window_stats(llm, toks) -> dict:
@@ -64,12 +66,11 @@ def one_model(args, model: str) -> dict:
     ids = probe.tokenize(args.prompt)
     keep = len(ids) if args.keep < 0 else args.keep  # -1: keep the whole prompt (llama.cpp's --keep -1)
     keep = min(keep, args.ctx // 2 - 1)
-    ctrl, _ = generate(probe, ids, args.n_predict, args.seed, True, args.repeat_penalty)
+    ctrl, _, _ = generate(probe, ids, args.n_predict, args.seed, True, args.repeat_penalty)
     probe.close()
 
     llm = LLM(model, n_ctx=args.ctx, n_threads=args.threads, seed=args.seed, context_shift=True, n_keep=keep)
-    toks, shifts = generate(llm, ids, args.n_predict, args.seed, True, args.repeat_penalty)
-    n_shifts = getattr(llm.engine, "n_shifts", None)
+    toks, shifts, n_shifts = generate(llm, ids, args.n_predict, args.seed, True, args.repeat_penalty)
     points = [i for i in range(1, len(toks)) if shifts[i] > shifts[i - 1]]  # token i is the first after a shift
     w = args.window
     events = []
