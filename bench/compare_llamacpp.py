@@ -8,6 +8,9 @@ settings, F16 KV cache). The two engines alternate repetition by repetition so t
 shared machine hurts both alike. Each engine gets one warm-up run per test first.
 pp N: N random tokens evaluated from an empty context (edgellm in batches of N, llama.cpp with n_batch = N).
 tg N: N tokens decoded one at a time from an empty context (the next token is the argmax).
+edgellm's side is its backend's forward over one sequence of the engine's paged KV cache (a SeqKV of a
+BlockManager, its blocks taken before the clock starts), as edgellm/bench.py runs it: the kernels, without the
+engine's scheduling (llama.cpp's side is llama_decode, without its server).
 """
 
 from __future__ import annotations
@@ -26,26 +29,38 @@ class EdgeLLMSide:
 
     def __init__(self, path, threads, n_ctx, backend):
         from edgellm.backends.loader import create_backend
-        from edgellm.generate import Engine
+        from edgellm.kv.blocks import BlockManager
+        from edgellm.kv.paged import KVPool, pool_blocks
         from edgellm.model import Model
 
         self.model = Model(path)
-        self.backend = create_backend(self.model, backend, threads)
-        self.engine = Engine(self.model, self.backend, n_ctx=n_ctx, n_batch=n_ctx)
+        self.backend = create_backend(self.model, backend, threads, n_batch=n_ctx)   # pp in one batch
+        n_blocks, n_swa = pool_blocks(self.model, n_ctx=n_ctx, budget=None, n_batch=n_ctx, n_parallel=1)
+        self.blocks = BlockManager(KVPool.for_model(self.model, n_blocks, n_swa), prefix_cache=False)
+        self.kv = self.blocks.new_seq(n_ctx)
         self.label = f"edgellm ({self.backend.name}, {getattr(self.backend, 'isa', '?')})"
 
+    def _fresh(self, n):
+        """An empty sequence holding the blocks of n positions."""
+        self.blocks.free(self.kv)
+        self.blocks.allocate(self.kv, None, n)
+
     def pp(self, ids):
-        self.engine.reset()
+        self._fresh(len(ids))
+        tokens, pos = np.asarray(ids, np.int32), np.arange(len(ids), dtype=np.int32)
         t0 = time.perf_counter()
-        self.engine._eval(ids, all_logits=False)
+        self.backend.forward(tokens, pos, self.kv)
+        self.kv.n_past = len(ids)
         return time.perf_counter() - t0
 
     def tg(self, first, n):
-        self.engine.reset()
-        tok = first
+        self._fresh(n)
+        tok = np.array([first], np.int32)
         t0 = time.perf_counter()
-        for _ in range(n):
-            tok = int(np.argmax(self.engine.decode(tok)))
+        for i in range(n):
+            logits = self.backend.forward(tok, np.array([i], np.int32), self.kv)
+            self.kv.n_past = i + 1
+            tok[0] = int(np.argmax(logits[0]))
         return time.perf_counter() - t0
 
 
