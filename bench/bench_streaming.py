@@ -2,14 +2,15 @@
 
 Streaming mode is what `edgellm run --streaming` sets up: `LLM(context_shift=True, n_keep=4)` (four attention
 sinks plus a recent window; when the context is full the oldest half after the sinks is dropped and the rest
-re-rotated). The sampler is the CLI's default chain (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05, no
+re-rotated). The request runs as one Sequence on the LLM's EngineCore, on this thread (`core.generate`). The sampler is the CLI's default chain (temperature 0.8, top-k 40, top-p 0.95, min-p 0.05, no
 repeat penalty) with a fixed seed; greedy decoding of a small model falls into a loop whatever the cache does.
 
     .venv/bin/python bench/bench_streaming.py                      # SmolLM2, 20,000 tokens, n_ctx 512
     .venv/bin/python bench/bench_streaming.py -n 3000 -c 256 --json
 
 Every --block tokens (default 1,000) it records the resident memory (VmRSS of this process), the speed of that
-block, the number of context shifts so far and the cache's size. Bars (issue 7):
+block, the number of context shifts so far, the KV pool's size (allocated once) and the pool blocks in use (the
+sequence's, and any other's: they must stay within one context's worth). Bars (issue 7):
   - memory: after warm-up (the first block: first shifts, first-use allocations) VmRSS stays within 5% of its
     value at the end of the warm-up block;
   - speed: the last block's tokens/s within 10% of the first block's;
@@ -56,14 +57,16 @@ def eog_bias(llm) -> dict[int, float]:
     return {i: float("-inf") for i in range(tok.n_vocab) if tok.is_eog(i)}
 
 
-def paired_speed(llm, gen_a, ids, params, args) -> dict:
+def paired_speed(llm, gen_a, seq_a, ids, params, args) -> dict:
     """Speed of the long stream's next `block` tokens against a fresh stream's first `block`, step by step in
     turn: on a shared machine the speed drifts by 10-25% from one minute to the next, which a first-vs-last block
     comparison cannot tell from a real slowdown; alternating steps puts both under the same conditions."""
-    from edgellm.generate import Engine, stream_generate
+    from edgellm.engine.core import EngineCore
+    from edgellm.engine.sequence import Sequence
 
-    eng_b = Engine(llm.model, llm.backend, args.ctx, context_shift=True, n_keep=args.keep)
-    gen_b = stream_generate(eng_b, ids, params, max_tokens=args.block + 1)
+    core_b = EngineCore.for_model(llm.model, llm.backend, args.ctx, context_shift=True, n_keep=args.keep)
+    seq_b = Sequence(ids, params, llm.tokenizer, args.ctx, max_tokens=args.block + 1, context_shift=True)
+    gen_b = core_b.generate(seq_b)
     next(gen_b)   # prompt + first token, untimed (as block 0 of the main run)
     t_late = t_early = 0.0
     steps = 0
@@ -80,13 +83,13 @@ def paired_speed(llm, gen_a, ids, params, args) -> dict:
         steps += 1
     late, early = steps / t_late, steps / t_early
     return {"steps": steps, "late_tok_s": late, "early_tok_s": early, "ratio": late / early,
-            "late_n_shifts": llm.engine.n_shifts, "early_n_shifts": eng_b.n_shifts,
+            "late_n_shifts": seq_a.n_shifts, "early_n_shifts": seq_b.n_shifts,
             "bar": 0.10, "pass": abs(late / early - 1) <= 0.10}
 
 
 def run(args) -> dict:
     from edgellm import LLM
-    from edgellm.generate import stream_generate
+    from edgellm.engine.sequence import Sequence
     from edgellm.sampling import SamplingParams
 
     rss_start = vm_rss_kib()
@@ -94,7 +97,7 @@ def run(args) -> dict:
     llm = LLM(args.model, n_ctx=args.ctx, n_threads=args.threads, seed=args.seed, context_shift=True,
               n_keep=args.keep)
     t_load = time.perf_counter() - t_load
-    engine = llm.engine
+    core = llm.core
     ids = llm.tokenize(args.prompt)
     bias = eog_bias(llm) if args.ignore_eos else None
     sampler = sampler_knobs(args)
@@ -109,7 +112,9 @@ def run(args) -> dict:
     n = 0
     finish = None
     # A runs `block` tokens longer than n_predict: those are timed against a fresh stream's first block (below)
-    gen_a = stream_generate(engine, ids, params, max_tokens=args.n_predict + (args.block if args.paired else 0))
+    seq_a = Sequence(ids, params, llm.tokenizer, args.ctx, max_tokens=args.n_predict + (args.block if args.paired else 0),
+                     context_shift=True)
+    gen_a = core.generate(seq_a)
     for rec in gen_a:
         if rec.finish_reason is not None:
             finish = rec.finish_reason
@@ -137,9 +142,10 @@ def run(args) -> dict:
                 # CPU seconds of this process per token (all its threads): less sensitive than the wall clock
                 # to other jobs on a shared machine, though not immune (caches, memory bandwidth)
                 "cpu_ms_per_tok": 1000 * (cpu - c_block) / steps,
-                "shifts": getattr(engine, "n_shifts", None),
-                "n_past": getattr(getattr(engine, "cache", None), "n_past", None),
-                "cache_bytes": getattr(getattr(engine, "cache", None), "nbytes", None),
+                "shifts": seq_a.n_shifts,
+                "n_past": seq_a.kv.n_past,
+                "cache_bytes": core.pool.nbytes,
+                "blocks_used": sum(g["used"] for g in core.blocks.stats()["groups"]),
                 "load1": os.getloadavg()[0],
             })
             t_block, c_block = time.perf_counter(), time.process_time()
@@ -151,7 +157,9 @@ def run(args) -> dict:
         if n >= args.n_predict:
             break
     total_s = time.perf_counter() - t_first
-    paired = paired_speed(llm, gen_a, ids, params, args) if args.paired and finish is None else None
+    paired = paired_speed(llm, gen_a, seq_a, ids, params, args) if args.paired and finish is None else None
+    # one context's blocks per pool group (+ one a copy-on-write may take), whatever the pool's size
+    blocks_bound = sum(-(-args.ctx // core.pool.block) + 1 for _ in range(core.pool.n_groups))
     if block_text:
         texts.append("".join(block_text))
     llm.close()
@@ -197,6 +205,9 @@ def run(args) -> dict:
                         "cpu_ms_per_tok_last": blocks[-1]["cpu_ms_per_tok"],
                         "cpu_ratio_last_first": blocks[-1]["cpu_ms_per_tok"] / blocks[0]["cpu_ms_per_tok"]}
     res["cache_bytes_constant"] = len({b["cache_bytes"] for b in blocks}) == 1
+    res["blocks_used_max"] = max((b["blocks_used"] for b in blocks), default=0)
+    res["blocks_bound"] = blocks_bound
+    res["blocks_bounded"] = res["blocks_used_max"] <= blocks_bound
     res["text"] = {
         "alpha_words": alpha_word_fraction(full_text),
         "common_words": common_word_fraction(full_text),
@@ -224,12 +235,12 @@ def report(res: dict) -> None:
           f"{res['sampler']}: "
           f"{res['generated']} tokens generated (finish: {res['finish_reason']}), load {res['load_s']:.2f} s, "
           f"decode {res['total_decode_s']:.1f} s")
-    print(f"\n{'tokens':>7} {'tok/s':>7} {'cpu ms':>6} {'RSS MiB':>8} {'shifts':>6} {'n_past':>6} {'cache KiB':>9} "
+    print(f"\n{'tokens':>7} {'tok/s':>7} {'cpu ms':>6} {'RSS MiB':>8} {'shifts':>6} {'n_past':>6} {'blocks':>6} "
           f"{'alpha':>6} {'common':>6} {'dist4':>6} {'run1':>4} {'loop':>5} {'load':>5}")
     for b in res["blocks"]:
         print(f"{b['tokens']:>7} {b['tok_s']:>7.1f} {b.get('cpu_ms_per_tok', float('nan')):>6.2f} "
               f"{b['rss_kib'] / 1024:>8.1f} {b['shifts']:>6} {b['n_past']:>6} "
-              f"{b['cache_bytes'] / 1024:>9.0f} {b['alpha_words']:>6.3f} {b['common_words']:>6.3f} "
+              f"{b['blocks_used']:>6} {b['alpha_words']:>6.3f} {b['common_words']:>6.3f} "
               f"{b['distinct_4grams']:>6.3f} {b['longest_token_run']:>4} {b['longest_periodic_run']:>5} "
               f"{b['load1']:>5.2f}")
     print(f"\nRSS: {res['rss_kib_before_load'] / 1024:.1f} MiB before load, "
@@ -253,7 +264,8 @@ def report(res: dict) -> None:
             print(f"CPU time per token: first block {s['cpu_ms_per_tok_first']:.2f} ms, last block "
                   f"{s['cpu_ms_per_tok_last']:.2f} ms (ratio {s['cpu_ratio_last_first']:.3f})")
     t = res["text"]
-    print(f"cache size constant: {res['cache_bytes_constant']}")
+    print(f"KV pool size constant: {res['cache_bytes_constant']}; blocks in use at most {res['blocks_used_max']} "
+          f"(one context's worth: {res['blocks_bound']})  -> {'PASS' if res['blocks_bounded'] else 'FAIL'}")
     print(f"text: alphabetic words {t['alpha_words']:.3f} (min block {t['min_block_alpha_words']:.3f}), common "
           f"English words {t['common_words']:.3f} (min block {t['min_block_common_words']:.3f}), distinct 4-grams "
           f"min block {t['min_block_distinct_4grams']:.3f} (all {t['distinct_4grams_all']:.3f}), longest run of one "
