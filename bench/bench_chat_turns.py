@@ -1,7 +1,7 @@
 """Issue 7's chat bar: the second turn's prompt time is proportional to the new tokens, not to the history.
 
 Through the public chat API (`LLM.create_chat_completion`, which the CLI's chat REPL also goes through: both
-render the conversation with the model's template and hand the ids to the same Engine). For each history size H
+render the conversation with the model's template and hand the ids to the same engine). For each history size H
 (system message + first user message of about H tokens) and each new-message size N:
 
   1. turn 1 from an empty cache: the history is evaluated, the model answers (--reply tokens, fixed seed);
@@ -9,11 +9,16 @@ render the conversation with the model's template and hand the ids to the same E
      max_tokens=1, i.e. until the first token of the answer is chosen (template + tokenize + prompt + greedy
      pick; greedy so that warm and cold can be compared: "same tok" says whether they chose the same token);
   3. the same turn-2 request again (everything cached: nothing to evaluate) = the fixed cost of a request;
-  4. turn 2 cold: the same request after `engine.reset()` (whole prompt evaluated).
+  4. turn 2 cold: the same request after `reset` (whole prompt evaluated).
 
-Reported: tokens in the turn-2 prompt, tokens new since turn 1, tokens the engine evaluated
-(`Engine.last_prefill_evaluated`), warm and cold times (median of -r repetitions), and a linear fit of the warm
-prompt time against the evaluated tokens.
+Reported: tokens in the turn-2 prompt, tokens new since turn 1, tokens the engine evaluated (usage's prompt_tokens
+minus prompt_tokens_details.cached_tokens), warm and cold times (median of -r repetitions), and a linear fit of the
+warm prompt time against the evaluated tokens.
+
+The engine keeps finished requests as idle sequences and a turn that continues one reuses its KV token for token
+(the prefix cache alone reuses whole blocks); `reset` forgets both (a fresh block manager over the same, already
+touched, KV pool), so that a cold turn pays for evaluation and nothing else. A request identical to the last one
+("repeat") evaluates its last prompt token again (for its logits).
 
     .venv/bin/python bench/bench_chat_turns.py                        # SmolLM2, history 300 and 1000 tokens
     .venv/bin/python bench/bench_chat_turns.py --history 800 --new 10,50,200 -r 5 --json
@@ -65,11 +70,30 @@ def timed_chat(llm, messages, **kw):
     return time.perf_counter() - t, out
 
 
+def evaluated(out) -> int:
+    """Prompt tokens a request evaluated (the rest came from the cache)."""
+    u = out["usage"]
+    return u["prompt_tokens"] - u["prompt_tokens_details"]["cached_tokens"]
+
+
+def reset(llm) -> None:
+    """Forget every cached token, between requests, on the engine thread: the idle sequences and the prefix cache
+    go with the block manager; the KV pool (its memory already touched) stays."""
+    from edgellm.kv.blocks import BlockManager
+
+    def fresh(core):
+        assert not core.has_work(), "reset between requests only"
+        core.idle.clear()
+        core.last_finished = None
+        core.blocks = core.scheduler.blocks = BlockManager(core.pool, prefix_cache=core.blocks.prefix_cache)
+
+    llm.runner.call(fresh)
+
+
 def run(args) -> dict:
     from edgellm import LLM
 
     llm = LLM(args.model, n_ctx=args.ctx, n_threads=args.threads, seed=args.seed)
-    eng = llm.engine
     rows = []
     for hist in args.history:
         system = {"role": "system", "content": "You are a helpful assistant who summarises meeting notes."}
@@ -82,18 +106,18 @@ def run(args) -> dict:
                 question = "One more thing from my notes: " + question + " Please summarise this part too."
             samples = {"warm": [], "repeat": [], "cold": [], "turn1": []}
             for rep in range(args.reps + 1):  # the first repetition warms up (page cache, first-use allocations)
-                eng.reset()
+                reset(llm)
                 t1_s, out1 = timed_chat(llm, turn1, max_tokens=args.reply, seed=args.seed)
                 reply = out1["choices"][0]["message"]["content"]
-                turn1_eval = eng.last_prefill_evaluated
+                turn1_eval = evaluated(out1)
                 msgs = turn1 + [{"role": "assistant", "content": reply}, {"role": "user", "content": question}]
                 warm_s, out2 = timed_chat(llm, msgs, max_tokens=1, temperature=0)
-                warm_eval = eng.last_prefill_evaluated
-                rep_s, _ = timed_chat(llm, msgs, max_tokens=1, temperature=0)
-                rep_eval = eng.last_prefill_evaluated
-                eng.reset()
+                warm_eval = evaluated(out2)
+                rep_s, out_rep = timed_chat(llm, msgs, max_tokens=1, temperature=0)
+                rep_eval = evaluated(out_rep)
+                reset(llm)
                 cold_s, out3 = timed_chat(llm, msgs, max_tokens=1, temperature=0)
-                cold_eval = eng.last_prefill_evaluated
+                cold_eval = evaluated(out3)
                 if rep == 0:
                     continue
                 for k, v in (("turn1", t1_s), ("warm", warm_s), ("repeat", rep_s), ("cold", cold_s)):
