@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/bench_grammar.py [--backend auto] [-n 128] [-r 3]
 
-The loop is generate.py's (sample, accept, decode). End-of-generation is banned with a logit bias in both runs
+Each generation is one Sequence run by the LLM's EngineCore on this thread (`core.generate`: decode, sample,
+accept), its sampler wrapped to time the sampling. End-of-generation is banned with a logit bias in both runs
 so that both produce exactly n tokens; the schema asks for a long array so the grammar never completes first.
 "Cold" is the first generation with a freshly compiled grammar (states and masks discovered on the way);
 "warm" reuses the grammar, as a server answering the same schema again does.
@@ -16,6 +17,7 @@ import time
 import numpy as np
 
 from edgellm import LLM
+from edgellm.engine.sequence import Sequence
 from edgellm.grammar import GrammarMatcher, VocabIndex, json_schema_to_gbnf, parse_gbnf
 from edgellm.sampling import Sampler, SamplingParams
 
@@ -24,24 +26,39 @@ SCHEMA = {"type": "array", "minItems": 40, "items": {"type": "object", "properti
     "tags": {"type": "array", "items": {"type": "string"}}}, "required": ["name", "age", "email", "tags"]}}
 
 
-def run(llm, ids, params, n):
-    tok = llm.tokenizer
-    s = Sampler(params, vocab=tok)
-    hist = list(ids)
-    logits = llm.engine.prefill(ids)
-    t_sample = 0.0
-    t0 = time.perf_counter()
-    out = []
-    for _ in range(n):
+class TimedSampler:
+    """A sequence's sampler, with the time spent sampling (and advancing the grammar) added up."""
+
+    def __init__(self, sampler):
+        self.sampler, self.seconds = sampler, 0.0
+
+    def sample(self, logits, history):
         a = time.perf_counter()
-        t = s.sample(logits, hist)
-        s.accept(t)
-        t_sample += time.perf_counter() - a
-        out.append(t)
-        hist.append(t)
-        logits = llm.engine.decode(t)
+        t = self.sampler.sample(logits, history)
+        self.seconds += time.perf_counter() - a
+        return t
+
+    def accept(self, token):
+        a = time.perf_counter()
+        self.sampler.accept(token)
+        self.seconds += time.perf_counter() - a
+
+
+def run(llm, ids, params, n):
+    """(tokens/s of the decode steps, sampler seconds per token, text) of one generation of n tokens."""
+    tok = llm.tokenizer
+    seq = Sequence(ids, params, tok, llm.n_ctx, max_tokens=n)
+    seq.sampler = timed = TimedSampler(seq.sampler)
+    out, t0 = [], None
+    for r in llm.core.generate(seq):
+        if t0 is None:   # the prompt is evaluated and the first token sampled: the clock starts here
+            t0, s0 = time.perf_counter(), timed.seconds
+        if r.token is not None:
+            out.append(r.token)
     dt = time.perf_counter() - t0
-    return n / dt, t_sample / n, tok.decode(out)
+    assert len(out) == n, f"{len(out)} tokens, not {n}: the generation ended early"
+    # n - 1 steps after the first token: each a decode, a sample and an accept
+    return (n - 1) / dt, (timed.seconds - s0) / (n - 1), tok.decode(out)
 
 
 def main():
