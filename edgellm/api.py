@@ -311,7 +311,8 @@ class LLM:
 
         def save(core):
             seq = core.last_finished if core.last_finished is not None and core.last_finished.kv is not None else None
-            save_session(path, self.model, seq.kv if seq else None, seq.tokens if seq else [])
+            save_session(path, self.model, seq.kv if seq else None, seq.tokens if seq else [],
+                         core.blocks.cacheable_until(seq.kv) if seq else None)
 
         self.runner.call(save)
 

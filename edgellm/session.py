@@ -42,7 +42,7 @@ def model_id(gguf_file) -> str:
 
 
 HEADER_KEYS = ("model_id", "n_layer", "n_head_kv", "head_dim", "cache_type", "groups", "held_from", "swa_from",
-               "n_tokens")
+               "n_tokens", "cacheable")
 
 
 def _cache_type(pool) -> str:
@@ -64,8 +64,9 @@ def _rows(kv, g: int, lo: int, n: int):
     return kv.tables[g][pos // kv.pool.block], pos % kv.pool.block
 
 
-def save_session(path: str | os.PathLike, model, kv, tokens) -> None:
-    """Write the sequence `kv` (a SeqKV holding `tokens`' first kv.n_past positions) to `path`."""
+def save_session(path: str | os.PathLike, model, kv, tokens, cacheable: int | None = None) -> None:
+    """Write the sequence `kv` (a SeqKV holding `tokens`' first kv.n_past positions) to `path`. cacheable: positions
+    below it are what a fresh prompt of those tokens would compute (a context shift ends that); default all."""
     n = kv.n_past if kv is not None else 0
     pool = kv.pool if kv is not None else None
     held = [_held_from(kv, g, n) for g in range(pool.n_groups)] if pool is not None else []
@@ -73,7 +74,8 @@ def save_session(path: str | os.PathLike, model, kv, tokens) -> None:
     header = {"model_id": model_id(model.gguf), "n_layer": hp.n_layer, "n_head_kv": hp.n_head_kv,
               "head_dim": hp.head_dim, "cache_type": _cache_type(pool) if pool is not None else None,
               "groups": [int(a.shape[0]) for a in pool.k] if pool is not None else [], "held_from": held,
-              "swa_from": kv.swa_from if kv is not None else 0, "n_tokens": n}
+              "swa_from": kv.swa_from if kv is not None else 0, "n_tokens": n,
+              "cacheable": n if cacheable is None else min(n, int(cacheable))}
     blob = json.dumps(header).encode()
     tmp = Path(f"{path}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:  # written aside, renamed into place: an interrupted save leaves the old file
@@ -155,5 +157,10 @@ def load_session(path: str | os.PathLike, model, blocks, n_ctx: int):
             arr[:, b, :, slots] = data.transpose(1, 0, 2, 3)
             off += data.nbytes
     kv.n_past = n
+    cacheable = want["cacheable"]
+    if not isinstance(cacheable, int) or not 0 <= cacheable <= n:
+        blocks.free(kv)
+        raise SessionError(f"{where}: bad cacheable {cacheable!r}")
+    blocks.limit_cacheable(kv, cacheable)
     blocks.commit(kv, ids)
     return kv, ids.tolist()

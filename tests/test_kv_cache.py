@@ -97,12 +97,6 @@ def test_prompt_longer_than_context_is_refused_without_shifting(llm):
         complete(llm, LONG_PROMPT, 32, 4)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine bug: the scheduler admits a prompt longer than n_ctx in one chunk of min(prompt, n_batch) tokens and "
-    "asks BlockManager.allocate for n_total=101 > n_ctx=32 (ValueError 'n_total must lie in [n_past=0, n_ctx=32], "
-    "got 101'); chunks are never capped at the room left in the context and _shift_full only shifts a sequence "
-    "whose n_computed already reached n_ctx. Through LLM(context_shift=True) the runner fails every request with "
-    "'the engine failed: ValueError(...)'."))
 def test_prompt_longer_than_context_shifts_when_asked(llm):
     # The old Engine fed such a prompt in chunks of (n_ctx - n_keep) // 2, shifting before each one.
     core, seq, text, last = complete(llm, LONG_PROMPT, 32, 4, context_shift=True, n_keep=2)

@@ -251,10 +251,12 @@ def test_gemma_ring_shift_and_session(gemma, tmp_path):
     # save the windowed sequence, load it into a fresh engine, go on: same logits as the original going on
     seq, core = seqs[False], cores[False]
     n = seq.kv.n_past
-    save_session(tmp_path / "s.bin", m, seq.kv, seq.tokens)
+    save_session(tmp_path / "s.bin", m, seq.kv, seq.tokens, core.blocks.cacheable_until(seq.kv))
     fresh = EngineCore.for_model(m, be, n_ctx, n_batch=4, context_shift=True, n_keep=4)
     kv, held = load_session(tmp_path / "s.bin", m, fresh.blocks, n_ctx)
     assert kv.n_past == n and held == seq.tokens[:n]
+    # the shifted rows were computed over tokens since dropped: a fresh prompt of these tokens must not reuse them
+    assert fresh.blocks.cacheable_until(kv) == 4 and fresh.blocks.match_prefix(held + [1]) == 0
     for il, w in enumerate(fresh.pool.layer_window):   # every row the next token sees, bit for bit
         lo = max(0, n - w + 1) if w else 0
         for a, b in zip(kv.read(il, lo, n), seq.kv.read(il, lo, n)):

@@ -55,7 +55,7 @@ class Scheduler:
                 break
             if seq not in self.running:   # preempted for an older one below
                 continue
-            n = min(seq.n_pending, budget)
+            n = min(seq.n_pending, budget, seq.n_ctx - seq.n_computed)   # a full context shifts first (core)
             if n == 0:
                 continue
             if not self._allocate(seq, n, plan):
@@ -66,8 +66,9 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.kv is None:
                 seq.kv = self.blocks.new_seq(seq.n_ctx)
-            hit = 0 if seq.all_logits else self.blocks.match_prefix(seq.tokens)
-            n = min(len(seq.tokens) - hit, budget)
+            # what it already holds (a fork of an idle sequence), else what the prefix cache has for it
+            hit = seq.kv.n_past or (0 if seq.all_logits else self.blocks.match_prefix(seq.tokens))
+            n = min(len(seq.tokens) - hit, budget, seq.n_ctx - hit)
             if not self._fits(seq, hit + n):
                 break   # first come, first served: nobody overtakes the head of the queue
             self.waiting.popleft()
@@ -76,7 +77,7 @@ class Scheduler:
                 seq.prompt_eval = seq.n_prompt - seq.n_computed
             seq.status = Status.RUNNING
             self.running.append(seq)
-            n = min(seq.n_pending, budget)
+            n = min(seq.n_pending, budget, seq.n_ctx - seq.n_computed)
             plan.append((seq, n))
             budget -= n
         return plan
@@ -97,10 +98,14 @@ class Scheduler:
             if self.reclaim():
                 continue
             victims = [s for s in reversed(self.running) if s is not seq and all(s is not p for p, _ in plan)]
-            if not victims:
+            if victims:
+                self.preempt(victims[0])
+            elif plan:   # older sequences hold the rest this step: this one waits for them
+                self.preempt(seq)
+                return False
+            else:        # alone, and still too big
                 self._too_big(seq)
                 return False
-            self.preempt(victims[0])
         return True
 
     def preempt(self, seq: Sequence) -> None:

@@ -137,6 +137,9 @@ class Sequence:
         """The logits row after the last token: sample the next one, stream the text it completes."""
         if self.t_first is None:
             self.t_first = time.perf_counter()
+        if self.n_gen >= self.limit:   # max_tokens=0: the prompt is evaluated, nothing is generated
+            self.finish("length")
+            return
         history = self.tokens if len(self.tokens) <= self.keep_history else self.tokens[-self.keep_history:]
         token = self.sampler.sample(logits, history)
         self.sampler.accept(token)   # advances the grammar (if any) past this token

@@ -317,6 +317,15 @@ class BlockManager:
         return True
 
     # ------------------------------------------------------------------ bookkeeping
+    def cacheable_until(self, seq: SeqKV) -> int:
+        """Positions of seq below this may be filed in the prefix cache (a context shift makes later ones unfit)."""
+        return min(seq.n_past, self._state(seq).exact_until)
+
+    def limit_cacheable(self, seq: SeqKV, n: int) -> None:
+        """Never file positions of seq from n on (a restored session that had been shifted)."""
+        state = self._state(seq)
+        state.exact_until = min(state.exact_until, max(0, int(n)))
+
     def stats(self) -> dict:
         """Blocks used (referenced) / free / cached (unreferenced, evictable) per group; prefix hits and misses
         in tokens (counted by each sequence's first allocate)."""

@@ -2,8 +2,20 @@
 
 For CPUs where the C core cannot be built. Same contract as the other backends: weights stay in the GGUF
 mmap (each matrix a read-only uint8 [n_out, n_blocks, block_bytes] view, decoded inside the dot products), the
-KV cache is the driver's own arrays, and `forward` writes the new tokens' K/V at slot = position (a
-sliding-window layer's ring: position % n_ring, mirrored), then attends causally.
+KV cache is the driver's own arrays, and `forward` writes the new tokens' K/V, then attends causally. Two kinds of
+cache, one attention kernel (kernels.py, section 5: a walk over a sequence's blocks, as native/forward.c does):
+a paged SeqKV (kv/paged.py: slot position % block of block table[position // block], per layer group), or a
+contiguous KVCache seen as one block of n_ctx rows (slot = position) and, for its sliding-window rings, one
+block of 2 * n_ring rows (slot = position % n_ring, written twice).
+
+Batch invariance: a token's logits do not depend on the other sequences of a batch (forward_batch runs each
+sequence alone), nor on whether its cache is paged or contiguous, nor on where its blocks lie (bit for bit). Within
+one sequence they are bit-identical across prefills of any split into pieces of 3 tokens or more, and across
+decode steps of 1 or 2 tokens, but a token decoded alone and the same token inside a prefill differ in the last
+bits: the matmuls decode weights inside the dot product for 1-2 tokens and dequantize tiles for more (kernels.py),
+two summation orders, and one order for both costs 1.9x the decode time or 2-4x the prefill time (measured, see
+tests/test_numba_paged.py). For the same reason a prefill's last-token-only logits (one row through the output
+matmul) equal its all_logits row up to summation order, not bit for bit.
 
 One layer loop for both architectures, as in native/forward.c: Gemma 3 is the llama step with options
 (see edgellm/arch/gemma3.py for where each comes from): embeddings scaled by sqrt(n_embd), a per-head RMSNorm
@@ -33,10 +45,11 @@ if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
 import numba
 
 from ...arch import gemma3
-from ...errors import ContextLengthError
 from ...engine.backend import forward_by_sequence
 from ...engine.batch import Batch
-from ...kv_cache import KVCache
+from ...errors import BatchError
+from ...kv.paged import SeqKV
+from ...kv_cache import encode
 from ...quant import GGMLType, row_nbytes, type_name
 from ...quant.reference import dequantize
 from . import kernels as K
@@ -222,72 +235,157 @@ class NumbaBackend:
         return w
 
     # ---- forward -------------------------------------------------------------------------------------
-    def _check(self, tokens, positions, cache: KVCache) -> tuple[np.ndarray, np.ndarray]:
-        hp = self.hparams
-        tokens = np.ascontiguousarray(np.asarray(tokens).reshape(-1), dtype=np.int64)
-        positions = np.ascontiguousarray(np.asarray(positions).reshape(-1), dtype=np.int64)
-        if tokens.size == 0 or tokens.size != positions.size:
-            raise ValueError(f"need as many positions as tokens (and at least one): "
-                             f"{tokens.size} tokens, {positions.size} positions")
-        if tokens.min() < 0 or tokens.max() >= hp.n_vocab:
-            raise ValueError(f"token id out of range [0, {hp.n_vocab}): {tokens.min()}..{tokens.max()}")
-        if positions.min() < 0 or positions.max() >= cache.n_ctx:
-            raise ContextLengthError(f"position {positions.min()}..{positions.max()} does not fit the context "
-                                     f"of {cache.n_ctx}")
-        cache.check_model(hp.n_layer, hp.n_head_kv, hp.head_dim, self._windows)
-        return tokens, positions
+    def _layers(self, kv) -> tuple[list, list, tuple[str, str]]:
+        """How `kv` (a contiguous KVCache or a paged SeqKV) lays out each layer, as the attention kernels walk it (see
+        kernels.py, section 5): (per layer (group, window, k, v, k bits, v bits), per group (block, ring), the K and V
+        row types).
 
-    def _spans(self, cache: KVCache, il: int, positions: np.ndarray, memo: dict) -> tuple:
-        """What each new token attends to in layer il: (k, v, first row, row count, parallel?). Layers of one kind
-        (window, ring or not) share the rows and counts: computed once per forward (memo)."""
-        kc, vc, ring = cache.layer_arrays(il)          # [n_kv, rows, row]
-        kc = kc.view(np.uint16) if kc.dtype == np.float16 else kc   # numba has no float16: it reads the bits
-        vc = vc.view(np.uint16) if vc.dtype == np.float16 else vc
-        window = self._windows[il]
-        key = (window, ring, cache.layer_slot[il][0])
-        if key not in memo:
-            # the window, and what a ring still holds (cache.first_visible); the model's window also applies
-            # when the cache was made without windows
-            first = cache.first_visible(il, positions)
+        k, v: [n_blocks, n_kv_head, block, row], what the stores write (a KVCache layer: one block of n_ctx rows, a
+        ring: one block of 2 * n_ring rows); the bits are what the kernels read (float16 as uint16: numba has no
+        float16). Kept on the view and rebuilt only when its arrays change (the decode loop binds the same view every
+        step); block tables are read afresh each call (the block manager edits them)."""
+        if isinstance(kv, SeqKV):
+            pool = kv.pool
+            state = (self, pool, *pool.k, *pool.v)
+        else:
+            state = (self, kv, kv.k, kv.v, kv.k_swa, kv.v_swa)
+        bound = getattr(kv, "_numba", None)
+        if bound is not None and len(bound[0]) == len(state) and all(x is y for x, y in zip(bound[0], state)):
+            return bound[1]
+        hp = self.hparams
+        kv.check_model(hp.n_layer, hp.n_head_kv, hp.head_dim, self._windows)
+        arrays = []
+        if isinstance(kv, SeqKV):
+            groups = [(pool.block, 0)] * pool.n_groups
+            for g, idx in pool.layer_group:
+                arrays.append((g, pool.k[g][idx], pool.v[g][idx]))
+        else:
+            groups = [(kv.n_ctx, 0)] + ([(2 * kv.n_ring, kv.n_ring)] if kv.n_ring else [])
+            for il, (swa, _) in enumerate(kv.layer_slot):
+                k, v, _ = kv.layer_arrays(il)
+                arrays.append((int(swa), k[None], v[None]))
+        for _, k, v in arrays:
+            for a in (k, v):
+                if a.ndim != 4 or a.shape[1] != hp.n_head_kv or not a.flags.c_contiguous or not a.flags.writeable:
+                    raise ValueError(f"KV cache arrays must be writable C-contiguous [blocks, {hp.n_head_kv} kv heads, "
+                                     f"slots, row] arrays, got {a.shape}")
+
+        def bits(a):
+            return a.view(np.uint16) if a.dtype == np.float16 else a
+
+        layers = [(g, self._windows[il], k, v, bits(k), bits(v)) for il, (g, k, v) in enumerate(arrays)]
+        kv._numba = (state, (layers, groups, (kv.type_k, kv.type_v)))
+        return kv._numba[1]
+
+    @staticmethod
+    def _tables(kv) -> list[np.ndarray]:
+        """The block table of each group: a SeqKV's own, [0] for a contiguous cache and a ring (one block)."""
+        if isinstance(kv, SeqKV):
+            return [t if t.dtype == np.int32 and t.flags.c_contiguous else np.ascontiguousarray(t, np.int32)
+                    for t in kv.tables]
+        return [K.ONE_BLOCK] * (2 if kv.n_ring else 1)
+
+    def _spans(self, kv, layers, groups, tables, positions) -> dict:
+        """What each token attends to in each kind of layer (group, window): {(group, window): (off, count)}, the walk
+        from slot off[t] over count[t] rows. The window (the model's, and what the cache still holds:
+        kv.first_visible) gives the first position; a ring's slot is that mod n_ring. For a SeqKV, every block the
+        call reads or writes must be in the sequence's table and the pool: a BatchError otherwise."""
+        spans = {}
+        for il, (g, window, *_) in enumerate(layers):
+            key = (g, window)
+            if key in spans:
+                continue
+            first = kv.first_visible(il, positions)
             if window:
                 first = np.maximum(first, positions - (window - 1))
-            count = positions + 1 - first
-            rows = first % ring if ring else first
-            work = int(count.sum()) * self.hparams.n_head * self.hparams.head_dim
-            memo[key] = (np.ascontiguousarray(rows, np.int64), np.ascontiguousarray(count, np.int64),
-                         work >= ATTN_SERIAL_WORK)
-        return (kc, vc) + memo[key]
+            block, ring = groups[g]
+            if isinstance(kv, SeqKV):
+                # positions increase (validated), so do the first positions: one run of table entries holds all
+                self._check_blocks(kv, g, tables[g], int(first[0]), int(positions[-1]))
+            off = first % ring if ring else first
+            spans[key] = (np.ascontiguousarray(off, np.int64), np.ascontiguousarray(positions + 1 - first, np.int64))
+        return spans
+
+    @staticmethod
+    def _check_blocks(kv, g: int, table: np.ndarray, lo: int, hi: int) -> None:
+        """BatchError unless positions [lo, hi] of group g have blocks: table entries >= 0 naming blocks of the pool."""
+        block, n_blocks = kv.pool.block, kv.pool.n_blocks[g]
+        b0, b1 = lo // block, hi // block
+        ids = table[b0:b1 + 1]
+        if b1 < table.size and ids.min() >= 0 and ids.max() < n_blocks:
+            return
+        layers = "full-context" if g == 0 else "sliding-window"
+        if b1 >= table.size:
+            raise BatchError(f"the sequence's block table of its {layers} layers has {table.size} entries; positions "
+                             f"up to {hi} need {b1 + 1}")
+        i = b0 + int(np.flatnonzero((ids < 0) | (ids >= n_blocks))[0])
+        what = "no block (-1)" if table[i] < 0 else f"block {int(table[i])}, outside the pool's {n_blocks} blocks"
+        raise BatchError(f"the sequence's {layers} layers have {what} for positions {i * block}..{(i + 1) * block - 1} "
+                         f"(block table entry {i}), which this step reads or writes (positions {lo}..{hi})")
+
+    def _validate(self, batch: Batch, cache, step: int) -> None:
+        """The shared validator (Batch.validate: the errors every backend gives). A batch longer than a ring's
+        max_batch, which the validator refuses as one batch, runs here in pieces of `step` tokens: each piece is
+        validated as the batch it is, and positions must still increase across the pieces."""
+        n_vocab = self.hparams.n_vocab
+        if len(batch) <= cache.max_batch:
+            batch.validate([cache], n_vocab)
+            return
+        if np.any(np.diff(batch.positions) <= 0):
+            raise BatchError("positions of sequence 0 must increase from token to token")
+        for s in range(0, len(batch), step):
+            Batch.of_one(batch.tokens[s:s + step], batch.positions[s:s + step]).validate([cache], n_vocab)
 
     def forward_batch(self, batch: Batch, kvs) -> np.ndarray:
         return forward_by_sequence(self.forward, self.hparams.n_vocab, batch, kvs)
 
-    def forward(self, tokens, positions, cache: KVCache, all_logits: bool = False) -> np.ndarray:
-        """Run tokens [n] at positions [n]; K/V go into the cache (kv_cache.py: row = position, or mod the ring).
-        Returns float32 [n or 1, n_vocab].
-        The driver advances cache.n_past. A batch longer than the cache's max_batch (a ring keeps the windows of
-        at most that many new tokens) runs in pieces of that size."""
-        tokens, positions = self._check(tokens, positions, cache)
+    def forward(self, tokens, positions, cache, all_logits: bool = False) -> np.ndarray:
+        """Run tokens [n] of one sequence at increasing positions [n]; their K/V go into `cache`, a KVCache (slot =
+        position, or mod the ring, mirrored) or a SeqKV (slot position % block of block table[position // block]).
+        Returns float32 [n or 1, n_vocab]. The driver advances cache.n_past. A batch longer than n_batch or than the
+        cache's max_batch (a ring keeps the windows of at most that many new tokens) runs in pieces of that size."""
+        batch = Batch.of_one(tokens, positions, all_logits)
+        n, step = len(batch), max(1, min(self.n_batch, cache.max_batch))
+        self._validate(batch, cache, step)
+        layers, groups, types = self._layers(cache)
+        tables = self._tables(cache)
+        # int64, as the kernels were compiled for
+        tokens, positions = batch.tokens.astype(np.int64), batch.positions.astype(np.int64)
+        spans = self._spans(cache, layers, groups, tables, positions)   # checks every block before any write
         numba.set_num_threads(self.n_threads)  # per calling thread in numba: set it where forward runs
-        n, step = tokens.size, cache.max_batch
         if n <= step:
-            return self._forward(tokens, positions, cache, "all" if all_logits else "last")
+            return self._forward(tokens, positions, layers, groups, types, tables, spans,
+                                 "all" if all_logits else "last")
         parts = []
         for s in range(0, n, step):
-            last = s + step >= n
-            out = self._forward(tokens[s:s + step], positions[s:s + step], cache,
-                                "all" if all_logits else "last" if last else None)
+            e = min(n, s + step)
+            piece = {key: (off[s:e], count[s:e]) for key, (off, count) in spans.items()}
+            out = self._forward(tokens[s:e], positions[s:e], layers, groups, types, tables, piece,
+                                "all" if all_logits else "last" if e == n else None)
             if out is not None:
                 parts.append(out)
         return np.concatenate(parts) if all_logits else parts[-1]
 
-    def _forward(self, tokens, positions, cache: KVCache, logits_of: str | None) -> np.ndarray | None:
-        """One piece of a batch (at most cache.max_batch tokens): logits of "all" its tokens, of the "last", or
-        None (an earlier piece of a longer batch)."""
+    def _forward(self, tokens, positions, layers, groups, types, tables, spans,
+                 logits_of: str | None) -> np.ndarray | None:
+        """One piece of a batch (at most max_batch tokens): logits of "all" its tokens, of the "last", or None (an
+        earlier piece of a longer batch)."""
         hp = self.hparams
         n, nt, tab, half, eps = tokens.size, self.n_threads, self._tab, K.HALF, hp.rms_eps
         w = self._workspace(n)
         x, h = w.x, w.h
-        norms, memo = self._norms, {}
+        norms = self._norms
+        type_k, type_v = types
+        # where the tokens' K/V rows go, per group: (block ids, slots, ring: a second copy at slot + ring)
+        where = []
+        for g, (block, ring) in enumerate(groups):
+            if ring:
+                where.append((np.zeros(n, np.int64), positions % ring, ring))
+            else:
+                where.append((tables[g][positions // block], positions % block, 0))
+        # per kind of layer: (off, count, parallel?)
+        walks = {key: (off, count, int(count.sum()) * hp.n_head * hp.head_dim >= ATTN_SERIAL_WORK)
+                 for key, (off, count) in spans.items()}
 
         t_embd, w_embd = self._mats["token_embd.weight"]
         K.get_rows(t_embd, w_embd, tokens, x, tab)
@@ -295,6 +393,7 @@ class NumbaBackend:
             x *= self._embd_scale
         for il, (qkv, o, ffn_up, ffn_down) in enumerate(w.layers):
             p = f"blk.{il}."
+            g, window, kc, vc, kb, vb = layers[il]
             # attention block
             K.rmsnorm(x, norms[p + "attn_norm.weight"], eps, h)
             for fn, ws, ys in qkv:
@@ -306,12 +405,19 @@ class NumbaBackend:
             K.rope(w.q3, positions, inv_freq, self._neox)
             K.rope(w.k3, positions, inv_freq, self._neox)
             # into the cache in its own row type (f16: numpy rounds to nearest even; q8_0: ggml's rule)
-            cache.store(il, positions, w.k3.transpose(1, 0, 2), w.v3.transpose(1, 0, 2))
-            kc, vc, first, count, parallel = self._spans(cache, il, positions, memo)
+            blocks, slots, ring = where[g]
+            ke, ve = encode(w.k3, type_k), encode(w.v3, type_v)     # [n, n_kv_head, row]
+            kc[blocks, :, slots] = ke
+            vc[blocks, :, slots] = ve
+            if ring:
+                kc[blocks, :, slots + ring] = ke
+                vc[blocks, :, slots + ring] = ve
+            off, count, parallel = walks[(g, window)]
+            table, block = tables[g], groups[g][0]
             if parallel:
-                K.attention(w.q3, kc, vc, first, count, self._scale, w.att3, nt)
+                K.attention_blocks(w.q3, kb, vb, table, block, off, count, self._scale, w.att3, nt)
             else:
-                K.attention_serial(w.q3, kc, vc, first, count, self._scale, w.att3)
+                K.attention_blocks_serial(w.q3, kb, vb, table, block, off, count, self._scale, w.att3)
             for fn, ws, ys in o:
                 fn(ws, ys, w.att, tab, half, nt)
             if self._post_norms:
@@ -331,7 +437,9 @@ class NumbaBackend:
         if logits_of is None:
             return None
         if logits_of == "last":
-            x = x[-1:]                                  # [1, e], still C-contiguous
+            # [1, e], still C-contiguous. The output matmul then takes the fused decode path, as for a decode step:
+            # this row equals the all_logits one up to summation order only (test_numba_paged.test_decode_vs_prefill)
+            x = x[-1:]
         out = np.empty_like(x)
         K.rmsnorm(x, norms["output_norm.weight"], eps, out)
         logits = np.empty((out.shape[0], hp.n_vocab), np.float32)  # fresh: the caller keeps it

@@ -14,8 +14,9 @@ Layout of this file:
    The K-quants (Q4_K, Q5_K, Q6_K) are such pairs: the driver cuts their rows into 256-element
    super-blocks, and the Q4_K/Q5_K mins fold in with the same 32-element activation sums `xs`;
 4. norms, RoPE, softmax, activations, add;
-5. attention (one query row against a run of a head's K/V rows: the causal span, a sliding window, or a
-   window in a ring; parallel over tokens x heads, or serial for a decode step).
+5. attention (one query row against a walk over a head's K/V blocks: a paged sequence's block table, a
+   contiguous cache as one block, a window's ring as one block; parallel over tokens x heads, or serial for a
+   decode step).
 
 Choices, measured on this project's 2-core AMD EPYC (AVX-512) with numba 0.68.1 / llvmlite 0.50:
 - Activations stay float32. An int8 activation path (as the native core and llama.cpp do) does not pay off
@@ -1084,60 +1085,99 @@ def add(a, b, y):
 
 
 # ---------------------------------------------------------------------------------------------------
-# 5. Attention
+# 5. Attention, over a sequence's blocks (the native core's walk, native/forward.c)
+#    One layer of the cache is k, v: [n_blocks, n_kv_head, block, row] (kv/paged.py's layout: block b of KV head h
+#    holds `block` consecutive rows). A token's span is a walk: row j of it (j < count) is slot (off + j) % block
+#    of block table[(off + j) // block]. The three caches are three walks over this one kernel:
+#      paged (SeqKV):           the pool's blocks, the sequence's block table, off = first visible position;
+#      contiguous (KVCache):    one block of n_ctx rows, table [0], off = first visible position;
+#      a window layer's ring:   one block of 2 * n_ring rows, table [0], off = first visible position % n_ring
+#                               (every position is written twice, so a window never wraps).
+#    A row's score and its place in the softmax and the V sum do not depend on where its block lies: the same span
+#    over a block table or over a contiguous cache gives bit-identical outputs.
 # ---------------------------------------------------------------------------------------------------
 @njit(**_JIT)
-def attn_head(q, k, v, r0, n_kv, scale, scores, out):
-    """One query row against rows [r0, r0 + n_kv) of one KV head.
+def attn_head(q, k, v, kh, table, block, off, n_kv, scale, scores, out):
+    """One query row against the n_kv rows of KV head kh walked from slot `off` through `table` (see above).
 
-    q: float32 [hd]; k, v: [rows, row] cache rows (see kv_dot); scores: float32 scratch [>= n_kv];
-    out: float32 [hd] = softmax(scale * K q) @ V.
+    q: float32 [hd]; k, v: [n_blocks, n_kv_head, block, row] cache rows (see kv_dot); table: int32 block ids;
+    scores: float32 scratch [>= n_kv]; out: float32 [hd] = softmax(scale * K q) @ V.
     """
-    for s in range(n_kv):
-        scores[s] = kv_dot(q, k[r0 + s]) * scale
+    s = 0
+    j = off
+    while s < n_kv:                        # K: one contiguous run of rows per block
+        bi = j // block
+        sl = j - bi * block
+        m = min(block - sl, n_kv - s)
+        kb = k[table[bi], kh]
+        for r in range(m):
+            scores[s + r] = kv_dot(q, kb[sl + r]) * scale
+        s += m
+        j += m
     sc = scores[:n_kv]
     softmax(sc)
     for d in range(out.size):
         out[d] = 0
-    for s in range(n_kv):
-        kv_axpy(sc[s], v[r0 + s], out)
+    s = 0
+    j = off
+    while s < n_kv:                        # V: the same walk, rows summed in position order
+        bi = j // block
+        sl = j - bi * block
+        m = min(block - sl, n_kv - s)
+        vb = v[table[bi], kh]
+        for r in range(m):
+            kv_axpy(sc[s + r], vb[sl + r], out)
+        s += m
+        j += m
 
 
 @njit(**_JIT)
-def _attention_items(q, k, v, first, count, scale, out, i0, i1, scores):
+def _attention_items(q, k, v, table, block, off, count, scale, out, i0, i1, scores):
     """Items [i0, i1) of the (token, head) grid; scores: float32 scratch [>= max count]."""
     n_head = q.shape[1]
-    group = n_head // k.shape[0]
+    group = n_head // k.shape[1]
     for it in range(i0, i1):
         t = it // n_head
         h = it - t * n_head
-        kh = h // group
-        attn_head(q[t, h], k[kh], v[kh], first[t], count[t], scale, scores, out[t, h])
+        attn_head(q[t, h], k, v, h // group, table, block, off[t], count[t], scale, scores, out[t, h])
 
 
 @njit(**_JIT_PAR)
-def attention(q, k, v, first, count, scale, out, n_thr):
-    """Attention of new tokens over one layer of the cache: token t sees the `count[t]` rows starting at row
-    `first[t]` (the cache already holds the new tokens).
+def attention_blocks(q, k, v, table, block, off, count, scale, out, n_thr):
+    """Attention of new tokens over one layer of the cache (which already holds them): token t sees the count[t]
+    rows of the walk from slot off[t] through `table` (see above).
 
-    Full-context layers (llama, Gemma 3's global layers): row = position, first = 0 (or the window's first
-    position), count = position + 1 - first. Sliding-window rings (kv_cache.py): first = first visible
-    position % n_ring; the ring's mirror copy makes every window one contiguous run of rows.
-    q: float32 [n_tok, n_head, hd] (after RoPE); k, v: [n_kv_head, rows, row] one layer of the cache, float32,
-    float16 bits (uint16) or q8_0 bytes (uint8); first, count: int [n_tok]; scale multiplies Q.K;
-    out: float32 [n_tok, n_head, hd]; n_thr: numba's thread count (see the matmul drivers).
-    Query head h reads KV head h // (n_head / n_kv_head) (GQA). Parallel over (token, head) pairs.
+    q: float32 [n_tok, n_head, hd] (after RoPE); k, v: [n_blocks, n_kv_head, block, row] float32, float16 bits
+    (uint16) or q8_0 bytes (uint8); table: int32 [n_table], every block a walk reaches a valid id (the backend
+    checks); off, count: int [n_tok]; scale multiplies Q.K; out: float32 [n_tok, n_head, hd]; n_thr: numba's
+    thread count (see the matmul drivers). Query head h reads KV head h // (n_head / n_kv_head) (GQA). Parallel over
+    (token, head) pairs; each pair is computed by the same code as in attention_blocks_serial.
     """
     n_items = q.shape[0] * q.shape[1]
     n_thr = max(1, min(n_thr, n_items))
     n_slots = count.max()
     for c in prange(n_thr):
         i0, i1 = _chunk(c, n_thr, n_items)
-        _attention_items(q, k, v, first, count, scale, out, i0, i1, np.empty(n_slots, F32))
+        _attention_items(q, k, v, table, block, off, count, scale, out, i0, i1, np.empty(n_slots, F32))
 
 
 @njit(**_JIT)
-def attention_serial(q, k, v, first, count, scale, out):
-    """attention() on the calling thread: for a decode step over a short context the work is smaller than
+def attention_blocks_serial(q, k, v, table, block, off, count, scale, out):
+    """attention_blocks() on the calling thread: for a decode step over a short context the work is smaller than
     the cost of waking the workers."""
-    _attention_items(q, k, v, first, count, scale, out, 0, q.shape[0] * q.shape[1], np.empty(count.max(), F32))
+    _attention_items(q, k, v, table, block, off, count, scale, out, 0, q.shape[0] * q.shape[1],
+                     np.empty(count.max(), F32))
+
+
+ONE_BLOCK = np.zeros(1, np.int32)   # the table of a contiguous cache or a ring: one block holding every row
+
+
+def attention(q, k, v, first, count, scale, out, n_thr):
+    """attention_blocks over a contiguous layer k, v: [n_kv_head, rows, row] (one block of every row, table [0]):
+    token t sees rows first[t] .. first[t] + count[t] - 1."""
+    attention_blocks(q, k[None], v[None], ONE_BLOCK, k.shape[1], first, count, scale, out, n_thr)
+
+
+def attention_serial(q, k, v, first, count, scale, out):
+    """attention_blocks_serial over a contiguous layer (as attention())."""
+    attention_blocks_serial(q, k[None], v[None], ONE_BLOCK, k.shape[1], first, count, scale, out)
