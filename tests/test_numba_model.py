@@ -102,10 +102,12 @@ def test_kv_written_at_positions(backend):
     backend.forward(np.array([5, 6, 7], np.int32), np.array([0, 1, 2], np.int32), cache)
     assert np.all(np.any(cache.k[:, :, :3] != 0, axis=-1))
     assert np.all(cache.k[:, :, 3:] == 0) and np.all(cache.v[:, :, 3:] == 0)
-    # non-consecutive positions go to their own slots
-    backend.forward(np.array([8, 9], np.int32), np.array([10, 7], np.int32), cache)
+    # non-consecutive (increasing) positions go to their own slots
+    backend.forward(np.array([8, 9], np.int32), np.array([7, 10], np.int32), cache)
     assert np.all(np.any(cache.k[:, :, [7, 10]] != 0, axis=-1))
     assert np.all(cache.k[:, :, [3, 4, 5, 6, 8, 9, 11]] == 0)
+    with pytest.raises(ValueError, match="increase"):   # decreasing positions: every backend refuses them
+        backend.forward(np.array([8, 9], np.int32), np.array([12, 11], np.int32), cache)
 
 
 def test_rejects_bad_input(backend):
