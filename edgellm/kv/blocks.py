@@ -203,6 +203,8 @@ class BlockManager:
         own and unfiled. A sequence with nothing stored first takes the cached prefix of token_ids[:n_total]
         (seq.n_past becomes the hit; token_ids None: no hit, e.g. a sequence that wants the logits of every token). Returns False, changing nothing, when the pool lacks the blocks."""
         self._state(seq)
+        if self._writable(seq, n_total):   # the decode step's usual case: nothing to take or copy
+            return True
         plan = self._plan(seq, token_ids, n_total)
         if any(need > self.num_free(g) for g, need in enumerate(plan.need)):
             return False
@@ -224,6 +226,19 @@ class BlockManager:
             self.pool.v[g][:, new] = self.pool.v[g][:, old]
             seq.tables[g][j] = new
             self._drop(g, old)
+        return True
+
+    def _writable(self, seq: SeqKV, n_total: int) -> bool:
+        """seq already holds every block that positions [n_past, n_total) are written to, privately and unfiled
+        (then allocate has nothing to do; the window group's earlier blocks were checked when they were taken)."""
+        B, n_past = self.pool.block, seq.n_past
+        if n_past == 0 or not n_past < n_total <= seq.n_ctx:
+            return False
+        for g, table in enumerate(seq.tables):
+            for j in range(n_past // B, -(-n_total // B)):
+                b = int(table[j])
+                if b < 0 or self._ref[g][b] != 1 or self._hash[g][b] is not None:
+                    return False
         return True
 
     # ------------------------------------------------------------------ giving back
