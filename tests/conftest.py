@@ -124,3 +124,16 @@ def assert_matches_llamacpp(cases, logits_of, label: str) -> None:
           f"mean |logit diff| at top-10 = {errs.mean():.4f}")
     assert agree.mean() >= 0.95, f"{label}: top-1 agrees at {agree.mean():.3f} of positions"
     assert errs.mean() <= 0.25, f"{label}: mean |logit - llama.cpp| = {errs.mean():.3f}"
+
+
+class Forced:
+    """A sampler that picks the given tokens in turn (a Sequence's sampler, to feed it a fixed continuation)."""
+
+    def __init__(self, tokens):
+        self.tokens = iter(tokens)
+
+    def sample(self, logits, history):
+        return next(self.tokens)
+
+    def accept(self, token):
+        pass

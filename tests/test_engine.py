@@ -199,6 +199,16 @@ def _seq(model, ids, n, **kw):
     return Sequence(ids, GREEDY, model.tokenizer, n_ctx=kw.pop("n_ctx", 2048), max_tokens=n, **kw)
 
 
+def _drain(seq) -> str:
+    """The text a finished sequence streamed (no errors among its records)."""
+    parts = []
+    while not seq.out.empty():
+        r = seq.out.get()
+        assert not isinstance(r, BaseException), r
+        parts.append(r.text)
+    return "".join(parts)
+
+
 def _text(core, seq):
     return "".join(r.text for r in core.generate(seq))
 
@@ -239,14 +249,7 @@ def test_sixteen_sequences_in_a_pool_for_sixteen(smollm2_model, backend):
         core.step()
         used = max(used, core.blocks.stats()["groups"][0]["used"])
     assert used <= 160
-    results = []
-    for s in seqs:
-        parts = []
-        while not s.out.empty():
-            r = s.out.get()
-            assert not isinstance(r, BaseException), r
-            parts.append(r.text)
-        results.append("".join(parts))
+    results = [_drain(s) for s in seqs]
     assert all(s.finish_reason == "length" and s.n_gen == 40 for s in seqs)
     alone_core = EngineCore.for_model(smollm2_model, backend, 2048, budget=None, prefix_cache=False)
     for i in (0, 7, 15):
@@ -267,14 +270,7 @@ def test_preempted_sequences_are_recomputed_with_the_same_text(smollm2_model, ba
     while any(not s.finished for s in seqs):
         core.step()
     assert core.scheduler.n_preempted > 0
-    outs = []
-    for s in seqs:
-        parts = []
-        while not s.out.empty():
-            r = s.out.get()
-            assert not isinstance(r, BaseException), r
-            parts.append(r.text)
-        outs.append("".join(parts))
+    outs = [_drain(s) for s in seqs]
     alone = EngineCore.for_model(smollm2_model, backend, 1024, budget=None, prefix_cache=False)
     for i in (0, 5):
         assert outs[i] == _text(alone, _seq(smollm2_model, prompts[i], 60, n_ctx=1024))

@@ -24,6 +24,8 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import Forced
+
 NOTES = ("The committee met on Tuesday to review the budget for the new library wing. Maria said the heating "
          "costs had doubled. The architect presented two designs, one with large windows and one with a garden "
          "courtyard, and most people preferred the courtyard. ")
@@ -201,16 +203,6 @@ def test_shifted_keys_equal_a_fresh_evaluation_at_the_new_positions(llm):
     from edgellm.engine.core import EngineCore
     from edgellm.engine.sequence import Sequence
     from edgellm.sampling import SamplingParams
-
-    class Forced:
-        def __init__(self, tokens):
-            self.tokens = iter(tokens)
-
-        def sample(self, logits, history):
-            return next(self.tokens)
-
-        def accept(self, token):
-            pass
 
     ids = llm.tokenize("The quick brown fox jumps over the lazy dog. " * 4)[:40]
     feed = ids + [ids[0]] + ids[1:10]   # 41 tokens in 48 slots: no shift yet; the 49th token forces one

@@ -9,7 +9,7 @@ import types
 import numpy as np
 import pytest
 
-from conftest import EditedModel, forward_in_steps
+from conftest import EditedModel, Forced, forward_in_steps
 
 from edgellm import kv_cache
 from edgellm.kv_cache import KVCache
@@ -212,16 +212,6 @@ def test_gemma_ring_shift_and_session(gemma, tmp_path):
     from edgellm.engine.sequence import Sequence
     from edgellm.sampling import SamplingParams
     from edgellm.session import load_session, save_session
-
-    class Forced:   # a sampler that picks the given tokens
-        def __init__(self, tokens):
-            self.tokens = iter(tokens)
-
-        def sample(self, logits, history):
-            return next(self.tokens)
-
-        def accept(self, token):
-            pass
 
     class Recording(Sequence):
         def on_logits(self, logits):

@@ -277,25 +277,21 @@ class EngineRunner:
             with self._cv:
                 while not self._inbox and not core.has_work() and not self._closed:
                     self._cv.wait()
-                if self._closed:
-                    items = list(self._inbox)
-                    self._inbox.clear()
-                    for kind, item in items:
-                        if kind is None:
-                            item(core)
-                        elif kind:
-                            item.fail(EdgeLLMError("the model was closed"))
-                    core.fail_all(EdgeLLMError("the model was closed"))
-                    return
+                closed = self._closed
                 items = list(self._inbox)
                 self._inbox.clear()
-            for kind, item in items:
+            for kind, item in items:   # kind: None a job for the core, True a new sequence, False a cancellation
                 if kind is None:
                     item(core)
+                elif kind and closed:
+                    item.fail(EdgeLLMError("the model was closed"))
                 elif kind:
                     core.add(item)
                 else:
                     core.abort(item)
+            if closed:
+                core.fail_all(EdgeLLMError("the model was closed"))
+                return
             try:
                 core.step()
             except BaseException as e:   # the backend failed: every running request hears of it
