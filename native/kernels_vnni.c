@@ -38,7 +38,9 @@ INLINE __m256i q5_high(__m256i hb, int g) {   /* bit g of each hb byte -> 0x10 (
 enum { K_Q4_0, K_Q4_1, K_Q5_0, K_Q5_1, K_Q8_0 };
 enum { PF_GROUPS = 2 };   /* row groups of weights prefetched ahead of the one being computed */
 
-/* the hot spot on VNNI CPUs: 8 rows x NT tokens; two accumulators per token halve the vpdpbusd chains */
+/* the hot spot on VNNI CPUs: 8 rows x NT tokens (NT <= 8: AVX-512VL's 32 registers hold 8 tokens' accumulators);
+ * up to 4 tokens, two integer accumulators per token halve the vpdpbusd chains. Integer sums are exact, so a
+ * token's result is the same bits in a tile of 1 or of 8 (the float epilogue is one sequence per token). */
 INLINE void x8_tile(const uint8_t *wg, int nb, int kind, const uint8_t *x, size_t x_stride, int NT,
                     float *y, size_t y_stride, int nrows, const uint8_t *pf) {
     const int has_min = kind == K_Q4_1 || kind == K_Q5_1, q5 = kind == K_Q5_0 || kind == K_Q5_1;
@@ -46,7 +48,9 @@ INLINE void x8_tile(const uint8_t *wg, int nb, int kind, const uint8_t *x, size_
                        : kind == K_Q4_1 ? sizeof(block_q4_1x8) : kind == K_Q5_0 ? sizeof(block_q5_0x8) : sizeof(block_q5_1x8);
     const float offset = kind == K_Q4_0 ? -8.0f : kind == K_Q5_0 ? -16.0f : 0.0f;
     const __m256i m4 = _mm256_set1_epi8(0x0f);
-    __m256 acc[4] = { _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps() };
+    const int two = NT <= 4;   /* a second accumulator per token */
+    __m256 acc[8];
+    for (int t = 0; t < 8; t++) acc[t] = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
         const uint8_t *blk = wg + b * bsize;
         const uint8_t *qs = blk + (has_min ? 32 : 16);
@@ -54,10 +58,10 @@ INLINE void x8_tile(const uint8_t *wg, int nb, int kind, const uint8_t *x, size_
             const uint8_t *p = pf + b * bsize;
             for (size_t o = 0; o < bsize; o += 64) _mm_prefetch((const char *)p + o, _MM_HINT_T0);
         }
-        const block_q8a *a[4];
+        const block_q8a *a[8];
         for (int t = 0; t < NT; t++) a[t] = (const block_q8a *)(x + t * x_stride) + b;
-        __m256i s0[4], s1[4];
-        for (int t = 0; t < 4; t++) s0[t] = s1[t] = _mm256_setzero_si256();
+        __m256i s0[8], s1[8];
+        for (int t = 0; t < 8; t++) s0[t] = s1[t] = _mm256_setzero_si256();
         if (kind == K_Q8_0) {
             for (int g = 0; g < 8; g += 2) {
                 const __m256i w0 = _mm256_loadu_si256((const __m256i *)(qs + 32 * g));
@@ -65,7 +69,8 @@ INLINE void x8_tile(const uint8_t *wg, int nb, int kind, const uint8_t *x, size_
                 const __m256i aw0 = _mm256_abs_epi8(w0), aw1 = _mm256_abs_epi8(w1);  /* u8 operand: |w|, sign on a */
                 for (int t = 0; t < NT; t++) {
                     s0[t] = _mm256_dpbusd_epi32(s0[t], aw0, _mm256_sign_epi8(bcast4(a[t]->qs + 4 * g), w0));
-                    s1[t] = _mm256_dpbusd_epi32(s1[t], aw1, _mm256_sign_epi8(bcast4(a[t]->qs + 4 * g + 4), w1));
+                    if (two) s1[t] = _mm256_dpbusd_epi32(s1[t], aw1, _mm256_sign_epi8(bcast4(a[t]->qs + 4 * g + 4), w1));
+                    else s0[t] = _mm256_dpbusd_epi32(s0[t], aw1, _mm256_sign_epi8(bcast4(a[t]->qs + 4 * g + 4), w1));
                     KEEP(s0[t]); KEEP(s1[t]);
                 }
             }
@@ -77,7 +82,8 @@ INLINE void x8_tile(const uint8_t *wg, int nb, int kind, const uint8_t *x, size_
                 if (q5) { lo = _mm256_or_si256(lo, q5_high(hb, c)); hi = _mm256_or_si256(hi, q5_high(hb, c + 4)); }
                 for (int t = 0; t < NT; t++) {
                     s0[t] = _mm256_dpbusd_epi32(s0[t], lo, bcast4(a[t]->qs + 4 * c));
-                    s1[t] = _mm256_dpbusd_epi32(s1[t], hi, bcast4(a[t]->qs + 16 + 4 * c));
+                    if (two) s1[t] = _mm256_dpbusd_epi32(s1[t], hi, bcast4(a[t]->qs + 16 + 4 * c));
+                    else s0[t] = _mm256_dpbusd_epi32(s0[t], hi, bcast4(a[t]->qs + 16 + 4 * c));
                     KEEP(s0[t]); KEEP(s1[t]);
                 }
             }
@@ -85,7 +91,7 @@ INLINE void x8_tile(const uint8_t *wg, int nb, int kind, const uint8_t *x, size_
         const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk));
         const __m256 mw = has_min ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16))) : dw;
         for (int t = 0; t < NT; t++) {
-            const __m256 p = _mm256_cvtepi32_ps(_mm256_add_epi32(s0[t], s1[t]));
+            const __m256 p = _mm256_cvtepi32_ps(two ? _mm256_add_epi32(s0[t], s1[t]) : s0[t]);
             if (has_min) {
                 acc[t] = _mm256_fmadd_ps(dw, _mm256_mul_ps(p, _mm256_set1_ps(a[t]->d)), acc[t]);
                 acc[t] = _mm256_fmadd_ps(mw, _mm256_set1_ps(a[t]->s), acc[t]);
@@ -99,6 +105,11 @@ INLINE void x8_tile(const uint8_t *wg, int nb, int kind, const uint8_t *x, size_
     for (int t = 0; t < NT; t++) store_rows(y + t * y_stride, acc[t], nrows);
 }
 
+__attribute__((noinline)) static void x8_tile1(const uint8_t *wg, int nb, int kind, const uint8_t *x, float *y,
+                                               int nrows, const uint8_t *pf) {
+    x8_tile(wg, nb, kind, x, 0, 1, y, 0, nrows, pf);
+}
+
 #define GEMM_X8(name, kind, block_t)                                                                    \
     static void name(const void *w, int n_in, int r0, int r1, const void *x, size_t x_stride, int n_tok,  \
                      float *y, size_t y_stride) {                                                       \
@@ -108,10 +119,18 @@ INLINE void x8_tile(const uint8_t *wg, int nb, int kind, const uint8_t *x, size_
             const int nrows = r1 - r < 8 ? r1 - r : 8;                                                  \
             /* prefetch PF_GROUPS row groups ahead, during the first token tile only */                 \
             const uint8_t *pf = r + 8 * PF_GROUPS < r1 ? wg + (size_t)PF_GROUPS * nb * sizeof(block_t) : NULL; \
+            if (n_tok == 1) {   /* the decode step of one sequence: its own compiled loop */           \
+                x8_tile1(wg, nb, kind, (const uint8_t *)x, y + r, nrows, pf);                           \
+                continue;                                                                               \
+            }                                                                                           \
             int t = 0;                                                                                  \
-            for (; t + 4 <= n_tok; t += 4, pf = NULL)                                                   \
-                x8_tile(wg, nb, kind, (const uint8_t *)x + t * x_stride, x_stride, 4, y + t * y_stride + r, y_stride, nrows, pf); \
+            for (; t + 8 <= n_tok; t += 8, pf = NULL)                                                   \
+                x8_tile(wg, nb, kind, (const uint8_t *)x + t * x_stride, x_stride, 8, y + t * y_stride + r, y_stride, nrows, pf); \
             switch (n_tok - t) {                                                                        \
+            case 7: x8_tile(wg, nb, kind, (const uint8_t *)x + t * x_stride, x_stride, 7, y + t * y_stride + r, y_stride, nrows, pf); break; \
+            case 6: x8_tile(wg, nb, kind, (const uint8_t *)x + t * x_stride, x_stride, 6, y + t * y_stride + r, y_stride, nrows, pf); break; \
+            case 5: x8_tile(wg, nb, kind, (const uint8_t *)x + t * x_stride, x_stride, 5, y + t * y_stride + r, y_stride, nrows, pf); break; \
+            case 4: x8_tile(wg, nb, kind, (const uint8_t *)x + t * x_stride, x_stride, 4, y + t * y_stride + r, y_stride, nrows, pf); break; \
             case 3: x8_tile(wg, nb, kind, (const uint8_t *)x + t * x_stride, x_stride, 3, y + t * y_stride + r, y_stride, nrows, pf); break; \
             case 2: x8_tile(wg, nb, kind, (const uint8_t *)x + t * x_stride, x_stride, 2, y + t * y_stride + r, y_stride, nrows, pf); break; \
             case 1: x8_tile(wg, nb, kind, (const uint8_t *)x + t * x_stride, x_stride, 1, y + t * y_stride + r, y_stride, nrows, pf); break; \
