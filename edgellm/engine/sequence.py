@@ -114,6 +114,9 @@ class Sequence:
         self.cancelled = False         # set by any thread; the engine drops the sequence at its next step
         self.rows: list[np.ndarray] = []   # all_logits: the rows so far
         self.out: queue.SimpleQueue = queue.SimpleQueue()
+        # called (on the engine thread) after each record or error is queued: an event loop's wake-up, e.g.
+        # lambda: loop.call_soon_threadsafe(event.set), so async code awaits records without a thread per request
+        self.on_put = None
         self.t_arrival = time.perf_counter()
         self.t_first = None            # when the first token was sampled (prompt time ends)
         self._lp: list = []
@@ -180,6 +183,8 @@ class Sequence:
         self.status = Status.FINISHED
         self.finish_reason = "error"
         self.out.put(error)
+        if self.on_put is not None:
+            self.on_put()
 
     def _put(self, text: str, token: int | None, reason: str | None) -> None:
         now = time.perf_counter()
@@ -188,6 +193,8 @@ class Sequence:
         self.out.put(GenerationResponse(text, token, reason, self.n_prompt,
                                         self.prompt_eval if self.prompt_eval is not None else self.n_prompt,
                                         self.n_gen, t_first - self.t_arrival, now - t_first, lp))
+        if self.on_put is not None:
+            self.on_put()
 
     # ------------------------------------------------------------------ the requesting thread's side
     def records(self, on_close=None) -> Iterator[GenerationResponse]:
