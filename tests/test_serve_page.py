@@ -56,12 +56,6 @@ def test_page_uses_only_relative_urls():
 
 # ---------------------------------------------------------------- the browser
 
-pytestmark_browser = pytest.mark.skipif(
-    not (CHROMIUM and CHROMEDRIVER),
-    reason="headless Chromium not installed: apt-get install chromium chromium-driver (Debian)",
-)
-
-
 @pytest.fixture(scope="module")
 def browser():
     if not (CHROMIUM and CHROMEDRIVER):
@@ -419,3 +413,86 @@ def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+KEY = "sk-page-test-key"
+
+
+@pytest.fixture(scope="module")
+def real_server(smollm2_path):
+    """`edgellm serve` as the CLI builds it (SmolLM2, a key required), on uvicorn in a background thread."""
+    app_mod = pytest.importorskip("edgellm.serve.app", reason="edgellm.serve.app not there yet")
+    uvicorn = pytest.importorskip("uvicorn")
+    from edgellm.serve.config import ServeConfig
+
+    app = app_mod.create_app(ServeConfig(models=[str(smollm2_path)], api_keys=[KEY],
+                                         llm_kwargs={"n_ctx": 2048}))
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    t_end = time.monotonic() + 120
+    while not server.started:
+        assert t.is_alive() and time.monotonic() < t_end, "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}/"
+    server.should_exit = True
+    t.join(30)
+
+
+def _set(drv, element_id, value):
+    el = drv.find_element("id", element_id)
+    el.clear()
+    el.send_keys(str(value))
+
+
+@pytest.mark.slow
+def test_real_server_chat_stream_and_stop(browser, real_server):
+    """A person's walk through the page against the real server and model: the key, the picker, a streamed answer,
+    a long answer stopped, a code answer; the screenshot is tests/artifacts/serve_page.png."""
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select
+
+    drv = browser
+    open_page(drv, real_server)
+    # Auth is on: the page says so in the server's words until the key is given.
+    assert "401" in drv.find_element("id", "error").text
+    drv.find_element("id", "api-key").send_keys(KEY, Keys.TAB)
+    wait(drv, lambda d: d.find_element("id", "model").get_attribute("data-loaded") not in (None, "0"),
+         what="the real server's models")
+    assert drv.find_element("id", "error").text == ""
+    picker = Select(drv.find_element("id", "model"))
+    ids = [o.get_attribute("value") for o in picker.options]
+    assert len(ids) == 1 and "smollm2" in ids[0].lower(), ids
+    picker.select_by_value(ids[0])
+    _set(drv, "temperature", 0)
+
+    # A short answer streams in pieces and finishes.
+    _set(drv, "max-tokens", 48)
+    type_and_enter(drv, "Hi! Who are you?")
+    lengths, status = watch_stream(drv, timeout=120)
+    assert status == "done", drv.find_element("id", "error").text
+    assert len(lengths) >= 3 and lengths == sorted(lengths), f"the answer should grow as it streams: {lengths}"
+    assert last_answer(drv).get_attribute("data-finish") in ("stop", "length")
+    assert ui_idle(drv)
+
+    # A long one is stopped midway: the stream ends, the UI is ready at once, and the server is free for the next.
+    _set(drv, "max-tokens", 1500)
+    type_and_enter(drv, "Write a very long story about a dragon who learns to bake bread. Make it long.")
+    wait(drv, lambda d: len(answer_text(d)) > 120, timeout=120, what="the long story to start")
+    drv.find_element("id", "stop").click()
+    wait(drv, lambda d: last_answer(d).get_attribute("data-status") == "stopped", timeout=5, what="the stop")
+    assert ui_idle(drv)
+    stopped_at = answer_text(drv)
+    time.sleep(0.5)
+    assert answer_text(drv) == stopped_at
+
+    _set(drv, "max-tokens", 160)
+    type_and_enter(drv, "Write a Python function that adds two numbers, in a code block.")
+    t0 = time.monotonic()
+    lengths, status = watch_stream(drv, timeout=120)
+    assert status == "done", drv.find_element("id", "error").text
+    assert time.monotonic() - t0 < 90, "the stopped story should not hold the engine"
+    assert len(drv.find_elements("css selector", "#log .msg")) == 6
+    assert not severe_console_errors(drv)
+    drv.save_screenshot(str(_artifact("serve_page.png")))
