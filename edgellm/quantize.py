@@ -401,8 +401,9 @@ def quantize_model(in_path: str | os.PathLike, out_path: str | os.PathLike, qtyp
     if n_threads is None:
         from .backends.loader import default_threads
         n_threads = default_threads()
-    if n_threads < 1:
-        raise QuantizeError(f"threads must be at least 1, got {n_threads}")
+    from .backends.loader import MAX_THREADS
+    if isinstance(n_threads, bool) or not isinstance(n_threads, int) or not 1 <= n_threads <= MAX_THREADS:
+        raise QuantizeError(f"threads must be an integer from 1 to {MAX_THREADS}, got {n_threads!r}")
     in_path, out_path = Path(in_path), Path(out_path)
     t0 = time.perf_counter()
     try:

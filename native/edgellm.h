@@ -106,6 +106,7 @@ const char *el_isa_best(void);               /* best this CPU supports */
 int el_set_isa(const char *name);            /* 0, or -1 if unknown / unsupported here */
 
 /* ---- thread pool ---- */
+enum { EL_MAX_THREADS = 512 };               /* more are refused by the Python side, capped here */
 el_pool *el_pool_new(int n_threads);
 void el_pool_free(el_pool *pool);
 int el_pool_size(const el_pool *pool);

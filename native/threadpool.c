@@ -101,6 +101,7 @@ static void *worker(void *arg_) {
 
 el_pool *el_pool_new(int n_threads) {
     if (n_threads < 1) n_threads = 1;
+    if (n_threads > EL_MAX_THREADS) n_threads = EL_MAX_THREADS;   /* Python refuses more with a clear error */
     el_pool *p = calloc(1, sizeof *p);
     if (!p) return NULL;
     p->n = n_threads;
@@ -109,8 +110,10 @@ el_pool *el_pool_new(int n_threads) {
     pthread_cond_init(&p->cv, NULL);
     pthread_mutex_init(&p->run_mu, NULL);
     p->threads = calloc((size_t)n_threads, sizeof(pthread_t));
+    if (!p->threads) n_threads = p->n = 1;   /* no room for the table: the calling thread alone */
     for (int i = 1; i < n_threads; i++) {
         worker_arg *a = malloc(sizeof *a);
+        if (!a) { p->n = i; break; }
         a->p = p;
         a->ith = i;
         if (pthread_create(&p->threads[i], NULL, worker, a) != 0) {  /* run with fewer threads */

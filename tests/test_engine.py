@@ -341,3 +341,17 @@ def test_reference_backend_runs_sequences_independently(smollm2_model):
     kv.n_past = 11
     step = be.forward(a[11:], np.array([11]), kv)[0]
     np.testing.assert_allclose(step, alone[11], atol=2e-3 * np.abs(alone[11]).max())
+
+
+def test_thread_counts_are_bounded(smollm2_path, tmp_path):
+    """-t of 10**9 or 2**31 is a clear error, not a hang, a segfault or an OverflowError (issue 21, defect 1)."""
+    from edgellm import LLM
+    from edgellm.errors import EdgeLLMError
+    from edgellm.quantize import QuantizeError, quantize_model
+
+    for bad in (0, 10**9, 2**31, 2.5, True):
+        with pytest.raises(EdgeLLMError, match="n_threads must be an integer from 1 to 512"):
+            LLM(smollm2_path, n_threads=bad)
+        with pytest.raises(QuantizeError, match="threads must be an integer from 1 to 512"):
+            quantize_model(smollm2_path, tmp_path / "out.gguf", "q8_0", n_threads=bad)
+    assert not (tmp_path / "out.gguf").exists()

@@ -16,6 +16,17 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+MAX_THREADS = 512   # llama.cpp's GGML_MAX_N_THREADS; the C core caps its pool there too
+
+
+def check_threads(n_threads, what: str = "n_threads") -> None:
+    """EdgeLLMError unless n_threads is None or an integer in [1, MAX_THREADS]."""
+    if n_threads is None:
+        return
+    if isinstance(n_threads, bool) or not isinstance(n_threads, int) or not 1 <= n_threads <= MAX_THREADS:
+        raise EdgeLLMError(f"{what} must be an integer from 1 to {MAX_THREADS}, got {n_threads!r}")
+
+
 def create_backend(model, backend: str | None = "auto", n_threads: int | None = None, n_batch: int = 512):
     """Build the backend named `backend` (or $EDGELLM_BACKEND when `auto`) for `model`."""
     name = (backend or "auto").lower()
@@ -23,8 +34,7 @@ def create_backend(model, backend: str | None = "auto", n_threads: int | None = 
         name = os.environ.get("EDGELLM_BACKEND", "auto").lower() or "auto"
     if name not in BACKEND_NAMES:
         raise EdgeLLMError(f"unknown backend {backend!r}; expected one of {', '.join(BACKEND_NAMES)}")
-    if n_threads is not None and n_threads < 1:
-        raise EdgeLLMError(f"n_threads must be at least 1, got {n_threads}")
+    check_threads(n_threads)
     n_threads = n_threads or default_threads()
 
     reasons = []  # why faster engines were passed over (auto); --verbose and `edgellm info` show them
