@@ -1,4 +1,4 @@
-"""The `edgellm` command line: run, pull, ls, info, tokenize, bench.
+"""The `edgellm` command line: run, serve, pull, ls, info, tokenize, bench.
 
 Generated text goes to stdout; logs, stats and errors to stderr. A bad input is one line on stderr and exit 1.
 """
@@ -365,6 +365,84 @@ def bench(model, n_prompt, n_gen, n_threads, reps, backend, as_json):
             r = res[test]
             extra = f", {r['gb_s']:.1f} GB/s of weights" if "gb_s" in r else ""
             click.echo(f"{test}{r['n']:<6} {r['tok_s']:9.2f} ± {r['std']:.2f} tok/s{extra}")
+
+
+# ------------------------------------------------------------------------------------------------ serve
+@cli.command()
+@click.argument("models", nargs=-1, required=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0: every interface).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
+@click.option("-t", "--threads", "n_threads", type=click.IntRange(min=1), default=None)
+@click.option("-c", "--ctx-size", "n_ctx", type=click.IntRange(min=1), default=None,
+              help="Context of one sequence in tokens (default: the model's, capped by the KV budget).")
+@click.option("-np", "--parallel", "n_parallel", type=click.IntRange(min=1), default=None,
+              help="Sequences decoded at once per model (more wait in the queue).")
+@click.option("-b", "--batch-size", "n_batch", type=click.IntRange(min=1), default=None, help="Tokens per engine step.")
+@click.option("-ctk", "--cache-type-k", "cache_type_k", type=click.Choice(["f16", "f32", "q8_0"]), default="f16",
+              show_default=True)
+@click.option("-ctv", "--cache-type-v", "cache_type_v", type=click.Choice(["f16", "f32", "q8_0"]), default=None)
+@click.option("--kv-budget", default=None, metavar="SIZE", help="Memory for each model's KV pool, e.g. 1GiB.")
+@click.option("--no-prefix-cache", is_flag=True, help="Requests do not share the KV of common prefixes.")
+@click.option("--backend", type=click.Choice(["auto", "native", "numba", "reference"]), default="auto",
+              show_default=True)
+@click.option("--temp", type=float, default=None, help="Default temperature (a request's own wins).")
+@click.option("--top-k", type=int, default=None)
+@click.option("--top-p", type=float, default=None)
+@click.option("--min-p", type=float, default=None)
+@click.option("--repeat-penalty", type=float, default=None)
+@click.option("--api-key-file", type=click.Path(dir_okay=False), default=None,
+              help="API keys, one per line (or sha256:HEX digests); also $EDGELLM_API_KEYS (comma separated).")
+@click.option("--cors-origin", "cors_origins", multiple=True, help="Allow this browser origin (repeatable).")
+@click.option("--rate-limit", default=None, metavar="N/min", help="Requests per minute per key, e.g. 60/min.")
+@click.option("--token-limit", default=None, metavar="N/min", help="Generated tokens per minute per key.")
+@click.option("--max-queue", type=click.IntRange(min=0), default=64, show_default=True,
+              help="Sequences that may wait beyond those running; more get 503.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Cap on a request's max_tokens.")
+@click.option("--max-body", default="4MiB", show_default=True, metavar="SIZE", help="Largest request body.")
+@click.option("--timeout", "request_timeout", type=click.FloatRange(min=1), default=600, show_default=True,
+              help="Seconds a request may take.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True)
+def serve(models, host, port, n_threads, n_ctx, n_parallel, n_batch, cache_type_k, cache_type_v, kv_budget,
+          no_prefix_cache, backend, temp, top_k, top_p, min_p, repeat_penalty, api_key_file, cors_origins,
+          rate_limit, token_limit, max_queue, max_tokens, max_body, request_timeout, log_format, log_level):
+    """Serve MODELS over an OpenAI-compatible HTTP API (and a chat page at /).
+
+    A request's "model" picks one by its name here or its file's stem. Keys from --api-key-file or
+    $EDGELLM_API_KEYS close every route but /health and the page.
+    """
+    import uvicorn
+
+    from .kv_cache import parse_size
+    from .serve.app import create_app
+    from .serve.config import ServeConfig, parse_rate
+    from .serve.logs import setup_logging
+
+    log = setup_logging(log_format, log_level)
+    llm_kwargs = dict(n_ctx=n_ctx, n_threads=n_threads, backend=backend, cache_type=cache_type_k,
+                      cache_type_v=cache_type_v, kv_budget=kv_budget, prefix_cache=not no_prefix_cache)
+    if n_parallel is not None:
+        llm_kwargs["n_parallel"] = n_parallel
+    if n_batch is not None:
+        llm_kwargs["n_batch"] = n_batch
+    sampling = {k: v for k, v in dict(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
+                                      repeat_penalty=repeat_penalty).items() if v is not None}
+    try:
+        body = parse_size(max_body)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--max-body") from None
+    config = ServeConfig(models=list(models), llm_kwargs=llm_kwargs, sampling=sampling,
+                         api_keys=ServeConfig.keys_from(api_key_file), cors_origins=list(cors_origins),
+                         rate_limit=parse_rate(rate_limit), token_limit=parse_rate(token_limit), max_queue=max_queue,
+                         max_tokens=max_tokens, max_body=body, request_timeout=request_timeout,
+                         log_format=log_format, log_level=log_level)
+    app = create_app(config)
+    server = app.state.server
+    log.info(f"serving {', '.join(server.bridges)} on http://{host}:{port} (OpenAI API under /v1; "
+             f"{'keys required' if server.keys.enabled else 'no keys: open to anyone who can reach it'})")
+    uvicorn.run(app, host=host, port=port, log_config=None, access_log=False, timeout_graceful_shutdown=5,
+                h11_max_incomplete_event_size=64 * 1024)
 
 
 from .cli_tools import register as _register_tools  # noqa: E402  (convert, perplexity)

@@ -1,0 +1,1 @@
+"""edgellm serve: an OpenAI-compatible HTTP server over the engine."""

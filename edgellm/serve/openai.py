@@ -1,0 +1,539 @@
+"""OpenAI's routes: request schemas (pydantic), their mapping onto Sequences and SamplingParams, and the responses
+(JSON, or server-sent events `data: {json}\\n\\n` ... `data: [DONE]\\n\\n`).
+
+Also llama-server's `/tokenize`, `/detokenize` and its extra sampling fields (top_k, min_p, repeat_penalty,
+grammar, ...). Every client mistake is an APIError (4xx in OpenAI's error shape), raised before anything is
+submitted to the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from contextlib import aclosing
+from typing import Any, Literal, Union
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from sse_starlette import EventSourceResponse
+
+from ..engine.sequence import Sequence
+from ..errors import ContextLengthError, EdgeLLMError
+from ..grammar import response_format_to_schema
+from ..sampling import LogprobsRecorder, SamplingParams
+from .bridge import QueueFull, RequestTimeout
+
+
+class APIError(Exception):
+    """A response in OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# ------------------------------------------------------------------------------------------------ schemas
+class _Base(BaseModel):
+    # unknown fields are ignored (clients send vendor extras); NaN and infinities are refused
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+class StreamOptions(_Base):
+    include_usage: bool = False
+
+
+class _Sampling(_Base):
+    """The fields chat and text completions share: OpenAI's, then llama-server's extras."""
+
+    model: str = Field(max_length=512)
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: Union[str, list[str], None] = None
+    max_tokens: int | None = Field(None, ge=0)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    temperature: float | None = Field(None, ge=0, le=100)
+    top_p: float | None = Field(None, gt=0, le=1)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # llama-server's names
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0, le=1)
+    typical_p: float | None = Field(None, ge=0, le=1)
+    repeat_penalty: float | None = Field(None, gt=0)
+    repeat_last_n: int | None = Field(None, ge=-1)
+    top_n_sigma: float | None = None
+    dynatemp_range: float | None = Field(None, ge=0)
+    dynatemp_exponent: float | None = Field(None, ge=0)
+    xtc_probability: float | None = Field(None, ge=0, le=1)
+    xtc_threshold: float | None = Field(None, ge=0, le=1)
+    dry_multiplier: float | None = Field(None, ge=0)
+    dry_base: float | None = Field(None, ge=0)
+    dry_allowed_length: int | None = Field(None, ge=0)
+    dry_penalty_last_n: int | None = Field(None, ge=-1)
+    mirostat: int | None = Field(None, ge=0, le=2)
+    mirostat_tau: float | None = Field(None, gt=0)
+    mirostat_eta: float | None = Field(None, ge=0)
+    samplers: Union[str, list[str], None] = None
+    grammar: str | None = Field(None, max_length=1 << 20)
+    json_schema: Union[dict, bool, None] = None
+    ignore_eos: bool = False
+
+
+class ContentPart(_Base):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Base):
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[ContentPart], None] = None
+    name: str | None = None
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=0)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Union[str, dict, None] = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1)
+
+
+class TokenizeRequest(_Base):
+    content: str
+    model: str | None = None
+    add_special: bool = True
+    parse_special: bool = False
+    with_pieces: bool = False
+
+
+class DetokenizeRequest(_Base):
+    tokens: list[int]
+    model: str | None = None
+
+
+_EXTRAS = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "top_k", "min_p", "typical_p",
+           "repeat_penalty", "repeat_last_n", "top_n_sigma", "dynatemp_range", "dynatemp_exponent",
+           "xtc_probability", "xtc_threshold", "dry_multiplier", "dry_base", "dry_allowed_length",
+           "dry_penalty_last_n", "mirostat", "mirostat_tau", "mirostat_eta", "samplers", "grammar")
+
+
+# ------------------------------------------------------------------------------------------------ mapping
+def _stops(stop) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > 16:
+        raise APIError(400, "at most 16 stop strings", param="stop")
+    return [s for s in stops if s]
+
+
+def _knobs(req: _Sampling, llm, defaults: dict, json_schema=None) -> dict:
+    """SamplingParams fields: the server's defaults under the request's own."""
+    knobs = dict(defaults)
+    for k in _EXTRAS:
+        v = getattr(req, k)
+        if v is not None:
+            knobs[k] = v
+    if isinstance(knobs.get("samplers"), list):
+        knobs["samplers"] = ";".join(knobs["samplers"])
+    n_vocab = llm.tokenizer.n_vocab
+    bias: dict[int, float] = {}
+    for k, v in (req.logit_bias or {}).items():
+        try:
+            t = int(k)
+        except ValueError:
+            raise APIError(400, f"logit_bias keys are token ids, got {k!r}", param="logit_bias") from None
+        if not 0 <= t < n_vocab:
+            raise APIError(400, f"logit_bias token {t} is outside the vocabulary [0, {n_vocab})", param="logit_bias")
+        if not -100 <= v <= 100:
+            raise APIError(400, f"logit_bias values must be in [-100, 100], got {v}", param="logit_bias")
+        bias[t] = float("-inf") if v <= -100 else float(v)   # OpenAI: -100 bans the token
+    if req.ignore_eos:
+        bias.update({t: float("-inf") for t in llm.tokenizer.eog_ids})
+    if bias:
+        knobs["logit_bias"] = bias
+    if req.json_schema is not None and json_schema is None:
+        json_schema = req.json_schema
+    if json_schema is not None:
+        if knobs.get("grammar"):
+            raise APIError(400, "give either grammar or a JSON schema (response_format), not both", param="grammar")
+        knobs["json_schema"] = json_schema
+    return knobs
+
+
+def _params(knobs: dict, seed: int | None) -> SamplingParams:
+    try:
+        return SamplingParams(seed=seed, **knobs).validate()
+    except (ValueError, TypeError) as e:
+        raise APIError(400, str(e)) from None
+
+
+def _max_tokens(server, requested: int | None, default: int | None) -> int | None:
+    m = requested if requested is not None else default
+    cap = server.config.max_tokens
+    if cap is not None:
+        m = cap if m is None else min(m, cap)
+    return m
+
+
+def _build(llm, ids_list: list[list[int]], n: int, knobs: dict, seed, max_tokens, stops, logprobs):
+    """The sequences of a request: n per prompt, seed+i for choice i (distinct yet reproducible). Runs in a worker
+    thread: compiling a grammar or JSON schema takes a while."""
+    seqs = []
+    for ids in ids_list:
+        if len(ids) >= llm.n_ctx and not llm.context_shift:
+            raise APIError(400, f"the prompt has {len(ids)} tokens but the context holds {llm.n_ctx}",
+                           param="messages", code="context_length_exceeded")
+        for i in range(n):
+            params = _params(knobs, None if seed is None else seed + i)
+            try:
+                seqs.append(Sequence(ids, params, llm.tokenizer, n_ctx=llm.n_ctx, max_tokens=max_tokens, stop=stops,
+                                     logprobs=logprobs, context_shift=llm.context_shift))
+            except (EdgeLLMError, ValueError, TypeError, RecursionError) as e:
+                raise APIError(400, str(e) or type(e).__name__) from None
+    return seqs
+
+
+def _chat_messages(req: ChatRequest) -> list[dict]:
+    out = []
+    for i, m in enumerate(req.messages):
+        content = m.content
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if part.type != "text" or part.text is None:
+                    raise APIError(400, f"messages[{i}]: only text content parts are supported, got {part.type!r}",
+                                   param=f"messages[{i}].content")
+                texts.append(part.text)
+            content = "".join(texts)
+        d = {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
+        if m.name:
+            d["name"] = m.name
+        out.append(d)
+    return out
+
+
+def _usage(prompt: int, completion: int, cached: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def _sse(obj) -> dict:
+    return {"data": json.dumps(obj, separators=(",", ":"))}
+
+
+class _Tally:
+    """Tokens of one request: prompt tokens once per prompt, generated tokens of every choice."""
+
+    def __init__(self, n: int, n_choices: int):
+        self.n, self.last = n, [None] * n_choices
+
+    def add(self, i: int, r) -> None:
+        self.last[i] = r
+
+    def usage(self) -> dict:
+        prompt = cached = completion = 0
+        for i, r in enumerate(self.last):
+            if r is None:
+                continue
+            completion += r.generation_tokens
+            if i % self.n == 0:
+                prompt += r.prompt_tokens
+                cached += r.cached_tokens
+        return _usage(prompt, completion, cached)
+
+
+# ------------------------------------------------------------------------------------------------ routes
+def make_router(server, guard, limited) -> APIRouter:
+    router = APIRouter()
+    defaults = server.config.sampling
+
+    def entry(name: str | None):
+        return server.model(name)
+
+    async def submit(request: Request, bridge, seqs):
+        try:
+            return bridge.submit(seqs)
+        except QueueFull as e:
+            server.metrics.rejected.labels("queue").inc()
+            raise APIError(503, str(e), type="server_error", code="queue_full",
+                           headers={"Retry-After": str(e.retry_after)}) from None
+
+    def account(request: Request, bridge, job, tally: _Tally):
+        u = tally.usage()
+        ctx = request.scope.get("edgellm", {})
+        ctx.update(model=bridge.name, prompt_tokens=u["prompt_tokens"], generated_tokens=u["completion_tokens"],
+                   ttft=round(job.t_first - job.t0, 4) if job.t_first else None)
+        m = server.metrics
+        m.prompt_tokens.labels(bridge.name).inc(u["prompt_tokens"])
+        m.generated_tokens.labels(bridge.name).inc(u["completion_tokens"])
+        if job.t_first:
+            m.ttft.labels(bridge.name).observe(job.t_first - job.t0)
+        for r in tally.last:
+            if r is not None and r.generation_tokens > 1 and r.generation_seconds > 0:
+                m.tpot.labels(bridge.name).observe(r.generation_seconds / (r.generation_tokens - 1))
+        server.limiter.charge_tokens(ctx.get("who", ""), u["completion_tokens"])
+
+    def deadline() -> float:
+        return time.monotonic() + server.config.request_timeout
+
+    async def collect(request, bridge, job, tally, on_record):
+        try:
+            async with aclosing(job.records(request.is_disconnected, deadline())) as records:
+                async for i, r in records:
+                    tally.add(i, r)
+                    on_record(i, r)
+        except RequestTimeout as e:
+            raise APIError(504, str(e), type="server_error", code="timeout") from None
+        except ContextLengthError as e:
+            raise APIError(400, str(e), code="context_length_exceeded") from None
+        except EdgeLLMError as e:
+            raise APIError(500, str(e), type="server_error") from None
+        finally:
+            account(request, bridge, job, tally)
+
+    def stream(request, bridge, job, tally, chunks, include_usage, make_usage_chunk):
+        """chunks(i, r) -> list of chunk dicts for one record."""
+
+        async def events():
+            try:
+                async with aclosing(job.records(request.is_disconnected, deadline())) as records:
+                    async for i, r in records:
+                        tally.add(i, r)
+                        for c in chunks(i, r):
+                            if include_usage:
+                                c["usage"] = None
+                            yield _sse(c)
+                if include_usage:
+                    yield _sse(make_usage_chunk(tally.usage()))
+                yield {"data": "[DONE]"}
+            except RequestTimeout as e:
+                yield _sse(APIError(504, str(e), type="server_error", code="timeout").body())
+            except EdgeLLMError as e:
+                yield _sse(APIError(400 if isinstance(e, ValueError) else 500, str(e),
+                                    type="invalid_request_error" if isinstance(e, ValueError) else "server_error").body())
+            finally:
+                account(request, bridge, job, tally)
+
+        return EventSourceResponse(events(), sep="\n", ping=15)
+
+    # ------------------------------------------------------------------ chat
+    @router.post("/v1/chat/completions", dependencies=[Depends(guard), Depends(limited)])
+    async def chat_completions(req: ChatRequest, request: Request):
+        bridge = entry(req.model)
+        llm = bridge.llm
+        if req.n > server.config.max_n:
+            raise APIError(400, f"n must be at most {server.config.max_n}", param="n")
+        if req.tools and req.tool_choice != "none":
+            raise APIError(400, "tools are not supported by this server yet (the chat template is rendered without "
+                                "them)", param="tools", code="unsupported_parameter")
+        try:
+            schema = response_format_to_schema(req.response_format)
+        except ValueError as e:
+            raise APIError(400, str(e), param="response_format") from None
+        messages = _chat_messages(req)
+        knobs = _knobs(req, llm, defaults, schema)
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        limit = _max_tokens(server, req.max_completion_tokens if req.max_completion_tokens is not None
+                            else req.max_tokens, None)
+
+        def prepare():
+            try:
+                ids = llm._chat_ids(messages)
+            except (EdgeLLMError, ValueError, TypeError) as e:
+                raise APIError(400, f"chat template: {e}", param="messages") from None
+            return _build(llm, [ids], req.n, knobs, req.seed, limit, _stops(req.stop), top)
+
+        seqs = await bridge.run_sync(prepare)
+        job = await submit(request, bridge, seqs)
+        recorders = [LogprobsRecorder(llm.tokenizer, top) if top is not None else None for _ in seqs]
+        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": bridge.name,
+                "system_fingerprint": "edgellm"}
+        tally = _Tally(req.n, len(seqs))
+
+        def file_lp(i, r):
+            if recorders[i] is not None:
+                for e in r.logprobs:
+                    recorders[i].add_entry(e)
+
+        if req.stream:
+            started = [False] * len(seqs)
+
+            def chunks(i, r):
+                file_lp(i, r)
+                out = []
+
+                def chunk(delta, reason, lp=None):
+                    return {**meta, "object": "chat.completion.chunk",
+                            "choices": [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": reason}]}
+
+                if not started[i]:
+                    started[i] = True
+                    out.append(chunk({"role": "assistant", "content": ""}, None))
+                if r.text:
+                    out.append(chunk({"content": r.text}, None,
+                                     recorders[i].take(True) if recorders[i] is not None else None))
+                if r.finish_reason:
+                    out.append(chunk({}, r.finish_reason,
+                                     recorders[i].take(True) if recorders[i] is not None else None))
+                return out
+
+            include = bool(req.stream_options and req.stream_options.include_usage)
+            return stream(request, bridge, job, tally, chunks, include,
+                          lambda u: {**meta, "object": "chat.completion.chunk", "choices": [], "usage": u})
+
+        texts = [[] for _ in seqs]
+        reasons: list[str | None] = [None] * len(seqs)
+
+        def on_record(i, r):
+            file_lp(i, r)
+            texts[i].append(r.text)
+            if r.finish_reason:
+                reasons[i] = r.finish_reason
+
+        await collect(request, bridge, job, tally, on_record)
+        choices = [{"index": i, "message": {"role": "assistant", "content": "".join(texts[i])},
+                    "logprobs": recorders[i].chat() if recorders[i] is not None else None,
+                    "finish_reason": reasons[i]} for i in range(len(seqs))]
+        return {**meta, "object": "chat.completion", "choices": choices, "usage": tally.usage()}
+
+    # ------------------------------------------------------------------ text completions
+    @router.post("/v1/completions", dependencies=[Depends(guard), Depends(limited)])
+    async def completions(req: CompletionRequest, request: Request):
+        bridge = entry(req.model)
+        llm = bridge.llm
+        if req.echo:
+            raise APIError(400, "echo is not supported", param="echo", code="unsupported_parameter")
+        if req.suffix:
+            raise APIError(400, "suffix (insertion) is not supported", param="suffix", code="unsupported_parameter")
+        if req.best_of not in (None, 1, req.n):
+            raise APIError(400, "best_of other than n is not supported", param="best_of")
+        p = req.prompt
+        prompts = [p] if isinstance(p, str) or (isinstance(p, list) and p and isinstance(p[0], int)) else list(p)
+        if not prompts or any(len(x) == 0 for x in prompts):
+            raise APIError(400, "the prompt is empty", param="prompt")
+        if len(prompts) * req.n > server.config.max_n:
+            raise APIError(400, f"prompts x n must be at most {server.config.max_n}", param="n")
+        knobs = _knobs(req, llm, defaults)
+        limit = _max_tokens(server, req.max_tokens, 16)   # OpenAI's default for text completions
+
+        def prepare():
+            ids_list, offsets = [], []
+            for x in prompts:
+                if isinstance(x, str):
+                    ids = llm.tokenize(x, add_special=True, parse_special=False)
+                    offsets.append(len(x))
+                else:
+                    try:
+                        llm._check_ids(x)
+                    except EdgeLLMError as e:
+                        raise APIError(400, str(e), param="prompt") from None
+                    ids = list(x)
+                    offsets.append(len(llm.detokenize(ids)))
+                ids_list.append(ids)
+            return _build(llm, ids_list, req.n, knobs, req.seed, limit, _stops(req.stop), req.logprobs), offsets
+
+        seqs, offsets = await bridge.run_sync(prepare)
+        job = await submit(request, bridge, seqs)
+        recorders = [LogprobsRecorder(llm.tokenizer, req.logprobs) if req.logprobs is not None else None
+                     for _ in seqs]
+        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": bridge.name,
+                "system_fingerprint": "edgellm"}
+        tally = _Tally(req.n, len(seqs))
+
+        def file_lp(i, r):
+            if recorders[i] is not None:
+                for e in r.logprobs:
+                    recorders[i].add_entry(e)
+
+        if req.stream:
+            def chunks(i, r):
+                file_lp(i, r)
+                if not (r.text or r.finish_reason):
+                    return []
+                lp = recorders[i].take(False, offsets[i // req.n]) if recorders[i] is not None else None
+                return [{**meta, "object": "text_completion",
+                         "choices": [{"text": r.text, "index": i, "logprobs": lp, "finish_reason": r.finish_reason}]}]
+
+            include = bool(req.stream_options and req.stream_options.include_usage)
+            return stream(request, bridge, job, tally, chunks, include,
+                          lambda u: {**meta, "object": "text_completion", "choices": [], "usage": u})
+
+        texts = [[] for _ in seqs]
+        reasons: list[str | None] = [None] * len(seqs)
+
+        def on_record(i, r):
+            file_lp(i, r)
+            texts[i].append(r.text)
+            if r.finish_reason:
+                reasons[i] = r.finish_reason
+
+        await collect(request, bridge, job, tally, on_record)
+        choices = [{"text": "".join(texts[i]), "index": i,
+                    "logprobs": recorders[i].completion(text_offset=offsets[i // req.n])
+                    if recorders[i] is not None else None,
+                    "finish_reason": reasons[i]} for i in range(len(seqs))]
+        return {**meta, "object": "text_completion", "choices": choices, "usage": tally.usage()}
+
+    # ------------------------------------------------------------------ models, tokens
+    def model_card(bridge) -> dict:
+        llm = bridge.llm
+        return {"id": bridge.name, "object": "model", "created": server.started, "owned_by": "edgellm",
+                "meta": {"n_ctx": llm.n_ctx, "n_parallel": bridge.n_parallel, "n_vocab": llm.tokenizer.n_vocab,
+                         "file": llm.model.path.name if hasattr(llm.model.path, "name") else str(llm.model.path)}}
+
+    @router.get("/v1/models", dependencies=[Depends(guard)])
+    async def models():
+        return {"object": "list", "data": [model_card(b) for b in server.bridges.values()]}
+
+    @router.get("/v1/models/{name:path}", dependencies=[Depends(guard)])
+    async def model(name: str):
+        return model_card(entry(name))
+
+    @router.post("/tokenize", dependencies=[Depends(guard)])
+    async def tokenize(req: TokenizeRequest):
+        bridge = entry(req.model)
+        tok = bridge.llm.tokenizer
+
+        def run():
+            ids = tok.encode(req.content, add_special=req.add_special, parse_special=req.parse_special)
+            if req.with_pieces:
+                return {"tokens": [{"id": i, "piece": tok.token_bytes(i).decode("utf-8", errors="replace")}
+                                   for i in ids]}
+            return {"tokens": ids}
+
+        return await bridge.run_sync(run)
+
+    @router.post("/detokenize", dependencies=[Depends(guard)])
+    async def detokenize(req: DetokenizeRequest):
+        bridge = entry(req.model)
+        try:
+            bridge.llm._check_ids(req.tokens)
+        except EdgeLLMError as e:
+            raise APIError(400, str(e), param="tokens") from None
+        return {"content": await bridge.run_sync(bridge.llm.detokenize, req.tokens)}
+
+    return router
+
+
+def error_response(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
