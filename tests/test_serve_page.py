@@ -425,8 +425,15 @@ def real_server(smollm2_path):
     uvicorn = pytest.importorskip("uvicorn")
     from edgellm.serve.config import ServeConfig
 
-    app = app_mod.create_app(ServeConfig(models=[str(smollm2_path)], api_keys=[KEY],
-                                         llm_kwargs={"n_ctx": 2048}))
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    inner = app_mod.create_app(ServeConfig(models=[str(smollm2_path)], api_keys=[KEY],
+                                           llm_kwargs={"n_ctx": 2048}))
+    # The app at / (as `edgellm serve` runs it) and mounted under /llm/ (as another ASGI host would mount it),
+    # one app and one model behind both; the outer lifespan runs the app's own.
+    app = Starlette(routes=[Mount("/llm", app=inner), Mount("/", app=inner)],
+                    lifespan=lambda _: inner.router.lifespan_context(inner))
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     t = threading.Thread(target=server.run, daemon=True)
@@ -496,3 +503,21 @@ def test_real_server_chat_stream_and_stop(browser, real_server):
     assert len(drv.find_elements("css selector", "#log .msg")) == 6
     assert not severe_console_errors(drv)
     drv.save_screenshot(str(_artifact("serve_page.png")))
+
+
+@pytest.mark.slow
+def test_real_server_under_a_base_path(browser, real_server):
+    """Mounted at /llm/, the page finds its API at /llm/v1/... by relative URLs."""
+    from selenium.webdriver.common.keys import Keys
+
+    drv = browser
+    open_page(drv, real_server + "llm/")
+    drv.find_element("id", "api-key").send_keys(KEY, Keys.TAB)
+    wait(drv, lambda d: d.find_element("id", "model").get_attribute("data-loaded") == "1", what="models under /llm/")
+    _set(drv, "max-tokens", 12)
+    type_and_enter(drv, "Say hello.")
+    lengths, status = watch_stream(drv, timeout=120)
+    assert status == "done" and lengths, drv.find_element("id", "error").text
+    urls = drv.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    api_urls = [u for u in urls if "/v1/" in u]
+    assert api_urls and all(u.startswith(real_server + "llm/v1/") for u in api_urls), api_urls
