@@ -6,7 +6,7 @@ MODEL   ?= smollm2
 PROMPT  ?= The capital of France is
 NATIVE_SRC := $(wildcard native/*.c native/*.h native/*.py) $(wildcard setup.py)
 
-.PHONY: install install-dev run test test-arm clean
+.PHONY: install install-dev browser-deps run test test-arm clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -30,7 +30,13 @@ run: install
 	$(BIN)/edgellm pull $(MODEL)
 	$(BIN)/edgellm run $(MODEL) -p "$(PROMPT)" -n 64
 
-test: install-dev
+# Headless Chromium for tests/test_serve_page.py (Debian's packages; the test skips without them)
+browser-deps:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) || \
+	  echo "chromium not installed: the chat page test will skip"
+
+test: install-dev browser-deps
 	$(BIN)/python -m pytest -q
 	$(MAKE) test-arm
 
