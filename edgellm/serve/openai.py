@@ -18,6 +18,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse
+from starlette.background import BackgroundTask
 
 from ..engine.sequence import Sequence
 from ..errors import ContextLengthError, EdgeLLMError
@@ -334,7 +335,8 @@ def make_router(server, guard, limited) -> APIRouter:
             finally:
                 account(request, bridge, job, tally)
 
-        return EventSourceResponse(events(), sep="\n", ping=15)
+        # release: also when the stream never started (the client left before the first byte)
+        return EventSourceResponse(events(), sep="\n", ping=15, background=BackgroundTask(job.release))
 
     # ------------------------------------------------------------------ chat
     @router.post("/v1/chat/completions", dependencies=[Depends(guard), Depends(limited)])
