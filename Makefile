@@ -33,7 +33,7 @@ run: install
 # Headless Chromium for tests/test_serve_page.py (Debian's packages; the test skips without them)
 browser-deps:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
-	  (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) || \
 	  echo "chromium not installed: the chat page test will skip"
 
 test: install-dev browser-deps
