@@ -13,7 +13,7 @@ from .backends.loader import create_backend
 from .engine import DEFAULT_BATCH, DEFAULT_PARALLEL
 from .engine.core import EngineCore, EngineRunner
 from .engine.sequence import GenerationResponse, Sequence
-from .errors import EdgeLLMError
+from .errors import EdgeLLMError, SamplingError
 from .hub import resolve_model
 from .kv_cache import CACHE_TYPES, default_n_ctx, memory_budget, parse_size
 from .model import Model
@@ -128,9 +128,19 @@ class LLM:
 
     # ---------------------------------------------------------------- generation
     def _params(self, seed=None, **knobs) -> SamplingParams:
+        """The one SamplingParams of a request: every sampling keyword of the API (and the CLI's and server's flags)
+        is one of its fields; anything else is named in a clear error."""
         knobs = {k: v for k, v in knobs.items() if v is not None}
+        unknown = sorted(set(knobs) - set(SamplingParams.__dataclass_fields__))
+        if unknown:
+            raise SamplingError(f"unknown keyword argument{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}")
         params = SamplingParams(seed=seed if seed is not None else self.seed, **knobs)
-        params.validate()
+        try:
+            params.validate()
+        except EdgeLLMError:
+            raise
+        except (ValueError, TypeError) as e:
+            raise SamplingError(str(e)) from None
         return params
 
     def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:

@@ -24,3 +24,7 @@ class ChatTemplateError(EdgeLLMError, ValueError):
 class BatchError(EdgeLLMError, ValueError):
     """A batch handed to a backend is malformed: token ids outside the vocabulary, positions that do not increase
     within a sequence or that the sequence's cache does not hold, sequence ids without a cache."""
+
+
+class SamplingError(EdgeLLMError, ValueError):
+    """A sampling keyword that does not exist, or a value out of its range."""

@@ -355,3 +355,16 @@ def test_thread_counts_are_bounded(smollm2_path, tmp_path):
         with pytest.raises(QuantizeError, match="threads must be an integer from 1 to 512"):
             quantize_model(smollm2_path, tmp_path / "out.gguf", "q8_0", n_threads=bad)
     assert not (tmp_path / "out.gguf").exists()
+
+
+def test_sampling_keywords_are_checked_by_name(llm):
+    """An unknown keyword names the keyword (not an internal class); bad values are EdgeLLMErrors (and
+    ValueErrors, as before)."""
+    from edgellm.errors import EdgeLLMError
+
+    with pytest.raises(EdgeLLMError, match="unknown keyword argument: temperatur"):
+        llm.generate("hi", max_tokens=2, temperatur=0.5)
+    with pytest.raises(ValueError, match="temperature"):
+        llm.create_completion("hi", max_tokens=2, temperature=-1)
+    with pytest.raises(EdgeLLMError, match="top_k"):
+        llm.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=2, top_k="x")
