@@ -13,7 +13,7 @@ from .backends.loader import create_backend
 from .engine import DEFAULT_BATCH, DEFAULT_PARALLEL
 from .engine.core import EngineCore, EngineRunner
 from .engine.sequence import GenerationResponse, Sequence
-from .errors import EdgeLLMError, SamplingError
+from .errors import ContextLengthError, EdgeLLMError, SamplingError
 from .hub import resolve_model
 from .kv_cache import CACHE_TYPES, default_n_ctx, memory_budget, parse_size
 from .model import Model
@@ -119,6 +119,48 @@ class LLM:
         for _ in seq.records(self.runner.cancel):
             pass
         return np.concatenate(seq.rows, axis=0)
+
+    def embed(self, input: str | Sequence[int] | list, normalize: bool = True):
+        """Embeddings, llama-cpp-python's `embed`: the mean over the input's tokens of the model's final-normed hidden
+        state (then scaled to unit length when normalize), a list of floats; a list of inputs gives a list of those,
+        run as one batch."""
+        many = _is_batch(input)
+        vectors = self._embed(list(input) if many else [input], normalize)
+        return [v.tolist() for v in vectors] if many else vectors[0].tolist()
+
+    def create_embedding(self, input: str | Sequence[int] | list, model: str | None = None) -> dict:
+        """OpenAI-shaped embeddings (`{"object": "list", "data": [{"embedding", "index"}], "usage"}`): mean pooling
+        of the final-normed hidden states, unit length."""
+        many = _is_batch(input)
+        inputs = list(input) if many else [input]
+        ids_all = [self._prompt_ids(i) for i in inputs]
+        vectors = self._embed_ids(ids_all, True)
+        n = sum(len(ids) for ids in ids_all)
+        return {"object": "list", "model": model or str(self.model.path),
+                "data": [{"object": "embedding", "index": i, "embedding": v.tolist()} for i, v in enumerate(vectors)],
+                "usage": {"prompt_tokens": n, "total_tokens": n}}
+
+    def _embed(self, inputs: list, normalize: bool) -> list[np.ndarray]:
+        return self._embed_ids([self._prompt_ids(i) for i in inputs], normalize)
+
+    def _embed_ids(self, ids_all: list[list[int]], normalize: bool) -> list[np.ndarray]:
+        for ids in ids_all:
+            if not ids:
+                raise EdgeLLMError("cannot embed an empty input")
+            if len(ids) > self.n_ctx:
+                raise ContextLengthError(f"an input of {len(ids)} tokens does not fit the context of {self.n_ctx}")
+        seqs = [Sequence(ids, SamplingParams(), self.tokenizer, n_ctx=self.n_ctx, hidden=True) for ids in ids_all]
+        for seq in seqs:
+            self.runner.submit(seq)
+        out = []
+        for seq in seqs:
+            for _ in seq.records(self.runner.cancel):
+                pass
+            v = np.concatenate(seq.rows, axis=0).astype(np.float64).mean(axis=0)
+            if normalize:
+                v /= max(np.linalg.norm(v), 1e-12)
+            out.append(v.astype(np.float32))
+        return out
 
     def _check_ids(self, ids: Sequence[int]) -> None:
         n = self.tokenizer.n_vocab

@@ -228,6 +228,7 @@ typedef struct {
     float *logits;
     int n_out;
     const int *out_idx;   /* batch index of each logits row */
+    int hidden;           /* 1: write the final-normed hidden states [n_out, n_embd] to logits instead */
 } fwd_ctx;
 
 static inline void *xq_row(const el_model *m, int t) { return (char *)m->xq + (size_t)t * m->xq_stride; }
@@ -545,12 +546,13 @@ static void forward_task(void *ctx, int ith, int nth) {
         int o0, o1;
         el_split(c->n_out, 1, ch, nch, &o0, &o1);
         for (int i = o0; i < o1; i++) {
-            float *xb = m->xb + (size_t)i * E;
+            float *xb = c->hidden ? c->logits + (size_t)i * E : m->xb + (size_t)i * E;
             k->rmsnorm(m->x + (size_t)c->out_idx[i] * E, m->output_norm, xb, E, d->rms_eps);
-            if (E % EL_QK == 0) k->quantize_q8a(xb, xq_row(m, i), E);
+            if (E % EL_QK == 0 && !c->hidden) k->quantize_q8a(xb, xq_row(m, i), E);
         }
     }
     finish(&S, nd, nch);
+    if (c->hidden) return;
     const int vch = n_chunks(d->n_vocab / m->output->unit, nth) * 4;   /* the biggest matrix: finer chunks */
     for (nd = 0; (ch = claim(&S)) < vch; nd++) {
         int r0, r1;
@@ -561,7 +563,17 @@ static void forward_task(void *ctx, int ith, int nth) {
     PROF(ith, P_OUT);
 }
 
+static int forward(el_model *m, const el_batch *b, const el_cache *caches, int n_caches, float *logits, int hidden);
+
 int el_model_forward(el_model *m, const el_batch *b, const el_cache *caches, int n_caches, float *logits) {
+    return forward(m, b, caches, n_caches, logits, 0);
+}
+
+int el_model_forward_hidden(el_model *m, const el_batch *b, const el_cache *caches, int n_caches, float *hidden) {
+    return forward(m, b, caches, n_caches, hidden, 1);
+}
+
+static int forward(el_model *m, const el_batch *b, const el_cache *caches, int n_caches, float *logits, int hidden) {
     const el_model_desc *d = &m->d;
     const int n = b->n_tokens;
     if (n < 1 || n > d->n_batch || !el_model_ready(m) || n_caches < 1) return -1;
@@ -649,7 +661,7 @@ int el_model_forward(el_model *m, const el_batch *b, const el_cache *caches, int
     } else {
         out_idx[n_out++] = n - 1;
     }
-    fwd_ctx c = { m, b, caches, logits, n_out, out_idx };
+    fwd_ctx c = { m, b, caches, logits, n_out, out_idx, hidden };
     if (prof_on < 0) prof_on = getenv("EDGELLM_PROFILE") != NULL;
     if (prof_on) prof_t0 = now_s();
     memset(m->stages, 0, sizeof(el_stage) * (size_t)m->n_stages);   /* published by el_pool_run's release */

@@ -368,3 +368,35 @@ def test_sampling_keywords_are_checked_by_name(llm):
         llm.create_completion("hi", max_tokens=2, temperature=-1)
     with pytest.raises(EdgeLLMError, match="top_k"):
         llm.create_chat_completion([{"role": "user", "content": "hi"}], max_tokens=2, top_k="x")
+
+
+def test_embeddings_match_the_reference(llm, smollm2_model):
+    """LLM.embed: the mean of the final-normed hidden states over the tokens, unit length; the native rows agree
+    with the numpy reference's, a batch of inputs gives each input's own vector, and generation beside it is
+    untouched."""
+    from edgellm.backends.reference import ReferenceBackend
+
+    text = "Hello world, this is a test"
+    ids = llm.tokenize(text)
+    be = ReferenceBackend(smollm2_model)
+    pool = KVPool.for_model(smollm2_model, 4, type_k="f32")
+    blocks = BlockManager(pool, prefix_cache=False)
+    kv = blocks.new_seq(64)
+    assert blocks.allocate(kv, None, len(ids))
+    rows = be.forward_batch(Batch(ids, np.arange(len(ids)), np.zeros(len(ids), np.int32), np.ones(len(ids), bool)),
+                            [kv], hidden=True)
+    ref = rows.astype(np.float64).mean(axis=0)
+    ref /= np.linalg.norm(ref)
+    v = np.array(llm.embed(text))
+    assert v.shape == (smollm2_model.hparams.n_embd,) and abs(np.linalg.norm(v) - 1) < 1e-5
+    assert float(v @ ref) > 0.999
+    many = llm.embed([text, "Something else entirely.", text])
+    np.testing.assert_array_equal(many[0], many[2])
+    np.testing.assert_array_equal(np.array(many[0], np.float32), np.array(llm.embed(text), np.float32))
+    alone = llm.generate(PROMPTS[0], max_tokens=8, temperature=0)
+    got = {}
+    t = threading.Thread(target=lambda: got.setdefault("g", llm.generate(PROMPTS[0], max_tokens=8, temperature=0)))
+    t.start()
+    llm.embed(["x " * 50] * 4)
+    t.join(60)
+    assert got["g"] == alone

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import jsonschema
 import openai
+import numpy as np
 import pytest
 import uvicorn
 
@@ -91,6 +92,26 @@ def test_models_list_and_health(srv):
     assert c.models.retrieve("SmolLM2-135M-Instruct.Q4_1").id == "smollm2"   # the file stem picks it too
     r = httpx.get(srv.url + "/health", headers={"X-Request-Id": "abc-123"})
     assert r.status_code == 200 and r.json()["status"] == "ok" and r.headers["x-request-id"] == "abc-123"
+
+
+def test_embeddings(srv, llm):
+    """The real client (which asks for base64 by default) and plain floats agree with LLM.embed; mean pooling, unit
+    length; similar sentences are closer than unrelated ones; an input too long is a 400."""
+    c = srv.client()
+    texts = ["The cat sat on the mat.", "A cat is sitting on a mat.", "Stock markets fell sharply today."]
+    got = c.embeddings.create(model="smollm2", input=texts)
+    vecs = np.array([d.embedding for d in got.data])
+    assert vecs.shape == (3, llm.model.hparams.n_embd) and [d.index for d in got.data] == [0, 1, 2]
+    np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1, rtol=1e-5)
+    assert vecs[0] @ vecs[1] > vecs[0] @ vecs[2]
+    np.testing.assert_allclose(vecs[0], llm.embed(texts[0]), rtol=1e-5, atol=1e-6)
+    floats = c.embeddings.create(model="smollm2", input=texts[2], encoding_format="float")
+    np.testing.assert_allclose(floats.data[0].embedding, vecs[2], rtol=1e-5, atol=1e-6)
+    assert got.usage.prompt_tokens == sum(len(llm.tokenize(t)) for t in texts)
+    with pytest.raises(openai.BadRequestError):
+        c.embeddings.create(model="smollm2", input="word " * 2000)
+    with pytest.raises(openai.BadRequestError):
+        c.embeddings.create(model="smollm2", input="x", dimensions=3)
 
 
 def test_chat_streamed_equals_whole(srv):

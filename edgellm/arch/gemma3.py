@@ -318,7 +318,8 @@ def ffn(h, w, il: int) -> np.ndarray:
     return (gelu_tanh(gate) * up) @ w[FFN_DOWN.format(i=il)].T     # [n, n_embd]
 
 
-def forward(w: dict, hp: HParams, tokens, positions, cache, all_logits: bool = False) -> np.ndarray:
+def forward(w: dict, hp: HParams, tokens, positions, cache, all_logits: bool = False,
+            hidden: bool = False) -> np.ndarray:
     """Run tokens [n] at positions [n] through the model, writing their K/V into `cache` (kv_cache.py: row =
     position, or position mod the ring on sliding-window layers).
 
@@ -338,6 +339,8 @@ def forward(w: dict, hp: HParams, tokens, positions, cache, all_logits: bool = F
     if not all_logits:
         x = x[-1:]                                                 # [1, n_embd]
     x = rms_norm(x, w[OUTPUT_NORM], hp.rms_eps)                    # [n or 1, n_embd]
+    if hidden:                                                     # embeddings: the final-normed hidden states
+        return x.astype(np.float32)
     logits = w[OUTPUT].matmul_t(x)                                 # [n or 1, n_vocab]
     if hp.final_logit_softcap is not None:
         cap = np.float32(hp.final_logit_softcap)

@@ -155,7 +155,8 @@ def ffn(h, w, il: int) -> np.ndarray:
     return swiglu(h, w[FFN_GATE.format(i=il)], w[FFN_UP.format(i=il)], w[FFN_DOWN.format(i=il)])
 
 
-def forward(w: dict[str, np.ndarray], hp: HParams, tokens, positions, cache, all_logits: bool = False) -> np.ndarray:
+def forward(w: dict[str, np.ndarray], hp: HParams, tokens, positions, cache, all_logits: bool = False,
+            hidden: bool = False) -> np.ndarray:
     """Run tokens [n] at positions [n] through the model, writing their K/V into `cache` at slot = position.
 
     Returns float32 logits [n, n_vocab] (all_logits) or [1, n_vocab] for the last token. The caller advances
@@ -172,5 +173,7 @@ def forward(w: dict[str, np.ndarray], hp: HParams, tokens, positions, cache, all
     if not all_logits:
         x = x[-1:]                                                 # [1, n_embd]
     x = rms_norm(x, w[OUTPUT_NORM], hp.rms_eps)                    # [n or 1, n_embd]
+    if hidden:                                                     # embeddings: the final-normed hidden states
+        return x.astype(np.float32)
     out = w[OUTPUT] if OUTPUT in w else w[TOKEN_EMBD]              # tied embeddings: reuse token_embd
     return (x @ out.T).astype(np.float32)                          # [n or 1, n_vocab]

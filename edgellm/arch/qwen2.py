@@ -160,7 +160,8 @@ def rope_shift(k: np.ndarray, delta: int, hp: HParams, il: int) -> np.ndarray:
     return rope_neox(k, np.full(k.shape[1], delta), hp.rope_base, hp.rope_dim)
 
 
-def forward(w: dict[str, np.ndarray], hp, tokens, positions, cache, all_logits: bool = False) -> np.ndarray:
+def forward(w: dict[str, np.ndarray], hp, tokens, positions, cache, all_logits: bool = False,
+            hidden: bool = False) -> np.ndarray:
     """Run tokens [n] at positions [n], writing their K/V into `cache`; logits [n or 1, n_vocab] (float32)."""
     tokens, positions = check_inputs(hp, tokens, positions, cache)  # [n], [n] int64
 
@@ -173,4 +174,6 @@ def forward(w: dict[str, np.ndarray], hp, tokens, positions, cache, all_logits: 
     if not all_logits:
         x = x[-1:]
     x = rms_norm(x, w[OUTPUT_NORM], hp.rms_eps)
+    if hidden:                                                     # embeddings: the final-normed hidden states
+        return x.astype(np.float32)
     return (x @ w[OUTPUT].T).astype(np.float32)                    # [n or 1, n_vocab]

@@ -209,11 +209,12 @@ class NativeBackend:
         kv._el = (state, c, keep)
         return c
 
-    def forward_batch(self, batch: Batch, kvs) -> np.ndarray:
+    def forward_batch(self, batch: Batch, kvs, hidden: bool = False) -> np.ndarray:
         """Run a batch of several sequences' tokens in one C call: token i is stored into kvs[batch.seq_ids[i]] at
         batch.positions[i] (K/V of every layer) and attends over that sequence's cache. Returns float32
         [batch.n_logits, n_vocab], the rows of the tokens that want logits, in batch order. The caller advances
-        each view's n_past. At most n_batch tokens."""
+        each view's n_past. At most n_batch tokens. hidden: the final-normed hidden states [n_logits, n_embd]
+        instead of logits (embeddings)."""
         hp = self.hparams
         n = len(batch)
         if n > self.n_batch:
@@ -230,8 +231,9 @@ class NativeBackend:
             self._tok[:n], self._pos[:n], self._seq[:n], self._out[:n] = batch.tokens, batch.positions, \
                 batch.seq_ids, batch.want
         eb.n_tokens = n
-        rows = np.empty((batch.n_logits, hp.n_vocab), np.float32)
-        if lib.el_model_forward(self._m, eb, cs, len(kvs), ffi.from_buffer("float[]", rows)) != 0:
+        rows = np.empty((batch.n_logits, hp.n_embd if hidden else hp.n_vocab), np.float32)
+        run = lib.el_model_forward_hidden if hidden else lib.el_model_forward
+        if run(self._m, eb, cs, len(kvs), ffi.from_buffer("float[]", rows)) != 0:
             raise BatchError("the C core rejected the batch: a block it reads or writes is missing from a sequence's "
                              "block table (or a ring would be overrun)")
         return rows

@@ -22,12 +22,15 @@ class ReferenceBackend:
         self.hparams = model.hparams
         self.weights = model.arch.load_weights(model.gguf, model.hparams)  # name -> float32 array
 
-    def forward(self, tokens: np.ndarray, positions: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
+    def forward(self, tokens: np.ndarray, positions: np.ndarray, cache: KVCache, all_logits: bool = False,
+                hidden: bool = False) -> np.ndarray:
         Batch.of_one(tokens, positions, all_logits).validate([cache], self.hparams.n_vocab)
-        return self.model.arch.forward(self.weights, self.hparams, tokens, positions, cache, all_logits)
+        return self.model.arch.forward(self.weights, self.hparams, tokens, positions, cache, all_logits, hidden)
 
-    def forward_batch(self, batch: Batch, kvs) -> np.ndarray:
-        return forward_by_sequence(self.forward, self.hparams.n_vocab, batch, kvs)
+    def forward_batch(self, batch: Batch, kvs, hidden: bool = False) -> np.ndarray:
+        width = self.hparams.n_embd if hidden else self.hparams.n_vocab
+        return forward_by_sequence(lambda t, p, kv, a: self.forward(t, p, kv, a, hidden), width, batch, kvs,
+                                   n_vocab=self.hparams.n_vocab)
 
     def close(self) -> None:
         self.weights = {}

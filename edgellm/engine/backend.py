@@ -3,9 +3,10 @@ time.
 
 A backend (native, numba, reference) provides:
     name: str, n_batch: int (most tokens one forward_batch takes)
-    forward_batch(batch: Batch, kvs: list[SeqKV | KVCache]) -> float32 [batch.n_logits, n_vocab]
+    forward_batch(batch: Batch, kvs: list[SeqKV | KVCache], hidden=False) -> float32 [batch.n_logits, n_vocab]
         every token's K/V stored into kvs[batch.seq_ids[i]] at batch.positions[i]; the logits rows of the tokens
-        with batch.want set, in batch order; each view's n_past is the caller's to advance
+        with batch.want set, in batch order; each view's n_past is the caller's to advance; hidden: the
+        final-normed hidden states [batch.n_logits, n_embd] instead (embeddings)
     forward(tokens, positions, kv, all_logits=False) -> float32 [n or 1, n_vocab]
         the same for one sequence (tools and tests); longer than n_batch runs in pieces
 Both validate through Batch.validate, so every backend rejects the same inputs with the same errors.
@@ -24,18 +25,19 @@ class Backend(Protocol):
     name: str
     n_batch: int
 
-    def forward_batch(self, batch: Batch, kvs) -> np.ndarray: ...
+    def forward_batch(self, batch: Batch, kvs, hidden: bool = False) -> np.ndarray: ...
 
     def forward(self, tokens, positions, kv, all_logits: bool = False) -> np.ndarray: ...
 
 
-def forward_by_sequence(forward_one, n_vocab: int, batch: Batch, kvs) -> np.ndarray:
+def forward_by_sequence(forward_one, width: int, batch: Batch, kvs, n_vocab: int | None = None) -> np.ndarray:
     """forward_batch for a backend that runs one sequence per call: forward_one(tokens, positions, kv, all_logits)
     runs each sequence's tokens of the batch in turn. A sequence's logits never see the other sequences, so the
     batch cannot change them; whether a token's row equals its row in a longer run of the same sequence is the
-    backend's own arithmetic (numpy's BLAS picks kernels by shape)."""
-    batch.validate(kvs, n_vocab)
-    out = np.empty((batch.n_logits, n_vocab), np.float32)
+    backend's own arithmetic (numpy's BLAS picks kernels by shape). width: of a returned row (n_vocab, or n_embd
+    for hidden states; then pass n_vocab for the validator)."""
+    batch.validate(kvs, n_vocab if n_vocab is not None else width)
+    out = np.empty((batch.n_logits, width), np.float32)
     out_row = np.cumsum(batch.want) - 1          # row of out for each wanting token
     ids = batch.seq_ids
     for s in dict.fromkeys(ids.tolist()):        # in order of first appearance

@@ -130,6 +130,14 @@ class EngineCore:
         plan = self.scheduler.schedule()
         if not plan:
             return
+        # sequences that want hidden states (embeddings) run as a batch of their own: one output per forward
+        for part, hidden in (([p for p in plan if not p[0].hidden], False), ([p for p in plan if p[0].hidden], True)):
+            if part:
+                self._run(part, hidden)
+        self.n_steps += 1
+
+    def _run(self, plan: list[tuple[Sequence, int]], hidden: bool) -> None:
+        """One forward over the planned tokens, then each sequence takes its rows."""
         n = sum(k for _, k in plan)
         tokens, positions, seq_ids = np.empty(n, np.int32), np.empty(n, np.int32), np.empty(n, np.int32)
         want = np.zeros(n, bool)
@@ -144,8 +152,8 @@ class EngineCore:
             elif a + k == len(seq.tokens):
                 want[at + k - 1] = True
             at += k
-        rows = self.backend.forward_batch(Batch(tokens, positions, seq_ids, want), [s.kv for s, _ in plan])
-        self.n_steps += 1
+        batch, kvs = Batch(tokens, positions, seq_ids, want), [s.kv for s, _ in plan]
+        rows = self.backend.forward_batch(batch, kvs, hidden=True) if hidden else self.backend.forward_batch(batch, kvs)
         self.n_evaluated += n
         r = 0
         for (seq, k), w in zip(plan, np.split(want, np.cumsum([k for _, k in plan])[:-1])):

@@ -79,20 +79,22 @@ class Sequence:
 
     max_tokens: None (or negative) generates until the end of the answer: the context's room, or forever when the
     context shifts. logprobs: top-N alternatives to report per token (None: no logprobs). all_logits: score the
-    prompt instead of generating (every row of logits is handed back, nothing is sampled)."""
+    prompt instead of generating (every row of logits is handed back, nothing is sampled); hidden (with
+    all_logits): the rows are the final-normed hidden states instead of logits (embeddings)."""
 
     def __init__(self, prompt_ids: Seq[int], params: SamplingParams, tokenizer, n_ctx: int,
                  max_tokens: int | None = None, stop: Seq[str] = (), logprobs: int | None = None,
-                 context_shift: bool = False, all_logits: bool = False):
+                 context_shift: bool = False, all_logits: bool = False, hidden: bool = False):
         if not prompt_ids:
             raise ValueError("the prompt is empty: nothing to condition on (add BOS or some text)")
         self.id = next(_ids)
         self.tokens: list[int] = [int(t) for t in prompt_ids]   # prompt, then generated (a shift drops some)
         self.n_prompt = len(self.tokens)
-        self.n_ctx, self.context_shift, self.all_logits = n_ctx, context_shift, all_logits
+        self.n_ctx, self.context_shift, self.all_logits = n_ctx, context_shift, all_logits or hidden
+        self.hidden = hidden
         self.tok = tokenizer
         self.params = params
-        self.sampler = None if all_logits else Sampler(params, vocab=tokenizer)
+        self.sampler = None if self.all_logits else Sampler(params, vocab=tokenizer)
         self.detok = StreamingDetokenizer(tokenizer)
         self.stops = [s for s in stop if s]
         self.top_logprobs = logprobs

@@ -8,12 +8,14 @@ submitted to the engine.
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 import uuid
 from contextlib import aclosing
 from typing import Any, Literal, Union
 
+import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -126,6 +128,14 @@ class TokenizeRequest(_Base):
     add_special: bool = True
     parse_special: bool = False
     with_pieces: bool = False
+
+
+class EmbeddingRequest(_Base):
+    input: str | list[str] | list[int] | list[list[int]]
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
 
 
 class DetokenizeRequest(_Base):
@@ -524,6 +534,30 @@ def make_router(server, guard, limited) -> APIRouter:
             return {"tokens": ids}
 
         return await bridge.run_sync(run)
+
+    @router.post("/v1/embeddings", dependencies=[Depends(guard), Depends(limited)])
+    async def embeddings(req: EmbeddingRequest, request: Request):
+        """Mean of the final-normed hidden states over the input's tokens, unit length (as llama-server's mean
+        pooling); several inputs run as one batch."""
+        bridge = entry(req.model)
+        llm = bridge.llm
+        inputs = req.input if isinstance(req.input, list) and req.input and not isinstance(req.input[0], int) \
+            else [req.input]
+        if not inputs or len(inputs) > 256:
+            raise APIError(400, "input must hold 1 to 256 items", param="input")
+        if req.dimensions is not None and req.dimensions != llm.model.hparams.n_embd:
+            raise APIError(400, f"this model's embeddings have {llm.model.hparams.n_embd} dimensions", param="dimensions")
+        try:
+            out = await bridge.run_sync(llm.create_embedding, inputs, bridge.name)
+        except EdgeLLMError as e:
+            raise APIError(400, str(e), param="input") from None
+        if req.encoding_format == "base64":
+            for d in out["data"]:
+                d["embedding"] = base64.b64encode(np.asarray(d["embedding"], "<f4").tobytes()).decode()
+        ctx = request.scope.get("edgellm", {})
+        ctx.update(model=bridge.name, prompt_tokens=out["usage"]["prompt_tokens"], generated_tokens=0)
+        server.metrics.prompt_tokens.labels(bridge.name).inc(out["usage"]["prompt_tokens"])
+        return out
 
     @router.post("/detokenize", dependencies=[Depends(guard)])
     async def detokenize(req: DetokenizeRequest):

@@ -336,10 +336,12 @@ class NumbaBackend:
         for s in range(0, len(batch), step):
             Batch.of_one(batch.tokens[s:s + step], batch.positions[s:s + step]).validate([cache], n_vocab)
 
-    def forward_batch(self, batch: Batch, kvs) -> np.ndarray:
-        return forward_by_sequence(self.forward, self.hparams.n_vocab, batch, kvs)
+    def forward_batch(self, batch: Batch, kvs, hidden: bool = False) -> np.ndarray:
+        width = self.hparams.n_embd if hidden else self.hparams.n_vocab
+        return forward_by_sequence(lambda t, p, kv, a: self.forward(t, p, kv, a, hidden), width, batch, kvs,
+                                   n_vocab=self.hparams.n_vocab)
 
-    def forward(self, tokens, positions, cache, all_logits: bool = False) -> np.ndarray:
+    def forward(self, tokens, positions, cache, all_logits: bool = False, hidden: bool = False) -> np.ndarray:
         """Run tokens [n] of one sequence at increasing positions [n]; their K/V go into `cache`, a KVCache (slot =
         position, or mod the ring, mirrored) or a SeqKV (slot position % block of block table[position // block]).
         Returns float32 [n or 1, n_vocab]. The driver advances cache.n_past. A batch longer than n_batch or than the
@@ -355,19 +357,19 @@ class NumbaBackend:
         numba.set_num_threads(self.n_threads)  # per calling thread in numba: set it where forward runs
         if n <= step:
             return self._forward(tokens, positions, layers, groups, types, tables, spans,
-                                 "all" if all_logits else "last")
+                                 "all" if all_logits else "last", hidden)
         parts = []
         for s in range(0, n, step):
             e = min(n, s + step)
             piece = {key: (off[s:e], count[s:e]) for key, (off, count) in spans.items()}
             out = self._forward(tokens[s:e], positions[s:e], layers, groups, types, tables, piece,
-                                "all" if all_logits else "last" if e == n else None)
+                                "all" if all_logits else "last" if e == n else None, hidden)
             if out is not None:
                 parts.append(out)
         return np.concatenate(parts) if all_logits else parts[-1]
 
     def _forward(self, tokens, positions, layers, groups, types, tables, spans,
-                 logits_of: str | None) -> np.ndarray | None:
+                 logits_of: str | None, hidden: bool = False) -> np.ndarray | None:
         """One piece of a batch (at most max_batch tokens): logits of "all" its tokens, of the "last", or None (an
         earlier piece of a longer batch)."""
         hp = self.hparams
@@ -442,6 +444,8 @@ class NumbaBackend:
             x = x[-1:]
         out = np.empty_like(x)
         K.rmsnorm(x, norms["output_norm.weight"], eps, out)
+        if hidden:   # embeddings: the final-normed hidden states
+            return out
         logits = np.empty((out.shape[0], hp.n_vocab), np.float32)  # fresh: the caller keeps it
         for fn, ws, ys in self._bind(self._out_group, [logits], out.shape[0]):
             fn(ws, ys, out, tab, half, nt)
