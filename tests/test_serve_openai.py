@@ -316,3 +316,39 @@ def test_token_bucket_refills():
     now[0] += 2
     assert b.try_take(1) == 0
     assert parse_rate("10/s") == 600 and parse_rate("120/h") == 2 and parse_rate("60") == 60
+
+
+def test_one_json_log_line_per_request(keyed):
+    """--log-format json: one line per request with its id, the key's id (never the key), model, status and
+    token counts."""
+    import io
+    import logging
+
+    from edgellm.serve.logs import JSONFormatter, LOGGER
+
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    handler.setFormatter(JSONFormatter())
+    log = logging.getLogger(LOGGER)
+    was, level = log.disabled, log.level
+    log.disabled = False
+    log.setLevel(logging.INFO)
+    log.addHandler(handler)
+    try:
+        r = httpx.post(keyed.url + "/v1/completions", headers={"Authorization": "Bearer beta-key-abcdef",
+                                                               "X-Request-Id": "req-42"},
+                       json={"model": "smollm2", "prompt": "Hi", "max_tokens": 3, "temperature": 0}, timeout=60)
+        assert r.status_code == 200, r.text
+        httpx.get(keyed.url + "/v1/models", headers={"Authorization": "Bearer wrong"}, timeout=60)
+    finally:
+        log.removeHandler(handler)
+        log.disabled, log.level = was, level
+    lines = [json.loads(x) for x in buf.getvalue().splitlines() if x.strip()]
+    mine = [x for x in lines if x.get("request_id") == "req-42"]
+    assert len(mine) == 1, lines
+    rec = mine[0]
+    assert rec["status"] == 200 and rec["model"] == "smollm2" and rec["generated_tokens"] == 3
+    assert rec["key_id"] == hashlib.sha256(b"beta-key-abcdef").hexdigest()[:8]
+    text = buf.getvalue()
+    assert "beta-key-abcdef" not in text and "wrong" not in text
+    assert any(x.get("status") == 401 for x in lines)
