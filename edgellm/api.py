@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import uuid
@@ -153,13 +154,14 @@ class LLM:
         for seq in seqs:
             self.runner.submit(seq)
         out = []
-        for seq in seqs:
-            for _ in seq.records(self.runner.cancel):
-                pass
-            v = np.concatenate(seq.rows, axis=0).astype(np.float64).mean(axis=0)
-            if normalize:
-                v /= max(np.linalg.norm(v), 1e-12)
-            out.append(v.astype(np.float32))
+        with self._cancel_rest(seqs):
+            for seq in seqs:
+                for _ in seq.records(self.runner.cancel):
+                    pass
+                v = np.concatenate(seq.rows, axis=0).astype(np.float64).mean(axis=0)
+                if normalize:
+                    v /= max(np.linalg.norm(v), 1e-12)
+                out.append(v.astype(np.float32))
         return out
 
     def _check_ids(self, ids: Sequence[int]) -> None:
@@ -206,6 +208,15 @@ class LLM:
         params = self._params(**knobs)
         if isinstance(stop, str):
             stop = [stop]
+        if stop is not None and (not isinstance(stop, (list, tuple)) or not all(isinstance(x, str) for x in stop)):
+            raise EdgeLLMError(f"stop must be a string or a list of strings, got {stop!r}")
+        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)):
+            raise EdgeLLMError(f"max_tokens must be an integer or None, got {max_tokens!r}")
+        if not ids_list:
+            raise EdgeLLMError("no prompt given (an empty list of prompts)")
+        for ids in ids_list:
+            if not ids:
+                raise EdgeLLMError("the prompt is empty: nothing to condition on (add BOS or some text)")
         seqs = [Sequence(ids, params, self.tokenizer, n_ctx=self.n_ctx, max_tokens=max_tokens, stop=list(stop or ()),
                          logprobs=logprobs, context_shift=self.context_shift) for ids in ids_list]
         for seq in seqs:
@@ -215,6 +226,17 @@ class LLM:
     def _stream(self, ids, max_tokens, stop, knobs, recorder=None) -> Iterator[GenerationResponse]:
         seq, = self._submit_all([ids], max_tokens, stop, knobs, recorder.top_n if recorder is not None else None)
         return self._records(seq, recorder)
+
+    @contextlib.contextmanager
+    def _cancel_rest(self, seqs: list[Sequence]):
+        """Whatever ends the reading of a batch (done, an error, a dropped iterator), no sequence of it runs on
+        unread."""
+        try:
+            yield
+        finally:
+            for seq in seqs:
+                if not seq.finished:
+                    self.runner.cancel(seq)
 
     def _records(self, seq: Sequence, recorder=None) -> Iterator[GenerationResponse]:
         for r in seq.records(self.runner.cancel):
@@ -249,7 +271,8 @@ class LLM:
             if stream:
                 raise EdgeLLMError("stream=True takes one prompt; a list of prompts returns a list of texts")
             seqs = self._submit_all([self._prompt_ids(p) for p in prompt], max_tokens, stop, knobs)
-            return ["".join(r.text for r in self._records(seq)) for seq in seqs]
+            with self._cancel_rest(seqs):
+                return ["".join(r.text for r in self._records(seq)) for seq in seqs]
         records = self._stream(self._prompt_ids(prompt), max_tokens, stop, knobs)
         if stream:
             return (r.text for r in records if r.text)
@@ -294,6 +317,10 @@ class LLM:
             return {"text": text, "index": i, "logprobs": lp, "finish_reason": reason}
 
         def chunks():
+            with self._cancel_rest(seqs):
+                yield from _chunks()
+
+        def _chunks():
             for i, seq in enumerate(seqs):
                 for r in self._records(seq, recorders[i]):
                     if r.text or r.finish_reason:
@@ -305,10 +332,11 @@ class LLM:
         if stream:
             return chunks()
         choices, lasts = [], []
-        for i, seq in enumerate(seqs):
-            text, last = _collect(self._records(seq, recorders[i]))
-            choices.append(choice(i, text, last.finish_reason))
-            lasts.append(last)
+        with self._cancel_rest(seqs):
+            for i, seq in enumerate(seqs):
+                text, last = _collect(self._records(seq, recorders[i]))
+                choices.append(choice(i, text, last.finish_reason))
+                lasts.append(last)
         return {**meta, "object": "text_completion", "choices": choices, "usage": _usage(*lasts)}
 
     def __call__(self, prompt: str | Sequence[int], **kwargs):
@@ -373,7 +401,8 @@ class LLM:
         request that starts with those tokens evaluates only what follows them."""
         from .session import load_session
 
-        return self.runner.call(lambda core: core.adopt(*load_session(path, self.model, core.blocks, self.n_ctx)))
+        return self.runner.call(
+            lambda core: core.adopt(*load_session(path, self.model, core.blocks, self.n_ctx, core.reclaim_idle)))
 
     # ---------------------------------------------------------------- lifetime
     def close(self) -> None:

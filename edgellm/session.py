@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import struct
 from pathlib import Path
 
@@ -59,9 +60,12 @@ def _held_from(kv, g: int, n: int) -> int:
 
 
 def _rows(kv, g: int, lo: int, n: int):
-    """(block ids, slots) of positions [lo, n) in group g."""
+    """(block ids, slots) of positions [lo, n) in group g (every one a block the sequence holds)."""
     pos = np.arange(lo, n)
-    return kv.tables[g][pos // kv.pool.block], pos % kv.pool.block
+    blocks = kv.tables[g][pos // kv.pool.block]
+    if np.any(blocks < 0):
+        raise SessionError(f"positions {lo}..{n} of layer group {g} have no block")
+    return blocks, pos % kv.pool.block
 
 
 def save_session(path: str | os.PathLike, model, kv, tokens, cacheable: int | None = None) -> None:
@@ -88,28 +92,44 @@ def save_session(path: str | os.PathLike, model, kv, tokens, cacheable: int | No
     os.replace(tmp, path)
 
 
-def load_session(path: str | os.PathLike, model, blocks, n_ctx: int):
+def load_session(path: str | os.PathLike, model, blocks, n_ctx: int, reclaim=None):
     """Read `path` into a new sequence of the block manager's pool; returns (SeqKV, token ids). The caller keeps
-    the sequence (or frees it)."""
+    the sequence (or frees it). reclaim(): frees an idle sequence's blocks when the pool is short (False: none)."""
     pool = blocks.pool
+    where = f"session {path}"
     try:
-        raw = Path(path).read_bytes()
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; anything but a regular file is refused below
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as e:
         raise SessionError(f"cannot read session {path}: {e.strerror or e}") from None
-    where = f"session {path}"
-    if len(raw) < len(MAGIC) + 8 or raw[: len(MAGIC)] != MAGIC:
-        raise SessionError(f"{where}: not an edgellm session file (bad magic)")
-    version, hlen = struct.unpack_from("<II", raw, len(MAGIC))
-    if version != VERSION:
-        raise SessionError(f"{where}: unsupported version {version} (this edgellm reads {VERSION})")
-    start = len(MAGIC) + 8
-    if hlen > MAX_HEADER or start + hlen > len(raw):
-        raise SessionError(f"{where}: header length {hlen} is past the end of the file")
-    try:
-        h = json.loads(raw[start : start + hlen])
-        want = {k: h[k] for k in HEADER_KEYS}
-    except (ValueError, KeyError, TypeError) as e:
-        raise SessionError(f"{where}: malformed header ({e})") from None
+    with os.fdopen(fd, "rb") as f:
+        size = os.fstat(f.fileno())
+        if not stat.S_ISREG(size.st_mode):
+            raise SessionError(f"{where} is not a regular file")
+        size = size.st_size
+        raw = f.read(len(MAGIC) + 8)
+        if len(raw) < len(MAGIC) + 8 or raw[: len(MAGIC)] != MAGIC:
+            raise SessionError(f"{where}: not an edgellm session file (bad magic)")
+        version, hlen = struct.unpack_from("<II", raw, len(MAGIC))
+        if version != VERSION:
+            raise SessionError(f"{where}: unsupported version {version} (this edgellm reads {VERSION})")
+        start = len(MAGIC) + 8
+        if hlen > MAX_HEADER or start + hlen > size:
+            raise SessionError(f"{where}: header length {hlen} is past the end of the file")
+        head = f.read(hlen)
+        try:
+            h = json.loads(head)
+            want = {k: h[k] for k in HEADER_KEYS}
+        except (ValueError, KeyError, TypeError, RecursionError) as e:
+            raise SessionError(f"{where}: malformed header ({type(e).__name__}: {str(e)[:200]})") from None
+        body = _check_header(where, want, model, pool, n_ctx, start + hlen, size)
+        raw += head + (f.read(size - start - hlen) if body else b"")
+    return _fill(where, want, raw, start + hlen, model, blocks, n_ctx, reclaim or (lambda: False))
+
+
+def _check_header(where: str, want: dict, model, pool, n_ctx: int, body: int, size: int) -> bool:
+    """Every header field against this model and pool, and the file's size against what the header promises,
+    before the body is read. Returns False for an empty session (nothing to read)."""
     if want["model_id"] != model_id(model.gguf):
         raise SessionError(f"{where} was saved with another model file")
     hp = model.hparams
@@ -117,11 +137,10 @@ def load_session(path: str | os.PathLike, model, blocks, n_ctx: int):
         if want[key] != getattr(hp, key):
             raise SessionError(f"{where}: {key} {want[key]!r} does not match the model's {getattr(hp, key)}")
     n, swa_from = want["n_tokens"], want["swa_from"]
-    if not isinstance(n, int) or not 0 <= n <= n_ctx:
+    if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= n_ctx:
         raise SessionError(f"{where}: {n!r} tokens do not fit the context of {n_ctx}")
-    kv = blocks.new_seq(n_ctx)
     if n == 0:
-        return kv, []
+        return False
     if want["cache_type"] != _cache_type(pool):
         raise SessionError(f"{where} holds a {want['cache_type']!r} KV cache; this one is {_cache_type(pool)!r}")
     if want["groups"] != [int(a.shape[0]) for a in pool.k]:
@@ -131,36 +150,50 @@ def load_session(path: str | os.PathLike, model, blocks, n_ctx: int):
     if not isinstance(swa_from, int) or not 0 <= swa_from <= n or (swa_from and not pool.swa):
         raise SessionError(f"{where}: bad swa_from {swa_from!r}")
     if (not isinstance(held, list) or len(held) != pool.n_groups or held[0] != 0
-            or not all(isinstance(x, int) and 0 <= x <= n for x in held)):
+            or not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= n for x in held)):
         raise SessionError(f"{where}: bad held_from {held!r}")
-    if pool.swa and held[1] > max(0, n - pool.window + 1, swa_from):
-        raise SessionError(f"{where}: the window layers lack positions the next token sees")
-    body = start + hlen
+    if pool.swa and not swa_from <= held[1] <= max(0, n - pool.window + 1, swa_from):
+        raise SessionError(f"{where}: the window layers hold {held[1]}.., not what the next token sees")
     row = [pool.k[0].shape[-1] * pool.k[0].itemsize, pool.v[0].shape[-1] * pool.v[0].itemsize]
     sizes = [int(a.shape[0]) * (n - held[g]) * hp.n_head_kv * row[i] for g, arrs in enumerate(zip(pool.k, pool.v))
              for i, a in enumerate(arrs)]
-    if len(raw) != body + 4 * n + sum(sizes):
-        raise SessionError(f"{where}: {len(raw)} bytes, expected {body + 4 * n + sum(sizes)} (truncated or padded)")
+    if size != body + 4 * n + sum(sizes):
+        raise SessionError(f"{where}: {size} bytes, expected {body + 4 * n + sum(sizes)} (truncated or padded)")
+    cacheable = want["cacheable"]
+    if not isinstance(cacheable, int) or isinstance(cacheable, bool) or not 0 <= cacheable <= n:
+        raise SessionError(f"{where}: bad cacheable {cacheable!r}")
+    return True
+
+
+def _fill(where: str, want: dict, raw: bytes, body: int, model, blocks, n_ctx: int, reclaim):
+    """A new sequence of the pool holding the (checked) session in raw."""
+    pool, hp = blocks.pool, model.hparams
+    n, swa_from, held = want["n_tokens"], want["swa_from"], want["held_from"]
+    kv = blocks.new_seq(n_ctx)
+    if n == 0:
+        return kv, []
     ids = np.frombuffer(raw, dtype="<i4", count=n, offset=body)
     if ids.min() < 0 or ids.max() >= hp.n_vocab:
         raise SessionError(f"{where}: token ids outside the vocabulary")
-    kv.swa_from = swa_from
-    if not blocks.allocate(kv, None, n):
-        blocks.free(kv)
-        raise SessionError(f"{where}: {n} tokens do not fit the KV pool now")
+    # the window layers hold only what the file holds: blocks from there on, not from swa_from
+    kv.swa_from = max(swa_from, held[1]) if pool.swa else swa_from
+    while not blocks.allocate(kv, None, n):
+        if not reclaim():
+            blocks.free(kv)
+            raise SessionError(f"{where}: {n} tokens do not fit the KV pool now")
     off = body + 4 * n
-    for g in range(pool.n_groups):
-        b, slots = _rows(kv, g, held[g], n)
-        for arr in (pool.k[g], pool.v[g]):
-            shape = (arr.shape[0], n - held[g], arr.shape[2], arr.shape[4])
-            data = np.frombuffer(raw, dtype=arr.dtype, count=int(np.prod(shape)), offset=off).reshape(shape)
-            arr[:, b, :, slots] = data.transpose(1, 0, 2, 3)
-            off += data.nbytes
-    kv.n_past = n
-    cacheable = want["cacheable"]
-    if not isinstance(cacheable, int) or not 0 <= cacheable <= n:
+    try:
+        for g in range(pool.n_groups):
+            b, slots = _rows(kv, g, held[g], n)
+            for arr in (pool.k[g], pool.v[g]):
+                shape = (arr.shape[0], n - held[g], arr.shape[2], arr.shape[4])
+                data = np.frombuffer(raw, dtype=arr.dtype, count=int(np.prod(shape)), offset=off).reshape(shape)
+                arr[:, b, :, slots] = data.transpose(1, 0, 2, 3)
+                off += data.nbytes
+    except BaseException:
         blocks.free(kv)
-        raise SessionError(f"{where}: bad cacheable {cacheable!r}")
-    blocks.limit_cacheable(kv, cacheable)
+        raise
+    kv.n_past = n
+    blocks.limit_cacheable(kv, want["cacheable"])
     blocks.commit(kv, ids)
     return kv, ids.tolist()

@@ -32,7 +32,8 @@ class EngineCore:
                  n_keep: int = 0, prefix_cache: bool = True, max_idle: int | None = None):
         self.model, self.backend, self.pool = model, backend, pool
         self.blocks = BlockManager(pool, prefix_cache=prefix_cache)
-        self.scheduler = Scheduler(self.blocks, max_tokens=n_batch, max_seqs=max_seqs, reclaim=self._reclaim)
+        self.scheduler = Scheduler(self.blocks, max_tokens=n_batch, max_seqs=max_seqs, reclaim=self._reclaim,
+                                   reuse=self._reuse_idle)
         self.context_shift, self.n_keep = context_shift, n_keep
         self.idle: OrderedDict[int, Sequence] = OrderedDict()   # finished sequences still holding their blocks
         self.max_idle = max_seqs if max_idle is None else max_idle
@@ -65,7 +66,8 @@ class EngineCore:
                     return
             if seq.finished and seq.out.empty():
                 return
-            self.step()
+            if not self.step() and not seq.finished:   # no other thread will free blocks for it
+                raise EdgeLLMError("the engine cannot make progress: the KV pool is held by other sequences")
 
     # ------------------------------------------------------------------ requests
     def add(self, seq: Sequence) -> None:
@@ -75,11 +77,13 @@ class EngineCore:
             seq.fail(ContextLengthError(f"the prompt has {len(seq.tokens)} tokens but the context holds {seq.n_ctx}; "
                                         f"raise n_ctx (-c) or shorten the prompt"))
             return
-        if not seq.all_logits and self.idle:
-            self._reuse_idle(seq)
         self.scheduler.add(seq)
 
     def _reuse_idle(self, seq: Sequence) -> None:
+        """At admission: when an idle sequence shares a longer prefix with `seq` than the cached blocks do, seq
+        starts from a fork of that sequence's cache, cut back to the shared prefix."""
+        if not self.idle:
+            return
         best, best_n = None, 0
         limit = len(seq.tokens) - 1   # the last prompt token is evaluated for its logits
         for idle in self.idle.values():
@@ -97,6 +101,8 @@ class EngineCore:
         if self.blocks.truncate(kv, best_n) == 0:   # window layers no longer hold what the prefix's end needs
             self.blocks.free(kv)
             return
+        if seq.kv is not None:
+            self.blocks.free(seq.kv)
         seq.kv = kv
         self.idle.move_to_end(best.id)
 
@@ -122,19 +128,21 @@ class EngineCore:
         return self.scheduler.has_work()
 
     # ------------------------------------------------------------------ one step
-    def step(self) -> None:
+    def step(self) -> bool:
+        """One step; False when nothing could run (everything waits on blocks that no step can free)."""
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
             if seq.cancelled:
                 self.abort(seq)
         self._shift_full()
-        plan = self.scheduler.schedule()
+        plan = [(seq, k) for seq, k in self.scheduler.schedule() if k > 0]
         if not plan:
-            return
+            return False
         # sequences that want hidden states (embeddings) run as a batch of their own: one output per forward
         for part, hidden in (([p for p in plan if not p[0].hidden], False), ([p for p in plan if p[0].hidden], True)):
             if part:
                 self._run(part, hidden)
         self.n_steps += 1
+        return True
 
     def _run(self, plan: list[tuple[Sequence, int]], hidden: bool) -> None:
         """One forward over the planned tokens, then each sequence takes its rows."""
@@ -177,15 +185,23 @@ class EngineCore:
 
     def _shift_full(self) -> None:
         """Context shift (llama.cpp's --context-shift): a running sequence whose context is full drops the oldest
-        half of what follows its first n_keep tokens, so it can go on."""
-        for seq in self.scheduler.running:
-            while seq.context_shift and seq.n_pending and seq.n_computed >= seq.n_ctx:
+        half of what follows its first n_keep tokens, so it can go on. Rewriting shared blocks takes free ones: idle
+        sequences go first, then the newest other running sequence is preempted; failing that, only this one ends."""
+        rope, hp = self.model.arch.rope_shift, self.model.hparams
+        for seq in list(self.scheduler.running):
+            while seq.context_shift and seq.n_pending and seq.n_computed >= seq.n_ctx and seq in self.scheduler.running:
                 n_discard = (seq.n_computed - self.n_keep) // 2
-                rope = self.model.arch.rope_shift
-                hp = self.model.hparams
-                while not self.blocks.shift(seq.kv, self.n_keep, n_discard, lambda k, d, il: rope(k, d, hp, il)):
-                    if not self._reclaim():
-                        raise EdgeLLMError("no free KV blocks for a context shift")
+                if not self.blocks.shift(seq.kv, self.n_keep, n_discard, lambda k, d, il: rope(k, d, hp, il)):
+                    others = [s for s in reversed(self.scheduler.running) if s is not seq]
+                    if self._reclaim():
+                        continue
+                    if others:
+                        self.scheduler.preempt(others[0])
+                        continue
+                    self.scheduler.remove(seq)
+                    seq.fail(EdgeLLMError("no free KV blocks for a context shift: raise the KV budget"))
+                    self._free(seq)
+                    break
                 del seq.tokens[self.n_keep:self.n_keep + n_discard]
                 seq.n_computed -= n_discard
                 seq.n_shifts += 1
@@ -213,6 +229,10 @@ class EngineCore:
             return False
         self._free(next(iter(self.idle.values())))
         return True
+
+    def reclaim_idle(self) -> bool:
+        """Free the least recently used idle sequence (for callers between steps); False when none is left."""
+        return self._reclaim()
 
     def fail_all(self, error: BaseException) -> None:
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
@@ -289,18 +309,27 @@ class EngineRunner:
                 items = list(self._inbox)
                 self._inbox.clear()
             for kind, item in items:   # kind: None a job for the core, True a new sequence, False a cancellation
-                if kind is None:
-                    item(core)
-                elif kind and closed:
-                    item.fail(EdgeLLMError("the model was closed"))
-                elif kind:
-                    core.add(item)
-                else:
-                    core.abort(item)
+                try:
+                    if kind is None:
+                        item(core)
+                    elif kind and closed:
+                        item.fail(EdgeLLMError("the model was closed"))
+                    elif kind:
+                        core.add(item)
+                    else:
+                        core.abort(item)
+                except Exception as e:   # only that request hears of it; the thread goes on
+                    if kind:
+                        item.fail(e if isinstance(e, EdgeLLMError) else EdgeLLMError(f"the engine failed: {e!r}"))
             if closed:
                 core.fail_all(EdgeLLMError("the model was closed"))
                 return
             try:
-                core.step()
+                ran = core.step()
             except BaseException as e:   # the backend failed: every running request hears of it
                 core.fail_all(e if isinstance(e, EdgeLLMError) else EdgeLLMError(f"the engine failed: {e!r}"))
+                ran = True
+            if not ran:   # nothing could run: wait for news instead of spinning
+                with self._cv:
+                    if not self._inbox and not self._closed:
+                        self._cv.wait(0.05)

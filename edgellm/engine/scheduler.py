@@ -21,13 +21,16 @@ from .sequence import Sequence, Status
 
 
 class Scheduler:
-    def __init__(self, blocks, max_tokens: int, max_seqs: int, reclaim: Callable[[], bool] = lambda: False):
+    def __init__(self, blocks, max_tokens: int, max_seqs: int, reclaim: Callable[[], bool] = lambda: False,
+                 reuse: Callable[[Sequence], None] = lambda seq: None):
         """blocks: the BlockManager; max_tokens: tokens per step; max_seqs: sequences running at once;
-        reclaim(): free one idle cached sequence, False when there is none."""
+        reclaim(): free one idle cached sequence, False when there is none; reuse(seq): give a sequence about to be
+        admitted what an idle one holds of its prefix (a fork), if that beats the prefix cache."""
         if max_tokens < 1 or max_seqs < 1:
             raise ValueError(f"a step needs room for a token and a sequence (max_tokens {max_tokens}, "
                              f"max_seqs {max_seqs})")
         self.blocks, self.max_tokens, self.max_seqs, self.reclaim = blocks, max_tokens, max_seqs, reclaim
+        self.reuse = reuse
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []   # in admission order
         self.n_preempted = 0
@@ -66,10 +69,13 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.kv is None:
                 seq.kv = self.blocks.new_seq(seq.n_ctx)
+            if seq.kv.n_past == 0 and not seq.all_logits:
+                self.reuse(seq)   # forked only now, at admission: a waiting fork would hold blocks others need
             # what it already holds (a fork of an idle sequence), else what the prefix cache has for it
             hit = seq.kv.n_past or (0 if seq.all_logits else self.blocks.match_prefix(seq.tokens))
             n = min(len(seq.tokens) - hit, budget, seq.n_ctx - hit)
             if not self._fits(seq, hit + n):
+                self.blocks.free(seq.kv)   # a fork it took goes back (its blocks stay in the prefix cache)
                 break   # first come, first served: nobody overtakes the head of the queue
             self.waiting.popleft()
             seq.n_computed = seq.kv.n_past
@@ -78,8 +84,9 @@ class Scheduler:
             seq.status = Status.RUNNING
             self.running.append(seq)
             n = min(seq.n_pending, budget, seq.n_ctx - seq.n_computed)
-            plan.append((seq, n))
-            budget -= n
+            if n > 0:   # 0: its context is full already; the next step shifts it first
+                plan.append((seq, n))
+                budget -= n
         return plan
 
     def _fits(self, seq: Sequence, n_total: int) -> bool:
@@ -113,6 +120,7 @@ class Scheduler:
         self.running.remove(seq)
         self.blocks.free(seq.kv)
         seq.n_computed = 0
+        seq.rows.clear()   # all_logits: recomputed from the start, every row again
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
         self.n_preempted += 1
