@@ -322,6 +322,40 @@ def make_router(server, guard, limited) -> APIRouter:
         finally:
             account(request, bridge, job, tally)
 
+    def bookkeeping(bridge, seqs, top: int | None, n: int, id_prefix: str):
+        """Per request: a logprobs recorder per sequence (top None: none), the response's id and meta, the usage
+        tally, and file_lp(i, record) that files a record's logprobs with sequence i's recorder."""
+        recorders = [LogprobsRecorder(bridge.llm.tokenizer, top) if top is not None else None for _ in seqs]
+        meta = {"id": f"{id_prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": bridge.name,
+                "system_fingerprint": "edgellm"}
+
+        def file_lp(i, r):
+            if recorders[i] is not None:
+                for e in r.logprobs:
+                    recorders[i].add_entry(e)
+
+        return recorders, meta, _Tally(n, len(seqs)), file_lp
+
+    def streamed(request, bridge, job, tally, chunks, req, meta, obj: str):
+        """The SSE response of a request: its chunks, then (stream_options.include_usage) one with the usage."""
+        include = bool(req.stream_options and req.stream_options.include_usage)
+        return stream(request, bridge, job, tally, chunks, include,
+                      lambda u: {**meta, "object": obj, "choices": [], "usage": u})
+
+    async def collect_texts(request, bridge, job, tally, file_lp, n: int):
+        """The whole text and finish reason of each of a request's n sequences."""
+        texts: list[list[str]] = [[] for _ in range(n)]
+        reasons: list[str | None] = [None] * n
+
+        def on_record(i, r):
+            file_lp(i, r)
+            texts[i].append(r.text)
+            if r.finish_reason:
+                reasons[i] = r.finish_reason
+
+        await collect(request, bridge, job, tally, on_record)
+        return ["".join(t) for t in texts], reasons
+
     def stream(request, bridge, job, tally, chunks, include_usage, make_usage_chunk):
         """chunks(i, r) -> list of chunk dicts for one record."""
 
@@ -377,15 +411,7 @@ def make_router(server, guard, limited) -> APIRouter:
 
         seqs = await bridge.run_sync(prepare)
         job = await submit(request, bridge, seqs)
-        recorders = [LogprobsRecorder(llm.tokenizer, top) if top is not None else None for _ in seqs]
-        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": bridge.name,
-                "system_fingerprint": "edgellm"}
-        tally = _Tally(req.n, len(seqs))
-
-        def file_lp(i, r):
-            if recorders[i] is not None:
-                for e in r.logprobs:
-                    recorders[i].add_entry(e)
+        recorders, meta, tally, file_lp = bookkeeping(bridge, seqs, top, req.n, "chatcmpl")
 
         if req.stream:
             started = [False] * len(seqs)
@@ -409,21 +435,10 @@ def make_router(server, guard, limited) -> APIRouter:
                                      recorders[i].take(True) if recorders[i] is not None else None))
                 return out
 
-            include = bool(req.stream_options and req.stream_options.include_usage)
-            return stream(request, bridge, job, tally, chunks, include,
-                          lambda u: {**meta, "object": "chat.completion.chunk", "choices": [], "usage": u})
+            return streamed(request, bridge, job, tally, chunks, req, meta, "chat.completion.chunk")
 
-        texts = [[] for _ in seqs]
-        reasons: list[str | None] = [None] * len(seqs)
-
-        def on_record(i, r):
-            file_lp(i, r)
-            texts[i].append(r.text)
-            if r.finish_reason:
-                reasons[i] = r.finish_reason
-
-        await collect(request, bridge, job, tally, on_record)
-        choices = [{"index": i, "message": {"role": "assistant", "content": "".join(texts[i])},
+        texts, reasons = await collect_texts(request, bridge, job, tally, file_lp, len(seqs))
+        choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
                     "logprobs": recorders[i].chat() if recorders[i] is not None else None,
                     "finish_reason": reasons[i]} for i in range(len(seqs))]
         return {**meta, "object": "chat.completion", "choices": choices, "usage": tally.usage()}
@@ -466,16 +481,7 @@ def make_router(server, guard, limited) -> APIRouter:
 
         seqs, offsets = await bridge.run_sync(prepare)
         job = await submit(request, bridge, seqs)
-        recorders = [LogprobsRecorder(llm.tokenizer, req.logprobs) if req.logprobs is not None else None
-                     for _ in seqs]
-        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": bridge.name,
-                "system_fingerprint": "edgellm"}
-        tally = _Tally(req.n, len(seqs))
-
-        def file_lp(i, r):
-            if recorders[i] is not None:
-                for e in r.logprobs:
-                    recorders[i].add_entry(e)
+        recorders, meta, tally, file_lp = bookkeeping(bridge, seqs, req.logprobs, req.n, "cmpl")
 
         if req.stream:
             def chunks(i, r):
@@ -486,21 +492,10 @@ def make_router(server, guard, limited) -> APIRouter:
                 return [{**meta, "object": "text_completion",
                          "choices": [{"text": r.text, "index": i, "logprobs": lp, "finish_reason": r.finish_reason}]}]
 
-            include = bool(req.stream_options and req.stream_options.include_usage)
-            return stream(request, bridge, job, tally, chunks, include,
-                          lambda u: {**meta, "object": "text_completion", "choices": [], "usage": u})
+            return streamed(request, bridge, job, tally, chunks, req, meta, "text_completion")
 
-        texts = [[] for _ in seqs]
-        reasons: list[str | None] = [None] * len(seqs)
-
-        def on_record(i, r):
-            file_lp(i, r)
-            texts[i].append(r.text)
-            if r.finish_reason:
-                reasons[i] = r.finish_reason
-
-        await collect(request, bridge, job, tally, on_record)
-        choices = [{"text": "".join(texts[i]), "index": i,
+        texts, reasons = await collect_texts(request, bridge, job, tally, file_lp, len(seqs))
+        choices = [{"text": texts[i], "index": i,
                     "logprobs": recorders[i].completion(text_offset=offsets[i // req.n])
                     if recorders[i] is not None else None,
                     "finish_reason": reasons[i]} for i in range(len(seqs))]
