@@ -11,7 +11,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from .backends.loader import create_backend
-from .engine import DEFAULT_BATCH, DEFAULT_PARALLEL
+from .engine import DEFAULT_BATCH, DEFAULT_PARALLEL, MAX_BATCH, MAX_PARALLEL
 from .engine.core import EngineCore, EngineRunner
 from .engine.sequence import GenerationResponse, Sequence
 from .errors import ContextLengthError, EdgeLLMError, SamplingError
@@ -60,9 +60,9 @@ class LLM:
         try:
             if n_ctx is not None and n_ctx < 1:
                 raise EdgeLLMError(f"n_ctx must be at least 1, got {n_ctx}")
-            for name, v in (("n_parallel", n_parallel), ("n_batch", n_batch)):
-                if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                    raise EdgeLLMError(f"{name} must be a positive integer, got {v!r}")
+            for name, v, most in (("n_parallel", n_parallel, MAX_PARALLEL), ("n_batch", n_batch, MAX_BATCH)):
+                if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= most:
+                    raise EdgeLLMError(f"{name} must be an integer from 1 to {most}, got {v!r}")
             for t in (cache_type, cache_type_v):
                 if t is not None and t not in CACHE_TYPES:
                     raise EdgeLLMError(f"unknown KV cache type {t!r}; expected one of {', '.join(CACHE_TYPES)}")

@@ -210,3 +210,10 @@ def test_gemma3_sessions_hold_only_the_window(gemma3_path, tmp_path):
             llm.load_state(forged)
     finally:
         llm.close()
+
+
+@pytest.mark.parametrize("kw", [{"n_parallel": 10**9}, {"n_parallel": 0}, {"n_batch": 10**9}, {"n_batch": 2.5},
+                                {"n_batch": True}])
+def test_engine_sizes_are_bounded(smollm2_path, kw):
+    with pytest.raises(EdgeLLMError, match="must be an integer from 1 to"):
+        LLM(smollm2_path, **kw)
