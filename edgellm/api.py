@@ -6,6 +6,7 @@ import contextlib
 import os
 import time
 import uuid
+import warnings
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -75,6 +76,10 @@ class LLM:
                 self.n_ctx = self.context_info["n_ctx"]
             else:
                 self.n_ctx = n_ctx
+                train = int(getattr(self.model.hparams, "n_ctx_train", 0) or 0)
+                if train and n_ctx > train:   # llama.cpp warns too
+                    warnings.warn(f"n_ctx {n_ctx} is more than the {train} tokens {self.model.name} was trained on: "
+                                  f"expect worse output past that", stacklevel=2)
                 self.context_info = {"n_ctx": n_ctx, "budget": budget, "budget_from": "argument" if budget else
                                      "n_ctx given", "capped": False}
             if context_shift and not 0 <= n_keep < self.n_ctx // 2:

@@ -315,6 +315,16 @@ def parse_size(text: str) -> int:
     return int(value * mult)
 
 
+def physical_memory() -> int:
+    """Bytes of physical memory (8 GiB where the OS does not say)."""
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
 def memory_budget() -> tuple[int, str]:
     """(bytes the KV cache may take by default, where that number comes from): $EDGELLM_KV_BUDGET, else the
     smaller of 1 GiB and 1/8 of physical memory."""
@@ -323,10 +333,7 @@ def memory_budget() -> tuple[int, str]:
     env = os.environ.get("EDGELLM_KV_BUDGET")
     if env:
         return parse_size(env), "EDGELLM_KV_BUDGET"
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        total = 8 << 30
+    total = physical_memory()
     if total // DEFAULT_BUDGET_SHARE < DEFAULT_BUDGET_CAP:
         return total // DEFAULT_BUDGET_SHARE, f"1/{DEFAULT_BUDGET_SHARE} of {total / 2**30:.1f} GiB of memory"
     return DEFAULT_BUDGET_CAP, "default cap"

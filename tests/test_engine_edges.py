@@ -217,3 +217,13 @@ def test_gemma3_sessions_hold_only_the_window(gemma3_path, tmp_path):
 def test_engine_sizes_are_bounded(smollm2_path, kw):
     with pytest.raises(EdgeLLMError, match="must be an integer from 1 to"):
         LLM(smollm2_path, **kw)
+
+
+def test_context_and_budget_checked_against_memory(smollm2_path):
+    """A pool larger than the machine's memory is a clear error before anything is allocated; a context past what
+    the model was trained on is allowed with a warning (as llama.cpp)."""
+    for kw in ({"kv_budget": "1TiB"}, {"n_ctx": 10**8}):
+        with pytest.raises(EdgeLLMError, match="more than this machine's"):
+            LLM(smollm2_path, **kw)
+    with pytest.warns(UserWarning, match="trained on"):
+        LLM(smollm2_path, n_ctx=20000, n_threads=1).close()

@@ -20,6 +20,7 @@ import numpy as np
 from ..errors import ContextLengthError, EdgeLLMError
 from ..kv.blocks import BlockManager
 from ..kv.paged import KVPool, pool_blocks
+from ..kv_cache import physical_memory
 from . import DEFAULT_PARALLEL
 from ..sampling import SamplingParams
 from .batch import Batch
@@ -49,7 +50,17 @@ class EngineCore:
         n_batch = n_batch or backend.n_batch
         n_blocks, n_swa = pool_blocks(model, n_ctx=n_ctx, budget=budget, type_k=cache_type, type_v=cache_type_v,
                                       swa_full=swa_full, n_batch=n_batch, n_parallel=n_parallel)
-        pool = KVPool.for_model(model, n_blocks, n_swa, cache_type, cache_type_v, swa_full)
+        probe = KVPool.for_model(model, 1, 1 if n_swa else 0, cache_type, cache_type_v, swa_full)
+        need = n_blocks * probe.block_bytes(0) + (n_swa * probe.block_bytes(1) if n_swa else 0)
+        if need > physical_memory():
+            raise EdgeLLMError(f"the KV pool would take {need / 2**30:.1f} GiB, more than this machine's "
+                               f"{physical_memory() / 2**30:.1f} GiB of memory: lower the context (-c, n_ctx) or the "
+                               f"KV budget (--kv-budget)")
+        try:
+            pool = KVPool.for_model(model, n_blocks, n_swa, cache_type, cache_type_v, swa_full)
+        except MemoryError:
+            raise EdgeLLMError(f"cannot reserve {need / 2**30:.1f} GiB for the KV pool: lower the context or the "
+                               f"KV budget") from None
         return cls(model, backend, pool, n_batch=n_batch, max_seqs=n_parallel, **kw)
 
     def generate(self, seq: Sequence):
