@@ -244,6 +244,20 @@ def test_disconnect_frees_the_sequence(srv, llm):
     assert "edgellm_time_to_first_token_seconds_bucket" in metrics and "edgellm_kv_blocks" in metrics
 
 
+def test_a_non_streamed_client_that_leaves_frees_its_sequence(srv, llm):
+    """A client that gives up on a non-streamed request while tokens are still coming: the sequence is cancelled
+    within a poll interval, not generated to the end of its context for nobody."""
+    body = {"model": "smollm2", "messages": [{"role": "user", "content": "Tell me a long story."}],
+            "max_tokens": 900, "ignore_eos": True, "temperature": 0}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=1.0)
+    assert engine_state(llm)["running"] == 1   # still generating: 900 tokens take longer than the client waited
+    t0 = time.monotonic()
+    while engine_state(llm)["running"] and time.monotonic() - t0 < 10:
+        time.sleep(0.05)
+    assert engine_state(llm)["running"] == 0 and time.monotonic() - t0 < 3
+
+
 def test_temperature_zero_same_alone_and_under_load(srv):
     prompts = ["The capital of France is", "My favourite colour is", "Once upon a time", "def fibonacci(n):"]
 

@@ -84,6 +84,7 @@ class Job:
         """(choice index, record) as they come, over all sequences, until each has finished. An engine error
         raises; a disconnect ends the iteration; leaving early (or the deadline) cancels what is unfinished."""
         try:
+            next_check = time.monotonic() + poll
             while not all(self.done):
                 self.event.clear()
                 got = False
@@ -102,18 +103,22 @@ class Job:
                         if r.finish_reason is not None:
                             self.done[i] = True
                         yield i, r
-                if got:
-                    continue
-                timeout = poll
-                if deadline is not None:
-                    timeout = min(timeout, deadline - time.monotonic())
-                    if timeout <= 0:
-                        raise RequestTimeout("the request took longer than the server's timeout")
-                try:
-                    await asyncio.wait_for(self.event.wait(), timeout)
-                except (asyncio.TimeoutError, TimeoutError):
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    raise RequestTimeout("the request took longer than the server's timeout")
+                if now >= next_check:   # also while tokens flow: a client that left is noticed within `poll`
+                    next_check = now + poll
                     if is_disconnected is not None and await is_disconnected():
                         return
+                if got:
+                    continue
+                timeout = next_check - now
+                if deadline is not None:
+                    timeout = min(timeout, deadline - now)
+                try:
+                    await asyncio.wait_for(self.event.wait(), max(timeout, 0.001))
+                except (asyncio.TimeoutError, TimeoutError):
+                    pass
         finally:
             self.release()
 
