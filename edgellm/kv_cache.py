@@ -147,12 +147,7 @@ class KVCache:
 
     def check_model(self, n_layer: int, n_head_kv: int, head_dim: int, windows) -> None:
         """ValueError unless this cache fits a model of that geometry and those sliding windows."""
-        if (self.n_layer, self.n_head_kv, self.head_dim) != (n_layer, n_head_kv, head_dim):
-            raise ValueError(f"KV cache (layers, kv heads, head_dim) = {(self.n_layer, self.n_head_kv, self.head_dim)} "
-                             f"does not match the model's {(n_layer, n_head_kv, head_dim)}")
-        if any(self.layer_window) and tuple(self.layer_window) != tuple(windows):
-            raise ValueError(f"the KV cache was made for sliding windows {self.layer_window}, the model has "
-                             f"{tuple(windows)}")
+        check_geometry(self, "KV cache", n_layer, n_head_kv, head_dim, windows)
 
     def layer_arrays(self, il: int) -> tuple[np.ndarray, np.ndarray, int]:
         """(k, v, ring) of layer il: arrays [n_head_kv, rows, row]; ring = n_ring for ring layers, else 0."""
@@ -273,6 +268,17 @@ class KVCache:
         if keep == 0:
             self.clear()
         return keep
+
+
+def check_geometry(cache, what: str, n_layer: int, n_head_kv: int, head_dim: int, windows) -> None:
+    """ValueError unless `cache` (a KVCache or a KVPool: n_layer, n_head_kv, head_dim, layer_window) fits a model of
+    that geometry and those sliding windows."""
+    if (cache.n_layer, cache.n_head_kv, cache.head_dim) != (n_layer, n_head_kv, head_dim):
+        raise ValueError(f"{what} (layers, kv heads, head_dim) = {(cache.n_layer, cache.n_head_kv, cache.head_dim)} "
+                         f"does not match the model's {(n_layer, n_head_kv, head_dim)}")
+    if any(cache.layer_window) and tuple(cache.layer_window) != tuple(windows):
+        raise ValueError(f"the {what} was made for sliding windows {cache.layer_window}, the model has "
+                         f"{tuple(windows)}")
 
 
 def layer_windows(model) -> tuple[int, ...]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..kv_cache import _check_type, _storage, decode, encode, layer_windows, row_bytes
+from ..kv_cache import _check_type, _storage, check_geometry, decode, encode, layer_windows, row_bytes
 
 BLOCK = 64   # slots per block: the attention kernels' chunk, vLLM's and llama.cpp's order of magnitude
 
@@ -80,12 +80,7 @@ class KVPool:
 
     def check_model(self, n_layer: int, n_head_kv: int, head_dim: int, windows) -> None:
         """ValueError unless this pool fits a model of that geometry and those sliding windows."""
-        if (self.n_layer, self.n_head_kv, self.head_dim) != (n_layer, n_head_kv, head_dim):
-            raise ValueError(f"KV pool (layers, kv heads, head_dim) = {(self.n_layer, self.n_head_kv, self.head_dim)} "
-                             f"does not match the model's {(n_layer, n_head_kv, head_dim)}")
-        if any(self.layer_window) and tuple(self.layer_window) != tuple(windows):
-            raise ValueError(f"the KV pool was made for sliding windows {self.layer_window}, the model has "
-                             f"{tuple(windows)}")
+        check_geometry(self, "KV pool", n_layer, n_head_kv, head_dim, windows)
 
 
 class SeqKV:
