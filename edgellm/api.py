@@ -116,7 +116,7 @@ class LLM:
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """float32 [len(ids), n_vocab], teacher-forced from an empty context (row i predicts token i+1)."""
-        ids = [int(i) for i in ids]
+        ids = _token_ids(ids, "the ids of logits()", text_ok=False)
         self._check_ids(ids)
         if not ids:
             raise EdgeLLMError("logits of an empty list of tokens")
@@ -195,7 +195,7 @@ class LLM:
     def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
             return self.tokenize(prompt, add_special=True, parse_special=False)
-        ids = [int(i) for i in prompt]
+        ids = _token_ids(prompt, "a prompt")
         self._check_ids(ids)
         return ids
 
@@ -455,6 +455,16 @@ def _usage(*records: GenerationResponse) -> dict:
     completion = sum(r.generation_tokens for r in records)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": sum(r.cached_tokens for r in records)}}
+
+
+def _token_ids(value, what: str, text_ok: bool = True) -> list[int]:
+    """A list of token ids from a list or array of integers; anything else is an EdgeLLMError naming `what`."""
+    if isinstance(value, (list, tuple, np.ndarray)) and all(
+            isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in value):
+        return [int(i) for i in value]
+    raise EdgeLLMError(f"{what} must be {'text or ' if text_ok else ''}a list of token ids (integers), "
+                       f"got {type(value).__name__}"
+                       f"{'' if not isinstance(value, (list, tuple)) else ' holding ' + type(value[0]).__name__}")
 
 
 def _is_batch(prompt) -> bool:

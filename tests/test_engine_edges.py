@@ -227,3 +227,12 @@ def test_context_and_budget_checked_against_memory(smollm2_path):
             LLM(smollm2_path, **kw)
     with pytest.warns(UserWarning, match="trained on"):
         LLM(smollm2_path, n_ctx=20000, n_threads=1).close()
+
+
+@pytest.mark.parametrize("call", [
+    lambda m: m.generate(None), lambda m: m.create_completion(5), lambda m: m.generate([1.5]),
+    lambda m: m.embed(None), lambda m: m.logits("x"), lambda m: m.generate([True]),
+])
+def test_prompts_that_are_not_prompts(small, call):
+    with pytest.raises(EdgeLLMError, match="list of token ids"):
+        call(small)
