@@ -309,40 +309,66 @@ INLINE __m256 load8_bf16(const el_bf16 *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
 
-/* float weights: each 8-wide slice of a row is converted once and meets up to 4 tokens (prefill reuse) */
-INLINE void float_tile(const void *row_, int n_in, int kind, const float *x, size_t x_stride, int NT,
-                       float *y, size_t y_stride) {
-    __m256 acc[4] = { _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps() };
+INLINE __m256 load8_w(const void *row, int kind, int i) {
+    return kind == 0 ? _mm256_loadu_ps((const float *)row + i)
+         : kind == 1 ? load8_f16((const el_half *)row + i) : load8_bf16((const el_bf16 *)row + i);
+}
+
+INLINE float w_at(const void *row, int kind, int j) {
+    return kind == 0 ? ((const float *)row)[j]
+         : kind == 1 ? el_half_to_float(((const el_half *)row)[j]) : el_bf16_to_float(((const el_bf16 *)row)[j]);
+}
+
+/* float weights: a tile of R rows x NT tokens, one accumulator per (row, token). Each 8-wide slice of a row is
+ * converted once and meets NT tokens; R rows give R independent FMA chains (decode takes 8 rows, so the FMA
+ * latency is hidden). Every output sums in the same order whatever the tile's shape: batch invariant. */
+INLINE void float_tile(const void *w, size_t row_bytes, int R, int n_in, int kind, const float *x, size_t x_stride,
+                       int NT, float *y, size_t y_stride) {
+    __m256 acc[8][3];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < NT; t++) acc[r][t] = _mm256_setzero_ps();
     int i = 0;
     for (; i + 8 <= n_in; i += 8) {
-        const __m256 w = kind == 0 ? _mm256_loadu_ps((const float *)row_ + i)
-                       : kind == 1 ? load8_f16((const el_half *)row_ + i) : load8_bf16((const el_bf16 *)row_ + i);
-        for (int t = 0; t < NT; t++)
-            acc[t] = _mm256_fmadd_ps(w, _mm256_loadu_ps((const float *)((const char *)x + t * x_stride) + i), acc[t]);
-    }
-    for (int t = 0; t < NT; t++) {
-        const float *xt = (const float *)((const char *)x + t * x_stride);
-        float s = hsum8(acc[t]);
-        for (int j = i; j < n_in; j++) {
-            const float wj = kind == 0 ? ((const float *)row_)[j]
-                           : kind == 1 ? el_half_to_float(((const el_half *)row_)[j]) : el_bf16_to_float(((const el_bf16 *)row_)[j]);
-            s += wj * xt[j];
+        __m256 xv[3];
+        for (int t = 0; t < NT; t++) xv[t] = _mm256_loadu_ps((const float *)((const char *)x + t * x_stride) + i);
+        for (int r = 0; r < R; r++) {
+            const __m256 wv = load8_w((const char *)w + r * row_bytes, kind, i);
+            for (int t = 0; t < NT; t++) acc[r][t] = _mm256_fmadd_ps(wv, xv[t], acc[r][t]);
         }
-        y[t * y_stride] = s;
     }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < NT; t++) {
+            const float *xt = (const float *)((const char *)x + t * x_stride);
+            float s = hsum8(acc[r][t]);
+            for (int j = i; j < n_in; j++) s += w_at((const char *)w + r * row_bytes, kind, j) * xt[j];
+            y[t * y_stride + r] = s;
+        }
 }
+
+#define FTILE(R, NT) float_tile((const char *)w + (size_t)r * rb, rb, R, n_in, kind, (const float *)((const char *)x + t * x_stride), x_stride, NT, y + t * y_stride + r, y_stride)
+
+INLINE void gemm_float(const void *w, int n_in, int r0, int r1, const void *x, size_t x_stride, int n_tok,
+                       float *y, size_t y_stride, int kind, int esize) {
+    const size_t rb = (size_t)n_in * esize;
+    int r = r0, t = 0;
+    if (n_tok == 1) {   /* decode: 8 rows in flight */
+        for (; r + 8 <= r1; r += 8) FTILE(8, 1);
+    } else {            /* 4 rows x 3 tokens: 12 accumulators, 3 x vectors and a weight vector fill the 16 registers */
+        for (; r + 4 <= r1; r += 4) {
+            for (t = 0; t + 3 <= n_tok; t += 3) FTILE(4, 3);
+            if (n_tok - t == 2) FTILE(4, 2);
+            else if (n_tok - t == 1) FTILE(4, 1);
+        }
+    }
+    for (; r < r1; r++)
+        for (t = 0; t < n_tok; t++) FTILE(1, 1);
+}
+#undef FTILE
 
 #define GEMM_FLOAT(name, kind, esize)                                                                   \
     static void name(const void *w, int n_in, int r0, int r1, const void *x, size_t x_stride, int n_tok,  \
                      float *y, size_t y_stride) {                                                       \
-        for (int r = r0; r < r1; r++) {                                                                 \
-            const void *row = (const char *)w + (size_t)r * n_in * esize;                               \
-            int t = 0;                                                                                  \
-            for (; t + 4 <= n_tok; t += 4)                                                              \
-                float_tile(row, n_in, kind, (const float *)((const char *)x + t * x_stride), x_stride, 4, y + t * y_stride + r, y_stride); \
-            for (; t < n_tok; t++)                                                                      \
-                float_tile(row, n_in, kind, (const float *)((const char *)x + t * x_stride), x_stride, 1, y + t * y_stride + r, y_stride); \
-        }                                                                                               \
+        gemm_float(w, n_in, r0, r1, x, x_stride, n_tok, y, y_stride, kind, esize);                      \
     }
 GEMM_FLOAT(gemm_f32, 0, 4)
 GEMM_FLOAT(gemm_f16, 1, 2)

@@ -131,6 +131,26 @@ def test_matmul(isa, pools, t, n_out, n_in, n_tok, n_threads):
     assert nmse(y[:n_tok * n_out].reshape(n_tok, n_out), ref) <= 5e-4
 
 
+@pytest.mark.parametrize("t", MATRIX_TYPES, ids=lambda t: t.name)
+def test_matmul_rows_do_not_depend_on_the_batch(isa, pools, t):
+    """Each token's outputs are bit-identical whether it is multiplied alone or among 2..11 others (every tile shape
+    and row remainder): speculative verification and batched decoding rest on this."""
+    rng = np.random.default_rng(int(t))
+    n_out, n_in = 45, 512 if t in K_TYPES else 96 + (5 if TRAITS[t].block_size == 1 else 0)
+    raw = random_weights(rng, t, n_out, n_in)
+    w = ffi.gc(lib.el_weight_new(int(t), ptr(raw, "void *"), n_out, n_in), lib.el_weight_free)
+    x = rng.standard_normal((12, n_in)).astype(np.float32)
+    alone = []
+    for i in range(12):
+        y = out_buffer(n_out)
+        lib.el_matmul(pools[2], w, ptr(np.ascontiguousarray(x[i:i + 1])), 1, ptr(y))
+        alone.append(y[:n_out].copy())
+    for n_tok in range(2, 13):
+        y = out_buffer(n_tok * n_out)
+        lib.el_matmul(pools[2], w, ptr(np.ascontiguousarray(x[:n_tok])), n_tok, ptr(y))
+        assert np.array_equal(y[:n_tok * n_out].reshape(n_tok, n_out), np.stack(alone[:n_tok])), n_tok
+
+
 @pytest.mark.parametrize("t", K_TYPES, ids=lambda t: t.name)
 def test_matmul_kquant_extremes(isa, pools, t):
     """Largest quants (all bits set: Q4_K/Q5_K q = 15/31 with 6-bit scales 63, Q6_K q = 63) against activations that
