@@ -1,5 +1,5 @@
 /* x86-64 kernels for AVX512-VNNI at 256-bit width (EVEX vpdpbusd: AVX512VL + AVX512_VNNI), on top of the AVX2
- * table: only the integer GEMMs change. vpdpbusd does u8 x s8 -> 4 products -> int32 accumulate in one
+ * table: the integer GEMMs change, and float weights (F32/F16/BF16) take 512-bit tiles. vpdpbusd does u8 x s8 -> 4 products -> int32 accumulate in one
  * instruction where AVX2 needs vpmaddubsw + vpaddw (+ vpmaddwd): half the vector work per block.
  * Same 8-row interleaved layouts as kernels_avx2.c (quants.h *_x8), so the repacked weights are shared. */
 #if defined(__x86_64__) || defined(_M_X64)
@@ -144,6 +144,70 @@ GEMM_X8(gemm_q5_0x8, K_Q5_0, block_q5_0x8)
 GEMM_X8(gemm_q5_1x8, K_Q5_1, block_q5_1x8)
 GEMM_X8(gemm_q8_0x8, K_Q8_0, block_q8_0x8)
 
+/* ---------------------------------------------------------------------------------- float weights (rows) */
+/* 512-bit float GEMM: a tile of R rows x NT tokens, one 16-wide accumulator per (row, token), summed in the same
+ * order whatever the tile's shape (batch invariant). 8 rows x 3 tokens = 24 accumulators + 3 x vectors + a weight
+ * vector fit the 32 registers; decode takes 8 rows so 8 FMA chains hide the latency. */
+INLINE __m512 load16_w(const void *row, int kind, int i) {
+    return kind == 0 ? _mm512_loadu_ps((const float *)row + i)
+         : kind == 1 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const el_half *)row + i)))
+         : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const el_bf16 *)row + i))), 16));
+}
+
+INLINE float w_at(const void *row, int kind, int j) {
+    return kind == 0 ? ((const float *)row)[j]
+         : kind == 1 ? el_half_to_float(((const el_half *)row)[j]) : el_bf16_to_float(((const el_bf16 *)row)[j]);
+}
+
+INLINE void float_tile16(const void *w, size_t row_bytes, int R, int n_in, int kind, const float *x, size_t x_stride,
+                         int NT, float *y, size_t y_stride) {
+    __m512 acc[8][3];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < NT; t++) acc[r][t] = _mm512_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= n_in; i += 16) {
+        __m512 xv[3];
+        for (int t = 0; t < NT; t++) xv[t] = _mm512_loadu_ps((const float *)((const char *)x + t * x_stride) + i);
+        for (int r = 0; r < R; r++) {
+            const __m512 wv = load16_w((const char *)w + r * row_bytes, kind, i);
+            for (int t = 0; t < NT; t++) acc[r][t] = _mm512_fmadd_ps(wv, xv[t], acc[r][t]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < NT; t++) {
+            const float *xt = (const float *)((const char *)x + t * x_stride);
+            float s = _mm512_reduce_add_ps(acc[r][t]);
+            for (int j = i; j < n_in; j++) s += w_at((const char *)w + r * row_bytes, kind, j) * xt[j];
+            y[t * y_stride + r] = s;
+        }
+}
+
+#define FTILE(R, NT) float_tile16((const char *)w + (size_t)r * rb, rb, R, n_in, kind, (const float *)((const char *)x + t * x_stride), x_stride, NT, y + t * y_stride + r, y_stride)
+
+INLINE void gemm_float16(const void *w, int n_in, int r0, int r1, const void *x, size_t x_stride, int n_tok,
+                         float *y, size_t y_stride, int kind, int esize) {
+    const size_t rb = (size_t)n_in * esize;
+    int r = r0, t = 0;
+    for (; r + 8 <= r1; r += 8) {
+        for (t = 0; t + 3 <= n_tok; t += 3) FTILE(8, 3);
+        if (n_tok - t == 2) FTILE(8, 2);
+        else if (n_tok - t == 1) FTILE(8, 1);
+    }
+    for (; r < r1; r++)
+        for (t = 0; t < n_tok; t++) FTILE(1, 1);
+}
+#undef FTILE
+
+static void gemm_f32_512(const void *w, int n_in, int r0, int r1, const void *x, size_t xs, int n_tok, float *y, size_t ys) {
+    gemm_float16(w, n_in, r0, r1, x, xs, n_tok, y, ys, 0, 4);
+}
+static void gemm_f16_512(const void *w, int n_in, int r0, int r1, const void *x, size_t xs, int n_tok, float *y, size_t ys) {
+    gemm_float16(w, n_in, r0, r1, x, xs, n_tok, y, ys, 1, 2);
+}
+static void gemm_bf16_512(const void *w, int n_in, int r0, int r1, const void *x, size_t xs, int n_tok, float *y, size_t ys) {
+    gemm_float16(w, n_in, r0, r1, x, xs, n_tok, y, ys, 2, 2);
+}
+
 void el_avx2_kquants_vnni(el_kernels *k);   /* kernels_avx2.c */
 
 void el_fill_vnni(el_kernels *k) {
@@ -155,6 +219,9 @@ void el_fill_vnni(el_kernels *k) {
     k->types[EL_TI_Q5_0].gemm = gemm_q5_0x8;
     k->types[EL_TI_Q5_1].gemm = gemm_q5_1x8;
     k->types[EL_TI_Q8_0].gemm = gemm_q8_0x8;
+    k->types[EL_TI_F32].gemm = gemm_f32_512;
+    k->types[EL_TI_F16].gemm = gemm_f16_512;
+    k->types[EL_TI_BF16].gemm = gemm_bf16_512;
 }
 #else
 typedef int el_vnni_unused;
