@@ -21,6 +21,9 @@ from .kv_cache import CACHE_TYPES, default_n_ctx, memory_budget, parse_size
 from .model import Model
 from .grammar import response_format_to_schema
 from .sampling import LogprobsRecorder, SamplingParams
+from .speculative import DRAFT_MAX, SPEC_TYPES, SpecParams
+from .speculative.draft_model import DraftModel, check_vocab
+from .speculative.ngram import NgramDrafter
 
 
 
@@ -48,6 +51,11 @@ class LLM:
         n_parallel: int = DEFAULT_PARALLEL,
         n_batch: int = DEFAULT_BATCH,
         prefix_cache: bool = True,
+        draft_model: str | os.PathLike | None = None,
+        speculative: str | None = None,
+        draft_max: int = DRAFT_MAX,
+        draft_min: int = 0,
+        draft_p_min: float = 0.75,
     ):
         """n_ctx: the context of one sequence in tokens; None: the model's training context, capped so that one
         sequence's KV cache fits `kv_budget` (bytes or "512MiB"; default $EDGELLM_KV_BUDGET, else min(1 GiB, 1/8 of
@@ -55,7 +63,11 @@ class LLM:
         that budget (never less than one sequence of n_ctx). cache_type / cache_type_v: "f16" (default), "f32" or
         "q8_0" for K / V (V defaults to K's). swa_full: sliding-window layers keep the whole context.
         n_parallel: sequences running at once; more wait their turn. n_batch: tokens per engine step.
-        prefix_cache: requests that start with the same tokens share their KV blocks."""
+        prefix_cache: requests that start with the same tokens share their KV blocks.
+        Speculative decoding: draft_model (a path or known name of a smaller model with the same vocabulary) drafts
+        tokens the model checks in one forward; speculative="ngram" drafts from the prompt and output instead (prompt
+        lookup); draft_max / draft_min / draft_p_min: llama.cpp's --draft-max / --draft-min / --draft-p-min. Each step
+        drafts only as far as it pays; requests may pass speculative={"n_max": ..} or speculative=False."""
         path = resolve_model(str(model))
         self.model = Model(path)
         try:
@@ -94,11 +106,16 @@ class LLM:
             except ValueError as e:   # a cache type this model cannot hold (q8_0 needs head_dim % 32 == 0)
                 raise EdgeLLMError(str(e)) from None
             pool = self.core.pool
+            self.spec = self._drafter(draft_model, speculative, draft_max, draft_min, draft_p_min, backend, n_threads,
+                                      n_batch, cache_type)
             self.runner = EngineRunner(self.core)
             self.context_info["kv_bytes"] = pool.nbytes
             self.context_info["kv_blocks"] = pool.n_blocks[0]
             self.context_info["kv_block"] = pool.block
         except BaseException:
+            drafter = getattr(getattr(self, "core", None), "drafter", None)
+            if drafter is not None:
+                drafter.close()
             self.model.close()
             raise
         self.seed = seed
@@ -106,6 +123,49 @@ class LLM:
         self.context_shift = context_shift
         self.cache_type = pool.type_k if pool.type_k == pool.type_v else f"{pool.type_k}/{pool.type_v}"
         self.tokenizer = self.model.tokenizer
+
+    def _drafter(self, draft_model, speculative, n_max, n_min, p_min, backend, n_threads, n_batch, cache_type):
+        """The engine's drafter and the requests' default SpecParams (None: no speculation)."""
+        if speculative is None:
+            speculative = "draft" if draft_model is not None else None
+        if speculative is None or speculative == "none":
+            return None
+        if speculative not in SPEC_TYPES:
+            raise EdgeLLMError(f"unknown speculative type {speculative!r}; expected one of {', '.join(SPEC_TYPES)}")
+        # acceptance before any is measured: a quantized copy of the model agrees most of the time; n-gram guesses
+        # are a coin toss until the text starts to copy
+        spec = SpecParams(n_max, n_min, p_min, prior=0.5 if speculative == "ngram" else 0.7).validate()
+        if speculative == "ngram":
+            if draft_model is not None:
+                raise EdgeLLMError("speculative='ngram' drafts without a model: leave out draft_model")
+            self.core.drafter = NgramDrafter()
+            return spec
+        if draft_model is None:
+            raise EdgeLLMError("speculative='draft' needs draft_model (-md FILE)")
+        draft = Model(resolve_model(str(draft_model)))
+        try:
+            check_vocab(self.model, draft)
+            be = create_backend(draft, backend, n_threads, n_batch=n_batch)
+        except BaseException:
+            draft.close()
+            raise
+        pool = self.core.pool
+        self.core.drafter = DraftModel(draft, be, pool.n_blocks[0] * pool.block, self.n_ctx,
+                                       cache_type=cache_type if cache_type in ("f16", "f32") else "f16",
+                                       size_ratio=os.path.getsize(draft.path) / max(1, os.path.getsize(self.model.path)))
+        return spec
+
+    def _spec(self, option) -> SpecParams | None:
+        """A request's speculation: None (the model's default), False (off), or a dict of n_max / n_min / p_min."""
+        if option is None or self.spec is None:
+            return self.spec
+        if option is False:
+            return None
+        if option is True:
+            return self.spec
+        if not isinstance(option, dict) or set(option) - {"n_max", "n_min", "p_min"}:
+            raise EdgeLLMError(f"speculative must be a bool or a dict of n_max, n_min, p_min; got {option!r}")
+        return self.spec.replace(**option)
 
     # ---------------------------------------------------------------- tokens
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
@@ -210,6 +270,8 @@ class LLM:
 
     def _submit_all(self, ids_list, max_tokens, stop, knobs, logprobs=None) -> list[Sequence]:
         """Sequences for every prompt, all checked before the first is submitted (one bad prompt submits none)."""
+        knobs = dict(knobs)
+        spec = self._spec(knobs.pop("speculative", None))
         params = self._params(**knobs)
         if isinstance(stop, str):
             stop = [stop]
@@ -223,7 +285,7 @@ class LLM:
             if not ids:
                 raise EdgeLLMError("the prompt is empty: nothing to condition on (add BOS or some text)")
         seqs = [Sequence(ids, params, self.tokenizer, n_ctx=self.n_ctx, max_tokens=max_tokens, stop=list(stop or ()),
-                         logprobs=logprobs, context_shift=self.context_shift) for ids in ids_list]
+                         logprobs=logprobs, context_shift=self.context_shift, spec=spec) for ids in ids_list]
         for seq in seqs:
             self.runner.submit(seq)
         return seqs
@@ -417,6 +479,9 @@ class LLM:
         close = getattr(self.backend, "close", None)
         if close:
             close()
+        drafter = getattr(getattr(self, "core", None), "drafter", None)
+        if drafter is not None:
+            drafter.close()
         self.model.close()
 
     def __del__(self):   # the engine thread holds the model, not the LLM: let it go with the LLM

@@ -13,6 +13,7 @@ when the pool runs short.
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict, deque
 
 import numpy as np
@@ -23,6 +24,7 @@ from ..kv.paged import KVPool, pool_blocks
 from ..kv_cache import physical_memory
 from . import DEFAULT_PARALLEL
 from ..sampling import SamplingParams
+from ..speculative import adaptive
 from .batch import Batch
 from .scheduler import Scheduler
 from .sequence import Sequence, Status
@@ -30,7 +32,7 @@ from .sequence import Sequence, Status
 
 class EngineCore:
     def __init__(self, model, backend, pool: KVPool, *, n_batch: int, max_seqs: int = 16, context_shift: bool = False,
-                 n_keep: int = 0, prefix_cache: bool = True, max_idle: int | None = None):
+                 n_keep: int = 0, prefix_cache: bool = True, max_idle: int | None = None, drafter=None):
         self.model, self.backend, self.pool = model, backend, pool
         self.blocks = BlockManager(pool, prefix_cache=prefix_cache)
         self.scheduler = Scheduler(self.blocks, max_tokens=n_batch, max_seqs=max_seqs, reclaim=self._reclaim,
@@ -40,6 +42,12 @@ class EngineCore:
         self.max_idle = max_seqs if max_idle is None else max_idle
         self.n_steps = self.n_evaluated = 0   # steps run, tokens computed (prefill and decode)
         self.last_finished: Sequence | None = None
+        # speculative decoding: the drafter (None: off), what a forward costs by tokens (all rows wanting logits),
+        # what handling one verified row costs, and the totals the metrics report
+        self.drafter = drafter
+        self.cost = adaptive.StepCost()
+        self.row_cost = 0.0
+        self.n_drafted = self.n_accepted = self.n_spec_steps = 0
 
     @classmethod
     def for_model(cls, model, backend, n_ctx: int, *, cache_type: str = "f16", cache_type_v: str | None = None,
@@ -148,51 +156,134 @@ class EngineCore:
         plan = [(seq, k) for seq, k in self.scheduler.schedule() if k > 0]
         if not plan:
             return False
+        drafts = self._speculate(plan) if self.drafter is not None else {}
         # sequences that want hidden states (embeddings) run as a batch of their own: one output per forward
         for part, hidden in (([p for p in plan if not p[0].hidden], False), ([p for p in plan if p[0].hidden], True)):
             if part:
-                self._run(part, hidden)
+                self._run(part, hidden, drafts)
         self.n_steps += 1
         return True
 
-    def _run(self, plan: list[tuple[Sequence, int]], hidden: bool) -> None:
-        """One forward over the planned tokens, then each sequence takes its rows."""
-        n = sum(k for _, k in plan)
+    def _speculate(self, plan: list[tuple[Sequence, int]]) -> dict:
+        """Drafts to verify this step: {sequence: Draft}. The adaptive plan sizes them (none when drafting would not
+        raise the step's expected tokens per second); a sequence whose blocks for its drafts are not free at once
+        simply does not draft."""
+        cands = [seq for seq, k in plan if seq.spec is not None and k == 1 and seq.n_pending == 1]
+        if not cands:
+            return {}
+        if not self.cost.known():
+            self._calibrate()
+        n_base = sum(k for seq, k in plan if not seq.hidden)
+        n_yield = sum(1 for seq, k in plan if not seq.all_logits and seq.n_computed + k == len(seq.tokens))
+        most = [max(0, min(s.spec.n_max, s.limit - s.n_gen - 1, s.n_ctx - s.n_computed - 1)) for s in cands]
+        d = self.drafter
+        draft_cost = None if d.free else d.cost if d.cost.known() else (lambda m: self.cost(m) * d.size_ratio)
+        lengths = adaptive.plan([(s.spec_rate.rate, m) for s, m in zip(cands, most)], n_base, n_yield, self.cost,
+                                draft_cost, self.row_cost, self.scheduler.max_tokens - n_base)
+        wants = []
+        for s, d in zip(cands, lengths):
+            if d > 0:
+                wants.append((s, d))
+            else:
+                s.spec_rate.idle()
+        if not wants:
+            return {}
+        drafts = {}
+        for (seq, d), draft in zip(wants, self.drafter.propose_many(wants)):
+            draft = draft.cut(d)
+            if not draft.tokens or len(draft.tokens) < seq.spec.n_min:
+                continue
+            if self.blocks.allocate(seq.kv, None, seq.n_computed + 1 + len(draft.tokens)):
+                drafts[seq] = draft
+        return drafts
+
+    def _calibrate(self) -> None:
+        """First prices for the adaptive plan: time forwards of 1, 2, 4 and 8 tokens (and a draft model's forward of
+        one) on a scratch sequence; the real steps refine them."""
+        kv = self.blocks.new_seq(self.pool.block * 2)
+        try:
+            for i, n in enumerate((1, 1, 2, 4, 8)):
+                if n > self.scheduler.max_tokens or not self.blocks.allocate(kv, None, n):
+                    break
+                batch = Batch(np.zeros(n, np.int32), np.arange(n, dtype=np.int32), np.zeros(n, np.int32), np.ones(n, bool))
+                t0 = time.perf_counter()
+                self.backend.forward_batch(batch, [kv])
+                if i:   # the first one warms up
+                    self.cost.observe(n, time.perf_counter() - t0)
+        finally:
+            self.blocks.free(kv)
+        calibrate = getattr(self.drafter, "calibrate", None)
+        if calibrate is not None:
+            calibrate()
+
+    def _run(self, plan: list[tuple[Sequence, int]], hidden: bool, drafts: dict) -> None:
+        """One forward over the planned tokens (and any drafts after a sequence's last token), then each sequence
+        takes its rows."""
+        extra = [len(drafts[seq].tokens) if seq in drafts else 0 for seq, _ in plan]
+        n = sum(k for _, k in plan) + sum(extra)
         tokens, positions, seq_ids = np.empty(n, np.int32), np.empty(n, np.int32), np.empty(n, np.int32)
         want = np.zeros(n, bool)
         at = 0
-        for i, (seq, k) in enumerate(plan):
+        for i, ((seq, k), e) in enumerate(zip(plan, extra)):
             a = seq.n_computed
             tokens[at:at + k] = seq.tokens[a:a + k]
-            positions[at:at + k] = np.arange(a, a + k)
-            seq_ids[at:at + k] = i
-            if seq.all_logits:
-                want[at:at + k] = True
+            if e:
+                tokens[at + k:at + k + e] = drafts[seq].tokens
+            positions[at:at + k + e] = np.arange(a, a + k + e)
+            seq_ids[at:at + k + e] = i
+            if seq.all_logits or e:
+                want[at:at + k + e] = True
             elif a + k == len(seq.tokens):
                 want[at + k - 1] = True
-            at += k
+            at += k + e
         batch, kvs = Batch(tokens, positions, seq_ids, want), [s.kv for s, _ in plan]
+        t0 = time.perf_counter()
         rows = self.backend.forward_batch(batch, kvs, hidden=True) if hidden else self.backend.forward_batch(batch, kvs)
+        t1 = time.perf_counter()
+        if not hidden and want.all():   # decode and verify steps price the adaptive plan
+            self.cost.observe(n, t1 - t0)
         self.n_evaluated += n
         r = 0
-        for (seq, k), w in zip(plan, np.split(want, np.cumsum([k for _, k in plan])[:-1])):
+        for (seq, k), e, w in zip(plan, extra, np.split(want, np.cumsum([k + e for (_, k), e in zip(plan, extra)])[:-1])):
             seq.n_computed += k
-            seq.kv.n_past = seq.n_computed
-            self.blocks.commit(seq.kv, seq.tokens)
-            self.blocks.release_window(seq.kv)
+            seq.kv.n_past = seq.n_computed + e
             m = int(np.count_nonzero(w))
             try:
                 if seq.all_logits:
                     seq.on_rows(rows[r:r + m])
                     if seq.n_pending == 0:
                         seq.finish("stop")
+                elif e:
+                    self._verify(seq, drafts[seq], rows[r:r + m])
                 elif m:
                     seq.on_logits(rows[r])
-            except Exception as e:   # a sampler or logits processor of this request failed: only it ends
-                seq.fail(e if isinstance(e, EdgeLLMError) else EdgeLLMError(f"sampling failed: {e}"))
+            except Exception as ex:   # a sampler or logits processor of this request failed: only it ends
+                seq.fail(ex if isinstance(ex, EdgeLLMError) else EdgeLLMError(f"sampling failed: {ex}"))
             r += m
+            if seq.kv.n_past > seq.n_computed:   # drafts the target did not keep (or a failure): rewind
+                self.blocks.truncate(seq.kv, seq.n_computed)
+            if e:
+                self.drafter.accepted(seq, seq.n_computed)
+            self.blocks.commit(seq.kv, seq.tokens)
+            self.blocks.release_window(seq.kv)
             if seq.finished:
                 self._retire(seq)
+        if drafts and not hidden:   # sampling, verifying and bookkeeping per row, for the adaptive plan
+            self.row_cost += 0.2 * ((time.perf_counter() - t1) / n - self.row_cost)
+
+    def _verify(self, seq: Sequence, draft, rows: np.ndarray) -> None:
+        """Keep the drafted tokens the target agrees with; the KV of the rest is cut back by the caller."""
+        base = len(seq.tokens)
+        kept = seq.on_draft_rows(rows, draft.tokens, draft.q)
+        n = 0
+        for a, b in zip(seq.tokens[base:], draft.tokens[:kept]):
+            if a != b:
+                break
+            n += 1
+        seq.n_computed += n
+        self.n_drafted += len(draft.tokens)
+        self.n_accepted += kept
+        self.n_spec_steps += 1
 
     def _shift_full(self) -> None:
         """Context shift (llama.cpp's --context-shift): a running sequence whose context is full drops the oldest
@@ -220,6 +311,8 @@ class EngineCore:
     # ------------------------------------------------------------------ finished sequences
     def _retire(self, seq: Sequence) -> None:
         self.scheduler.remove(seq)
+        if self.drafter is not None:
+            self.drafter.release(seq)
         if seq.finish_reason in ("error", "abort") or seq.kv is None or seq.kv.n_past == 0 or self.max_idle == 0:
             self._free(seq)
             return
@@ -230,6 +323,8 @@ class EngineCore:
 
     def _free(self, seq: Sequence) -> None:
         self.idle.pop(seq.id, None)
+        if self.drafter is not None:
+            self.drafter.release(seq)
         if seq.kv is not None:
             self.blocks.free(seq.kv)
             seq.kv = None

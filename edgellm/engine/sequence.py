@@ -18,6 +18,8 @@ from typing import Iterator, Sequence as Seq
 import numpy as np
 
 from ..sampling import LogprobsRecorder, Sampler, SamplingParams
+from ..speculative import verify
+from ..speculative.adaptive import Acceptance
 from ..tokenizer import StreamingDetokenizer
 
 _ids = itertools.count()
@@ -36,6 +38,12 @@ class GenerationResponse:
     prompt_seconds: float
     generation_seconds: float
     logprobs: list = field(default_factory=list)  # LogprobsRecorder entries of the tokens of this record
+    draft_tokens: int = 0   # speculative decoding: tokens drafted for this sequence so far
+    draft_accepted: int = 0   # of them, kept by the target
+
+    @property
+    def acceptance(self) -> float | None:
+        return self.draft_accepted / self.draft_tokens if self.draft_tokens else None
 
     @property
     def prompt_tps(self) -> float:
@@ -84,7 +92,7 @@ class Sequence:
 
     def __init__(self, prompt_ids: Seq[int], params: SamplingParams, tokenizer, n_ctx: int,
                  max_tokens: int | None = None, stop: Seq[str] = (), logprobs: int | None = None,
-                 context_shift: bool = False, all_logits: bool = False, hidden: bool = False):
+                 context_shift: bool = False, all_logits: bool = False, hidden: bool = False, spec=None):
         if not prompt_ids:
             raise ValueError("the prompt is empty: nothing to condition on (add BOS or some text)")
         self.id = next(_ids)
@@ -122,6 +130,11 @@ class Sequence:
         self.t_arrival = time.perf_counter()
         self.t_first = None            # when the first token was sampled (prompt time ends)
         self._lp: list = []
+        # speculative decoding: SpecParams (None: never drafts), the acceptance rate it measures, counters
+        can = spec is not None and not self.all_logits and spec.n_max > 0 and self.sampler.chain.mirostat is None
+        self.spec = spec if can else None
+        self.spec_rate = Acceptance(spec.prior) if can else None
+        self.n_drafted = self.n_accepted = 0
 
     # ------------------------------------------------------------------ facts the scheduler reads
     @property
@@ -140,13 +153,42 @@ class Sequence:
 
     def on_logits(self, logits: np.ndarray) -> None:
         """The logits row after the last token: sample the next one, stream the text it completes."""
+        if self._ready():
+            self._emit(self.sampler.sample(logits, self._history()), logits)
+
+    def on_draft_rows(self, rows: np.ndarray, draft: list[int], q=None) -> int:
+        """Speculative decoding: rows[i] follows the last token and draft[:i]. Emit what the target makes of each
+        row until it disagrees with the draft (then its own token) or the sequence ends; all agree: one more token
+        from the last row. Returns how many drafted tokens were kept."""
+        kept = 0
+        for i in range(len(draft) + 1):
+            if self.finished or not self._ready():
+                break
+            if i < len(draft):
+                token = verify.pick(self.sampler, rows[i], self._history(), draft[i], None if q is None else q[i])
+            else:
+                token = self.sampler.sample(rows[i], self._history())
+            self._emit(token, rows[i])
+            if i == len(draft) or token != draft[i]:
+                break
+            kept += 1
+        self.n_drafted += len(draft)
+        self.n_accepted += kept
+        self.spec_rate.update(len(draft), kept)
+        return kept
+
+    def _ready(self) -> bool:
         if self.t_first is None:
             self.t_first = time.perf_counter()
         if self.n_gen >= self.limit:   # max_tokens=0: the prompt is evaluated, nothing is generated
             self.finish("length")
-            return
-        history = self.tokens if len(self.tokens) <= self.keep_history else self.tokens[-self.keep_history:]
-        token = self.sampler.sample(logits, history)
+            return False
+        return True
+
+    def _history(self) -> list[int]:
+        return self.tokens if len(self.tokens) <= self.keep_history else self.tokens[-self.keep_history:]
+
+    def _emit(self, token: int, logits: np.ndarray) -> None:
         self.sampler.accept(token)   # advances the grammar (if any) past this token
         self.n_gen += 1
         if self.tok.is_eog(token):
@@ -194,7 +236,8 @@ class Sequence:
         lp, self._lp = self._lp, []
         self.out.put(GenerationResponse(text, token, reason, self.n_prompt,
                                         self.prompt_eval if self.prompt_eval is not None else self.n_prompt,
-                                        self.n_gen, t_first - self.t_arrival, now - t_first, lp))
+                                        self.n_gen, t_first - self.t_arrival, now - t_first, lp, self.n_drafted,
+                                        self.n_accepted))
         if self.on_put is not None:
             self.on_put()
 

@@ -1,0 +1,242 @@
+"""A draft model: a smaller model with the target's vocabulary guesses the next tokens one forward at a time.
+
+It keeps its own paged KV pool (as many tokens as the target's) and, per sequence, a view that follows the target's
+accepted tokens: before drafting it catches up on whatever the sequence gained since, and after verification it is
+cut back to the tokens the target kept. All sequences drafting in a step go through each draft forward together.
+The draft's backend shares the process's one thread pool with the target's (native), so the two never compete for
+the cores.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ..engine.batch import Batch
+from ..errors import EdgeLLMError
+from ..kv.blocks import BlockManager
+from ..kv.paged import KVPool, pool_blocks
+from ..sampling import Sampler
+from . import Draft
+from .adaptive import StepCost
+
+
+def check_vocab(target, draft) -> None:
+    """The draft must tokenize exactly as the target: same size, same special tokens, same pieces."""
+    t, d = target.tokenizer, draft.tokenizer
+    name = f"the draft model {draft.name!r} and the target {target.name!r}"
+    if t.n_vocab != d.n_vocab:
+        raise EdgeLLMError(f"{name} have different vocabularies: {d.n_vocab} tokens against {t.n_vocab}")
+    for what in ("bos_id", "eos_id"):
+        if getattr(t, what, None) != getattr(d, what, None):
+            raise EdgeLLMError(f"{name} differ in {what}: {getattr(d, what, None)} against {getattr(t, what, None)}")
+    for i in range(t.n_vocab):
+        a, b = t.token_bytes(i, special=True), d.token_bytes(i, special=True)
+        if a != b:
+            raise EdgeLLMError(f"{name} have different vocabularies: token {i} is {b!r} in the draft and {a!r} in "
+                               f"the target")
+
+
+class _View:
+    __slots__ = ("kv", "n", "fed", "base", "shifts", "sampler")
+
+    def __init__(self, kv, shifts: int):
+        self.kv, self.n, self.fed, self.base, self.shifts, self.sampler = kv, 0, [], 0, shifts, None
+
+
+class DraftModel:
+    name, free = "draft", False
+
+    def __init__(self, model, backend, n_tokens: int, n_ctx: int, *, cache_type: str = "f16", size_ratio: float = 0.5):
+        """size_ratio: the draft's weights over the target's, the price of a draft forward until one is measured."""
+        self.model, self.backend, self.n_ctx = model, backend, n_ctx
+        self.size_ratio = size_ratio
+        n_blocks, n_swa = pool_blocks(model, n_ctx=n_ctx, budget=None, type_k=cache_type, n_batch=backend.n_batch)
+        n_blocks = max(n_blocks, -(-n_tokens // 64) + 1)
+        self.pool = KVPool.for_model(model, n_blocks, n_swa * 4 if n_swa else 0, cache_type, None, False)
+        self.blocks = BlockManager(self.pool, prefix_cache=True)
+        self.views: dict[int, _View] = {}
+        self.cost = StepCost()        # seconds per draft forward by sequences in it (the adaptive plan's price)
+        self.n_forwards = 0
+
+    def calibrate(self) -> None:
+        """Time a one-token draft forward (after one that warms up) to price drafting before any step has."""
+        kv = self.blocks.new_seq(self.pool.block)
+        try:
+            for i in range(3):
+                if not self.blocks.allocate(kv, None, 1):
+                    return
+                t0 = time.perf_counter()
+                self.backend.forward_batch(Batch(np.zeros(1, np.int32), np.zeros(1, np.int32), np.zeros(1, np.int32),
+                                                 np.ones(1, bool)), [kv])
+                if i:   # the first forward also lays out the weights
+                    self.cost.observe(1, time.perf_counter() - t0)
+        finally:
+            self.blocks.free(kv)
+
+    # ------------------------------------------------------------------ proposing
+    def propose_many(self, wants) -> list[Draft]:
+        out = [Draft([], []) for _ in wants]
+        live = []   # (index, seq, k, view)
+        for i, (seq, k) in enumerate(wants):
+            v = self._view(seq)
+            if v is not None and k > 0:
+                live.append((i, seq, k, v))
+        if not live:
+            return out
+        # first forward: every sequence's tokens not yet in the draft cache (at least its last token)
+        feeds = []
+        for i, seq, k, v in live:
+            if v.n >= len(seq.tokens):   # the draft holds the last token already: rewind one to get its logits
+                self.blocks.truncate(v.kv, len(seq.tokens) - 1)
+                v.n = v.kv.n_past
+            feeds.append(seq.tokens[v.n:])
+        rows = self._forward([(v, f) for (_, _, _, v), f in zip(live, feeds)])
+        if rows is None:
+            return out
+        for (_, seq, _, v), f in zip(live, feeds):
+            v.n += len(f)
+            v.base, v.fed = v.n, []
+        depth = 0
+        while live:
+            nxt, row_of = [], {}
+            for (i, seq, k, v), row in zip(live, rows):
+                tok, q, ok = self._choose(seq, v, row, out[i].tokens)
+                if not ok:
+                    continue
+                out[i].tokens.append(tok)
+                out[i].q.append(q)
+                if len(out[i].tokens) < k:
+                    nxt.append((i, seq, k, v))
+            depth += 1
+            live = nxt
+            if not live:
+                break
+            rows = self._forward([(v, [out[i].tokens[-1]]) for i, _, _, v in live], timed=True)
+            if rows is None:
+                break
+            for i, seq, k, v in live:
+                v.fed.append(out[i].tokens[-1])
+                v.n += 1
+        return out
+
+    def _choose(self, seq, v, row: np.ndarray, drafted: list[int]):
+        """The draft's next token from its logits row: the sequence's sampling settings (greedy stays greedy), the
+        grammar's mask at the drafted position, and llama.cpp's p_min cut (stop when the draft is unsure)."""
+        g = seq.sampler.grammar
+        if g is not None:
+            state = g.state
+            try:
+                for t in drafted:
+                    g.accept(t)
+                row = row.copy()
+                row[~g.allowed_mask()] = -np.inf
+            except ValueError:
+                return 0, None, False
+            finally:
+                g.state = state
+        if v.sampler is None:
+            p = seq.params
+            v.sampler = Sampler(p.replace(grammar=None, json_schema=None,
+                                          seed=None if p.seed is None else (int(p.seed) * 7919 + 17) % 2**32),
+                                vocab=self.model.tokenizer)
+        history = seq.tokens + drafted
+        try:
+            ids, probs = v.sampler.distribution(row, history)
+        except ValueError:
+            return 0, None, False
+        if seq.sampler.greedy:
+            tok = int(ids[0])
+            x = row[np.isfinite(row)]
+            top = float(1.0 / np.exp(x - row[tok]).sum()) if x.size else 0.0
+        else:
+            cdf = np.cumsum(probs)
+            j = min(int(np.searchsorted(cdf, v.sampler.rng.random() * cdf[-1], side="right")), ids.size - 1)
+            tok, top = int(ids[j]), float(probs[0])
+        if top < seq.spec.p_min:
+            return 0, None, False
+        return tok, (ids, probs), True
+
+    def _view(self, seq) -> _View | None:
+        v = self.views.get(seq.id)
+        if v is not None and v.shifts != seq.n_shifts:   # a context shift moved the target's positions
+            self.release(seq)
+            v = None
+        if v is None:
+            v = self.views[seq.id] = _View(self.blocks.new_seq(self.n_ctx), seq.n_shifts)
+            if not self.blocks.allocate(v.kv, seq.tokens, len(seq.tokens)):   # takes the cached prefix
+                self.release(seq)   # the draft pool is full: this sequence does not draft this step
+                return None
+        v.n = v.kv.n_past
+        return v
+
+    def _forward(self, feeds, timed: bool = False):
+        """One draft forward: each (view, tokens) appends its tokens; the logits row after each view's last token."""
+        n_batch = self.backend.n_batch
+        done = [0] * len(feeds)
+        rows = [None] * len(feeds)
+        while True:
+            toks, pos, sid, want, who = [], [], [], [], []
+            budget = n_batch
+            for s, (v, f) in enumerate(feeds):
+                a = done[s]
+                if a >= len(f) or budget == 0:
+                    continue
+                m = min(len(f) - a, budget)
+                start = v.kv.n_past
+                if start + m > v.kv.n_ctx or not self.blocks.allocate(v.kv, None, start + m):
+                    return None
+                toks += f[a:a + m]
+                pos += range(start, start + m)
+                sid += [len(who)] * m
+                want += [False] * (m - 1) + [a + m == len(f)]
+                who.append((s, m))
+                budget -= m
+            if not who:
+                break
+            t0 = time.perf_counter()
+            out = self.backend.forward_batch(Batch(np.array(toks, np.int32), np.array(pos, np.int32),
+                                                   np.array(sid, np.int32), np.array(want, bool)),
+                                             [feeds[s][0].kv for s, _ in who])
+            if timed:
+                self.cost.observe(len(who), time.perf_counter() - t0)
+            self.n_forwards += 1
+            r = 0
+            for s, m in who:
+                v = feeds[s][0]
+                v.kv.n_past += m
+                done[s] += m
+                if done[s] == len(feeds[s][1]):
+                    rows[s] = out[r]
+                    r += 1
+        return rows
+
+    # ------------------------------------------------------------------ after verification
+    def accepted(self, seq, n_kept: int) -> None:
+        v = self.views.get(seq.id)
+        if v is None:
+            return
+        n = v.base
+        for a, b in zip(v.fed, seq.tokens[v.base:]):
+            if a != b:
+                break
+            n += 1
+        n = min(n, v.kv.n_past, len(seq.tokens))
+        if n < v.kv.n_past:
+            n = self.blocks.truncate(v.kv, n)
+        v.n, v.fed = n, []
+        self.blocks.commit(v.kv, seq.tokens)
+        self.blocks.release_window(v.kv)
+
+    def release(self, seq) -> None:
+        v = self.views.pop(seq.id, None)
+        if v is not None:
+            self.blocks.free(v.kv)
+
+    def close(self) -> None:
+        for v in self.views.values():
+            self.blocks.free(v.kv)
+        self.views.clear()
+        self.backend.close()
+        self.model.close()
