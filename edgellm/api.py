@@ -163,8 +163,8 @@ class LLM:
             return None
         if option is True:
             return self.spec
-        if not isinstance(option, dict) or set(option) - {"n_max", "n_min", "p_min"}:
-            raise EdgeLLMError(f"speculative must be a bool or a dict of n_max, n_min, p_min; got {option!r}")
+        if not isinstance(option, dict) or set(option) - {"n_max", "n_min", "p_min", "adaptive"}:
+            raise EdgeLLMError(f"speculative must be a bool or a dict of n_max, n_min, p_min, adaptive; got {option!r}")
         return self.spec.replace(**option)
 
     # ---------------------------------------------------------------- tokens

@@ -178,8 +178,15 @@ class EngineCore:
         most = [max(0, min(s.spec.n_max, s.limit - s.n_gen - 1, s.n_ctx - s.n_computed - 1)) for s in cands]
         d = self.drafter
         draft_cost = None if d.free else d.cost if d.cost.known() else (lambda m: self.cost(m) * d.size_ratio)
-        lengths = adaptive.plan([(s.spec_rate.rate, m) for s, m in zip(cands, most)], n_base, n_yield, self.cost,
-                                draft_cost, self.row_cost, self.scheduler.max_tokens - n_base)
+        lengths = adaptive.plan([(s.spec_rate.rate, m) for s, m in zip(cands, most) if s.spec.adaptive], n_base,
+                                n_yield, self.cost, draft_cost, self.row_cost, self.scheduler.max_tokens - n_base)
+        room = self.scheduler.max_tokens - n_base - sum(lengths)
+        fixed = iter(lengths)
+        lengths = []
+        for s, m in zip(cands, most):   # fixed drafting takes n_max (as the step's token budget allows)
+            d = next(fixed) if s.spec.adaptive else max(0, min(m, room))
+            room -= 0 if s.spec.adaptive else d
+            lengths.append(d)
         wants = []
         for s, d in zip(cands, lengths):
             if d > 0:

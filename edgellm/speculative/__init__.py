@@ -32,6 +32,7 @@ class SpecParams:
     n_min: int = 0
     p_min: float = 0.75   # a draft model stops drafting when its own top token is less likely than this
     prior: float = 0.5    # the acceptance rate assumed before any draft of the request was checked
+    adaptive: bool = True  # False: always draft n_max tokens (llama.cpp's fixed drafting; tests, comparisons)
 
     def validate(self) -> "SpecParams":
         for name in ("n_max", "n_min"):
@@ -43,6 +44,8 @@ class SpecParams:
         p = self.p_min
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
             raise EdgeLLMError(f"speculative p_min must be a number from 0 to 1, got {p!r}")
+        if not isinstance(self.adaptive, bool):
+            raise EdgeLLMError(f"speculative adaptive must be true or false, got {self.adaptive!r}")
         return self
 
     def replace(self, **changes) -> "SpecParams":
