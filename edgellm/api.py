@@ -133,12 +133,13 @@ class LLM:
         if speculative not in SPEC_TYPES:
             raise EdgeLLMError(f"unknown speculative type {speculative!r}; expected one of {', '.join(SPEC_TYPES)}")
         # acceptance before any is measured: a quantized copy of the model agrees most of the time; n-gram guesses
-        # are a coin toss until the text starts to copy
-        spec = SpecParams(n_max, n_min, p_min, prior=0.5 if speculative == "ngram" else 0.7).validate()
+        # are mostly wrong until the text starts to copy
+        spec = SpecParams(n_max, n_min, p_min, prior=0.3 if speculative == "ngram" else 0.7).validate()
         if speculative == "ngram":
             if draft_model is not None:
                 raise EdgeLLMError("speculative='ngram' drafts without a model: leave out draft_model")
             self.core.drafter = NgramDrafter()
+            self.core.calibrate()
             return spec
         if draft_model is None:
             raise EdgeLLMError("speculative='draft' needs draft_model (-md FILE)")
@@ -153,6 +154,7 @@ class LLM:
         self.core.drafter = DraftModel(draft, be, pool.n_blocks[0] * pool.block, self.n_ctx,
                                        cache_type=cache_type if cache_type in ("f16", "f32") else "f16",
                                        size_ratio=os.path.getsize(draft.path) / max(1, os.path.getsize(self.model.path)))
+        self.core.calibrate()   # prices for the adaptive plan, and the draft's weights laid out, before any request
         return spec
 
     def _spec(self, option) -> SpecParams | None:
@@ -513,13 +515,26 @@ def _collect(records: Iterator[GenerationResponse]) -> tuple[str, GenerationResp
     return "".join(parts), last
 
 
-def _usage(*records: GenerationResponse) -> dict:
-    """OpenAI's usage of one or several finished requests (prompt_tokens_details.cached_tokens: prompt tokens whose
-    KV came from the cache instead of being evaluated)."""
+def usage(records) -> dict:
+    """OpenAI's usage of finished requests' last records. prompt_tokens_details.cached_tokens: prompt tokens whose KV
+    came from the cache instead of being evaluated; with speculative decoding, completion_tokens_details counts the
+    drafted tokens the model kept (accepted_prediction_tokens) and cut (rejected_prediction_tokens), the names OpenAI
+    gives its predicted outputs."""
+    records = list(records)
     prompt = sum(r.prompt_tokens for r in records)
     completion = sum(r.generation_tokens for r in records)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": sum(r.cached_tokens for r in records)}}
+    out = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+           "prompt_tokens_details": {"cached_tokens": sum(r.cached_tokens for r in records)}}
+    drafted = sum(r.draft_tokens for r in records)
+    if drafted:
+        accepted = sum(r.draft_accepted for r in records)
+        out["completion_tokens_details"] = {"accepted_prediction_tokens": accepted,
+                                            "rejected_prediction_tokens": drafted - accepted}
+    return out
+
+
+def _usage(*records: GenerationResponse) -> dict:
+    return usage(records)
 
 
 def _token_ids(value, what: str, text_ok: bool = True) -> list[int]:

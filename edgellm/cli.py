@@ -22,6 +22,35 @@ def _warn_one_line(message, category, filename, lineno, file=None, line=None):
     print(f"warning: {message}", file=sys.stderr)
 
 
+def _spec_options(f):
+    """llama.cpp's speculative decoding flags, shared by run and serve."""
+    opts = [
+        click.option("-md", "--model-draft", "model_draft", default=None, metavar="FILE",
+                     help="A smaller model with the same vocabulary drafts tokens the model checks in one forward."),
+        click.option("--spec-type", type=click.Choice(["none", "draft", "ngram"]), default=None,
+                     help="Speculative decoding: draft (with -md; the default when -md is given), ngram (prompt "
+                          "lookup: drafts from the prompt and output, no extra model) or none."),
+        click.option("--draft-max", "--draft", "draft_max", type=click.IntRange(0, 64), default=16,
+                     show_default=True, help="Most tokens drafted per step (each step drafts only as far as it pays)."),
+        click.option("--draft-min", type=click.IntRange(0, 64), default=0, show_default=True,
+                     help="Fewer drafted tokens than this are not checked."),
+        click.option("--draft-p-min", type=click.FloatRange(0, 1), default=0.75, show_default=True,
+                     help="A draft model stops drafting when its top token is less likely than this."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _spec_kwargs(model_draft, spec_type, draft_max, draft_min, draft_p_min) -> dict:
+    if spec_type == "ngram" and model_draft:
+        raise click.UsageError("--spec-type ngram drafts without a model: leave out -md")
+    if spec_type == "draft" and not model_draft:
+        raise click.UsageError("--spec-type draft needs -md FILE")
+    return dict(draft_model=_model_path(model_draft) if model_draft else None, speculative=spec_type,
+                draft_max=draft_max, draft_min=draft_min, draft_p_min=draft_p_min)
+
+
 def _logit_bias(items) -> dict[int, float]:
     """llama.cpp's --logit-bias TOKEN(+|-)BIAS, e.g. 15043+1, 15043-inf."""
     import re
@@ -232,12 +261,13 @@ def tokenize(model, text, add_special, parse_special, as_json):
 @click.option("--raw", is_flag=True, help="Interactive mode without the chat template: each line is continued.")
 @click.option("-s", "--system", default=None, help="A system message for the chat.")
 @click.option("--verbose", is_flag=True, help="Print load time and prompt / generation speed to stderr.")
+@_spec_options
 def run(model, prompt, prompt_file, n_predict, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, frequency_penalty,
         presence_penalty, typical_p, top_n_sigma, xtc_probability, xtc_threshold, dynatemp_range, dynatemp_exponent,
         dry_multiplier, dry_base, dry_allowed_length, dry_penalty_last_n, mirostat, mirostat_eta, mirostat_tau,
         samplers, logit_bias, ignore_eos, grammar, grammar_file, json_schema, seed, n_ctx, cache_type_k, cache_type_v, swa_full,
         kv_budget, n_threads, backend, context_shift, n_keep, streaming, prompt_cache, chat_prompt, raw, system,
-        verbose):
+        verbose, model_draft, spec_type, draft_max, draft_min, draft_p_min):
     """Run MODEL: continue -p's text (as llama.cpp's -p does), or chat interactively without -p.
 
     In the chat, /bye quits and Ctrl-C stops the answer, not the program.
@@ -255,7 +285,8 @@ def run(model, prompt, prompt_file, n_predict, temp, top_k, top_p, min_p, repeat
         n_keep = 4 if streaming else 0  # StreamingLLM's four attention sinks
     llm = LLM(_model_path(model), n_ctx=n_ctx, n_threads=n_threads, seed=seed, backend=backend,
               context_shift=context_shift or streaming, n_keep=n_keep, cache_type=cache_type_k,
-              cache_type_v=cache_type_v, swa_full=swa_full, kv_budget=kv_budget)
+              cache_type_v=cache_type_v, swa_full=swa_full, kv_budget=kv_budget,
+              **_spec_kwargs(model_draft, spec_type, draft_max, draft_min, draft_p_min))
     if verbose:
         be = llm.backend
         click.echo(f"loaded {llm.model.name} in {time.perf_counter() - t0:.2f} s; backend {be.name} "
@@ -307,6 +338,10 @@ def run(model, prompt, prompt_file, n_predict, temp, top_k, top_p, min_p, repeat
             click.echo(f"prompt: {last.prompt_eval_tokens} tokens evaluated ({last.prompt_tokens} in prompt), "
                        f"{last.prompt_tps:.1f} tok/s; generation: {last.generation_tokens} tokens, "
                        f"{last.generation_tps:.1f} tok/s", err=True)
+            if llm.spec is not None:   # each step drafts only as far as it pays: possibly nothing
+                rate = f" ({100 * last.acceptance:.1f}%)" if last.draft_tokens else ""
+                click.echo(f"speculative ({llm.core.drafter.name}): {last.draft_tokens} tokens drafted, "
+                           f"{last.draft_accepted} accepted{rate}", err=True)
         text = "".join(parts)
         if not raw:
             messages.append({"role": "assistant", "content": text})
@@ -404,9 +439,11 @@ def bench(model, n_prompt, n_gen, n_threads, reps, backend, as_json):
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
+@_spec_options
 def serve(models, host, port, n_threads, n_ctx, n_parallel, n_batch, cache_type_k, cache_type_v, kv_budget,
           no_prefix_cache, backend, temp, top_k, top_p, min_p, repeat_penalty, api_key_file, cors_origins,
-          rate_limit, token_limit, max_queue, max_tokens, max_body, request_timeout, log_format, log_level):
+          rate_limit, token_limit, max_queue, max_tokens, max_body, request_timeout, log_format, log_level,
+          model_draft, spec_type, draft_max, draft_min, draft_p_min):
     """Serve MODELS over an OpenAI-compatible HTTP API (and a chat page at /).
 
     A request's "model" picks one by its name here or its file's stem. Keys from --api-key-file or
@@ -421,7 +458,8 @@ def serve(models, host, port, n_threads, n_ctx, n_parallel, n_batch, cache_type_
 
     log = setup_logging(log_format, log_level)
     llm_kwargs = dict(n_ctx=n_ctx, n_threads=n_threads, backend=backend, cache_type=cache_type_k,
-                      cache_type_v=cache_type_v, kv_budget=kv_budget, prefix_cache=not no_prefix_cache)
+                      cache_type_v=cache_type_v, kv_budget=kv_budget, prefix_cache=not no_prefix_cache,
+                      **_spec_kwargs(model_draft, spec_type, draft_max, draft_min, draft_p_min))
     if n_parallel is not None:
         llm_kwargs["n_parallel"] = n_parallel
     if n_batch is not None:

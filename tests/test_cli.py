@@ -179,3 +179,21 @@ def test_prompt_file_ignore_eos_and_kv_flags(smollm2_path, tmp_path):
     assert_one_line_error(edgellm("run", smollm2_path, "-p", "Hi", "--kv-budget", "lots"), "lots")
     p = edgellm("info", smollm2_path, "--kv-budget", "50MiB")
     assert p.returncode == 0 and "n_ctx 2048" in p.stdout and "budget 50 MiB" in p.stdout
+
+
+def test_run_with_speculative_decoding(smollm2_path, gemma3_path):
+    """--spec-type ngram and -md give the plain greedy text; --verbose reports the drafts; bad pairs are one-line
+    errors (a draft with another vocabulary, ngram with a draft model, draft without one)."""
+    prompt = "Copy: alpha beta gamma delta epsilon zeta eta theta. Copy: alpha beta gamma"
+    plain = edgellm("run", smollm2_path, "-p", prompt, "-n", "24", "--temp", "0")
+    assert plain.returncode == 0, plain.stderr
+    for extra in (["--spec-type", "ngram"], ["-md", smollm2_path, "--draft-p-min", "0"]):
+        p = edgellm("run", smollm2_path, "-p", prompt, "-n", "24", "--temp", "0", "--verbose", *extra)
+        assert p.returncode == 0, p.stderr
+        assert p.stdout == plain.stdout
+        assert "speculative (" in p.stderr and "accepted" in p.stderr
+    assert_one_line_error(edgellm("run", smollm2_path, "-p", "Hi", "-n", "2", "-md", gemma3_path),
+                          "different vocabularies")
+    for bad in (["--spec-type", "ngram", "-md", smollm2_path], ["--spec-type", "draft"], ["--draft-max", "99"]):
+        p = edgellm("run", smollm2_path, "-p", "Hi", "-n", "2", *bad)
+        assert p.returncode == 2 and "Traceback" not in p.stderr, (bad, p.stderr)

@@ -368,3 +368,42 @@ def test_one_json_log_line_per_request(keyed):
     text = buf.getvalue()
     assert "beta-key-abcdef" not in text and "wrong" not in text
     assert any(x.get("status") == 401 for x in lines)
+
+
+# ------------------------------------------------------------------------------------------ speculative decoding
+@pytest.fixture(scope="module")
+def spec_srv(smollm2_path):
+    from edgellm.api import LLM
+
+    m = LLM(smollm2_path, n_ctx=1024, n_parallel=4, speculative="ngram")
+    m.spec = m.spec.replace(adaptive=False)   # draft every step: the counts below must not hang on measured timings
+    s = ServerThread(create_app(ServeConfig(llms={"smollm2": m})))
+    yield s
+    s.stop()
+    m.close()
+
+
+def test_speculative_requests_match_plain_and_are_counted(spec_srv):
+    """Per request (llama-server's speculative.n_max / n_min / p_min): greedy text identical with and without
+    drafts; usage reports kept and cut drafts with OpenAI's prediction names; /metrics has the totals."""
+    c = spec_srv.client()
+    text = ("The quick brown fox jumps over the lazy dog. The quick brown fox jumps over the lazy dog. "
+            "Pack my box with five dozen liquor jugs.")
+    msgs = [{"role": "user", "content": f"Repeat exactly: {text}"}]
+    plain = c.chat.completions.create(model="smollm2", messages=msgs, max_tokens=40, temperature=0,
+                                      extra_body={"speculative.n_max": 0})
+    assert plain.usage.completion_tokens_details is None
+    drafted = c.chat.completions.create(model="smollm2", messages=msgs, max_tokens=40, temperature=0,
+                                        extra_body={"speculative.n_max": 8})
+    assert drafted.choices[0].message.content == plain.choices[0].message.content
+    d = drafted.usage.completion_tokens_details
+    assert d is not None and d.accepted_prediction_tokens + d.rejected_prediction_tokens > 0
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+        model="smollm2", messages=msgs, max_tokens=40, temperature=0, stream=True) if ch.choices)
+    assert streamed == plain.choices[0].message.content
+    metrics = httpx.get(spec_srv.url + "/metrics").text
+    assert 'edgellm_draft_tokens_total{model="smollm2"}' in metrics
+    assert 'edgellm_draft_acceptance_rate{model="smollm2"}' in metrics
+    for bad in ({"speculative.n_max": 999}, {"speculative.p_min": 2}, {"speculative.n_min": 9, "speculative.n_max": 2}):
+        with pytest.raises(openai.BadRequestError):
+            c.chat.completions.create(model="smollm2", messages=msgs, max_tokens=4, extra_body=bad)

@@ -172,7 +172,7 @@ class EngineCore:
         if not cands:
             return {}
         if not self.cost.known():
-            self._calibrate()
+            self.calibrate()
         n_base = sum(k for seq, k in plan if not seq.hidden)
         n_yield = sum(1 for seq, k in plan if not seq.all_logits and seq.n_computed + k == len(seq.tokens))
         most = [max(0, min(s.spec.n_max, s.limit - s.n_gen - 1, s.n_ctx - s.n_computed - 1)) for s in cands]
@@ -204,7 +204,7 @@ class EngineCore:
                 drafts[seq] = draft
         return drafts
 
-    def _calibrate(self) -> None:
+    def calibrate(self) -> None:
         """First prices for the adaptive plan: time forwards of 1, 2, 4 and 8 tokens (and a draft model's forward of
         one) on a scratch sequence; the real steps refine them."""
         kv = self.blocks.new_seq(self.pool.block * 2)

@@ -16,7 +16,8 @@ def engine_snapshot(core) -> dict:
     """What the engine holds now (run on the engine thread)."""
     st = core.blocks.stats()
     return {"running": len(core.scheduler.running), "waiting": len(core.scheduler.waiting), "idle": len(core.idle),
-            "groups": st["groups"], "hit_tokens": st["hit_tokens"], "miss_tokens": st["miss_tokens"]}
+            "groups": st["groups"], "hit_tokens": st["hit_tokens"], "miss_tokens": st["miss_tokens"],
+            "speculative": core.drafter is not None, "drafted": core.n_drafted, "accepted": core.n_accepted}
 
 
 class _EngineCollector:
@@ -34,6 +35,12 @@ class _EngineCollector:
         hits = CounterMetricFamily("edgellm_prefix_cache_hit_tokens", "Prompt tokens whose KV came from the "
                                    "prefix cache", labels=["model"])
         miss = CounterMetricFamily("edgellm_prefix_cache_miss_tokens", "Prompt tokens evaluated", labels=["model"])
+        drafted = CounterMetricFamily("edgellm_draft_tokens", "Tokens drafted for speculative decoding",
+                                      labels=["model"])
+        accepted = CounterMetricFamily("edgellm_draft_accepted_tokens", "Drafted tokens the model kept",
+                                       labels=["model"])
+        rate = GaugeMetricFamily("edgellm_draft_acceptance_rate", "Accepted over drafted tokens since start",
+                                 labels=["model"])
         for name, bridge in self.models.items():
             try:
                 s = bridge.snapshot()
@@ -47,7 +54,11 @@ class _EngineCollector:
                     blocks.add_metric([name, str(g), state], grp[state])
             hits.add_metric([name], s["hit_tokens"])
             miss.add_metric([name], s["miss_tokens"])
-        yield from (running, waiting, idle, blocks, hits, miss)
+            if s["speculative"]:
+                drafted.add_metric([name], s["drafted"])
+                accepted.add_metric([name], s["accepted"])
+                rate.add_metric([name], s["accepted"] / s["drafted"] if s["drafted"] else 0.0)
+        yield from (running, waiting, idle, blocks, hits, miss, drafted, accepted, rate)
 
 
 class Metrics:

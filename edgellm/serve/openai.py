@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
 
+from ..api import usage
 from ..engine.sequence import Sequence
 from ..errors import ContextLengthError, EdgeLLMError
 from ..grammar import response_format_to_schema
@@ -90,6 +91,10 @@ class _Sampling(_Base):
     grammar: str | None = Field(None, max_length=1 << 20)
     json_schema: Union[dict, bool, None] = None
     ignore_eos: bool = False
+    # llama-server's speculative decoding settings (with a draft model or --spec-type ngram); n_max 0: off
+    spec_n_max: int | None = Field(None, alias="speculative.n_max", ge=0, le=64)
+    spec_n_min: int | None = Field(None, alias="speculative.n_min", ge=0, le=64)
+    spec_p_min: float | None = Field(None, alias="speculative.p_min", ge=0, le=1)
 
 
 class ContentPart(_Base):
@@ -191,6 +196,16 @@ def _knobs(req: _Sampling, llm, defaults: dict, json_schema=None) -> dict:
     return knobs
 
 
+def _spec(req: _Sampling, llm):
+    """The request's speculative decoding settings over the server's (None: it does not speculate)."""
+    option = {k: v for k, v in (("n_max", req.spec_n_max), ("n_min", req.spec_n_min), ("p_min", req.spec_p_min))
+              if v is not None}
+    try:
+        return llm._spec(option or None)
+    except EdgeLLMError as e:
+        raise APIError(400, str(e), param="speculative") from None
+
+
 def _params(knobs: dict, seed: int | None) -> SamplingParams:
     try:
         return SamplingParams(seed=seed, **knobs).validate()
@@ -206,7 +221,7 @@ def _max_tokens(server, requested: int | None, default: int | None) -> int | Non
     return m
 
 
-def _build(llm, ids_list: list[list[int]], n: int, knobs: dict, seed, max_tokens, stops, logprobs):
+def _build(llm, ids_list: list[list[int]], n: int, knobs: dict, seed, max_tokens, stops, logprobs, spec=None):
     """The sequences of a request: n per prompt, seed+i for choice i (distinct yet reproducible). Runs in a worker
     thread: compiling a grammar or JSON schema takes a while."""
     seqs = []
@@ -218,7 +233,7 @@ def _build(llm, ids_list: list[list[int]], n: int, knobs: dict, seed, max_tokens
             params = _params(knobs, None if seed is None else seed + i)
             try:
                 seqs.append(Sequence(ids, params, llm.tokenizer, n_ctx=llm.n_ctx, max_tokens=max_tokens, stop=stops,
-                                     logprobs=logprobs, context_shift=llm.context_shift))
+                                     logprobs=logprobs, context_shift=llm.context_shift, spec=spec))
             except (EdgeLLMError, ValueError, TypeError, RecursionError) as e:
                 raise APIError(400, str(e) or type(e).__name__) from None
     return seqs
@@ -243,11 +258,6 @@ def _chat_messages(req: ChatRequest) -> list[dict]:
     return out
 
 
-def _usage(prompt: int, completion: int, cached: int) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}
-
-
 def _sse(obj) -> dict:
     return {"data": json.dumps(obj, separators=(",", ":"))}
 
@@ -262,15 +272,13 @@ class _Tally:
         self.last[i] = r
 
     def usage(self) -> dict:
-        prompt = cached = completion = 0
-        for i, r in enumerate(self.last):
-            if r is None:
-                continue
-            completion += r.generation_tokens
-            if i % self.n == 0:
-                prompt += r.prompt_tokens
-                cached += r.cached_tokens
-        return _usage(prompt, completion, cached)
+        out = usage(r for r in self.last if r is not None)
+        # n choices of one prompt share its prompt: count it once
+        prompt = sum(r.prompt_tokens for i, r in enumerate(self.last) if r is not None and i % self.n == 0)
+        cached = sum(r.cached_tokens for i, r in enumerate(self.last) if r is not None and i % self.n == 0)
+        out.update(prompt_tokens=prompt, total_tokens=prompt + out["completion_tokens"],
+                   prompt_tokens_details={"cached_tokens": cached})
+        return out
 
 
 # ------------------------------------------------------------------------------------------------ routes
@@ -398,6 +406,7 @@ def make_router(server, guard, limited) -> APIRouter:
             raise APIError(400, str(e), param="response_format") from None
         messages = _chat_messages(req)
         knobs = _knobs(req, llm, defaults, schema)
+        spec = _spec(req, llm)
         top = (req.top_logprobs or 0) if req.logprobs else None
         limit = _max_tokens(server, req.max_completion_tokens if req.max_completion_tokens is not None
                             else req.max_tokens, None)
@@ -407,7 +416,7 @@ def make_router(server, guard, limited) -> APIRouter:
                 ids = llm._chat_ids(messages)
             except (EdgeLLMError, ValueError, TypeError) as e:
                 raise APIError(400, f"chat template: {e}", param="messages") from None
-            return _build(llm, [ids], req.n, knobs, req.seed, limit, _stops(req.stop), top)
+            return _build(llm, [ids], req.n, knobs, req.seed, limit, _stops(req.stop), top, spec)
 
         seqs = await bridge.run_sync(prepare)
         job = await submit(request, bridge, seqs)
@@ -461,6 +470,7 @@ def make_router(server, guard, limited) -> APIRouter:
         if len(prompts) * req.n > server.config.max_n:
             raise APIError(400, f"prompts x n must be at most {server.config.max_n}", param="n")
         knobs = _knobs(req, llm, defaults)
+        spec = _spec(req, llm)
         limit = _max_tokens(server, req.max_tokens, 16)   # OpenAI's default for text completions
 
         def prepare():
@@ -477,7 +487,7 @@ def make_router(server, guard, limited) -> APIRouter:
                     ids = list(x)
                     offsets.append(len(llm.detokenize(ids)))
                 ids_list.append(ids)
-            return _build(llm, ids_list, req.n, knobs, req.seed, limit, _stops(req.stop), req.logprobs), offsets
+            return _build(llm, ids_list, req.n, knobs, req.seed, limit, _stops(req.stop), req.logprobs, spec), offsets
 
         seqs, offsets = await bridge.run_sync(prepare)
         job = await submit(request, bridge, seqs)
