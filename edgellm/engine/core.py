@@ -177,27 +177,36 @@ class EngineCore:
         n_yield = sum(1 for seq, k in plan if not seq.all_logits and seq.n_computed + k == len(seq.tokens))
         most = [max(0, min(s.spec.n_max, s.limit - s.n_gen - 1, s.n_ctx - s.n_computed - 1)) for s in cands]
         d = self.drafter
+        if d.free:   # guesses first (they cost nothing), each priced by the drafter's rating of it
+            guesses = d.propose_many([(s, m) for s, m in zip(cands, most)])
+            rates = [d.rate(g) for g in guesses]
+            most = [len(g.tokens) for g in guesses]
+        else:
+            rates = [s.spec_rate.rate for s in cands]
         draft_cost = None if d.free else d.cost if d.cost.known() else (lambda m: self.cost(m) * d.size_ratio)
-        lengths = adaptive.plan([(s.spec_rate.rate, m) for s, m in zip(cands, most) if s.spec.adaptive], n_base,
-                                n_yield, self.cost, draft_cost, self.row_cost, self.scheduler.max_tokens - n_base)
-        room = self.scheduler.max_tokens - n_base - sum(lengths)
-        fixed = iter(lengths)
-        lengths = []
-        for s, m in zip(cands, most):   # fixed drafting takes n_max (as the step's token budget allows)
-            d = next(fixed) if s.spec.adaptive else max(0, min(m, room))
-            room -= 0 if s.spec.adaptive else d
-            lengths.append(d)
+        auto = [i for i, s in enumerate(cands) if s.spec.adaptive]
+        sized = adaptive.plan([(rates[i], most[i]) for i in auto], n_base, n_yield, self.cost, draft_cost,
+                              self.row_cost, self.scheduler.max_tokens - n_base)
+        lengths = [0] * len(cands)
+        for i, n in zip(auto, sized):
+            lengths[i] = n
+        room = self.scheduler.max_tokens - n_base - sum(sized)
+        for i, s in enumerate(cands):   # fixed drafting takes n_max (as the step's token budget allows)
+            if not s.spec.adaptive:
+                lengths[i] = max(0, min(most[i], room))
+                room -= lengths[i]
         wants = []
-        for s, d in zip(cands, lengths):
-            if d > 0:
-                wants.append((s, d))
+        for i, (s, n) in enumerate(zip(cands, lengths)):
+            if n > 0:
+                wants.append((i, s, n))
             else:
                 s.spec_rate.idle()
         if not wants:
             return {}
+        made = [guesses[i] for i, _, _ in wants] if d.free else d.propose_many([(s, n) for _, s, n in wants])
         drafts = {}
-        for (seq, d), draft in zip(wants, self.drafter.propose_many(wants)):
-            draft = draft.cut(d)
+        for (_, seq, n), draft in zip(wants, made):
+            draft = draft.cut(n)
             if not draft.tokens or len(draft.tokens) < seq.spec.n_min:
                 continue
             if self.blocks.allocate(seq.kv, None, seq.n_computed + 1 + len(draft.tokens)):
@@ -290,6 +299,8 @@ class EngineCore:
         seq.n_computed += n
         self.n_drafted += len(draft.tokens)
         self.n_accepted += kept
+        if self.drafter.free:
+            self.drafter.observe(draft, kept)
         self.n_spec_steps += 1
 
     def _shift_full(self) -> None:

@@ -56,13 +56,13 @@ class Draft:
     """Proposed tokens for one sequence; `q[i]` is the (ids, probabilities) the drafter drew tokens[i] from, or None
     when the drafter is deterministic (n-gram lookup: a point mass on the token)."""
 
-    __slots__ = ("tokens", "q")
+    __slots__ = ("tokens", "q", "key")
 
-    def __init__(self, tokens: list[int], q: list | None = None):
-        self.tokens, self.q = tokens, q
+    def __init__(self, tokens: list[int], q: list | None = None, key: int = 0):
+        self.tokens, self.q, self.key = tokens, q, key   # key: the drafter's class of this guess (its own rating)
 
     def cut(self, n: int) -> "Draft":
-        return Draft(self.tokens[:n], None if self.q is None else self.q[:n])
+        return Draft(self.tokens[:n], None if self.q is None else self.q[:n], self.key)
 
 
 class Drafter(Protocol):
@@ -70,10 +70,16 @@ class Drafter(Protocol):
     forward (the adaptive plan then prices only the target's verification)."""
 
     name: str
-    free: bool
+    free: bool   # True: proposing costs nothing, so the engine proposes first and prices each guess by rate(draft)
 
     def propose_many(self, wants: list[tuple[object, int]]) -> list[Draft]:
         """Up to k tokens for each (sequence, k), in order; fewer (or none) when the drafter has no good guess."""
+
+    def rate(self, draft: Draft) -> float:
+        """(free drafters) the expected acceptance rate of this guess."""
+
+    def observe(self, draft: Draft, kept: int) -> None:
+        """(free drafters) `kept` of draft's tokens were accepted."""
 
     def accepted(self, seq, n_kept: int) -> None:
         """After verification: seq's tokens are final up to n_kept; forget any state past it."""

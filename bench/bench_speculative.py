@@ -1,0 +1,245 @@
+"""Speculative decoding, side by side (issue 14's bars): decode speed with and without drafts, and llama.cpp's tools
+on the same files and prompts.
+
+    .venv/bin/python bench/bench_speculative.py draft --target T.gguf --draft D.gguf [-n 160] [--llamacpp DIR]
+    .venv/bin/python bench/bench_speculative.py ngram --model M.gguf [-n 192] [--llamacpp DIR]
+    .venv/bin/python bench/bench_speculative.py load --model M.gguf [--draft D.gguf] [--clients 4] [-n 128]
+
+draft: every prompt of DRAFT_PROMPTS through the chat template, temperature 0, 2 threads: the target alone, then the
+target with the draft (adaptive), and with --llamacpp, llama-speculative (-m T -md D, --temp 0, its default draft
+settings and with --draft-max 3) and llama-cli's plain decode of T on the same prompts. ngram: the input-grounded set
+(GROUNDED: summarise, extract, rewrite, fix, built from texts on this machine), plain against --spec-type ngram, and
+llama-lookup on the same prompts. load: N clients (threads) generating at once, speculation off and on.
+
+Decode speed is generated tokens / seconds from the first generated token to the last (prompt time excluded; the
+same for llama.cpp's "decoded N tokens in S seconds"). Every run checks that the speculative text equals the plain
+text (greedy). Prints a JSON document; BENCHMARKS.md quotes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from edgellm import LLM  # noqa: E402
+
+DRAFT_PROMPTS = [
+    "Write a short story about a robot who learns to paint.",
+    "Explain how a bicycle works to a ten year old.",
+    "Give me a recipe for a simple tomato soup.",
+    "What are the main causes of the seasons on Earth?",
+]
+
+
+def _read(path: str, start: int = 0, n: int = 1400) -> str:
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return ""
+    return text[start:start + n]
+
+
+def grounded_prompts() -> list[str]:
+    """Input-grounded tasks over texts found on this machine: the answer draws on the given passage."""
+    readme = _read(REPO / "README.md", 0, 1500)
+    arch = _read(REPO / "ARCHITECTURE.md", 0, 1500)
+    textwrap_src = _read("/usr/lib/python3.11/textwrap.py", 0, 1200) or _read(REPO / "edgellm" / "errors.py", 0, 1200)
+    copyright_ = _read("/usr/share/doc/bash/copyright", 0, 1200) or _read(REPO / "LICENSE", 0, 1200)
+    errors_src = _read(REPO / "edgellm" / "errors.py", 0, 1200)
+    buggy = ("def mean(values):\n    total = 0\n    for v in values:\n        total += v\n    return total / len(valeus)\n\n"
+             "def median(values):\n    s = sorted(values)\n    n = len(s)\n    if n % 2:\n        return s[n // 2]\n"
+             "    return (s[n // 2 - 1] + s[n // 2]) / 2\n")
+    sentences = ("The meeting is schedulled for tuesday at 10 am in the main conferance room. Please bring the "
+                 "quartely report and you're laptop. Lunch will be provided after the the meeting ends.")
+    return [
+        f"Summarise the following text in a few sentences.\n\n{readme}",
+        f"Summarise the following text.\n\n{arch}",
+        f"Fix the bug in this Python code and show the whole corrected code.\n\n{buggy}",
+        f"Rewrite the following Python code exactly as it is, adding a comment above each function.\n\n{textwrap_src}",
+        f"Extract the upstream name, the source URL and the license names from this file, as a list.\n\n{copyright_}",
+        f"Correct the spelling mistakes in this text and write it out again.\n\n{sentences}",
+        f"Repeat the following code exactly.\n\n{errors_src}",
+        f"List every heading of this document.\n\n{readme}",
+        f"Rewrite this passage in plain English, keeping its structure.\n\n{arch[:900]}",
+        f"Copy the first paragraph of this text, then say what it is about.\n\n{readme[:900]}",
+        f"Convert the function signatures in this code to a bulleted list.\n\n{textwrap_src}",
+        f"Which classes does this code define? Quote their definitions.\n\n{errors_src}",
+    ]
+
+
+# ------------------------------------------------------------------------------------------ edgellm
+def run_edgellm(llm: LLM, prompts: list[str], n: int, speculative) -> dict:
+    texts, tokens, seconds, drafted, accepted = [], 0, 0.0, 0, 0
+    for p in prompts:
+        msgs = [{"role": "user", "content": p}]
+        last, parts = None, []
+        for r in llm._stream(llm._chat_ids(msgs), n, None, {"temperature": 0, "speculative": speculative}):
+            parts.append(r.text)
+            last = r
+        texts.append("".join(parts))
+        # generation_seconds runs from the first token: n - 1 token intervals
+        tokens += max(0, last.generation_tokens - 1)
+        seconds += last.generation_seconds
+        drafted += last.draft_tokens
+        accepted += last.draft_accepted
+    return {"tok_s": tokens / seconds if seconds else 0.0, "tokens": tokens, "seconds": round(seconds, 3),
+            "drafted": drafted, "accepted": accepted, "acceptance": accepted / drafted if drafted else None,
+            "texts": texts}
+
+
+# ------------------------------------------------------------------------------------------ llama.cpp
+def chat_text(llm: LLM, prompt: str) -> str:
+    """The chat-templated prompt as text (llama.cpp's tools get it raw, with -no-cnv where needed)."""
+    parts = llm.model.chat_template.render([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    return "".join(t for t, _ in parts)
+
+
+def _decoded(out: str) -> tuple[int, float] | None:
+    m = re.search(r"decoded\s+(\d+) tokens in\s+([\d.]+) seconds", out)
+    return (int(m.group(1)), float(m.group(2))) if m else None
+
+
+def llama_tool(bindir: Path, tool: str, args: list[str], prompts: list[str]) -> dict:
+    tokens, seconds, drafted, accepted = 0, 0.0, 0, 0
+    env = dict(os.environ, LD_LIBRARY_PATH=str(bindir))
+    for p in prompts:
+        out = subprocess.run([str(bindir / tool), *args, "-p", p], capture_output=True, text=True, env=env,
+                             timeout=900).stderr
+        d = _decoded(out)
+        if d is None:
+            raise RuntimeError(f"{tool} printed no decode speed:\n{out[-2000:]}")
+        tokens += d[0]
+        seconds += d[1]
+        m = re.search(r"n_drafted\s*=\s*(\d+)", out)
+        drafted += int(m.group(1)) if m else 0
+        m = re.search(r"n_accept\s*=\s*(\d+)", out)
+        accepted += int(m.group(1)) if m else 0
+    return {"tok_s": tokens / seconds if seconds else 0.0, "tokens": tokens, "seconds": round(seconds, 3),
+            "drafted": drafted, "accepted": accepted, "acceptance": accepted / drafted if drafted else None}
+
+
+# ------------------------------------------------------------------------------------------ modes
+def mode_draft(a) -> dict:
+    plain = LLM(a.target, n_ctx=2048, n_threads=a.threads)
+    spec = LLM(a.target, n_ctx=2048, n_threads=a.threads, draft_model=a.draft, draft_p_min=a.p_min)
+    for llm in (plain, spec):   # warm-up: weights paged in and laid out
+        llm.generate("Hello", max_tokens=8, temperature=0)
+    out = {"target": str(a.target), "draft": str(a.draft), "n": a.n, "threads": a.threads, "p_min": a.p_min}
+    rounds = []
+    for _ in range(a.reps):
+        r_plain = run_edgellm(plain, DRAFT_PROMPTS, a.n, False)
+        r_spec = run_edgellm(spec, DRAFT_PROMPTS, a.n, None)
+        assert r_spec.pop("texts") == r_plain.pop("texts"), "speculative greedy text differs from the plain text"
+        rounds.append({"plain": r_plain, "speculative": r_spec, "speedup": r_spec["tok_s"] / r_plain["tok_s"]})
+    out["edgellm"] = rounds
+    if a.llamacpp:
+        b = Path(a.llamacpp)
+        texts = [chat_text(plain, p) for p in DRAFT_PROMPTS]
+        common = ["-n", str(a.n), "--temp", "0", "-t", str(a.threads), "-c", "2048", "--seed", "1"]
+        out["llama_speculative"] = llama_tool(b, "llama-speculative", ["-m", a.target, "-md", a.draft, *common], texts)
+        out["llama_speculative_draft16"] = llama_tool(b, "llama-speculative", ["-m", a.target, "-md", a.draft,
+                                                                             "--spec-draft-n-max", "16", *common], texts)
+    plain.close()
+    spec.close()
+    return out
+
+
+def mode_ngram(a) -> dict:
+    prompts = grounded_prompts()
+    plain = LLM(a.model, n_ctx=4096, n_threads=a.threads)
+    spec = LLM(a.model, n_ctx=4096, n_threads=a.threads, speculative="ngram")
+    for llm in (plain, spec):
+        llm.generate("Hello", max_tokens=8, temperature=0)
+    out = {"model": str(a.model), "n": a.n, "threads": a.threads, "prompts": len(prompts)}
+    rounds = []
+    for _ in range(a.reps):
+        r_plain = run_edgellm(plain, prompts, a.n, False)
+        r_spec = run_edgellm(spec, prompts, a.n, None)
+        same = [x == y for x, y in zip(r_plain.pop("texts"), r_spec.pop("texts"))]
+        assert all(same), f"speculative greedy text differs on prompts {[i for i, s in enumerate(same) if not s]}"
+        rounds.append({"plain": r_plain, "speculative": r_spec, "speedup": r_spec["tok_s"] / r_plain["tok_s"]})
+    out["edgellm"] = rounds
+    if a.llamacpp:
+        b = Path(a.llamacpp)
+        texts = [chat_text(plain, p) for p in prompts]
+        out["llama_lookup"] = llama_tool(b, "llama-lookup", ["-m", a.model, "-n", str(a.n), "--temp", "0", "-t",
+                                                             str(a.threads), "-c", "4096", "--draft-max", "16"], texts)
+    plain.close()
+    spec.close()
+    return out
+
+
+def mode_load(a) -> dict:
+    """N client threads at once, each generating n tokens (ignore_eos), speculation off then on: aggregate tok/s."""
+    prompts = grounded_prompts()[:a.clients] if a.grounded else DRAFT_PROMPTS * (a.clients // len(DRAFT_PROMPTS) + 1)
+    prompts = prompts[:a.clients]
+    kw = {"draft_model": a.draft} if a.draft else {"speculative": "ngram"}
+    out = {"model": str(a.model), "clients": a.clients, "n": a.n, "drafter": "draft" if a.draft else "ngram",
+           "rounds": []}
+    llm = LLM(a.model, n_ctx=4096, n_threads=a.threads, n_parallel=max(4, a.clients), **kw)
+    llm.generate("Hello", max_tokens=8, temperature=0)
+    eog = {t: float("-inf") for t in llm.tokenizer.eog_ids}
+    for _ in range(a.reps):
+        row = {}
+        for label, option in (("off", False), ("on", None)):
+            counts, errors = [0] * len(prompts), []
+            d0 = llm.core.n_drafted
+
+            def client(i):
+                try:
+                    r = llm.create_chat_completion([{"role": "user", "content": prompts[i]}], max_tokens=a.n,
+                                                   temperature=0, logit_bias=eog, speculative=option)
+                    counts[i] = r["usage"]["completion_tokens"]
+                except Exception as e:   # reported, not hidden
+                    errors.append(repr(e))
+
+            threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            dt = time.perf_counter() - t0
+            row[label] = {"tok_s": sum(counts) / dt, "tokens": sum(counts), "seconds": round(dt, 3),
+                          "drafted": llm.core.n_drafted - d0, "errors": errors}
+        row["ratio"] = row["on"]["tok_s"] / row["off"]["tok_s"]
+        out["rounds"].append(row)
+    llm.close()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", choices=["draft", "ngram", "load"])
+    ap.add_argument("--target")
+    ap.add_argument("--draft")
+    ap.add_argument("--model")
+    ap.add_argument("-n", type=int, default=160)
+    ap.add_argument("-t", "--threads", type=int, default=2)
+    ap.add_argument("-r", "--reps", type=int, default=1)
+    ap.add_argument("--p-min", type=float, default=0.75)
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--grounded", action="store_true", help="load: the input-grounded prompts instead of open ones")
+    ap.add_argument("--llamacpp", help="the directory with llama-speculative / llama-lookup")
+    a = ap.parse_args()
+    if a.mode == "draft" and not (a.target and a.draft):
+        ap.error("draft needs --target and --draft")
+    if a.mode in ("ngram", "load") and not a.model:
+        ap.error(f"{a.mode} needs --model")
+    out = {"draft": mode_draft, "ngram": mode_ngram, "load": mode_load}[a.mode](a)
+    out["load_average"] = os.getloadavg()
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
