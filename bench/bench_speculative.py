@@ -227,7 +227,7 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=160)
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("-r", "--reps", type=int, default=1)
-    ap.add_argument("--p-min", type=float, default=0.75)
+    ap.add_argument("--p-min", type=float, default=0.0)
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--grounded", action="store_true", help="load: the input-grounded prompts instead of open ones")
     ap.add_argument("--llamacpp", help="the directory with llama-speculative / llama-lookup")

@@ -55,7 +55,7 @@ class LLM:
         speculative: str | None = None,
         draft_max: int = DRAFT_MAX,
         draft_min: int = 0,
-        draft_p_min: float = 0.75,
+        draft_p_min: float = 0.0,
     ):
         """n_ctx: the context of one sequence in tokens; None: the model's training context, capped so that one
         sequence's KV cache fits `kv_budget` (bytes or "512MiB"; default $EDGELLM_KV_BUDGET, else min(1 GiB, 1/8 of

@@ -34,8 +34,9 @@ def _spec_options(f):
                      show_default=True, help="Most tokens drafted per step (each step drafts only as far as it pays)."),
         click.option("--draft-min", type=click.IntRange(0, 64), default=0, show_default=True,
                      help="Fewer drafted tokens than this are not checked."),
-        click.option("--draft-p-min", type=click.FloatRange(0, 1), default=0.75, show_default=True,
-                     help="A draft model stops drafting when its top token is less likely than this."),
+        click.option("--draft-p-min", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+                     help="A draft model stops drafting when its top token is less likely than this (beside the "
+                          "adaptive rule, which stops when more drafting would not pay)."),
     ]
     for o in reversed(opts):
         f = o(f)

@@ -183,18 +183,27 @@ class EngineCore:
             most = [len(g.tokens) for g in guesses]
         else:
             rates = [s.spec_rate.rate for s in cands]
-        draft_cost = None if d.free else d.cost if d.cost.known() else (lambda m: self.cost(m) * d.size_ratio)
         auto = [i for i, s in enumerate(cands) if s.spec.adaptive]
-        sized = adaptive.plan([(rates[i], most[i]) for i in auto], n_base, n_yield, self.cost, draft_cost,
-                              self.row_cost, self.scheduler.max_tokens - n_base)
+        room = self.scheduler.max_tokens - n_base
+        if d.free:
+            sized = adaptive.plan([(rates[i], most[i]) for i in auto], n_base, n_yield, self.cost, None,
+                                  self.row_cost, self.scheduler.max_tokens - n_base)
+        else:   # a draft model sizes its drafts itself, token by token, from its confidence and these prices
+            base = self.cost(n_base)
+            rate = n_yield / base if base > 0 else 0.0
+            row_s = max(self.cost(n_base + 1) - base, 0.02 * base) + self.row_cost
+            fwd = d.cost if d.cost.known() else (lambda m: self.cost(m) * d.size_ratio)
+            fwd_s = fwd(len(auto)) / max(1, len(auto))
+            d.price = (rate, row_s, fwd_s)
+            sized = [most[i] if rates[i] >= (row_s + fwd_s) * rate else 0 for i in auto]
         lengths = [0] * len(cands)
         for i, n in zip(auto, sized):
             lengths[i] = n
-        room = self.scheduler.max_tokens - n_base - sum(sized)
-        for i, s in enumerate(cands):   # fixed drafting takes n_max (as the step's token budget allows)
+        for i, s in enumerate(cands):   # fixed drafting takes n_max; all within the step's token budget
             if not s.spec.adaptive:
-                lengths[i] = max(0, min(most[i], room))
-                room -= lengths[i]
+                lengths[i] = most[i]
+            lengths[i] = max(0, min(lengths[i], room))
+            room -= lengths[i]
         wants = []
         for i, (s, n) in enumerate(zip(cands, lengths)):
             if n > 0:
@@ -299,8 +308,7 @@ class EngineCore:
         seq.n_computed += n
         self.n_drafted += len(draft.tokens)
         self.n_accepted += kept
-        if self.drafter.free:
-            self.drafter.observe(draft, kept)
+        self.drafter.observe(draft, kept)
         self.n_spec_steps += 1
 
     def _shift_full(self) -> None:

@@ -30,7 +30,7 @@ class SpecParams:
 
     n_max: int = DRAFT_MAX
     n_min: int = 0
-    p_min: float = 0.75   # a draft model stops drafting when its own top token is less likely than this
+    p_min: float = 0.0    # a draft model stops drafting when its own top token is less likely than this
     prior: float = 0.5    # the acceptance rate assumed before any draft of the request was checked
     adaptive: bool = True  # False: always draft n_max tokens (llama.cpp's fixed drafting; tests, comparisons)
 
@@ -56,13 +56,15 @@ class Draft:
     """Proposed tokens for one sequence; `q[i]` is the (ids, probabilities) the drafter drew tokens[i] from, or None
     when the drafter is deterministic (n-gram lookup: a point mass on the token)."""
 
-    __slots__ = ("tokens", "q", "key")
+    __slots__ = ("tokens", "q", "key", "conf")
 
-    def __init__(self, tokens: list[int], q: list | None = None, key: int = 0):
+    def __init__(self, tokens: list[int], q: list | None = None, key: int = 0, conf: list | None = None):
         self.tokens, self.q, self.key = tokens, q, key   # key: the drafter's class of this guess (its own rating)
+        self.conf = conf   # a draft model's probability of each of its tokens (its confidence)
 
     def cut(self, n: int) -> "Draft":
-        return Draft(self.tokens[:n], None if self.q is None else self.q[:n], self.key)
+        return Draft(self.tokens[:n], None if self.q is None else self.q[:n], self.key,
+                     None if self.conf is None else self.conf[:n])
 
 
 class Drafter(Protocol):
@@ -79,7 +81,7 @@ class Drafter(Protocol):
         """(free drafters) the expected acceptance rate of this guess."""
 
     def observe(self, draft: Draft, kept: int) -> None:
-        """(free drafters) `kept` of draft's tokens were accepted."""
+        """After verification: `kept` of draft's tokens were accepted (the drafter learns what its guesses are worth)."""
 
     def accepted(self, seq, n_kept: int) -> None:
         """After verification: seq's tokens are final up to n_kept; forget any state past it."""

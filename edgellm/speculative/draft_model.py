@@ -19,7 +19,9 @@ from ..kv.blocks import BlockManager
 from ..kv.paged import KVPool, pool_blocks
 from ..sampling import Sampler
 from . import Draft
-from .adaptive import StepCost
+from .adaptive import Acceptance, StepCost
+
+N_CONF = 10   # classes of the draft's confidence (its top token's probability, in tenths)
 
 
 def check_vocab(target, draft) -> None:
@@ -59,6 +61,12 @@ class DraftModel:
         self.views: dict[int, _View] = {}
         self.cost = StepCost()        # seconds per draft forward by sequences in it (the adaptive plan's price)
         self.n_forwards = 0
+        # how often a token drafted with confidence in [b/10, (b+1)/10) is accepted; the prior: a little above the
+        # confidence (a quantized copy of the target agrees more often than its own probabilities say)
+        self.calib = [Acceptance(min(0.95, (b + 0.5) / N_CONF + 0.1)) for b in range(N_CONF)]
+        # set by the engine before each propose_many: (tokens per second of the plain step, seconds of one more
+        # verified row, seconds of one sequence's share of a draft forward); None: draft up to k (fixed)
+        self.price = None
 
     def calibrate(self) -> None:
         """Time a one-token draft forward (after one that warms up) to price drafting before any step has."""
@@ -77,7 +85,11 @@ class DraftModel:
 
     # ------------------------------------------------------------------ proposing
     def propose_many(self, wants) -> list[Draft]:
-        out = [Draft([], []) for _ in wants]
+        """Up to k tokens each. Adaptive sequences (with a price set) stop early: a token is kept while the chance
+        that it and all before it are accepted (the product of their calibrated confidences) pays for its verified
+        row, and the draft goes one forward further only while that chance also pays for the forward."""
+        out = [Draft([], [], conf=[]) for _ in wants]
+        chance = [1.0] * len(wants)
         live = []   # (index, seq, k, view)
         for i, (seq, k) in enumerate(wants):
             v = self._view(seq)
@@ -100,14 +112,23 @@ class DraftModel:
             v.base, v.fed = v.n, []
         depth = 0
         while live:
-            nxt, row_of = [], {}
+            nxt = []
             for (i, seq, k, v), row in zip(live, rows):
-                tok, q, ok = self._choose(seq, v, row, out[i].tokens)
+                tok, q, top, ok = self._choose(seq, v, row, out[i].tokens)
                 if not ok:
                     continue
+                go_on = True
+                if self.price is not None and seq.spec.adaptive:
+                    rate, row_s, fwd_s = self.price
+                    c = chance[i] * self.calib[min(int(top * N_CONF), N_CONF - 1)].rate
+                    if c < row_s * rate:   # not worth its row in the verification
+                        continue
+                    chance[i] = c
+                    go_on = c * seq.spec_rate.rate >= (row_s + fwd_s) * rate
                 out[i].tokens.append(tok)
                 out[i].q.append(q)
-                if len(out[i].tokens) < k:
+                out[i].conf.append(top)
+                if go_on and len(out[i].tokens) < k:
                     nxt.append((i, seq, k, v))
             depth += 1
             live = nxt
@@ -123,7 +144,8 @@ class DraftModel:
 
     def _choose(self, seq, v, row: np.ndarray, drafted: list[int]):
         """The draft's next token from its logits row: the sequence's sampling settings (greedy stays greedy), the
-        grammar's mask at the drafted position, and llama.cpp's p_min cut (stop when the draft is unsure)."""
+        grammar's mask at the drafted position, and llama.cpp's p_min cut (stop when the draft is unsure).
+        Returns (token, the distribution it was drawn from, the draft's top probability, usable)."""
         g = seq.sampler.grammar
         if g is not None:
             state = g.state
@@ -133,7 +155,7 @@ class DraftModel:
                 row = row.copy()
                 row[~g.allowed_mask()] = -np.inf
             except ValueError:
-                return 0, None, False
+                return 0, None, 0.0, False
             finally:
                 g.state = state
         if v.sampler is None:
@@ -145,7 +167,7 @@ class DraftModel:
         try:
             ids, probs = v.sampler.distribution(row, history)
         except ValueError:
-            return 0, None, False
+            return 0, None, 0.0, False
         if seq.sampler.greedy:
             tok = int(ids[0])
             x = row[np.isfinite(row)]
@@ -155,8 +177,8 @@ class DraftModel:
             j = min(int(np.searchsorted(cdf, v.sampler.rng.random() * cdf[-1], side="right")), ids.size - 1)
             tok, top = int(ids[j]), float(probs[0])
         if top < seq.spec.p_min:
-            return 0, None, False
-        return tok, (ids, probs), True
+            return 0, None, top, False
+        return tok, (ids, probs), top, True
 
     def _view(self, seq) -> _View | None:
         v = self.views.get(seq.id)
@@ -213,6 +235,10 @@ class DraftModel:
         return rows
 
     # ------------------------------------------------------------------ after verification
+    def observe(self, draft: Draft, kept: int) -> None:
+        for i, top in enumerate((draft.conf or [])[:kept + 1]):   # tokens past the first rejection tell nothing
+            self.calib[min(int(top * N_CONF), N_CONF - 1)].update(1, 1 if i < kept else 0)
+
     def accepted(self, seq, n_kept: int) -> None:
         v = self.views.get(seq.id)
         if v is None:
