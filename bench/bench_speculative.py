@@ -97,6 +97,19 @@ def run_edgellm(llm: LLM, prompts: list[str], n: int, speculative) -> dict:
             "texts": texts}
 
 
+def ab_rounds(llm: LLM, prompts: list[str], n: int, reps: int) -> list[dict]:
+    """Plain (speculative=False) and speculative runs of every prompt on one engine, in alternating order; the
+    texts must be equal."""
+    rounds = []
+    for r in range(reps):
+        order = ("plain", "speculative") if r % 2 == 0 else ("speculative", "plain")
+        res = {k: run_edgellm(llm, prompts, n, False if k == "plain" else None) for k in order}
+        same = [x == y for x, y in zip(res["plain"].pop("texts"), res["speculative"].pop("texts"))]
+        assert all(same), f"speculative greedy text differs on prompts {[i for i, s in enumerate(same) if not s]}"
+        rounds.append({**res, "speedup": res["speculative"]["tok_s"] / res["plain"]["tok_s"]})
+    return rounds
+
+
 # ------------------------------------------------------------------------------------------ llama.cpp
 def chat_text(llm: LLM, prompt: str) -> str:
     """The chat-templated prompt as text (llama.cpp's tools get it raw, with -no-cnv where needed)."""
@@ -130,18 +143,12 @@ def llama_tool(bindir: Path, tool: str, args: list[str], prompts: list[str]) -> 
 
 # ------------------------------------------------------------------------------------------ modes
 def mode_draft(a) -> dict:
-    plain = LLM(a.target, n_ctx=2048, n_threads=a.threads)
+    # one engine for both (a request's speculative=False is the plain run): the same memory, caches and threads
     spec = LLM(a.target, n_ctx=2048, n_threads=a.threads, draft_model=a.draft, draft_p_min=a.p_min)
-    for llm in (plain, spec):   # warm-up: weights paged in and laid out
-        llm.generate("Hello", max_tokens=8, temperature=0)
+    plain = spec
+    spec.generate("Hello", max_tokens=8, temperature=0)   # warm-up: weights paged in and laid out
     out = {"target": str(a.target), "draft": str(a.draft), "n": a.n, "threads": a.threads, "p_min": a.p_min}
-    rounds = []
-    for _ in range(a.reps):
-        r_plain = run_edgellm(plain, DRAFT_PROMPTS, a.n, False)
-        r_spec = run_edgellm(spec, DRAFT_PROMPTS, a.n, None)
-        assert r_spec.pop("texts") == r_plain.pop("texts"), "speculative greedy text differs from the plain text"
-        rounds.append({"plain": r_plain, "speculative": r_spec, "speedup": r_spec["tok_s"] / r_plain["tok_s"]})
-    out["edgellm"] = rounds
+    out["edgellm"] = ab_rounds(spec, DRAFT_PROMPTS, a.n, a.reps)
     if a.llamacpp:
         b = Path(a.llamacpp)
         texts = [chat_text(plain, p) for p in DRAFT_PROMPTS]
@@ -149,32 +156,22 @@ def mode_draft(a) -> dict:
         out["llama_speculative"] = llama_tool(b, "llama-speculative", ["-m", a.target, "-md", a.draft, *common], texts)
         out["llama_speculative_draft16"] = llama_tool(b, "llama-speculative", ["-m", a.target, "-md", a.draft,
                                                                              "--spec-draft-n-max", "16", *common], texts)
-    plain.close()
     spec.close()
     return out
 
 
 def mode_ngram(a) -> dict:
     prompts = grounded_prompts()
-    plain = LLM(a.model, n_ctx=4096, n_threads=a.threads)
     spec = LLM(a.model, n_ctx=4096, n_threads=a.threads, speculative="ngram")
-    for llm in (plain, spec):
-        llm.generate("Hello", max_tokens=8, temperature=0)
+    plain = spec
+    spec.generate("Hello", max_tokens=8, temperature=0)
     out = {"model": str(a.model), "n": a.n, "threads": a.threads, "prompts": len(prompts)}
-    rounds = []
-    for _ in range(a.reps):
-        r_plain = run_edgellm(plain, prompts, a.n, False)
-        r_spec = run_edgellm(spec, prompts, a.n, None)
-        same = [x == y for x, y in zip(r_plain.pop("texts"), r_spec.pop("texts"))]
-        assert all(same), f"speculative greedy text differs on prompts {[i for i, s in enumerate(same) if not s]}"
-        rounds.append({"plain": r_plain, "speculative": r_spec, "speedup": r_spec["tok_s"] / r_plain["tok_s"]})
-    out["edgellm"] = rounds
+    out["edgellm"] = ab_rounds(spec, prompts, a.n, a.reps)
     if a.llamacpp:
         b = Path(a.llamacpp)
         texts = [chat_text(plain, p) for p in prompts]
         out["llama_lookup"] = llama_tool(b, "llama-lookup", ["-m", a.model, "-n", str(a.n), "--temp", "0", "-t",
                                                              str(a.threads), "-c", "4096", "--draft-max", "16"], texts)
-    plain.close()
     spec.close()
     return out
 

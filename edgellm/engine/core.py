@@ -30,6 +30,11 @@ from .scheduler import Scheduler
 from .sequence import Sequence, Status
 
 
+EXPLORE = 16   # steps without drafting after which a sequence drafts once more to measure its rate
+MARGIN = 1.25  # drafting must promise this much more than plain decoding: near break-even, noise decides
+
+
+
 class EngineCore:
     def __init__(self, model, backend, pool: KVPool, *, n_batch: int, max_seqs: int = 16, context_shift: bool = False,
                  n_keep: int = 0, prefix_cache: bool = True, max_idle: int | None = None, drafter=None):
@@ -156,7 +161,9 @@ class EngineCore:
         plan = [(seq, k) for seq, k in self.scheduler.schedule() if k > 0]
         if not plan:
             return False
-        drafts = self._speculate(plan) if self.drafter is not None else {}
+        # drafts are checked on decode steps only: beside a prompt's chunk, a step's pace is the prompt's
+        decode = self.drafter is not None and all(k == 1 and s.n_pending == 1 and not s.all_logits for s, k in plan)
+        drafts = self._speculate(plan) if decode else {}
         # sequences that want hidden states (embeddings) run as a batch of their own: one output per forward
         for part, hidden in (([p for p in plan if not p[0].hidden], False), ([p for p in plan if p[0].hidden], True)):
             if part:
@@ -187,15 +194,27 @@ class EngineCore:
         room = self.scheduler.max_tokens - n_base
         if d.free:
             sized = adaptive.plan([(rates[i], most[i]) for i in auto], n_base, n_yield, self.cost, None,
-                                  self.row_cost, self.scheduler.max_tokens - n_base)
+                                  self.row_cost, self.scheduler.max_tokens - n_base, margin=MARGIN)
         else:   # a draft model sizes its drafts itself, token by token, from its confidence and these prices
             base = self.cost(n_base)
             rate = n_yield / base if base > 0 else 0.0
-            row_s = max(self.cost(n_base + 1) - base, 0.02 * base) + self.row_cost
+            span = 4 * len(cands)   # rows drafts may add: the slope over that span (a neighbour's is noise)
+            row_s = max((self.cost(n_base + span) - base) / span, 0.02 * base) + self.row_cost
             fwd = d.cost if d.cost.known() else (lambda m: self.cost(m) * d.size_ratio)
             fwd_s = fwd(len(auto)) / max(1, len(auto))
-            d.price = (rate, row_s, fwd_s)
-            sized = [most[i] if rates[i] >= (row_s + fwd_s) * rate else 0 for i in auto]
+            d.price = (rate * MARGIN, row_s, fwd)
+            per_token = d.per_token if d.per_token is not None else fwd(1) / 8
+            sized = []
+            for i in auto:
+                # the acceptance a first drafted token needs to pay (with a margin), its sequence's catch-up spread
+                # over the drafting steps it may still have
+                s = cands[i]
+                steps_left = max(1.0, min(s.limit - s.n_gen, 64) / 2)
+                need = (row_s + fwd_s + d.behind(s) * per_token / steps_left) * rate * MARGIN
+                # a sequence whose rate says no still tries now and then while a sure draft would clearly pay:
+                # rates move only when drafts are checked
+                go = rates[i] >= need or (need < 0.8 and s.spec_rate.idle_steps >= EXPLORE)
+                sized.append(most[i] if go else 0)
         lengths = [0] * len(cands)
         for i, n in zip(auto, sized):
             lengths[i] = n

@@ -66,17 +66,19 @@ class StepCost:
 class Acceptance:
     """A sequence's per-token acceptance rate: accepted / tried over recent drafts, from a prior of `prior`."""
 
-    __slots__ = ("hits", "tries", "prior", "weight")
+    __slots__ = ("hits", "tries", "prior", "weight", "idle_steps")
 
     def __init__(self, prior: float = 0.5, weight: float = 8.0):
         self.hits, self.tries = prior * weight, weight
         self.prior, self.weight = prior, weight
+        self.idle_steps = 0   # steps since the last draft was checked
 
     def idle(self, pull: float = 0.05) -> None:
         """A step without drafting: drift back toward the prior, so a sequence whose drafts failed gets tried again
         now and then (a copy may start later in the answer)."""
         self.hits += pull * (self.prior * self.weight - self.hits)
         self.tries += pull * (self.weight - self.tries)
+        self.idle_steps += 1
 
     @property
     def rate(self) -> float:
@@ -89,6 +91,7 @@ class Acceptance:
         tried = accepted + (1 if accepted < drafted else 0)
         self.hits = self.hits * decay + accepted
         self.tries = self.tries * decay + tried
+        self.idle_steps = 0
 
 
 def plan(candidates, n_base: int, n_yield: int, cost: StepCost, draft_cost: StepCost | None, row_cost: float,

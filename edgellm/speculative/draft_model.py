@@ -64,9 +64,11 @@ class DraftModel:
         # how often a token drafted with confidence in [b/10, (b+1)/10) is accepted; the prior: a little above the
         # confidence (a quantized copy of the target agrees more often than its own probabilities say)
         self.calib = [Acceptance(min(0.95, (b + 0.5) / N_CONF + 0.1)) for b in range(N_CONF)]
-        # set by the engine before each propose_many: (tokens per second of the plain step, seconds of one more
-        # verified row, seconds of one sequence's share of a draft forward); None: draft up to k (fixed)
+        # set by the engine before each propose_many: (tokens per second the drafts must beat, seconds of one more
+        # verified row, seconds of a draft forward of m sequences as a function of m); None: draft up to k (fixed)
         self.price = None
+        self.per_token = None   # seconds per token of a catch-up forward (many tokens at once), measured
+        self.caught_up = 0      # tokens the last propose_many fed to catch up
 
     def calibrate(self) -> None:
         """Time a one-token draft forward (after one that warms up) to price drafting before any step has."""
@@ -90,6 +92,7 @@ class DraftModel:
         row, and the draft goes one forward further only while that chance also pays for the forward."""
         out = [Draft([], [], conf=[]) for _ in wants]
         chance = [1.0] * len(wants)
+        self.caught_up = 0
         live = []   # (index, seq, k, view)
         for i, (seq, k) in enumerate(wants):
             v = self._view(seq)
@@ -104,9 +107,15 @@ class DraftModel:
                 self.blocks.truncate(v.kv, len(seq.tokens) - 1)
                 v.n = v.kv.n_past
             feeds.append(seq.tokens[v.n:])
+        t0 = time.perf_counter()
         rows = self._forward([(v, f) for (_, _, _, v), f in zip(live, feeds)])
         if rows is None:
             return out
+        fed = sum(len(f) for f in feeds)
+        self.caught_up = fed - len(feeds)   # tokens fed beyond each sequence's last one (catching up)
+        if fed >= 8 * len(feeds):
+            t = (time.perf_counter() - t0) / fed
+            self.per_token = t if self.per_token is None else self.per_token + 0.2 * (t - self.per_token)
         for (_, seq, _, v), f in zip(live, feeds):
             v.n += len(f)
             v.base, v.fed = v.n, []
@@ -117,19 +126,28 @@ class DraftModel:
                 tok, q, top, ok = self._choose(seq, v, row, out[i].tokens)
                 if not ok:
                     continue
-                go_on = True
                 if self.price is not None and seq.spec.adaptive:
-                    rate, row_s, fwd_s = self.price
+                    rate, row_s, _ = self.price
                     c = chance[i] * self.calib[min(int(top * N_CONF), N_CONF - 1)].rate
                     if c < row_s * rate:   # not worth its row in the verification
                         continue
                     chance[i] = c
-                    go_on = c * seq.spec_rate.rate >= (row_s + fwd_s) * rate
                 out[i].tokens.append(tok)
                 out[i].q.append(q)
                 out[i].conf.append(top)
-                if go_on and len(out[i].tokens) < k:
+                if len(out[i].tokens) < k:
                     nxt.append((i, seq, k, v))
+            if self.price is not None:
+                # one more forward for those whose chance pays for their row and their share of the forward; the
+                # share grows as others drop out, so check again until the set holds
+                rate, row_s, fwd = self.price
+                while nxt:
+                    share = fwd(len(nxt)) / len(nxt)
+                    keep = [w for w in nxt if not w[1].spec.adaptive
+                            or chance[w[0]] * w[1].spec_rate.rate >= (row_s + share) * rate]
+                    if len(keep) == len(nxt):
+                        break
+                    nxt = keep
             depth += 1
             live = nxt
             if not live:
@@ -141,6 +159,11 @@ class DraftModel:
                 v.fed.append(out[i].tokens[-1])
                 v.n += 1
         return out
+
+    def behind(self, seq) -> int:
+        """Tokens of seq the draft has not seen: the first draft of seq feeds them all (its catch-up)."""
+        v = self.views.get(seq.id)
+        return len(seq.tokens) - (v.n if v is not None and v.shifts == seq.n_shifts else 0)
 
     def _choose(self, seq, v, row: np.ndarray, drafted: list[int]):
         """The draft's next token from its logits row: the sequence's sampling settings (greedy stays greedy), the
