@@ -6,10 +6,12 @@ on the same files and prompts.
     .venv/bin/python bench/bench_speculative.py load --model M.gguf [--draft D.gguf] [--clients 4] [-n 128]
 
 draft: every prompt of DRAFT_PROMPTS through the chat template, temperature 0, 2 threads: the target alone, then the
-target with the draft (adaptive), and with --llamacpp, llama-speculative (-m T -md D, --temp 0, its default draft
-settings and with --draft-max 3) and llama-cli's plain decode of T on the same prompts. ngram: the input-grounded set
+target with the draft (adaptive) on the same engine (a request's speculative=False is the plain run), alternating
+which goes first; with --llamacpp, llama-speculative (-m T -md D, --temp 0) with its default draft settings and with
+--spec-draft-n-max 16, on the same chat-templated prompts. ngram: the input-grounded set
 (GROUNDED: summarise, extract, rewrite, fix, built from texts on this machine), plain against --spec-type ngram, and
-llama-lookup on the same prompts. load: N clients (threads) generating at once, speculation off and on.
+llama-lookup on the same prompts. load: N clients (threads) generating at once, speculation off and on (alternating
+which goes first), the median of the on/off ratios.
 
 Decode speed is generated tokens / seconds from the first generated token to the last (prompt time excluded; the
 same for llama.cpp's "decoded N tokens in S seconds"). Every run checks that the speculative text equals the plain
@@ -171,7 +173,8 @@ def mode_ngram(a) -> dict:
         b = Path(a.llamacpp)
         texts = [chat_text(plain, p) for p in prompts]
         out["llama_lookup"] = llama_tool(b, "llama-lookup", ["-m", a.model, "-n", str(a.n), "--temp", "0", "-t",
-                                                             str(a.threads), "-c", "4096", "--draft-max", "16"], texts)
+                                                             str(a.threads), "-c", "4096", "--spec-draft-n-max", "16"],
+                                   texts)
     spec.close()
     return out
 
@@ -188,7 +191,8 @@ def mode_load(a) -> dict:
     eog = {t: float("-inf") for t in llm.tokenizer.eog_ids}
     for _ in range(a.reps):
         row = {}
-        for label, option in (("off", False), ("on", None)):
+        order = (("off", False), ("on", None)) if len(out["rounds"]) % 2 == 0 else (("on", None), ("off", False))
+        for label, option in order:
             counts, errors = [0] * len(prompts), []
             d0 = llm.core.n_drafted
 
@@ -211,6 +215,7 @@ def mode_load(a) -> dict:
                           "drafted": llm.core.n_drafted - d0, "errors": errors}
         row["ratio"] = row["on"]["tok_s"] / row["off"]["tok_s"]
         out["rounds"].append(row)
+    out["median_ratio"] = sorted(r["ratio"] for r in out["rounds"])[len(out["rounds"]) // 2]
     llm.close()
     return out
 
