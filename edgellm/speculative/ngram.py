@@ -35,7 +35,9 @@ class NgramDrafter:
             raise ValueError(f"n-gram sizes must satisfy 1 <= n_min <= n_max, got {n_min}, {n_max}")
         self.n_min, self.n_max = n_min, n_max
         self._index: dict[int, _Index] = {}
-        self.rates = [Acceptance(prior) for _ in range(MOST_MATCH.bit_length())]
+        # priors: the longer the match, the likelier a copy in progress (measured rates replace them within a few
+        # dozen guesses)
+        self.rates = [Acceptance(min(0.95, prior + 0.15 * b)) for b in range(MOST_MATCH.bit_length())]
 
     def rate(self, draft: Draft) -> float:
         return self.rates[draft.key].rate
