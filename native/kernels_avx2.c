@@ -314,11 +314,6 @@ INLINE __m256 load8_w(const void *row, int kind, int i) {
          : kind == 1 ? load8_f16((const el_half *)row + i) : load8_bf16((const el_bf16 *)row + i);
 }
 
-INLINE float w_at(const void *row, int kind, int j) {
-    return kind == 0 ? ((const float *)row)[j]
-         : kind == 1 ? el_half_to_float(((const el_half *)row)[j]) : el_bf16_to_float(((const el_bf16 *)row)[j]);
-}
-
 /* float weights: a tile of R rows x NT tokens, one accumulator per (row, token). Each 8-wide slice of a row is
  * converted once and meets NT tokens; R rows give R independent FMA chains (decode takes 8 rows, so the FMA
  * latency is hidden). Every output sums in the same order whatever the tile's shape: batch invariant. */
@@ -340,7 +335,7 @@ INLINE void float_tile(const void *w, size_t row_bytes, int R, int n_in, int kin
         for (int t = 0; t < NT; t++) {
             const float *xt = (const float *)((const char *)x + t * x_stride);
             float s = hsum8(acc[r][t]);
-            for (int j = i; j < n_in; j++) s += w_at((const char *)w + r * row_bytes, kind, j) * xt[j];
+            for (int j = i; j < n_in; j++) s += el_float_weight((const char *)w + r * row_bytes, kind, j) * xt[j];
             y[t * y_stride + r] = s;
         }
 }

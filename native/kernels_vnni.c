@@ -154,11 +154,6 @@ INLINE __m512 load16_w(const void *row, int kind, int i) {
          : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const el_bf16 *)row + i))), 16));
 }
 
-INLINE float w_at(const void *row, int kind, int j) {
-    return kind == 0 ? ((const float *)row)[j]
-         : kind == 1 ? el_half_to_float(((const el_half *)row)[j]) : el_bf16_to_float(((const el_bf16 *)row)[j]);
-}
-
 INLINE void float_tile16(const void *w, size_t row_bytes, int R, int n_in, int kind, const float *x, size_t x_stride,
                          int NT, float *y, size_t y_stride) {
     __m512 acc[8][3];
@@ -177,7 +172,7 @@ INLINE void float_tile16(const void *w, size_t row_bytes, int R, int n_in, int k
         for (int t = 0; t < NT; t++) {
             const float *xt = (const float *)((const char *)x + t * x_stride);
             float s = _mm512_reduce_add_ps(acc[r][t]);
-            for (int j = i; j < n_in; j++) s += w_at((const char *)w + r * row_bytes, kind, j) * xt[j];
+            for (int j = i; j < n_in; j++) s += el_float_weight((const char *)w + r * row_bytes, kind, j) * xt[j];
             y[t * y_stride + r] = s;
         }
 }
