@@ -12,10 +12,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def fixtures_dir() -> Path | None:
-    """../shared/fixtures beside the repository (CI lays a copy there); $EDGELLM_FIXTURES overrides."""
+    """llama.cpp's reference outputs: $EDGELLM_FIXTURES, else the copy in tests/fixtures/llamacpp, else
+    ../shared/fixtures beside the repository."""
     env = os.environ.get("EDGELLM_FIXTURES")
-    d = Path(env) if env else REPO.parent / "shared" / "fixtures"
-    return d if d.is_dir() else None
+    for d in ([Path(env)] if env else []) + [REPO / "tests" / "fixtures" / "llamacpp", REPO.parent / "shared" / "fixtures"]:
+        if d.is_dir():
+            return d
+    return None
 
 
 @pytest.fixture(scope="session")
