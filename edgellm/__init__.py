@@ -8,13 +8,13 @@
 from .errors import ChatTemplateError, ContextLengthError, EdgeLLMError, GGUFError, ModelError
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "EdgeLLMError", "GGUFError", "ModelError", "ContextLengthError", "ChatTemplateError"]
+__all__ = ["LLM", "Llama", "EdgeLLMError", "GGUFError", "ModelError", "ContextLengthError", "ChatTemplateError"]
 
 
 def __getattr__(name):
     # `LLM` pulls in the whole driver (jinja2, the backends); tools that only read a GGUF don't pay for it.
-    if name == "LLM":
-        from .api import LLM
+    if name in ("LLM", "Llama"):
+        from . import api
 
-        return LLM
+        return getattr(api, name)
     raise AttributeError(f"module 'edgellm' has no attribute {name!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import time
 import uuid
@@ -500,6 +501,44 @@ class LLM:
 
 _KNOBS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "frequency_penalty", "presence_penalty", "seed",
           "grammar", "json_schema", "logit_bias")
+
+
+class Llama(LLM):
+    """llama-cpp-python's constructor over `LLM`, for code written against it:
+
+        llm = Llama(model_path="model.gguf", n_ctx=2048, n_threads=4, seed=1, chat_format="chatml")
+        llm.create_chat_completion(messages=[...])
+
+    n_ctx 0 takes the model's own context (capped by the KV budget, as LLM's None does). chat_format: None (the
+    model's template), "chatml" or "gemma". n_gpu_layers: this build runs every layer on the CPU (a warning says so
+    when layers are asked for). use_mmap / use_mlock / n_ubatch / logits_all / embedding are accepted for
+    compatibility: weights are always memory-mapped, logits() always gives every row, embed() always works."""
+
+    _COMPAT = ("use_mmap", "use_mlock", "n_ubatch", "logits_all", "embedding", "numa", "offload_kqv", "flash_attn")
+
+    def __init__(self, model_path: str | os.PathLike, *, n_ctx: int = 512, n_threads: int | None = None,
+                 n_batch: int = 512, n_gpu_layers: int = 0, seed: int | None = None, chat_format: str | None = None,
+                 verbose: bool = True, **kwargs):
+        for k in self._COMPAT:
+            kwargs.pop(k, None)
+        unknown = sorted(set(kwargs) - set(inspect.signature(LLM.__init__).parameters))
+        if unknown:
+            raise EdgeLLMError(f"unknown keyword argument{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}")
+        if chat_format not in (None, "chatml", "gemma"):
+            raise EdgeLLMError(f"unknown chat_format {chat_format!r}: edgellm has \"chatml\", \"gemma\" and None "
+                               f"(the model's own template)")
+        if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 0:
+            raise EdgeLLMError(f"n_ctx must be a non-negative integer (0: the model's own), got {n_ctx!r}")
+        if n_gpu_layers:
+            warnings.warn("n_gpu_layers: this edgellm runs every layer on the CPU", stacklevel=2)
+        super().__init__(model_path, n_ctx=n_ctx or None, n_threads=n_threads, n_batch=n_batch, seed=seed,
+                         verbose=verbose, **kwargs)
+        if chat_format is not None:
+            from .chat import GEMMA_TEMPLATE, ChatTemplate
+
+            old = self.model.chat_template
+            self.model.chat_template = ChatTemplate(GEMMA_TEMPLATE if chat_format == "gemma" else None, old.bos_token,
+                                                    old.eos_token, kind=chat_format)
 
 
 def _knobs(args: dict, extra: dict) -> dict:

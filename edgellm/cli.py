@@ -332,6 +332,8 @@ def run(model, prompt, prompt_file, n_predict, temp, top_k, top_p, min_p, repeat
                 last = r
         except KeyboardInterrupt:
             click.echo("", err=True)
+            if not interactive_chat:   # run -p: Ctrl-C ends the program (exit 130), as llama-cli and ollama do
+                raise
         click.echo("")
         if prompt_cache and last is not None:   # the finished sequence (prompt + answer) for the next run
             llm.save_state(prompt_cache)
@@ -348,6 +350,7 @@ def run(model, prompt, prompt_file, n_predict, temp, top_k, top_p, min_p, repeat
             messages.append({"role": "assistant", "content": text})
         return text
 
+    interactive_chat = prompt is None   # in the chat, Ctrl-C stops the answer, not the program
     if prompt is not None:
         raw = not chat_prompt
         answer(prompt)

@@ -197,3 +197,24 @@ def test_run_with_speculative_decoding(smollm2_path, gemma3_path):
     for bad in (["--spec-type", "ngram", "-md", smollm2_path], ["--spec-type", "draft"], ["--draft-max", "99"]):
         p = edgellm("run", smollm2_path, "-p", "Hi", "-n", "2", *bad)
         assert p.returncode == 2 and "Traceback" not in p.stderr, (bad, p.stderr)
+
+
+def test_ctrl_c_during_run_p_exits_130(smollm2_path):
+    """SIGINT while `run -p` generates: exit status 130 and no traceback (the chat keeps going instead: Ctrl-C there
+    only stops the answer)."""
+    import signal
+    import time
+
+    p = subprocess.Popen([sys.executable, "-m", "edgellm.cli", "run", str(smollm2_path), "-p", "Once upon a time",
+                          "-n", "-1", "--temp", "0", "-c", "8192"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while p.stdout.read(1) == "" and time.monotonic() < deadline:   # wait for the first generated text
+            time.sleep(0.05)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=30)
+    finally:
+        p.kill()
+    assert p.returncode == 130, err
+    assert "Traceback" not in err

@@ -109,3 +109,25 @@ def test_calling_the_llm_is_create_completion(llm):
     b = llm.create_completion("The capital of France is", max_tokens=6, temperature=0)
     assert a["object"] == "text_completion" and a["choices"][0]["text"] == b["choices"][0]["text"]
     assert "Paris" in a["choices"][0]["text"]
+
+
+def test_llama_cpp_python_constructor(smollm2_path):
+    """`from edgellm import Llama` takes llama-cpp-python's names: model_path, n_ctx (0: the model's own), n_threads,
+    n_batch, n_gpu_layers, seed, chat_format, verbose; its no-op options are accepted; anything else is a clear
+    error naming the keyword."""
+    import warnings
+
+    from edgellm import EdgeLLMError, LLM, Llama
+
+    with Llama(model_path=smollm2_path, n_ctx=256, n_threads=2, n_batch=64, seed=3, verbose=False, use_mmap=True,
+               use_mlock=False, chat_format="chatml") as llm:
+        assert isinstance(llm, LLM) and llm.n_ctx == 256 and llm.model.chat_template.kind == "chatml"
+        out = llm.create_chat_completion(messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0)
+        assert out["choices"][0]["message"]["role"] == "assistant"
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        Llama(model_path=smollm2_path, n_ctx=0, n_gpu_layers=-1).close()
+        assert any("CPU" in str(x.message) for x in w)
+    for kw, word in (({"bogus": 1}, "bogus"), ({"chat_format": "llama-2"}, "chat_format"), ({"n_ctx": -5}, "n_ctx")):
+        with pytest.raises(EdgeLLMError, match=word):
+            Llama(model_path=smollm2_path, **kw)
