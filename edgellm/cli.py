@@ -203,6 +203,7 @@ def tokenize(model, text, add_special, parse_special, as_json):
 # ------------------------------------------------------------------------------------------------ run
 @cli.command()
 @click.argument("model")
+@click.argument("question", required=False)
 @click.option("-p", "--prompt", default=None,
               help="Continue this text and exit (with --chat: answer it as a chat message). Without -p: a chat.")
 @click.option("-f", "--file", "prompt_file", type=click.Path(dir_okay=False), default=None,
@@ -263,19 +264,24 @@ def tokenize(model, text, add_special, parse_special, as_json):
 @click.option("-s", "--system", default=None, help="A system message for the chat.")
 @click.option("--verbose", is_flag=True, help="Print load time and prompt / generation speed to stderr.")
 @_spec_options
-def run(model, prompt, prompt_file, n_predict, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, frequency_penalty,
+def run(model, question, prompt, prompt_file, n_predict, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, frequency_penalty,
         presence_penalty, typical_p, top_n_sigma, xtc_probability, xtc_threshold, dynatemp_range, dynatemp_exponent,
         dry_multiplier, dry_base, dry_allowed_length, dry_penalty_last_n, mirostat, mirostat_eta, mirostat_tau,
         samplers, logit_bias, ignore_eos, grammar, grammar_file, json_schema, seed, n_ctx, cache_type_k, cache_type_v, swa_full,
         kv_budget, n_threads, backend, context_shift, n_keep, streaming, prompt_cache, chat_prompt, raw, system,
         verbose, model_draft, spec_type, draft_max, draft_min, draft_p_min):
-    """Run MODEL: continue -p's text (as llama.cpp's -p does), or chat interactively without -p.
+    """Run MODEL: answer QUESTION as a chat turn (as `ollama run MODEL "..."`), continue -p's text (as llama.cpp's
+    -p does; --chat sends it through the chat template), or chat interactively without either.
 
     In the chat, /bye quits and Ctrl-C stops the answer, not the program.
     """
     from .api import LLM
 
     t0 = time.perf_counter()
+    if question is not None:
+        if prompt is not None or prompt_file is not None:
+            raise click.UsageError("give the prompt as an argument, with -p or with -f: one of them")
+        prompt, chat_prompt = question, not raw
     if prompt_file is not None:
         if prompt is not None:
             raise click.UsageError("give the prompt with -p or -f, not both")

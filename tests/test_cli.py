@@ -218,3 +218,14 @@ def test_ctrl_c_during_run_p_exits_130(smollm2_path):
         p.kill()
     assert p.returncode == 130, err
     assert "Traceback" not in err
+
+
+def test_run_takes_a_question_as_ollama_does(smollm2_path):
+    """`edgellm run MODEL "question"` answers it as a chat turn (the model's template), the same as -p with --chat;
+    a question and -p together are a usage error."""
+    q = edgellm("run", smollm2_path, "Name the capital of France.", "-n", "16", "--temp", "0")
+    chat = edgellm("run", smollm2_path, "-p", "Name the capital of France.", "--chat", "-n", "16", "--temp", "0")
+    assert q.returncode == 0 and chat.returncode == 0, (q.stderr, chat.stderr)
+    assert q.stdout == chat.stdout and "Paris" in q.stdout
+    both = edgellm("run", smollm2_path, "Hi", "-p", "Hello", "-n", "2")
+    assert both.returncode == 2 and "Traceback" not in both.stderr
