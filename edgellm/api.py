@@ -287,8 +287,14 @@ class LLM:
         for ids in ids_list:
             if not ids:
                 raise EdgeLLMError("the prompt is empty: nothing to condition on (add BOS or some text)")
-        seqs = [Sequence(ids, params, self.tokenizer, n_ctx=self.n_ctx, max_tokens=max_tokens, stop=list(stop or ()),
-                         logprobs=logprobs, context_shift=self.context_shift, spec=spec) for ids in ids_list]
+        try:   # a grammar or JSON schema is compiled here: what it cannot honour is the request's error
+            seqs = [Sequence(ids, params, self.tokenizer, n_ctx=self.n_ctx, max_tokens=max_tokens,
+                             stop=list(stop or ()), logprobs=logprobs, context_shift=self.context_shift, spec=spec)
+                    for ids in ids_list]
+        except EdgeLLMError:
+            raise
+        except (ValueError, TypeError, RecursionError) as e:
+            raise SamplingError(str(e) or type(e).__name__) from None
         for seq in seqs:
             self.runner.submit(seq)
         return seqs

@@ -291,3 +291,35 @@ def test_streamed_chunks_carry_their_logprobs(llm):
     assert content == whole["logprobs"]["content"]
     assert all(c["choices"][0]["logprobs"] is None for c in chunks if not c["choices"][0]["delta"].get("content")
                and not c["choices"][0]["finish_reason"])
+
+
+@pytest.mark.parametrize("schema,words", [
+    ({"not": {"type": "string"}}, "not"),
+    ({"if": {"type": "string"}, "then": {"minLength": 2}, "else": {"type": "integer"}}, "else, if, then"),
+    ({"type": "object", "patternProperties": {"^a": {"type": "string"}}}, "patternProperties"),
+    ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "uniqueItems"),
+    ({"type": "number", "multipleOf": 3}, "multipleOf"),
+    ({"const": float("nan")}, "not valid JSON"),
+    ({"enum": ["a", float("inf")]}, "not valid JSON"),
+    ({"enum": [f"v{i}" for i in range(100_000)]}, "at most 4096"),
+    ({"anyOf": [{"const": i} for i in range(5000)]}, "at most 4096"),
+])
+def test_schemas_the_grammar_cannot_honour_are_refused_quickly(schema, words):
+    """Keywords that constrain values but would not be enforced, values with no JSON form and huge alternations are
+    clear errors in well under a second, not a grammar that lies or a 30 s / 800 MB compile."""
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=words):
+        json_schema_to_gbnf(schema)
+    assert time.perf_counter() - t0 < 1.0
+    # annotations and an explicit uniqueItems: false are fine
+    json_schema_to_gbnf({"type": "array", "uniqueItems": False, "title": "t", "description": "d", "default": []})
+
+
+def test_refused_schema_is_an_edgellm_error_from_the_api(smollm2_path):
+    from edgellm import LLM, EdgeLLMError
+
+    with LLM(smollm2_path, n_ctx=128) as llm:
+        with pytest.raises(EdgeLLMError, match="not"):
+            llm.generate("Hi", max_tokens=2, json_schema={"not": {"type": "string"}})
+        with pytest.raises(EdgeLLMError, match="GBNF"):
+            llm.generate("Hi", max_tokens=2, grammar="root ::= (")

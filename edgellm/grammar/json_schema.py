@@ -8,7 +8,10 @@ schemas (merged), `$ref` to `#/$defs/...` or `#/definitions/...` (recursion allo
 `minLength` / `maxLength`, `pattern` (a regular-expression subset, treated as anchored) and `format` (date,
 time, date-time, uuid), integers with `minimum` / `maximum` / `exclusiveMinimum` / `exclusiveMaximum`
 (exact digit-range rules). Numbers accept any JSON number (a non-negative `minimum` only drops the sign).
-Anything the converter cannot honour raises ValueError rather than produce a grammar that lies.
+Anything the converter cannot honour raises ValueError rather than produce a grammar that lies: keywords that
+constrain values but are not enforced here (`not`, `if`/`then`/`else`, `patternProperties`, `multipleOf`,
+`uniqueItems`, ... : UNENFORCED), NaN or infinite const/enum values, more than MOST_ALTERNATIVES entries in one
+enum/anyOf, a grammar over MOST_GRAMMAR bytes.
 
 `{"type": "json_object"}`-style "any JSON object" is :data:`JSON_GBNF` (or ``json_schema_to_gbnf({})`` for
 any JSON value at all).
@@ -20,6 +23,14 @@ import math
 import re
 
 __all__ = ["JSON_GBNF", "json_schema_to_gbnf", "regex_to_gbnf"]
+
+# Keywords that constrain values but that a grammar built here would not enforce: refused, so that no output is
+# promised to satisfy a schema it may break (annotations such as title, description or default are ignored).
+UNENFORCED = frozenset({"if", "then", "else", "not", "patternProperties", "propertyNames", "dependentRequired",
+                        "dependentSchemas", "dependencies", "minProperties", "maxProperties", "multipleOf",
+                        "contains", "minContains", "maxContains", "unevaluatedProperties", "unevaluatedItems"})
+MOST_ALTERNATIVES = 4096   # entries of one enum / anyOf / oneOf: the grammar's automaton grows faster than linearly
+MOST_GRAMMAR = 1 << 20     # bytes of GBNF a schema may become
 
 # llama.cpp's whitespace rule: nothing, one space, or a newline and a bounded indent (bounded so a model
 # cannot stall in whitespace forever).
@@ -441,6 +452,10 @@ class _Converter:
             raise ValueError("schema `false` matches nothing")
         if not isinstance(schema, dict):
             raise ValueError(f"a JSON schema must be an object or a boolean, got {type(schema).__name__}")
+        bad = sorted(k for k in schema if k in UNENFORCED or (k == "uniqueItems" and schema[k] is not False))
+        if bad:
+            raise ValueError(f"JSON schema keyword{'s' if len(bad) > 1 else ''} {', '.join(bad)} cannot be enforced "
+                             f"by the grammar: remove {'them' if len(bad) > 1 else 'it'} (or check the output yourself)")
         if "$ref" in schema:
             ref = schema["$ref"]
             if ref not in self.ref_names:
@@ -450,18 +465,22 @@ class _Converter:
                 self.rules[placeholder] = self.visit(self.resolve(ref), placeholder + "-body")
             return self.ref_names[ref]
         if "const" in schema:
-            return self.add(name or "const", _literal(json.dumps(schema["const"], ensure_ascii=False)) + " space")
+            return self.add(name or "const", _literal(_json_value(schema["const"], "const")) + " space")
         if "enum" in schema:
             values = schema["enum"]
             if not isinstance(values, list) or not values:
                 raise ValueError("enum must be a non-empty list")
-            body = " | ".join(_literal(json.dumps(v, ensure_ascii=False)) for v in values)
+            if len(values) > MOST_ALTERNATIVES:
+                raise ValueError(f"enum has {len(values)} entries; at most {MOST_ALTERNATIVES} are supported")
+            body = " | ".join(_literal(_json_value(v, "enum")) for v in values)
             return self.add(name or "enum", f"({body}) space")
         for key in ("anyOf", "oneOf"):
             if key in schema:
                 subs = schema[key]
                 if not isinstance(subs, list) or not subs:
                     raise ValueError(f"{key} must be a non-empty list")
+                if len(subs) > MOST_ALTERNATIVES:
+                    raise ValueError(f"{key} has {len(subs)} entries; at most {MOST_ALTERNATIVES} are supported")
                 rest = {k: v for k, v in schema.items() if k != key}
                 alts = [self.visit({**rest, **s} if isinstance(s, dict) else s, f"{name}-{i}")
                         for i, s in enumerate(subs)]
@@ -602,6 +621,16 @@ class _Converter:
         return self.add(name or "integer", _int_range(lo, hi))
 
 
+def _json_value(v, what: str) -> str:
+    """A const / enum value as JSON text; NaN and infinities have none."""
+    try:
+        return json.dumps(v, ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        raise ValueError(f"{what} value {v!r} is not valid JSON (NaN and infinities have no JSON form)") from None
+    except (TypeError, RecursionError):
+        raise ValueError(f"{what} value of type {type(v).__name__} is not JSON") from None
+
+
 def _nonneg_int(v, what: str) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < 0:
         raise ValueError(f"{what} must be a non-negative integer, got {v!r}")
@@ -648,7 +677,10 @@ def json_schema_to_gbnf(schema, whitespace: str = "compact") -> str:
     rules = dict(conv.rules)
     if top != "root":
         rules = {"root": top, **rules}
-    return "\n".join(f"{k} ::= {v}" for k, v in rules.items()) + "\n"
+    text = "\n".join(f"{k} ::= {v}" for k, v in rules.items()) + "\n"
+    if len(text) > MOST_GRAMMAR:
+        raise ValueError(f"the JSON schema makes a grammar of {len(text)} bytes; at most {MOST_GRAMMAR} are supported")
+    return text
 
 
 # The generic grammar for response_format {"type": "json_object"}: one JSON object, compact spacing.

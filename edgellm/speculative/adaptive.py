@@ -118,8 +118,11 @@ def plan(candidates, n_base: int, n_yield: int, cost: StepCost, draft_cost: Step
     best_rate, best_k = n_yield / base * margin if base > 0 else math.inf, 0
     gain, depth = 0.0, {}
     draft_s = 0.0
-    for k, (g, i, j) in enumerate(gains[:room], 1):
+    gains = gains[:room]
+    left = sum(g for g, _, _ in gains)   # the gain still to add: steps only get dearer, so once even all of it
+    for k, (g, i, j) in enumerate(gains, 1):   # cannot beat the best rate at today's price, stop looking
         gain += g
+        left -= g
         if draft_cost is not None:   # depth j now has one more sequence drafting: its forward grows
             m = depth.get(j, 0)
             draft_s += draft_cost(m + 1) - (draft_cost(m) if m else 0.0)
@@ -127,6 +130,8 @@ def plan(candidates, n_base: int, n_yield: int, cost: StepCost, draft_cost: Step
         t = cost(n_base + k) + draft_s + row_cost * k
         if t > 0 and (n_yield + gain) / t > best_rate:
             best_rate, best_k = (n_yield + gain) / t, k
+        elif t > 0 and (n_yield + gain + left) / t <= best_rate:
+            break
     for g, i, j in gains[:best_k]:
         lengths[i] = max(lengths[i], j)
     return lengths
