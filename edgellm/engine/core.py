@@ -53,6 +53,7 @@ class EngineCore:
         self.cost = adaptive.StepCost()
         self.row_cost = 0.0
         self.n_drafted = self.n_accepted = self.n_spec_steps = 0
+        self._spec_skip: dict[int, tuple[int, int]] = {}   # batch size -> (step to plan again, backoff)
 
     @classmethod
     def for_model(cls, model, backend, n_ctx: int, *, cache_type: str = "f16", cache_type_v: str | None = None,
@@ -178,6 +179,9 @@ class EngineCore:
         cands = [seq for seq, k in plan if seq.spec is not None and k == 1 and seq.n_pending == 1]
         if not cands:
             return {}
+        skip = self._spec_skip.get(len(plan))
+        if skip is not None and self.n_steps < skip[0]:   # this batch size declined real guesses lately
+            return {}
         if not self.cost.known():
             self.calibrate()
         n_base = sum(k for seq, k in plan if not seq.hidden)
@@ -230,7 +234,12 @@ class EngineCore:
             else:
                 s.spec_rate.idle()
         if not wants:
+            if any(most) and all(s.spec.adaptive for s in cands):   # guesses there were, and none paid: the same
+                # batch size asks again after 1, 2, 4.. steps (alone: at most 4, a copy may start any time)
+                back = min(2 * skip[1], 32 if len(plan) > 1 else 4) if skip is not None else 1
+                self._spec_skip[len(plan)] = (self.n_steps + back, back)
             return {}
+        self._spec_skip.pop(len(plan), None)
         made = [guesses[i] for i, _, _ in wants] if d.free else d.propose_many([(s, n) for _, s, n in wants])
         drafts = {}
         for (_, seq, n), draft in zip(wants, made):
