@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import math
+
 import numpy as np
 
 from ..errors import ContextLengthError, ModelError
@@ -44,8 +46,9 @@ def scalar(md: dict, key: str, kind: type, default=_MISSING):
         if vals.size == 0 or np.any(vals != vals[0]):
             raise ModelError(f"metadata {key!r}: per-layer values {list(vals)[:8]} are not supported")
         v = vals[0].item()
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
-        raise ModelError(f"metadata {key!r} must be a number, got {v!r}")
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(v):
+        raise ModelError(f"metadata {key!r} must be a finite number, got {v!r}")
     if kind is int:
         if float(v) != int(v):
             raise ModelError(f"metadata {key!r} must be an integer, got {v!r}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from edgellm import metadata as md
 from edgellm.errors import ModelError
 from edgellm.tokenizer.base import (BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED, Tokenizer)
 from edgellm.tokenizer.bpe import BPETokenizer
@@ -31,7 +32,7 @@ def load_tokenizer(metadata: Mapping[str, Any]) -> Tokenizer:
     Raises ModelError for a missing or unsupported ``tokenizer.ggml.model`` or inconsistent vocabulary
     arrays; warns (and uses llama.cpp's 'default' regex) for an unknown ``tokenizer.ggml.pre``.
     """
-    model = metadata.get("tokenizer.ggml.model")
+    model = md.get_str(metadata, "tokenizer.ggml.model")
     cls = _MODELS.get(model)
     if cls is None:
         supported = ", ".join(repr(m) for m in _MODELS)

@@ -13,6 +13,7 @@ from typing import Any, Iterable, Mapping, Optional
 
 import numpy as np
 
+from edgellm import metadata as md
 from edgellm.errors import ModelError
 from edgellm.tokenizer.special import Fragment, SpecialMatcher
 
@@ -61,10 +62,9 @@ class Tokenizer:
     clean_spaces = False
 
     def __init__(self, metadata: Mapping[str, Any]):
-        tokens = metadata.get("tokenizer.ggml.tokens")
-        if tokens is None or len(tokens) == 0:
+        tokens = md.get_str_list(metadata, "tokenizer.ggml.tokens")
+        if not tokens:
             raise ModelError("tokenizer.ggml.tokens is missing or empty")
-        tokens = list(tokens)
         n = len(tokens)
         if "" in tokens:  # llama.cpp renames empty tokens so that they can never match
             tokens = [t if t else f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
@@ -72,20 +72,10 @@ class Tokenizer:
         self.n_vocab = n
 
         # Bulk conversions through numpy: Gemma 3 has 262,144 entries and loading must stay quick.
-        types = metadata.get("tokenizer.ggml.token_type")
-        if types is None:
-            self._types = [NORMAL] * n
-        else:
-            self._types = np.asarray(types, dtype=np.int64).tolist()
-            if len(self._types) != n:
-                raise ModelError(f"tokenizer.ggml.token_type has {len(self._types)} entries for {n} tokens")
-        scores = metadata.get("tokenizer.ggml.scores")
-        if scores is None:
-            self._scores = [0.0] * n
-        else:
-            self._scores = np.asarray(scores, dtype=np.float64).tolist()
-            if len(self._scores) != n:
-                raise ModelError(f"tokenizer.ggml.scores has {len(self._scores)} entries for {n} tokens")
+        types = md.get_number_array(metadata, "tokenizer.ggml.token_type", n, integer=True)
+        self._types = [NORMAL] * n if types is None else types
+        scores = md.get_number_array(metadata, "tokenizer.ggml.scores", n, integer=False)
+        self._scores = [0.0] * n if scores is None else scores
 
         # text -> id; like llama.cpp's token_to_id, a repeated text maps to its last id
         self._vocab: dict[str, int] = dict(zip(tokens, range(n)))
@@ -94,22 +84,21 @@ class Tokenizer:
         ids = dict(self._default_ids)
         for name in ("bos", "eos", "eot", "eom", "unknown", "padding", "sep", "mask",
                      "fim_pre", "fim_suf", "fim_mid", "fim_pad", "fim_rep", "fim_sep"):
-            value = metadata.get(f"tokenizer.ggml.{name}_token_id")
+            value = md.get_int(metadata, f"tokenizer.ggml.{name}_token_id", None)
             if value is None:
                 continue
-            if 0 <= int(value) < n:
-                ids[name] = int(value)
+            if 0 <= value < n:
+                ids[name] = value
             else:
-                warnings.warn(f"tokenizer.ggml.{name}_token_id = {int(value)} is outside the vocabulary "
+                warnings.warn(f"tokenizer.ggml.{name}_token_id = {value} is outside the vocabulary "
                               f"of {n} tokens; using the default {ids.get(name)}", stacklevel=3)
         for key in list(ids):
             if ids[key] is not None and not 0 <= ids[key] < n:
                 ids[key] = None
 
-        self.add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", self._default_add_bos))
-        self.add_eos = bool(metadata.get("tokenizer.ggml.add_eos_token", self._default_add_eos))
-        self.add_space_prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix",
-                                                  self._default_add_space_prefix))
+        self.add_bos = md.get_bool(metadata, "tokenizer.ggml.add_bos_token", self._default_add_bos)
+        self.add_eos = md.get_bool(metadata, "tokenizer.ggml.add_eos_token", self._default_add_eos)
+        self.add_space_prefix = md.get_bool(metadata, "tokenizer.ggml.add_space_prefix", self._default_add_space_prefix)
 
         # Auto-detection by text (only where the metadata left the id unset), forcing the control type.
         def detect(texts: Iterable[str]) -> Optional[int]:
@@ -163,9 +152,9 @@ class Tokenizer:
         # Per-token LSTRIP/RSTRIP attributes llama.cpp sets by model name (not stored in GGUF).
         lstrip: set[int] = set()
         rstrip: set[int] = set()
-        name = str(metadata.get("general.name", "")).lower()
-        pre = str(metadata.get("tokenizer.ggml.pre", ""))
-        arch = str(metadata.get("general.architecture", ""))
+        name = str(md.get_str(metadata, "general.name", "")).lower()
+        pre = str(md.get_str(metadata, "tokenizer.ggml.pre", ""))
+        arch = str(md.get_str(metadata, "general.architecture", ""))
         special_ids = np.flatnonzero(np.isin(np.asarray(self._types),
                                              (CONTROL, USER_DEFINED, UNKNOWN))).tolist()
         if any(s in pre for s in ("jina-v2-de", "jina-v2-es", "jina-v2-code")) or \

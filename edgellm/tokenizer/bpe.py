@@ -11,6 +11,7 @@ from __future__ import annotations
 from operator import add
 from typing import Any, Mapping, Optional
 
+from edgellm import metadata as md
 from edgellm.errors import ModelError
 from edgellm.tokenizer.base import BYTE, NORMAL, UNUSED, Tokenizer
 from edgellm.tokenizer.merge import cut_positions, merge_symbols
@@ -55,20 +56,22 @@ class BPETokenizer(Tokenizer):
     _default_ids = {"bos": 11, "eos": 11, "unknown": None}
 
     def __init__(self, metadata: Mapping[str, Any]):
-        self.pre = select(metadata.get("tokenizer.ggml.pre"))
+        self.pre = select(md.get_str(metadata, "tokenizer.ggml.pre"))
         self._default_add_bos = self.pre.add_bos
         self.clean_spaces = self.pre.clean_spaces
         if not self.pre.has_bos:
             self._default_ids = dict(self._default_ids, bos=None)
         super().__init__(metadata)
 
-        merges = metadata.get("tokenizer.ggml.merges")
+        merges = md.get_str_list(metadata, "tokenizer.ggml.merges")
         if merges is None:
             raise ModelError("tokenizer.ggml.merges is missing (a gpt2 tokenizer needs its merges)")
         # "left right" -> rank.  llama.cpp splits each merge at the first space after position 0 and keeps
         # the first rank of a repeated pair; keying by the whole string is the same lookup (byte-level
         # symbols never contain a raw space), and iterating in reverse keeps the first rank.
-        merges = list(merges)
+        bad = next((i for i, m in enumerate(merges) if m.find(" ", 1) < 1), None)
+        if bad is not None:
+            raise ModelError(f"tokenizer.ggml.merges[{bad}] = {merges[bad][:40]!r} is not two symbols split by a space")
         self._ranks: dict[str, int] = dict(zip(reversed(merges), range(len(merges) - 1, -1, -1)))
         self._merges = merges
         self._splitter = Splitter(self.pre.kind)
