@@ -103,7 +103,7 @@ class Edited:
     (dict(metadata={"gemma3.rope.dimension_count": 255}), "rope.dimension_count is 255"),
     (dict(metadata={"gemma3.rope.scaling.type": "yarn"}), "'yarn'"),
     (dict(metadata={"gemma3.attention.sliding_window": -1}), "sliding_window is -1"),
-    (dict(metadata={"gemma3.attention.sliding_window": "wide"}), "'gemma3.attention.sliding_window' must be a number"),
+    (dict(metadata={"gemma3.attention.sliding_window": "wide"}), "'gemma3.attention.sliding_window' must be a finite number"),
     (dict(metadata={"gemma3.attention.sliding_window_pattern": np.ones(18, dtype=bool)}),
      "sliding_window_pattern states a layer pattern"),
     (dict(metadata={"gemma3.attention.sliding_window_pattern": 4}), "sliding_window_pattern states a layer pattern"),

@@ -74,7 +74,7 @@ class Edited:
     (dict(metadata={"general.architecture": "gemma3"}), "'gemma3'"),
     (dict(metadata={"llama.block_count": 0}), "block_count is 0"),
     (dict(metadata={"llama.block_count": 100000}), "block_count is 100000"),
-    (dict(metadata={"llama.block_count": "thirty"}), "'llama.block_count' must be a number"),
+    (dict(metadata={"llama.block_count": "thirty"}), "'llama.block_count' must be a finite number"),
     (dict(metadata={"llama.attention.head_count": 0}), "head_count is 0"),
     (dict(metadata={"llama.attention.head_count_kv": 4}), "head_count_kv is 4; it must divide head_count 9"),
     (dict(metadata={"llama.attention.head_count": 7, "llama.attention.head_count_kv": 7}),
