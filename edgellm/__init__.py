@@ -5,10 +5,10 @@
     print(llm.create_chat_completion([{"role": "user", "content": "Hi!"}])["choices"][0]["message"]["content"])
 """
 
-from .errors import ChatTemplateError, ContextLengthError, EdgeLLMError, GGUFError, ModelError
+from .errors import ChatTemplateError, ContextLengthError, EdgeLLMError, GGUFError, ModelError, TextError
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "Llama", "EdgeLLMError", "GGUFError", "ModelError", "ContextLengthError", "ChatTemplateError"]
+__all__ = ["LLM", "Llama", "EdgeLLMError", "GGUFError", "ModelError", "ContextLengthError", "ChatTemplateError", "TextError"]
 
 
 def __getattr__(name):

@@ -11,6 +11,9 @@ prints them on one line and exits 1.
 from __future__ import annotations
 
 import json
+import os
+import stat
+import warnings
 
 import click
 
@@ -23,14 +26,32 @@ class InputFileError(EdgeLLMError, ValueError):
     """A text file given on the command line cannot be read as UTF-8 text."""
 
 
+MOST_TEXT = 256 << 20   # bytes of a -f text file: prompts and perplexity corpora are far smaller
+
+
 def read_text_file(path: str) -> str:
-    """The whole file as text (UTF-8; undecodable bytes kept as U+FFFD, as llama.cpp passes bytes through)."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
+    """The whole of a regular file of at most MOST_TEXT bytes as text (UTF-8; undecodable bytes become U+FFFD, as
+    llama.cpp passes bytes through, and a warning says how many there were)."""
+    try:   # opened without blocking, so a FIFO is refused instead of waiting for a writer
+        with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise InputFileError(f"{path} is not a regular file")
+            if st.st_size > MOST_TEXT:
+                raise InputFileError(f"{path} has {st.st_size} bytes; at most {MOST_TEXT} are read as text")
+            data = f.read(MOST_TEXT + 1)
     except OSError as e:
         raise InputFileError(f"cannot read {path}: {e.strerror or e}") from None
-    return data.decode("utf-8", errors="replace")
+    if len(data) > MOST_TEXT:   # it grew while being read
+        raise InputFileError(f"{path} has more than {MOST_TEXT} bytes; at most {MOST_TEXT} are read as text")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = data.decode("utf-8", errors="replace")
+        bad = text.count("\ufffd") - data.decode("utf-8", errors="ignore").count("\ufffd")
+        warnings.warn(f"{path} is not valid UTF-8: {bad} undecodable byte sequence(s) were replaced by U+FFFD",
+                      stacklevel=2)
+        return text
 
 
 # The keys of edgellm.quantize.QUANT_TYPES, spelled out so that the CLI starts without importing numpy.

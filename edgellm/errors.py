@@ -28,3 +28,7 @@ class BatchError(EdgeLLMError, ValueError):
 
 class SamplingError(EdgeLLMError, ValueError):
     """A sampling keyword that does not exist, or a value out of its range."""
+
+
+class TextError(EdgeLLMError, ValueError):
+    """Input text that is not valid Unicode (a lone surrogate), or a file that is not the text it should be."""

@@ -81,15 +81,23 @@ def save_session(path: str | os.PathLike, model, kv, tokens, cacheable: int | No
               "swa_from": kv.swa_from if kv is not None else 0, "n_tokens": n,
               "cacheable": n if cacheable is None else min(n, int(cacheable))}
     blob = json.dumps(header).encode()
+    if os.path.isdir(path):
+        raise SessionError(f"{path} is a directory: give a file path for the session")
     tmp = Path(f"{path}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:  # written aside, renamed into place: an interrupted save leaves the old file
-        f.write(MAGIC + struct.pack("<II", VERSION, len(blob)) + blob)
-        f.write(np.asarray(list(tokens)[:n], dtype="<i4").tobytes())
-        for g in range(len(held)):
-            blocks, slots = _rows(kv, g, held[g], n)
-            for arr in (pool.k[g], pool.v[g]):
-                f.write(np.ascontiguousarray(arr[:, blocks, :, slots].transpose(1, 0, 2, 3)).tobytes())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:  # written aside, renamed into place: an interrupted save leaves the old file
+            f.write(MAGIC + struct.pack("<II", VERSION, len(blob)) + blob)
+            f.write(np.asarray(list(tokens)[:n], dtype="<i4").tobytes())
+            for g in range(len(held)):
+                blocks, slots = _rows(kv, g, held[g], n)
+                for arr in (pool.k[g], pool.v[g]):
+                    f.write(np.ascontiguousarray(arr[:, blocks, :, slots].transpose(1, 0, 2, 3)).tobytes())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise SessionError(f"cannot save the session to {path}: {e.strerror or e}") from None
+    finally:
+        if tmp.exists():   # nothing half-written is left behind
+            tmp.unlink()
 
 
 def load_session(path: str | os.PathLike, model, blocks, n_ctx: int, reclaim=None):

@@ -229,3 +229,19 @@ def test_run_takes_a_question_as_ollama_does(smollm2_path):
     assert q.stdout == chat.stdout and "Paris" in q.stdout
     both = edgellm("run", smollm2_path, "Hi", "-p", "Hello", "-n", "2")
     assert both.returncode == 2 and "Traceback" not in both.stderr
+
+
+def test_text_files_are_regular_bounded_and_honest(smollm2_path, tmp_path):
+    """-f reads regular files only (no /dev/zero, FIFO or directory: a one-line error, not a hang or a memory blow-up);
+    bytes that are not UTF-8 are replaced and a warning says how many."""
+    import os
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path in ("/dev/zero", fifo):
+        assert_one_line_error(edgellm("run", smollm2_path, "-f", path, "-n", "2", timeout=60), "not a regular file")
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"caf\xe9 au lait \xff done")
+    p = edgellm("run", smollm2_path, "-f", bad, "-n", "2", "--temp", "0")
+    assert p.returncode == 0, p.stderr
+    assert "not valid UTF-8: 2 undecodable" in p.stderr

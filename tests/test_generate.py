@@ -131,3 +131,24 @@ def test_llama_cpp_python_constructor(smollm2_path):
     for kw, word in (({"bogus": 1}, "bogus"), ({"chat_format": "llama-2"}, "chat_format"), ({"n_ctx": -5}, "n_ctx")):
         with pytest.raises(EdgeLLMError, match=word):
             Llama(model_path=smollm2_path, **kw)
+
+
+def test_lone_surrogates_and_session_to_a_directory_are_clear_errors(smollm2_path, tmp_path):
+    """Text with a lone surrogate (a bad \\ud800 escape) is a TextError, from tokenize, generate and chat alike; saving
+    a session onto a directory is a SessionError and leaves no temporary file behind."""
+    from edgellm import EdgeLLMError, LLM
+    from edgellm.errors import TextError
+    from edgellm.session import SessionError
+
+    with LLM(smollm2_path, n_ctx=128) as llm:
+        for call in (lambda: llm.tokenize("a\ud800b"), lambda: llm.generate("x\udfff", max_tokens=2),
+                     lambda: llm.create_chat_completion([{"role": "user", "content": "hi \ud83d"}], max_tokens=2)):
+            with pytest.raises(TextError, match="lone surrogate"):
+                call()
+        llm.generate("Hello", max_tokens=2)
+        target = tmp_path / "dir"
+        target.mkdir()
+        with pytest.raises(SessionError, match="directory"):
+            llm.save_state(target)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["dir"] and not any(target.iterdir())
+        assert issubclass(TextError, EdgeLLMError)

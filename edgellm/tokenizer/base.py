@@ -14,7 +14,7 @@ from typing import Any, Iterable, Mapping, Optional
 import numpy as np
 
 from edgellm import metadata as md
-from edgellm.errors import ModelError
+from edgellm.errors import ModelError, TextError
 from edgellm.tokenizer.special import Fragment, SpecialMatcher
 
 # tokenizer.ggml.token_type values (gguf-py's TokenType / llama.cpp's LLAMA_TOKEN_TYPE_*)
@@ -224,6 +224,11 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a str, not {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:   # a lone surrogate (e.g. from a bad \ud800 escape): not text
+            raise TextError(f"the text holds a lone surrogate U+{ord(text[e.start]):04X} at position {e.start}: "
+                            f"not valid Unicode") from None
         fragments: list[Fragment] = []
         if text:
             matcher = self._match_all if parse_special else self._match_user
