@@ -128,7 +128,9 @@ def info(model, kv_budget):
     click.echo(f"weights:      {m.weight_bytes / 2**20:.1f} MiB")
     click.echo(f"tokenizer:    {gf.get('tokenizer.ggml.model')} (pre: {gf.get('tokenizer.ggml.pre', '-')}), "
                f"{tok.n_vocab} tokens, BOS {tok.bos_id} (added: {tok.add_bos}), EOS {tok.eos_id}")
-    click.echo(f"chat template: {'from the file' if gf.get('tokenizer.chat_template') else 'built-in fallback'}")
+    click.echo("chat template: " + ("from the file" if gf.get("tokenizer.chat_template") else
+                                    "none in the file (likely a base model, not tuned for chat): chats use a built-in "
+                                    "template, --raw continues text"))
     click.echo(f"backend:      {_backend_summary()} ; threads {default_threads()}")
     from .engine import DEFAULT_BATCH, DEFAULT_PARALLEL
     from .kv.paged import KVPool, pool_blocks
@@ -357,6 +359,10 @@ def run(model, question, prompt, prompt_file, n_predict, temp, top_k, top_p, min
         return text
 
     interactive_chat = prompt is None   # in the chat, Ctrl-C stops the answer, not the program
+    if not raw and (prompt is None or chat_prompt) and llm.model.chat_template.kind != "model":
+        click.echo(f"warning: {llm.model.name} has no chat template in its file (likely a base model, not tuned for "
+                   f"chat); using the built-in {llm.model.chat_template.kind} template. --raw continues text instead.",
+                   err=True)
     if prompt is not None:
         raw = not chat_prompt
         answer(prompt)

@@ -245,3 +245,15 @@ def test_text_files_are_regular_bounded_and_honest(smollm2_path, tmp_path):
     p = edgellm("run", smollm2_path, "-f", bad, "-n", "2", "--temp", "0")
     assert p.returncode == 0, p.stderr
     assert "not valid UTF-8: 2 undecodable" in p.stderr
+
+
+def test_base_model_without_chat_template_is_flagged(smollm2_path, gemma3_path):
+    """The Gemma 3 file has no chat template (a base model): info says so and chatting with it warns; SmolLM2 (an
+    instruct model with its template) does not warn; --raw continuation never warns."""
+    info = edgellm("info", gemma3_path)
+    assert info.returncode == 0 and "none in the file" in info.stdout
+    g = edgellm("run", gemma3_path, "What is 2+2?", "-n", "2", "--temp", "0")
+    assert g.returncode == 0 and "no chat template" in g.stderr
+    raw = edgellm("run", gemma3_path, "-p", "2+2=", "-n", "2", "--temp", "0")
+    s = edgellm("run", smollm2_path, "What is 2+2?", "-n", "2", "--temp", "0")
+    assert "no chat template" not in raw.stderr and "no chat template" not in s.stderr
