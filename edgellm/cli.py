@@ -22,6 +22,62 @@ def _warn_one_line(message, category, filename, lineno, file=None, line=None):
     print(f"warning: {message}", file=sys.stderr)
 
 
+CHAT_HELP = """Commands:
+  /set system TEXT              the system message (the chat starts over)
+  /set parameter NAME VALUE     temperature, top_k, top_p, min_p, repeat_penalty, seed, num_predict
+  /show info                    the model, its context and the parameters in use
+  /clear                        forget the conversation (the system message stays)
+  /bye                          quit (also /exit, /quit, Ctrl-D)
+  \"\"\"                           start and end a message of several lines"""
+
+_CHAT_PARAMS = {"temperature": ("temperature", float), "top_k": ("top_k", int), "top_p": ("top_p", float),
+                "min_p": ("min_p", float), "repeat_penalty": ("repeat_penalty", float), "seed": ("seed", int),
+                "num_predict": (None, int)}
+
+
+def _slash_command(line: str, llm, messages: list, knobs: dict, limits: dict, system) -> str | None:
+    """The chat's slash commands (Ollama's). Never sent to the model; an unknown one says so."""
+    words = line.split(maxsplit=3)
+    cmd = words[0]
+    if cmd in ("/bye", "/exit", "/quit"):
+        return "quit"
+    if cmd in ("/?", "/help"):
+        click.echo(CHAT_HELP, err=True)
+    elif cmd == "/clear":
+        keep = [m for m in messages if m["role"] == "system"]
+        messages[:] = keep
+        click.echo("Cleared the conversation.", err=True)
+    elif cmd == "/show" and len(words) > 1 and words[1] == "info":
+        shown = {k: v for k, v in knobs.items() if v is not None and k in dict(_CHAT_PARAMS)}
+        click.echo(f"model {llm.model.name} ({llm.model.path}); n_ctx {llm.n_ctx}; chat template "
+                   f"{llm.model.chat_template.kind}; parameters {shown or 'defaults'}; num_predict "
+                   f"{limits['max_tokens'] if limits['max_tokens'] is not None else 'unlimited'}", err=True)
+    elif cmd == "/set" and len(words) >= 3 and words[1] == "system":
+        text = line.split(maxsplit=2)[2]
+        messages[:] = [{"role": "system", "content": text}]
+        click.echo("Set the system message (the conversation starts over).", err=True)
+    elif cmd == "/set" and len(words) == 4 and words[1] == "parameter":
+        name, value = words[2], words[3]
+        if name not in _CHAT_PARAMS:
+            click.echo(f"unknown parameter {name!r}; one of {', '.join(_CHAT_PARAMS)}", err=True)
+            return None
+        key, kind = _CHAT_PARAMS[name]
+        try:
+            v = kind(value)
+            if key is None:
+                limits["max_tokens"] = None if v < 0 else v
+            else:
+                llm._params(**{**knobs, key: v})   # checked before it is kept
+                knobs[key] = v
+        except (ValueError, EdgeLLMError) as e:
+            click.echo(f"bad value for {name}: {e}", err=True)
+            return None
+        click.echo(f"Set {name} to {v}.", err=True)
+    else:
+        click.echo(f"unknown command {line.split()[0]!r}; /? lists the commands", err=True)
+    return None
+
+
 def _spec_options(f):
     """llama.cpp's speculative decoding flags, shared by run and serve."""
     opts = [
@@ -316,7 +372,7 @@ def run(model, question, prompt, prompt_file, n_predict, temp, top_k, top_p, min
     if ignore_eos:
         knobs["logit_bias"] = {**(knobs["logit_bias"] or {}), **{t: float("-inf") for t in llm.tokenizer.eog_ids}}
     llm._params(**knobs)  # a bad value is one clear error now, not after the model has started
-    max_tokens = None if n_predict < 0 else n_predict
+    limits = {"max_tokens": None if n_predict < 0 else n_predict}   # /set parameter num_predict changes it
     messages = [{"role": "system", "content": system}] if system else []
     loaded: list[bool] = []   # the prompt cache is read once, before the first answer
 
@@ -333,7 +389,7 @@ def run(model, question, prompt, prompt_file, n_predict, temp, top_k, top_p, min
                 click.echo(f"prompt cache: {n} tokens loaded from {prompt_cache}", err=True)
         parts, last = [], None
         try:
-            for r in llm._stream(ids, max_tokens, None, knobs):
+            for r in llm._stream(ids, limits["max_tokens"], None, knobs):
                 if r.text:
                     parts.append(r.text)
                     click.echo(r.text, nl=False)
@@ -369,17 +425,29 @@ def run(model, question, prompt, prompt_file, n_predict, temp, top_k, top_p, min
         return
     interactive = sys.stdin.isatty()
     if interactive:
-        click.echo("Chat with the model. /bye quits; Ctrl-C stops an answer.", err=True)
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+        click.echo('Chat with the model. /? for help, /bye quits; Ctrl-C stops an answer; """ starts and ends '
+                   'several lines.', err=True)
     while True:
         try:
             line = input(">>> " if interactive else "")
+            if line.lstrip().startswith('"""'):   # several lines, up to a line that ends with """
+                parts = [line.lstrip()[3:]]
+                while not parts[-1].rstrip().endswith('"""') or len(parts) == 1 and parts[0].strip() == "":
+                    parts.append(input("... " if interactive else ""))
+                line = "\n".join(parts).rstrip()[:-3].strip()
         except EOFError:
             break
         except KeyboardInterrupt:
             click.echo("", err=True)
             continue
-        if line.strip() in ("/bye", "/exit", "/quit"):
-            break
+        if line.strip().startswith("/"):
+            if _slash_command(line.strip(), llm, messages, knobs, limits, system) == "quit":
+                break
+            continue
         if not line.strip():
             continue
         answer(line)

@@ -257,3 +257,24 @@ def test_base_model_without_chat_template_is_flagged(smollm2_path, gemma3_path):
     raw = edgellm("run", gemma3_path, "-p", "2+2=", "-n", "2", "--temp", "0")
     s = edgellm("run", smollm2_path, "What is 2+2?", "-n", "2", "--temp", "0")
     assert "no chat template" not in raw.stderr and "no chat template" not in s.stderr
+
+
+def test_chat_slash_commands(smollm2_path):
+    """The interactive chat takes Ollama's commands: /? help, /set parameter, /set system, /show info, /clear, \"\"\"
+    for several lines; an unknown /command is reported and never sent to the model; /bye ends the chat."""
+    script = "\n".join([
+        "/?", "/set parameter temperature 0", "/set parameter num_predict 6", "/set parameter top_k abc", "/bogus",
+        "/show info", "What is 2+2?", "/clear", '"""', "What is", "2+2?", '"""', "/set system You are terse.",
+        "/bye", "Never sent",
+    ]) + "\n"
+    p = edgellm("run", smollm2_path, input=script)
+    assert p.returncode == 0, p.stderr
+    assert "/set parameter NAME VALUE" in p.stderr and "Set temperature to 0.0." in p.stderr
+    assert "unknown command '/bogus'" in p.stderr and "bad value for top_k" in p.stderr
+    assert "num_predict 6" in p.stderr and "Cleared the conversation." in p.stderr
+    answers = [line for line in p.stdout.splitlines() if line.strip()]
+    assert len(answers) == 2
+    # each as a first turn: the one-line question, then (after /clear) the two-line one
+    for answer, question in zip(answers, ("What is 2+2?", "What is\n2+2?")):
+        direct = edgellm("run", smollm2_path, question, "-n", "6", "--temp", "0")
+        assert direct.stdout.strip() == answer
