@@ -57,6 +57,7 @@ class LLM:
         draft_max: int = DRAFT_MAX,
         draft_min: int = 0,
         draft_p_min: float = 0.0,
+        check_tensors: bool = False,
     ):
         """n_ctx: the context of one sequence in tokens; None: the model's training context, capped so that one
         sequence's KV cache fits `kv_budget` (bytes or "512MiB"; default $EDGELLM_KV_BUDGET, else min(1 GiB, 1/8 of
@@ -68,10 +69,14 @@ class LLM:
         Speculative decoding: draft_model (a path or known name of a smaller model with the same vocabulary) drafts
         tokens the model checks in one forward; speculative="ngram" drafts from the prompt and output instead (prompt
         lookup); draft_max / draft_min / draft_p_min: llama.cpp's --draft-max / --draft-min / --draft-p-min. Each step
-        drafts only as far as it pays; requests may pass speculative={"n_max": ..} or speculative=False."""
+        drafts only as far as it pays; requests may pass speculative={"n_max": ..} or speculative=False.
+        check_tensors: check at load that every tensor's data is valid for its type (a ModelError names the first
+        that is not)."""
         path = resolve_model(str(model))
         self.model = Model(path)
         try:
+            if check_tensors:   # llama.cpp's --check-tensors: every float of the data finite
+                self.model.gguf.check_tensors()
             if n_ctx is not None and n_ctx < 1:
                 raise EdgeLLMError(f"n_ctx must be at least 1, got {n_ctx}")
             for name, v, most in (("n_parallel", n_parallel, MAX_PARALLEL), ("n_batch", n_batch, MAX_BATCH)):

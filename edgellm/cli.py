@@ -79,8 +79,10 @@ def _slash_command(line: str, llm, messages: list, knobs: dict, limits: dict, sy
 
 
 def _spec_options(f):
-    """llama.cpp's speculative decoding flags, shared by run and serve."""
+    """llama.cpp's speculative decoding flags (and --check-tensors), shared by run and serve."""
     opts = [
+        click.option("--check-tensors", is_flag=True,
+                     help="Check at load that every tensor's data is valid for its type (llama.cpp's flag)."),
         click.option("-md", "--model-draft", "model_draft", default=None, metavar="FILE",
                      help="A smaller model with the same vocabulary drafts tokens the model checks in one forward."),
         click.option("--spec-type", type=click.Choice(["none", "draft", "ngram"]), default=None,
@@ -99,13 +101,13 @@ def _spec_options(f):
     return f
 
 
-def _spec_kwargs(model_draft, spec_type, draft_max, draft_min, draft_p_min) -> dict:
+def _spec_kwargs(check_tensors, model_draft, spec_type, draft_max, draft_min, draft_p_min) -> dict:
     if spec_type == "ngram" and model_draft:
         raise click.UsageError("--spec-type ngram drafts without a model: leave out -md")
     if spec_type == "draft" and not model_draft:
         raise click.UsageError("--spec-type draft needs -md FILE")
     return dict(draft_model=_model_path(model_draft) if model_draft else None, speculative=spec_type,
-                draft_max=draft_max, draft_min=draft_min, draft_p_min=draft_p_min)
+                draft_max=draft_max, draft_min=draft_min, draft_p_min=draft_p_min, check_tensors=check_tensors)
 
 
 def _logit_bias(items) -> dict[int, float]:
@@ -161,7 +163,8 @@ def ls_cmd():
 @cli.command()
 @click.argument("model")
 @click.option("--kv-budget", default=None, metavar="SIZE", help="Memory for the KV cache, e.g. 512MiB.")
-def info(model, kv_budget):
+@click.option("--check-tensors", is_flag=True, help="Check that every tensor's data is valid for its type.")
+def info(model, kv_budget, check_tensors):
     """Describe a model: architecture, hyper-parameters, tensor types, tokenizer, backend."""
     from collections import Counter
 
@@ -182,6 +185,9 @@ def info(model, kv_budget):
         click.echo(f"  {field:<12}{getattr(hp, field)}")
     click.echo(f"tensors:      {len(gf.tensors)} ({', '.join(f'{n} {k}' for k, n in types.most_common())})")
     click.echo(f"weights:      {m.weight_bytes / 2**20:.1f} MiB")
+    if check_tensors:
+        gf.check_tensors()   # a ModelError names the first bad tensor
+        click.echo("tensor data:  checked, every float finite")
     click.echo(f"tokenizer:    {gf.get('tokenizer.ggml.model')} (pre: {gf.get('tokenizer.ggml.pre', '-')}), "
                f"{tok.n_vocab} tokens, BOS {tok.bos_id} (added: {tok.add_bos}), EOS {tok.eos_id}")
     click.echo("chat template: " + ("from the file" if gf.get("tokenizer.chat_template") else
@@ -327,7 +333,7 @@ def run(model, question, prompt, prompt_file, n_predict, temp, top_k, top_p, min
         dry_multiplier, dry_base, dry_allowed_length, dry_penalty_last_n, mirostat, mirostat_eta, mirostat_tau,
         samplers, logit_bias, ignore_eos, grammar, grammar_file, json_schema, seed, n_ctx, cache_type_k, cache_type_v, swa_full,
         kv_budget, n_threads, backend, context_shift, n_keep, streaming, prompt_cache, chat_prompt, raw, system,
-        verbose, model_draft, spec_type, draft_max, draft_min, draft_p_min):
+        verbose, check_tensors, model_draft, spec_type, draft_max, draft_min, draft_p_min):
     """Run MODEL: answer QUESTION as a chat turn (as `ollama run MODEL "..."`), continue -p's text (as llama.cpp's
     -p does; --chat sends it through the chat template), or chat interactively without either.
 
@@ -351,7 +357,7 @@ def run(model, question, prompt, prompt_file, n_predict, temp, top_k, top_p, min
     llm = LLM(_model_path(model), n_ctx=n_ctx, n_threads=n_threads, seed=seed, backend=backend,
               context_shift=context_shift or streaming, n_keep=n_keep, cache_type=cache_type_k,
               cache_type_v=cache_type_v, swa_full=swa_full, kv_budget=kv_budget,
-              **_spec_kwargs(model_draft, spec_type, draft_max, draft_min, draft_p_min))
+              **_spec_kwargs(check_tensors, model_draft, spec_type, draft_max, draft_min, draft_p_min))
     if verbose:
         be = llm.backend
         click.echo(f"loaded {llm.model.name} in {time.perf_counter() - t0:.2f} s; backend {be.name} "
@@ -527,7 +533,7 @@ def bench(model, n_prompt, n_gen, n_threads, reps, backend, as_json):
 def serve(models, host, port, n_threads, n_ctx, n_parallel, n_batch, cache_type_k, cache_type_v, kv_budget,
           no_prefix_cache, backend, temp, top_k, top_p, min_p, repeat_penalty, api_key_file, cors_origins,
           rate_limit, token_limit, max_queue, max_tokens, max_body, request_timeout, log_format, log_level,
-          model_draft, spec_type, draft_max, draft_min, draft_p_min):
+          check_tensors, model_draft, spec_type, draft_max, draft_min, draft_p_min):
     """Serve MODELS over an OpenAI-compatible HTTP API (and a chat page at /).
 
     A request's "model" picks one by its name here or its file's stem. Keys from --api-key-file or
@@ -543,7 +549,7 @@ def serve(models, host, port, n_threads, n_ctx, n_parallel, n_batch, cache_type_
     log = setup_logging(log_format, log_level)
     llm_kwargs = dict(n_ctx=n_ctx, n_threads=n_threads, backend=backend, cache_type=cache_type_k,
                       cache_type_v=cache_type_v, kv_budget=kv_budget, prefix_cache=not no_prefix_cache,
-                      **_spec_kwargs(model_draft, spec_type, draft_max, draft_min, draft_p_min))
+                      **_spec_kwargs(check_tensors, model_draft, spec_type, draft_max, draft_min, draft_p_min))
     if n_parallel is not None:
         llm_kwargs["n_parallel"] = n_parallel
     if n_batch is not None:

@@ -110,6 +110,13 @@ def _type_desc(t: int | tuple[int, int]) -> str:
     return _vtype_name(t)
 
 
+# Byte offsets of the half-precision scale / minimum fields in each quantized block (quant/FORMATS.md).
+_BLOCK_HALVES = {GGMLType.Q4_0: (0,), GGMLType.Q4_1: (0, 2), GGMLType.Q5_0: (0,), GGMLType.Q5_1: (0, 2),
+                 GGMLType.Q8_0: (0,), GGMLType.Q2_K: (80, 82), GGMLType.Q3_K: (108,), GGMLType.Q4_K: (0, 2),
+                 GGMLType.Q5_K: (0, 2), GGMLType.Q6_K: (208,)}
+_CHECK_CHUNK = 1 << 24   # bytes looked at in one go by check_tensors
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """One entry of the tensor table.
@@ -433,6 +440,43 @@ class GGUFFile:
         if self._mm is None:
             raise GGUFError(f"{self.path}: file is closed")
         return np.frombuffer(self._mm, dtype=np.uint8, count=info.nbytes, offset=info.offset)
+
+    def check_tensors(self) -> None:
+        """llama.cpp's --check-tensors: every float in the data (F32/F16/BF16 elements, the half-precision scales and
+        minimums of quantized blocks) must be finite. A ModelError names the first tensor that breaks it: its bytes
+        do not hold what its declared type says (a corrupt or mislabelled file), which would otherwise surface much
+        later as NaN logits. Reads the whole file once, in bounded chunks."""
+        for info in self.tensors.values():
+            raw = self.tensor_data(info.name)
+            halves = _BLOCK_HALVES.get(info.type)
+            if info.type in (GGMLType.F32, GGMLType.F16, GGMLType.BF16):
+                width = 4 if info.type == GGMLType.F32 else 2
+                step = (_CHECK_CHUNK // width) * width
+                for a in range(0, raw.size, step):
+                    part = raw[a:a + step]
+                    if info.type == GGMLType.F32:
+                        vals = part.view(np.float32)
+                    elif info.type == GGMLType.F16:
+                        vals = part.view(np.float16)
+                    else:
+                        vals = (part.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+                    bad = np.flatnonzero(~np.isfinite(vals))
+                    if bad.size:
+                        raise ModelError(f"{self.path}: tensor {info.name!r} ({info.type.name}) holds a NaN or "
+                                         f"infinity at element {a // width + int(bad[0])}: its bytes are not valid "
+                                         f"{info.type.name} data")
+            elif halves is not None:
+                size = TRAITS[info.type].type_size
+                blocks = raw.reshape(-1, size)
+                step = max(1, _CHECK_CHUNK // size)
+                for a in range(0, blocks.shape[0], step):
+                    part = blocks[a:a + step]
+                    for off in halves:
+                        bad = np.flatnonzero(~np.isfinite(np.ascontiguousarray(part[:, off:off + 2]).view(np.float16)))
+                        if bad.size:
+                            raise ModelError(f"{self.path}: tensor {info.name!r} ({info.type.name}) block "
+                                             f"{a + int(bad[0])} has a NaN or infinite scale: its bytes are not valid "
+                                             f"{info.type.name} data")
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)

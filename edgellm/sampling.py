@@ -279,6 +279,9 @@ def _logit_bias_arrays(bias) -> tuple[np.ndarray, np.ndarray]:
 # Input checks and small numerics
 
 
+_NAN_LOGITS = "logits contain NaN (corrupt weights? --check-tensors / LLM(check_tensors=True) checks the file)"
+
+
 def _as_logits(logits) -> np.ndarray:
     """A 1-D float32 view (or a converted copy) of the caller's logits; never written to."""
     x = np.asarray(logits)
@@ -295,7 +298,7 @@ def _check_max(x: np.ndarray) -> float:
     if math.isfinite(m):
         return m
     if np.isnan(x).any():
-        raise ValueError("logits contain NaN")
+        raise ValueError(_NAN_LOGITS)
     if m == math.inf:
         raise ValueError("logits contain +inf")
     raise ValueError("every logit is -inf: no token can be sampled")
@@ -1027,7 +1030,7 @@ class SamplerChain:
         m = float(x.max())
         if not math.isfinite(m):
             if math.isnan(m) or np.isnan(x).any():
-                raise ValueError("logits contain NaN")
+                raise ValueError(_NAN_LOGITS)
             raise ValueError("every logit is -inf: no token can be sampled")
         if self.greedy:
             i = int(np.argmax(x))

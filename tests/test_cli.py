@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+
+import pytest
 import sys
 
 
@@ -278,3 +280,27 @@ def test_chat_slash_commands(smollm2_path):
     for answer, question in zip(answers, ("What is 2+2?", "What is\n2+2?")):
         direct = edgellm("run", smollm2_path, question, "-n", "6", "--temp", "0")
         assert direct.stdout.strip() == answer
+
+
+def test_check_tensors_names_a_corrupt_tensor(smollm2_path, tmp_path):
+    """A block scale overwritten with NaN (bytes that are not valid Q4_1): --check-tensors on info and run, and
+    LLM(check_tensors=True), name the tensor in a one-line error; the intact file passes."""
+    import shutil
+
+    from edgellm import LLM, ModelError
+    from edgellm.gguf import GGUFFile
+
+    bad = tmp_path / "bad.gguf"
+    shutil.copy(smollm2_path, bad)
+    g = GGUFFile(bad)
+    info = next(t for t in g.tensors.values() if t.type.name == "Q4_1")
+    g.close()
+    with open(bad, "r+b") as f:
+        f.seek(info.offset + 20 * 7)   # block 7's scale d (Q4_1 blocks are 20 bytes: d, m, 16 bytes of nibbles)
+        f.write(b"\x00\x7e")           # a half-precision NaN
+    ok = edgellm("info", smollm2_path, "--check-tensors")
+    assert ok.returncode == 0 and "checked" in ok.stdout
+    assert_one_line_error(edgellm("info", bad, "--check-tensors"), info.name, "block 7")
+    assert_one_line_error(edgellm("run", bad, "-p", "Hi", "-n", "1", "--check-tensors"), info.name)
+    with pytest.raises(ModelError, match=info.name):
+        LLM(bad, n_ctx=64, check_tensors=True)
