@@ -418,7 +418,7 @@ class LLM:
                 text, last = _collect(self._records(seq, recorders[i]))
                 choices.append(choice(i, text, last.finish_reason))
                 lasts.append(last)
-        return {**meta, "object": "text_completion", "choices": choices, "usage": _usage(*lasts)}
+        return {**meta, "object": "text_completion", "choices": choices, "usage": usage(lasts)}
 
     def __call__(self, prompt: str | Sequence[int], **kwargs):
         """`llm(prompt, max_tokens=...)`: create_completion, as llama-cpp-python's `Llama.__call__`."""
@@ -462,7 +462,7 @@ class LLM:
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                              "logprobs": recorder.chat() if recorder is not None else None,
                              "finish_reason": last.finish_reason}],
-                "usage": _usage(last)}
+                "usage": usage([last])}
 
     # ---------------------------------------------------------------- sessions
     def save_state(self, path: str | os.PathLike) -> None:
@@ -581,10 +581,6 @@ def usage(records) -> dict:
         out["completion_tokens_details"] = {"accepted_prediction_tokens": accepted,
                                             "rejected_prediction_tokens": drafted - accepted}
     return out
-
-
-def _usage(*records: GenerationResponse) -> dict:
-    return usage(records)
 
 
 def _token_ids(value, what: str, text_ok: bool = True) -> list[int]:

@@ -11,8 +11,6 @@ prints them on one line and exits 1.
 from __future__ import annotations
 
 import json
-import os
-import stat
 import warnings
 
 import click
@@ -32,13 +30,13 @@ MOST_TEXT = 256 << 20   # bytes of a -f text file: prompts and perplexity corpor
 def read_text_file(path: str) -> str:
     """The whole of a regular file of at most MOST_TEXT bytes as text (UTF-8; undecodable bytes become U+FFFD, as
     llama.cpp passes bytes through, and a warning says how many there were)."""
-    try:   # opened without blocking, so a FIFO is refused instead of waiting for a writer
-        with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise InputFileError(f"{path} is not a regular file")
-            if st.st_size > MOST_TEXT:
-                raise InputFileError(f"{path} has {st.st_size} bytes; at most {MOST_TEXT} are read as text")
+    from .fileio import open_regular
+
+    f, size = open_regular(path, InputFileError)
+    try:
+        with f:
+            if size > MOST_TEXT:
+                raise InputFileError(f"{path} has {size} bytes; at most {MOST_TEXT} are read as text")
             data = f.read(MOST_TEXT + 1)
     except OSError as e:
         raise InputFileError(f"cannot read {path}: {e.strerror or e}") from None

@@ -930,6 +930,18 @@ class GrammarMask(Stage):
             raise ValueError("the grammar allows none of the tokens the model can produce here")
 
 
+def draw_index(w: np.ndarray, rng: np.random.Generator) -> int:
+    """Inverse-CDF draw of an index with probability proportional to the non-negative weights w; one uniform."""
+    cdf = np.cumsum(w)
+    u = rng.random() * cdf[-1]
+    # side="right": the first bucket whose upper edge is strictly above u, so a zero-weight entry
+    # (flat step in the cdf) can never be drawn.
+    i = int(np.searchsorted(cdf, u, side="right"))
+    if i >= cdf.size:  # u rounded up onto the last edge
+        i = int(np.flatnonzero(w)[-1])
+    return i
+
+
 def _draw(ids: np.ndarray, cl: np.ndarray, rng: np.random.Generator) -> int:
     """Inverse-CDF draw from softmax(cl); always consumes exactly one uniform."""
     if cl.size == 1:
@@ -937,14 +949,7 @@ def _draw(ids: np.ndarray, cl: np.ndarray, rng: np.random.Generator) -> int:
         return int(ids[0])
     with np.errstate(over="ignore"):
         w = np.exp(cl - cl.max())
-    cdf = np.cumsum(w)
-    u = rng.random() * cdf[-1]
-    # side="right": the first bucket whose upper edge is strictly above u, so a zero-weight token
-    # (flat step in the cdf) can never be drawn.
-    i = int(np.searchsorted(cdf, u, side="right"))
-    if i >= cdf.size:  # u rounded up onto the last edge
-        i = int(np.flatnonzero(w)[-1])
-    return int(ids[i])
+    return int(ids[draw_index(w, rng)])
 
 
 class Mirostat:
@@ -993,8 +998,7 @@ class Mirostat:
 
     def draw(self, ids, cl, n_vocab, rng) -> int:
         kid, q = self.truncate(ids, cl, n_vocab)
-        cdf = np.cumsum(q)
-        i = min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), q.size - 1)
+        i = draw_index(q, rng)
         surprise = -math.log2(max(float(q[i]), 1e-300))
         self.pending_mu = self.mu - self.eta * (surprise - self.tau)
         return int(kid[i])

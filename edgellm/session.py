@@ -20,13 +20,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import stat
 import struct
 from pathlib import Path
 
 import numpy as np
 
 from .errors import EdgeLLMError
+from .fileio import open_regular
 
 MAGIC = b"EDGELLM-SESSION\0"
 VERSION = 3
@@ -105,16 +105,8 @@ def load_session(path: str | os.PathLike, model, blocks, n_ctx: int, reclaim=Non
     the sequence (or frees it). reclaim(): frees an idle sequence's blocks when the pool is short (False: none)."""
     pool = blocks.pool
     where = f"session {path}"
-    try:
-        # O_NONBLOCK: opening a FIFO must not wait for a writer; anything but a regular file is refused below
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except OSError as e:
-        raise SessionError(f"cannot read session {path}: {e.strerror or e}") from None
-    with os.fdopen(fd, "rb") as f:
-        size = os.fstat(f.fileno())
-        if not stat.S_ISREG(size.st_mode):
-            raise SessionError(f"{where} is not a regular file")
-        size = size.st_size
+    f, size = open_regular(path, SessionError, "session")
+    with f:
         raw = f.read(len(MAGIC) + 8)
         if len(raw) < len(MAGIC) + 8 or raw[: len(MAGIC)] != MAGIC:
             raise SessionError(f"{where}: not an edgellm session file (bad magic)")

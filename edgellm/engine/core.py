@@ -24,7 +24,7 @@ from ..kv.paged import KVPool, pool_blocks
 from ..kv_cache import physical_memory
 from . import DEFAULT_PARALLEL
 from ..sampling import SamplingParams
-from ..speculative import adaptive
+from ..speculative import adaptive, common_prefix
 from .batch import Batch
 from .scheduler import Scheduler
 from .sequence import Sequence, Status
@@ -32,7 +32,6 @@ from .sequence import Sequence, Status
 
 EXPLORE = 16   # steps without drafting after which a sequence drafts once more to measure its rate
 MARGIN = 1.25  # drafting must promise this much more than plain decoding: near break-even, noise decides
-
 
 
 class EngineCore:
@@ -52,7 +51,7 @@ class EngineCore:
         self.drafter = drafter
         self.cost = adaptive.StepCost()
         self.row_cost = 0.0
-        self.n_drafted = self.n_accepted = self.n_spec_steps = 0
+        self.n_drafted = self.n_accepted = 0
         self._spec_skip: dict[int, tuple[int, int]] = {}   # batch size -> (step to plan again, backoff)
 
     @classmethod
@@ -198,7 +197,7 @@ class EngineCore:
         room = self.scheduler.max_tokens - n_base
         if d.free:
             sized = adaptive.plan([(rates[i], most[i]) for i in auto], n_base, n_yield, self.cost, None,
-                                  self.row_cost, self.scheduler.max_tokens - n_base, margin=MARGIN)
+                                  self.row_cost, room, margin=MARGIN)
         else:   # a draft model sizes its drafts itself, token by token, from its confidence and these prices
             base = self.cost(n_base)
             rate = n_yield / base if base > 0 else 0.0
@@ -328,16 +327,10 @@ class EngineCore:
         """Keep the drafted tokens the target agrees with; the KV of the rest is cut back by the caller."""
         base = len(seq.tokens)
         kept = seq.on_draft_rows(rows, draft.tokens, draft.q)
-        n = 0
-        for a, b in zip(seq.tokens[base:], draft.tokens[:kept]):
-            if a != b:
-                break
-            n += 1
-        seq.n_computed += n
+        seq.n_computed += common_prefix(seq.tokens[base:], draft.tokens[:kept])   # an accepted EOG is not stored
         self.n_drafted += len(draft.tokens)
         self.n_accepted += kept
         self.drafter.observe(draft, kept)
-        self.n_spec_steps += 1
 
     def _shift_full(self) -> None:
         """Context shift (llama.cpp's --context-shift): a running sequence whose context is full drops the oldest

@@ -93,6 +93,16 @@ class Drafter(Protocol):
         """Free the drafter's resources (a draft model's backend and pool)."""
 
 
+def common_prefix(a, b) -> int:
+    """How many leading tokens a and b share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def grammar_prefix(matcher, tokens: list[int]) -> int:
     """How many of `tokens` the grammar allows in a row from its current state (the state is left unchanged)."""
     if matcher is None:
@@ -109,4 +119,4 @@ def grammar_prefix(matcher, tokens: list[int]) -> int:
     return n
 
 
-__all__ = ["SPEC_TYPES", "DRAFT_MAX", "MOST_DRAFT", "SpecParams", "Draft", "Drafter", "grammar_prefix"]
+__all__ = ["SPEC_TYPES", "DRAFT_MAX", "MOST_DRAFT", "SpecParams", "Draft", "Drafter", "common_prefix", "grammar_prefix"]

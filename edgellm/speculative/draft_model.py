@@ -17,8 +17,8 @@ from ..engine.batch import Batch
 from ..errors import EdgeLLMError
 from ..kv.blocks import BlockManager
 from ..kv.paged import KVPool, pool_blocks
-from ..sampling import Sampler
-from . import Draft
+from ..sampling import Sampler, draw_index
+from . import Draft, common_prefix
 from .adaptive import Acceptance, StepCost
 
 N_CONF = 10   # classes of the draft's confidence (its top token's probability, in tenths)
@@ -60,7 +60,6 @@ class DraftModel:
         self.blocks = BlockManager(self.pool, prefix_cache=True)
         self.views: dict[int, _View] = {}
         self.cost = StepCost()        # seconds per draft forward by sequences in it (the adaptive plan's price)
-        self.n_forwards = 0
         # how often a token drafted with confidence in [b/10, (b+1)/10) is accepted; the prior: a little above the
         # confidence (a quantized copy of the target agrees more often than its own probabilities say)
         self.calib = [Acceptance(min(0.95, (b + 0.5) / N_CONF + 0.1)) for b in range(N_CONF)]
@@ -196,9 +195,7 @@ class DraftModel:
             x = row[np.isfinite(row)]
             top = float(1.0 / np.exp(x - row[tok]).sum()) if x.size else 0.0
         else:
-            cdf = np.cumsum(probs)
-            j = min(int(np.searchsorted(cdf, v.sampler.rng.random() * cdf[-1], side="right")), ids.size - 1)
-            tok, top = int(ids[j]), float(probs[0])
+            tok, top = int(ids[draw_index(probs, v.sampler.rng)]), float(probs[0])
         if top < seq.spec.p_min:
             return 0, None, top, False
         return tok, (ids, probs), top, True
@@ -246,7 +243,6 @@ class DraftModel:
                                              [feeds[s][0].kv for s, _ in who])
             if timed:
                 self.cost.observe(len(who), time.perf_counter() - t0)
-            self.n_forwards += 1
             r = 0
             for s, m in who:
                 v = feeds[s][0]
@@ -266,12 +262,7 @@ class DraftModel:
         v = self.views.get(seq.id)
         if v is None:
             return
-        n = v.base
-        for a, b in zip(v.fed, seq.tokens[v.base:]):
-            if a != b:
-                break
-            n += 1
-        n = min(n, v.kv.n_past, len(seq.tokens))
+        n = min(v.base + common_prefix(v.fed, seq.tokens[v.base:]), v.kv.n_past, len(seq.tokens))
         if n < v.kv.n_past:
             n = self.blocks.truncate(v.kv, n)
         v.n, v.fed = n, []

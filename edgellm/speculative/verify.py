@@ -15,11 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-
-def _draw(ids: np.ndarray, w: np.ndarray, rng: np.random.Generator) -> int:
-    cdf = np.cumsum(w)
-    i = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
-    return int(ids[min(i, ids.size - 1)])
+from ..sampling import draw_index
 
 
 def q_of(q, token: int) -> float:
@@ -55,4 +51,4 @@ def pick(sampler, logits: np.ndarray, history, draft_token: int, q=None) -> int:
         np.maximum(residual, 0.0, out=residual)
     if not residual.sum() > 0:   # p == q up to rounding: any draw from p is exact
         residual = p.astype(np.float64)
-    return _draw(ids, residual, rng)
+    return int(ids[draw_index(residual, rng)])
