@@ -106,6 +106,9 @@ def _spec_kwargs(check_tensors, model_draft, spec_type, draft_max, draft_min, dr
         raise click.UsageError("--spec-type ngram drafts without a model: leave out -md")
     if spec_type == "draft" and not model_draft:
         raise click.UsageError("--spec-type draft needs -md FILE")
+    from .speculative import SpecParams
+
+    SpecParams(draft_max, draft_min, draft_p_min).validate()   # a NaN slips through click's ranges
     return dict(draft_model=_model_path(model_draft) if model_draft else None, speculative=spec_type,
                 draft_max=draft_max, draft_min=draft_min, draft_p_min=draft_p_min, check_tensors=check_tensors)
 

@@ -199,6 +199,7 @@ def test_run_with_speculative_decoding(smollm2_path, gemma3_path):
     for bad in (["--spec-type", "ngram", "-md", smollm2_path], ["--spec-type", "draft"], ["--draft-max", "99"]):
         p = edgellm("run", smollm2_path, "-p", "Hi", "-n", "2", *bad)
         assert p.returncode == 2 and "Traceback" not in p.stderr, (bad, p.stderr)
+    assert_one_line_error(edgellm("run", smollm2_path, "-p", "Hi", "-n", "2", "--draft-p-min", "nan"), "p_min")
 
 
 def test_ctrl_c_during_run_p_exits_130(smollm2_path):

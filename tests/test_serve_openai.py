@@ -404,6 +404,7 @@ def test_speculative_requests_match_plain_and_are_counted(spec_srv):
     metrics = httpx.get(spec_srv.url + "/metrics").text
     assert 'edgellm_draft_tokens_total{model="smollm2"}' in metrics
     assert 'edgellm_draft_acceptance_rate{model="smollm2"}' in metrics
-    for bad in ({"speculative.n_max": 999}, {"speculative.p_min": 2}, {"speculative.n_min": 9, "speculative.n_max": 2}):
+    for bad in ({"speculative.n_max": 999}, {"speculative.p_min": 2}, {"speculative.n_min": 9, "speculative.n_max": 2},
+                {"speculative.n_max": True}, {"speculative.n_max": "4"}, {"speculative.p_min": -1}):
         with pytest.raises(openai.BadRequestError):
             c.chat.completions.create(model="smollm2", messages=msgs, max_tokens=4, extra_body=bad)

@@ -92,9 +92,9 @@ class _Sampling(_Base):
     json_schema: Union[dict, bool, None] = None
     ignore_eos: bool = False
     # llama-server's speculative decoding settings (with a draft model or --spec-type ngram); n_max 0: off
-    spec_n_max: int | None = Field(None, alias="speculative.n_max", ge=0, le=64)
-    spec_n_min: int | None = Field(None, alias="speculative.n_min", ge=0, le=64)
-    spec_p_min: float | None = Field(None, alias="speculative.p_min", ge=0, le=1)
+    spec_n_max: int | None = Field(None, alias="speculative.n_max", ge=0, le=64, strict=True)
+    spec_n_min: int | None = Field(None, alias="speculative.n_min", ge=0, le=64, strict=True)
+    spec_p_min: float | None = Field(None, alias="speculative.p_min", ge=0, le=1, strict=True)
 
 
 class ContentPart(_Base):
