@@ -26,6 +26,8 @@ import pytest
 
 from conftest import Forced
 
+from edgellm.speculative import common_prefix
+
 NOTES = ("The committee met on Tuesday to review the budget for the new library wing. Maria said the heating "
          "costs had doubled. The architect presented two designs, one with large windows and one with a garden "
          "courtyard, and most people preferred the courtyard. ")
@@ -39,15 +41,6 @@ def longest_token_run(tokens) -> int:
         prev = t
         best = max(best, run)
     return best
-
-
-def common_prefix(a, b) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 @pytest.fixture(scope="module")
