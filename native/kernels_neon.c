@@ -7,7 +7,8 @@
  * 4 tokens' activations (the prefill reuse); per block one int dot -> one float multiply-add into 4 lanes,
  * (K-quants: per 32-element sub-block one int dot and one scalar multiply-add with its own scale),
  * one horizontal sum per row and token at the end. A 4-row interleave (like the AVX2 x8 one, sized for sdot's
- * 4-byte lanes) is the next step for speed. Q5_0/Q5_1, dequantize and RoPE use the generic kernels. */
+ * 4-byte lanes) is the next step for speed. Every weight type the x86 tables accelerate has a NEON GEMM here;
+ * dequantize and RoPE use the generic kernels. */
 #if defined(__aarch64__)
 #include <arm_neon.h>
 #include <math.h>
@@ -26,34 +27,50 @@ __attribute__((target("arch=armv8.2-a+dotprod"))) INLINE int32x4_t dot16_sdot(in
     return vdotq_s32(acc, a, b);
 }
 
-/* kind: 0 Q4_0, 1 Q4_1, 2 Q8_0. One row r, tokens [t0, t0 + NT). */
+/* Q5_0/Q5_1's fifth bits: bit j of the little-endian u32 qh belongs to element j. Each of a half's two qh bytes is
+ * broadcast over 8 lanes and tested against 1, 2, 4 .. 128 (vtst: 0xff where set), giving 0x10 per set bit. */
+INLINE uint8x16_t q5_high(const uint8_t *qh2) {
+    static const uint8_t bit[16] = { 1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128 };
+    const uint8x16_t v = vcombine_u8(vdup_n_u8(qh2[0]), vdup_n_u8(qh2[1]));
+    return vandq_u8(vtstq_u8(v, vld1q_u8(bit)), vdupq_n_u8(0x10));
+}
+
+/* kind: 0 Q4_0, 1 Q4_1, 2 Q8_0, 3 Q5_0, 4 Q5_1. One row r, tokens [t0, t0 + NT). The quants enter the integer dot
+ * unsigned (0..15, 0..31) or as stored (Q8_0); Q4_0's -8, Q5_0's -16 and the mins go through the activations'
+ * d*sum(q) (block_q8a.s), one multiply per block and token. */
 #define ROW_KERNEL(NAME, DOT, ATTR)                                                                          \
     ATTR static void NAME(int kind, const uint8_t *row, int nb, const uint8_t *x, size_t x_stride, int NT,      \
                           float *y, size_t y_stride) {                                                        \
         float32x4_t acc[4] = { vdupq_n_f32(0), vdupq_n_f32(0), vdupq_n_f32(0), vdupq_n_f32(0) };              \
         float extra[4] = { 0, 0, 0, 0 };                                                                      \
-        const size_t bsize = kind == 0 ? sizeof(block_q4_0) : kind == 1 ? sizeof(block_q4_1) : sizeof(block_q8_0); \
+        const size_t bsize = kind == 0 ? sizeof(block_q4_0) : kind == 1 ? sizeof(block_q4_1)                   \
+                           : kind == 2 ? sizeof(block_q8_0) : kind == 3 ? sizeof(block_q5_0) : sizeof(block_q5_1); \
+        const int has_min = kind == 1 || kind == 4;                                                           \
         for (int b = 0; b < nb; b++) {                                                                        \
             const uint8_t *blk = row + b * bsize;                                                             \
             el_half dh, mh = 0;                                                                               \
             memcpy(&dh, blk, 2);                                                                              \
-            if (kind == 1) memcpy(&mh, blk + 2, 2);                                                           \
-            const float d = el_half_to_float(dh), mn = kind == 1 ? el_half_to_float(mh) : 0.0f;               \
+            if (has_min) memcpy(&mh, blk + 2, 2);                                                             \
+            const float d = el_half_to_float(dh), mn = has_min ? el_half_to_float(mh) : 0.0f;                 \
             int8x16_t w0, w1;                                                                                 \
             if (kind == 2) {                                                                                  \
                 w0 = vld1q_s8((const int8_t *)blk + 2);                                                       \
                 w1 = vld1q_s8((const int8_t *)blk + 18);                                                      \
-            } else {   /* nibbles 0..15 as int8: the -8 / min go through the activation sums */              \
-                const uint8x16_t q = vld1q_u8(blk + (kind == 1 ? 4 : 2));                                     \
-                w0 = vreinterpretq_s8_u8(vandq_u8(q, vdupq_n_u8(0x0f)));                                      \
-                w1 = vreinterpretq_s8_u8(vshrq_n_u8(q, 4));                                                   \
+            } else {   /* nibbles 0..15 (Q5: | 0x10 from qh) as int8 */                                      \
+                const uint8_t *qh = blk + 2 + 2 * has_min;   /* Q5 only */                                    \
+                const uint8x16_t q = vld1q_u8(blk + 2 + 2 * has_min + (kind >= 3 ? 4 : 0));                   \
+                uint8x16_t lo = vandq_u8(q, vdupq_n_u8(0x0f)), hi = vshrq_n_u8(q, 4);                         \
+                if (kind >= 3) { lo = vorrq_u8(lo, q5_high(qh)); hi = vorrq_u8(hi, q5_high(qh + 2)); }        \
+                w0 = vreinterpretq_s8_u8(lo);                                                                 \
+                w1 = vreinterpretq_s8_u8(hi);                                                                 \
             }                                                                                                 \
             for (int t = 0; t < NT; t++) {                                                                    \
                 const block_q8a *a = (const block_q8a *)(x + t * x_stride) + b;                               \
                 const int32x4_t p = DOT(DOT(vdupq_n_s32(0), w0, vld1q_s8(a->qs)), w1, vld1q_s8(a->qs + 16));  \
                 acc[t] = vfmaq_n_f32(acc[t], vcvtq_f32_s32(p), d * a->d);                                     \
                 if (kind == 0) extra[t] -= 8.0f * d * a->s;                                                   \
-                else if (kind == 1) extra[t] += mn * a->s;                                                    \
+                else if (kind == 3) extra[t] -= 16.0f * d * a->s;                                             \
+                else if (has_min) extra[t] += mn * a->s;                                                      \
             }                                                                                                 \
         }                                                                                                     \
         for (int t = 0; t < NT; t++) y[t * y_stride] = vaddvq_f32(acc[t]) + extra[t];                       \
@@ -75,9 +92,13 @@ ROW_KERNEL(row_sdot, dot16_sdot, __attribute__((target("arch=armv8.2-a+dotprod")
 GEMM(gemm_q4_0_plain, row_plain, 0, block_q4_0, )
 GEMM(gemm_q4_1_plain, row_plain, 1, block_q4_1, )
 GEMM(gemm_q8_0_plain, row_plain, 2, block_q8_0, )
+GEMM(gemm_q5_0_plain, row_plain, 3, block_q5_0, )
+GEMM(gemm_q5_1_plain, row_plain, 4, block_q5_1, )
 GEMM(gemm_q4_0_sdot, row_sdot, 0, block_q4_0, __attribute__((target("arch=armv8.2-a+dotprod"))))
 GEMM(gemm_q4_1_sdot, row_sdot, 1, block_q4_1, __attribute__((target("arch=armv8.2-a+dotprod"))))
 GEMM(gemm_q8_0_sdot, row_sdot, 2, block_q8_0, __attribute__((target("arch=armv8.2-a+dotprod"))))
+GEMM(gemm_q5_0_sdot, row_sdot, 3, block_q5_0, __attribute__((target("arch=armv8.2-a+dotprod"))))
+GEMM(gemm_q5_1_sdot, row_sdot, 4, block_q5_1, __attribute__((target("arch=armv8.2-a+dotprod"))))
 
 /* ---- K-quants (GGUF layout): a super-block is unpacked once into 16 vectors of 16 quants (Q6_K already minus
  * 32, signed), then each token's 8 q8a blocks are dotted sub-block by sub-block; a sub-block's integer sum takes
@@ -372,6 +393,8 @@ void el_fill_neon(el_kernels *k, int dotprod) {
     k->types[EL_TI_Q4_0].gemm = dotprod ? gemm_q4_0_sdot : gemm_q4_0_plain;
     k->types[EL_TI_Q4_1].gemm = dotprod ? gemm_q4_1_sdot : gemm_q4_1_plain;
     k->types[EL_TI_Q8_0].gemm = dotprod ? gemm_q8_0_sdot : gemm_q8_0_plain;
+    k->types[EL_TI_Q5_0].gemm = dotprod ? gemm_q5_0_sdot : gemm_q5_0_plain;
+    k->types[EL_TI_Q5_1].gemm = dotprod ? gemm_q5_1_sdot : gemm_q5_1_plain;
     k->types[EL_TI_Q4_K].gemm = dotprod ? gemm_q4_k_sdot : gemm_q4_k_plain;
     k->types[EL_TI_Q5_K].gemm = dotprod ? gemm_q5_k_sdot : gemm_q5_k_plain;
     k->types[EL_TI_Q6_K].gemm = dotprod ? gemm_q6_k_sdot : gemm_q6_k_plain;

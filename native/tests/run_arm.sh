@@ -83,8 +83,11 @@ for cpu in cortex-a72 cortex-a76; do
     fi
 
     # 5. the NEON tables in detail: repack bounds, row splits, extreme quants, bit-exact q8a, each ISA forced
+    #    and every weight type has its own NEON GEMM (none left on the plain-C one)
     for isa in $isas; do
-        run "$cpu" "$out/test_neon_extra" --isa "$isa" --expect-isa "$isa" || fail "$cpu: test_neon_extra --isa $isa"
+        xlog=$(run "$cpu" "$out/test_neon_extra" --isa "$isa" --expect-isa "$isa") || fail "$cpu: test_neon_extra --isa $isa"
+        echo "$xlog"
+        echo "$xlog" | grep '^worst gemm' | grep -q '(generic)' && fail "$cpu: $isa runs a weight type on the generic GEMM"
     done
 done
 
