@@ -63,6 +63,7 @@ __all__ = [
     "TensorPlan",
     "plan_tensors",
     "quantize_model",
+    "write_model",
 ]
 
 T = GGMLType
@@ -353,8 +354,8 @@ def _fast_writer_class(gguf):
     return FastGGUFWriter
 
 
-def _metadata_writer(gf: GGUFFile, tmp: Path, q: QuantType, gguf):
-    """A GGUFWriter with the input's metadata, general.file_type and quantization version updated."""
+def _metadata_writer(gf: GGUFFile, tmp: Path, file_type: int | None, gguf):
+    """A GGUFWriter with the input's metadata, general.file_type (unless None) and quantization version updated."""
     G = gguf.GGUFValueType
     arch = str(gf.metadata.get("general.architecture", ""))
     if not arch:
@@ -363,7 +364,9 @@ def _metadata_writer(gf: GGUFFile, tmp: Path, q: QuantType, gguf):
     if "general.alignment" in gf.metadata:
         writer.data_alignment = int(gf.metadata["general.alignment"])
     # llama.cpp sets these two whatever the input said; they keep their place when present.
-    updates = {"general.file_type": q.ftype, "general.quantization_version": 2}   # 2 = GGML_QNT_VERSION
+    updates = {"general.quantization_version": 2}   # 2 = GGML_QNT_VERSION
+    if file_type is not None:
+        updates["general.file_type"] = file_type
     for key, value in gf.metadata.items():
         if key == "general.architecture":
             continue                                     # the writer adds it itself
@@ -394,7 +397,7 @@ def quantize_model(in_path: str | os.PathLike, out_path: str | os.PathLike, qtyp
     never touched and no partial output is left behind.
     """
     try:
-        import gguf
+        import gguf  # noqa: F401  (write_model's writer; checked before any work)
     except ImportError:  # a dependency of edgellm; only a broken install gets here
         raise QuantizeError("the 'gguf' package is needed to write GGUF files") from None
     q = _quant_type(qtype)
@@ -413,33 +416,49 @@ def quantize_model(in_path: str | os.PathLike, out_path: str | os.PathLike, qtyp
     try:
         plans = plan_tensors(gf, q.name)
         _check(gf, plans, allow_requantize)
-        tmp = out_path.with_name(out_path.name + ".part")
-        try:
-            writer = _metadata_writer(gf, tmp, q, gguf)
-            for p in plans:
-                writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes,
-                                       raw_dtype=gguf.GGMLQuantizationType(int(p.dst_type)))
-            writer.write_header_to_file(tmp)
-        except OSError as e:
-            raise QuantizeError(f"cannot write {tmp}: {e.strerror or e}") from None
-        try:
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-            encoder = _write_tensors(gf, plans, writer, n_threads, progress)
-            writer.close()
-            os.replace(tmp, out_path)
-        except BaseException as e:
-            writer.close()
-            tmp.unlink(missing_ok=True)
-            if isinstance(e, OSError):
-                raise QuantizeError(f"cannot write {tmp}: {e.strerror or e}") from None
-            raise
+        encoder = write_model(gf, plans, out_path, file_type=q.ftype, n_threads=n_threads, progress=progress)
     finally:
         gf.close()
     counts = Counter(p.dst_type.name for p in plans)
     return QuantizeResult(out_path, q.name, plans, time.perf_counter() - t0,
                           in_bytes=sum(gf.tensors[p.name].nbytes for p in plans),
                           out_bytes=sum(p.nbytes for p in plans), type_counts=dict(counts), encoder=encoder)
+
+
+def write_model(gf, plans: list[TensorPlan], out_path: str | os.PathLike, *, file_type: int | None,
+                n_threads: int, progress: bool | None, desc: str = "quantize") -> str:
+    """Write `out_path`: `gf`'s metadata (general.file_type set to `file_type` unless None) and the tensors of
+    `plans`, each read as `gf.tensor_data(name)` in its src_type and encoded as its dst_type.
+
+    `gf` is a GGUFFile or anything with the same `path`, `metadata`, `metadata_types`, `tensors` and
+    `tensor_data` (edgellm.prune hands in a pruned view of one). The file is written as OUT.part and renamed at
+    the end: a failure leaves no partial output. Returns the encoder that ran ("native" or "numpy").
+    """
+    import gguf
+
+    out_path = Path(out_path)
+    tmp = out_path.with_name(out_path.name + ".part")
+    try:
+        writer = _metadata_writer(gf, tmp, file_type, gguf)
+        for p in plans:
+            writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes,
+                                   raw_dtype=gguf.GGMLQuantizationType(int(p.dst_type)))
+        writer.write_header_to_file(tmp)
+    except OSError as e:
+        raise QuantizeError(f"cannot write {tmp}: {e.strerror or e}") from None
+    try:
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        encoder = _write_tensors(gf, plans, writer, n_threads, (progress, desc))
+        writer.close()
+        os.replace(tmp, out_path)
+    except BaseException as e:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise QuantizeError(f"cannot write {tmp}: {e.strerror or e}") from None
+        raise
+    return encoder
 
 
 def _native():
@@ -599,10 +618,13 @@ def _write_tensors_numpy(gf: GGUFFile, plans: list[TensorPlan], writer, n_thread
 
 
 def _bar(plans: list[TensorPlan], progress):
+    """A tqdm bar over the plans' elements, or None. progress: None (when stderr is a terminal), a bool, or
+    (either of those, the bar's label)."""
+    progress, desc = progress if isinstance(progress, tuple) else (progress, "quantize")
     show = sys.stderr.isatty() if progress is None else bool(progress)
     if not show:
         return None
     from tqdm import tqdm
 
     total = sum(int(np.prod(p.shape, dtype=np.int64)) for p in plans)
-    return tqdm(total=total, unit="w", unit_scale=True, desc="quantize", file=sys.stderr)
+    return tqdm(total=total, unit="w", unit_scale=True, desc=desc, file=sys.stderr)
