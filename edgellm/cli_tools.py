@@ -1,10 +1,11 @@
-"""The `convert`, `quantize` and `perplexity` commands, added to the `edgellm` click group by `register(cli)`.
+"""The `convert`, `quantize`, `prune` and `perplexity` commands, added to the `edgellm` click group by `register(cli)`.
 
     edgellm convert HF_DIR -o OUT.gguf [--outtype f32|f16|bf16|q8_0]
     edgellm quantize IN.gguf OUT.gguf TYPE [--allow-requantize] [-t THREADS]
+    edgellm prune IN.gguf OUT.gguf [--drop-layers K | --layers 3,7] [--ffn-keep 0.75] [-f CALIB.txt] [--type T]
     edgellm perplexity MODEL -f FILE [-c 256] [-t THREADS] [--backend auto] [--json]
 
-Errors are EdgeLLMError subclasses (ConvertError, QuantizeError, PerplexityError, ModelError, ...) so that `edgellm.cli.main`
+Errors are EdgeLLMError subclasses (ConvertError, QuantizeError, PruneError, PerplexityError, ModelError, ...) so that `edgellm.cli.main`
 prints them on one line and exits 1.
 """
 
@@ -56,8 +57,18 @@ def read_text_file(path: str) -> str:
 QUANTIZE_TYPES = ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "Q4_K_M", "Q5_K_M"]
 
 
+def _layer_list(ctx, param, value):
+    """--layers "3,7" -> [3, 7]; a usage error for anything but comma-separated layer numbers."""
+    if value is None:
+        return None
+    items = [v.strip() for v in value.split(",")]
+    if not items or not all(v.isdigit() and v.isascii() for v in items):
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of layer numbers (e.g. 3,7)")
+    return [int(v) for v in items]
+
+
 def register(cli: click.Group) -> None:
-    """Add the `convert`, `quantize` and `perplexity` commands to `cli`."""
+    """Add the `convert`, `quantize`, `prune` and `perplexity` commands to `cli`."""
 
     @cli.command()
     @click.argument("hf_dir", type=click.Path(file_okay=False, dir_okay=True))
@@ -92,6 +103,57 @@ def register(cli: click.Group) -> None:
         types = ", ".join(f"{n} {t}" for t, n in sorted(res.type_counts.items()))
         click.echo(f"{res.in_bytes / 2**20:.1f} MiB -> {res.out_bytes / 2**20:.1f} MiB in {res.seconds:.1f} s "
                    f"({types}; {res.encoder} encoders)", err=True)
+        click.echo(str(res.path))
+
+    @cli.command()
+    @click.argument("input_path", metavar="IN.gguf", type=click.Path(dir_okay=False))
+    @click.argument("output_path", metavar="OUT.gguf", type=click.Path(dir_okay=False))
+    @click.option("--drop-layers", "drop_layers", type=click.IntRange(min=1), default=None,
+                  help="Drop this many layers: those that change the residual stream least on the calibration text.")
+    @click.option("--layers", "layers", metavar="3,7", callback=_layer_list, default=None,
+                  help="Drop these layers (numbers from 0, comma-separated), as llama-quantize's --prune-layers.")
+    @click.option("--ffn-keep", "ffn_keep", type=click.FloatRange(0, 1, min_open=True), default=1.0,
+                  show_default=True, help="Fraction of FFN channels each layer keeps, in (0, 1] (rounded to whole "
+                  "blocks of ffn_down's type: 32, or 256 for K-quants).")
+    @click.option("-f", "--file", "calib_file", type=click.Path(dir_okay=False), default=None,
+                  help="Calibration text (UTF-8) that the layers and channels are chosen on; not the text you "
+                  "evaluate on.")
+    @click.option("-c", "--ctx-size", "n_ctx", type=click.IntRange(min=8), default=256, show_default=True,
+                  help="Tokens per calibration chunk.")
+    @click.option("--chunks", "n_chunks", type=click.IntRange(min=1), default=16, show_default=True,
+                  help="Calibration chunks, spread over the text.")
+    @click.option("--type", "qtype", type=click.Choice(QUANTIZE_TYPES, case_sensitive=False), default=None,
+                  help="Encode the weights in this type, as `edgellm quantize` does (default: each tensor keeps "
+                  "its input type).")
+    @click.option("--refit", is_flag=True, help="Refit each ffn_down to the kept channels by least squares on the "
+                  "calibration text (better on text like it, can be worse on other text).")
+    @click.option("-t", "--threads", "n_threads", type=click.IntRange(min=1), default=None,
+                  help="Encoder threads (default: all CPUs).")
+    def prune(input_path, output_path, drop_layers, layers, ffn_keep, calib_file, n_ctx, n_chunks, qtype, refit,
+              n_threads):
+        """Write a smaller, faster GGUF: fewer layers and/or narrower FFN blocks, chosen on calibration text.
+
+        Layers are scored by block influence (ShortGPT: 1 - cosine of a block's input and output), FFN channels
+        by activation x ffn_down column norms (Wanda-style). The output loads in edgellm and llama.cpp.
+        """
+        if drop_layers is not None and layers is not None:
+            raise click.UsageError("give --drop-layers K or --layers LIST, not both")
+        if drop_layers is None and layers is None and ffn_keep == 1.0:
+            raise click.UsageError("nothing to prune: give --drop-layers K, --layers LIST or --ffn-keep below 1")
+        if calib_file is None and (drop_layers is not None or ffn_keep < 1.0):
+            raise click.UsageError("--drop-layers and --ffn-keep choose on calibration text: give -f CALIB.txt")
+        from .prune import prune_model
+
+        text = read_text_file(calib_file) if calib_file is not None else None
+        res = prune_model(input_path, output_path, drop_layers=drop_layers, layers=layers, ffn_keep=ffn_keep,
+                          calib_text=text, qtype=qtype, refit=refit, n_ctx=n_ctx, n_chunks=n_chunks,
+                          n_threads=n_threads, progress=None)   # tqdm on stderr when a terminal
+        parts = [f"layers {res.n_layer_in} -> {res.n_layer_out}" + (f" (dropped {res.dropped})" if res.dropped else ""),
+                 f"FFN {res.n_ff_in} -> {res.n_ff_out}"]
+        if res.calib_tokens:
+            parts.append(f"scored on {res.calib_tokens} tokens")
+        click.echo(f"{'; '.join(parts)}; {res.in_bytes / 2**20:.1f} MiB -> {res.out_bytes / 2**20:.1f} MiB "
+                   f"in {res.seconds:.1f} s", err=True)
         click.echo(str(res.path))
 
     @cli.command()
