@@ -58,6 +58,8 @@ class LLM:
         draft_min: int = 0,
         draft_p_min: float = 0.0,
         check_tensors: bool = False,
+        use_mmap: bool = True,
+        use_mlock: bool = False,
     ):
         """n_ctx: the context of one sequence in tokens; None: the model's training context, capped so that one
         sequence's KV cache fits `kv_budget` (bytes or "512MiB"; default $EDGELLM_KV_BUDGET, else min(1 GiB, 1/8 of
@@ -71,9 +73,12 @@ class LLM:
         lookup); draft_max / draft_min / draft_p_min: llama.cpp's --draft-max / --draft-min / --draft-p-min. Each step
         drafts only as far as it pays; requests may pass speculative={"n_max": ..} or speculative=False.
         check_tensors: check at load that every tensor's data is valid for its type (a ModelError names the first
-        that is not)."""
+        that is not).
+        use_mmap: map the model file (default; pages the backend copies are given back); False reads it into memory
+        (llama.cpp's --no-mmap). use_mlock: keep the weights in RAM, never swapped out (--mlock; a warning when the
+        kernel refuses, as llama.cpp's)."""
         path = resolve_model(str(model))
-        self.model = Model(path)
+        self.model = Model(path, use_mmap=use_mmap)
         try:
             if check_tensors:   # llama.cpp's --check-tensors: every float of the data finite
                 self.model.gguf.check_tensors()
@@ -104,6 +109,8 @@ class LLM:
                 raise EdgeLLMError(f"--keep {n_keep} must be at least 0 and less than half the context ({self.n_ctx})")
             pool_budget = self.context_info["budget"] if self.context_info["budget"] is not None else memory_budget()[0]
             self.backend = create_backend(self.model, backend, n_threads, n_batch=n_batch)
+            if use_mlock:
+                self._lock_weights()
             try:
                 self.core = EngineCore.for_model(self.model, self.backend, self.n_ctx, cache_type=cache_type,
                                                  cache_type_v=cache_type_v, budget=pool_budget, swa_full=swa_full,
@@ -129,6 +136,15 @@ class LLM:
         self.context_shift = context_shift
         self.cache_type = pool.type_k if pool.type_k == pool.type_v else f"{pool.type_k}/{pool.type_v}"
         self.tokenizer = self.model.tokenizer
+
+    def _lock_weights(self) -> None:
+        """--mlock: the bytes the backend reads (the native core's own list), else the whole mapped file."""
+        lock = getattr(self.backend, "lock_weights", None) or self.model.gguf.lock
+        try:
+            lock()
+        except OSError as e:
+            warnings.warn(f"--mlock: the kernel refused to lock the weights ({e.strerror}); raise the limit "
+                          f"(`ulimit -l`, or LimitMEMLOCK= in a systemd unit) or run without --mlock", stacklevel=3)
 
     def _drafter(self, draft_model, speculative, n_max, n_min, p_min, backend, n_threads, n_batch, cache_type):
         """The engine's drafter and the requests' default SpecParams (None: no speculation)."""
@@ -522,10 +538,10 @@ class Llama(LLM):
 
     n_ctx 0 takes the model's own context (capped by the KV budget, as LLM's None does). chat_format: None (the
     model's template), "chatml" or "gemma". n_gpu_layers: this build runs every layer on the CPU (a warning says so
-    when layers are asked for). use_mmap / use_mlock / n_ubatch / logits_all / embedding are accepted for
-    compatibility: weights are always memory-mapped, logits() always gives every row, embed() always works."""
+    when layers are asked for). use_mmap / use_mlock are LLM's. n_ubatch / logits_all / embedding are accepted for
+    compatibility: logits() always gives every row, embed() always works."""
 
-    _COMPAT = ("use_mmap", "use_mlock", "n_ubatch", "logits_all", "embedding", "numa", "offload_kqv", "flash_attn")
+    _COMPAT = ("n_ubatch", "logits_all", "embedding", "numa", "offload_kqv", "flash_attn")
 
     def __init__(self, model_path: str | os.PathLike, *, n_ctx: int = 512, n_threads: int | None = None,
                  n_batch: int = 512, n_gpu_layers: int = 0, seed: int | None = None, chat_format: str | None = None,

@@ -79,10 +79,16 @@ def _slash_command(line: str, llm, messages: list, knobs: dict, limits: dict, sy
 
 
 def _spec_options(f):
-    """llama.cpp's speculative decoding flags (and --check-tensors), shared by run and serve."""
+    """llama.cpp's speculative decoding flags (and the loading ones: --check-tensors, --no-mmap, --mlock), shared
+    by run and serve."""
     opts = [
         click.option("--check-tensors", is_flag=True,
                      help="Check at load that every tensor's data is valid for its type (llama.cpp's flag)."),
+        click.option("--no-mmap", is_flag=True,
+                     help="Read the model into memory instead of mapping it (llama.cpp's flag: slower load, no page "
+                          "faults on the file later)."),
+        click.option("--mlock", is_flag=True,
+                     help="Keep the weights in RAM, never swapped out (llama.cpp's flag; needs `ulimit -l`)."),
         click.option("-md", "--model-draft", "model_draft", default=None, metavar="FILE",
                      help="A smaller model with the same vocabulary drafts tokens the model checks in one forward."),
         click.option("--spec-type", type=click.Choice(["none", "draft", "ngram"]), default=None,
@@ -101,7 +107,8 @@ def _spec_options(f):
     return f
 
 
-def _spec_kwargs(check_tensors, model_draft, spec_type, draft_max, draft_min, draft_p_min) -> dict:
+def _spec_kwargs(check_tensors, model_draft, spec_type, draft_max, draft_min, draft_p_min, no_mmap=False,
+                 mlock=False) -> dict:
     if spec_type == "ngram" and model_draft:
         raise click.UsageError("--spec-type ngram drafts without a model: leave out -md")
     if spec_type == "draft" and not model_draft:
@@ -110,7 +117,8 @@ def _spec_kwargs(check_tensors, model_draft, spec_type, draft_max, draft_min, dr
 
     SpecParams(draft_max, draft_min, draft_p_min).validate()   # a NaN slips through click's ranges
     return dict(draft_model=_model_path(model_draft) if model_draft else None, speculative=spec_type,
-                draft_max=draft_max, draft_min=draft_min, draft_p_min=draft_p_min, check_tensors=check_tensors)
+                draft_max=draft_max, draft_min=draft_min, draft_p_min=draft_p_min, check_tensors=check_tensors,
+                use_mmap=not no_mmap, use_mlock=mlock)
 
 
 def _logit_bias(items) -> dict[int, float]:
@@ -336,7 +344,7 @@ def run(model, question, prompt, prompt_file, n_predict, temp, top_k, top_p, min
         dry_multiplier, dry_base, dry_allowed_length, dry_penalty_last_n, mirostat, mirostat_eta, mirostat_tau,
         samplers, logit_bias, ignore_eos, grammar, grammar_file, json_schema, seed, n_ctx, cache_type_k, cache_type_v, swa_full,
         kv_budget, n_threads, backend, context_shift, n_keep, streaming, prompt_cache, chat_prompt, raw, system,
-        verbose, check_tensors, model_draft, spec_type, draft_max, draft_min, draft_p_min):
+        verbose, check_tensors, no_mmap, mlock, model_draft, spec_type, draft_max, draft_min, draft_p_min):
     """Run MODEL: answer QUESTION as a chat turn (as `ollama run MODEL "..."`), continue -p's text (as llama.cpp's
     -p does; --chat sends it through the chat template), or chat interactively without either.
 
@@ -360,7 +368,7 @@ def run(model, question, prompt, prompt_file, n_predict, temp, top_k, top_p, min
     llm = LLM(_model_path(model), n_ctx=n_ctx, n_threads=n_threads, seed=seed, backend=backend,
               context_shift=context_shift or streaming, n_keep=n_keep, cache_type=cache_type_k,
               cache_type_v=cache_type_v, swa_full=swa_full, kv_budget=kv_budget,
-              **_spec_kwargs(check_tensors, model_draft, spec_type, draft_max, draft_min, draft_p_min))
+              **_spec_kwargs(check_tensors, model_draft, spec_type, draft_max, draft_min, draft_p_min, no_mmap, mlock))
     if verbose:
         be = llm.backend
         click.echo(f"loaded {llm.model.name} in {time.perf_counter() - t0:.2f} s; backend {be.name} "
@@ -536,7 +544,7 @@ def bench(model, n_prompt, n_gen, n_threads, reps, backend, as_json):
 def serve(models, host, port, n_threads, n_ctx, n_parallel, n_batch, cache_type_k, cache_type_v, kv_budget,
           no_prefix_cache, backend, temp, top_k, top_p, min_p, repeat_penalty, api_key_file, cors_origins,
           rate_limit, token_limit, max_queue, max_tokens, max_body, request_timeout, log_format, log_level,
-          check_tensors, model_draft, spec_type, draft_max, draft_min, draft_p_min):
+          check_tensors, no_mmap, mlock, model_draft, spec_type, draft_max, draft_min, draft_p_min):
     """Serve MODELS over an OpenAI-compatible HTTP API (and a chat page at /).
 
     A request's "model" picks one by its name here or its file's stem. Keys from --api-key-file or
@@ -552,7 +560,8 @@ def serve(models, host, port, n_threads, n_ctx, n_parallel, n_batch, cache_type_
     log = setup_logging(log_format, log_level)
     llm_kwargs = dict(n_ctx=n_ctx, n_threads=n_threads, backend=backend, cache_type=cache_type_k,
                       cache_type_v=cache_type_v, kv_budget=kv_budget, prefix_cache=not no_prefix_cache,
-                      **_spec_kwargs(check_tensors, model_draft, spec_type, draft_max, draft_min, draft_p_min))
+                      **_spec_kwargs(check_tensors, model_draft, spec_type, draft_max, draft_min, draft_p_min, no_mmap,
+                                     mlock))
     if n_parallel is not None:
         llm_kwargs["n_parallel"] = n_parallel
     if n_batch is not None:

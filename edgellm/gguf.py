@@ -181,6 +181,21 @@ class _Reader:
         return raw.decode("utf-8", "surrogateescape")
 
 
+def _read_all(fd: int, size: int, path: Path) -> mmap.mmap:
+    """The file's bytes in an anonymous mapping (page-aligned like a file mapping), read in 64 MiB pieces."""
+    mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    view, done = memoryview(mm), 0
+    try:
+        while done < size:
+            n = os.readv(fd, [view[done:min(size, done + (64 << 20))]])
+            if n <= 0:
+                raise GGUFError(f"{path}: file shrank while reading ({done} of {size} bytes)")
+            done += n
+    finally:
+        view.release()
+    return mm
+
+
 class GGUFFile:
     """A GGUF v2/v3 file, memory-mapped read-only and fully validated on open.
 
@@ -191,10 +206,14 @@ class GGUFFile:
     Tensor views from `tensor_data` share the mapping; `close()` unmaps at once when no view is
     alive, otherwise the mapping lives on until the last view is garbage collected (it can never
     be pulled from under a live array).
+
+    use_mmap=False (llama.cpp's --no-mmap) reads the file into anonymous memory instead: the same
+    views, no page faults on the file later, all of it resident from the start.
     """
 
-    def __init__(self, path: str | os.PathLike[str]):
+    def __init__(self, path: str | os.PathLike[str], use_mmap: bool = True):
         self.path = Path(path)
+        self.use_mmap = bool(use_mmap)
         self.file_size = 0
         self.version = 0
         self.alignment = DEFAULT_ALIGNMENT
@@ -203,6 +222,7 @@ class GGUFFile:
         self.metadata_types: dict[str, int | tuple[int, int]] = {}
         self.tensors: dict[str, TensorInfo] = {}
         self._mm: mmap.mmap | None = None
+        self._released: set[str] = set()   # tensors given back to the kernel (use_mmap=False: now zeros)
 
         # Opening errors (missing file, permission) stay OSError: the file is not malformed.
         # os.open rather than open(): a directory opens too, and gets a GGUFError below.
@@ -214,12 +234,19 @@ class GGUFFile:
             self.file_size = st.st_size
             if self.file_size == 0:
                 raise GGUFError(f"{self.path}: empty file, not a GGUF file")
-            # mmap keeps its own duplicate of the descriptor, so ours can close right away.
-            self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            if self.use_mmap:
+                # mmap keeps its own duplicate of the descriptor, so ours can close right away.
+                self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            else:
+                self._mm = _read_all(fd, self.file_size, self.path)
         finally:
             os.close(fd)
         try:
             self._parse()
+            if self.use_mmap:   # the metadata now lives in Python objects: its pages (6 MB of Gemma 3's vocabulary) go
+                from edgellm.memory import release
+
+                release(self._mm, 0, self.data_offset)
         except GGUFError:
             self.close()
             raise
@@ -439,7 +466,32 @@ class GGUFFile:
             raise ModelError(f"{self.path}: no tensor named {name!r}")
         if self._mm is None:
             raise GGUFError(f"{self.path}: file is closed")
+        if name in self._released:
+            raise ModelError(f"{self.path}: tensor {name!r} was given back after a backend copied it "
+                             f"(use_mmap=False); open the file again to read it")
         return np.frombuffer(self._mm, dtype=np.uint8, count=info.nbytes, offset=info.offset)
+
+    def release(self, name: str) -> int:
+        """Give the tensor's whole pages back to the kernel once a backend has copied what it needs (a repacked
+        matrix): with mmap they are read from the file again if touched, without (use_mmap=False) they become
+        zeros, so only a tensor nothing reads again may be released. Returns the bytes released."""
+        from edgellm.memory import release
+
+        info = self.tensors.get(name)
+        if info is None or self._mm is None:
+            return 0
+        if not self.use_mmap:
+            self._released.add(name)
+        return release(self._mm, info.offset, info.nbytes)
+
+    def lock(self) -> None:
+        """mlock the whole file's bytes (--mlock for backends that read the mapping); OSError when refused."""
+        from edgellm.memory import lock
+
+        if self._mm is None:
+            raise GGUFError(f"{self.path}: file is closed")
+        view = np.frombuffer(self._mm, dtype=np.uint8)
+        lock(view.ctypes.data, view.nbytes)
 
     def check_tensors(self) -> None:
         """llama.cpp's --check-tensors: every float in the data (F32/F16/BF16 elements, the half-precision scales and

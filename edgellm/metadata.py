@@ -74,17 +74,20 @@ def get_str(md: Mapping[str, Any], key: str, default: Any = None) -> Any:
     return v
 
 
-def get_str_list(md: Mapping[str, Any], key: str) -> list[str] | None:
+def get_str_list(md: Mapping[str, Any], key: str, copy: bool = True) -> list[str] | None:
+    """copy=False hands back the metadata's own list (a vocabulary: 2 MB of pointers not duplicated); the caller
+    must not change it."""
     if key not in md:
         return None
     v = md[key]
     if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) for x in v):
         raise _fail(key, "an array of strings", v)
-    return list(v)
+    return v if not copy and isinstance(v, list) else list(v)
 
 
-def get_number_array(md: Mapping[str, Any], key: str, n: int, *, integer: bool) -> list | None:
-    """A numeric array of exactly n entries (integers, or finite numbers)."""
+def get_number_array(md: Mapping[str, Any], key: str, n: int, *, integer: bool, as_list: bool = True):
+    """A numeric array of exactly n entries (integers, or finite numbers): a list, or (as_list=False) a numpy array
+    of int64 / float64 (no Python object per entry)."""
     if key not in md:
         return None
     v = md[key]
@@ -94,4 +97,5 @@ def get_number_array(md: Mapping[str, Any], key: str, n: int, *, integer: bool) 
         raise ModelError(f"metadata {key!r} has {v.size} entries for {n} tokens")
     if not integer and not np.isfinite(v).all():
         raise ModelError(f"metadata {key!r} holds a NaN or infinite value")
-    return v.astype(np.int64 if integer else np.float64).tolist()
+    out = v.astype(np.int64 if integer else np.float64)
+    return out.tolist() if as_list else out

@@ -1,6 +1,6 @@
 """A model on disk made ready to run: GGUF container + architecture + hyper-parameters + tokenizer + chat template.
 
-Loading is cheap: tensors stay in the mmap until a backend asks for them.
+Loading is cheap: tensors stay in the mmap until a backend asks for them; the chat template compiles on first use.
 """
 
 from __future__ import annotations
@@ -10,17 +10,19 @@ import time
 from pathlib import Path
 
 from .arch import get_arch
-from .chat import ChatTemplate
 from .errors import ModelError
 from .gguf import GGUFFile
+from .memory import fixed_trim_threshold
 from .tokenizer import load_tokenizer
 
 
 class Model:
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, use_mmap: bool = True):
+        """use_mmap=False reads the file into memory instead of mapping it (llama.cpp's --no-mmap)."""
         t0 = time.perf_counter()
+        fixed_trim_threshold()   # loading and sampling free MBs of temporaries: give them back (edgellm/memory.py)
         self.path = Path(path)
-        self.gguf = GGUFFile(self.path)
+        self.gguf = GGUFFile(self.path) if use_mmap else GGUFFile(self.path, use_mmap=False)
         try:
             arch_name = self.gguf.get_str("general.architecture", required=True)
             self.arch = get_arch(arch_name)
@@ -31,11 +33,25 @@ class Model:
                     f"{self.path}: tokenizer has {self.tokenizer.n_vocab} tokens but token_embd.weight has "
                     f"{self.hparams.n_vocab} rows"
                 )
-            self.chat_template = ChatTemplate.from_metadata(self.gguf.metadata, self.tokenizer)
+            self._chat_template = None   # compiled on first use (the chat_template property)
         except BaseException:
             self.gguf.close()
             raise
         self.load_seconds = time.perf_counter() - t0
+
+    @property
+    def chat_template(self):
+        """The model's chat template (edgellm.chat.ChatTemplate), compiled on first use: a plain completion never
+        imports jinja2 (~7 MB resident). A template that does not compile raises ChatTemplateError here."""
+        if self._chat_template is None:
+            from .chat import ChatTemplate
+
+            self._chat_template = ChatTemplate.from_metadata(self.gguf.metadata, self.tokenizer)
+        return self._chat_template
+
+    @chat_template.setter
+    def chat_template(self, template) -> None:
+        self._chat_template = template
 
     @property
     def name(self) -> str:

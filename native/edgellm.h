@@ -119,8 +119,14 @@ void el_pool_release(el_pool *pool);
 /* ---- weights and matmul ---- */
 /* data: n_out rows of n_in elements in the GGUF layout; kept by pointer unless repacked (then copied). */
 el_weight *el_weight_new(int type, const void *data, int n_out, int n_in);
+/* the same; with release set, a repacked weight gives the source's pages back as it copies them (MADV_DONTNEED:
+ * only for a file mapping, or memory nothing reads again) */
+el_weight *el_weight_new_release(int type, const void *data, int n_out, int n_in, int release);
 void el_weight_free(el_weight *w);
 int el_weight_repacked(const el_weight *w);
+/* 1 when the active ISA repacks matrices of this GGUF type into a copy of its own (the GGUF bytes are then not read
+ * after loading: the caller may give their pages back), 0 when it reads them in place */
+int el_type_repacked(int type);
 /* y[t, r] = sum_k x[t, k] * w[r, k]   for t < n_tok, r < n_out (float x and y, row-major) */
 void el_matmul(el_pool *pool, const el_weight *w, const float *x, int n_tok, float *y);
 
@@ -152,8 +158,13 @@ el_model *el_model_new(const el_model_desc *desc);
 void el_model_free(el_model *m);
 /* layer = -1 for the global tensors; returns 0, or -1 when type/shape does not fit the slot */
 int el_model_set_tensor(el_model *m, int which, int layer, int type, const void *data, int n_out, int n_in);
+/* the next el_model_set_tensor calls give a repacked matrix's source pages back as they copy it (1), or not (0) */
+void el_model_release_sources(el_model *m, int on);
 int el_model_ready(const el_model *m);      /* 1 when every tensor is set */
 int el_model_n_threads(const el_model *m);  /* threads of the (shared) pool it runs on */
+/* mlock every byte the forward step reads of the weights (repacked copies, and the caller's mmap where borrowed):
+ * 0, or -errno (ENOMEM / EPERM past RLIMIT_MEMLOCK) */
+int el_model_lock(const el_model *m);
 /* logits: [number of output tokens, n_vocab]; returns 0, or -1 on a bad batch */
 int el_model_forward(el_model *m, const el_batch *batch, const el_cache *caches, int n_caches, float *logits);
 /* the same step, writing the final-normed hidden states [number of output tokens, n_embd] (embeddings) instead

@@ -13,6 +13,10 @@
 #include <string.h>
 #include <stdio.h>
 #include <time.h>
+#include <errno.h>
+#include <stdint.h>
+#include <sys/mman.h>
+#include <unistd.h>
 #include "edgellm.h"
 #include "kernels.h"
 #include <stdatomic.h>
@@ -34,6 +38,7 @@ struct el_model {
     el_model_desc d;
     el_pool *pool;
     const el_kernels *k;                 /* element-wise ops; matmuls use each weight's own table */
+    int release_sources;                 /* set_matrix gives a repacked source's pages back (el_model_release_sources) */
     const void *tok_embd;                /* [n_vocab, E] GGUF layout, borrowed: rows dequantized on lookup */
     int tok_embd_type;
     size_t tok_embd_row;
@@ -72,11 +77,22 @@ static double prof_t0;
 static double now_s(void) { struct timespec ts; clock_gettime(CLOCK_MONOTONIC, &ts); return ts.tv_sec + 1e-9 * ts.tv_nsec; }
 #define PROF(ith, stage) do { if (prof_on && (ith) == 0) { const double t_ = now_s(); prof_s[stage] += t_ - prof_t0; prof_t0 = t_; } } while (0)
 
+/* 64-byte aligned zeroed buffers from calloc, which hands out large blocks as fresh zero pages without writing
+ * them: the n_batch-token scratch costs resident memory only as far as a step's tokens reach (a decode step
+ * touches one token's rows, not n_batch). The block calloc returned sits just before the aligned pointer. */
 static void *zalloc(size_t bytes) {
-    void *p = NULL;
-    if (posix_memalign(&p, 64, bytes ? bytes : 64) != 0) return NULL;
-    memset(p, 0, bytes);
+    char *raw = calloc(1, bytes + 64 + sizeof(void *));
+    if (!raw) return NULL;
+    char *p = raw + sizeof(void *);
+    p += (64 - (uintptr_t)p % 64) % 64;
+    memcpy(p - sizeof(void *), &raw, sizeof(void *));
     return p;
+}
+static void zfree(void *p) {
+    if (!p) return;
+    void *raw;
+    memcpy(&raw, (char *)p - sizeof(void *), sizeof(void *));
+    free(raw);
 }
 
 el_model *el_model_new(const el_model_desc *desc) {
@@ -152,16 +168,46 @@ void el_model_free(el_model *m) {
         }
     el_weight_free(m->output);
     el_pool_release(m->pool);
-    free(m->layers); free(m->x); free(m->xb); free(m->xq); free(m->xq2); free(m->q); free(m->kb); free(m->vb);
-    free(m->hg); free(m->hu); free(m->tmp); free(m->cs); free(m->scratch); free(m->stages);
-    free(m->rope_base); free(m->rope_scale);
+    free(m->layers); zfree(m->x); zfree(m->xb); zfree(m->xq); zfree(m->xq2); zfree(m->q); zfree(m->kb); zfree(m->vb);
+    zfree(m->hg); zfree(m->hu); zfree(m->tmp); zfree(m->cs); free(m->scratch); zfree(m->stages);
+    zfree(m->rope_base); zfree(m->rope_scale);
     free(m);
 }
 
+/* ------------------------------------------------------------------------------------------- mlock */
+static int lock_range(const void *p, size_t bytes) {
+    if (!p || !bytes) return 0;
+    const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE), a = (uintptr_t)p / page * page;
+    return mlock((const void *)a, (uintptr_t)p + bytes - a) == 0 ? 0 : -errno;
+}
+static int lock_weight(const el_weight *w) {
+    if (!w) return 0;
+    const int unit = w->unit > 0 ? w->unit : 1;   /* a repacked copy holds n_out rounded up to its interleave */
+    return lock_range(w->data, (size_t)((w->n_out + unit - 1) / unit * unit) * el_row_size(w->type, w->n_in));
+}
+
+int el_model_lock(const el_model *m) {
+    const size_t E = (size_t)m->d.n_embd, hd = (size_t)m->d.head_dim;
+    int rc = lock_range(m->tok_embd, (size_t)m->d.n_vocab * m->tok_embd_row);
+    if (!rc) rc = lock_range(m->output_norm, E * 4);
+    if (!rc) rc = lock_weight(m->output);
+    for (int l = 0; !rc && l < m->d.n_layer; l++) {
+        const el_layer *L = &m->layers[l];
+        const el_weight *ws[7] = { L->wq, L->wk, L->wv, L->wo, L->gate, L->up, L->down };
+        for (int i = 0; !rc && i < 7; i++) rc = lock_weight(ws[i]);
+        const float *vs[6] = { L->attn_norm, L->ffn_norm, L->post_attn_norm, L->post_ffn_norm, L->q_norm, L->k_norm };
+        for (int i = 0; !rc && i < 6; i++) rc = lock_range(vs[i], (i < 4 ? E : hd) * 4);
+    }
+    return rc;
+}
+
 /* ------------------------------------------------------------------------------------------- tensors */
-static int set_matrix(el_weight **slot, int type, const void *data, int n_out, int n_in, int want_out, int want_in) {
+void el_model_release_sources(el_model *m, int on) { m->release_sources = on != 0; }
+
+static int set_matrix(el_model *m, el_weight **slot, int type, const void *data, int n_out, int n_in, int want_out,
+                      int want_in) {
     if (n_out != want_out || n_in != want_in) return -1;
-    el_weight *w = el_weight_new(type, data, n_out, n_in);
+    el_weight *w = el_weight_new_release(type, data, n_out, n_in, m->release_sources);
     if (!w) return -1;
     el_weight_free(*slot);
     *slot = w;
@@ -194,14 +240,14 @@ int el_model_set_tensor(el_model *m, int which, int layer, int type, const void 
     case EL_T_ATTN_K_NORM: L->k_norm = data; return 0;
     case EL_T_POST_ATTN_NORM: L->post_attn_norm = data; return 0;
     case EL_T_POST_FFN_NORM: L->post_ffn_norm = data; return 0;
-    case EL_T_OUTPUT: return set_matrix(&m->output, type, data, n_out, n_in, d->n_vocab, E);
-    case EL_T_WQ: return set_matrix(&L->wq, type, data, n_out, n_in, nq, E);
-    case EL_T_WK: return set_matrix(&L->wk, type, data, n_out, n_in, nkv, E);
-    case EL_T_WV: return set_matrix(&L->wv, type, data, n_out, n_in, nkv, E);
-    case EL_T_WO: return set_matrix(&L->wo, type, data, n_out, n_in, E, nq);
-    case EL_T_FFN_GATE: return set_matrix(&L->gate, type, data, n_out, n_in, F, E);
-    case EL_T_FFN_UP: return set_matrix(&L->up, type, data, n_out, n_in, F, E);
-    case EL_T_FFN_DOWN: return set_matrix(&L->down, type, data, n_out, n_in, E, F);
+    case EL_T_OUTPUT: return set_matrix(m, &m->output, type, data, n_out, n_in, d->n_vocab, E);
+    case EL_T_WQ: return set_matrix(m, &L->wq, type, data, n_out, n_in, nq, E);
+    case EL_T_WK: return set_matrix(m, &L->wk, type, data, n_out, n_in, nkv, E);
+    case EL_T_WV: return set_matrix(m, &L->wv, type, data, n_out, n_in, nkv, E);
+    case EL_T_WO: return set_matrix(m, &L->wo, type, data, n_out, n_in, E, nq);
+    case EL_T_FFN_GATE: return set_matrix(m, &L->gate, type, data, n_out, n_in, F, E);
+    case EL_T_FFN_UP: return set_matrix(m, &L->up, type, data, n_out, n_in, F, E);
+    case EL_T_FFN_DOWN: return set_matrix(m, &L->down, type, data, n_out, n_in, E, F);
     default: return -1;
     }
 }

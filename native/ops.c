@@ -1,15 +1,34 @@
 /* Weights (repacked or borrowed), the multithreaded matmul, and the single-op entry points on the active ISA. */
 #define _POSIX_C_SOURCE 200809L
+#define _DEFAULT_SOURCE   /* madvise, MADV_DONTNEED */
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 #include "edgellm.h"
 #include "kernels.h"
 #include "threadpool.h"
 #include "weights.h"
 
 /* ------------------------------------------------------------------------------------------------ weights */
+/* Drop the whole pages of [lo, hi) from the process (MADV_DONTNEED): a file mapping reads them again if touched. */
+static void drop_pages(const uint8_t *lo, const uint8_t *hi) {
+#ifdef MADV_DONTNEED
+    const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    const uintptr_t a = ((uintptr_t)lo + page - 1) / page * page, b = (uintptr_t)hi / page * page;
+    if (b > a) madvise((void *)a, b - a, MADV_DONTNEED);
+#else
+    (void)lo; (void)hi;
+#endif
+}
+
 el_weight *el_weight_new(int type, const void *data, int n_out, int n_in) {
+    return el_weight_new_release(type, data, n_out, n_in, 0);
+}
+
+el_weight *el_weight_new_release(int type, const void *data, int n_out, int n_in, int release) {
     el_init();
     const int ti = el_type_index(type);
     if (ti < 0 || n_out <= 0 || n_in <= 0 || n_in % el_type_block(ti)) return NULL;
@@ -27,7 +46,20 @@ el_weight *el_weight_new(int type, const void *data, int n_out, int n_in) {
         const int n_pad = (n_out + tk->interleave - 1) / tk->interleave * tk->interleave;
         const size_t bytes = (size_t)n_pad * el_row_size(type, n_in);
         if (posix_memalign(&w->owned, 64, bytes) != 0) { free(w); return NULL; }
-        tk->repack(data, w->owned, n_out, n_in);
+        if (!release) {
+            tk->repack(data, w->owned, n_out, n_in);
+        } else {
+            /* groups of `interleave` rows are contiguous in both layouts: repack ~4 MiB at a time and give each
+             * piece's source pages back at once, so the copy and the source are never both resident whole */
+            const size_t row = el_row_size(type, n_in);
+            int step = (int)((4u << 20) / (row * (size_t)w->unit)) * w->unit;
+            if (step < w->unit) step = w->unit;
+            for (int r = 0; r < n_out; r += step) {
+                const int n = n_out - r < step ? n_out - r : step;
+                tk->repack((const uint8_t *)data + (size_t)r * row, (uint8_t *)w->owned + (size_t)r * row, n, n_in);
+                drop_pages((const uint8_t *)data + (size_t)r * row, (const uint8_t *)data + (size_t)(r + n) * row);
+            }
+        }
         w->data = w->owned;
     } else {
         w->data = data;   /* borrowed: the caller keeps the mmap alive */
@@ -42,6 +74,12 @@ void el_weight_free(el_weight *w) {
 }
 
 int el_weight_repacked(const el_weight *w) { return w->owned != NULL; }
+
+int el_type_repacked(int type) {
+    el_init();
+    const int ti = el_type_index(type);
+    return ti >= 0 && el_k->types[ti].repack != NULL;
+}
 
 size_t el_act_row_bytes(const el_weight *w) {
     return w->act_q8a ? (size_t)(w->n_in / EL_QK) * sizeof(block_q8a) : (size_t)w->n_in * sizeof(float);

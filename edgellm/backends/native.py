@@ -76,6 +76,8 @@ class NativeBackend:
         self._windows = (0,) * hp.n_layer   # sliding windows per layer (gemma3 sets them)
         gf = model.gguf
         self._keep = []  # the buffers C points into: must outlive the C model
+        self._borrowed = set()   # tensors C reads in place after loading
+        self.released_bytes = 0  # GGUF pages given back once their repacked copies exist
 
         desc = ffi.new("el_model_desc *")
         desc.n_vocab, desc.n_embd, desc.n_layer = hp.n_vocab, hp.n_embd, hp.n_layer
@@ -159,8 +161,24 @@ class NativeBackend:
             raise NotImplementedError(f"{name}: {data.nbytes} bytes do not match {ttype.name} {shape}")
         buf = ffi.from_buffer("uint8_t[]", data)
         self._keep.append((data, buf))
+        # a repacked copy gives its source's pages back piece by piece as it is made (the two are never both
+        # resident whole); not where the source is memory something else still reads (--no-mmap, a tied embedding)
+        lib.el_model_release_sources(self._m, int(gf.use_mmap or name not in self._borrowed))
         if lib.el_model_set_tensor(self._m, slot, layer, int(ttype), buf, n_out, n_in) != 0:
             raise NotImplementedError(f"{name}: {ttype.name} {shape} does not fit the model's hyper-parameters")
+        if not (matrix and slot != lib.EL_T_TOKEN_EMBD and lib.el_type_repacked(int(ttype))):
+            self._borrowed.add(name)
+        elif gf.use_mmap or name not in self._borrowed:
+            # C holds a repacked copy: the GGUF bytes would only double the footprint. From a file mapping they
+            # come back if touched (a tied embedding's lookups); read into memory (--no-mmap), only what nothing
+            # else reads is given back.
+            self.released_bytes += gf.release(name)
+
+    def lock_weights(self) -> None:
+        """mlock what the forward step reads of the weights (--mlock); OSError when the kernel refuses."""
+        rc = lib.el_model_lock(self._m)
+        if rc:
+            raise OSError(-rc, os.strerror(-rc))
 
     def _el_cache(self, kv):
         """The `el_cache` describing `kv` (a contiguous KVCache or a paged SeqKV), kept on the view and rebuilt only

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..memory import lazy_zeros
 from ..kv_cache import _check_type, _storage, check_geometry, decode, encode, layer_windows, row_bytes
 
 BLOCK = 64   # slots per block: the attention kernels' chunk, vLLM's and llama.cpp's order of magnitude
@@ -53,9 +54,9 @@ class KVPool:
         self.window = max(windows) if self.swa else 0
         (kd, kr), (vd, vr) = _storage(self.type_k, head_dim), _storage(self.type_v, head_dim)
         self.k, self.v = [], []
-        for g in range(2 if self.swa else 1):
-            self.k.append(np.zeros((counts[g], self.n_blocks[g], n_head_kv, block, kr), kd))
-            self.v.append(np.zeros((counts[g], self.n_blocks[g], n_head_kv, block, vr), vd))
+        for g in range(2 if self.swa else 1):   # resident only as far as blocks are written (memory.lazy_zeros)
+            self.k.append(lazy_zeros((counts[g], self.n_blocks[g], n_head_kv, block, kr), kd))
+            self.v.append(lazy_zeros((counts[g], self.n_blocks[g], n_head_kv, block, vr), vd))
 
     @property
     def n_groups(self) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from array import array
 from typing import Any, Iterable, Mapping, Optional
 
 import numpy as np
@@ -62,7 +63,7 @@ class Tokenizer:
     clean_spaces = False
 
     def __init__(self, metadata: Mapping[str, Any]):
-        tokens = md.get_str_list(metadata, "tokenizer.ggml.tokens")
+        tokens = md.get_str_list(metadata, "tokenizer.ggml.tokens", copy=False)   # never changed in place
         if not tokens:
             raise ModelError("tokenizer.ggml.tokens is missing or empty")
         n = len(tokens)
@@ -74,8 +75,9 @@ class Tokenizer:
         # Bulk conversions through numpy: Gemma 3 has 262,144 entries and loading must stay quick.
         types = md.get_number_array(metadata, "tokenizer.ggml.token_type", n, integer=True)
         self._types = [NORMAL] * n if types is None else types
-        scores = md.get_number_array(metadata, "tokenizer.ggml.scores", n, integer=False)
-        self._scores = [0.0] * n if scores is None else scores
+        scores = md.get_number_array(metadata, "tokenizer.ggml.scores", n, integer=False, as_list=False)
+        # a flat array: a list of 262,144 float objects would cost ~8 MB (indexing still gives Python floats)
+        self._scores = array("d", bytes(8 * n) if scores is None else scores.tobytes())
 
         # text -> id; like llama.cpp's token_to_id, a repeated text maps to its last id
         self._vocab: dict[str, int] = dict(zip(tokens, range(n)))
@@ -174,7 +176,7 @@ class Tokenizer:
         self._match_user = SpecialMatcher([e for e in entries if self._types[e[1]] == USER_DEFINED],
                                           frozenset(lstrip), frozenset(rstrip))
 
-        self._pieces: list[Optional[bytes]] = [None] * n
+        self._pieces: dict[int, bytes] = {}   # decoded on first use: only the tokens a run meets
 
     # ---------------------------------------------------------------- vocabulary
 
@@ -256,7 +258,7 @@ class Tokenizer:
         i = self._check(token_id)
         if self._types[i] in (CONTROL, UNKNOWN):
             return self._tokens[i].encode("utf-8") if special else b""
-        piece = self._pieces[i]
+        piece = self._pieces.get(i)
         if piece is None:
             piece = self._pieces[i] = self._piece(i)
         return piece

@@ -30,6 +30,21 @@ _CACHE_PIECE_MAX = 128
 _CACHE_MAX_ENTRIES = 1 << 18
 
 
+class _NegScores:
+    """text -> -score through the vocabulary's text -> id and a flat array of scores: a second dict of 262,144
+    entries and float objects (Gemma 3) would cost ~25 MB for the same answers."""
+
+    __slots__ = ("_id", "_score")
+
+    def __init__(self, vocab: dict[str, int], scores) -> None:
+        self._id = vocab.get
+        self._score = scores
+
+    def get(self, text: str, default=None):
+        i = self._id(text)
+        return default if i is None else -self._score[i]
+
+
 class SPMTokenizer(Tokenizer):
     model = "llama"
     # llama.cpp's defaults for a "llama" vocabulary: BOS 1, EOS 2, UNK 0, BOS added, space prefix on
@@ -43,15 +58,15 @@ class SPMTokenizer(Tokenizer):
         self._cache: dict[str, tuple[int, ...]] = {}
         self._pairs: Optional[frozenset] = None
         self._byte_ids: Optional[list[Optional[int]]] = None
-        self._keys: Optional[dict[str, float]] = None
+        self._keys: Optional[_NegScores] = None
 
     # ---------------------------------------------------------------- encoding
 
-    def _neg_scores(self) -> dict[str, float]:
-        """{token text: -score}, built on first use.  A repeated text keeps its last id's score, as
-        llama.cpp's text_to_token returns the last id."""
+    def _neg_scores(self) -> "_NegScores":
+        """{token text: -score} for the merges (only `.get` is used), built on first use.  A repeated text keeps its
+        last id's score, as llama.cpp's text_to_token returns the last id (and so does the vocabulary)."""
         if self._keys is None:
-            self._keys = dict(zip(self._tokens, [-s for s in self._scores]))
+            self._keys = _NegScores(self._vocab, self._scores)
         return self._keys
 
     def _byte_token(self, b: int) -> int:

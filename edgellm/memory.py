@@ -1,0 +1,77 @@
+"""Memory that costs only what is used: lazily zeroed arrays, pages given back, pages locked.
+
+A small board has no room for memory a run never reads. Tools for the loaders and the KV pool:
+`lazy_zeros` (an array on fresh anonymous pages in 4 KiB units, so a KV pool sized for the whole budget costs only
+the blocks written; numpy asks for 2 MiB transparent huge pages on large arrays, which makes one written row cost
+2 MiB), `release` (give a range of a mapping back to the kernel: file pages are read again on the next touch,
+anonymous ones come back as zeros), `lock` (mlock, as llama.cpp's --mlock) and `fixed_trim_threshold` (glibc
+gives freed heap memory back at once instead of keeping MBs of freed temporaries, such as a vocabulary's worth of
+sampling arrays, after its dynamic threshold has grown).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+
+import numpy as np
+
+PAGE = mmap.PAGESIZE
+
+
+def lazy_zeros(shape, dtype) -> np.ndarray:
+    """np.zeros on an anonymous mapping of its own, in small pages: nothing is resident until written."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if nbytes == 0:
+        return np.zeros(shape, dtype)
+    mm = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        try:
+            mm.madvise(mmap.MADV_NOHUGEPAGE)
+        except OSError:   # a kernel without transparent huge pages: small pages already
+            pass
+    return np.frombuffer(mm, dtype=dtype).reshape(shape)   # the array keeps the mapping alive
+
+
+def release(mm: mmap.mmap, offset: int, nbytes: int) -> int:
+    """Drop the whole pages inside [offset, offset + nbytes) of a mapping from this process's memory (MADV_DONTNEED).
+    A file mapping reads them back on the next touch; an anonymous one gives zeros: release only what nothing reads
+    again. Returns the bytes released (0 where madvise is missing)."""
+    start = -(-offset // PAGE) * PAGE
+    end = (offset + nbytes) // PAGE * PAGE
+    if end <= start or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return 0
+    mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+    return end - start
+
+
+def lock(address: int, nbytes: int) -> None:
+    """mlock [address, address + nbytes): resident now and never swapped out. OSError (with errno) when refused,
+    most often RLIMIT_MEMLOCK (`ulimit -l`)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    start = address // PAGE * PAGE
+    if libc.mlock(ctypes.c_void_p(start), ctypes.c_size_t(address + nbytes - start)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+_M_TRIM_THRESHOLD = -1   # glibc's malloc.h
+_trim_set = False
+
+
+def fixed_trim_threshold(nbytes: int = 128 << 10) -> None:
+    """glibc: give free memory at the heap's top back to the kernel past `nbytes` (its default), and keep it there:
+    setting it turns off the dynamic adjustment that otherwise raises it to twice the largest freed mmap'd block
+    (numpy temporaries of a 262k vocabulary: MBs held for nothing). Once per process; a no-op elsewhere."""
+    global _trim_set
+    if _trim_set:
+        return
+    _trim_set = True
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):   # not glibc (musl, macOS)
+        return
+    mallopt(ctypes.c_int(_M_TRIM_THRESHOLD), ctypes.c_int(nbytes))
