@@ -104,9 +104,9 @@ class Edited:
     (dict(metadata={"gemma3.rope.scaling.type": "yarn"}), "'yarn'"),
     (dict(metadata={"gemma3.attention.sliding_window": -1}), "sliding_window is -1"),
     (dict(metadata={"gemma3.attention.sliding_window": "wide"}), "'gemma3.attention.sliding_window' must be a finite number"),
-    (dict(metadata={"gemma3.attention.sliding_window_pattern": np.ones(18, dtype=bool)}),
-     "sliding_window_pattern states a layer pattern"),
-    (dict(metadata={"gemma3.attention.sliding_window_pattern": 4}), "sliding_window_pattern states a layer pattern"),
+    (dict(metadata={"gemma3.attention.sliding_window_pattern": np.ones(17, dtype=bool)}),
+     "sliding_window_pattern must give one boolean or integer per layer"),
+    (dict(metadata={"gemma3.attention.sliding_window_pattern": -4}), "a period must not be negative"),
     (dict(drop_tensors=["blk.3.attn_q_norm.weight"]), "missing tensor 'blk.3.attn_q_norm.weight'"),
     (dict(drop_tensors=["blk.17.post_ffw_norm.weight"]), "missing tensor 'blk.17.post_ffw_norm.weight'"),
     (dict(drop_tensors=["token_embd.weight"]), "missing tensor 'token_embd.weight'"),
@@ -123,10 +123,18 @@ def test_hparams_shape_mismatch(gf):
 
 
 def test_hparams_variants(gf):
-    # The pattern key, when a file states it, must agree with the fixed rule (True = sliding).
+    # The pattern key, when a file states it, is llama.cpp's (load_swa_pattern): per layer (True = sliding) or a period.
     pattern = np.array([il % 6 < 5 for il in range(18)])
-    assert gemma3.HParams.from_gguf(Edited(gf, metadata={"gemma3.attention.sliding_window_pattern": pattern}))
-    assert gemma3.HParams.from_gguf(Edited(gf, metadata={"gemma3.attention.sliding_window_pattern": 6}))
+    fixed = gemma3.HParams.from_gguf(gf).layer_is_global
+    assert fixed == tuple(il % 6 == 5 for il in range(18))
+    assert gemma3.HParams.from_gguf(Edited(gf, metadata={"gemma3.attention.sliding_window_pattern": pattern})
+                                    ).layer_is_global == fixed
+    assert gemma3.HParams.from_gguf(Edited(gf, metadata={"gemma3.attention.sliding_window_pattern": 6})
+                                    ).layer_is_global == fixed
+    hp = gemma3.HParams.from_gguf(Edited(gf, metadata={"gemma3.attention.sliding_window_pattern": 4}))
+    assert hp.layer_is_global == tuple(il % 4 == 3 for il in range(18))
+    hp = gemma3.HParams.from_gguf(Edited(gf, metadata={"gemma3.attention.sliding_window_pattern": np.ones(18, bool)}))
+    assert not any(hp.layer_is_global) and hp.layer_rope(5) == (10000.0, 1.0)
     # Linear rope scaling (Gemma 3 4B+: factor 8) scales positions of global layers only.
     hp = gemma3.HParams.from_gguf(Edited(gf, metadata={"gemma3.rope.scaling.type": "linear",
                                                        "gemma3.rope.scaling.factor": 8.0}))

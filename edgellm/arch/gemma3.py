@@ -7,8 +7,9 @@ src/models/gemma3*.cpp; the converter = llama.cpp's convert_hf_to_gguf.py, class
 
 - Embeddings are multiplied by sqrt(n_embd) (llama.cpp's graph: `ggml_scale(inpL, sqrtf(n_embd))`).
 - Interleaved attention: local sliding-window layers and global layers, 5 local then 1 global.
-  llama.cpp: `set_swa_pattern(6)` marks layer il as sliding iff `il % 6 < 5`, so layers 5, 11, 17, ... are
-  global. (The pattern is fixed in code; GGUF carries only the window size, `gemma3.attention.sliding_window`.)
+  llama.cpp: `load_swa_pattern(ml, 6)` marks layer il as sliding iff `il % 6 < 5`, so layers 5, 11, 17, ... are
+  global, unless the file states `gemma3.attention.sliding_window_pattern`: a per-layer array (1 = sliding, as
+  `edgellm prune` writes when dropped layers break the period) or a period n (sliding iff il % n < n - 1).
 - Window: a query at position p sees keys at positions t with p - window < t <= p (llama.cpp's
   `is_masked_swa`, LLAMA_SWA_TYPE_STANDARD: masked iff p - t >= n_swa).
 - RoPE is NEOX-style (rotate x[i] with x[i + d/2]: HF's rotate_half; the converter does not permute Q/K for
@@ -155,11 +156,10 @@ class HParams:
             raise ModelError(f"{p}attention.sliding_window is {window}; it must not be negative")
         if window > 0:
             sliding_window = window
-            layer_is_global = tuple(il % SWA_PERIOD == SWA_PERIOD - 1 for il in range(n_layer))
+            layer_is_global = _layer_pattern(md, p, n_layer)
         else:
             sliding_window = None
             layer_is_global = (True,) * n_layer
-        _check_pattern_key(md, p, layer_is_global)
 
         softcap = scalar(md, p + "final_logit_softcapping", float, 0.0)
         final_logit_softcap = softcap if (sliding_window is None and softcap > 0) else None
@@ -183,22 +183,22 @@ class HParams:
         return self.rope_base_local, 1.0
 
 
-def _check_pattern_key(md: dict, p: str, layer_is_global: tuple[bool, ...]) -> None:
-    """llama.cpp hard-codes gemma3's layer pattern and ignores `{arch}.attention.sliding_window_pattern`
-    (a key other architectures write). A file that states a different pattern is refused, not silently
-    run with the wrong one."""
+def _layer_pattern(md: dict, p: str, n_layer: int) -> tuple[bool, ...]:
+    """Per layer, True = global: llama.cpp's load_swa_pattern(ml, 6). `{arch}.attention.sliding_window_pattern`,
+    when present, is a per-layer array (nonzero = sliding) or a period n (set_swa_pattern(n): every n-th layer
+    global, 0 = none); without it every 6th layer is global."""
     key = p + "attention.sliding_window_pattern"
-    if key not in md:
-        return
-    v = md[key]
-    if isinstance(v, (np.ndarray, list, tuple)):       # per layer: True = sliding (gemma3n's convention)
-        stated = tuple(not bool(s) for s in np.asarray(v).ravel())
-    else:  # a period, read as llama.cpp's set_swa_pattern(n): every n-th layer global, 0 = none global
-        n = scalar(md, key, int)
-        stated = tuple(n > 0 and il % n == n - 1 for il in range(len(layer_is_global)))
-    if stated != layer_is_global:
-        raise ModelError(f"{key} states a layer pattern that differs from gemma3's fixed one "
-                         f"(global layers {[i for i, g in enumerate(layer_is_global) if g]}); not supported")
+    v = md.get(key, SWA_PERIOD)
+    if isinstance(v, (np.ndarray, list, tuple)):
+        flags = np.asarray(v).ravel()
+        if flags.shape != (n_layer,) or flags.dtype.kind not in "biu":
+            raise ModelError(f"{key} must give one boolean or integer per layer ({n_layer}), got {flags.size} "
+                             f"of type {flags.dtype}")
+        return tuple(not bool(s) for s in flags)
+    n = scalar(md, key, int, SWA_PERIOD)
+    if n < 0:
+        raise ModelError(f"{key} is {n}; a period must not be negative")
+    return tuple(n > 0 and il % n == n - 1 for il in range(n_layer))
 
 
 # ---------------------------------------------------------------------------------------------------
