@@ -58,6 +58,8 @@ class LLM:
         draft_min: int = 0,
         draft_p_min: float = 0.0,
         check_tensors: bool = False,
+        n_gpu_layers: int | str = 0,
+        device: int | None = None,
         use_mmap: bool = True,
         use_mlock: bool = False,
     ):
@@ -74,6 +76,9 @@ class LLM:
         drafts only as far as it pays; requests may pass speculative={"n_max": ..} or speculative=False.
         check_tensors: check at load that every tensor's data is valid for its type (a ModelError names the first
         that is not).
+        n_gpu_layers: layers on an NVIDIA GPU (needs `pip install "edgellm[cuda]"`): the last N layers and the output;
+        -1 or "all": every layer; "auto": as many as fit in the GPU's free memory; 0 (default): the CPU only.
+        device: which GPU (default $EDGELLM_DEVICE, else 0).
         use_mmap: map the model file (default; pages the backend copies are given back); False reads it into memory
         (llama.cpp's --no-mmap). use_mlock: keep the weights in RAM, never swapped out (--mlock; a warning when the
         kernel refuses, as llama.cpp's)."""
@@ -108,7 +113,8 @@ class LLM:
             if context_shift and not 0 <= n_keep < self.n_ctx // 2:
                 raise EdgeLLMError(f"--keep {n_keep} must be at least 0 and less than half the context ({self.n_ctx})")
             pool_budget = self.context_info["budget"] if self.context_info["budget"] is not None else memory_budget()[0]
-            self.backend = create_backend(self.model, backend, n_threads, n_batch=n_batch)
+            self.backend = create_backend(self.model, backend, n_threads, n_batch=n_batch, n_gpu_layers=n_gpu_layers,
+                                          device=device)
             if use_mlock:
                 self._lock_weights()
             try:
@@ -544,8 +550,8 @@ class Llama(LLM):
     _COMPAT = ("n_ubatch", "logits_all", "embedding", "numa", "offload_kqv", "flash_attn")
 
     def __init__(self, model_path: str | os.PathLike, *, n_ctx: int = 512, n_threads: int | None = None,
-                 n_batch: int = 512, n_gpu_layers: int = 0, seed: int | None = None, chat_format: str | None = None,
-                 verbose: bool = True, **kwargs):
+                 n_batch: int = 512, n_gpu_layers: int = 0, main_gpu: int | None = None, seed: int | None = None,
+                 chat_format: str | None = None, verbose: bool = True, **kwargs):
         for k in self._COMPAT:
             kwargs.pop(k, None)
         unknown = sorted(set(kwargs) - set(inspect.signature(LLM.__init__).parameters))
@@ -556,10 +562,8 @@ class Llama(LLM):
                                f"(the model's own template)")
         if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 0:
             raise EdgeLLMError(f"n_ctx must be a non-negative integer (0: the model's own), got {n_ctx!r}")
-        if n_gpu_layers:
-            warnings.warn("n_gpu_layers: this edgellm runs every layer on the CPU", stacklevel=2)
         super().__init__(model_path, n_ctx=n_ctx or None, n_threads=n_threads, n_batch=n_batch, seed=seed,
-                         verbose=verbose, **kwargs)
+                         verbose=verbose, n_gpu_layers=n_gpu_layers, device=kwargs.pop("device", main_gpu), **kwargs)
         if chat_format is not None:
             from .chat import GEMMA_TEMPLATE, ChatTemplate
 

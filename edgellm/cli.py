@@ -107,6 +107,35 @@ def _spec_options(f):
     return f
 
 
+class GpuLayers(click.ParamType):
+    """-ngl's value: an integer, "all" or "auto" (llama.cpp's spellings)."""
+    name = "N|all|auto"
+
+    def convert(self, value, param, ctx):
+        from .backends.loader import parse_gpu_layers
+        from .errors import EdgeLLMError
+
+        try:
+            return parse_gpu_layers(value)
+        except EdgeLLMError as e:
+            self.fail(str(e), param, ctx)
+
+
+def _gpu_options(f):
+    """-ngl / --device: layers on an NVIDIA GPU (llama.cpp's and llama-server's flags), shared by run, serve, bench."""
+    opts = [
+        click.option("-ngl", "--n-gpu-layers", "--gpu-layers", "n_gpu_layers", type=GpuLayers(), default="0",
+                     show_default=True,
+                     help='Layers on the GPU: the last N and the output; "all" or -1: every one; "auto": as many as '
+                          'fit in its free memory. Needs pip install "edgellm[cuda]".'),
+        click.option("--device", "-dev", "device", type=click.IntRange(min=0), default=None,
+                     help="Which GPU (default $EDGELLM_DEVICE, else 0)."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
 def _spec_kwargs(check_tensors, model_draft, spec_type, draft_max, draft_min, draft_p_min, no_mmap=False,
                  mlock=False) -> dict:
     if spec_type == "ngram" and model_draft:
@@ -339,12 +368,14 @@ def tokenize(model, text, add_special, parse_special, as_json):
 @click.option("-s", "--system", default=None, help="A system message for the chat.")
 @click.option("--verbose", is_flag=True, help="Print load time and prompt / generation speed to stderr.")
 @_spec_options
+@_gpu_options
 def run(model, question, prompt, prompt_file, n_predict, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, frequency_penalty,
         presence_penalty, typical_p, top_n_sigma, xtc_probability, xtc_threshold, dynatemp_range, dynatemp_exponent,
         dry_multiplier, dry_base, dry_allowed_length, dry_penalty_last_n, mirostat, mirostat_eta, mirostat_tau,
         samplers, logit_bias, ignore_eos, grammar, grammar_file, json_schema, seed, n_ctx, cache_type_k, cache_type_v, swa_full,
         kv_budget, n_threads, backend, context_shift, n_keep, streaming, prompt_cache, chat_prompt, raw, system,
-        verbose, check_tensors, no_mmap, mlock, model_draft, spec_type, draft_max, draft_min, draft_p_min):
+        verbose, check_tensors, no_mmap, mlock, model_draft, spec_type, draft_max, draft_min, draft_p_min, n_gpu_layers,
+        device):
     """Run MODEL: answer QUESTION as a chat turn (as `ollama run MODEL "..."`), continue -p's text (as llama.cpp's
     -p does; --chat sends it through the chat template), or chat interactively without either.
 
@@ -367,12 +398,15 @@ def run(model, question, prompt, prompt_file, n_predict, temp, top_k, top_p, min
         n_keep = 4 if streaming else 0  # StreamingLLM's four attention sinks
     llm = LLM(_model_path(model), n_ctx=n_ctx, n_threads=n_threads, seed=seed, backend=backend,
               context_shift=context_shift or streaming, n_keep=n_keep, cache_type=cache_type_k,
-              cache_type_v=cache_type_v, swa_full=swa_full, kv_budget=kv_budget,
-              **_spec_kwargs(check_tensors, model_draft, spec_type, draft_max, draft_min, draft_p_min, no_mmap, mlock))
+              cache_type_v=cache_type_v, swa_full=swa_full, kv_budget=kv_budget, n_gpu_layers=n_gpu_layers,
+              device=device, **_spec_kwargs(check_tensors, model_draft, spec_type, draft_max, draft_min, draft_p_min,
+                                                               no_mmap, mlock))
     if verbose:
         be = llm.backend
         click.echo(f"loaded {llm.model.name} in {time.perf_counter() - t0:.2f} s; backend {be.name} "
                    f"({getattr(be, 'isa', '?')}), {_context_line(llm.context_info, llm.cache_type)}", err=True)
+        if hasattr(be, "describe"):
+            click.echo(be.describe(), err=True)
         if getattr(be, "fallback_reason", None):
             click.echo(f"({be.fallback_reason})", err=True)
     if grammar_file:
@@ -482,14 +516,15 @@ def run(model, question, prompt, prompt_file, n_predict, temp, top_k, top_p, min
 @click.option("--backend", type=click.Choice(["auto", "native", "numba", "reference"]), default="auto",
               show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
-def bench(model, n_prompt, n_gen, n_threads, reps, backend, as_json):
+@_gpu_options
+def bench(model, n_prompt, n_gen, n_threads, reps, backend, as_json, n_gpu_layers, device):
     """Measure prompt processing (pp) and generation (tg) speed, like llama-bench."""
     from .backends.loader import create_backend
     from .bench import run_bench
     from .model import Model
 
     m = Model(_model_path(model))
-    be = create_backend(m, backend, n_threads)
+    be = create_backend(m, backend, n_threads, n_gpu_layers=n_gpu_layers, device=device)
     res = run_bench(m, be, n_prompt=n_prompt, n_gen=n_gen, reps=reps)
     if as_json:
         click.echo(json.dumps(res))
@@ -541,10 +576,12 @@ def bench(model, n_prompt, n_gen, n_threads, reps, backend, as_json):
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
 @_spec_options
+@_gpu_options
 def serve(models, host, port, n_threads, n_ctx, n_parallel, n_batch, cache_type_k, cache_type_v, kv_budget,
           no_prefix_cache, backend, temp, top_k, top_p, min_p, repeat_penalty, api_key_file, cors_origins,
           rate_limit, token_limit, max_queue, max_tokens, max_body, request_timeout, log_format, log_level,
-          check_tensors, no_mmap, mlock, model_draft, spec_type, draft_max, draft_min, draft_p_min):
+          check_tensors, no_mmap, mlock, model_draft, spec_type, draft_max, draft_min, draft_p_min, n_gpu_layers,
+          device):
     """Serve MODELS over an OpenAI-compatible HTTP API (and a chat page at /).
 
     A request's "model" picks one by its name here or its file's stem. Keys from --api-key-file or
@@ -560,8 +597,8 @@ def serve(models, host, port, n_threads, n_ctx, n_parallel, n_batch, cache_type_
     log = setup_logging(log_format, log_level)
     llm_kwargs = dict(n_ctx=n_ctx, n_threads=n_threads, backend=backend, cache_type=cache_type_k,
                       cache_type_v=cache_type_v, kv_budget=kv_budget, prefix_cache=not no_prefix_cache,
-                      **_spec_kwargs(check_tensors, model_draft, spec_type, draft_max, draft_min, draft_p_min, no_mmap,
-                                     mlock))
+                      n_gpu_layers=n_gpu_layers, device=device, **_spec_kwargs(check_tensors, model_draft, spec_type, draft_max, draft_min, draft_p_min,
+                                                               no_mmap, mlock))
     if n_parallel is not None:
         llm_kwargs["n_parallel"] = n_parallel
     if n_batch is not None:

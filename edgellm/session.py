@@ -88,6 +88,8 @@ def save_session(path: str | os.PathLike, model, kv, tokens, cacheable: int | No
         with open(tmp, "wb") as f:  # written aside, renamed into place: an interrupted save leaves the old file
             f.write(MAGIC + struct.pack("<II", VERSION, len(blob)) + blob)
             f.write(np.asarray(list(tokens)[:n], dtype="<i4").tobytes())
+            if pool is not None:
+                pool.pull()   # layers on a GPU: their rows
             for g in range(len(held)):
                 blocks, slots = _rows(kv, g, held[g], n)
                 for arr in (pool.k[g], pool.v[g]):
@@ -190,6 +192,7 @@ def _fill(where: str, want: dict, raw: bytes, body: int, model, blocks, n_ctx: i
                 data = np.frombuffer(raw, dtype=arr.dtype, count=int(np.prod(shape)), offset=off).reshape(shape)
                 arr[:, b, :, slots] = data.transpose(1, 0, 2, 3)
                 off += data.nbytes
+        pool.push()
     except BaseException:
         blocks.free(kv)
         raise

@@ -27,8 +27,33 @@ def check_threads(n_threads, what: str = "n_threads") -> None:
         raise EdgeLLMError(f"{what} must be an integer from 1 to {MAX_THREADS}, got {n_threads!r}")
 
 
-def create_backend(model, backend: str | None = "auto", n_threads: int | None = None, n_batch: int = 512):
-    """Build the backend named `backend` (or $EDGELLM_BACKEND when `auto`) for `model`."""
+def parse_gpu_layers(value) -> int:
+    """-ngl's value: an integer >= 0 (0: CPU only; more than the model's layers: all of them), -1 or "all" (every
+    layer), "auto" (-2: as many as fit in the GPU's free memory). EdgeLLMError otherwise."""
+    if isinstance(value, str):
+        v = value.strip().lower()
+        if v == "all":
+            return -1
+        if v == "auto":
+            return -2
+        try:
+            value = int(v, 10)
+        except ValueError:
+            raise EdgeLLMError(f"n_gpu_layers must be an integer, \"all\" or \"auto\", got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int) or value < -2 or value > 1 << 20:
+        raise EdgeLLMError(f"n_gpu_layers must be an integer >= 0, -1 (all), \"all\" or \"auto\", got {value!r}")
+    return value
+
+
+def create_backend(model, backend: str | None = "auto", n_threads: int | None = None, n_batch: int = 512,
+                   n_gpu_layers=0, device: int | None = None):
+    """Build the backend named `backend` (or $EDGELLM_BACKEND when `auto`) for `model`. n_gpu_layers != 0: the
+    last n_gpu_layers layers and the output on the GPU (`device`, default $EDGELLM_DEVICE or 0), the rest on the
+    native core."""
+    n_gpu = parse_gpu_layers(n_gpu_layers)
+    if n_gpu != 0:
+        check_threads(n_threads)
+        return _gpu_backend(model, n_gpu, n_threads or default_threads(), n_batch, device)
     name = (backend or "auto").lower()
     if name == "auto":
         name = os.environ.get("EDGELLM_BACKEND", "auto").lower() or "auto"
@@ -63,3 +88,27 @@ def create_backend(model, backend: str | None = "auto", n_threads: int | None = 
     backend = ReferenceBackend(model, n_threads=n_threads, n_batch=n_batch)
     backend.fallback_reason = "; ".join(reasons) or None
     return backend
+
+
+def _gpu_backend(model, n_gpu: int, n_threads: int, n_batch: int, device):
+    if device is None:
+        env = os.environ.get("EDGELLM_DEVICE", "").strip()
+        if env:
+            try:
+                device = int(env)
+            except ValueError:
+                raise EdgeLLMError(f"EDGELLM_DEVICE must be a GPU number, got {env!r}") from None
+    if device is not None and (isinstance(device, bool) or not isinstance(device, int) or device < 0):
+        raise EdgeLLMError(f"device must be a GPU number >= 0, got {device!r}")
+    from .cuda.backend import CudaBackend, auto_layers   # imports no CuPy until a backend is made
+
+    try:
+        if n_gpu == -2:
+            n_gpu = auto_layers(model, device)
+            if n_gpu == 0:
+                raise EdgeLLMError("-ngl auto: not one layer fits in the GPU's free memory")
+        return CudaBackend(model, n_gpu_layers=n_gpu, n_threads=n_threads, n_batch=n_batch, device=device)
+    except ImportError as e:       # CuPy present but no usable driver / device / compiler
+        raise EdgeLLMError(f"the GPU backend cannot start: {e}") from None
+    except (NotImplementedError, ValueError) as e:
+        raise EdgeLLMError(f"the GPU backend cannot run this model: {e}") from None

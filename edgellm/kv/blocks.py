@@ -222,8 +222,7 @@ class BlockManager:
             seq.tables[g][j] = self._take(g)
         for g, j in plan.cow:
             old, new = int(seq.tables[g][j]), self._take(g)
-            self.pool.k[g][:, new] = self.pool.k[g][:, old]
-            self.pool.v[g][:, new] = self.pool.v[g][:, old]
+            self.pool.copy_block(g, old, new)
             seq.tables[g][j] = new
             self._drop(g, old)
         return True
@@ -301,6 +300,7 @@ class BlockManager:
         if any(len(r) > self.num_free(g) for g, r in enumerate(replace)):
             return False
         tables = [t.copy() for t in seq.tables]
+        pool.pull()   # a GPU's layers: their rows come here, move, and go back below
         for g, t in enumerate(tables):
             for j in range(rewrite_lo[g], end):
                 if j in replace[g]:
@@ -320,6 +320,7 @@ class BlockManager:
                 k_rows[moved] = encode(k, pool.type_k).transpose(1, 0, 2)
             kc[dst[0], :, dst[1]] = k_rows
             vc[dst[0], :, dst[1]] = v_rows
+        pool.push()
         for g, t in enumerate(seq.tables):
             for j in replace[g]:
                 if t[j] >= 0:

@@ -57,10 +57,33 @@ class KVPool:
         for g in range(2 if self.swa else 1):   # resident only as far as blocks are written (memory.lazy_zeros)
             self.k.append(lazy_zeros((counts[g], self.n_blocks[g], n_head_kv, block, kr), kd))
             self.v.append(lazy_zeros((counts[g], self.n_blocks[g], n_head_kv, block, vr), vd))
+        self.mirrors = []   # copies of (some layers of) these blocks elsewhere: the GPU's (backends/cuda)
 
     @property
     def n_groups(self) -> int:
         return len(self.k)
+
+    # Host-side moves of cache rows go through these, so that a mirror (a GPU's copy of its layers' blocks)
+    # follows: a mirror has copy_block(g, old, new), pull(pool) (its rows into these arrays) and push(pool).
+    def add_mirror(self, mirror) -> None:
+        self.mirrors.append(mirror)
+
+    def copy_block(self, g: int, old: int, new: int) -> None:
+        """Block `new` of group g becomes a copy of block `old`, in every layer (copy-on-write)."""
+        self.k[g][:, new] = self.k[g][:, old]
+        self.v[g][:, new] = self.v[g][:, old]
+        for m in self.mirrors:
+            m.copy_block(g, old, new)
+
+    def pull(self) -> None:
+        """Before the host reads or rewrites rows: the mirrors' layers copied into these arrays."""
+        for m in self.mirrors:
+            m.pull(self)
+
+    def push(self) -> None:
+        """After the host rewrote rows: these arrays copied to the mirrors."""
+        for m in self.mirrors:
+            m.push(self)
 
     @property
     def nbytes(self) -> int:

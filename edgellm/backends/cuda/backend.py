@@ -1,0 +1,569 @@
+"""The GPU backend: llama and gemma3 layers on an NVIDIA GPU through CuPy, kernels compiled at run time (NVRTC).
+
+Weights are repacked (weights.py) and uploaded once at load. The KV blocks of the layers on the GPU live on the
+GPU (`DevicePool`, a mirror of the paged pool's block layout: the same block ids, so prefix sharing and the block
+manager work unchanged). A forward step packs its batch (tokens, positions, sequence ids, block tables) into one
+int32 upload, runs the kernels, and copies the logits back. Steps of up to GRAPH_MAX tokens are captured once per
+shape as a CUDA graph and replayed: a decode step is one graph launch instead of ~280 kernel launches.
+
+Partial offload (n_gpu_layers < n_layer): the first layers run on the CPU's native core (NativeBackend with
+`layers=(0, first)`), which returns the residual stream; it crosses to the GPU once per step.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+from ...arch import gemma3
+from ...engine.batch import Batch
+from ...errors import BatchError
+from ...kv.paged import BLOCK, SeqKV
+from ...quant import GGMLType
+from .weights import INT_FORMATS, FORMAT_NAMES, Packed, repack
+
+GRAPH_MAX = 64           # steps of at most this many tokens run as captured graphs
+GRAPHS_KEPT = 32         # graphs cached (by shape), least recently used dropped
+MM_WARPS = 4             # kernels.cu's MM_WARPS, MM_TOKENS and AW
+MM_TOKENS = 32
+RS_MAX_WARPS = 16
+PINNED_ROWS = 8          # logits rows copied back through page-locked memory (more: pageable)
+AW = 4
+KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}
+KERNELS = Path(__file__).with_name("kernels.cu")
+
+
+def _cupy():
+    try:
+        import cupy
+    except ImportError as e:
+        raise ImportError(f'CuPy is not installed (pip install "edgellm[cuda]"; "edgellm[cuda12]" for CUDA 12 '
+                          f'drivers): {e}') from None
+    return cupy
+
+
+def _i(v) -> np.int32:
+    return np.int32(v)
+
+
+def _f(v) -> np.float32:
+    return np.float32(v)
+
+
+NULL = np.uintp(0)
+
+
+def _at(a, col: int) -> np.uintp:
+    """The address of element `col` of a's first row (a column offset into a row-major buffer)."""
+    return np.uintp(a.data.ptr + col * a.itemsize)
+
+
+class DevMatrix:
+    """A packed matrix on the GPU (several stacked matrices of one format count as one: Q/K/V, gate/up)."""
+
+    def __init__(self, cp, p: Packed):
+        self.fmt, self.rows, self.cols = p.fmt, p.rows, p.cols
+        self.w = cp.asarray(np.ascontiguousarray(p.w))
+        self.sc = cp.asarray(p.sc) if p.sc is not None else None
+        self.qh = cp.asarray(p.qh) if p.qh is not None else None
+        self.nbytes = p.nbytes
+
+    @property
+    def is_int(self) -> bool:
+        return self.fmt in INT_FORMATS
+
+
+def _stack(parts: list[Packed]) -> Packed:
+    """Matrices of one format and width stacked by rows (one launch computes all their outputs)."""
+    cat = lambda xs: None if xs[0] is None else np.concatenate(xs, axis=0)   # noqa: E731
+    return Packed(parts[0].fmt, sum(p.rows for p in parts), parts[0].cols, cat([p.w for p in parts]),
+                  cat([p.sc for p in parts]), cat([p.qh for p in parts]))
+
+
+class DevicePool:
+    """The GPU's copy of a KVPool's blocks for layers [first, n_layer): per group, [layers, n_blocks, n_head_kv,
+    BLOCK, row] bytes, block b here being block b of the host pool. Host-side operations that move cache rows
+    (copy-on-write, context shift, sessions) reach it through the pool's mirrors (kv/paged.py)."""
+
+    def __init__(self, cp, pool, first: int):
+        self.cp, self.first = cp, first
+        self.type_k, self.type_v = pool.type_k, pool.type_v
+        self.k, self.v, self.layer = [], [], {}
+        for g in range(pool.n_groups):
+            layers = [il for il, (gg, _) in enumerate(pool.layer_group) if gg == g and il >= first]
+            host_k, host_v = pool.k[g], pool.v[g]
+            shape_k = (len(layers),) + host_k.shape[1:-1] + (host_k.shape[-1] * host_k.itemsize,)
+            shape_v = (len(layers),) + host_v.shape[1:-1] + (host_v.shape[-1] * host_v.itemsize,)
+            self.k.append(cp.zeros(shape_k, np.uint8))
+            self.v.append(cp.zeros(shape_v, np.uint8))
+            for j, il in enumerate(layers):
+                self.layer[il] = (g, j, pool.layer_group[il][1])
+        self.krow = [a.shape[-1] for a in self.k]
+        self.vrow = [a.shape[-1] for a in self.v]
+
+    # mirror hooks (KVPool calls them)
+    def copy_block(self, g: int, old: int, new: int) -> None:
+        self.k[g][:, new] = self.k[g][:, old]
+        self.v[g][:, new] = self.v[g][:, old]
+
+    def pull(self, pool) -> None:
+        """GPU rows -> the host pool's arrays (before the host reads or rewrites them)."""
+        for il, (g, j, idx) in self.layer.items():
+            pool.k[g][idx].view(np.uint8)[...] = self.k[g][j].get().reshape(pool.k[g][idx].view(np.uint8).shape)
+            pool.v[g][idx].view(np.uint8)[...] = self.v[g][j].get().reshape(pool.v[g][idx].view(np.uint8).shape)
+
+    def push(self, pool) -> None:
+        """The host pool's arrays -> GPU rows (after the host rewrote them)."""
+        for il, (g, j, idx) in self.layer.items():
+            self.k[g][j] = self.cp.asarray(np.ascontiguousarray(pool.k[g][idx]).view(np.uint8).reshape(self.k[g][j].shape))
+            self.v[g][j] = self.cp.asarray(np.ascontiguousarray(pool.v[g][idx]).view(np.uint8).reshape(self.v[g][j].shape))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.k + self.v)
+
+
+def device_count() -> int:
+    cp = _cupy()
+    return cp.cuda.runtime.getDeviceCount()
+
+
+def layer_bytes(model) -> tuple[list[int], int]:
+    """(GPU bytes of each layer's weights, of the output matrix and norms), from the file's tensor sizes: the
+    repacked formats carry float32 scales, 1.0-1.4x the GGUF bytes (estimated at the worst case)."""
+    gf, hp = model.gguf, model.hparams
+    per = [0] * hp.n_layer
+    rest = 0
+    for name, t in gf.tensors.items():
+        if name.startswith("blk."):
+            il = int(name.split(".")[1])
+            if 0 <= il < hp.n_layer:
+                per[il] += int(t.nbytes * 1.4)
+        else:
+            rest += int(t.nbytes * 1.4)
+    return per, rest
+
+
+def auto_layers(model, device: int | None) -> int:
+    """-ngl auto: the most layers (from the last) whose weights fit in the GPU's free memory, keeping a quarter of
+    it (at least 512 MiB) for the KV cache, the buffers and the CUDA context."""
+    cp = _cupy()
+    try:
+        with cp.cuda.Device(device or 0):
+            free, _ = cp.cuda.runtime.memGetInfo()
+    except Exception as e:
+        raise ImportError(f"no usable CUDA GPU: {e}") from None
+    room = free - max(free // 4, 512 << 20)
+    per, rest = layer_bytes(model)
+    room -= rest
+    n = 0
+    for b in reversed(per):
+        if room < b:
+            break
+        room -= b
+        n += 1
+    return n
+
+
+class CudaBackend:
+    """n_gpu_layers: layers on the GPU, the last ones (-1: all); the rest run on `cpu_backend_factory()`'s core."""
+
+    name = "cuda"
+
+    def __init__(self, model, n_gpu_layers: int = -1, n_threads: int | None = None, n_batch: int = 512,
+                 device: int | None = None):
+        cp = _cupy()
+        self.cp = cp
+        hp = model.hparams
+        self.model, self.hparams = model, hp
+        if hp.arch not in ("llama", "gemma3"):
+            raise NotImplementedError(f"architecture {hp.arch!r} (the GPU backend runs llama and gemma3)")
+        if hp.head_dim % 32 or hp.head_dim > 256 or hp.n_head % hp.n_head_kv or hp.rope_dim > hp.head_dim \
+                or hp.rope_dim % 2 or hp.n_embd % 32 or hp.n_ff % 32:
+            raise NotImplementedError(f"head layout n_head={hp.n_head} n_head_kv={hp.n_head_kv} head_dim={hp.head_dim} "
+                                      f"rope_dim={hp.rope_dim}, n_embd={hp.n_embd}, n_ff={hp.n_ff} (the GPU kernels "
+                                      f"take head_dim a multiple of 32 up to 256 and whole blocks of 32)")
+        if hp.arch == "gemma3" and hp.final_logit_softcap is not None:
+            raise NotImplementedError("gemma3 final logit soft-capping")
+        try:
+            n_dev = cp.cuda.runtime.getDeviceCount()
+        except Exception as e:   # no driver, a driver too old for this CuPy, no device node
+            raise ImportError(f"no usable CUDA GPU: {e}") from None
+        if n_dev < 1:
+            raise ImportError("no CUDA GPU found")
+        dev = 0 if device is None else int(device)
+        if not 0 <= dev < n_dev:
+            raise ValueError(f"GPU {dev} does not exist (this machine has {n_dev})")
+        self.device = cp.cuda.Device(dev)
+        n_layer = hp.n_layer
+        n_gpu = n_layer if n_gpu_layers is None or n_gpu_layers < 0 or n_gpu_layers > n_layer else int(n_gpu_layers)
+        self.first = n_layer - n_gpu           # layers [first, n_layer) run here
+        self.n_gpu_layers = n_gpu
+        self.n_batch = int(n_batch)
+        if self.n_batch < 1:
+            raise ValueError(f"n_batch must be at least 1, got {n_batch}")
+        self.cpu = None
+        if self.first > 0:
+            from ..native import NativeBackend
+            self.cpu = NativeBackend(model, n_threads=n_threads, n_batch=n_batch, layers=(0, self.first))
+        self.n_threads = self.cpu.n_threads if self.cpu is not None else (n_threads or 1)
+        with self.device:
+            props = cp.cuda.runtime.getDeviceProperties(dev)
+            self.gpu_name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+            self.isa = f"cuda:{dev} {self.gpu_name}"
+            self.stream = cp.cuda.Stream(non_blocking=True)
+            self._compile()
+            self._upload(model)
+            self._buffers()
+        self._pools = weakref.WeakKeyDictionary()   # KVPool -> DevicePool
+        self._graphs: OrderedDict = OrderedDict()
+        self.graph_max = GRAPH_MAX
+
+    # ------------------------------------------------------------------ load
+    def _compile(self) -> None:
+        cp = self.cp
+        src = KERNELS.read_text()
+        try:   # NVRTC compiles once; CuPy caches the binary on disk (~/.cupy/kernel_cache) for later loads
+            self.module = cp.RawModule(code=src, options=("-std=c++14",))
+            self.k = {n: self.module.get_function(n) for n in
+                      ("embed", "add_norm", "mm_int", "mm_float", "act_mul", "rope_store", "attention", "dequant",
+                       "quant_q8")}
+        except Exception as e:   # NVRTC missing (no runtime-compiler wheel), or a driver that rejects the code
+            raise ImportError(f"the GPU kernels did not compile: {type(e).__name__}: {e}") from None
+
+    def _packed(self, name: str) -> Packed:
+        gf = self.model.gguf
+        info = gf.tensors.get(name)
+        if info is None:
+            raise NotImplementedError(f"missing tensor {name!r}")
+        shape = tuple(info.shape)
+        if len(shape) != 2:
+            raise NotImplementedError(f"{name}: shape {shape} is not a matrix")
+        return repack(gf.tensor_data(name), int(info.type), shape[0], shape[1])
+
+    def _vector(self, name: str):
+        gf = self.model.gguf
+        info = gf.tensors.get(name)
+        if info is None:
+            raise NotImplementedError(f"missing tensor {name!r}")
+        if GGMLType(info.type) != GGMLType.F32 or len(info.shape) != 1:
+            raise NotImplementedError(f"{name}: norm weights must be F32 vectors")
+        return self.cp.asarray(np.ascontiguousarray(gf.tensor_data(name)).view(np.float32))
+
+    def _group(self, names: list[str]) -> list[tuple[DevMatrix, int]]:
+        """The matrices `names` (outputs side by side) as launches: (matrix, first output column); consecutive ones
+        of one format are stacked into one."""
+        parts = [self._packed(n) for n in names]
+        out, col, i = [], 0, 0
+        while i < len(parts):
+            j = i + 1
+            while j < len(parts) and parts[j].fmt == parts[i].fmt:
+                j += 1
+            stacked = _stack(parts[i:j]) if j - i > 1 else parts[i]
+            out.append((DevMatrix(self.cp, stacked), col))
+            col += stacked.rows
+            i = j
+        self.weight_bytes += sum(m.nbytes for m, _ in out)
+        return out
+
+    def _upload(self, model) -> None:
+        hp, gf = self.hparams, model.gguf
+        self.weight_bytes = 0
+        g3 = hp.arch == "gemma3"
+        self.embd = None
+        self.out_norm = self._vector("output_norm.weight")
+        out_name = "output.weight" if "output.weight" in gf.tensors else "token_embd.weight"
+        self.output = self._group([out_name])[0][0]
+        if self.cpu is None:    # the embedding lookup happens here (else on the CPU)
+            self.embd = self.output if out_name == "token_embd.weight" else self._group(["token_embd.weight"])[0][0]
+        self.layers = {}
+        for il in range(self.first, hp.n_layer):
+            p = f"blk.{il}."
+            L = {
+                "attn_norm": self._vector(p + "attn_norm.weight"),
+                "qkv": self._group([p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"]),
+                "wo": self._group([p + "attn_output.weight"])[0][0],
+                "ffn_norm": self._vector(p + "ffn_norm.weight"),
+                "gate_up": self._group([p + "ffn_gate.weight", p + "ffn_up.weight"]),
+                "down": self._group([p + "ffn_down.weight"])[0][0],
+            }
+            if g3:
+                for short in ("attn_q_norm", "attn_k_norm", "post_attention_norm", "post_ffw_norm"):
+                    L[short] = self._vector(p + short + ".weight")
+                base, scale = hp.layer_rope(il)
+                L["rope"] = (float(base), float(scale))
+                L["window"] = int(gemma3.window(hp, il))
+            else:
+                L["rope"] = (float(hp.rope_base), 1.0)
+                L["window"] = 0
+            self.layers[il] = L
+        self.g3 = g3
+        self.rope_neox = 1 if g3 else 0
+        self.act_gelu = 1 if g3 else 0
+        self.attn_scale = float(hp.attn_scale) if g3 else 1.0 / float(np.sqrt(hp.head_dim))
+        self.embd_scale = float(hp.embd_scale) if g3 else 1.0
+
+    def _buffers(self) -> None:
+        cp, hp, n = self.cp, self.hparams, self.n_batch
+        E, F, hd = hp.n_embd, hp.n_ff, hp.head_dim
+        nq, nkv = hp.n_head * hd, hp.n_head_kv * hd
+        self.ldq = nq + 2 * nkv
+        z = lambda *s, dt=np.float32: cp.zeros(s, dt)   # noqa: E731
+        self.x, self.tmp, self.xb = z(n, E), z(n, E), z(n, E)
+        self.xq, self.xds = z(n, E, dt=np.int8), z(n, E // 32, 2)
+        self.qkv = z(n, self.ldq)
+        self.ao, self.aq, self.ads = z(n, nq), z(n, nq, dt=np.int8), z(n, nq // 32, 2)
+        self.gu, self.h = z(n, 2 * F), z(n, F)
+        self.hq, self.hds = z(n, F, dt=np.int8), z(n, F // 32, 2)
+        self.logits = z(n, hp.n_vocab)
+        import cupyx
+        self._pinned = cupyx.empty_pinned((PINNED_ROWS * max(hp.n_vocab, hp.n_embd),), np.float32)
+        self.meta = z(1 << 16, dt=np.int32)     # grows when a step needs more (tables of many sequences)
+
+    # ------------------------------------------------------------------ KV
+    def _dev_pool(self, pool) -> DevicePool:
+        dp = self._pools.get(pool)
+        if dp is None:
+            if pool.block != BLOCK:
+                raise NotImplementedError(f"KV blocks of {pool.block} slots (the GPU kernels take {BLOCK})")
+            with self.device:
+                dp = DevicePool(self.cp, pool, self.first)
+            pool.add_mirror(dp)
+            self._pools[pool] = dp
+        return dp
+
+    # ------------------------------------------------------------------ forward
+    def forward_batch(self, batch: Batch, kvs, hidden: bool = False) -> np.ndarray:
+        hp = self.hparams
+        n = len(batch)
+        if n > self.n_batch:
+            raise BatchError(f"{n} tokens exceed the backend's n_batch ({self.n_batch}); split the batch")
+        batch.validate(kvs, hp.n_vocab)
+        pool = None
+        for kv in kvs:
+            if not isinstance(kv, SeqKV):
+                raise NotImplementedError("the GPU backend runs on the paged KV cache (SeqKV views)")
+            if pool is None:
+                pool = kv.pool
+            elif kv.pool is not pool:
+                raise BatchError("the sequences of one batch must share one KV pool")
+        pool.check_model(hp.n_layer, hp.n_head_kv, hp.head_dim, self._windows())
+        dp = self._dev_pool(pool)
+        n_out = batch.n_logits
+        x_in = None
+        if self.cpu is not None:   # the first layers on the CPU: the residual stream of every token comes back
+            x_in = self.cpu.forward_residual(batch, kvs)
+        S = len(kvs)
+        nts = [max(len(kv.tables[g]) for kv in kvs) for g in range(pool.n_groups)]
+        key = (id(pool), n, n_out, S, tuple(nts), bool(hidden), x_in is not None)
+        meta = self._meta(batch, kvs, nts)
+        cp = self.cp
+        with self.device:
+            if meta.size > self.meta.size:
+                self.meta = cp.zeros(meta.size * 2, np.int32)
+                self._graphs.clear()
+            self.meta[:meta.size].set(meta, stream=self.stream)
+            if x_in is not None:
+                self.x[:n].set(x_in, stream=self.stream)
+            if n <= self.graph_max:
+                g = self._graphs.get(key)
+                if g is None:
+                    self.stream.begin_capture()
+                    try:
+                        self._launch(dp, n, n_out, S, nts, hidden, x_in is not None)
+                    finally:
+                        g = self.stream.end_capture()
+                    self._graphs[key] = g
+                    if len(self._graphs) > GRAPHS_KEPT:
+                        self._graphs.popitem(last=False)
+                else:
+                    self._graphs.move_to_end(key)
+                g.launch(stream=self.stream)
+            else:
+                with self.stream:
+                    self._launch(dp, n, n_out, S, nts, hidden, x_in is not None)
+            width = hp.n_embd if hidden else hp.n_vocab
+            src = (self.xb if hidden else self.logits)[:n_out]
+            if 0 < n_out <= PINNED_ROWS:   # page-locked: a direct DMA, then one host copy
+                staged = self._pinned[:n_out * width].reshape(n_out, width)
+                src.get(stream=self.stream, out=staged)
+                self.stream.synchronize()
+                return staged.copy()
+            rows = np.empty((n_out, width), np.float32)
+            if n_out:
+                src.get(stream=self.stream, out=rows)
+            self.stream.synchronize()
+        return rows
+
+    def forward(self, tokens, positions, cache, all_logits: bool = False) -> np.ndarray:
+        batch = Batch.of_one(tokens, positions, all_logits)
+        batch.validate([cache], self.hparams.n_vocab)
+        n, step = len(batch), min(self.n_batch, cache.max_batch)
+        if n <= step:
+            return self.forward_batch(batch, [cache])
+        out = []
+        for s in range(0, n, step):
+            e = min(n, s + step)
+            part = Batch(batch.tokens[s:e], batch.positions[s:e], batch.seq_ids[s:e], batch.want[s:e])
+            rows = self.forward_batch(part, [cache])
+            if part.n_logits:
+                out.append(rows)
+        return np.concatenate(out, axis=0)
+
+    def _windows(self):
+        hp = self.hparams
+        if hp.arch == "gemma3":
+            return tuple(gemma3.window(hp, il) for il in range(hp.n_layer))
+        return (0,) * hp.n_layer
+
+    def _meta(self, batch: Batch, kvs, nts) -> np.ndarray:
+        """One int32 array: tokens | positions | sequence ids | output rows | swa_from per sequence | block
+        tables of each group ([S, nts[g]], -1 padded)."""
+        S = len(kvs)
+        out_idx = np.flatnonzero(batch.want).astype(np.int32)
+        parts = [batch.tokens, batch.positions, batch.seq_ids, out_idx,
+                 np.array([kv.swa_from for kv in kvs], np.int32)]
+        for g, nt in enumerate(nts):
+            t = np.full((S, nt), -1, np.int32)
+            for s, kv in enumerate(kvs):
+                t[s, :len(kv.tables[g])] = kv.tables[g]
+            parts.append(t.reshape(-1))
+        return np.concatenate(parts).astype(np.int32, copy=False)
+
+    def _launch(self, dp: DevicePool, n: int, n_out: int, S: int, nts, hidden: bool, have_x: bool) -> None:
+        """Every kernel of one step, on self.stream (captured into a graph for small steps)."""
+        hp, k, m = self.hparams, self.k, self.meta
+        E, F, hd = hp.n_embd, hp.n_ff, hp.head_dim
+        tokens, pos, seq = m[0:n], m[n:2 * n], m[2 * n:3 * n]
+        off = 3 * n
+        out_idx = m[off:off + n_out]
+        off += n_out
+        swa_from = m[off:off + S]
+        off += S
+        tables = []
+        for nt in nts:
+            tables.append((m[off:off + S * nt], nt))
+            off += S * nt
+        eps = _f(hp.rms_eps)
+        st = self.stream
+        if not have_x:
+            e = self.embd
+            k["embed"]((n,), (256,), (_i(e.fmt), e.w, e.sc if e.sc is not None else NULL,
+                                      e.qh if e.qh is not None else NULL, _i(E), tokens, _f(self.embd_scale), self.x),
+                       stream=st)
+        prev_post = None   # gemma3: the previous layer's post-FFN norm, applied when the next norm reads x
+        for il in range(self.first, hp.n_layer):
+            L = self.layers[il]
+            g, j, _ = dp.layer[il]
+            self._norm(L["attn_norm"], prev_post, n, eps)
+            for mat, col in L["qkv"]:
+                self._mm(mat, self.xb, self.xq, self.xds, _at(self.qkv, col), None, n, self.ldq)
+            base, pscale = L["rope"]
+            table, nt = tables[g]
+            kl = (dp.k[g][j], dp.v[g][j], table, _i(nt), _i(dp.krow[g]), _i(dp.vrow[g]))
+            k["rope_store"]((n,), (32 * min(hp.n_head + 2 * hp.n_head_kv, RS_MAX_WARPS),), (self.qkv, _i(self.ldq), _i(hp.n_head), _i(hp.n_head_kv), _i(hd),
+                                           _i(hp.rope_dim), _i(self.rope_neox), _f(base), _f(pscale),
+                                           L.get("attn_q_norm", NULL), L.get("attn_k_norm", NULL), eps, pos, seq,
+                                           *kl, _i(KV_TYPES[dp_type(dp, 'k')]), _i(KV_TYPES[dp_type(dp, 'v')])),
+                                stream=st)
+            k["attention"]((n * hp.n_head,), (32 * AW,),
+                           (self.qkv, _i(self.ldq), _i(hp.n_head), _i(hp.n_head_kv), _i(hd), _f(self.attn_scale),
+                            pos, seq, swa_from, *kl, _i(L["window"]), _i(g),
+                            _i(KV_TYPES[dp_type(dp, 'k')]), _i(KV_TYPES[dp_type(dp, 'v')]),
+                            self.ao, self.aq, self.ads), stream=st)
+            if self.g3:
+                self._mm(L["wo"], self.ao, self.aq, self.ads, self.tmp, None, n, E)
+                self._norm(L["ffn_norm"], L["post_attention_norm"], n, eps)
+            else:
+                self._mm(L["wo"], self.ao, self.aq, self.ads, self.x, self.x, n, E)
+                self._norm(L["ffn_norm"], None, n, eps)
+            for mat, col in L["gate_up"]:
+                self._mm(mat, self.xb, self.xq, self.xds, _at(self.gu, col), None, n, 2 * F)
+            nblk = n * (F // 32)
+            k["act_mul"](((nblk + 3) // 4,), (128,), (self.gu, _i(F), _i(n), _i(self.act_gelu), self.h, self.hq,
+                                                       self.hds), stream=st)
+            if self.g3:
+                self._mm(L["down"], self.h, self.hq, self.hds, self.tmp, None, n, E)
+                prev_post = L["post_ffw_norm"]
+            else:
+                self._mm(L["down"], self.h, self.hq, self.hds, self.x, self.x, n, E)
+        if n_out == 0:
+            return
+        self._norm(self.out_norm, prev_post, n_out, eps, idx=out_idx)
+        if not hidden:
+            self._mm(self.output, self.xb, self.xq, self.xds, self.logits, None, n_out, hp.n_vocab)
+
+    def _norm(self, w, post, rows: int, eps, idx=None) -> None:
+        """xb (and its q8 blocks) = rmsnorm(x) * w, after x += rmsnorm(tmp) * post (Gemma 3's post-norms)."""
+        E = self.hparams.n_embd
+        self.k["add_norm"]((rows,), (256,), (self.x, self.tmp, post if post is not None else NULL, w,
+                                             idx if idx is not None else NULL, _i(E), eps, self.xb, self.xq,
+                                             self.xds), stream=self.stream)
+
+    def _mm(self, mat: DevMatrix, x, xq, xds, y, res, T: int, ldy: int) -> None:
+        grid = ((mat.rows + MM_WARPS - 1) // MM_WARPS, (T + MM_TOKENS - 1) // MM_TOKENS)
+        if mat.is_int:
+            self.k["mm_int"](grid, (32 * MM_WARPS,), (_i(mat.fmt), mat.w, mat.sc, mat.qh if mat.qh is not None else NULL,
+                                                      xq, xds, y, res if res is not None else NULL, _i(mat.rows),
+                                                      _i(mat.cols), _i(T), _i(ldy)), stream=self.stream)
+        else:
+            self.k["mm_float"](grid, (32 * MM_WARPS,), (_i(mat.fmt), mat.w, x, y, res if res is not None else NULL,
+                                                        _i(mat.rows), _i(mat.cols), _i(T), _i(ldy)),
+                               stream=self.stream)
+
+    # ------------------------------------------------------------------ tools and tests
+    def dequantize(self, p: Packed) -> np.ndarray:
+        """float32 [rows, cols] of a packed matrix as the GPU reads it (tests)."""
+        cp = self.cp
+        with self.device:
+            m = DevMatrix(cp, p)
+            y = cp.empty((p.rows, p.cols), np.float32)
+            total = p.rows * p.cols
+            self.k["dequant"](((total + 255) // 256,), (256,), (_i(m.fmt), m.w, m.sc if m.sc is not None else NULL,
+                                                                m.qh if m.qh is not None else NULL, _i(p.rows),
+                                                                _i(p.cols), y))
+            return y.get()
+
+    def matmul(self, p: Packed, x: np.ndarray) -> np.ndarray:
+        """y [T, rows] = x [T, cols] @ w.T through the step's kernels (q8 activations for the integer formats)."""
+        cp = self.cp
+        with self.device:
+            m = DevMatrix(cp, p)
+            T = x.shape[0]
+            xd = cp.asarray(np.ascontiguousarray(x, np.float32))
+            xq = cp.empty((T, p.cols), np.int8)
+            xds = cp.empty((T, p.cols // 32, 2), np.float32)
+            nb = T * p.cols // 32
+            self.k["quant_q8"](((nb + 3) // 4,), (128,), (xd, _i(nb), xq, xds))
+            y = cp.empty((T, p.rows), np.float32)
+            self._mm_default(m, xd, xq, xds, y, T)
+            return y.get()
+
+    def _mm_default(self, m, xd, xq, xds, y, T):
+        grid = ((m.rows + MM_WARPS - 1) // MM_WARPS, (T + MM_TOKENS - 1) // MM_TOKENS)
+        if m.is_int:
+            self.k["mm_int"](grid, (32 * MM_WARPS,), (_i(m.fmt), m.w, m.sc, m.qh if m.qh is not None else NULL, xq,
+                                                      xds, y, NULL, _i(m.rows), _i(m.cols), _i(T), _i(m.rows)))
+        else:
+            self.k["mm_float"](grid, (32 * MM_WARPS,), (_i(m.fmt), m.w, xd, y, NULL, _i(m.rows), _i(m.cols), _i(T),
+                                                        _i(m.rows)))
+
+    def describe(self) -> str:
+        fmts = sorted({FORMAT_NAMES[mat.fmt] for L in self.layers.values() for mat, _ in L["qkv"] + L["gate_up"]})
+        where = f"layers {self.first}-{self.hparams.n_layer - 1} and the output on {self.isa}"
+        if self.cpu is not None:
+            where += f", layers 0-{self.first - 1} on the CPU ({self.cpu.isa}, {self.cpu.n_threads} threads)"
+        return f"{where}; {self.weight_bytes / 2**20:.0f} MiB of weights on the GPU ({', '.join(fmts)})"
+
+    def close(self) -> None:
+        self._graphs.clear()
+        self.layers = {}
+        if self.cpu is not None:
+            self.cpu.close()
+
+
+def dp_type(dp: DevicePool, which: str) -> str:
+    return dp.type_k if which == "k" else dp.type_v

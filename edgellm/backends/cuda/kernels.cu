@@ -1,0 +1,491 @@
+// edgellm's GPU kernels: CUDA C compiled at run time by NVRTC (through CuPy), no CUDA headers needed.
+//
+// Weights are repacked at upload (weights.py) into four formats, every block of 32 elements self-contained:
+//   f32 / f16 / bf16   plain rows
+//   q4   qs[16] per block (byte i: element i in the low nibble, element i + 16 in the high one) and float2
+//        (scale, min) per block: w = scale * q - min          (Q4_0, Q4_1, Q4_K)
+//   q5   q4 plus a 32-bit word of fifth bits per block: bit i is the high bit of element i   (Q5_0, Q5_1, Q5_K)
+//   q8   qs[32] signed per block and float2 (scale of elements 0..15, of 16..31): w = scale * q   (Q8_0, Q6_K)
+// Activations meet the integer formats as q8 blocks: int8 x[32] with float2 (d, s = d * sum(x)), so a block's
+// dot product is an exact integer sum (dp4a) scaled once.
+//
+// Batch invariance: every output element (a row of a matrix for one token, an attention head for one token, a
+// normed row) is computed by the same threads in the same order whatever else is in the launch: matrix rows
+// split their blocks over the 32 lanes of one warp (lane l takes blocks l, l + 32, ...) and sum the lanes with
+// one fixed butterfly; attention walks a token's keys in chunks fixed by its own position; norms reduce with a
+// fixed block size. So a token's logits do not depend on the batch it rides in.
+//
+// HIP: nothing here is CUDA-only except the three conversion helpers (inline PTX) and __dp4a, which have HIP
+// equivalents under EL_HIP (untested: no ROCm machine was available).
+
+typedef unsigned char u8;
+typedef signed char i8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+
+#ifdef EL_HIP
+__device__ __forceinline__ float h2f(u16 h) { return __half2float(__ushort_as_half(h)); }
+__device__ __forceinline__ u16 f2h(float f) { return __half_as_ushort(__float2half_rn(f)); }
+#define EL_DP4A(a, b, c) __builtin_amdgcn_sdot4((a), (b), (c), false)
+#else
+__device__ __forceinline__ float h2f(u16 h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
+__device__ __forceinline__ u16 f2h(float f) { u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
+#define EL_DP4A(a, b, c) __dp4a((a), (b), (c))
+#endif
+__device__ __forceinline__ float bf2f(u16 b) { return __uint_as_float(((u32)b) << 16); }
+
+#define WARP 32
+#define NEG_INF __int_as_float(0xff800000)
+#define TT 8          // tokens per warp pass in the matrix kernels
+#define MM_WARPS 4    // warps (rows) per block in the matrix kernels
+#define MM_TOKENS 32  // tokens per block in the matrix kernels (grid y)
+#define MAX_HD 256    // largest head_dim
+
+enum { F_F32 = 0, F_F16 = 1, F_BF16 = 2, F_Q4 = 3, F_Q5 = 4, F_Q8 = 5 };
+enum { KV_F32 = 0, KV_F16 = 1, KV_Q8_0 = 8 };
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+__device__ __forceinline__ int warp_isum(int v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// ------------------------------------------------------------------------------------------ element access
+// One weight element (embedding rows, tests): format f, row r of K elements, column k.
+__device__ float w_elem(int f, const void *w, const void *sc, const u32 *qh, long long r, int K, int k) {
+    const long long i = r * K + k;
+    const int b = k >> 5, e = k & 31;
+    const long long blk = r * (K >> 5) + b;
+    switch (f) {
+    case F_F32: return ((const float *)w)[i];
+    case F_F16: return h2f(((const u16 *)w)[i]);
+    case F_BF16: return bf2f(((const u16 *)w)[i]);
+    case F_Q4:
+    case F_Q5: {
+        const u8 byte = ((const u8 *)w)[blk * 16 + (e & 15)];
+        int q = e < 16 ? (byte & 15) : (byte >> 4);
+        if (f == F_Q5) q |= ((qh[blk] >> e) & 1) << 4;
+        const float2 sm = ((const float2 *)sc)[blk];
+        return sm.x * (float)q - sm.y;
+    }
+    default: {   // F_Q8
+        const float2 s = ((const float2 *)sc)[blk];
+        return (e < 16 ? s.x : s.y) * (float)((const i8 *)w)[blk * 32 + e];
+    }
+    }
+}
+
+// ------------------------------------------------------------------------------------------ q8 activations
+// Quantize 32 values held one per lane (value v of lane l = element l of the block): writes q[l], and lane 0
+// writes (d, d * sum q). Round half away from zero, d = amax / 127 (as the CPU's q8 activations).
+__device__ __forceinline__ void warp_quant_block(float v, i8 *q, float2 *ds) {
+    const int lane = threadIdx.x & 31;
+    const float amax = warp_max(fabsf(v));
+    const float d = amax / 127.0f;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    const int qi = (int)roundf(v * id);
+    q[lane] = (i8)qi;
+    const int s = warp_isum(qi);
+    if (lane == 0) *ds = make_float2(d, d * (float)s);
+}
+
+// ------------------------------------------------------------------------------------------ embedding
+// x[t] = row tokens[t] of the embedding matrix (any format) * scale. One block per token.
+extern "C" __global__ void embed(int f, const void *w, const void *sc, const u32 *qh, int K,
+                                 const int *tokens, float scale, float *x) {
+    const int t = blockIdx.x;
+    const long long r = tokens[t];
+    for (int k = threadIdx.x; k < K; k += blockDim.x) x[(long long)t * K + k] = w_elem(f, w, sc, qh, r, K, k) * scale;
+}
+
+// ------------------------------------------------------------------------------------------ norms
+// Block-wide sum with a fixed order (blockDim.x a multiple of 32, at most 1024).
+__device__ float block_sum(float v, float *red) {
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) red[w] = v;
+    __syncthreads();
+    float s = 0.0f;
+    for (int i = 0; i < nw; i++) s += red[i];
+    return s;
+}
+
+// For each output row i (token idx ? idx[i] : i):
+//   if pw: x[t] += rmsnorm(o[t]) * pw          (Gemma 3's post-norms: the sublayer's output, normed, added)
+//   y[i] = rmsnorm(x[t]) * w, also as q8 blocks (yq, yds) when K % 32 == 0
+// One block per row; the block's threads own elements k = threadIdx.x + j * blockDim.x.
+extern "C" __global__ void add_norm(float *x, const float *o, const float *pw, const float *w, const int *idx,
+                                    int K, float eps, float *y, i8 *yq, float2 *yds) {
+    __shared__ float red[32];
+    const int i = blockIdx.x;
+    const long long t = idx ? idx[i] : i;
+    float *xt = x + t * K;
+    if (pw) {
+        const float *ot = o + t * K;
+        float ss = 0.0f;
+        for (int k = threadIdx.x; k < K; k += blockDim.x) ss += ot[k] * ot[k];
+        const float r = 1.0f / sqrtf(block_sum(ss, red) / (float)K + eps);
+        for (int k = threadIdx.x; k < K; k += blockDim.x) xt[k] += ot[k] * r * pw[k];
+        __syncthreads();
+    }
+    float ss = 0.0f;
+    for (int k = threadIdx.x; k < K; k += blockDim.x) ss += xt[k] * xt[k];
+    const float r = 1.0f / sqrtf(block_sum(ss, red) / (float)K + eps);
+    float *yi = y + (long long)i * K;
+    for (int k = threadIdx.x; k < K; k += blockDim.x) yi[k] = xt[k] * r * w[k];
+    if (yq == 0 || (K & 31)) return;
+    __syncthreads();
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    for (int b = wid; b < (K >> 5); b += nw)
+        warp_quant_block(yi[b * 32 + lane], yq + (long long)i * K + b * 32, yds + (long long)i * (K >> 5) + b);
+}
+
+// ------------------------------------------------------------------------------------------ matrices
+// y[t, r] (+)= sum_k w[r, k] * x[t, k] for rows r < R, tokens t < T; y row stride ldy; res: added (may be y).
+// One warp per row; a warp passes over the tokens TT at a time (the row's blocks are read once per pass).
+
+__device__ __forceinline__ void mm_store(float acc, float *y, const float *res, long long at, int lane) {
+    acc = warp_sum(acc);
+    if (lane == 0) y[at] = res ? res[at] + acc : acc;
+}
+
+// unpack 16 bytes of nibbles: lo[j] = elements 4j..4j+3, hi[j] = elements 16+4j..16+4j+3, one per byte
+__device__ __forceinline__ void unpack4(uint4 v, int *lo, int *hi) {
+    const u32 w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int j = 0; j < 4; j++) { lo[j] = (int)(w[j] & 0x0F0F0F0Fu); hi[j] = (int)((w[j] >> 4) & 0x0F0F0F0Fu); }
+}
+// four fifth-bits (bits 4j..4j+3 of qh) moved to bit 4 of four bytes
+__device__ __forceinline__ int fifth(u32 qh, int j) { return (int)(((((qh >> (4 * j)) & 15u) * 0x00204081u) & 0x01010101u) << 4); }
+
+// Grid: x over groups of MM_WARPS rows, y over runs of MM_TOKENS tokens (blockIdx.y's run, TT at a time).
+extern "C" __global__ void mm_int(int f, const u8 *w, const float2 *sc, const u32 *qh, const i8 *xq,
+                                  const float2 *xds, float *y, const float *res, int R, int K, int T, int ldy) {
+    const int lane = threadIdx.x & 31;
+    const int r = blockIdx.x * MM_WARPS + (threadIdx.x >> 5);
+    if (r >= R) return;
+    const int nb = K >> 5;
+    const int t_end = min(T, (int)(blockIdx.y + 1) * MM_TOKENS);
+    for (int t0 = blockIdx.y * MM_TOKENS; t0 < t_end; t0 += TT) {
+        const int nt = t_end - t0 < TT ? t_end - t0 : TT;
+        float acc[TT];
+#pragma unroll
+        for (int t = 0; t < TT; t++) acc[t] = 0.0f;
+        for (int b = lane; b < nb; b += WARP) {
+            const long long blk = (long long)r * nb + b;
+            int lo[4], hi[4];
+            float2 s = sc[blk];
+            if (f == F_Q8) {
+                const uint4 a = ((const uint4 *)(w + blk * 32))[0], c = ((const uint4 *)(w + blk * 32))[1];
+                lo[0] = a.x; lo[1] = a.y; lo[2] = a.z; lo[3] = a.w; hi[0] = c.x; hi[1] = c.y; hi[2] = c.z; hi[3] = c.w;
+            } else {
+                unpack4(((const uint4 *)(w + blk * 16))[0], lo, hi);
+                if (f == F_Q5) {
+                    const u32 h = qh[blk];
+#pragma unroll
+                    for (int j = 0; j < 4; j++) { lo[j] |= fifth(h, j); hi[j] |= fifth(h, 4 + j); }
+                }
+            }
+#pragma unroll
+            for (int t = 0; t < TT; t++) {
+                if (t < nt) {
+                    const long long xb = (long long)(t0 + t) * nb + b;
+                    const uint4 a = ((const uint4 *)(xq + xb * 32))[0], c = ((const uint4 *)(xq + xb * 32))[1];
+                    const float2 d = xds[xb];
+                    int s0 = 0, s1 = 0;
+                    s0 = EL_DP4A(lo[0], (int)a.x, s0); s0 = EL_DP4A(lo[1], (int)a.y, s0);
+                    s0 = EL_DP4A(lo[2], (int)a.z, s0); s0 = EL_DP4A(lo[3], (int)a.w, s0);
+                    s1 = EL_DP4A(hi[0], (int)c.x, s1); s1 = EL_DP4A(hi[1], (int)c.y, s1);
+                    s1 = EL_DP4A(hi[2], (int)c.z, s1); s1 = EL_DP4A(hi[3], (int)c.w, s1);
+                    if (f == F_Q8) acc[t] += d.x * (s.x * (float)s0 + s.y * (float)s1);
+                    else acc[t] += s.x * d.x * (float)(s0 + s1) - s.y * d.y;
+                }
+            }
+        }
+#pragma unroll
+        for (int t = 0; t < TT; t++)
+            if (t < nt) mm_store(acc[t], y, res, (long long)(t0 + t) * ldy + r, lane);
+    }
+}
+
+// float weights (f32 / f16 / bf16) against float activations; lane l takes elements 8l..8l+7 of each 256
+extern "C" __global__ void mm_float(int f, const void *w, const float *x, float *y, const float *res,
+                                    int R, int K, int T, int ldy) {
+    const int lane = threadIdx.x & 31;
+    const int r = blockIdx.x * MM_WARPS + (threadIdx.x >> 5);
+    if (r >= R) return;
+    const int t_end = min(T, (int)(blockIdx.y + 1) * MM_TOKENS);
+    for (int t0 = blockIdx.y * MM_TOKENS; t0 < t_end; t0 += TT) {
+        const int nt = t_end - t0 < TT ? t_end - t0 : TT;
+        float acc[TT];
+#pragma unroll
+        for (int t = 0; t < TT; t++) acc[t] = 0.0f;
+        for (int k = 8 * lane; k < K; k += 8 * WARP) {
+            float wv[8];
+            const long long i = (long long)r * K + k;
+            if (f == F_F32) {
+                const float4 a = ((const float4 *)((const float *)w + i))[0], b = ((const float4 *)((const float *)w + i))[1];
+                wv[0] = a.x; wv[1] = a.y; wv[2] = a.z; wv[3] = a.w; wv[4] = b.x; wv[5] = b.y; wv[6] = b.z; wv[7] = b.w;
+            } else {
+                const uint4 a = ((const uint4 *)((const u16 *)w + i))[0];
+                const u32 p[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    if (f == F_F16) { wv[2 * j] = h2f((u16)(p[j] & 0xffff)); wv[2 * j + 1] = h2f((u16)(p[j] >> 16)); }
+                    else { wv[2 * j] = bf2f((u16)(p[j] & 0xffff)); wv[2 * j + 1] = bf2f((u16)(p[j] >> 16)); }
+                }
+            }
+#pragma unroll
+            for (int t = 0; t < TT; t++) {
+                if (t < nt) {
+                    const float *xt = x + (long long)(t0 + t) * K + k;
+                    const float4 a = ((const float4 *)xt)[0], b = ((const float4 *)xt)[1];
+                    float s = acc[t];
+                    s = fmaf(wv[0], a.x, s); s = fmaf(wv[1], a.y, s); s = fmaf(wv[2], a.z, s); s = fmaf(wv[3], a.w, s);
+                    s = fmaf(wv[4], b.x, s); s = fmaf(wv[5], b.y, s); s = fmaf(wv[6], b.z, s); s = fmaf(wv[7], b.w, s);
+                    acc[t] = s;
+                }
+            }
+        }
+#pragma unroll
+        for (int t = 0; t < TT; t++)
+            if (t < nt) mm_store(acc[t], y, res, (long long)(t0 + t) * ldy + r, lane);
+    }
+}
+
+// ------------------------------------------------------------------------------------------ gated FFN
+// h[t, i] = act(g[t, i]) * u[t, i] with g = gu[t, i], u = gu[t, F + i] (gu row stride 2F), and h's q8 blocks.
+// One warp per 32-element block of one token.
+extern "C" __global__ void act_mul(const float *gu, int F, int T, int gelu, float *h, i8 *hq, float2 *hds) {
+    const int lane = threadIdx.x & 31;
+    const long long wi = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int nb = F >> 5;
+    if (wi >= (long long)T * nb) return;
+    const long long t = wi / nb;
+    const int i = (int)(wi % nb) * 32 + lane;
+    const float g = gu[t * 2 * F + i], u = gu[t * 2 * F + F + i];
+    float a;
+    if (gelu) {   // tanh approximation, as ggml's GELU
+        const float c = 0.7978845608028654f;   // sqrt(2 / pi)
+        a = 0.5f * g * (1.0f + tanhf(c * (g + 0.044715f * g * g * g)));
+    } else {
+        a = g / (1.0f + expf(-g));
+    }
+    const float v = a * u;
+    h[t * F + i] = v;
+    if (hq) warp_quant_block(v, hq + t * F + i - lane, hds + t * nb + i / 32);
+}
+
+// ------------------------------------------------------------------------------------------ RoPE and the cache
+
+// One head row of hd values held by a warp (v[i] = element lane + 32 i) into a cache row of `type`.
+__device__ __forceinline__ void warp_store_row(int type, const float *v, u8 *dst, int hd) {
+    const int lane = threadIdx.x & 31;
+    if (type == KV_F16) {
+        for (int i = 0; i < hd / 32; i++) ((u16 *)dst)[lane + 32 * i] = f2h(v[i]);
+    } else if (type == KV_F32) {
+        for (int i = 0; i < hd / 32; i++) ((float *)dst)[lane + 32 * i] = v[i];
+    } else {   // q8_0: per 32 values, half d then 32 int8 (34 bytes); ggml's rounding (roundf)
+        for (int i = 0; i < hd / 32; i++) {
+            const float d = warp_max(fabsf(v[i])) / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+            u8 *o = dst + i * 34;
+            ((i8 *)o)[2 + lane] = (i8)(int)roundf(v[i] * id);
+            if (lane == 0) { const u16 dh = f2h(d); o[0] = (u8)(dh & 0xff); o[1] = (u8)(dh >> 8); }
+        }
+    }
+}
+
+#define RS_MAX_WARPS 16
+
+// For token t (one block, a warp per head): per-head RMSNorm of q and k (qn, kn non-NULL: Gemma 3), RoPE of q and
+// k, then k and v into the cache slot of (seq[t], pos[t]). qkv: [T, ldq] with the n_head q heads, then the
+// n_head_kv k heads, then the v heads. RoPE angles theta_i = pos * pscale * base^(-2i / rope_dim) in double, as
+// the CPU core.
+extern "C" __global__ void rope_store(float *qkv, int ldq, int n_head, int n_head_kv, int hd, int rope_dim, int neox,
+                                      float base, float pscale, const float *qn, const float *kn, float eps,
+                                      const int *pos, const int *seq, u8 *kc, u8 *vc, const int *table, int n_table,
+                                      int krow, int vrow, int type_k, int type_v) {
+    __shared__ float cs[512];
+    __shared__ float sh[RS_MAX_WARPS][MAX_HD];
+    const int t = blockIdx.x, p = pos[t], half = rope_dim / 2;
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        const double th = (double)p * (double)pscale * pow((double)base, -2.0 * i / rope_dim);
+        cs[2 * i] = (float)cos(th);
+        cs[2 * i + 1] = (float)sin(th);
+    }
+    __syncthreads();
+    float *q = qkv + (long long)t * ldq;
+    const int s = seq[t];
+    const long long blk = table[(long long)s * n_table + p / 64], slot = p % 64;
+    const int nd = hd / 32, nh = n_head + 2 * n_head_kv;
+    for (int h = w; h < nh; h += nw) {
+        float *x = q + h * hd;   // q heads, k heads, v heads lie one after the other
+        const int is_v = h >= n_head + n_head_kv, is_k = !is_v && h >= n_head;
+        float v[MAX_HD / 32];
+        for (int i = 0; i < nd; i++) v[i] = x[lane + 32 * i];
+        if (!is_v) {
+            const float *nw_ = is_k ? kn : qn;
+            if (nw_) {
+                float ss = 0.0f;
+                for (int i = 0; i < nd; i++) ss += v[i] * v[i];
+                const float r = 1.0f / sqrtf(warp_sum(ss) / (float)hd + eps);
+                for (int i = 0; i < nd; i++) v[i] = v[i] * r * nw_[lane + 32 * i];
+            }
+            for (int i = 0; i < nd; i++) sh[w][lane + 32 * i] = v[i];
+            __syncwarp();
+            for (int i = 0; i < nd; i++) {
+                const int e = lane + 32 * i;
+                if (e < rope_dim) {
+                    int a, b, j;
+                    if (neox) { j = e % half; a = j; b = j + half; }
+                    else { j = e / 2; a = 2 * j; b = 2 * j + 1; }
+                    const float c = cs[2 * j], sn = cs[2 * j + 1];
+                    v[i] = e == a ? sh[w][a] * c - sh[w][b] * sn : sh[w][a] * sn + sh[w][b] * c;
+                }
+                x[e] = v[i];
+            }
+            __syncwarp();
+        }
+        if (is_k) warp_store_row(type_k, v, kc + ((blk * n_head_kv + (h - n_head)) * 64 + slot) * krow, hd);
+        if (is_v) warp_store_row(type_v, v, vc + ((blk * n_head_kv + (h - n_head - n_head_kv)) * 64 + slot) * vrow, hd);
+    }
+}
+
+// ------------------------------------------------------------------------------------------ attention
+#define AW 4            // warps per (token, head): warp w takes key chunks w, w + AW, ... (32 positions each)
+
+__device__ __forceinline__ float kv_dot(int type, const u8 *k, const float *q, int hd) {
+    float s = 0.0f;
+    if (type == KV_F16) {
+        for (int i = 0; i < hd; i += 8) {
+            const uint4 a = *(const uint4 *)(k + 2 * i);
+            const u32 p[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                s = fmaf(h2f((u16)(p[j] & 0xffff)), q[i + 2 * j], s);
+                s = fmaf(h2f((u16)(p[j] >> 16)), q[i + 2 * j + 1], s);
+            }
+        }
+    } else if (type == KV_F32) {
+        for (int i = 0; i < hd; i += 4) {
+            const float4 a = *(const float4 *)(k + 4 * i);
+            s = fmaf(a.x, q[i], s); s = fmaf(a.y, q[i + 1], s); s = fmaf(a.z, q[i + 2], s); s = fmaf(a.w, q[i + 3], s);
+        }
+    } else {
+        for (int b = 0; b < hd / 32; b++) {
+            const u8 *o = k + b * 34;
+            const float d = h2f((u16)(o[0] | (o[1] << 8)));
+            float sb = 0.0f;
+            for (int j = 0; j < 32; j++) sb = fmaf((float)((const i8 *)o)[2 + j], q[b * 32 + j], sb);
+            s = fmaf(d, sb, s);
+        }
+    }
+    return s;
+}
+
+__device__ __forceinline__ float kv_elem(int type, const u8 *v, int i) {
+    if (type == KV_F16) return h2f(((const u16 *)v)[i]);
+    if (type == KV_F32) return ((const float *)v)[i];
+    const u8 *o = v + (i / 32) * 34;
+    return h2f((u16)(o[0] | (o[1] << 8))) * (float)((const i8 *)o)[2 + (i & 31)];
+}
+
+// out[t, h*hd ..] = softmax(scale * q.K) V over the keys token t sees in this layer: positions
+// [first, pos[t]] of its sequence, first = max(pos - window + 1, 0) on window layers (and >= swa_from of the
+// sequence in the window group). One block of AW warps per (token, query head); keys in chunks of 32 positions
+// aligned to multiples of 32 (a chunk lies in one cache block), chunk c to warp c % AW, lane j of a chunk on its
+// key j; warps merged in a fixed order. Also writes the q8 blocks of out (oq, ods) when oq != NULL.
+extern "C" __global__ void attention(const float *qkv, int ldq, int n_head, int n_head_kv, int hd, float scale,
+                                     const int *pos, const int *seq, const int *swa_from, const u8 *kc, const u8 *vc,
+                                     const int *table, int n_table, int krow, int vrow, int window, int group,
+                                     int type_k, int type_v, float *out, i8 *oq, float2 *ods) {
+    __shared__ float qs[MAX_HD];
+    __shared__ float wm[AW], wl[AW];
+    __shared__ float wo[AW][MAX_HD];
+    const int t = blockIdx.x / n_head, h = blockIdx.x % n_head;
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    const int kvh = h / (n_head / n_head_kv);
+    const int p = pos[t], s = seq[t];
+    int first = window ? max(p - window + 1, 0) : 0;
+    if (group) first = max(first, swa_from[s]);
+    const float *q = qkv + (long long)t * ldq + h * hd;
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) qs[i] = q[i];
+    __syncthreads();
+    const int nd = hd / 32;   // dims per lane (hd % 32 == 0, checked by the host)
+    float o[MAX_HD / 32];
+#pragma unroll
+    for (int i = 0; i < MAX_HD / 32; i++) o[i] = 0.0f;
+    float m = NEG_INF, l = 0.0f;
+    const int *tab = table + (long long)s * n_table;
+    for (int c = first / 32 + w; c <= p / 32; c += AW) {
+        const int kp0 = 32 * c;
+        const long long blk = tab[kp0 / 64];
+        const long long row0 = (blk * n_head_kv + kvh) * 64 + (kp0 % 64);
+        const u8 *kb = kc + row0 * krow, *vb = vc + row0 * vrow;
+        const int jlo = max(first - kp0, 0), jhi = min(p - kp0, 31);   // keys of this chunk the token sees
+        const int ok = lane >= jlo && lane <= jhi;
+        float sc = NEG_INF;
+        if (ok) sc = scale * kv_dot(type_k, kb + (long long)lane * krow, qs, hd);
+        const float mn = fmaxf(m, warp_max(sc));
+        const float e = ok ? expf(sc - mn) : 0.0f;
+        const float corr = expf(m - mn);   // m = -inf at first: 0
+        l = l * corr + warp_sum(e);
+        for (int i = 0; i < nd; i++) o[i] *= corr;
+#pragma unroll 4
+        for (int j = jlo; j <= jhi; j++) {
+            const float pj = __shfl_sync(0xffffffffu, e, j);
+            const u8 *vr = vb + (long long)j * vrow;
+            for (int i = 0; i < nd; i++) o[i] = fmaf(pj, kv_elem(type_v, vr, lane + 32 * i), o[i]);
+        }
+        m = mn;
+    }
+    // merge the warps in a fixed order
+    if (lane == 0) { wm[w] = m; wl[w] = l; }
+    for (int i = 0; i < nd; i++) wo[w][lane + 32 * i] = o[i];
+    __syncthreads();
+    if (w != 0) return;
+    float M = NEG_INF;
+    for (int j = 0; j < AW; j++) M = fmaxf(M, wm[j]);
+    float Lsum = 0.0f;
+    float acc[MAX_HD / 32];
+    for (int i = 0; i < nd; i++) acc[i] = 0.0f;
+    for (int j = 0; j < AW; j++) {
+        const float f = wm[j] == NEG_INF ? 0.0f : expf(wm[j] - M);
+        Lsum += wl[j] * f;
+        for (int i = 0; i < nd; i++) acc[i] = fmaf(wo[j][lane + 32 * i], f, acc[i]);
+    }
+    const float inv = 1.0f / Lsum;
+    float *ot = out + (long long)t * n_head * hd + h * hd;
+    for (int i = 0; i < nd; i++) {
+        const float v = acc[i] * inv;
+        ot[lane + 32 * i] = v;
+        if (oq) {
+            const long long at = (long long)t * n_head * hd + h * hd + 32 * i;
+            warp_quant_block(v, oq + at, ods + at / 32);
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------ tests and tools
+// y[r, k] = w[r, k] as float (the repacked formats read back)
+extern "C" __global__ void dequant(int f, const void *w, const void *sc, const u32 *qh, int R, int K, float *y) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)R * K) return;
+    y[i] = w_elem(f, w, sc, qh, i / K, K, (int)(i % K));
+}
+
+// q8 blocks of x [T, K] (a standalone pass; the norms and the attention fuse it)
+extern "C" __global__ void quant_q8(const float *x, int n_blocks, i8 *q, float2 *ds) {
+    const long long b = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (b >= n_blocks) return;
+    warp_quant_block(x[b * 32 + (threadIdx.x & 31)], q + b * 32, ds + b);
+}
