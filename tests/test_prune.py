@@ -7,7 +7,6 @@ what the unpruned model computes with those blocks skipped.
 
 from __future__ import annotations
 
-import itertools
 import shutil
 import subprocess
 import sys
@@ -20,8 +19,8 @@ import pytest
 from edgellm.errors import EdgeLLMError
 from edgellm.gguf import GGUFFile
 from edgellm.model import Model
-from edgellm.prune import (PruneError, check_layer_kinds, choose_channels, choose_layers, ffn_block, keep_count,
-                           prune_model, score_model)
+from edgellm.prune import (PruneError, choose_channels, choose_layers, ffn_block, keep_count, prune_model,
+                           score_model)
 from edgellm.quant import GGMLType
 from edgellm.quant.reference import dequantize
 from edgellm.quantize import quantize_model
@@ -98,7 +97,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:scoring on only")   # the tiny t
 # ---------------------------------------------------------------------------------------------------
 # Choices
 # ---------------------------------------------------------------------------------------------------
-def test_choose_layers_without_pattern_is_the_lowest_influence():
+def test_choose_layers_is_the_lowest_influence():
     rng = np.random.default_rng(1)
     bi = rng.random(10)
     for k in range(10):
@@ -107,23 +106,20 @@ def test_choose_layers_without_pattern_is_the_lowest_influence():
         choose_layers(bi, 10)
 
 
-def test_choose_layers_keeps_gemma3_pattern_and_is_optimal():
-    """Against brute force over every set: the cheapest set whose kept layers keep their kind by number."""
-    rng = np.random.default_rng(2)
-    n = 13
-    kinds = [i % 6 == 5 for i in range(n)]
-    for trial in range(4):
-        bi = rng.random(n)
-        for k in (1, 2, 5, 6, 7):
-            got = choose_layers(bi, k, kinds)
-            check_layer_kinds(kinds, got)                              # keeps the pattern
-            best = min((c for c in itertools.combinations(range(n), k)
-                        if all(kinds[i] == kinds[j] for j, i in enumerate(x for x in range(n) if x not in c))),
-                       key=lambda c: bi[list(c)].sum())
-            assert bi[got].sum() == pytest.approx(bi[list(best)].sum()), (trial, k)
-    with pytest.raises(PruneError, match="renumber layer 5 to 4"):
-        check_layer_kinds(kinds, [2])
-    check_layer_kinds(kinds, [7, 8, 9, 10, 11, 12])                    # the last layers always keep it
+def test_gemma3_pattern_follows_the_kept_layers(gemma3_path, tmp_path):
+    """Dropping layer 2 moves global layer 5 to number 4: the file then says which layers slide, and edgellm reads
+    back exactly the kept layers' kinds. Dropping the last layers keeps the period: no key is written."""
+    out, tail = tmp_path / "g.gguf", tmp_path / "tail.gguf"
+    prune_model(gemma3_path, out, layers=[2, 9], progress=False)
+    prune_model(gemma3_path, tail, layers=[16, 17], progress=False)
+    want = tuple(i % 6 == 5 for i in range(18) if i not in (2, 9))
+    for path, global_layers in ((out, want), (tail, tuple(i % 6 == 5 for i in range(16)))):
+        m = Model(path)
+        assert m.hparams.layer_is_global == global_layers and m.hparams.n_layer == 16
+        m.close()
+    with GGUFFile(out) as g, GGUFFile(tail) as h:
+        assert g.metadata["gemma3.attention.sliding_window_pattern"].tolist() == [not x for x in want]
+        assert "gemma3.attention.sliding_window_pattern" not in h.metadata
 
 
 def test_keep_count_and_block():
