@@ -36,4 +36,6 @@ class OptionalBuildExt(build_ext):
 setup(
     cffi_modules=["native/build_native.py:ffi"],
     cmdclass={"build_ext": OptionalBuildExt},
+    # cffi compiles the module against the stable ABI (edgellm/_native.abi3.so): one wheel serves Python 3.11 and up
+    options={"bdist_wheel": {"py_limited_api": "cp311"}},
 )
