@@ -170,6 +170,9 @@ int el_model_forward(el_model *m, const el_batch *batch, const el_cache *caches,
 /* the same step, writing the final-normed hidden states [number of output tokens, n_embd] (embeddings) instead
  * of logits */
 int el_model_forward_hidden(el_model *m, const el_batch *batch, const el_cache *caches, int n_caches, float *hidden);
+/* the same step through the model's layers only, writing every token's residual stream [n_tokens, n_embd]: a model
+ * holding the first layers of a bigger one (the rest on a GPU) */
+int el_model_forward_residual(el_model *m, const el_batch *batch, const el_cache *caches, int n_caches, float *x);
 /* ---- quantization (quantize.c) ---- */
 /* Whole tensors of n_rows rows of n_per_row elements, on pool's threads (NULL: the calling thread only). Types:
  * EL_F32, EL_F16, EL_BF16, EL_Q4_0, EL_Q4_1, EL_Q5_0, EL_Q5_1, EL_Q8_0, EL_Q4_K, EL_Q5_K, EL_Q6_K; n_per_row a

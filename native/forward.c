@@ -274,7 +274,8 @@ typedef struct {
     float *logits;
     int n_out;
     const int *out_idx;   /* batch index of each logits row */
-    int hidden;           /* 1: write the final-normed hidden states [n_out, n_embd] to logits instead */
+    int hidden;           /* 1: write the final-normed hidden states [n_out, n_embd] to logits instead; 2: every
+                           * token's residual stream [n_tokens, n_embd] after the model's layers */
 } fwd_ctx;
 
 static inline void *xq_row(const el_model *m, int t) { return (char *)m->xq + (size_t)t * m->xq_stride; }
@@ -585,6 +586,14 @@ static void forward_task(void *ctx, int ith, int nth) {
         PROF(ith, P_FFN_DOWN);
     }
 
+    if (c->hidden == 2) {   /* the residual stream of every token, for layers that run elsewhere (a GPU) */
+        for (nd = 0; (ch = claim(&S)) < tch; nd++) {
+            el_split(n, 1, ch, tch, &t0, &t1);
+            memcpy(c->logits + (size_t)t0 * E, m->x + (size_t)t0 * E, sizeof(float) * (size_t)(t1 - t0) * E);
+        }
+        finish(&S, nd, tch);
+        return;
+    }
     /* final norm of the tokens that want logits, then the vocabulary projection */
     if (c->n_out == 0) return;
     const int nch = n_chunks(c->n_out, nth);
@@ -617,6 +626,10 @@ int el_model_forward(el_model *m, const el_batch *b, const el_cache *caches, int
 
 int el_model_forward_hidden(el_model *m, const el_batch *b, const el_cache *caches, int n_caches, float *hidden) {
     return forward(m, b, caches, n_caches, hidden, 1);
+}
+
+int el_model_forward_residual(el_model *m, const el_batch *b, const el_cache *caches, int n_caches, float *x) {
+    return forward(m, b, caches, n_caches, x, 2);
 }
 
 static int forward(el_model *m, const el_batch *b, const el_cache *caches, int n_caches, float *logits, int hidden) {

@@ -226,6 +226,25 @@ def test_gpu_model_matches_the_cpu_core(tmp_path, t, arch):
 
 
 @gpu
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_gpu_partial_offload(tmp_path, arch):
+    """-ngl 2 of 4: the first two layers on the CPU core, its residual stream crossing once, the last two and the
+    output on the GPU: the logits agree with all on the GPU and all on the CPU; the GPU holds only its layers' KV."""
+    from edgellm.backends.cuda.backend import CudaBackend
+    from edgellm.backends.native import NativeBackend
+
+    model = _tiny_model(tmp_path, GGMLType.Q4_K, arch, n_layer=4)
+    ids = np.random.default_rng(8).integers(3, model.hparams.n_vocab, 40)
+    full, part = CudaBackend(model, n_batch=512), CudaBackend(model, n_gpu_layers=2, n_batch=512)
+    assert part.first == 2 and sorted(part.layers) == [2, 3] and "layers 0-1 on the CPU" in part.describe()
+    a, b = _logits(full, model, ids), _logits(part, model, ids)
+    c = _logits(NativeBackend(model, n_batch=512), model, ids)
+    for x, y in ((b, a), (b, c)):
+        top, cos = agreement(x, y)
+        assert cos > 0.999 and top >= 0.8
+
+
+@gpu
 @pytest.mark.parametrize("types", [("f32", "f32"), ("q8_0", "f16"), ("f16", "q8_0"), ("q8_0", "q8_0")],
                          ids=lambda t: "-".join(t))
 def test_gpu_kv_cache_types(tmp_path, types):
@@ -354,8 +373,8 @@ def test_gpu_engine_text_equals_its_own_greedy_path_under_threads(tmp_path):
     from edgellm.api import LLM
 
     _tiny_model(tmp_path, GGMLType.Q4_1)
-    llm = LLM(tmp_path / "tiny-llama-Q4_1.gguf", n_ctx=256, n_gpu_layers=-1)
-    assert llm.backend.name == "cuda"
+    llm = LLM(tmp_path / "tiny-llama-Q4_1.gguf", n_ctx=256, n_gpu_layers=1)   # layer 0 on the CPU, 1 on the GPU
+    assert llm.backend.name == "cuda" and llm.backend.first == 1
     prompts = [f"t{5 + i} t{40 + i} t{77 + 2 * i}" for i in range(4)]
     no_eos = {t: float("-inf") for t in llm.tokenizer.eog_ids}
     alone = [llm.generate(p, max_tokens=24, temperature=0, logit_bias=no_eos) for p in prompts]

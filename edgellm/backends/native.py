@@ -59,7 +59,8 @@ def default_threads() -> int:
 class NativeBackend:
     name = "native"
 
-    def __init__(self, model, n_threads: int | None = None, n_batch: int = 512):
+    def __init__(self, model, n_threads: int | None = None, n_batch: int = 512, layers: tuple[int, int] | None = None):
+        """layers=(0, k): only the first k layers (the rest run on a GPU); forward_residual gives their output."""
         hp = model.hparams
         if hp.arch not in ARCHS:
             raise NotImplementedError(f"architecture {hp.arch!r} (the native core runs {', '.join(ARCHS)})")
@@ -80,7 +81,11 @@ class NativeBackend:
         self.released_bytes = 0  # GGUF pages given back once their repacked copies exist
 
         desc = ffi.new("el_model_desc *")
-        desc.n_vocab, desc.n_embd, desc.n_layer = hp.n_vocab, hp.n_embd, hp.n_layer
+        self.n_layer_run = hp.n_layer if layers is None else int(layers[1])
+        if layers is not None and not (layers[0] == 0 and 0 < self.n_layer_run <= hp.n_layer):
+            raise ValueError(f"layers {layers}: the native core runs a model's first layers, (0, k) with 0 < k <= "
+                             f"{hp.n_layer}")
+        desc.n_vocab, desc.n_embd, desc.n_layer = hp.n_vocab, hp.n_embd, self.n_layer_run
         desc.n_head, desc.n_head_kv, desc.head_dim, desc.n_ff = hp.n_head, hp.n_head_kv, hp.head_dim, hp.n_ff
         desc.rope_dim, desc.rope_neox, desc.act = hp.rope_dim, 0, lib.EL_ACT_SILU
         desc.rms_eps, desc.rope_base = float(hp.rms_eps), float(hp.rope_base)
@@ -99,7 +104,7 @@ class NativeBackend:
         self._set(gf, "output_norm.weight", lib.EL_T_OUTPUT_NORM, -1, matrix=False)
         out = "output.weight" if "output.weight" in gf.tensors else "token_embd.weight"  # tied embeddings
         self._set(gf, out, lib.EL_T_OUTPUT, -1, matrix=True)
-        for i in range(hp.n_layer):
+        for i in range(self.n_layer_run):
             for short, slot in layer_tensors.items():
                 self._set(gf, f"blk.{i}.{short}.weight", slot, i, matrix=short not in VECTOR_TENSORS)
         if not lib.el_model_ready(self._m):
@@ -255,6 +260,26 @@ class NativeBackend:
             raise BatchError("the C core rejected the batch: a block it reads or writes is missing from a sequence's "
                              "block table (or a ring would be overrun)")
         return rows
+
+    def forward_residual(self, batch: Batch, kvs) -> np.ndarray:
+        """The residual stream [len(batch), n_embd] of every token after this model's layers (layers=(0, k)); their
+        K/V stored as forward_batch stores them. The batch is validated by the caller's backend."""
+        hp = self.hparams
+        n = len(batch)
+        if n > self.n_batch:
+            raise BatchError(f"{n} tokens exceed the backend's n_batch ({self.n_batch}); split the batch")
+        cs = ffi.new("el_cache[]", len(kvs))
+        for i, kv in enumerate(kvs):
+            cs[i] = self._el_cache(kv)[0]
+        eb = self._batch
+        self._tok[:n], self._pos[:n], self._seq[:n], self._out[:n] = batch.tokens, batch.positions, batch.seq_ids, \
+            batch.want
+        eb.n_tokens = n
+        x = np.empty((n, hp.n_embd), np.float32)
+        if lib.el_model_forward_residual(self._m, eb, cs, len(kvs), ffi.from_buffer("float[]", x)) != 0:
+            raise BatchError("the C core rejected the batch: a block it reads or writes is missing from a sequence's "
+                             "block table")
+        return x
 
     def forward(self, tokens, positions, cache, all_logits: bool = False) -> np.ndarray:
         """Run tokens [n] of one sequence at increasing positions [n]; their K/V go into `cache` (a KVCache or SeqKV).

@@ -30,6 +30,8 @@ GRAPHS_KEPT = 32         # graphs cached (by shape), least recently used dropped
 MM_WARPS = 4             # kernels.cu's MM_WARPS, MM_TOKENS and AW
 MM_TOKENS = 32
 RS_MAX_WARPS = 16
+MMT_WARPS, MMT_TOK = 16, 16   # mm_int_tiled's rows and tokens per block
+FUSE_MAX = 16            # steps of at most this many tokens fuse the norms and the FFN activation into the matrices
 PINNED_ROWS = 8          # logits rows copied back through page-locked memory (more: pageable)
 AW = 4
 KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}
@@ -229,8 +231,8 @@ class CudaBackend:
         try:   # NVRTC compiles once; CuPy caches the binary on disk (~/.cupy/kernel_cache) for later loads
             self.module = cp.RawModule(code=src, options=("-std=c++14",))
             self.k = {n: self.module.get_function(n) for n in
-                      ("embed", "add_norm", "mm_int", "mm_float", "act_mul", "rope_store", "attention", "dequant",
-                       "quant_q8")}
+                      ("embed", "add_norm", "mm_int", "mm_int_norm", "mm_int_act", "mm_float", "mm_float_norm",
+                       "mm_float_act", "mm_int_tiled", "act_mul", "rope_store", "attention", "dequant", "quant_q8")}
         except Exception as e:   # NVRTC missing (no runtime-compiler wheel), or a driver that rejects the code
             raise ImportError(f"the GPU kernels did not compile: {type(e).__name__}: {e}") from None
 
@@ -455,12 +457,19 @@ class CudaBackend:
                                       e.qh if e.qh is not None else NULL, _i(E), tokens, _f(self.embd_scale), self.x),
                        stream=st)
         prev_post = None   # gemma3: the previous layer's post-FFN norm, applied when the next norm reads x
+        fuse = n <= FUSE_MAX   # small steps: norms and the FFN activation computed inside the matrix kernels
+        fuse_norm = fuse and not self.g3   # (Gemma 3's post-norms add into x first: a separate pass)
         for il in range(self.first, hp.n_layer):
             L = self.layers[il]
             g, j, _ = dp.layer[il]
-            self._norm(L["attn_norm"], prev_post, n, eps)
-            for mat, col in L["qkv"]:
-                self._mm(mat, self.xb, self.xq, self.xds, _at(self.qkv, col), None, n, self.ldq)
+            if fuse_norm:
+                for mat, col in L["qkv"]:
+                    self._mm(mat, None, None, None, _at(self.qkv, col), None, n, self.ldq, "_norm", self.x,
+                             L["attn_norm"], eps)
+            else:
+                self._norm(L["attn_norm"], prev_post, n, eps)
+                for mat, col in L["qkv"]:
+                    self._mm(mat, self.xb, self.xq, self.xds, _at(self.qkv, col), None, n, self.ldq)
             base, pscale = L["rope"]
             table, nt = tables[g]
             kl = (dp.k[g][j], dp.v[g][j], table, _i(nt), _i(dp.krow[g]), _i(dp.vrow[g]))
@@ -479,17 +488,24 @@ class CudaBackend:
                 self._norm(L["ffn_norm"], L["post_attention_norm"], n, eps)
             else:
                 self._mm(L["wo"], self.ao, self.aq, self.ads, self.x, self.x, n, E)
-                self._norm(L["ffn_norm"], None, n, eps)
+                if not fuse_norm:
+                    self._norm(L["ffn_norm"], None, n, eps)
             for mat, col in L["gate_up"]:
-                self._mm(mat, self.xb, self.xq, self.xds, _at(self.gu, col), None, n, 2 * F)
-            nblk = n * (F // 32)
-            k["act_mul"](((nblk + 3) // 4,), (128,), (self.gu, _i(F), _i(n), _i(self.act_gelu), self.h, self.hq,
-                                                       self.hds), stream=st)
-            if self.g3:
-                self._mm(L["down"], self.h, self.hq, self.hds, self.tmp, None, n, E)
-                prev_post = L["post_ffw_norm"]
+                if fuse_norm:
+                    self._mm(mat, None, None, None, _at(self.gu, col), None, n, 2 * F, "_norm", self.x,
+                             L["ffn_norm"], eps)
+                else:
+                    self._mm(mat, self.xb, self.xq, self.xds, _at(self.gu, col), None, n, 2 * F)
+            out, res = (self.tmp, None) if self.g3 else (self.x, self.x)
+            if fuse:
+                self._mm(L["down"], None, None, None, out, res, n, E, "_act", self.gu, gelu=self.act_gelu)
             else:
-                self._mm(L["down"], self.h, self.hq, self.hds, self.x, self.x, n, E)
+                nblk = n * (F // 32)
+                k["act_mul"](((nblk + 3) // 4,), (128,), (self.gu, _i(F), _i(n), _i(self.act_gelu), self.h, self.hq,
+                                                           self.hds), stream=st)
+                self._mm(L["down"], self.h, self.hq, self.hds, out, res, n, E)
+            if self.g3:
+                prev_post = L["post_ffw_norm"]
         if n_out == 0:
             return
         self._norm(self.out_norm, prev_post, n_out, eps, idx=out_idx)
@@ -499,20 +515,27 @@ class CudaBackend:
     def _norm(self, w, post, rows: int, eps, idx=None) -> None:
         """xb (and its q8 blocks) = rmsnorm(x) * w, after x += rmsnorm(tmp) * post (Gemma 3's post-norms)."""
         E = self.hparams.n_embd
-        self.k["add_norm"]((rows,), (256,), (self.x, self.tmp, post if post is not None else NULL, w,
-                                             idx if idx is not None else NULL, _i(E), eps, self.xb, self.xq,
-                                             self.xds), stream=self.stream)
+        self.k["add_norm"](((rows + 3) // 4,), (128,), (self.x, self.tmp, post if post is not None else NULL, w,
+                                                        idx if idx is not None else NULL, _i(rows), _i(E), eps,
+                                                        self.xb, self.xq, self.xds), stream=self.stream)
 
-    def _mm(self, mat: DevMatrix, x, xq, xds, y, res, T: int, ldy: int) -> None:
+    def _mm(self, mat: DevMatrix, x, xq, xds, y, res, T: int, ldy: int, src: str = "", nw=None, eps=0.0,
+            gelu: int = 0) -> None:
+        """y (+ res) = activations x matrix^T for T tokens. src "": the q8 blocks xq/xds (integer formats) or the
+        float rows x; "_norm": rmsnorm(x) * nw computed in the kernel; "_act": act(gate) * up of the rows x."""
+        if mat.is_int and not src and T > FUSE_MAX:   # prefill: the tiles share activations in shared memory
+            self.k["mm_int_tiled"](((mat.rows + MMT_WARPS - 1) // MMT_WARPS, (T + MMT_TOK - 1) // MMT_TOK),
+                                   (32 * MMT_WARPS,), (_i(mat.fmt), mat.w, mat.sc, mat.qh if mat.qh is not None else NULL,
+                                                       xq, xds, y, res if res is not None else NULL, _i(mat.rows),
+                                                       _i(mat.cols), _i(T), _i(ldy)), stream=self.stream)
+            return
         grid = ((mat.rows + MM_WARPS - 1) // MM_WARPS, (T + MM_TOKENS - 1) // MM_TOKENS)
-        if mat.is_int:
-            self.k["mm_int"](grid, (32 * MM_WARPS,), (_i(mat.fmt), mat.w, mat.sc, mat.qh if mat.qh is not None else NULL,
-                                                      xq, xds, y, res if res is not None else NULL, _i(mat.rows),
-                                                      _i(mat.cols), _i(T), _i(ldy)), stream=self.stream)
-        else:
-            self.k["mm_float"](grid, (32 * MM_WARPS,), (_i(mat.fmt), mat.w, x, y, res if res is not None else NULL,
-                                                        _i(mat.rows), _i(mat.cols), _i(T), _i(ldy)),
-                               stream=self.stream)
+        name = ("mm_int" if mat.is_int else "mm_float") + src
+        nul = lambda a: NULL if a is None else a   # noqa: E731
+        self.k[name](grid, (32 * MM_WARPS,), (_i(mat.fmt), mat.w, nul(mat.sc), nul(mat.qh), nul(xq), nul(xds), nul(x),
+                                              nul(nw), _f(eps), _i(gelu), y,
+                                              res if res is not None else NULL, _i(mat.rows), _i(mat.cols), _i(T),
+                                              _i(ldy)), stream=self.stream)
 
     # ------------------------------------------------------------------ tools and tests
     def dequantize(self, p: Packed) -> np.ndarray:
@@ -543,13 +566,12 @@ class CudaBackend:
             return y.get()
 
     def _mm_default(self, m, xd, xq, xds, y, T):
-        grid = ((m.rows + MM_WARPS - 1) // MM_WARPS, (T + MM_TOKENS - 1) // MM_TOKENS)
-        if m.is_int:
-            self.k["mm_int"](grid, (32 * MM_WARPS,), (_i(m.fmt), m.w, m.sc, m.qh if m.qh is not None else NULL, xq,
-                                                      xds, y, NULL, _i(m.rows), _i(m.cols), _i(T), _i(m.rows)))
-        else:
-            self.k["mm_float"](grid, (32 * MM_WARPS,), (_i(m.fmt), m.w, xd, y, NULL, _i(m.rows), _i(m.cols), _i(T),
-                                                        _i(m.rows)))
+        stream = self.stream
+        self.stream = self.cp.cuda.get_current_stream()
+        try:
+            self._mm(m, xd, xq, xds, y, None, T, m.rows)
+        finally:
+            self.stream = stream
 
     def describe(self) -> str:
         fmts = sorted({FORMAT_NAMES[mat.fmt] for L in self.layers.values() for mat, _ in L["qkv"] + L["gate_up"]})

@@ -106,55 +106,66 @@ extern "C" __global__ void embed(int f, const void *w, const void *sc, const u32
 }
 
 // ------------------------------------------------------------------------------------------ norms
-// Block-wide sum with a fixed order (blockDim.x a multiple of 32, at most 1024).
-__device__ float block_sum(float v, float *red) {
-    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    v = warp_sum(v);
-    __syncthreads();
-    if (lane == 0) red[w] = v;
-    __syncthreads();
-    float s = 0.0f;
-    for (int i = 0; i < nw; i++) s += red[i];
-    return s;
+// The one reduction every RMSNorm uses (so that a fused and a separate norm give the same bits): lane l sums
+// x[l], x[l + 32], ... in order, then one butterfly. Returns 1 / sqrt(mean(x^2) + eps) in every lane.
+__device__ __forceinline__ float rms_scale(const float *x, int K, float eps) {
+    const int lane = threadIdx.x & 31;
+    float ss = 0.0f;
+    for (int k = lane; k < K; k += 32) ss = __fmaf_rn(x[k], x[k], ss);
+    return 1.0f / sqrtf(__fdiv_rn(warp_sum(ss), (float)K) + eps);
+}
+__device__ __forceinline__ float normed(float x, float r, float w) { return __fmul_rn(__fmul_rn(x, r), w); }
+
+// the gated FFN's activation: h = act(g) * u (no contractions: the fused and separate paths agree bit for bit)
+__device__ __forceinline__ float act_mul1(float g, float u, int gelu) {
+    float a;
+    if (gelu) {   // tanh approximation, as ggml's GELU
+        const float c = 0.7978845608028654f;   // sqrt(2 / pi)
+        const float inner = __fmul_rn(c, __fadd_rn(g, __fmul_rn(__fmul_rn(__fmul_rn(0.044715f, g), g), g)));
+        a = __fmul_rn(__fmul_rn(0.5f, g), __fadd_rn(1.0f, tanhf(inner)));
+    } else {
+        a = __fdiv_rn(g, __fadd_rn(1.0f, expf(-g)));
+    }
+    return __fmul_rn(a, u);
 }
 
-// For each output row i (token idx ? idx[i] : i):
+// For each output row i (token idx ? idx[i] : i), one warp:
 //   if pw: x[t] += rmsnorm(o[t]) * pw          (Gemma 3's post-norms: the sublayer's output, normed, added)
 //   y[i] = rmsnorm(x[t]) * w, also as q8 blocks (yq, yds) when K % 32 == 0
-// One block per row; the block's threads own elements k = threadIdx.x + j * blockDim.x.
 extern "C" __global__ void add_norm(float *x, const float *o, const float *pw, const float *w, const int *idx,
-                                    int K, float eps, float *y, i8 *yq, float2 *yds) {
-    __shared__ float red[32];
-    const int i = blockIdx.x;
+                                    int rows, int K, float eps, float *y, i8 *yq, float2 *yds) {
+    const int i = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (i >= rows) return;
     const long long t = idx ? idx[i] : i;
     float *xt = x + t * K;
     if (pw) {
         const float *ot = o + t * K;
-        float ss = 0.0f;
-        for (int k = threadIdx.x; k < K; k += blockDim.x) ss += ot[k] * ot[k];
-        const float r = 1.0f / sqrtf(block_sum(ss, red) / (float)K + eps);
-        for (int k = threadIdx.x; k < K; k += blockDim.x) xt[k] += ot[k] * r * pw[k];
-        __syncthreads();
+        const float r = rms_scale(ot, K, eps);
+        for (int k = lane; k < K; k += 32) xt[k] = __fadd_rn(xt[k], normed(ot[k], r, pw[k]));
+        __syncwarp();
     }
-    float ss = 0.0f;
-    for (int k = threadIdx.x; k < K; k += blockDim.x) ss += xt[k] * xt[k];
-    const float r = 1.0f / sqrtf(block_sum(ss, red) / (float)K + eps);
+    const float r = rms_scale(xt, K, eps);
     float *yi = y + (long long)i * K;
-    for (int k = threadIdx.x; k < K; k += blockDim.x) yi[k] = xt[k] * r * w[k];
+    for (int k = lane; k < K; k += 32) yi[k] = normed(xt[k], r, w[k]);
     if (yq == 0 || (K & 31)) return;
-    __syncthreads();
-    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    for (int b = wid; b < (K >> 5); b += nw)
+    for (int b = 0; b < (K >> 5); b++)
         warp_quant_block(yi[b * 32 + lane], yq + (long long)i * K + b * 32, yds + (long long)i * (K >> 5) + b);
 }
 
 // ------------------------------------------------------------------------------------------ matrices
 // y[t, r] (+)= sum_k w[r, k] * x[t, k] for rows r < R, tokens t < T; y row stride ldy; res: added (may be y).
-// One warp per row; a warp passes over the tokens TT at a time (the row's blocks are read once per pass).
+// One warp per row; a warp passes over its block's tokens TT at a time (the row's blocks read once per pass).
+//
+// Where the activations come from (the same values either way, so fusing never changes a bit):
+//   SRC_Q     q8 blocks (xq, xds) / float rows x, written by a norm, the attention or act_mul
+//   SRC_NORM  rmsnorm(x[t]) * nw computed here (llama's attention and FFN norms fused into Q/K/V and gate/up)
+//   SRC_ACT   act(gu[t, :F]) * gu[t, F:] computed here (the FFN's activation fused into ffn_down; K = F)
+enum { SRC_Q = 0, SRC_NORM = 1, SRC_ACT = 2 };
 
 __device__ __forceinline__ void mm_store(float acc, float *y, const float *res, long long at, int lane) {
     acc = warp_sum(acc);
-    if (lane == 0) y[at] = res ? res[at] + acc : acc;
+    if (lane == 0) y[at] = res ? __fadd_rn(res[at], acc) : acc;
 }
 
 // unpack 16 bytes of nibbles: lo[j] = elements 4j..4j+3, hi[j] = elements 16+4j..16+4j+3, one per byte
@@ -166,9 +177,56 @@ __device__ __forceinline__ void unpack4(uint4 v, int *lo, int *hi) {
 // four fifth-bits (bits 4j..4j+3 of qh) moved to bit 4 of four bytes
 __device__ __forceinline__ int fifth(u32 qh, int j) { return (int)(((((qh >> (4 * j)) & 15u) * 0x00204081u) & 0x01010101u) << 4); }
 
-// Grid: x over groups of MM_WARPS rows, y over runs of MM_TOKENS tokens (blockIdx.y's run, TT at a time).
-extern "C" __global__ void mm_int(int f, const u8 *w, const float2 *sc, const u32 *qh, const i8 *xq,
-                                  const float2 *xds, float *y, const float *res, int R, int K, int T, int ldy) {
+// 32 activation values v[] of one block as q8 (packed 4 per int) and (d, d * sum): what warp_quant_block gives
+__device__ __forceinline__ void quant_lane_block(const float *v, int *xi, float2 &ds) {
+    float amax = 0.0f;
+#pragma unroll
+    for (int e = 0; e < 32; e++) amax = fmaxf(amax, fabsf(v[e]));
+    const float d = amax / 127.0f;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    int sum = 0;
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        u32 word = 0;
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            const int q = (int)roundf(v[4 * j + k] * id);
+            sum += q;
+            word |= ((u32)(q & 0xff)) << (8 * k);
+        }
+        xi[j] = (int)word;
+    }
+    ds = make_float2(d, d * (float)sum);
+}
+
+// The activations of token t, block b (32 values) in float, from the source
+template <int SRC>
+__device__ __forceinline__ void src_block(const float *x, const float *nw, float r, int gelu, int K, long long t, int b,
+                                          float *v) {
+    if (SRC == SRC_ACT) {
+        const float *g = x + t * 2 * K + 32 * b, *u = g + K;
+#pragma unroll
+        for (int e = 0; e < 32; e++) v[e] = act_mul1(g[e], u[e], gelu);
+    } else {
+        const float *xt = x + t * K + 32 * b;
+#pragma unroll
+        for (int e = 0; e < 32; e += 4) {
+            const float4 a = *(const float4 *)(xt + e);
+            if (SRC == SRC_NORM) {
+                const float4 c = *(const float4 *)(nw + 32 * b + e);
+                v[e] = normed(a.x, r, c.x); v[e + 1] = normed(a.y, r, c.y);
+                v[e + 2] = normed(a.z, r, c.z); v[e + 3] = normed(a.w, r, c.w);
+            } else {
+                v[e] = a.x; v[e + 1] = a.y; v[e + 2] = a.z; v[e + 3] = a.w;
+            }
+        }
+    }
+}
+
+template <int SRC>
+__device__ void mm_int_body(int f, const u8 *w, const float2 *sc, const u32 *qh, const i8 *xq, const float2 *xds,
+                            const float *x, const float *nw, float eps, int gelu, float *y, const float *res, int R,
+                            int K, int T, int ldy) {
     const int lane = threadIdx.x & 31;
     const int r = blockIdx.x * MM_WARPS + (threadIdx.x >> 5);
     if (r >= R) return;
@@ -176,9 +234,13 @@ extern "C" __global__ void mm_int(int f, const u8 *w, const float2 *sc, const u3
     const int t_end = min(T, (int)(blockIdx.y + 1) * MM_TOKENS);
     for (int t0 = blockIdx.y * MM_TOKENS; t0 < t_end; t0 += TT) {
         const int nt = t_end - t0 < TT ? t_end - t0 : TT;
-        float acc[TT];
+        float acc[TT], rs[TT];
 #pragma unroll
-        for (int t = 0; t < TT; t++) acc[t] = 0.0f;
+        for (int t = 0; t < TT; t++) {
+            acc[t] = 0.0f;
+            rs[t] = 0.0f;
+            if (SRC == SRC_NORM && t < nt) rs[t] = rms_scale(x + (long long)(t0 + t) * K, K, eps);
+        }
         for (int b = lane; b < nb; b += WARP) {
             const long long blk = (long long)r * nb + b;
             int lo[4], hi[4];
@@ -197,16 +259,29 @@ extern "C" __global__ void mm_int(int f, const u8 *w, const float2 *sc, const u3
 #pragma unroll
             for (int t = 0; t < TT; t++) {
                 if (t < nt) {
-                    const long long xb = (long long)(t0 + t) * nb + b;
-                    const uint4 a = ((const uint4 *)(xq + xb * 32))[0], c = ((const uint4 *)(xq + xb * 32))[1];
-                    const float2 d = xds[xb];
+                    int xi[8];
+                    float2 d;
+                    if (SRC == SRC_Q) {
+                        const long long xb = (long long)(t0 + t) * nb + b;
+                        const uint4 a = ((const uint4 *)(xq + xb * 32))[0], c = ((const uint4 *)(xq + xb * 32))[1];
+                        xi[0] = a.x; xi[1] = a.y; xi[2] = a.z; xi[3] = a.w; xi[4] = c.x; xi[5] = c.y; xi[6] = c.z; xi[7] = c.w;
+                        d = xds[xb];
+                    } else {
+                        float v[32];
+                        src_block<SRC>(x, nw, rs[t], gelu, K, t0 + t, b, v);
+                        quant_lane_block(v, xi, d);
+                    }
                     int s0 = 0, s1 = 0;
-                    s0 = EL_DP4A(lo[0], (int)a.x, s0); s0 = EL_DP4A(lo[1], (int)a.y, s0);
-                    s0 = EL_DP4A(lo[2], (int)a.z, s0); s0 = EL_DP4A(lo[3], (int)a.w, s0);
-                    s1 = EL_DP4A(hi[0], (int)c.x, s1); s1 = EL_DP4A(hi[1], (int)c.y, s1);
-                    s1 = EL_DP4A(hi[2], (int)c.z, s1); s1 = EL_DP4A(hi[3], (int)c.w, s1);
-                    if (f == F_Q8) acc[t] += d.x * (s.x * (float)s0 + s.y * (float)s1);
-                    else acc[t] += s.x * d.x * (float)(s0 + s1) - s.y * d.y;
+                    s0 = EL_DP4A(lo[0], xi[0], s0); s0 = EL_DP4A(lo[1], xi[1], s0);
+                    s0 = EL_DP4A(lo[2], xi[2], s0); s0 = EL_DP4A(lo[3], xi[3], s0);
+                    s1 = EL_DP4A(hi[0], xi[4], s1); s1 = EL_DP4A(hi[1], xi[5], s1);
+                    s1 = EL_DP4A(hi[2], xi[6], s1); s1 = EL_DP4A(hi[3], xi[7], s1);
+                    if (f == F_Q8) {
+                        acc[t] = __fmaf_rn(d.x, __fmaf_rn(s.x, (float)s0, __fmul_rn(s.y, (float)s1)), acc[t]);
+                    } else {
+                        acc[t] = __fmaf_rn(__fmul_rn(s.x, d.x), (float)(s0 + s1), acc[t]);
+                        acc[t] = __fmaf_rn(-s.y, d.y, acc[t]);
+                    }
                 }
             }
         }
@@ -216,18 +291,93 @@ extern "C" __global__ void mm_int(int f, const u8 *w, const float2 *sc, const u3
     }
 }
 
+// The same arithmetic for long runs of tokens (prefill): a block of MMT_WARPS warps (rows) shares each token
+// tile's q8 activations through shared memory, 32 blocks of K at a time. Lane l still takes blocks l, l + 32, ...
+// in order and the lanes are summed by the same butterfly, so every output has the bits mm_int gives it.
+#define MMT_WARPS 16
+#define MMT_TOK 16
+extern "C" __global__ void mm_int_tiled(int f, const u8 *w, const float2 *sc, const u32 *qh, const i8 *xq,
+                                        const float2 *xds, float *y, const float *res, int R, int K, int T, int ldy) {
+    __shared__ uint4 xs[MMT_TOK][32][2];
+    __shared__ float2 ds[MMT_TOK][32];
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+    const int r = blockIdx.x * MMT_WARPS + wid;
+    const int nb = K >> 5;
+    const int t0 = blockIdx.y * MMT_TOK;
+    const int nt = min(MMT_TOK, T - t0);
+    float acc[MMT_TOK];
+#pragma unroll
+    for (int t = 0; t < MMT_TOK; t++) acc[t] = 0.0f;
+    for (int c = 0; c < nb; c += 32) {
+        __syncthreads();
+        for (int i = threadIdx.x; i < MMT_TOK * 32; i += blockDim.x) {   // the tile's blocks c .. c + 31
+            const int t = i >> 5, b = c + (i & 31);
+            if (t < nt && b < nb) {
+                const long long xb = (long long)(t0 + t) * nb + b;
+                xs[t][i & 31][0] = ((const uint4 *)(xq + xb * 32))[0];
+                xs[t][i & 31][1] = ((const uint4 *)(xq + xb * 32))[1];
+                ds[t][i & 31] = xds[xb];
+            }
+        }
+        __syncthreads();
+        const int b = c + lane;
+        if (r >= R || b >= nb) continue;
+        const long long blk = (long long)r * nb + b;
+        int lo[4], hi[4];
+        const float2 s = sc[blk];
+        if (f == F_Q8) {
+            const uint4 a = ((const uint4 *)(w + blk * 32))[0], cc = ((const uint4 *)(w + blk * 32))[1];
+            lo[0] = a.x; lo[1] = a.y; lo[2] = a.z; lo[3] = a.w; hi[0] = cc.x; hi[1] = cc.y; hi[2] = cc.z; hi[3] = cc.w;
+        } else {
+            unpack4(((const uint4 *)(w + blk * 16))[0], lo, hi);
+            if (f == F_Q5) {
+                const u32 h = qh[blk];
+#pragma unroll
+                for (int j = 0; j < 4; j++) { lo[j] |= fifth(h, j); hi[j] |= fifth(h, 4 + j); }
+            }
+        }
+#pragma unroll
+        for (int t = 0; t < MMT_TOK; t++) {
+            if (t < nt) {
+                const uint4 a = xs[t][lane][0], cc = xs[t][lane][1];
+                const float2 d = ds[t][lane];
+                int s0 = 0, s1 = 0;
+                s0 = EL_DP4A(lo[0], (int)a.x, s0); s0 = EL_DP4A(lo[1], (int)a.y, s0);
+                s0 = EL_DP4A(lo[2], (int)a.z, s0); s0 = EL_DP4A(lo[3], (int)a.w, s0);
+                s1 = EL_DP4A(hi[0], (int)cc.x, s1); s1 = EL_DP4A(hi[1], (int)cc.y, s1);
+                s1 = EL_DP4A(hi[2], (int)cc.z, s1); s1 = EL_DP4A(hi[3], (int)cc.w, s1);
+                if (f == F_Q8) {
+                    acc[t] = __fmaf_rn(d.x, __fmaf_rn(s.x, (float)s0, __fmul_rn(s.y, (float)s1)), acc[t]);
+                } else {
+                    acc[t] = __fmaf_rn(__fmul_rn(s.x, d.x), (float)(s0 + s1), acc[t]);
+                    acc[t] = __fmaf_rn(-s.y, d.y, acc[t]);
+                }
+            }
+        }
+    }
+    if (r >= R) return;
+#pragma unroll
+    for (int t = 0; t < MMT_TOK; t++)
+        if (t < nt) mm_store(acc[t], y, res, (long long)(t0 + t) * ldy + r, lane);
+}
+
 // float weights (f32 / f16 / bf16) against float activations; lane l takes elements 8l..8l+7 of each 256
-extern "C" __global__ void mm_float(int f, const void *w, const float *x, float *y, const float *res,
-                                    int R, int K, int T, int ldy) {
+template <int SRC>
+__device__ void mm_float_body(int f, const void *w, const float *x, const float *nw, float eps, int gelu, float *y,
+                              const float *res, int R, int K, int T, int ldy) {
     const int lane = threadIdx.x & 31;
     const int r = blockIdx.x * MM_WARPS + (threadIdx.x >> 5);
     if (r >= R) return;
     const int t_end = min(T, (int)(blockIdx.y + 1) * MM_TOKENS);
     for (int t0 = blockIdx.y * MM_TOKENS; t0 < t_end; t0 += TT) {
         const int nt = t_end - t0 < TT ? t_end - t0 : TT;
-        float acc[TT];
+        float acc[TT], rs[TT];
 #pragma unroll
-        for (int t = 0; t < TT; t++) acc[t] = 0.0f;
+        for (int t = 0; t < TT; t++) {
+            acc[t] = 0.0f;
+            rs[t] = 0.0f;
+            if (SRC == SRC_NORM && t < nt) rs[t] = rms_scale(x + (long long)(t0 + t) * K, K, eps);
+        }
         for (int k = 8 * lane; k < K; k += 8 * WARP) {
             float wv[8];
             const long long i = (long long)r * K + k;
@@ -246,11 +396,24 @@ extern "C" __global__ void mm_float(int f, const void *w, const float *x, float 
 #pragma unroll
             for (int t = 0; t < TT; t++) {
                 if (t < nt) {
-                    const float *xt = x + (long long)(t0 + t) * K + k;
-                    const float4 a = ((const float4 *)xt)[0], b = ((const float4 *)xt)[1];
+                    float xv[8];
+                    const long long tt = t0 + t;
+                    if (SRC == SRC_ACT) {
+                        const float *g = x + tt * 2 * K + k, *u = g + K;
+#pragma unroll
+                        for (int e = 0; e < 8; e++) xv[e] = act_mul1(g[e], u[e], gelu);
+                    } else {
+                        const float *xt = x + tt * K + k;
+                        const float4 a = ((const float4 *)xt)[0], b = ((const float4 *)xt)[1];
+                        xv[0] = a.x; xv[1] = a.y; xv[2] = a.z; xv[3] = a.w; xv[4] = b.x; xv[5] = b.y; xv[6] = b.z; xv[7] = b.w;
+                        if (SRC == SRC_NORM) {
+#pragma unroll
+                            for (int e = 0; e < 8; e++) xv[e] = normed(xv[e], rs[t], nw[k + e]);
+                        }
+                    }
                     float s = acc[t];
-                    s = fmaf(wv[0], a.x, s); s = fmaf(wv[1], a.y, s); s = fmaf(wv[2], a.z, s); s = fmaf(wv[3], a.w, s);
-                    s = fmaf(wv[4], b.x, s); s = fmaf(wv[5], b.y, s); s = fmaf(wv[6], b.z, s); s = fmaf(wv[7], b.w, s);
+#pragma unroll
+                    for (int e = 0; e < 8; e++) s = __fmaf_rn(wv[e], xv[e], s);
                     acc[t] = s;
                 }
             }
@@ -260,6 +423,19 @@ extern "C" __global__ void mm_float(int f, const void *w, const float *x, float 
             if (t < nt) mm_store(acc[t], y, res, (long long)(t0 + t) * ldy + r, lane);
     }
 }
+
+// Grid: x over groups of MM_WARPS rows, y over runs of MM_TOKENS tokens. `x`: float rows (SRC_Q with float
+// weights), the rows to norm (SRC_NORM, with nw and eps) or gate|up rows (SRC_ACT, with gelu).
+#define MM_ARGS int f, const u8 *w, const float2 *sc, const u32 *qh, const i8 *xq, const float2 *xds, \
+                const float *x, const float *nw, float eps, int gelu, float *y, const float *res, int R, int K, int T, int ldy
+#define MM_PASS f, w, sc, qh, xq, xds, x, nw, eps, gelu, y, res, R, K, T, ldy
+#define MMF_PASS f, w, x, nw, eps, gelu, y, res, R, K, T, ldy
+extern "C" __global__ void mm_int(MM_ARGS) { mm_int_body<SRC_Q>(MM_PASS); }
+extern "C" __global__ void mm_int_norm(MM_ARGS) { mm_int_body<SRC_NORM>(MM_PASS); }
+extern "C" __global__ void mm_int_act(MM_ARGS) { mm_int_body<SRC_ACT>(MM_PASS); }
+extern "C" __global__ void mm_float(MM_ARGS) { mm_float_body<SRC_Q>(MMF_PASS); }
+extern "C" __global__ void mm_float_norm(MM_ARGS) { mm_float_body<SRC_NORM>(MMF_PASS); }
+extern "C" __global__ void mm_float_act(MM_ARGS) { mm_float_body<SRC_ACT>(MMF_PASS); }
 
 // ------------------------------------------------------------------------------------------ gated FFN
 // h[t, i] = act(g[t, i]) * u[t, i] with g = gu[t, i], u = gu[t, F + i] (gu row stride 2F), and h's q8 blocks.
@@ -271,15 +447,7 @@ extern "C" __global__ void act_mul(const float *gu, int F, int T, int gelu, floa
     if (wi >= (long long)T * nb) return;
     const long long t = wi / nb;
     const int i = (int)(wi % nb) * 32 + lane;
-    const float g = gu[t * 2 * F + i], u = gu[t * 2 * F + F + i];
-    float a;
-    if (gelu) {   // tanh approximation, as ggml's GELU
-        const float c = 0.7978845608028654f;   // sqrt(2 / pi)
-        a = 0.5f * g * (1.0f + tanhf(c * (g + 0.044715f * g * g * g)));
-    } else {
-        a = g / (1.0f + expf(-g));
-    }
-    const float v = a * u;
+    const float v = act_mul1(gu[t * 2 * F + i], gu[t * 2 * F + F + i], gelu);
     h[t * F + i] = v;
     if (hq) warp_quant_block(v, hq + t * F + i - lane, hds + t * nb + i / 32);
 }
@@ -439,18 +607,23 @@ extern "C" __global__ void attention(const float *qkv, int ldq, int n_head, int 
         const float e = ok ? expf(sc - mn) : 0.0f;
         const float corr = expf(m - mn);   // m = -inf at first: 0
         l = l * corr + warp_sum(e);
-        for (int i = 0; i < nd; i++) o[i] *= corr;
-#pragma unroll 4
+#pragma unroll
+        for (int i = 0; i < MAX_HD / 32; i++) o[i] *= corr;
+#pragma unroll 2
         for (int j = jlo; j <= jhi; j++) {
             const float pj = __shfl_sync(0xffffffffu, e, j);
             const u8 *vr = vb + (long long)j * vrow;
-            for (int i = 0; i < nd; i++) o[i] = fmaf(pj, kv_elem(type_v, vr, lane + 32 * i), o[i]);
+#pragma unroll
+            for (int i = 0; i < MAX_HD / 32; i++)
+                if (i < nd) o[i] = fmaf(pj, kv_elem(type_v, vr, lane + 32 * i), o[i]);
         }
         m = mn;
     }
     // merge the warps in a fixed order
     if (lane == 0) { wm[w] = m; wl[w] = l; }
-    for (int i = 0; i < nd; i++) wo[w][lane + 32 * i] = o[i];
+#pragma unroll
+    for (int i = 0; i < MAX_HD / 32; i++)
+        if (i < nd) wo[w][lane + 32 * i] = o[i];
     __syncthreads();
     if (w != 0) return;
     float M = NEG_INF;
