@@ -13,6 +13,7 @@ import warnings
 
 import click
 
+from .cli_tools import gpu_options
 from .errors import EdgeLLMError
 
 SAMPLING_DEFAULTS = dict(temp=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0)  # llama.cpp's
@@ -107,35 +108,6 @@ def _spec_options(f):
     return f
 
 
-class GpuLayers(click.ParamType):
-    """-ngl's value: an integer, "all" or "auto" (llama.cpp's spellings)."""
-    name = "N|all|auto"
-
-    def convert(self, value, param, ctx):
-        from .backends.loader import parse_gpu_layers
-        from .errors import EdgeLLMError
-
-        try:
-            return parse_gpu_layers(value)
-        except EdgeLLMError as e:
-            self.fail(str(e), param, ctx)
-
-
-def _gpu_options(f):
-    """-ngl / --device: layers on an NVIDIA GPU (llama.cpp's and llama-server's flags), shared by run, serve, bench."""
-    opts = [
-        click.option("-ngl", "--n-gpu-layers", "--gpu-layers", "n_gpu_layers", type=GpuLayers(), default="0",
-                     show_default=True,
-                     help='Layers on the GPU: the last N and the output; "all" or -1: every one; "auto": as many as '
-                          'fit in its free memory. Needs pip install "edgellm[cuda]".'),
-        click.option("--device", "-dev", "device", type=click.IntRange(min=0), default=None,
-                     help="Which GPU (default $EDGELLM_DEVICE, else 0)."),
-    ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
-
-
 def _spec_kwargs(check_tensors, model_draft, spec_type, draft_max, draft_min, draft_p_min, no_mmap=False,
                  mlock=False) -> dict:
     if spec_type == "ngram" and model_draft:
@@ -204,8 +176,10 @@ def ls_cmd():
 @click.argument("model")
 @click.option("--kv-budget", default=None, metavar="SIZE", help="Memory for the KV cache, e.g. 512MiB.")
 @click.option("--check-tensors", is_flag=True, help="Check that every tensor's data is valid for its type.")
-def info(model, kv_budget, check_tensors):
-    """Describe a model: architecture, hyper-parameters, tensor types, tokenizer, backend."""
+@gpu_options
+def info(model, kv_budget, check_tensors, n_gpu_layers, device):
+    """Describe a model: architecture, hyper-parameters, tensor types, tokenizer, backend (with -ngl: what would
+    run on the GPU)."""
     from collections import Counter
 
     from .backends.loader import default_threads
@@ -234,6 +208,7 @@ def info(model, kv_budget, check_tensors):
                                     "none in the file (likely a base model, not tuned for chat): chats use a built-in "
                                     "template, --raw continues text"))
     click.echo(f"backend:      {_backend_summary()} ; threads {default_threads()}")
+    click.echo(f"gpu:          {_gpu_summary(m, n_gpu_layers, device)}")
     from .engine import DEFAULT_BATCH, DEFAULT_PARALLEL
     from .kv.paged import KVPool, pool_blocks
     from .kv_cache import default_n_ctx, memory_budget
@@ -245,6 +220,23 @@ def info(model, kv_budget, check_tensors):
     ctx["kv_bytes"] = n_blocks * probe.block_bytes(0) + (n_swa * probe.block_bytes(1) if n_swa else 0)
     ctx["kv_blocks"], ctx["kv_block"], ctx["kv_blocks_swa"] = n_blocks, probe.block, n_swa
     click.echo(f"context:      {_context_line(ctx)}")
+
+
+def _gpu_summary(m, n_gpu_layers: int, device) -> str:
+    """What -ngl would put where, and whether this machine can: CuPy and a GPU are looked for, nothing is loaded."""
+    from .backends.cuda.backend import gpu_status, layer_bytes
+
+    status = gpu_status(device)
+    n_layer = m.hparams.n_layer
+    if n_gpu_layers == 0:
+        return f"not used (-ngl 0); {status}"
+    if n_gpu_layers == -2:
+        return f"-ngl auto: as many of the {n_layer} layers as fit in free GPU memory; {status}"
+    n = n_layer if n_gpu_layers < 0 or n_gpu_layers > n_layer else n_gpu_layers
+    per, rest = layer_bytes(m)
+    mib = (sum(per[n_layer - n:]) + rest) / 2**20
+    cpu = f", layers 0-{n_layer - n - 1} on the CPU" if n < n_layer else ""
+    return f"layers {n_layer - n}-{n_layer - 1} and the output (~{mib:.0f} MiB of weights){cpu}; {status}"
 
 
 def _context_line(ctx: dict, cache_type: str = "f16") -> str:
@@ -368,7 +360,7 @@ def tokenize(model, text, add_special, parse_special, as_json):
 @click.option("-s", "--system", default=None, help="A system message for the chat.")
 @click.option("--verbose", is_flag=True, help="Print load time and prompt / generation speed to stderr.")
 @_spec_options
-@_gpu_options
+@gpu_options
 def run(model, question, prompt, prompt_file, n_predict, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, frequency_penalty,
         presence_penalty, typical_p, top_n_sigma, xtc_probability, xtc_threshold, dynatemp_range, dynatemp_exponent,
         dry_multiplier, dry_base, dry_allowed_length, dry_penalty_last_n, mirostat, mirostat_eta, mirostat_tau,
@@ -516,7 +508,7 @@ def run(model, question, prompt, prompt_file, n_predict, temp, top_k, top_p, min
 @click.option("--backend", type=click.Choice(["auto", "native", "numba", "reference"]), default="auto",
               show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
-@_gpu_options
+@gpu_options
 def bench(model, n_prompt, n_gen, n_threads, reps, backend, as_json, n_gpu_layers, device):
     """Measure prompt processing (pp) and generation (tg) speed, like llama-bench."""
     from .backends.loader import create_backend
@@ -576,7 +568,7 @@ def bench(model, n_prompt, n_gen, n_threads, reps, backend, as_json, n_gpu_layer
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
 @_spec_options
-@_gpu_options
+@gpu_options
 def serve(models, host, port, n_threads, n_ctx, n_parallel, n_batch, cache_type_k, cache_type_v, kv_budget,
           no_prefix_cache, backend, temp, top_k, top_p, min_p, repeat_penalty, api_key_file, cors_origins,
           rate_limit, token_limit, max_queue, max_tokens, max_body, request_timeout, log_format, log_level,

@@ -67,6 +67,35 @@ def _layer_list(ctx, param, value):
     return [int(v) for v in items]
 
 
+class GpuLayers(click.ParamType):
+    """-ngl's value: an integer, "all" or "auto" (llama.cpp's spellings)."""
+    name = "N|all|auto"
+
+    def convert(self, value, param, ctx):
+        from .backends.loader import parse_gpu_layers
+        from .errors import EdgeLLMError
+
+        try:
+            return parse_gpu_layers(value)
+        except EdgeLLMError as e:
+            self.fail(str(e), param, ctx)
+
+
+def gpu_options(f):
+    """-ngl / --device: layers on an NVIDIA GPU (llama.cpp's and llama-server's flags), shared by run, serve, bench."""
+    opts = [
+        click.option("-ngl", "--n-gpu-layers", "--gpu-layers", "n_gpu_layers", type=GpuLayers(), default="0",
+                     show_default=True,
+                     help='Layers on the GPU: the last N and the output; "all" or -1: every one; "auto": as many as '
+                          'fit in its free memory. Needs pip install "edgellm[cuda]".'),
+        click.option("--device", "-dev", "device", type=click.IntRange(min=0), default=None,
+                     help="Which GPU (default $EDGELLM_DEVICE, else 0)."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
 def register(cli: click.Group) -> None:
     """Add the `convert`, `quantize`, `prune` and `perplexity` commands to `cli`."""
 
@@ -169,7 +198,9 @@ def register(cli: click.Group) -> None:
     @click.option("-ctv", "--cache-type-v", "cache_type_v", type=click.Choice(["f16", "f32", "q8_0"]), default=None,
                   help="KV cache type for V (default: K's).")
     @click.option("--json", "as_json", is_flag=True, help='Print {"ppl": ..., "chunks": ..., "n_ctx": ...}.')
-    def perplexity(model, text_file, n_ctx, n_threads, backend, cache_type_k, cache_type_v, as_json):
+    @gpu_options
+    def perplexity(model, text_file, n_ctx, n_threads, backend, cache_type_k, cache_type_v, as_json, n_gpu_layers,
+                   device):
         """Perplexity of MODEL on a text file, computed as llama.cpp's llama-perplexity does."""
         from .backends.loader import create_backend
         from .hub import resolve_model
@@ -179,7 +210,7 @@ def register(cli: click.Group) -> None:
         text = read_text_file(text_file)
         m = Model(resolve_model(model))
         try:
-            be = create_backend(m, backend, n_threads)
+            be = create_backend(m, backend, n_threads, n_gpu_layers=n_gpu_layers, device=device)
             res = do_perplexity(m, be, text, n_ctx=n_ctx, progress=None,  # tqdm on stderr when a terminal
                                 cache_type=cache_type_k, cache_type_v=cache_type_v)
         finally:

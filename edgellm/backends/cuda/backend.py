@@ -133,6 +133,26 @@ def device_count() -> int:
     return cp.cuda.runtime.getDeviceCount()
 
 
+def gpu_status(device: int | None = None) -> str:
+    """One line: the GPU -ngl would use, or why there is none (no CuPy, no driver, no device)."""
+    try:
+        import cupy as cp
+    except ImportError:
+        return 'no CuPy (pip install "edgellm[cuda]")'
+    try:
+        n = cp.cuda.runtime.getDeviceCount()
+        dev = device or 0
+        if not 0 <= dev < n:
+            return f"GPU {dev} does not exist ({n} found)"
+        props = cp.cuda.runtime.getDeviceProperties(dev)
+        with cp.cuda.Device(dev):
+            free, total = cp.cuda.runtime.memGetInfo()
+    except Exception as e:   # no driver, or one too old for this CuPy
+        return f"no usable CUDA GPU ({e})"
+    name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+    return f"cuda:{dev} {name}, {free / 2**30:.1f} of {total / 2**30:.1f} GiB free"
+
+
 def layer_bytes(model) -> tuple[list[int], int]:
     """(GPU bytes of each layer's weights, of the output matrix and norms), from the file's tensor sizes: the
     repacked formats carry float32 scales, 1.0-1.4x the GGUF bytes (estimated at the worst case)."""
