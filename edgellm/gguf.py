@@ -469,7 +469,9 @@ class GGUFFile:
         if name in self._released:
             raise ModelError(f"{self.path}: tensor {name!r} was given back after a backend copied it "
                              f"(use_mmap=False); open the file again to read it")
-        return np.frombuffer(self._mm, dtype=np.uint8, count=info.nbytes, offset=info.offset)
+        view = np.frombuffer(self._mm, dtype=np.uint8, count=info.nbytes, offset=info.offset)
+        view.flags.writeable = False   # read-only whether mapped or read into memory (use_mmap=False)
+        return view
 
     def release(self, name: str) -> int:
         """Give the tensor's whole pages back to the kernel once a backend has copied what it needs (a repacked
