@@ -29,3 +29,6 @@ if [ "${NCU:-0}" = 1 ]; then
     echo "== ncu $s"; python3 bench/gpu_kernel_times.py --sum $OUT/ncu_$s.csv 2>&1 | tail -20
   done
 fi
+if [ "${PARTIAL:-0}" = 1 ]; then   # issue 15's partial-offload bar: -ngl 15 of 30 beside the CPU alone (the host's cores)
+  python3 bench/bench_cuda.py $M/smollm2-135m-q4_1.gguf -ngl 15 --cpu -r ${REPS:-3} --json $OUT/bench_partial.json 2>&1 | tee $OUT/bench_partial.log | tail -5
+fi

@@ -484,7 +484,7 @@ class CudaBackend:
             g, j, _ = dp.layer[il]
             if fuse_norm:
                 for mat, col in L["qkv"]:
-                    self._mm(mat, None, None, None, _at(self.qkv, col), None, n, self.ldq, "_norm", self.x,
+                    self._mm(mat, self.x, None, None, _at(self.qkv, col), None, n, self.ldq, "_norm",
                              L["attn_norm"], eps)
             else:
                 self._norm(L["attn_norm"], prev_post, n, eps)
@@ -512,13 +512,13 @@ class CudaBackend:
                     self._norm(L["ffn_norm"], None, n, eps)
             for mat, col in L["gate_up"]:
                 if fuse_norm:
-                    self._mm(mat, None, None, None, _at(self.gu, col), None, n, 2 * F, "_norm", self.x,
+                    self._mm(mat, self.x, None, None, _at(self.gu, col), None, n, 2 * F, "_norm",
                              L["ffn_norm"], eps)
                 else:
                     self._mm(mat, self.xb, self.xq, self.xds, _at(self.gu, col), None, n, 2 * F)
             out, res = (self.tmp, None) if self.g3 else (self.x, self.x)
             if fuse:
-                self._mm(L["down"], None, None, None, out, res, n, E, "_act", self.gu, gelu=self.act_gelu)
+                self._mm(L["down"], self.gu, None, None, out, res, n, E, "_act", gelu=self.act_gelu)
             else:
                 nblk = n * (F // 32)
                 k["act_mul"](((nblk + 3) // 4,), (128,), (self.gu, _i(F), _i(n), _i(self.act_gelu), self.h, self.hq,

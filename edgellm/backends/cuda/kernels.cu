@@ -466,7 +466,7 @@ __device__ __forceinline__ void warp_store_row(int type, const float *v, u8 *dst
             const float d = warp_max(fabsf(v[i])) / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
             u8 *o = dst + i * 34;
             ((i8 *)o)[2 + lane] = (i8)(int)roundf(v[i] * id);
-            if (lane == 0) { const u16 dh = f2h(d); o[0] = (u8)(dh & 0xff); o[1] = (u8)(dh >> 8); }
+            if (lane == 0) *(u16 *)o = f2h(d);   // 34-byte blocks: the half is 2-byte aligned
         }
     }
 }
@@ -551,7 +551,7 @@ __device__ __forceinline__ float kv_dot(int type, const u8 *k, const float *q, i
     } else {
         for (int b = 0; b < hd / 32; b++) {
             const u8 *o = k + b * 34;
-            const float d = h2f((u16)(o[0] | (o[1] << 8)));
+            const float d = h2f(*(const u16 *)o);
             float sb = 0.0f;
             for (int j = 0; j < 32; j++) sb = fmaf((float)((const i8 *)o)[2 + j], q[b * 32 + j], sb);
             s = fmaf(d, sb, s);
@@ -564,7 +564,7 @@ __device__ __forceinline__ float kv_elem(int type, const u8 *v, int i) {
     if (type == KV_F16) return h2f(((const u16 *)v)[i]);
     if (type == KV_F32) return ((const float *)v)[i];
     const u8 *o = v + (i / 32) * 34;
-    return h2f((u16)(o[0] | (o[1] << 8))) * (float)((const i8 *)o)[2 + (i & 31)];
+    return h2f(*(const u16 *)o) * (float)((const i8 *)o)[2 + (i & 31)];
 }
 
 // out[t, h*hd ..] = softmax(scale * q.K) V over the keys token t sees in this layer: positions
@@ -609,13 +609,24 @@ extern "C" __global__ void attention(const float *qkv, int ldq, int n_head, int 
         l = l * corr + warp_sum(e);
 #pragma unroll
         for (int i = 0; i < MAX_HD / 32; i++) o[i] *= corr;
-#pragma unroll 2
-        for (int j = jlo; j <= jhi; j++) {
-            const float pj = __shfl_sync(0xffffffffu, e, j);
-            const u8 *vr = vb + (long long)j * vrow;
+        for (int j0 = jlo; j0 <= jhi; j0 += 8) {   // 8 keys' V loads in flight before their FMAs
+            float vv[8][MAX_HD / 32];
 #pragma unroll
-            for (int i = 0; i < MAX_HD / 32; i++)
-                if (i < nd) o[i] = fmaf(pj, kv_elem(type_v, vr, lane + 32 * i), o[i]);
+            for (int u = 0; u < 8; u++) {
+                const u8 *vr = vb + (long long)min(j0 + u, jhi) * vrow;
+#pragma unroll
+                for (int i = 0; i < MAX_HD / 32; i++)
+                    if (i < nd) vv[u][i] = kv_elem(type_v, vr, lane + 32 * i);
+            }
+#pragma unroll
+            for (int u = 0; u < 8; u++) {
+                const float pj = __shfl_sync(0xffffffffu, e, min(j0 + u, 31));
+                if (j0 + u <= jhi) {
+#pragma unroll
+                    for (int i = 0; i < MAX_HD / 32; i++)
+                        if (i < nd) o[i] = fmaf(pj, vv[u][i], o[i]);
+                }
+            }
         }
         m = mn;
     }
