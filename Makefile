@@ -6,7 +6,7 @@ MODEL   ?= smollm2
 PROMPT  ?= The capital of France is
 NATIVE_SRC := $(wildcard native/*.c native/*.h native/*.py) $(wildcard setup.py)
 
-.PHONY: install install-dev browser-deps run test test-arm test-gpu wheels test-pi test-pi-or-skip clean
+.PHONY: install install-dev browser-deps run test fuzz test-arm test-gpu wheels test-pi test-pi-or-skip clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -49,6 +49,13 @@ test-pi-or-skip: install-dev
 
 # The NEON kernels as a Raspberry Pi runs them: cross-compiled, run under qemu-aarch64 as a
 # Cortex-A72 (Pi 4, no dot product) and a Cortex-A76 (Pi 5, dot product). Installs the toolchain if missing.
+# The fuzz targets at length (make test runs each briefly): GGUF reader, tokenizer, chat templates, GBNF, JSON schema,
+# session files, HTTP requests. FUZZ_EXAMPLES per target.
+FUZZ_EXAMPLES ?= 5000
+fuzz: install-dev
+	EDGELLM_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q tests/test_fuzz.py tests/test_gguf_fuzz.py \
+	  tests/test_serve_fuzz.py
+
 # The GPU backend on a machine with an NVIDIA GPU: CuPy and NVRTC from PyPI (no CUDA toolkit), then tests/test_cuda.py
 # (which skips everywhere else). CUDA=cuda12 for a CUDA 12 driver.
 CUDA ?= cuda

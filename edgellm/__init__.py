@@ -5,10 +5,10 @@
     print(llm.create_chat_completion([{"role": "user", "content": "Hi!"}])["choices"][0]["message"]["content"])
 """
 
-from .errors import ChatTemplateError, ContextLengthError, EdgeLLMError, GGUFError, ModelError, TextError
+from .errors import ChatTemplateError, ContextLengthError, EdgeLLMError, GGUFError, ModelError, TextError, TokenError
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "Llama", "EdgeLLMError", "GGUFError", "ModelError", "ContextLengthError", "ChatTemplateError", "TextError"]
+__all__ = ["LLM", "Llama", "EdgeLLMError", "GGUFError", "ModelError", "ContextLengthError", "ChatTemplateError", "TextError", "TokenError"]
 
 
 def __getattr__(name):

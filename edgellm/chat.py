@@ -579,21 +579,21 @@ def validate_messages(messages: Any) -> list[dict]:
     llama.cpp joins typed text parts). It may be None only on an assistant message carrying `tool_calls`.
     Other keys (name, tool_calls, ...) are passed through to the template."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
-        raise ValueError(f"messages must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}")
+        raise ChatTemplateError(f"messages must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}")
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, Mapping):
-            raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', got {type(m).__name__}")
+            raise ChatTemplateError(f"messages[{i}] must be a dict with 'role' and 'content', got {type(m).__name__}")
         role = m.get("role")
         if not isinstance(role, str) or not role:
-            raise ValueError(f"messages[{i}]['role'] must be a non-empty string, got {role!r}")
+            raise ChatTemplateError(f"messages[{i}]['role'] must be a non-empty string, got {role!r}")
         if not _ROLE.fullmatch(role):
             raise ChatTemplateError(
                 f"messages[{i}]['role'] {role[:80]!r} is not a role name: roles are written into the prompt as "
                 "template text, so they must be a name of at most 64 letters, digits, '_', '-', '.' or spaces "
                 "(e.g. 'user', 'assistant', 'system', 'tool')")
         if "content" not in m:
-            raise ValueError(f"messages[{i}] has no 'content'")
+            raise ChatTemplateError(f"messages[{i}] has no 'content'")
         content = m["content"]
         if content is None and m.get("tool_calls"):
             content = ""
@@ -601,12 +601,12 @@ def validate_messages(messages: Any) -> list[dict]:
             texts = []
             for j, part in enumerate(content):
                 if not isinstance(part, Mapping) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise ValueError(f"messages[{i}]['content'][{j}] must be {{'type': 'text', 'text': str}}, "
+                    raise ChatTemplateError(f"messages[{i}]['content'][{j}] must be {{'type': 'text', 'text': str}}, "
                                      f"got {part!r}")
                 texts.append(part["text"])
             content = "\n".join(texts)
         elif not isinstance(content, str):
-            raise ValueError(f"messages[{i}]['content'] must be a string or a list of text parts, "
+            raise ChatTemplateError(f"messages[{i}]['content'] must be a string or a list of text parts, "
                              f"got {type(content).__name__}")
         msg = dict(m)
         msg["content"] = content

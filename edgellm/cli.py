@@ -165,10 +165,12 @@ def ls_cmd():
     from .hub import list_models
 
     rows = list_models()
-    click.echo(f"{'NAME':<10} {'SIZE':>9}  {'CACHED':<6}  PATH")
+    click.echo(f"{'NAME':<10} {'SIZE':>9}  {'CACHED':<6}  {'KIND':<5}  PATH")
     for r in rows:
         size = f"{r['size'] / 2**20:.0f} MiB" if r.get("size") else "-"
-        click.echo(f"{r['name']:<10} {size:>9}  {'yes' if r['cached'] else 'no':<6}  {r['path']}")
+        click.echo(f"{r['name']:<10} {size:>9}  {'yes' if r['cached'] else 'no':<6}  {r['kind']:<5}  {r['path']}")
+    if any(r["kind"] == "base" for r in rows):
+        click.echo("(base: no chat template in the file; `run` continues text, chats use a built-in template)")
 
 
 # ------------------------------------------------------------------------------------------------ info / tokenize

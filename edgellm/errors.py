@@ -32,3 +32,7 @@ class SamplingError(EdgeLLMError, ValueError):
 
 class TextError(EdgeLLMError, ValueError):
     """Input text that is not valid Unicode (a lone surrogate), or a file that is not the text it should be."""
+
+
+class TokenError(EdgeLLMError, ValueError):
+    """A token id that is not an integer of the model's vocabulary (detokenize, logits, a prompt of ids)."""

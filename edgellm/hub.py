@@ -87,6 +87,7 @@ class KnownModel:
     sha256: str
     size: int  # bytes of the final file; also a cheap check that a cached file is the right one
     description: str
+    chat: bool = True  # the file has a chat template (tuned for chat); False: a base model that continues text
 
 
 def _gemma3_parts() -> tuple[PackagePart, ...]:
@@ -119,6 +120,7 @@ KNOWN_MODELS: dict[str, KnownModel] = {
             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
             size=253_113_024,
             description="Gemma 3 270M, Q4_K_M (gemma3 architecture)",
+            chat=False,
         ),
     )
 }
@@ -226,7 +228,8 @@ def pull(
 
 
 def list_models() -> list[dict]:
-    """One dict per known model, for `edgellm ls`: name, filename, path (str), size (bytes), cached, description."""
+    """One dict per known model, for `edgellm ls`: name, filename, path (str), size (bytes), cached, description,
+    kind ("chat": has a chat template; "base": no template, continues text)."""
     return [
         {
             "name": m.name,
@@ -235,6 +238,7 @@ def list_models() -> list[dict]:
             "size": m.size,
             "cached": is_cached(m),
             "description": m.description,
+            "kind": "chat" if m.chat else "base",
         }
         for m in KNOWN_MODELS.values()
     ]

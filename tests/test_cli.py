@@ -305,3 +305,32 @@ def test_check_tensors_names_a_corrupt_tensor(smollm2_path, tmp_path):
     assert_one_line_error(edgellm("run", bad, "-p", "Hi", "-n", "1", "--check-tensors"), info.name)
     with pytest.raises(ModelError, match=info.name):
         LLM(bad, n_ctx=64, check_tensors=True)
+
+
+def test_numba_fallback_announces_its_first_compile(tmp_path, smollm2_path):
+    """Without the native core (EDGELLM_NATIVE=0: as a machine without a C compiler), a cold numba cache makes the
+    first run say on stderr that it is compiling; `info` says why the native core is not used."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, EDGELLM_NATIVE="0", NUMBA_CACHE_DIR=str(tmp_path / "numba"))
+    info = subprocess.run([sys.executable, "-m", "edgellm.cli", "info", str(smollm2_path)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert info.returncode == 0, info.stderr
+    assert "backend:      numba (edgellm's native core is disabled by EDGELLM_NATIVE=0)" in info.stdout
+    import io
+    from contextlib import redirect_stderr
+
+    from edgellm.backends import loader
+
+    cold, warm = tmp_path / "cold", tmp_path / "warm"
+    cold.mkdir()
+    (warm / "sub").mkdir(parents=True)
+    (warm / "sub" / "kernels._matmul-12.py311.nbi").write_bytes(b"")
+    for places, said in (([cold], True), ([cold, warm], False)):
+        buf = io.StringIO()
+        with redirect_stderr(buf):
+            loader._announce_numba_compile(["native: not built"], places)
+        assert ("compiling the numba fallback's kernels" in buf.getvalue()
+                and "native: not built" in buf.getvalue()) == said

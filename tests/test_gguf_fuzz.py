@@ -120,7 +120,7 @@ def fuzz_path(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("fuzz") / "f.gguf"
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=max(300, int(__import__('os').environ.get('EDGELLM_FUZZ_EXAMPLES', 0))), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, len(SEEDS) - 1), muts=st.lists(_mutation, min_size=1, max_size=4))
 def test_fuzz_mutations(fuzz_path, seed, muts):
     data, hot = SEEDS[seed]

@@ -363,3 +363,18 @@ def test_pull_smollm2_for_real(home):
         assert f.read(4) == b"GGUF"
     assert leftovers(home / "models") == []
     assert hub.resolve_model("smollm2", pull=False) == path
+
+
+def test_ls_kind_matches_the_files_chat_template(smollm2_path, gemma3_path):
+    """`edgellm ls` marks base models: the registry's flag agrees with each real file (a chat template or none)."""
+    from edgellm.gguf import GGUFFile
+    from edgellm.hub import KNOWN_MODELS, list_models
+
+    for path, name in ((smollm2_path, "smollm2"), (gemma3_path, "gemma3")):
+        gf = GGUFFile(path)
+        try:
+            assert KNOWN_MODELS[name].chat == bool(gf.get("tokenizer.chat_template"))
+        finally:
+            gf.close()
+    kinds = {r["name"]: r["kind"] for r in list_models()}
+    assert kinds == {"smollm2": "chat", "gemma3": "base"}

@@ -53,7 +53,7 @@ def test_no_5xx_for_any_body(client, route, body):
         assert set(r.json()["error"]) == {"message", "type", "param", "code"}
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=max(40, int(__import__('os').environ.get('EDGELLM_FUZZ_EXAMPLES', 0)) // 10), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(route=st.sampled_from(ROUTES + ["/v1/models", "/metrics"]), raw=st.binary(max_size=64))
 def test_no_5xx_for_any_bytes(client, route, raw):
     r = client.post(route, content=raw, headers={"content-type": "application/json"})

@@ -76,6 +76,8 @@ def create_backend(model, backend: str | None = "auto", n_threads: int | None = 
         try:
             from .numba import NumbaBackend  # imports numba: only reached when it is needed
 
+            _announce_numba_compile(reasons)
+
             backend = NumbaBackend(model, n_threads=n_threads, n_batch=n_batch)
             backend.fallback_reason = "; ".join(reasons) or None
             return backend
@@ -112,3 +114,33 @@ def _gpu_backend(model, n_gpu: int, n_threads: int, n_batch: int, device):
         raise EdgeLLMError(f"the GPU backend cannot start: {e}") from None
     except (NotImplementedError, ValueError) as e:
         raise EdgeLLMError(f"the GPU backend cannot run this model: {e}") from None
+
+
+def _numba_cache_is_cold(places=None) -> bool:
+    """True when numba has no cached kernels of edgellm's yet (its cache: $NUMBA_CACHE_DIR or the source's
+    __pycache__), i.e. the first forward will compile them."""
+    from pathlib import Path
+
+    if places is None:
+        from .numba import kernels
+
+        places = [Path(kernels.__file__).parent / "__pycache__"]
+        if os.environ.get("NUMBA_CACHE_DIR"):
+            places.append(Path(os.environ["NUMBA_CACHE_DIR"]))
+    for d in places:
+        try:
+            if any(d.rglob("kernels*.nbi")):
+                return False
+        except OSError:
+            continue
+    return True
+
+
+def _announce_numba_compile(reasons: list[str], places=None) -> None:
+    """Say on stderr why the first run pauses: the numba fallback compiles its kernels once (tens of seconds)."""
+    import sys
+
+    if _numba_cache_is_cold(places):
+        why = f" ({'; '.join(reasons)})" if reasons else ""
+        print(f"edgellm: compiling the numba fallback's kernels for this CPU, once (about 10-30 s; later runs load "
+              f"them from numba's cache){why}", file=sys.stderr, flush=True)

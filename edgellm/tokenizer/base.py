@@ -15,7 +15,7 @@ from typing import Any, Iterable, Mapping, Optional
 import numpy as np
 
 from edgellm import metadata as md
-from edgellm.errors import ModelError, TextError
+from edgellm.errors import ModelError, TextError, TokenError
 from edgellm.tokenizer.special import Fragment, SpecialMatcher
 
 # tokenizer.ggml.token_type values (gguf-py's TokenType / llama.cpp's LLAMA_TOKEN_TYPE_*)
@@ -182,10 +182,10 @@ class Tokenizer:
 
     def _check(self, token_id: Any) -> int:
         if isinstance(token_id, (bool, np.bool_)) or not isinstance(token_id, (int, np.integer)):
-            raise ValueError(f"token id {token_id!r} is not an integer")
+            raise TokenError(f"token id {token_id!r} is not an integer")
         i = int(token_id)
         if not 0 <= i < self.n_vocab:
-            raise ValueError(f"token id {i} is outside the vocabulary (0..{self.n_vocab - 1})")
+            raise TokenError(f"token id {i} is outside the vocabulary (0..{self.n_vocab - 1})")
         return i
 
     def token_to_id(self, text: str) -> Optional[int]:
