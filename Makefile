@@ -47,8 +47,6 @@ test-pi-or-skip: install-dev
 	{ bash packaging/build_wheels.sh && bash packaging/test_pi.sh; } || \
 	  { rc=$$?; [ $$rc -eq 3 ] && echo "make test: test-pi SKIPPED (see above)"; [ $$rc -eq 3 ]; }
 
-# The NEON kernels as a Raspberry Pi runs them: cross-compiled, run under qemu-aarch64 as a
-# Cortex-A72 (Pi 4, no dot product) and a Cortex-A76 (Pi 5, dot product). Installs the toolchain if missing.
 # The fuzz targets at length (make test runs each briefly): GGUF reader, tokenizer, chat templates, GBNF, JSON schema,
 # session files, HTTP requests. FUZZ_EXAMPLES per target.
 FUZZ_EXAMPLES ?= 5000
@@ -63,6 +61,8 @@ test-gpu: install-dev
 	$(BIN)/python -m pip install --quiet -e ".[$(CUDA)]"
 	$(BIN)/python -m pytest -q tests/test_cuda.py
 
+# The NEON kernels as a Raspberry Pi runs them: cross-compiled, run under qemu-aarch64 as a
+# Cortex-A72 (Pi 4, no dot product) and a Cortex-A76 (Pi 5, dot product). Installs the toolchain if missing.
 test-arm:
 	bash native/tests/run_arm.sh
 
