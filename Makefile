@@ -3,7 +3,7 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 MODEL   ?= smollm2
-PROMPT  ?= The capital of France is
+PROMPT  ?= What is the capital of France? Answer in one word.
 NATIVE_SRC := $(wildcard native/*.c native/*.h native/*.py) $(wildcard setup.py)
 
 .PHONY: install install-dev browser-deps run test fuzz test-arm test-gpu wheels test-pi test-pi-or-skip clean

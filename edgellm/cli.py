@@ -303,7 +303,8 @@ def tokenize(model, text, add_special, parse_special, as_json):
 @click.argument("model")
 @click.argument("question", required=False)
 @click.option("-p", "--prompt", default=None,
-              help="Continue this text and exit (with --chat: answer it as a chat message). Without -p: a chat.")
+              help="Answer this prompt and exit: as a chat turn when the model's file has a chat template (as "
+                   "llama-cli and ollama do), else continued as text; --raw always continues it. Without -p: a chat.")
 @click.option("-f", "--file", "prompt_file", type=click.Path(dir_okay=False), default=None,
               help="Read the prompt from FILE (instead of -p).")
 @click.option("-n", "--n-predict", "n_predict", type=int, default=-1, show_default=True,
@@ -357,8 +358,9 @@ def tokenize(model, text, add_special, parse_special, as_json):
               help="Generate indefinitely in flat memory: attention sinks (--keep) plus a recent window.")
 @click.option("--prompt-cache", type=click.Path(dir_okay=False), default=None,
               help="Load the KV cache of a matching prompt from FILE, and save it there after the prompt.")
-@click.option("--chat", "chat_prompt", is_flag=True, help="Send -p through the model's chat template.")
-@click.option("--raw", is_flag=True, help="Interactive mode without the chat template: each line is continued.")
+@click.option("--chat", "chat_prompt", is_flag=True,
+              help="Answer -p as a chat turn even when the file has no chat template (a built-in one).")
+@click.option("--raw", is_flag=True, help="No chat template: -p (or, interactively, each line) is continued as text.")
 @click.option("-s", "--system", default=None, help="A system message for the chat.")
 @click.option("--verbose", is_flag=True, help="Print load time and prompt / generation speed to stderr.")
 @_spec_options
@@ -370,8 +372,9 @@ def run(model, question, prompt, prompt_file, n_predict, temp, top_k, top_p, min
         kv_budget, n_threads, backend, context_shift, n_keep, streaming, prompt_cache, chat_prompt, raw, system,
         verbose, check_tensors, no_mmap, mlock, model_draft, spec_type, draft_max, draft_min, draft_p_min, n_gpu_layers,
         device):
-    """Run MODEL: answer QUESTION as a chat turn (as `ollama run MODEL "..."`), continue -p's text (as llama.cpp's
-    -p does; --chat sends it through the chat template), or chat interactively without either.
+    """Run MODEL: answer QUESTION or -p's prompt as a chat turn (as `ollama run MODEL "..."` and llama-cli do) when
+    the model has a chat template, continue it as text otherwise or with --raw, or chat interactively without
+    either.
 
     In the chat, /bye quits and Ctrl-C stops the answer, not the program.
     """
@@ -464,8 +467,8 @@ def run(model, question, prompt, prompt_file, n_predict, temp, top_k, top_p, min
         click.echo(f"warning: {llm.model.name} has no chat template in its file (likely a base model, not tuned for "
                    f"chat); using the built-in {llm.model.chat_template.kind} template. --raw continues text instead.",
                    err=True)
-    if prompt is not None:
-        raw = not chat_prompt
+    if prompt is not None:   # a chat turn where the file has a template (or --chat asks), else a continuation
+        raw = raw or not (chat_prompt or llm.model.chat_template.kind == "model")
         answer(prompt)
         return
     interactive = sys.stdin.isatty()

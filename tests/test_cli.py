@@ -27,7 +27,7 @@ def assert_one_line_error(p, *words):
 
 
 def test_run_answers_the_capital_of_france(smollm2_path):
-    p = edgellm("run", smollm2_path, "-p", "The capital of France is", "-n", "12", "--seed", "1", "--verbose")
+    p = edgellm("run", smollm2_path, "--raw", "-p", "The capital of France is", "-n", "12", "--seed", "1", "--verbose")
     assert p.returncode == 0, p.stderr
     assert "Paris" in p.stdout
     assert "tok/s" in p.stderr and "tok/s" not in p.stdout  # stats on stderr only
@@ -35,7 +35,7 @@ def test_run_answers_the_capital_of_france(smollm2_path):
 
 def test_run_raw_greedy_matches_llamacpp(smollm2_path, fixtures):
     case = load_fixture(fixtures, "logits-smollm2-135m-instruct-q4_1.json")["cases"][0]
-    p = edgellm("run", smollm2_path, "-p", case["prompt"], "-n", "5", "--temp", "0")
+    p = edgellm("run", smollm2_path, "--raw", "-p", case["prompt"], "-n", "5", "--temp", "0")
     assert p.returncode == 0, p.stderr
     text = p.stdout[:-1]  # run ends the answer with a newline of its own
     assert len(text) > len(" Paris") and case["greedy32_text"].startswith(text)
@@ -125,13 +125,13 @@ def test_ctrl_c_stops_the_answer_not_the_chat(smollm2_path):
 
 
 def test_grammar_and_json_schema_flags(smollm2_path, tmp_path):
-    p = edgellm("run", smollm2_path, "-p", "Is Paris in France? Answer:", "--grammar", 'root ::= " yes" | " no"',
+    p = edgellm("run", smollm2_path, "--raw", "-p", "Is Paris in France? Answer:", "--grammar", 'root ::= " yes" | " no"',
                 "-n", "8", "--temp", "0")
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() in ("yes", "no")
     gfile = tmp_path / "abc.gbnf"
     gfile.write_text('root ::= [abc]+ "."\n')
-    p = edgellm("run", smollm2_path, "-p", "Letters:", "--grammar-file", gfile, "-n", "12", "--seed", "1")
+    p = edgellm("run", smollm2_path, "--raw", "-p", "Letters:", "--grammar-file", gfile, "-n", "12", "--seed", "1")
     assert p.returncode == 0, p.stderr
     text = p.stdout.rstrip("\n")
     assert text and set(text.rstrip(".")) <= set("abc")
@@ -143,7 +143,7 @@ def test_grammar_and_json_schema_flags(smollm2_path, tmp_path):
 
 
 def test_sampler_flags(smollm2_path):
-    p = edgellm("run", smollm2_path, "-p", "Once upon a time", "--mirostat", "2", "--dry-multiplier", "0.8",
+    p = edgellm("run", smollm2_path, "--raw", "-p", "Once upon a time", "--mirostat", "2", "--dry-multiplier", "0.8",
                 "--logit-bias", "13-inf", "--samplers", "penalties;top_k;temperature", "--seed", "3", "-n", "12")
     assert p.returncode == 0, p.stderr and p.stdout.strip()
     assert_one_line_error(edgellm("run", smollm2_path, "-p", "hi", "--samplers", "top_k;bogus"), "bogus")
@@ -156,8 +156,8 @@ def test_sampler_flags(smollm2_path):
 def test_prompt_file_ignore_eos_and_kv_flags(smollm2_path, tmp_path):
     f = tmp_path / "prompt.txt"
     f.write_text("The capital of France is", encoding="utf-8")
-    a = edgellm("run", smollm2_path, "-f", f, "-n", "6", "--temp", "0")
-    b = edgellm("run", smollm2_path, "-p", "The capital of France is", "-n", "6", "--temp", "0")
+    a = edgellm("run", smollm2_path, "--raw", "-f", f, "-n", "6", "--temp", "0")
+    b = edgellm("run", smollm2_path, "--raw", "-p", "The capital of France is", "-n", "6", "--temp", "0")
     assert a.returncode == 0 and a.stdout == b.stdout and "Paris" in a.stdout
     assert_one_line_error(edgellm("run", smollm2_path, "-f", tmp_path / "none.txt"), "none.txt")
     both = edgellm("run", smollm2_path, "-f", f, "-p", "hi")
@@ -168,12 +168,12 @@ def test_prompt_file_ignore_eos_and_kv_flags(smollm2_path, tmp_path):
     m = Model(smollm2_path)
     eos = m.tokenizer.eos_id
     m.close()
-    args = ("run", smollm2_path, "-p", "Hello", "--temp", "0", "-n", "20", "--logit-bias", f"{eos}+100", "--verbose")
+    args = ("run", smollm2_path, "--raw", "-p", "Hello", "--temp", "0", "-n", "20", "--logit-bias", f"{eos}+100", "--verbose")
     short, long = edgellm(*args), edgellm(*args, "--ignore-eos")
     assert short.returncode == 0 and long.returncode == 0, long.stderr
     assert "generation: 1 tokens" in short.stderr and "generation: 20 tokens" in long.stderr
     # KV cache flags: q8_0 rows, a budget, and what --verbose says about them
-    p = edgellm("run", smollm2_path, "-p", "Hello", "-n", "4", "-ctk", "q8_0", "-ctv", "q8_0", "--kv-budget", "20MiB",
+    p = edgellm("run", smollm2_path, "--raw", "-p", "Hello", "-n", "4", "-ctk", "q8_0", "-ctv", "q8_0", "--kv-budget", "20MiB",
                 "--verbose")
     assert p.returncode == 0, p.stderr
     assert "KV pool q8_0" in p.stderr and "budget 20 MiB" in p.stderr
@@ -187,10 +187,10 @@ def test_run_with_speculative_decoding(smollm2_path, gemma3_path):
     """--spec-type ngram and -md give the plain greedy text; --verbose reports the drafts; bad pairs are one-line
     errors (a draft with another vocabulary, ngram with a draft model, draft without one)."""
     prompt = "Copy: alpha beta gamma delta epsilon zeta eta theta. Copy: alpha beta gamma"
-    plain = edgellm("run", smollm2_path, "-p", prompt, "-n", "24", "--temp", "0")
+    plain = edgellm("run", smollm2_path, "--raw", "-p", prompt, "-n", "24", "--temp", "0")
     assert plain.returncode == 0, plain.stderr
     for extra in (["--spec-type", "ngram"], ["-md", smollm2_path, "--draft-p-min", "0"]):
-        p = edgellm("run", smollm2_path, "-p", prompt, "-n", "24", "--temp", "0", "--verbose", *extra)
+        p = edgellm("run", smollm2_path, "--raw", "-p", prompt, "-n", "24", "--temp", "0", "--verbose", *extra)
         assert p.returncode == 0, p.stderr
         assert p.stdout == plain.stdout
         assert "speculative (" in p.stderr and "accepted" in p.stderr
@@ -208,7 +208,7 @@ def test_ctrl_c_during_run_p_exits_130(smollm2_path):
     import signal
     import time
 
-    p = subprocess.Popen([sys.executable, "-m", "edgellm.cli", "run", str(smollm2_path), "-p", "Once upon a time",
+    p = subprocess.Popen([sys.executable, "-m", "edgellm.cli", "run", str(smollm2_path), "--raw", "-p", "Once upon a time",
                           "-n", "-1", "--temp", "0", "-c", "8192"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
     try:
@@ -232,6 +232,10 @@ def test_run_takes_a_question_as_ollama_does(smollm2_path):
     assert q.stdout == chat.stdout and "Paris" in q.stdout
     both = edgellm("run", smollm2_path, "Hi", "-p", "Hello", "-n", "2")
     assert both.returncode == 2 and "Traceback" not in both.stderr
+    # -p answers as a chat too where the file has a template (as llama-cli and ollama); --raw continues it
+    p = edgellm("run", smollm2_path, "-p", "Name the capital of France.", "-n", "16", "--temp", "0")
+    raw = edgellm("run", smollm2_path, "--raw", "-p", "Name the capital of France.", "-n", "16", "--temp", "0")
+    assert p.stdout == q.stdout and raw.returncode == 0 and raw.stdout != q.stdout
 
 
 def test_text_files_are_regular_bounded_and_honest(smollm2_path, tmp_path):

@@ -177,7 +177,7 @@ def test_cli_streaming_generates_past_the_context(smollm2_path):
     m = Model(smollm2_path)
     no_eog = [f"--logit-bias={i}-inf" for i in range(m.tokenizer.n_vocab) if m.tokenizer.is_eog(i)]
     m.close()
-    cmd = [sys.executable, "-m", "edgellm.cli", "run", str(smollm2_path), "-p", "Once upon a time", "-c", "48",
+    cmd = [sys.executable, "-m", "edgellm.cli", "run", str(smollm2_path), "--raw", "-p", "Once upon a time", "-c", "48",
            "-n", "200", "--seed", "1", "--verbose", *no_eog]
     streaming = subprocess.run(cmd + ["--streaming"], capture_output=True, text=True, timeout=120)
     assert streaming.returncode == 0, streaming.stderr
