@@ -463,12 +463,12 @@ def run(model, question, prompt, prompt_file, n_predict, temp, top_k, top_p, min
         return text
 
     interactive_chat = prompt is None   # in the chat, Ctrl-C stops the answer, not the program
-    if not raw and (prompt is None or chat_prompt) and llm.model.chat_template.kind != "model":
+    if not raw and (prompt is None or chat_prompt) and llm.model.chat_template_kind != "model":
         click.echo(f"warning: {llm.model.name} has no chat template in its file (likely a base model, not tuned for "
-                   f"chat); using the built-in {llm.model.chat_template.kind} template. --raw continues text instead.",
+                   f"chat); using the built-in {llm.model.chat_template_kind} template. --raw continues text instead.",
                    err=True)
     if prompt is not None:   # a chat turn where the file has a template (or --chat asks), else a continuation
-        raw = raw or not (chat_prompt or llm.model.chat_template.kind == "model")
+        raw = raw or not (chat_prompt or llm.model.chat_template_kind == "model")
         answer(prompt)
         return
     interactive = sys.stdin.isatty()

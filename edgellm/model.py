@@ -54,6 +54,21 @@ class Model:
         self._chat_template = template
 
     @property
+    def chat_template_kind(self) -> str:
+        """The chat template's kind without compiling it: "model" (the file's own), else the built-in fallback
+        ("gemma" for gemma3, "chatml"), as ChatTemplate.from_metadata chooses."""
+        if self._chat_template is not None:
+            return self._chat_template.kind
+        source = self.gguf.metadata.get("tokenizer.chat_template")
+        if isinstance(source, bytes):
+            source = source.decode("utf-8", errors="replace")
+        if source is not None and not isinstance(source, str):
+            return self.chat_template.kind   # from_metadata raises the ChatTemplateError that names it
+        if source is not None and source.strip():
+            return "model"
+        return "gemma" if self.gguf.metadata.get("general.architecture") == "gemma3" else "chatml"
+
+    @property
     def name(self) -> str:
         return self.gguf.get_str("general.name", default=None) or self.path.stem
 

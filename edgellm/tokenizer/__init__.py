@@ -11,19 +11,27 @@ fixtures in shared/fixtures/tokenizer-*.json are llama.cpp's output.
 
 from __future__ import annotations
 
+import importlib
 from typing import Any, Mapping
 
 from edgellm import metadata as md
 from edgellm.errors import ModelError
 from edgellm.tokenizer.base import (BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED, Tokenizer)
-from edgellm.tokenizer.bpe import BPETokenizer
-from edgellm.tokenizer.spm import SPMTokenizer
 from edgellm.tokenizer.stream import StreamingDetokenizer
 
 __all__ = ["load_tokenizer", "Tokenizer", "BPETokenizer", "SPMTokenizer", "StreamingDetokenizer",
            "NORMAL", "UNKNOWN", "CONTROL", "USER_DEFINED", "UNUSED", "BYTE"]
 
-_MODELS = {"gpt2": BPETokenizer, "llama": SPMTokenizer}
+# imported when a model needs one: the byte-level BPE's pre-tokenizers bring the `regex` module (~2 MB resident),
+# which a SentencePiece vocabulary never uses
+_MODELS = {"gpt2": ("edgellm.tokenizer.bpe", "BPETokenizer"), "llama": ("edgellm.tokenizer.spm", "SPMTokenizer")}
+
+
+def __getattr__(name: str):
+    for module, cls in _MODELS.values():
+        if cls == name:
+            return getattr(importlib.import_module(module), cls)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def load_tokenizer(metadata: Mapping[str, Any]) -> Tokenizer:
@@ -33,9 +41,9 @@ def load_tokenizer(metadata: Mapping[str, Any]) -> Tokenizer:
     arrays; warns (and uses llama.cpp's 'default' regex) for an unknown ``tokenizer.ggml.pre``.
     """
     model = md.get_str(metadata, "tokenizer.ggml.model")
-    cls = _MODELS.get(model)
-    if cls is None:
+    where = _MODELS.get(model) if isinstance(model, str) else None
+    if where is None:
         supported = ", ".join(repr(m) for m in _MODELS)
         raise ModelError(f"unsupported tokenizer model {model!r} (tokenizer.ggml.model); "
                          f"edgellm supports {supported}")
-    return cls(metadata)
+    return getattr(importlib.import_module(where[0]), where[1])(metadata)
