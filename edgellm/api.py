@@ -16,7 +16,8 @@ from .backends.loader import create_backend
 from .engine import DEFAULT_BATCH, DEFAULT_PARALLEL, MAX_BATCH, MAX_PARALLEL
 from .engine.core import EngineCore, EngineRunner
 from .engine.sequence import GenerationResponse, Sequence
-from .errors import ContextLengthError, EdgeLLMError, SamplingError
+from .chat import validate_messages
+from .errors import ContextLengthError, EdgeLLMError, SamplingError, ToolError
 from .hub import resolve_model
 from .kv_cache import CACHE_TYPES, default_n_ctx, memory_budget, parse_size
 from .model import Model
@@ -289,10 +290,10 @@ class LLM:
         self._check_ids(ids)
         return ids
 
-    def _chat_ids(self, messages: list[dict[str, Any]]) -> list[int]:
+    def _chat_ids(self, messages: list[dict[str, Any]], **extra) -> list[int]:
         tok = self.tokenizer
         ids: list[int] = []
-        for text, parse_special in self.model.chat_template.render(messages, add_generation_prompt=True):
+        for text, parse_special in self.model.chat_template.render(messages, add_generation_prompt=True, **extra):
             ids += tok.encode(text, add_special=False, parse_special=parse_special)
         if tok.add_bos and tok.bos_id is not None and (not ids or ids[0] != tok.bos_id):
             ids.insert(0, tok.bos_id)  # the template did not write BOS itself: add it once, as llama.cpp does
@@ -465,25 +466,36 @@ class LLM:
         logit_bias: dict | None = None,
         logprobs: bool | None = None,
         top_logprobs: int | None = None,
+        tools: list[dict] | None = None,
+        tool_choice: str | dict | None = None,
         **sampling,
     ):
         """OpenAI-shaped chat completion rendered with the model's own chat template.
         response_format: {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": {...}}}
         constrains the reply; grammar: GBNF text. logprobs/top_logprobs: OpenAI's (streamed chunks carry those of
-        their own tokens)."""
-        ids = self._chat_ids(messages)
+        their own tokens). tools / tool_choice: OpenAI's function calling (edgellm/tools.py): calls come back in
+        message.tool_calls with finish_reason "tool_calls"."""
+        plan = tool_plan(tools, tool_choice, self.model.chat_template)
+        if plan is not None:
+            if grammar is not None or response_format is not None:
+                raise ToolError("tools constrain the reply themselves: give them without grammar / response_format")
+            ids = self._chat_ids(plan.messages(validate_messages(messages)), **plan.template_extra())
+            grammar = plan.grammar()
+        else:
+            ids = self._chat_ids(messages)
         json_schema = response_format_to_schema(response_format)
         knobs = _knobs(locals(), sampling)
         recorder = LogprobsRecorder(self.tokenizer, top_logprobs or 0) if logprobs else None
         records = self._stream(ids, max_tokens, stop, knobs, recorder)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": str(self.model.path)}
         if stream:
-            return _chat_chunks(meta, records, recorder)
+            return _chat_chunks(meta, records, recorder, plan)
         text, last = _collect(records)
+        message, reason = chat_message(text, last.finish_reason, plan)
         return {**meta, "object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                "choices": [{"index": 0, "message": message,
                              "logprobs": recorder.chat() if recorder is not None else None,
-                             "finish_reason": last.finish_reason}],
+                             "finish_reason": reason}],
                 "usage": usage([last])}
 
     # ---------------------------------------------------------------- sessions
@@ -618,12 +630,39 @@ def _is_batch(prompt) -> bool:
     return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and not isinstance(prompt[0], (int, np.integer))
 
 
-def _chat_chunks(meta, records, recorder=None):
+def tool_plan(tools, tool_choice, template):
+    """The ToolPlan of a request (None without tools), for the API and the server alike."""
+    from .tools import plan_tools
+
+    return plan_tools(tools, tool_choice, template.source if template.kind == "model" else None)
+
+
+def chat_message(text: str, finish_reason: str, plan) -> tuple[dict, str]:
+    """The assistant message of a finished reply and its finish_reason: tool calls parsed out when tools were given."""
+    if plan is None:
+        return {"role": "assistant", "content": text}, finish_reason
+    content, calls = plan.parse(text)
+    if not calls:
+        return {"role": "assistant", "content": content}, finish_reason
+    return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
+
+
+def _chat_chunks(meta, records, recorder=None, plan=None):
     def chunk(delta, reason, lp=None):
         return {**meta, "object": "chat.completion.chunk",
                 "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": reason}]}
 
     yield chunk({"role": "assistant"}, None)
+    if plan is not None:   # a reply with tools is parsed whole: its calls (or its answer) in one chunk
+        text, last = _collect(records)
+        message, reason = chat_message(text, last.finish_reason, plan)
+        delta = {"content": message["content"]} if message["content"] else {}
+        if "tool_calls" in message:
+            delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(message["tool_calls"])]
+        if delta:
+            yield chunk(delta, None)
+        yield chunk({}, reason, recorder.take(True) if recorder is not None else None)
+        return
     for r in records:
         if r.text:   # the logprobs of every token since the last chunk (held-back text: UTF-8, stop strings)
             yield chunk({"content": r.text}, None, recorder.take(True) if recorder is not None else None)

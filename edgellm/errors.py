@@ -36,3 +36,7 @@ class TextError(EdgeLLMError, ValueError):
 
 class TokenError(EdgeLLMError, ValueError):
     """A token id that is not an integer of the model's vocabulary (detokenize, logits, a prompt of ids)."""
+
+
+class ToolError(EdgeLLMError, ValueError):
+    """A malformed `tools` list or `tool_choice` in a chat completion."""

@@ -22,7 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
 
-from ..api import usage
+from ..api import chat_message, tool_plan, usage
+from ..chat import validate_messages
 from ..engine.sequence import Sequence
 from ..errors import ContextLengthError, EdgeLLMError
 from ..grammar import response_format_to_schema
@@ -397,15 +398,27 @@ def make_router(server, guard, limited) -> APIRouter:
         llm = bridge.llm
         if req.n > server.config.max_n:
             raise APIError(400, f"n must be at most {server.config.max_n}", param="n")
-        if req.tools and req.tool_choice != "none":
-            raise APIError(400, "tools are not supported by this server yet (the chat template is rendered without "
-                                "them)", param="tools", code="unsupported_parameter")
+        try:
+            plan = tool_plan(req.tools, req.tool_choice, llm.model.chat_template)
+        except EdgeLLMError as e:
+            raise APIError(400, str(e), param="tools") from None
+        if plan is not None and (req.response_format is not None or req.grammar or req.json_schema is not None):
+            raise APIError(400, "tools constrain the reply themselves: give them without response_format, grammar or "
+                                "json_schema", param="tools")
         try:
             schema = response_format_to_schema(req.response_format)
         except ValueError as e:
             raise APIError(400, str(e), param="response_format") from None
         messages = _chat_messages(req)
         knobs = _knobs(req, llm, defaults, schema)
+        extra = {}
+        if plan is not None:
+            try:
+                messages = plan.messages(validate_messages(messages))
+                knobs["grammar"] = plan.grammar()
+            except (EdgeLLMError, ValueError) as e:
+                raise APIError(400, f"tools: {e}", param="tools") from None
+            extra = plan.template_extra()
         spec = _spec(req, llm)
         top = (req.top_logprobs or 0) if req.logprobs else None
         limit = _max_tokens(server, req.max_completion_tokens if req.max_completion_tokens is not None
@@ -413,7 +426,7 @@ def make_router(server, guard, limited) -> APIRouter:
 
         def prepare():
             try:
-                ids = llm._chat_ids(messages)
+                ids = llm._chat_ids(messages, **extra)
             except (EdgeLLMError, ValueError, TypeError) as e:
                 raise APIError(400, f"chat template: {e}", param="messages") from None
             return _build(llm, [ids], req.n, knobs, req.seed, limit, _stops(req.stop), top, spec)
@@ -424,6 +437,7 @@ def make_router(server, guard, limited) -> APIRouter:
 
         if req.stream:
             started = [False] * len(seqs)
+            held = [[] for _ in seqs]   # with tools, a reply is parsed whole: its text waits for the end
 
             def chunks(i, r):
                 file_lp(i, r)
@@ -436,6 +450,17 @@ def make_router(server, guard, limited) -> APIRouter:
                 if not started[i]:
                     started[i] = True
                     out.append(chunk({"role": "assistant", "content": ""}, None))
+                if plan is not None:
+                    held[i].append(r.text)
+                    if r.finish_reason:
+                        message, reason = chat_message("".join(held[i]), r.finish_reason, plan)
+                        delta = {"content": message["content"]} if message["content"] else {}
+                        if "tool_calls" in message:
+                            delta["tool_calls"] = [{"index": j, **c} for j, c in enumerate(message["tool_calls"])]
+                        if delta:
+                            out.append(chunk(delta, None))
+                        out.append(chunk({}, reason, recorders[i].take(True) if recorders[i] is not None else None))
+                    return out
                 if r.text:
                     out.append(chunk({"content": r.text}, None,
                                      recorders[i].take(True) if recorders[i] is not None else None))
@@ -447,9 +472,10 @@ def make_router(server, guard, limited) -> APIRouter:
             return streamed(request, bridge, job, tally, chunks, req, meta, "chat.completion.chunk")
 
         texts, reasons = await collect_texts(request, bridge, job, tally, file_lp, len(seqs))
-        choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
+        replies = [chat_message(texts[i], reasons[i], plan) for i in range(len(seqs))]
+        choices = [{"index": i, "message": replies[i][0],
                     "logprobs": recorders[i].chat() if recorders[i] is not None else None,
-                    "finish_reason": reasons[i]} for i in range(len(seqs))]
+                    "finish_reason": replies[i][1]} for i in range(len(seqs))]
         return {**meta, "object": "chat.completion", "choices": choices, "usage": tally.usage()}
 
     # ------------------------------------------------------------------ text completions
