@@ -104,10 +104,11 @@ def size_mib(path: Path) -> float:
     return path.stat().st_size / 2**20
 
 
-def bench_model(name: str, d: Path, reps: int, fresh: bool, with_llama: bool) -> dict:
+def bench_model(name: str, d: Path, reps: int, fresh: bool, with_llama: bool, rows: dict, quality: bool,
+                speed_too: bool) -> dict:
+    """Fills `rows` (label -> measures): perplexities and sizes when `quality`, speeds when `speed_too`."""
     src, k, bar_types = SPECS[name]
     c = ["-f", CALIB]
-    rows: dict[str, dict] = {}
     files = {"unpruned": src,
              "FFN 0.75": prune(src, d / f"{name}-ffn75.gguf", "--ffn-keep", 0.75, *c, fresh=fresh),
              "FFN 0.5": prune(src, d / f"{name}-ffn50.gguf", "--ffn-keep", 0.5, *c, fresh=fresh),
@@ -127,7 +128,7 @@ def bench_model(name: str, d: Path, reps: int, fresh: bool, with_llama: bool) ->
                  str(src), str(last_path), "Q4_1", "2"])
         mine = prune(src, d / f"{name}-last{k}-edgellm.gguf", "--layers", ",".join(map(str, last)), fresh=fresh)
         with GGUFFile(last_path) as a, GGUFFile(mine) as b:
-            same = list(a.tensors) == list(b.tensors) and all(
+            same = sorted(a.tensors) == sorted(b.tensors) and all(   # llama-quantize orders them by name
                 bytes(a.tensor_data(t)) == bytes(b.tensor_data(t)) for t in a.tensors)
         rows["_llama_quantize_identical"] = {"same_tensors": same}
         files[f"last {k} (llama-quantize --prune-layers)"] = last_path
@@ -138,27 +139,29 @@ def bench_model(name: str, d: Path, reps: int, fresh: bool, with_llama: bool) ->
         layers = sorted(random.Random(s).sample(range(n_layer), k))
         files[f"random {k} (seed {s}: {layers})"] = prune(src, d / f"{name}-rand{k}-{s}.gguf", "--layers",
                                                           ",".join(map(str, layers)), fresh=fresh)
-    for label, path in files.items():
-        rows[label] = {"file": str(path), "MiB": size_mib(path), "load_ppl": load(),
-                       **{f"ppl {t}": ppl(path, f) for t, f in EVAL.items()}}
-    for label in ("FFN 0.75", "FFN 0.5", f"{k} layers (BI)", f"{k} layers (BI) + FFN 0.75"):
-        rows[label]["speed"] = paired(src, files[label], reps, speed)
+    if quality:
+        for label, path in files.items():
+            rows[label] = {"file": str(path), "MiB": size_mib(path), "load_ppl": load(),
+                           **{f"ppl {t}": ppl(path, f) for t, f in EVAL.items()}}
+    if speed_too:
+        for label in ("FFN 0.75", "FFN 0.5", f"{k} layers (BI)", f"{k} layers (BI) + FFN 0.75"):
+            rows[label]["speed"] = paired(src, files[label], reps, speed)
     # the FFN bar at other quantizations: the same prune from an F16/Q8_0 copy of the model
     for q in bar_types:
         qsrc = d / f"{name}-{q}.gguf"
         if fresh or not qsrc.exists():
             run(EDGELLM + ["quantize", "--allow-requantize", str(src), str(qsrc), q])
         qout = prune(qsrc, d / f"{name}-{q}-ffn75.gguf", "--ffn-keep", 0.75, *c, fresh=fresh)
-        rows[f"{q}: unpruned"] = {"file": str(qsrc), "MiB": size_mib(qsrc), "ppl GPL-3": ppl(qsrc, EVAL["GPL-3"])}
-        rows[f"{q}: FFN 0.75"] = {"file": str(qout), "MiB": size_mib(qout), "ppl GPL-3": ppl(qout, EVAL["GPL-3"]),
-                                  "speed": paired(qsrc, qout, reps, speed)}
-    if with_llama:
+        if quality:
+            rows[f"{q}: unpruned"] = {"file": str(qsrc), "MiB": size_mib(qsrc), "ppl GPL-3": ppl(qsrc, EVAL["GPL-3"])}
+            rows[f"{q}: FFN 0.75"] = {"file": str(qout), "MiB": size_mib(qout), "ppl GPL-3": ppl(qout, EVAL["GPL-3"])}
+        if speed_too:
+            rows[f"{q}: FFN 0.75"]["speed"] = paired(qsrc, qout, reps, speed)
+    if with_llama and speed_too:   # llama.cpp runs the pruned file too (its spinning threads suffer most from load)
+        rows["FFN 0.75"]["llama.cpp tg128"] = paired(src, files["FFN 0.75"], reps, llama_tg)
+    if with_llama and quality:
         for label in ("FFN 0.75", f"{k} layers (BI)"):
-            rows[label]["llama.cpp tg128"] = paired(src, files[label], reps, llama_tg)
             rows[label]["llama.cpp ppl GPL-3"] = llama_ppl_value(files[label], EVAL["GPL-3"])
-        for q in bar_types:
-            rows[f"{q}: FFN 0.75"]["llama.cpp tg128"] = paired(d / f"{name}-{q}.gguf", d / f"{name}-{q}-ffn75.gguf",
-                                                              reps, llama_tg)
     return rows
 
 
@@ -169,12 +172,17 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=Path("/tmp/prune_models"))
     ap.add_argument("--fresh", action="store_true", help="prune again even where the files exist")
     ap.add_argument("--no-llama", action="store_true", help="skip llama.cpp's runs")
-    ap.add_argument("--json", type=Path, default=None, help="write the results here")
+    ap.add_argument("--json", type=Path, default=None, help="write the results here (and, with --only speed, read "
+                    "the quality results from it)")
+    ap.add_argument("--only", choices=["quality", "speed"], default=None,
+                    help="perplexities and sizes only, or speeds only (of files made before)")
     a = ap.parse_args()
     a.dir.mkdir(parents=True, exist_ok=True)
-    results = {"uptime": run(["uptime"]).strip()}
+    results = json.loads(a.json.read_text()) if a.only == "speed" and a.json and a.json.exists() else {}
+    results["uptime" if a.only != "speed" else "uptime_speed"] = run(["uptime"]).strip()
     for name in a.model or sorted(SPECS, reverse=True):
-        results[name] = bench_model(name, a.dir, a.reps, a.fresh, not a.no_llama)
+        results[name] = bench_model(name, a.dir, a.reps, a.fresh, not a.no_llama, results.get(name, {}),
+                                    quality=a.only != "speed", speed_too=a.only != "quality")
         if a.json:
             a.json.write_text(json.dumps(results, indent=1))
     results["uptime_end"] = run(["uptime"]).strip()

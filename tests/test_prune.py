@@ -20,7 +20,7 @@ from edgellm.errors import EdgeLLMError
 from edgellm.gguf import GGUFFile
 from edgellm.model import Model
 from edgellm.prune import (PruneError, choose_channels, choose_layers, ffn_block, keep_count, prune_model,
-                           score_model)
+                           refit_down, score_model)
 from edgellm.quant import GGMLType
 from edgellm.quant.reference import dequantize
 from edgellm.quantize import quantize_model
@@ -85,7 +85,7 @@ def logits(path: Path, text: str = "The quick brown fox jumps over the lazy dog.
     try:
         ids = np.asarray(m.tokenizer.encode(text), dtype=np.int32)
         be = ReferenceBackend(m)
-        return be.forward(ids, np.arange(len(ids), dtype=np.int32), new_cache(m, 64, "f32"), all_logits=True)
+        return be.forward(ids, np.arange(len(ids), dtype=np.int32), new_cache(m, 256, "f32"), all_logits=True)
     finally:
         m.close()
 
@@ -137,6 +137,21 @@ def test_choose_channels_takes_the_best_in_order():
     assert got[0].tolist() == [0, 2, 4] and got[1].tolist() == [1, 2, 3]
 
 
+def test_refit_down_is_least_squares():
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((500, 64)).astype(np.float32)          # [tokens, n_ff] FFN inner activations
+    down = rng.standard_normal((16, 64)).astype(np.float32)        # [n_embd, n_ff]
+    gram = a.T @ a
+    keep = np.sort(rng.choice(64, 40, replace=False))
+    want = np.linalg.lstsq(a[:, keep].astype(np.float64), (a @ down.T).astype(np.float64), rcond=None)[0].T
+    np.testing.assert_allclose(refit_down(down, gram, keep, damp=0.0), want, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(refit_down(down, gram, np.arange(64), damp=0.0), down, rtol=1e-3, atol=1e-3)
+    # dampened: a smaller solution, still closer to the full output than the plain cut
+    damped = refit_down(down, gram, keep)
+    err = lambda d: np.linalg.norm(a[:, keep] @ d.T - a @ down.T)
+    assert err(want) <= err(damped) < err(down[:, keep]) and np.linalg.norm(damped) < np.linalg.norm(want)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Exactness on tiny models
 # ---------------------------------------------------------------------------------------------------
@@ -164,6 +179,14 @@ def test_ffn_pruning_is_zeroing_the_dropped_channels(tmp_path):
             tt[f"blk.{i}.ffn_gate.weight"][np.setdiff1d(np.arange(FF), kept[i])] = 0
     write_tiny(ref, edit=zero)
     np.testing.assert_allclose(logits(out), logits(ref), rtol=1e-4, atol=1e-4)
+    # --refit: the same channels, ffn_down solved for; on text like the calibration text it is closer to the original
+    # (with more calibration tokens than channels, so that the least squares are determined)
+    refit, plain = tmp_path / "refit.gguf", tmp_path / "plain.gguf"
+    for path, on in ((refit, True), (plain, False)):
+        prune_model(src, path, ffn_keep=0.5, calib_text=CALIB_TEXT, n_ctx=128, n_chunks=6, refit=on, progress=False)
+    sample = CALIB_TEXT[3000:3080]
+    full = logits(src, sample)
+    assert np.abs(logits(refit, sample) - full).mean() < np.abs(logits(plain, sample) - full).mean()
 
 
 def test_layer_pruning_is_skipping_the_blocks(tmp_path):
