@@ -400,16 +400,23 @@ class LLM:
         json_schema=None,
         logit_bias: dict | None = None,
         logprobs: int | None = None,
+        echo: bool = False,
         **sampling,
     ):
         """OpenAI-shaped text completion (`text_completion`), or an iterator of chunks with stream=True.
         A list of prompts (texts or lists of token ids) runs as one batch: one choice per prompt, with its "index",
         usage summed (streamed: each chunk carries the index of its choice).
         logprobs=N (0..20): per-token log-probabilities and the N most likely alternatives (streamed chunks carry
-        those of their own tokens)."""
+        those of their own tokens). echo: the prompt's text before the completion (as llama-cpp-python and OpenAI;
+        not with logprobs, which edgellm gives for generated tokens only)."""
+        if not isinstance(echo, bool):
+            raise EdgeLLMError(f"echo must be true or false, got {echo!r}")
+        if echo and logprobs is not None:
+            raise EdgeLLMError("echo with logprobs is not supported (logprobs cover generated tokens only)")
         knobs = _knobs(locals(), sampling)
         prompts = list(prompt) if _is_batch(prompt) else [prompt]
         ids_all = [self._prompt_ids(p) for p in prompts]
+        echoed = [(p if isinstance(p, str) else self.detokenize(ids)) if echo else "" for p, ids in zip(prompts, ids_all)]
         recorders = [LogprobsRecorder(self.tokenizer, logprobs) if logprobs is not None else None for _ in prompts]
         seqs = self._submit_all(ids_all, max_tokens, stop, knobs, logprobs)
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": str(self.model.path)}
@@ -418,7 +425,7 @@ class LLM:
         def choice(i, text, reason):
             rec = recorders[i]
             lp = rec.completion(text_offset=offsets[i]) if rec is not None and reason else None
-            return {"text": text, "index": i, "logprobs": lp, "finish_reason": reason}
+            return {"text": echoed[i] + text, "index": i, "logprobs": lp, "finish_reason": reason}
 
         def chunks():
             with self._cancel_rest(seqs):
@@ -426,6 +433,9 @@ class LLM:
 
         def _chunks():
             for i, seq in enumerate(seqs):
+                if echoed[i]:
+                    yield {**meta, "object": "text_completion",
+                           "choices": [{"text": echoed[i], "index": i, "logprobs": None, "finish_reason": None}]}
                 for r in self._records(seq, recorders[i]):
                     if r.text or r.finish_reason:
                         lp = recorders[i].take(False, offsets[i]) if recorders[i] is not None else None

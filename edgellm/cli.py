@@ -28,6 +28,8 @@ CHAT_HELP = """Commands:
   /set parameter NAME VALUE     temperature, top_k, top_p, min_p, repeat_penalty, seed, num_predict
   /show info                    the model, its context and the parameters in use
   /clear                        forget the conversation (the system message stays)
+  /save FILE                    write the conversation to FILE (JSON messages)
+  /load FILE                    continue the conversation saved in FILE
   /bye                          quit (also /exit, /quit, Ctrl-D)
   \"\"\"                           start and end a message of several lines"""
 
@@ -53,6 +55,8 @@ def _slash_command(line: str, llm, messages: list, knobs: dict, limits: dict, sy
         click.echo(f"model {llm.model.name} ({llm.model.path}); n_ctx {llm.n_ctx}; chat template "
                    f"{llm.model.chat_template.kind}; parameters {shown or 'defaults'}; num_predict "
                    f"{limits['max_tokens'] if limits['max_tokens'] is not None else 'unlimited'}", err=True)
+    elif cmd in ("/save", "/load") and len(words) >= 2:
+        _save_or_load(cmd, line.split(maxsplit=1)[1].strip(), messages)
     elif cmd == "/set" and len(words) >= 3 and words[1] == "system":
         text = line.split(maxsplit=2)[2]
         messages[:] = [{"role": "system", "content": text}]
@@ -77,6 +81,43 @@ def _slash_command(line: str, llm, messages: list, knobs: dict, limits: dict, sy
     else:
         click.echo(f"unknown command {line.split()[0]!r}; /? lists the commands", err=True)
     return None
+
+
+MAX_CHAT_FILE = 64 << 20   # /load reads at most this much
+
+
+def _save_or_load(cmd: str, path: str, messages: list) -> None:
+    """/save FILE: the conversation as JSON ({"messages": [...]}, written aside then renamed); /load FILE: that file's
+    messages replace the conversation (checked as any chat request's; a bad file changes nothing)."""
+    from .chat import validate_messages
+    from .fileio import open_regular
+
+    if cmd == "/save":
+        tmp = f"{path}.tmp{os.getpid()}"
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump({"messages": messages}, f, ensure_ascii=False, indent=1)
+            os.replace(tmp, path)
+        except OSError as e:
+            click.echo(f"cannot save to {path}: {e.strerror or e}", err=True)
+            return
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        click.echo(f"Saved {len(messages)} messages to {path}.", err=True)
+        return
+    try:
+        f, size = open_regular(path, EdgeLLMError, "chat file")
+        with f:
+            if size > MAX_CHAT_FILE:
+                raise EdgeLLMError(f"{path} is {size} bytes, more than a saved chat ({MAX_CHAT_FILE})")
+            data = json.loads(f.read().decode("utf-8"))
+        loaded = validate_messages(data["messages"] if isinstance(data, dict) and "messages" in data else data)
+    except (EdgeLLMError, ValueError, KeyError, TypeError, RecursionError, UnicodeDecodeError) as e:
+        click.echo(f"cannot load {path}: {e}", err=True)
+        return
+    messages[:] = loaded
+    click.echo(f"Loaded {len(loaded)} messages from {path}.", err=True)
 
 
 def _spec_options(f):

@@ -15,9 +15,8 @@ def open_regular(path, error: type[Exception], what: str = "") -> tuple[BinaryIO
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as e:
         raise error(f"cannot read {name}: {e.strerror or e}") from None
-    f = os.fdopen(fd, "rb")
-    st = os.fstat(f.fileno())
+    st = os.fstat(fd)   # before fdopen, which refuses a directory with its own OSError
     if not stat.S_ISREG(st.st_mode):
-        f.close()
+        os.close(fd)
         raise error(f"{name} is not a regular file")
-    return f, st.st_size
+    return os.fdopen(fd, "rb"), st.st_size

@@ -53,6 +53,21 @@ def test_interactive_chat_reads_turns_until_bye(smollm2_path):
     assert p.stdout.strip()
 
 
+def test_chat_save_and_load(smollm2_path, tmp_path):
+    """/save FILE writes the conversation as JSON; /load FILE brings it back (a later turn sees it); a file that is
+    not a saved chat changes nothing and says why."""
+    saved, bad = tmp_path / "chat.json", tmp_path / "bad.json"
+    bad.write_text('{"messages": [{"role": "", "content": "x"}]}')
+    script = (f"My name is Ada.\n/save {saved}\n/clear\n/load {bad}\n/load {tmp_path}\n/load {saved}\n"
+              f"/save {tmp_path / 'again.json'}\n/bye\n")
+    p = edgellm("run", smollm2_path, "-n", "8", "--temp", "0", input=script)
+    assert p.returncode == 0, p.stderr
+    first = json.loads(saved.read_text())["messages"]
+    assert [m["role"] for m in first] == ["user", "assistant"] and first[0]["content"] == "My name is Ada."
+    assert json.loads((tmp_path / "again.json").read_text())["messages"] == first   # loaded back whole
+    assert p.stderr.count("cannot load") == 2 and "Loaded 2 messages" in p.stderr and "Traceback" not in p.stderr
+
+
 def test_tokenize_json_matches_llamacpp(smollm2_path, fixtures):
     case = next(c for c in load_fixture(fixtures, "tokenizer-smollm2-135m-instruct-q4_1.json")["cases"] if c["ids"])
     p = edgellm("tokenize", smollm2_path, case["text"], "--json", "--no-add-special")

@@ -270,3 +270,12 @@ def test_found_a_malformed_message_is_an_edgellm_error():
     for bad in ([{"role": "", "content": "x"}], [{"role": "user"}], ["hi"], "hi", [{"role": "user", "content": 5}]):
         with pytest.raises(ChatTemplateError):
             t.render_text(bad)
+
+
+def test_found_a_directory_given_as_a_session_or_chat_file_is_refused(session_seed, tmp_path):
+    """Found by the chat's /load: a directory passed where a file is read escaped as IsADirectoryError."""
+    from edgellm.session import SessionError
+
+    llm, _ = session_seed
+    with pytest.raises(SessionError, match="not a regular file"):
+        llm.load_state(tmp_path)

@@ -152,3 +152,20 @@ def test_lone_surrogates_and_session_to_a_directory_are_clear_errors(smollm2_pat
             llm.save_state(target)
         assert sorted(p.name for p in tmp_path.iterdir()) == ["dir"] and not any(target.iterdir())
         assert issubclass(TextError, EdgeLLMError)
+
+
+def test_echo_puts_the_prompt_before_the_completion(llm):
+    """create_completion(echo=True), as llama-cpp-python: the prompt's text, then the completion; streamed, the
+    prompt comes first; with logprobs (generated tokens only here) it is a clear error."""
+    from edgellm import EdgeLLMError
+
+    plain = llm.create_completion("The capital of France is", max_tokens=4, temperature=0)["choices"][0]["text"]
+    echo = llm.create_completion("The capital of France is", max_tokens=4, temperature=0, echo=True)
+    assert echo["choices"][0]["text"] == "The capital of France is" + plain
+    parts = [c["choices"][0]["text"] for c in
+             llm.create_completion("The capital of France is", max_tokens=4, temperature=0, echo=True, stream=True)]
+    assert parts[0] == "The capital of France is" and "".join(parts) == echo["choices"][0]["text"]
+    with pytest.raises(EdgeLLMError, match="echo"):
+        llm.create_completion("Hi", echo=True, logprobs=2, max_tokens=2)
+    with pytest.raises(EdgeLLMError, match="echo"):
+        llm.create_completion("Hi", echo="yes", max_tokens=2)

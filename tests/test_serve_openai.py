@@ -408,3 +408,17 @@ def test_speculative_requests_match_plain_and_are_counted(spec_srv):
                 {"speculative.n_max": True}, {"speculative.n_max": "4"}, {"speculative.p_min": -1}):
         with pytest.raises(openai.BadRequestError):
             c.chat.completions.create(model="smollm2", messages=msgs, max_tokens=4, extra_body=bad)
+
+
+def test_completion_echo(srv):
+    """echo=True through the real client: the prompt, then the completion (streamed: the prompt first)."""
+    c = srv.client()
+    plain = c.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=4, temperature=0)
+    echo = c.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=4, temperature=0,
+                                echo=True)
+    assert echo.choices[0].text == "The capital of France is" + plain.choices[0].text
+    parts = [ch.choices[0].text for ch in c.completions.create(model="smollm2", prompt="The capital of France is",
+                                                                max_tokens=4, temperature=0, echo=True, stream=True)]
+    assert parts[0] == "The capital of France is" and "".join(parts) == echo.choices[0].text
+    with pytest.raises(openai.BadRequestError):
+        c.completions.create(model="smollm2", prompt="Hi", max_tokens=2, echo=True, logprobs=2)

@@ -483,8 +483,9 @@ def make_router(server, guard, limited) -> APIRouter:
     async def completions(req: CompletionRequest, request: Request):
         bridge = entry(req.model)
         llm = bridge.llm
-        if req.echo:
-            raise APIError(400, "echo is not supported", param="echo", code="unsupported_parameter")
+        if req.echo and req.logprobs is not None:
+            raise APIError(400, "echo with logprobs is not supported (logprobs cover generated tokens only)",
+                           param="echo", code="unsupported_parameter")
         if req.suffix:
             raise APIError(400, "suffix (insertion) is not supported", param="suffix", code="unsupported_parameter")
         if req.best_of not in (None, 1, req.n):
@@ -500,38 +501,50 @@ def make_router(server, guard, limited) -> APIRouter:
         limit = _max_tokens(server, req.max_tokens, 16)   # OpenAI's default for text completions
 
         def prepare():
-            ids_list, offsets = [], []
+            ids_list, offsets, echoed = [], [], []
             for x in prompts:
                 if isinstance(x, str):
                     ids = llm.tokenize(x, add_special=True, parse_special=False)
-                    offsets.append(len(x))
+                    text = x
                 else:
                     try:
                         llm._check_ids(x)
                     except EdgeLLMError as e:
                         raise APIError(400, str(e), param="prompt") from None
                     ids = list(x)
-                    offsets.append(len(llm.detokenize(ids)))
+                    text = llm.detokenize(ids)
+                offsets.append(len(text))
+                echoed.append(text if req.echo else "")
                 ids_list.append(ids)
-            return _build(llm, ids_list, req.n, knobs, req.seed, limit, _stops(req.stop), req.logprobs, spec), offsets
+            seqs = _build(llm, ids_list, req.n, knobs, req.seed, limit, _stops(req.stop), req.logprobs, spec)
+            return seqs, offsets, echoed
 
-        seqs, offsets = await bridge.run_sync(prepare)
+        seqs, offsets, echoed = await bridge.run_sync(prepare)
         job = await submit(request, bridge, seqs)
         recorders, meta, tally, file_lp = bookkeeping(bridge, seqs, req.logprobs, req.n, "cmpl")
 
         if req.stream:
+            started = [False] * len(seqs)
+
             def chunks(i, r):
                 file_lp(i, r)
+                out = []
+                if not started[i] and echoed[i // req.n]:   # echo: the prompt's text first
+                    out.append({**meta, "object": "text_completion",
+                                "choices": [{"text": echoed[i // req.n], "index": i, "logprobs": None,
+                                             "finish_reason": None}]})
+                started[i] = True
                 if not (r.text or r.finish_reason):
-                    return []
+                    return out
                 lp = recorders[i].take(False, offsets[i // req.n]) if recorders[i] is not None else None
-                return [{**meta, "object": "text_completion",
-                         "choices": [{"text": r.text, "index": i, "logprobs": lp, "finish_reason": r.finish_reason}]}]
+                return out + [{**meta, "object": "text_completion",
+                               "choices": [{"text": r.text, "index": i, "logprobs": lp,
+                                            "finish_reason": r.finish_reason}]}]
 
             return streamed(request, bridge, job, tally, chunks, req, meta, "text_completion")
 
         texts, reasons = await collect_texts(request, bridge, job, tally, file_lp, len(seqs))
-        choices = [{"text": texts[i], "index": i,
+        choices = [{"text": echoed[i // req.n] + texts[i], "index": i,
                     "logprobs": recorders[i].completion(text_offset=offsets[i // req.n])
                     if recorders[i] is not None else None,
                     "finish_reason": reasons[i]} for i in range(len(seqs))]
