@@ -613,13 +613,16 @@ def bench(model, n_prompt, n_gen, n_threads, reps, backend, as_json, n_gpu_layer
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
+@click.option("--grpc-port", type=click.IntRange(0, 65535), default=None,
+              help='Also serve gRPC (edgellm/serve/edgellm.proto) on this port, same host, keys and limits '
+                   '(pip install "edgellm[grpc]").')
 @_spec_options
 @gpu_options
 def serve(models, host, port, n_threads, n_ctx, n_parallel, n_batch, cache_type_k, cache_type_v, kv_budget,
           no_prefix_cache, backend, temp, top_k, top_p, min_p, repeat_penalty, api_key_file, cors_origins,
           rate_limit, token_limit, max_queue, max_tokens, max_body, request_timeout, log_format, log_level,
-          check_tensors, no_mmap, mlock, model_draft, spec_type, draft_max, draft_min, draft_p_min, n_gpu_layers,
-          device):
+          grpc_port, check_tensors, no_mmap, mlock, model_draft, spec_type, draft_max, draft_min, draft_p_min,
+          n_gpu_layers, device):
     """Serve MODELS over an OpenAI-compatible HTTP API (and a chat page at /).
 
     A request's "model" picks one by its name here or its file's stem. Keys from --api-key-file or
@@ -652,12 +655,27 @@ def serve(models, host, port, n_threads, n_ctx, n_parallel, n_batch, cache_type_
                          rate_limit=parse_rate(rate_limit), token_limit=parse_rate(token_limit), max_queue=max_queue,
                          max_tokens=max_tokens, max_body=body, request_timeout=request_timeout,
                          log_format=log_format, log_level=log_level)
+    grpc_mod = None
+    if grpc_port is not None:   # before any model loads: a missing extra is a one-line error at once
+        try:
+            from .serve import grpc_server as grpc_mod
+            grpc_mod.load_protos()
+        except ImportError as e:
+            raise EdgeLLMError(str(e)) from None
     app = create_app(config)
     server = app.state.server
     log.info(f"serving {', '.join(server.bridges)} on http://{host}:{port} (OpenAI API under /v1; "
              f"{'keys required' if server.keys.enabled else 'no keys: open to anyone who can reach it'})")
-    uvicorn.run(app, host=host, port=port, log_config=None, access_log=False, timeout_graceful_shutdown=5,
-                h11_max_incomplete_event_size=64 * 1024)
+    g = None
+    if grpc_mod is not None:
+        g, bound = grpc_mod.serve_grpc(server, host, grpc_port)
+        log.info(f"gRPC (edgellm.v1.LLM) on {host}:{bound}")
+    try:
+        uvicorn.run(app, host=host, port=port, log_config=None, access_log=False, timeout_graceful_shutdown=5,
+                    h11_max_incomplete_event_size=64 * 1024)
+    finally:
+        if g is not None:
+            g.stop(5)
 
 
 from .cli_tools import register as _register_tools  # noqa: E402  (convert, perplexity)
