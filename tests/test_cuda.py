@@ -55,9 +55,10 @@ def test_repack_refuses_what_the_kernels_cannot_read():
         repack(np.zeros(10, np.uint8), GGMLType.Q4_0, 1, 32)
 
 
-def test_ngl_without_the_gpu_extra_or_a_gpu_is_a_clear_error(tmp_path):
-    """-ngl on a machine without CuPy (or without a GPU) names what is missing; -ngl 0 changes nothing."""
-    from edgellm.backends.loader import create_backend, parse_gpu_layers
+def test_ngl_without_the_gpu_extra_or_a_gpu_warns_and_runs_on_the_cpu(tmp_path):
+    """Bad -ngl values are clear errors; on a machine without CuPy (or without a GPU) -ngl says what is missing and
+    the CPU runs every layer, as llama.cpp built without GPU support does; -ngl 0 changes nothing."""
+    from edgellm.backends.loader import GpuWarning, create_backend, parse_gpu_layers
     from edgellm.errors import EdgeLLMError
 
     assert parse_gpu_layers("all") == -1 and parse_gpu_layers("auto") == -2 and parse_gpu_layers("12") == 12
@@ -67,9 +68,12 @@ def test_ngl_without_the_gpu_extra_or_a_gpu_is_a_clear_error(tmp_path):
     if _gpu_ready():
         pytest.skip("this machine has a GPU")
     model = _tiny_model(tmp_path, GGMLType.Q4_0)
-    with pytest.raises(EdgeLLMError, match="CuPy|GPU"):
-        create_backend(model, n_gpu_layers=-1)
+    with pytest.warns(GpuWarning, match="CuPy|GPU"):
+        be = create_backend(model, n_gpu_layers=-1)
+    assert be.name == "native"
     assert create_backend(model, n_gpu_layers=0).name != "cuda"
+    with pytest.raises(EdgeLLMError, match="device"):
+        create_backend(model, n_gpu_layers=-1, device=-2)
 
 
 # ------------------------------------------------------------------------------------------ models

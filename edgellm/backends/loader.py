@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 from ..errors import EdgeLLMError
 
@@ -53,7 +54,10 @@ def create_backend(model, backend: str | None = "auto", n_threads: int | None = 
     n_gpu = parse_gpu_layers(n_gpu_layers)
     if n_gpu != 0:
         check_threads(n_threads)
-        return _gpu_backend(model, n_gpu, n_threads or default_threads(), n_batch, device)
+        try:
+            return _gpu_backend(model, n_gpu, n_threads or default_threads(), n_batch, device)
+        except GpuUnavailable as e:   # as llama.cpp without GPU support: said, then the CPU runs every layer
+            warnings.warn(f"-ngl {n_gpu_layers}: {e}; every layer runs on the CPU", GpuWarning, stacklevel=2)
     name = (backend or "auto").lower()
     if name == "auto":
         name = os.environ.get("EDGELLM_BACKEND", "auto").lower() or "auto"
@@ -108,12 +112,22 @@ def _gpu_backend(model, n_gpu: int, n_threads: int, n_batch: int, device):
         if n_gpu == -2:
             n_gpu = auto_layers(model, device)
             if n_gpu == 0:
-                raise EdgeLLMError("-ngl auto: not one layer fits in the GPU's free memory")
+                raise GpuUnavailable("not one layer fits in the GPU's free memory")
         return CudaBackend(model, n_gpu_layers=n_gpu, n_threads=n_threads, n_batch=n_batch, device=device)
-    except ImportError as e:       # CuPy present but no usable driver / device / compiler
-        raise EdgeLLMError(f"the GPU backend cannot start: {e}") from None
-    except (NotImplementedError, ValueError) as e:
-        raise EdgeLLMError(f"the GPU backend cannot run this model: {e}") from None
+    except ImportError as e:       # no CuPy, or no usable driver / device / runtime compiler
+        raise GpuUnavailable(f"the GPU backend cannot start: {e}") from None
+    except NotImplementedError as e:
+        raise GpuUnavailable(f"the GPU backend cannot run this model: {e}") from None
+    except ValueError as e:        # a GPU number that does not exist: the user's mistake, not the machine's
+        raise EdgeLLMError(str(e)) from None
+
+
+class GpuUnavailable(Exception):
+    """Why -ngl cannot use a GPU here (no CuPy, no GPU, a model the kernels do not run): the CPU takes over."""
+
+
+class GpuWarning(UserWarning):
+    """-ngl asked for a GPU that this machine, install or model cannot give: the CPU runs every layer."""
 
 
 def _numba_cache_is_cold(places=None) -> bool:
