@@ -194,7 +194,7 @@ def test_pull_joins_parts_in_order_and_cleans_up(home, monkeypatch):
     assert leftovers(home / "models") == []
     entry = next(e for e in hub.list_models() if e["name"] == "split")
     assert entry == {"name": "split", "filename": "split.gguf", "path": str(path), "size": len(b"".join(payload)),
-                     "cached": True, "description": "fake split"}  # fmt: skip
+                     "cached": True, "description": "fake split", "kind": "chat"}  # fmt: skip
 
 
 def test_pull_is_a_no_op_when_cached_unless_forced(home, monkeypatch):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..arch import gemma3
+from ..engine.backend import forward_in_pieces
 from ..engine.batch import Batch
 from ..errors import BatchError
 from ..kv.paged import SeqKV
@@ -285,20 +286,7 @@ class NativeBackend:
         """Run tokens [n] of one sequence at increasing positions [n]; their K/V go into `cache` (a KVCache or SeqKV).
         Returns float32 [n or 1, n_vocab]. Batches longer than n_batch (or than a ring keeps) run in pieces. The
         driver advances cache.n_past."""
-        batch = Batch.of_one(tokens, positions, all_logits)
-        batch.validate([cache], self.hparams.n_vocab)
-        n, step = len(batch), min(self.n_batch, cache.max_batch)
-        if n <= step:
-            return self.forward_batch(batch, [cache])
-        out = []
-        for s in range(0, n, step):
-            e = min(n, s + step)
-            part = Batch(batch.tokens[s:e], batch.positions[s:e], batch.seq_ids[s:e], batch.want[s:e])
-            if part.n_logits:
-                out.append(self.forward_batch(part, [cache]))
-            else:
-                self.forward_batch(part, [cache])
-        return np.concatenate(out, axis=0)
+        return forward_in_pieces(self, tokens, positions, cache, all_logits)
 
     def close(self) -> None:
         self._m = None

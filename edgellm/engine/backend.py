@@ -52,3 +52,22 @@ def forward_by_sequence(forward_one, width: int, batch: Batch, kvs, n_vocab: int
             rows = forward_one(batch.tokens[idx], batch.positions[idx], kvs[s], True)
             out[out_row[idx[want]]] = rows[want]
     return out
+
+
+def forward_in_pieces(backend, tokens, positions, cache, all_logits: bool = False) -> np.ndarray:
+    """`forward` for a backend with forward_batch and n_batch: tokens [n] of one sequence at increasing positions,
+    run in pieces of at most n_batch (or what the cache's ring keeps); float32 [n or 1, n_vocab]. The driver
+    advances cache.n_past."""
+    batch = Batch.of_one(tokens, positions, all_logits)
+    batch.validate([cache], backend.hparams.n_vocab)
+    n, step = len(batch), min(backend.n_batch, cache.max_batch)
+    if n <= step:
+        return backend.forward_batch(batch, [cache])
+    out = []
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        part = Batch(batch.tokens[s:e], batch.positions[s:e], batch.seq_ids[s:e], batch.want[s:e])
+        rows = backend.forward_batch(part, [cache])
+        if part.n_logits:
+            out.append(rows)
+    return np.concatenate(out, axis=0)

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ...arch import gemma3
+from ...engine.backend import forward_in_pieces
 from ...engine.batch import Batch
 from ...errors import BatchError
 from ...kv.paged import BLOCK, SeqKV
@@ -421,19 +422,7 @@ class CudaBackend:
         return rows
 
     def forward(self, tokens, positions, cache, all_logits: bool = False) -> np.ndarray:
-        batch = Batch.of_one(tokens, positions, all_logits)
-        batch.validate([cache], self.hparams.n_vocab)
-        n, step = len(batch), min(self.n_batch, cache.max_batch)
-        if n <= step:
-            return self.forward_batch(batch, [cache])
-        out = []
-        for s in range(0, n, step):
-            e = min(n, s + step)
-            part = Batch(batch.tokens[s:e], batch.positions[s:e], batch.seq_ids[s:e], batch.want[s:e])
-            rows = self.forward_batch(part, [cache])
-            if part.n_logits:
-                out.append(rows)
-        return np.concatenate(out, axis=0)
+        return forward_in_pieces(self, tokens, positions, cache, all_logits)
 
     def _windows(self):
         hp = self.hparams
