@@ -8,10 +8,11 @@ user manual's chapter 2) and measured on two texts it never saw: the GPL-3 (anot
 of the same manual (the same kind). Layer choices are compared with dropping the last layers, as
 `llama-quantize --prune-layers` does it (its own file for SmolLM2), and with random layers (3 seeds).
 
-Perplexity: `edgellm perplexity -c 256` (llama.cpp's method). Speed: `edgellm bench -p 512 -n 128 -t 2 -r 3`
-in a fresh process, each setting run `reps` times, each time right after the unpruned file (the machine is
-shared: the ratio of a pair is steadier than either number); medians. llama.cpp loads and runs the FFN-pruned
-files (`llama-bench`, same pairing) and computes their perplexity (`llama-perplexity`).
+Perplexity: `edgellm perplexity -c 256` (llama.cpp's method). Speed: pp512 and tg128 as `edgellm bench` measures
+them (edgellm.bench.run_bench, 2 threads), the unpruned and the pruned file loaded in one process and run in
+alternation, `rounds` times (the machine is shared: both see the same load); medians and bests. llama.cpp runs
+the FFN-pruned file (`llama-bench -n 128`, `reps` times, each right after the unpruned file) and computes the
+perplexity of the pruned files (`llama-perplexity`).
 """
 
 from __future__ import annotations
@@ -73,10 +74,36 @@ def llama_ppl_value(path: Path, text: Path) -> float:
     raise SystemExit(f"llama-perplexity gave no estimate for {path}:\n{r.stderr[-2000:]}")
 
 
-def speed(path: Path) -> tuple[float, float]:
-    """(pp512, tg128) tokens/s of one `edgellm bench` process."""
-    d = json.loads(run(EDGELLM + ["bench", str(path), "-p", "512", "-n", "128", "-t", "2", "-r", "3", "--json"]))
-    return d["pp"]["tok_s"], d["tg"]["tok_s"]
+def speed_pairs(base: Path, other: Path, rounds: int) -> dict:
+    """pp512 and tg128 of both files in one process, alternating round by round (base first), each round one
+    warm-up-free run of each: both files see the same load from the other jobs on the machine. Reports the median
+    and the best of each and the median ratio of the rounds; on a shared machine the best rounds are the ones
+    least disturbed."""
+    from edgellm.backends.loader import create_backend
+    from edgellm.bench import run_bench
+    from edgellm.model import Model
+
+    models = [Model(base), Model(other)]
+    backends = [create_backend(m, "native", 2) for m in models]
+    for m, be in zip(models, backends):                                  # warm up: page in, caches
+        run_bench(m, be, n_prompt=512, n_gen=128, reps=1)
+    runs: list[list[tuple[float, float]]] = [[], []]
+    loads = []
+    for r in range(rounds):
+        loads.append(load())
+        for i, (m, be) in enumerate(zip(models, backends)):
+            res = run_bench(m, be, n_prompt=512, n_gen=128, reps=1, seed=r)
+            runs[i].append((res["pp"]["tok_s"], res["tg"]["tok_s"]))
+    for m in models:
+        m.close()
+    med = statistics.median
+    out = {"load": [min(loads), max(loads)], "rounds": rounds}
+    for j, key in enumerate(("pp512", "tg128")):
+        a, b = [x[j] for x in runs[0]], [x[j] for x in runs[1]]
+        out[key] = {"base_median": med(a), "median": med(b), "base_best": max(a), "best": max(b),
+                    "ratio_median": med(y / x for x, y in zip(a, b)), "ratio_best": max(b) / max(a)}
+    print(f"  {other.name}: {out}", file=sys.stderr, flush=True)
+    return out
 
 
 def llama_tg(path: Path) -> float:
@@ -104,8 +131,8 @@ def size_mib(path: Path) -> float:
     return path.stat().st_size / 2**20
 
 
-def bench_model(name: str, d: Path, reps: int, fresh: bool, with_llama: bool, rows: dict, quality: bool,
-                speed_too: bool) -> dict:
+def bench_model(name: str, d: Path, reps: int, rounds: int, fresh: bool, with_llama: bool, rows: dict,
+                quality: bool, speed_too: bool) -> dict:
     """Fills `rows` (label -> measures): perplexities and sizes when `quality`, speeds when `speed_too`."""
     src, k, bar_types = SPECS[name]
     c = ["-f", CALIB]
@@ -144,8 +171,10 @@ def bench_model(name: str, d: Path, reps: int, fresh: bool, with_llama: bool, ro
             rows[label] = {"file": str(path), "MiB": size_mib(path), "load_ppl": load(),
                            **{f"ppl {t}": ppl(path, f) for t, f in EVAL.items()}}
     if speed_too:
+        for row in rows.values():                                      # no stale speeds from an earlier run
+            row.pop("speed", None), row.pop("llama.cpp tg128", None)
         for label in ("FFN 0.75", "FFN 0.5", f"{k} layers (BI)", f"{k} layers (BI) + FFN 0.75"):
-            rows[label]["speed"] = paired(src, files[label], reps, speed)
+            rows[label]["speed"] = speed_pairs(src, files[label], rounds)
     # the FFN bar at other quantizations: the same prune from an F16/Q8_0 copy of the model
     for q in bar_types:
         qsrc = d / f"{name}-{q}.gguf"
@@ -156,7 +185,7 @@ def bench_model(name: str, d: Path, reps: int, fresh: bool, with_llama: bool, ro
             rows[f"{q}: unpruned"] = {"file": str(qsrc), "MiB": size_mib(qsrc), "ppl GPL-3": ppl(qsrc, EVAL["GPL-3"])}
             rows[f"{q}: FFN 0.75"] = {"file": str(qout), "MiB": size_mib(qout), "ppl GPL-3": ppl(qout, EVAL["GPL-3"])}
         if speed_too:
-            rows[f"{q}: FFN 0.75"]["speed"] = paired(qsrc, qout, reps, speed)
+            rows[f"{q}: FFN 0.75"]["speed"] = speed_pairs(qsrc, qout, rounds)
     if with_llama and speed_too:   # llama.cpp runs the pruned file too (its spinning threads suffer most from load)
         rows["FFN 0.75"]["llama.cpp tg128"] = paired(src, files["FFN 0.75"], reps, llama_tg)
     if with_llama and quality:
@@ -168,7 +197,8 @@ def bench_model(name: str, d: Path, reps: int, fresh: bool, with_llama: bool, ro
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", action="append", choices=sorted(SPECS), help="smollm2 and/or gemma3 (default both)")
-    ap.add_argument("-r", "--reps", type=int, default=3)
+    ap.add_argument("-r", "--reps", type=int, default=3, help="llama-bench runs, each after the unpruned file's")
+    ap.add_argument("--rounds", type=int, default=10, help="edgellm's alternating pp512 + tg128 rounds")
     ap.add_argument("--dir", type=Path, default=Path("/tmp/prune_models"))
     ap.add_argument("--fresh", action="store_true", help="prune again even where the files exist")
     ap.add_argument("--no-llama", action="store_true", help="skip llama.cpp's runs")
@@ -181,7 +211,7 @@ def main() -> None:
     results = json.loads(a.json.read_text()) if a.only == "speed" and a.json and a.json.exists() else {}
     results["uptime" if a.only != "speed" else "uptime_speed"] = run(["uptime"]).strip()
     for name in a.model or sorted(SPECS, reverse=True):
-        results[name] = bench_model(name, a.dir, a.reps, a.fresh, not a.no_llama, results.get(name, {}),
+        results[name] = bench_model(name, a.dir, a.reps, a.rounds, a.fresh, not a.no_llama, results.get(name, {}),
                                     quality=a.only != "speed", speed_too=a.only != "quality")
         if a.json:
             a.json.write_text(json.dumps(results, indent=1))

@@ -8,8 +8,9 @@ narrower FFNs mean fewer bytes per token. Two cuts, both chosen on calibration t
 1. Layers. A block's importance is ShortGPT's block influence (Men et al. 2024, "ShortGPT: Layers in Large
    Language Models are More Redundant Than You Expect"): BI = 1 - E[cos(x_in, x_out)], the mean over
    calibration tokens of how far the block turns the residual stream. The blocks with the lowest BI are
-   dropped, the rest renumbered (llama.cpp's `llama-quantize --prune-layers` renumbers the same way). Position 0
-   is left out of the mean: its residual stream is the attention sink, with norms far above the others'.
+   dropped (never the last, see `choose_layers`), the rest renumbered (llama.cpp's `llama-quantize --prune-layers`
+   renumbers the same way). Position 0 is left out of the mean: its residual stream is the attention sink, with
+   norms far above the others'.
    Gemma 3 decides by layer number which layers are global (every 6th) unless the file says otherwise; when a
    kept layer lands on a number of the other kind, the file gets `gemma3.attention.sliding_window_pattern`, one
    flag per layer, which llama.cpp (load_swa_pattern) and edgellm read. (Keeping the period instead would force
@@ -32,7 +33,9 @@ arch/, with the block's input and output and the FFN's inner activations kept). 
 edgellm.quantize.write_model: ffn_gate / ffn_up lose rows, which are whole blocks, so their bytes are copied;
 ffn_down loses columns, which cut through blocks: it is decoded (exact for F32/F16/BF16, which are sliced as
 they are) and encoded again in its own type, or in `qtype` when one is given (then every weight follows
-llama.cpp's per-tensor rules for that type, as `edgellm quantize` does).
+llama.cpp's per-tensor rules for that type, as `edgellm quantize` does). With `refit`, ffn_down is instead solved
+for by least squares over the kept channels (`refit_down`), from the same pass's Gram matrices of the FFN's
+inner activations: closer on text like the calibration text, further on other text (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .arch.common import rms_norm, silu
 from .errors import EdgeLLMError
 from .quant import TRAITS, GGMLType
 from .quant.reference import dequantize
@@ -87,24 +91,17 @@ class Scores:
         return 1.0 - self.cosine
 
 
-def _silu(x):
-    from .arch.common import silu
-    return silu(x)
-
-
 def _block_llama(arch, w, hp, il, x, positions, cache):
     """One llama / qwen2 / qwen3 block: (output [n, n_embd], FFN inner activations [n, n_ff])."""
-    from .arch.common import rms_norm
     h = rms_norm(x, w[f"blk.{il}.attn_norm.weight"], hp.rms_eps)              # [n, n_embd]
     x = x + arch.attention(h, w, hp, il, positions, cache)                     # [n, n_embd]
     h = rms_norm(x, w[f"blk.{il}.ffn_norm.weight"], hp.rms_eps)               # [n, n_embd]
-    a = _silu(h @ w[f"blk.{il}.ffn_gate.weight"].T) * (h @ w[f"blk.{il}.ffn_up.weight"].T)  # [n, n_ff]
+    a = silu(h @ w[f"blk.{il}.ffn_gate.weight"].T) * (h @ w[f"blk.{il}.ffn_up.weight"].T)  # [n, n_ff]
     return x + a @ w[f"blk.{il}.ffn_down.weight"].T, a                         # [n, n_embd], [n, n_ff]
 
 
 def _block_gemma3(arch, w, hp, il, x, positions, cache):
     """One Gemma 3 block (post-attention and post-FFN norms, GELU gate)."""
-    from .arch.common import rms_norm
     h = rms_norm(x, w[f"blk.{il}.attn_norm.weight"], hp.rms_eps)              # [n, n_embd]
     att = arch.attention(h, w, hp, il, positions, cache)                       # [n, n_embd]
     x = x + rms_norm(att, w[f"blk.{il}.post_attention_norm.weight"], hp.rms_eps)
@@ -204,11 +201,14 @@ def score_model(model, text: str, n_ctx: int = 256, n_chunks: int = 16, progress
 # Choices
 # ---------------------------------------------------------------------------------------------------
 def choose_layers(influence: np.ndarray, n_drop: int) -> list[int]:
-    """The n_drop layers of lowest block influence, in order."""
+    """The n_drop layers of lowest block influence, in order; never the last one. Its output goes straight to
+    the final norm and the logits, which the cosine does not see: on Gemma 3 270M its influence is the 4th lowest,
+    yet dropping it with 2 others costs far more than any other 3 (BENCHMARKS.md); Gromov et al. 2024 ("The
+    Unreasonable Ineffectiveness of the Deeper Layers") keep it too. `--layers` can still drop it."""
     n = len(influence)
     if not 0 <= n_drop < n:
         raise PruneError(f"cannot drop {n_drop} of {n} layers: at least one must remain")
-    return sorted(np.argsort(influence, kind="stable")[:n_drop].tolist())
+    return sorted(np.argsort(influence[:-1], kind="stable")[:n_drop].tolist())
 
 
 def sliding_pattern(gf, hp, kept: list[int]) -> list[bool] | None:
