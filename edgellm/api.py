@@ -16,7 +16,6 @@ from .backends.loader import create_backend
 from .engine import DEFAULT_BATCH, DEFAULT_PARALLEL, MAX_BATCH, MAX_PARALLEL
 from .engine.core import EngineCore, EngineRunner
 from .engine.sequence import GenerationResponse, Sequence
-from .chat import validate_messages
 from .errors import ContextLengthError, EdgeLLMError, SamplingError, ToolError
 from .hub import resolve_model
 from .kv_cache import CACHE_TYPES, default_n_ctx, memory_budget, parse_size
@@ -487,6 +486,8 @@ class LLM:
         message.tool_calls with finish_reason "tool_calls"."""
         plan = tool_plan(tools, tool_choice, self.model.chat_template)
         if plan is not None:
+            from .chat import validate_messages   # jinja2 with it: loaded only where a chat needs it
+
             if grammar is not None or response_format is not None:
                 raise ToolError("tools constrain the reply themselves: give them without grammar / response_format")
             ids = self._chat_ids(plan.messages(validate_messages(messages)), **plan.template_extra())

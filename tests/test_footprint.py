@@ -74,11 +74,12 @@ def test_peak_rss_at_most_llama_cpp(model, request, tmp_path):
 
 
 def test_run_imports_no_optional_modules(smollm2_path):
-    """The native path loads neither numba nor the test-only stacks (scipy, torch): each costs tens of MB."""
+    """The native path loads neither numba nor the test-only stacks (scipy, torch), nor jinja2 where no chat is
+    rendered, nor the server's, gRPC's or the GPU's libraries: each costs MBs to tens of MB."""
     code = ("import sys, edgellm.cli; from edgellm import LLM; llm = LLM(sys.argv[1], n_ctx=256); "
             "llm.generate('Hi', max_tokens=2, temperature=0); "
             "print(' '.join(sorted({m.split('.')[0] for m in sys.modules} & {'numba', 'llvmlite', 'scipy', 'torch', "
-            "'transformers', 'fastapi', 'uvicorn'})))")
+            "'transformers', 'fastapi', 'uvicorn', 'jinja2', 'grpc', 'cupy'})))")
     out = subprocess.run([sys.executable, "-c", code, str(smollm2_path)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "", f"imported: {out.stdout.strip()}"
