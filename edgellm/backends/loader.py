@@ -118,6 +118,9 @@ def _gpu_backend(model, n_gpu: int, n_threads: int, n_batch: int, device):
         raise GpuUnavailable(f"the GPU backend cannot start: {e}") from None
     except NotImplementedError as e:
         raise GpuUnavailable(f"the GPU backend cannot run this model: {e}") from None
+    except MemoryError as e:       # CuPy's OutOfMemoryError is one: fewer layers (or -ngl auto) would fit
+        raise GpuUnavailable(f"the GPU's memory does not hold {n_gpu if n_gpu > 0 else 'all'} layers ({e}); "
+                             f"try fewer, or -ngl auto") from None
     except ValueError as e:        # a GPU number that does not exist: the user's mistake, not the machine's
         raise EdgeLLMError(str(e)) from None
 
