@@ -35,6 +35,9 @@ MMT_WARPS, MMT_TOK = 16, 16   # mm_int_tiled's rows and tokens per block
 FUSE_MAX = 16            # steps of at most this many tokens fuse the norms and the FFN activation into the matrices
 PINNED_ROWS = 8          # logits rows copied back through page-locked memory (more: pageable)
 AW = 4
+DEC_WARPS, DEC_RU = 8, 2  # mm_dec: warps per block, rows per warp pass
+DEC_NBL = (1, 2, 4)       # mm_dec's variants: blocks of K per lane (K <= 32 * 32 * NBL)
+DEC_TTM = (1, 8)          # and tokens per block
 KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}
 KERNELS = Path(__file__).with_name("kernels.cu")
 
@@ -237,6 +240,7 @@ class CudaBackend:
             props = cp.cuda.runtime.getDeviceProperties(dev)
             self.gpu_name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
             self.isa = f"cuda:{dev} {self.gpu_name}"
+            self.sm_count = int(props.get("multiProcessorCount", 132))
             self.stream = cp.cuda.Stream(non_blocking=True)
             self._compile()
             self._upload(model)
@@ -254,6 +258,11 @@ class CudaBackend:
             self.k = {n: self.module.get_function(n) for n in
                       ("embed", "add_norm", "mm_int", "mm_int_norm", "mm_int_act", "mm_float", "mm_float_norm",
                        "mm_float_act", "mm_int_tiled", "act_mul", "rope_store", "attention", "dequant", "quant_q8")}
+            for src in ("", "_norm", "_act"):
+                for nbl in DEC_NBL:
+                    for ttm in DEC_TTM:
+                        name = f"mm_dec{src}_{nbl}_{ttm}"
+                        self.k[name] = self.module.get_function(name)
         except Exception as e:   # NVRTC missing (no runtime-compiler wheel), or a driver that rejects the code
             raise ImportError(f"the GPU kernels did not compile: {type(e).__name__}: {e}") from None
 
@@ -538,9 +547,22 @@ class CudaBackend:
                                                        xq, xds, y, res if res is not None else NULL, _i(mat.rows),
                                                        _i(mat.cols), _i(T), _i(ldy)), stream=self.stream)
             return
+        nul = lambda a: NULL if a is None else a   # noqa: E731
+        nb = mat.cols // 32
+        if mat.is_int and T <= FUSE_MAX and nb <= 32 * DEC_NBL[-1]:   # decode: activations prepared once per block
+            nbl = next(v for v in DEC_NBL if nb <= 32 * v)
+            ttm = DEC_TTM[0] if T <= DEC_TTM[0] else DEC_TTM[1]
+            tpc = min(T, ttm)
+            per = DEC_WARPS * DEC_RU
+            grid = (min((mat.rows + per - 1) // per, 4 * self.sm_count), (T + tpc - 1) // tpc)
+            smem = tpc * nb * 40 + tpc * 4
+            self.k[f"mm_dec{src}_{nbl}_{ttm}"](
+                grid, (32 * DEC_WARPS,), (_i(mat.fmt), mat.w, nul(mat.sc), nul(mat.qh), nul(xq), nul(xds), nul(x),
+                                          nul(nw), _f(eps), _i(gelu), y, nul(res), _i(mat.rows), _i(mat.cols), _i(T),
+                                          _i(ldy), _i(tpc)), shared_mem=smem, stream=self.stream)
+            return
         grid = ((mat.rows + MM_WARPS - 1) // MM_WARPS, (T + MM_TOKENS - 1) // MM_TOKENS)
         name = ("mm_int" if mat.is_int else "mm_float") + src
-        nul = lambda a: NULL if a is None else a   # noqa: E731
         self.k[name](grid, (32 * MM_WARPS,), (_i(mat.fmt), mat.w, nul(mat.sc), nul(mat.qh), nul(xq), nul(xds), nul(x),
                                               nul(nw), _f(eps), _i(gelu), y,
                                               res if res is not None else NULL, _i(mat.rows), _i(mat.cols), _i(T),

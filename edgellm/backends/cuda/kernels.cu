@@ -111,7 +111,12 @@ extern "C" __global__ void embed(int f, const void *w, const void *sc, const u32
 __device__ __forceinline__ float rms_scale(const float *x, int K, float eps) {
     const int lane = threadIdx.x & 31;
     float ss = 0.0f;
-    for (int k = lane; k < K; k += 32) ss = __fmaf_rn(x[k], x[k], ss);
+    int k = lane;
+    for (; k + 96 < K; k += 128) {   // four loads in flight, summed in the same order
+        const float a = x[k], b = x[k + 32], c = x[k + 64], d = x[k + 96];
+        ss = __fmaf_rn(a, a, ss); ss = __fmaf_rn(b, b, ss); ss = __fmaf_rn(c, c, ss); ss = __fmaf_rn(d, d, ss);
+    }
+    for (; k < K; k += 32) ss = __fmaf_rn(x[k], x[k], ss);
     return 1.0f / sqrtf(__fdiv_rn(warp_sum(ss), (float)K) + eps);
 }
 __device__ __forceinline__ float normed(float x, float r, float w) { return __fmul_rn(__fmul_rn(x, r), w); }
@@ -361,6 +366,154 @@ extern "C" __global__ void mm_int_tiled(int f, const u8 *w, const float2 *sc, co
         if (t < nt) mm_store(acc[t], y, res, (long long)(t0 + t) * ldy + r, lane);
 }
 
+// Decode-sized steps (a few tokens): a block of DEC_WARPS warps prepares its tokens' q8 activations once, in
+// shared memory (copied from xq/xds, or the norm / the FFN activation computed here a warp per 32-value block:
+// the bits warp_quant_block gives, as add_norm and act_mul would), while the weights of each warp's first rows
+// are already on their way. Warps take RU rows at a time (rows r0 .. r0 + RU - 1, then the grid's stride), lane
+// l holding blocks l, l + 32, ... (at most NBL of them) of each: every output is summed exactly as mm_int and
+// mm_int_tiled sum it (lane l's blocks in order, then the butterfly), so the bits do not depend on the path.
+#define DEC_WARPS 8
+#define DEC_RU 2
+
+struct WRaw { uint4 a, c; u32 h; float2 s; };
+
+__device__ __forceinline__ void w_load(int f, const u8 *__restrict__ w, const float2 *__restrict__ sc,
+                                       const u32 *__restrict__ qh, long long blk, WRaw &o) {
+    o.s = sc[blk];
+    if (f == F_Q8) {
+        const uint4 *p = (const uint4 *)(w + blk * 32);
+        o.a = p[0];
+        o.c = p[1];
+    } else {
+        o.a = *(const uint4 *)(w + blk * 16);
+        if (f == F_Q5) o.h = qh[blk];
+    }
+}
+
+// acc + one block's term for one token (the formula of mm_int_body)
+__device__ __forceinline__ float blk_term(int f, const int *lo, const int *hi, float2 s, uint4 a, uint4 c, float2 d,
+                                          float acc) {
+    int s0 = 0, s1 = 0;
+    s0 = EL_DP4A(lo[0], (int)a.x, s0); s0 = EL_DP4A(lo[1], (int)a.y, s0);
+    s0 = EL_DP4A(lo[2], (int)a.z, s0); s0 = EL_DP4A(lo[3], (int)a.w, s0);
+    s1 = EL_DP4A(hi[0], (int)c.x, s1); s1 = EL_DP4A(hi[1], (int)c.y, s1);
+    s1 = EL_DP4A(hi[2], (int)c.z, s1); s1 = EL_DP4A(hi[3], (int)c.w, s1);
+    if (f == F_Q8) return __fmaf_rn(d.x, __fmaf_rn(s.x, (float)s0, __fmul_rn(s.y, (float)s1)), acc);
+    acc = __fmaf_rn(__fmul_rn(s.x, d.x), (float)(s0 + s1), acc);
+    return __fmaf_rn(-s.y, d.y, acc);
+}
+
+template <int SRC, int NBL, int TTM>
+__device__ void mm_dec_body(int f, const u8 *__restrict__ w, const float2 *__restrict__ sc, const u32 *__restrict__ qh,
+                            const i8 *xq, const float2 *xds, const float *x, const float *nw, float eps, int gelu,
+                            float *y, const float *res, int R, int K, int T, int ldy, int tpc) {
+    extern __shared__ uint4 dsm[];
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+    const int nb = K >> 5;
+    const int t0 = blockIdx.y * tpc;
+    const int nt = min(tpc, T - t0);
+    uint4 *xs = dsm;                                  // [nt][nb] blocks of 32 int8 (two uint4 each)
+    float2 *ds = (float2 *)(xs + 2 * tpc * nb);       // [nt][nb] (d, d * sum)
+    float *rsm = (float *)(ds + tpc * nb);            // [nt] the norm's scale (SRC_NORM)
+    const int rstep = gridDim.x * DEC_WARPS * DEC_RU;
+    int r0 = (blockIdx.x * DEC_WARPS + wid) * DEC_RU;
+    WRaw wr[DEC_RU][NBL];
+#pragma unroll
+    for (int u = 0; u < DEC_RU; u++)
+#pragma unroll
+        for (int j = 0; j < NBL; j++) {
+            const int b = lane + 32 * j;
+            if (r0 + u < R && b < nb) w_load(f, w, sc, qh, (long long)(r0 + u) * nb + b, wr[u][j]);
+        }
+    // the activations of tokens t0 .. t0 + nt - 1
+    if (SRC == SRC_Q) {
+        const uint4 *src = (const uint4 *)(xq + (long long)t0 * K);
+        for (int i = threadIdx.x; i < 2 * nt * nb; i += blockDim.x) xs[i] = src[i];
+        for (int i = threadIdx.x; i < nt * nb; i += blockDim.x) ds[i] = xds[(long long)t0 * nb + i];
+    } else {
+        if (SRC == SRC_NORM) {
+            for (int t = wid; t < nt; t += DEC_WARPS) {
+                const float r = rms_scale(x + (long long)(t0 + t) * K, K, eps);
+                if (lane == 0) rsm[t] = r;
+            }
+            __syncthreads();
+        }
+        const int ntask = nt * nb;
+        for (int i0 = wid; i0 < ntask; i0 += 4 * DEC_WARPS) {   // four blocks' loads in flight per warp
+            float a[4], c[4];
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                const int i = i0 + u * DEC_WARPS;
+                if (i < ntask) {
+                    const long long t = t0 + i / nb;
+                    const int k = (i % nb) * 32 + lane;
+                    if (SRC == SRC_ACT) { a[u] = x[t * 2 * K + k]; c[u] = x[t * 2 * K + K + k]; }
+                    else { a[u] = x[t * K + k]; c[u] = nw[k]; }
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                const int i = i0 + u * DEC_WARPS;
+                if (i < ntask) {
+                    const float v = SRC == SRC_ACT ? act_mul1(a[u], c[u], gelu) : normed(a[u], rsm[i / nb], c[u]);
+                    warp_quant_block(v, (i8 *)(xs + 2 * i), ds + i);
+                }
+            }
+        }
+    }
+    __syncthreads();
+    for (; r0 < R; r0 += rstep) {
+        float acc[DEC_RU][TTM];
+#pragma unroll
+        for (int u = 0; u < DEC_RU; u++)
+#pragma unroll
+            for (int t = 0; t < TTM; t++) acc[u][t] = 0.0f;
+#pragma unroll
+        for (int j = 0; j < NBL; j++) {
+            const int b = lane + 32 * j;
+            if (b < nb) {
+#pragma unroll
+                for (int u = 0; u < DEC_RU; u++) {
+                    int lo[4], hi[4];
+                    const WRaw &o = wr[u][j];
+                    if (f == F_Q8) {
+                        lo[0] = o.a.x; lo[1] = o.a.y; lo[2] = o.a.z; lo[3] = o.a.w;
+                        hi[0] = o.c.x; hi[1] = o.c.y; hi[2] = o.c.z; hi[3] = o.c.w;
+                    } else {
+                        unpack4(o.a, lo, hi);
+                        if (f == F_Q5) {
+#pragma unroll
+                            for (int q = 0; q < 4; q++) { lo[q] |= fifth(o.h, q); hi[q] |= fifth(o.h, 4 + q); }
+                        }
+                    }
+#pragma unroll
+                    for (int t = 0; t < TTM; t++)
+                        if (t < nt) acc[u][t] = blk_term(f, lo, hi, o.s, xs[2 * (t * nb + b)], xs[2 * (t * nb + b) + 1],
+                                                         ds[t * nb + b], acc[u][t]);
+                }
+            }
+        }
+        const int rn = r0 + rstep;   // the next rows' weights on their way during the sums and stores
+#pragma unroll
+        for (int u = 0; u < DEC_RU; u++)
+#pragma unroll
+            for (int j = 0; j < NBL; j++) {
+                const int b = lane + 32 * j;
+                if (rn + u < R && b < nb) w_load(f, w, sc, qh, (long long)(rn + u) * nb + b, wr[u][j]);
+            }
+#pragma unroll
+        for (int u = 0; u < DEC_RU; u++)
+#pragma unroll
+            for (int t = 0; t < TTM; t++)
+                if (t < nt && r0 + u < R) mm_store(acc[u][t], y, res, (long long)(t0 + t) * ldy + r0 + u, lane);
+    }
+}
+
+#define DEC_KERNELS(N, TTM) \
+    extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS) mm_dec_##N##_##TTM(MM_ARGS, int tpc) { mm_dec_body<SRC_Q, N, TTM>(MM_PASS, tpc); } \
+    extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS) mm_dec_norm_##N##_##TTM(MM_ARGS, int tpc) { mm_dec_body<SRC_NORM, N, TTM>(MM_PASS, tpc); } \
+    extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS) mm_dec_act_##N##_##TTM(MM_ARGS, int tpc) { mm_dec_body<SRC_ACT, N, TTM>(MM_PASS, tpc); }
+
 // float weights (f32 / f16 / bf16) against float activations; lane l takes elements 8l..8l+7 of each 256
 template <int SRC>
 __device__ void mm_float_body(int f, const void *w, const float *x, const float *nw, float eps, int gelu, float *y,
@@ -430,6 +583,12 @@ __device__ void mm_float_body(int f, const void *w, const float *x, const float 
                 const float *x, const float *nw, float eps, int gelu, float *y, const float *res, int R, int K, int T, int ldy
 #define MM_PASS f, w, sc, qh, xq, xds, x, nw, eps, gelu, y, res, R, K, T, ldy
 #define MMF_PASS f, w, x, nw, eps, gelu, y, res, R, K, T, ldy
+DEC_KERNELS(1, 1)
+DEC_KERNELS(2, 1)
+DEC_KERNELS(4, 1)
+DEC_KERNELS(1, 8)
+DEC_KERNELS(2, 8)
+DEC_KERNELS(4, 8)
 extern "C" __global__ void mm_int(MM_ARGS) { mm_int_body<SRC_Q>(MM_PASS); }
 extern "C" __global__ void mm_int_norm(MM_ARGS) { mm_int_body<SRC_NORM>(MM_PASS); }
 extern "C" __global__ void mm_int_act(MM_ARGS) { mm_int_body<SRC_ACT>(MM_PASS); }
