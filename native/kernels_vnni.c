@@ -144,63 +144,155 @@ GEMM_X8(gemm_q5_0x8, K_Q5_0, block_q5_0x8)
 GEMM_X8(gemm_q5_1x8, K_Q5_1, block_q5_1x8)
 GEMM_X8(gemm_q8_0x8, K_Q8_0, block_q8_0x8)
 
-/* ---------------------------------------------------------------------------------- float weights (rows) */
-/* 512-bit float GEMM: a tile of R rows x NT tokens, one 16-wide accumulator per (row, token), summed in the same
- * order whatever the tile's shape (batch invariant). 8 rows x 3 tokens = 24 accumulators + 3 x vectors + a weight
- * vector fit the 32 registers; decode takes 8 rows so 8 FMA chains hide the latency. */
-INLINE __m512 load16_w(const void *row, int kind, int i) {
-    return kind == 0 ? _mm512_loadu_ps((const float *)row + i)
-         : kind == 1 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const el_half *)row + i)))
-         : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const el_bf16 *)row + i))), 16));
-}
+/* ------------------------------------------------------------------------------ float weights (strips)
+ * F32 / F16 / BF16 matrices are repacked at load into strips of 32 rows stored k-major: strip g holds, for each
+ * input index k, the 32 weights of rows 32g..32g+31 (64 bytes of f16/bf16, 128 of f32; rows past n_out are
+ * zero). Every output is then one chain of f32 FMAs over k = 0, 1, ..., n_in - 1 in order, in one lane of a
+ * 16-row vector: acc = fma(w[k], x[k], acc) from acc = 0, weights widened exactly to f32, activations f32 as
+ * given. Nothing is summed across lanes, so there is no reduction tree whose shape could depend on the tile.
+ * Decode (1-3 tokens) reads the packed weights directly, 4 strips (8 chains per token) at a time; prefill widens
+ * a strip's block of kc inputs to f32 once into a stack buffer and runs it against tiles of up to 14 tokens (28
+ * accumulators), the partial sums of the earlier k blocks kept in y itself between blocks (stored and reloaded
+ * as the same f32 values). Both paths perform the same operations in the same order on every output: a token's
+ * result is bit-identical alone or at any place of any batch. */
+enum { FS = 32,      /* rows per strip */
+       FKC = 128 };  /* inputs per widened block (up to 32 KiB of f32 weights: two strips) */
 
-INLINE void float_tile16(const void *w, size_t row_bytes, int R, int n_in, int kind, const float *x, size_t x_stride,
-                         int NT, float *y, size_t y_stride) {
-    __m512 acc[8][3];
-    for (int r = 0; r < R; r++)
-        for (int t = 0; t < NT; t++) acc[r][t] = _mm512_setzero_ps();
-    int i = 0;
-    for (; i + 16 <= n_in; i += 16) {
-        __m512 xv[3];
-        for (int t = 0; t < NT; t++) xv[t] = _mm512_loadu_ps((const float *)((const char *)x + t * x_stride) + i);
-        for (int r = 0; r < R; r++) {
-            const __m512 wv = load16_w((const char *)w + r * row_bytes, kind, i);
-            for (int t = 0; t < NT; t++) acc[r][t] = _mm512_fmadd_ps(wv, xv[t], acc[r][t]);
+static void repack_strips(const void *src, void *dst, int n_out, int n_in, size_t es) {
+    const int ng = (n_out + FS - 1) / FS;
+    const uint8_t *s = src;
+    uint8_t *d = dst;
+    for (int g = 0; g < ng; g++) {
+        uint8_t *dg = d + (size_t)g * FS * n_in * es;
+        for (int j = 0; j < FS; j++) {
+            const int r = g * FS + j;
+            if (r >= n_out) {
+                for (int k = 0; k < n_in; k++) memset(dg + ((size_t)k * FS + j) * es, 0, es);
+                continue;
+            }
+            const uint8_t *row = s + (size_t)r * n_in * es;
+            if (es == 2)
+                for (int k = 0; k < n_in; k++) memcpy(dg + ((size_t)k * FS + j) * 2, row + (size_t)k * 2, 2);
+            else
+                for (int k = 0; k < n_in; k++) memcpy(dg + ((size_t)k * FS + j) * 4, row + (size_t)k * 4, 4);
         }
     }
-    for (int r = 0; r < R; r++)
-        for (int t = 0; t < NT; t++) {
+}
+static void repack_f32_strips(const void *s, void *d, int n_out, int n_in) { repack_strips(s, d, n_out, n_in, 4); }
+static void repack_h_strips(const void *s, void *d, int n_out, int n_in) { repack_strips(s, d, n_out, n_in, 2); }
+
+/* 16 packed weights (element index e of the strip data) widened to f32: kind 0 f32, 1 f16, 2 bf16 */
+INLINE __m512 wload16(const void *p, size_t e, int kind) {
+    return kind == 0 ? _mm512_loadu_ps((const float *)p + e)
+         : kind == 1 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const el_half *)p + e)))
+         : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const el_bf16 *)p + e))), 16));
+}
+
+INLINE __mmask16 rows_mask(int n) { return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? 0 : (__mmask16)((1u << n) - 1); }
+
+/* decode: NS strips (rows r.. of the strips starting at w) x NT tokens, all of n_in; nr = valid rows from r */
+INLINE void fgemv(const void *w, size_t sstride, int n_in, int kind, int NS, const float *x, size_t xs, int NT,
+                  float *y, size_t ys, int nr) {
+    __m512 acc[3][8];
+    for (int t = 0; t < NT; t++)
+        for (int v = 0; v < 2 * NS; v++) acc[t][v] = _mm512_setzero_ps();
+    const float *xt[3];
+    for (int t = 0; t < NT; t++) xt[t] = (const float *)((const char *)x + t * xs);
+    for (int k = 0; k < n_in; k++) {
+        __m512 xb[3];
+        for (int t = 0; t < NT; t++) xb[t] = _mm512_set1_ps(xt[t][k]);
+        for (int v = 0; v < 2 * NS; v++) {
+            const __m512 wv = wload16(w, (size_t)(v >> 1) * sstride + (size_t)k * FS + (v & 1) * 16, kind);
+            for (int t = 0; t < NT; t++) acc[t][v] = _mm512_fmadd_ps(wv, xb[t], acc[t][v]);
+        }
+    }
+    for (int t = 0; t < NT; t++)
+        for (int v = 0; v < 2 * NS; v++) _mm512_mask_storeu_ps(y + t * ys + v * 16, rows_mask(nr - v * 16), acc[t][v]);
+}
+
+/* prefill: a widened block wb [kc][16 NV] (NV / 2 strips side by side) x MR tokens (x at this block's first
+ * input); first: start from zero, else from the partial sums in y; nr = valid rows from the block's first row */
+INLINE void ftile(const float *wb, int NV, int kc, const float *x, size_t xs, int MR, float *y, size_t ys, int first,
+                  int nr) {
+    __m512 acc[8][4];
+    const float *xt[8];
+    for (int t = 0; t < MR; t++) xt[t] = (const float *)((const char *)x + t * xs);
+    for (int t = 0; t < MR; t++)
+        for (int v = 0; v < NV; v++)
+            acc[t][v] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(rows_mask(nr - 16 * v), y + t * ys + 16 * v);
+    for (int k = 0; k < kc; k++) {
+        __m512 wv[4];
+        for (int v = 0; v < NV; v++) wv[v] = _mm512_load_ps(wb + (size_t)k * 16 * NV + 16 * v);
+        for (int t = 0; t < MR; t++) {
+            const __m512 xb = _mm512_set1_ps(xt[t][k]);
+            for (int v = 0; v < NV; v++) acc[t][v] = _mm512_fmadd_ps(wv[v], xb, acc[t][v]);
+        }
+    }
+    for (int t = 0; t < MR; t++)
+        for (int v = 0; v < NV; v++) _mm512_mask_storeu_ps(y + t * ys + 16 * v, rows_mask(nr - 16 * v), acc[t][v]);
+}
+
+enum { FMR4 = 6,    /* tokens per tile of two strips (64 rows: 24 accumulators) */
+       FMR2 = 8 };  /* tokens per tile of a lone strip (32 rows: 16 accumulators) */
+#define FT(NV, MR) case MR: ftile(wb, NV, kc, xk, x_stride, MR, yt, y_stride, first, nr); break
+INLINE void ftile_any(const float *wb, int nv, int kc, const float *xk, size_t x_stride, int mr, float *yt,
+                      size_t y_stride, int first, int nr) {
+    if (nv == 4)
+        switch (mr) { FT(4, 1); FT(4, 2); FT(4, 3); FT(4, 4); FT(4, 5); FT(4, 6); default: break; }
+    else
+        switch (mr) { FT(2, 1); FT(2, 2); FT(2, 3); FT(2, 4); FT(2, 5); FT(2, 6); FT(2, 7); FT(2, 8); default: break; }
+}
+#undef FT
+
+#define FV(NS, NT) fgemv(ws, sstride, n_in, kind, NS, xt, x_stride, NT, y + (size_t)t * y_stride + r, y_stride, r1 - r)
+INLINE void gemm_strips(const void *w, int n_in, int r0, int r1, const void *x, size_t x_stride, int n_tok,
+                        float *y, size_t y_stride, int kind, int esize) {
+    const size_t sstride = (size_t)FS * n_in;   /* elements per strip */
+    if (n_tok <= 3) {
+        for (int t = 0; t < n_tok; t += 3) {
+            const int nt = n_tok - t < 3 ? n_tok - t : 3;
             const float *xt = (const float *)((const char *)x + t * x_stride);
-            float s = _mm512_reduce_add_ps(acc[r][t]);
-            for (int j = i; j < n_in; j++) s += el_float_weight((const char *)w + r * row_bytes, kind, j) * xt[j];
-            y[t * y_stride + r] = s;
+            int r = r0;
+            for (; r + 4 * FS <= r1; r += 4 * FS) {
+                const void *ws = (const char *)w + (size_t)(r / FS) * sstride * esize;
+                if (nt == 1) FV(4, 1); else if (nt == 2) FV(4, 2); else FV(4, 3);
+            }
+            for (; r < r1; r += FS) {
+                const void *ws = (const char *)w + (size_t)(r / FS) * sstride * esize;
+                if (nt == 1) FV(1, 1); else if (nt == 2) FV(1, 2); else FV(1, 3);
+            }
         }
-}
-
-#define FTILE(R, NT) float_tile16((const char *)w + (size_t)r * rb, rb, R, n_in, kind, (const float *)((const char *)x + t * x_stride), x_stride, NT, y + t * y_stride + r, y_stride)
-
-INLINE void gemm_float16(const void *w, int n_in, int r0, int r1, const void *x, size_t x_stride, int n_tok,
-                         float *y, size_t y_stride, int kind, int esize) {
-    const size_t rb = (size_t)n_in * esize;
-    int r = r0, t = 0;
-    for (; r + 8 <= r1; r += 8) {
-        for (t = 0; t + 3 <= n_tok; t += 3) FTILE(8, 3);
-        if (n_tok - t == 2) FTILE(8, 2);
-        else if (n_tok - t == 1) FTILE(8, 1);
+        return;
     }
-    for (; r < r1; r++)
-        for (t = 0; t < n_tok; t++) FTILE(1, 1);
+    float wb[FKC * 2 * FS] __attribute__((aligned(64)));
+    for (int r = r0; r < r1; r += 2 * FS) {
+        const int ns = r + FS < r1 ? 2 : 1, nv = 2 * ns, nr = r1 - r;
+        const void *ws = (const char *)w + (size_t)(r / FS) * sstride * esize;
+        for (int k0 = 0; k0 < n_in; k0 += FKC) {
+            const int kc = n_in - k0 < FKC ? n_in - k0 : FKC;
+            for (int k = 0; k < kc; k++)
+                for (int v = 0; v < nv; v++)
+                    _mm512_store_ps(wb + (size_t)k * 16 * nv + 16 * v,
+                                    wload16(ws, (size_t)(v >> 1) * sstride + (size_t)(k0 + k) * FS + (v & 1) * 16, kind));
+            const int mrmax = nv == 4 ? FMR4 : FMR2;
+            for (int t = 0; t < n_tok; t += mrmax) {
+                const int mr = n_tok - t < mrmax ? n_tok - t : mrmax;
+                ftile_any(wb, nv, kc, (const float *)((const char *)x + t * x_stride) + k0, x_stride, mr,
+                          y + (size_t)t * y_stride + r, y_stride, k0 == 0, nr);
+            }
+        }
+    }
 }
-#undef FTILE
+#undef FV
 
 static void gemm_f32_512(const void *w, int n_in, int r0, int r1, const void *x, size_t xs, int n_tok, float *y, size_t ys) {
-    gemm_float16(w, n_in, r0, r1, x, xs, n_tok, y, ys, 0, 4);
+    gemm_strips(w, n_in, r0, r1, x, xs, n_tok, y, ys, 0, 4);
 }
 static void gemm_f16_512(const void *w, int n_in, int r0, int r1, const void *x, size_t xs, int n_tok, float *y, size_t ys) {
-    gemm_float16(w, n_in, r0, r1, x, xs, n_tok, y, ys, 1, 2);
+    gemm_strips(w, n_in, r0, r1, x, xs, n_tok, y, ys, 1, 2);
 }
 static void gemm_bf16_512(const void *w, int n_in, int r0, int r1, const void *x, size_t xs, int n_tok, float *y, size_t ys) {
-    gemm_float16(w, n_in, r0, r1, x, xs, n_tok, y, ys, 2, 2);
+    gemm_strips(w, n_in, r0, r1, x, xs, n_tok, y, ys, 2, 2);
 }
 
 void el_avx2_kquants_vnni(el_kernels *k);   /* kernels_avx2.c */
@@ -217,6 +309,10 @@ void el_fill_vnni(el_kernels *k) {
     k->types[EL_TI_F32].gemm = gemm_f32_512;
     k->types[EL_TI_F16].gemm = gemm_f16_512;
     k->types[EL_TI_BF16].gemm = gemm_bf16_512;
+    for (int ti = EL_TI_F32; ti <= EL_TI_BF16; ti++) {   /* 32-row k-major strips (see above) */
+        k->types[ti].interleave = FS;
+        k->types[ti].repack = ti == EL_TI_F32 ? repack_f32_strips : repack_h_strips;
+    }
 }
 #else
 typedef int el_vnni_unused;
