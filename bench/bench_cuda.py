@@ -86,6 +86,15 @@ def profile(be, m, n_past: int = 128) -> None:
     e1.synchronize()
     replay = cp.cuda.get_elapsed_time(e0, e1) / N
     print(f"\ndecode step with graph: {step * 1e6:.1f} us wall per step; graph replay alone {replay * 1000:.1f} us")
+    import cProfile
+    import pstats
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(200):
+        be.forward_batch(batch, [kv])
+    prof.disable()
+    print("host side of 200 decode steps (cProfile, by own time):")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(14)
 
 
 def main() -> None:

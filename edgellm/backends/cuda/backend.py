@@ -38,6 +38,7 @@ AW = 4
 DEC_WARPS, DEC_RU = 8, 2  # mm_dec: warps per block, rows per warp pass
 DEC_NBL = (1, 2, 4)       # mm_dec's variants: blocks of K per lane (K <= 32 * 32 * NBL)
 DEC_TTM = (1, 8)          # and tokens per block
+DEC_SMEM = 48 * 1024      # mm_dec's shared memory at most (no opt-in)
 KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}
 KERNELS = Path(__file__).with_name("kernels.cu")
 
@@ -257,7 +258,8 @@ class CudaBackend:
             self.module = cp.RawModule(code=src, options=("-std=c++14",))
             self.k = {n: self.module.get_function(n) for n in
                       ("embed", "add_norm", "mm_int", "mm_int_norm", "mm_int_act", "mm_float", "mm_float_norm",
-                       "mm_float_act", "mm_int_tiled", "act_mul", "rope_store", "attention", "dequant", "quant_q8")}
+                       "mm_float_act", "mm_int_tiled", "act_mul", "rope_store", "dequant", "quant_q8")}
+            self.k["attention"] = self.module.get_function(f"attention{self.hparams.head_dim // 32}")
             for src in ("", "_norm", "_act"):
                 for nbl in DEC_NBL:
                     for ttm in DEC_TTM:
@@ -533,9 +535,10 @@ class CudaBackend:
     def _norm(self, w, post, rows: int, eps, idx=None) -> None:
         """xb (and its q8 blocks) = rmsnorm(x) * w, after x += rmsnorm(tmp) * post (Gemma 3's post-norms)."""
         E = self.hparams.n_embd
-        self.k["add_norm"](((rows + 3) // 4,), (128,), (self.x, self.tmp, post if post is not None else NULL, w,
-                                                        idx if idx is not None else NULL, _i(rows), _i(E), eps,
-                                                        self.xb, self.xq, self.xds), stream=self.stream)
+        self.k["add_norm"]((rows,), (256,), (self.x, self.tmp, post if post is not None else NULL, w,
+                                             idx if idx is not None else NULL, _i(rows), _i(E), eps,
+                                             self.xb, self.xq, self.xds),
+                           shared_mem=(2 if post is not None else 1) * E * 4, stream=self.stream)
 
     def _mm(self, mat: DevMatrix, x, xq, xds, y, res, T: int, ldy: int, src: str = "", nw=None, eps=0.0,
             gelu: int = 0) -> None:
@@ -549,13 +552,14 @@ class CudaBackend:
             return
         nul = lambda a: NULL if a is None else a   # noqa: E731
         nb = mat.cols // 32
-        if mat.is_int and T <= FUSE_MAX and nb <= 32 * DEC_NBL[-1]:   # decode: activations prepared once per block
+        if mat.is_int and T <= FUSE_MAX and nb <= 32 * DEC_NBL[-1] and (nb * 40 + 4 + mat.cols * 4) <= DEC_SMEM:   # decode: activations prepared once per block
             nbl = next(v for v in DEC_NBL if nb <= 32 * v)
             ttm = DEC_TTM[0] if T <= DEC_TTM[0] else DEC_TTM[1]
-            tpc = min(T, ttm)
+            per_tok = nb * 40 + 4 + (mat.cols * 4 if src == "_norm" else 0)   # q8 blocks, norm scale, staged row
+            tpc = max(1, min(T, ttm, DEC_SMEM // per_tok))
             per = DEC_WARPS * DEC_RU
             grid = (min((mat.rows + per - 1) // per, 4 * self.sm_count), (T + tpc - 1) // tpc)
-            smem = tpc * nb * 40 + tpc * 4
+            smem = tpc * per_tok
             self.k[f"mm_dec{src}_{nbl}_{ttm}"](
                 grid, (32 * DEC_WARPS,), (_i(mat.fmt), mat.w, nul(mat.sc), nul(mat.qh), nul(xq), nul(xds), nul(x),
                                           nul(nw), _f(eps), _i(gelu), y, nul(res), _i(mat.rows), _i(mat.cols), _i(T),

@@ -134,28 +134,51 @@ __device__ __forceinline__ float act_mul1(float g, float u, int gelu) {
     return __fmul_rn(a, u);
 }
 
-// For each output row i (token idx ? idx[i] : i), one warp:
+// For each output row i (token idx ? idx[i] : i), one block (the rows staged in shared memory, 2K floats):
 //   if pw: x[t] += rmsnorm(o[t]) * pw          (Gemma 3's post-norms: the sublayer's output, normed, added)
 //   y[i] = rmsnorm(x[t]) * w, also as q8 blocks (yq, yds) when K % 32 == 0
+// The sums of squares are rms_scale's (warp 0, lane order), the same bits as the norms fused into the matrices.
 extern "C" __global__ void add_norm(float *x, const float *o, const float *pw, const float *w, const int *idx,
                                     int rows, int K, float eps, float *y, i8 *yq, float2 *yds) {
-    const int i = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    const int lane = threadIdx.x & 31;
+    extern __shared__ float nsm[];
+    __shared__ float rr[2];
+    const int i = blockIdx.x;
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
     if (i >= rows) return;
     const long long t = idx ? idx[i] : i;
     float *xt = x + t * K;
-    if (pw) {
-        const float *ot = o + t * K;
-        const float r = rms_scale(ot, K, eps);
-        for (int k = lane; k < K; k += 32) xt[k] = __fadd_rn(xt[k], normed(ot[k], r, pw[k]));
-        __syncwarp();
+    float *xs = nsm, *os = nsm + K;
+    for (int k = threadIdx.x; k < K; k += blockDim.x) {
+        xs[k] = xt[k];
+        if (pw) os[k] = o[t * K + k];
     }
-    const float r = rms_scale(xt, K, eps);
+    __syncthreads();
+    if (pw) {
+        if (wid == 0) {
+            const float r = rms_scale(os, K, eps);
+            if (lane == 0) rr[0] = r;
+        }
+        __syncthreads();
+        const float r = rr[0];
+        for (int k = threadIdx.x; k < K; k += blockDim.x) {
+            const float v = __fadd_rn(xs[k], normed(os[k], r, pw[k]));
+            xs[k] = v;
+            xt[k] = v;
+        }
+        __syncthreads();
+    }
+    if (wid == 0) {
+        const float r = rms_scale(xs, K, eps);
+        if (lane == 0) rr[1] = r;
+    }
+    __syncthreads();
+    const float r = rr[1];
     float *yi = y + (long long)i * K;
-    for (int k = lane; k < K; k += 32) yi[k] = normed(xt[k], r, w[k]);
+    for (int k = threadIdx.x; k < K; k += blockDim.x) yi[k] = normed(xs[k], r, w[k]);
     if (yq == 0 || (K & 31)) return;
-    for (int b = 0; b < (K >> 5); b++)
-        warp_quant_block(yi[b * 32 + lane], yq + (long long)i * K + b * 32, yds + (long long)i * (K >> 5) + b);
+    for (int b = wid; b < (K >> 5); b += nw)
+        warp_quant_block(normed(xs[b * 32 + lane], r, w[b * 32 + lane]), yq + (long long)i * K + b * 32,
+                         yds + (long long)i * (K >> 5) + b);
 }
 
 // ------------------------------------------------------------------------------------------ matrices
@@ -413,8 +436,9 @@ __device__ void mm_dec_body(int f, const u8 *__restrict__ w, const float2 *__res
     const int t0 = blockIdx.y * tpc;
     const int nt = min(tpc, T - t0);
     uint4 *xs = dsm;                                  // [nt][nb] blocks of 32 int8 (two uint4 each)
-    float2 *ds = (float2 *)(xs + 2 * tpc * nb);       // [nt][nb] (d, d * sum)
-    float *rsm = (float *)(ds + tpc * nb);            // [nt] the norm's scale (SRC_NORM)
+    float *xf = (float *)(xs + 2 * tpc * nb);         // [nt][K] the rows to norm (SRC_NORM only)
+    float2 *ds = (float2 *)(xf + (SRC == SRC_NORM ? tpc * K : 0));   // [nt][nb] (d, d * sum)
+    float *rsm = (float *)(ds + tpc * nb);            // [tpc] the norm's scale (SRC_NORM)
     const int rstep = gridDim.x * DEC_WARPS * DEC_RU;
     int r0 = (blockIdx.x * DEC_WARPS + wid) * DEC_RU;
     WRaw wr[DEC_RU][NBL];
@@ -432,8 +456,11 @@ __device__ void mm_dec_body(int f, const u8 *__restrict__ w, const float2 *__res
         for (int i = threadIdx.x; i < nt * nb; i += blockDim.x) ds[i] = xds[(long long)t0 * nb + i];
     } else {
         if (SRC == SRC_NORM) {
+            const float4 *src = (const float4 *)(x + (long long)t0 * K);
+            for (int i = threadIdx.x; i < nt * K / 4; i += blockDim.x) ((float4 *)xf)[i] = src[i];
+            __syncthreads();
             for (int t = wid; t < nt; t += DEC_WARPS) {
-                const float r = rms_scale(x + (long long)(t0 + t) * K, K, eps);
+                const float r = rms_scale(xf + t * K, K, eps);
                 if (lane == 0) rsm[t] = r;
             }
             __syncthreads();
@@ -448,7 +475,7 @@ __device__ void mm_dec_body(int f, const u8 *__restrict__ w, const float2 *__res
                     const long long t = t0 + i / nb;
                     const int k = (i % nb) * 32 + lane;
                     if (SRC == SRC_ACT) { a[u] = x[t * 2 * K + k]; c[u] = x[t * 2 * K + K + k]; }
-                    else { a[u] = x[t * K + k]; c[u] = nw[k]; }
+                    else { a[u] = xf[(i / nb) * K + k]; c[u] = nw[k]; }
                 }
             }
 #pragma unroll
@@ -690,100 +717,141 @@ extern "C" __global__ void rope_store(float *qkv, int ldq, int n_head, int n_hea
 // ------------------------------------------------------------------------------------------ attention
 #define AW 4            // warps per (token, head): warp w takes key chunks w, w + AW, ... (32 positions each)
 
-__device__ __forceinline__ float kv_dot(int type, const u8 *k, const float *q, int hd) {
-    float s = 0.0f;
+// Dims lane * ND .. lane * ND + ND - 1 of a cache row (16-, 8- or 4-byte loads where they are aligned)
+template <int ND>
+__device__ __forceinline__ void kv_dims(int type, const u8 *row, int lane, float *v) {
     if (type == KV_F16) {
-        for (int i = 0; i < hd; i += 8) {
-            const uint4 a = *(const uint4 *)(k + 2 * i);
-            const u32 p[4] = {a.x, a.y, a.z, a.w};
+        const u16 *p = (const u16 *)row + lane * ND;
+        if (ND == 8) {
+            const uint4 a = *(const uint4 *)p;
+            const u32 w4[4] = {a.x, a.y, a.z, a.w};
 #pragma unroll
-            for (int j = 0; j < 4; j++) {
-                s = fmaf(h2f((u16)(p[j] & 0xffff)), q[i + 2 * j], s);
-                s = fmaf(h2f((u16)(p[j] >> 16)), q[i + 2 * j + 1], s);
-            }
+            for (int j = 0; j < 4; j++) { v[2 * j] = h2f((u16)(w4[j] & 0xffff)); v[2 * j + 1] = h2f((u16)(w4[j] >> 16)); }
+        } else if (ND == 4) {
+            const uint2 a = *(const uint2 *)p;
+            v[0] = h2f((u16)(a.x & 0xffff)); v[1] = h2f((u16)(a.x >> 16));
+            v[2] = h2f((u16)(a.y & 0xffff)); v[3] = h2f((u16)(a.y >> 16));
+        } else if (ND == 2) {
+            const u32 a = *(const u32 *)p;
+            v[0] = h2f((u16)(a & 0xffff)); v[1] = h2f((u16)(a >> 16));
+        } else {
+#pragma unroll
+            for (int e = 0; e < ND; e++) v[e] = h2f(p[e]);
         }
     } else if (type == KV_F32) {
-        for (int i = 0; i < hd; i += 4) {
-            const float4 a = *(const float4 *)(k + 4 * i);
-            s = fmaf(a.x, q[i], s); s = fmaf(a.y, q[i + 1], s); s = fmaf(a.z, q[i + 2], s); s = fmaf(a.w, q[i + 3], s);
+        const float *p = (const float *)row + lane * ND;
+        if (ND % 4 == 0) {
+#pragma unroll
+            for (int e = 0; e < ND; e += 4) {
+                const float4 a = *(const float4 *)(p + e);
+                v[e] = a.x; v[e + 1] = a.y; v[e + 2] = a.z; v[e + 3] = a.w;
+            }
+        } else {
+#pragma unroll
+            for (int e = 0; e < ND; e++) v[e] = p[e];
         }
-    } else {
-        for (int b = 0; b < hd / 32; b++) {
-            const u8 *o = k + b * 34;
-            const float d = h2f(*(const u16 *)o);
-            float sb = 0.0f;
-            for (int j = 0; j < 32; j++) sb = fmaf((float)((const i8 *)o)[2 + j], q[b * 32 + j], sb);
-            s = fmaf(d, sb, s);
+    } else {   // q8_0: 34-byte blocks (half d, 32 int8)
+#pragma unroll
+        for (int e = 0; e < ND; e++) {
+            const int i = lane * ND + e;
+            const u8 *o = row + (i >> 5) * 34;
+            v[e] = h2f(*(const u16 *)o) * (float)((const i8 *)o)[2 + (i & 31)];
         }
     }
-    return s;
 }
 
-__device__ __forceinline__ float kv_elem(int type, const u8 *v, int i) {
-    if (type == KV_F16) return h2f(((const u16 *)v)[i]);
-    if (type == KV_F32) return ((const float *)v)[i];
-    const u8 *o = v + (i / 32) * 34;
-    return h2f(*(const u16 *)o) * (float)((const i8 *)o)[2 + (i & 31)];
+// One step of the transposing butterfly: of the 2 * OFF values a lane holds, it keeps the half named by its bit
+// OFF and adds the partner's copy of that half (so after OFF = 16, 8, 4, 2, 1 lane j holds the sum for key j).
+template <int OFF>
+__device__ __forceinline__ void key_butterfly(float *sc, int lane) {
+    const bool up = (lane & OFF) != 0;
+#pragma unroll
+    for (int i = 0; i < OFF; i++) {
+        const float send = up ? sc[i] : sc[i + OFF];
+        const float keep = up ? sc[i + OFF] : sc[i];
+        sc[i] = keep + __shfl_xor_sync(0xffffffffu, send, OFF);
+    }
 }
 
 // out[t, h*hd ..] = softmax(scale * q.K) V over the keys token t sees in this layer: positions
 // [first, pos[t]] of its sequence, first = max(pos - window + 1, 0) on window layers (and >= swa_from of the
 // sequence in the window group). One block of AW warps per (token, query head); keys in chunks of 32 positions
-// aligned to multiples of 32 (a chunk lies in one cache block), chunk c to warp c % AW, lane j of a chunk on its
-// key j; warps merged in a fixed order. Also writes the q8 blocks of out (oq, ods) when oq != NULL.
-extern "C" __global__ void attention(const float *qkv, int ldq, int n_head, int n_head_kv, int hd, float scale,
-                                     const int *pos, const int *seq, const int *swa_from, const u8 *kc, const u8 *vc,
-                                     const int *table, int n_table, int krow, int vrow, int window, int group,
-                                     int type_k, int type_v, float *out, i8 *oq, float2 *ods) {
-    __shared__ float qs[MAX_HD];
+// aligned to multiples of 32 (a chunk lies in one cache block), chunk c to warp c % AW. In a chunk, lane l holds
+// dims l*ND .. l*ND + ND - 1 (ND = hd / 32) of q, of the output and of every key and value row it reads (rows
+// read whole by the warp); the 32 keys' partial dot products are summed across lanes by one fixed transposing
+// butterfly that leaves key j's score in lane j. Warps merged in a fixed order. The same kernel and the same
+// order for every step, whatever the batch. Also writes the q8 blocks of out (oq, ods) when oq != NULL.
+template <int ND>
+__device__ void attention_body(const float *qkv, int ldq, int n_head, int n_head_kv, int hd, float scale,
+                               const int *pos, const int *seq, const int *swa_from, const u8 *kc, const u8 *vc,
+                               const int *table, int n_table, int krow, int vrow, int window, int group,
+                               int type_k, int type_v, float *out, i8 *oq, float2 *ods) {
     __shared__ float wm[AW], wl[AW];
-    __shared__ float wo[AW][MAX_HD];
+    __shared__ float wo[AW][32 * ND];
     const int t = blockIdx.x / n_head, h = blockIdx.x % n_head;
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     const int kvh = h / (n_head / n_head_kv);
     const int p = pos[t], s = seq[t];
     int first = window ? max(p - window + 1, 0) : 0;
     if (group) first = max(first, swa_from[s]);
-    const float *q = qkv + (long long)t * ldq + h * hd;
-    for (int i = threadIdx.x; i < hd; i += blockDim.x) qs[i] = q[i];
-    __syncthreads();
-    const int nd = hd / 32;   // dims per lane (hd % 32 == 0, checked by the host)
-    float o[MAX_HD / 32];
+    const float *q = qkv + (long long)t * ldq + h * hd + lane * ND;
+    float qv[ND], o[ND];
 #pragma unroll
-    for (int i = 0; i < MAX_HD / 32; i++) o[i] = 0.0f;
+    for (int e = 0; e < ND; e++) { qv[e] = q[e]; o[e] = 0.0f; }
     float m = NEG_INF, l = 0.0f;
     const int *tab = table + (long long)s * n_table;
+    const int KG = ND >= 8 ? 4 : 8;                          // key rows in flight
+    const int VG = ND <= 2 ? 16 : ND <= 4 ? 8 : 4;           // value rows in flight
     for (int c = first / 32 + w; c <= p / 32; c += AW) {
         const int kp0 = 32 * c;
         const long long blk = tab[kp0 / 64];
         const long long row0 = (blk * n_head_kv + kvh) * 64 + (kp0 % 64);
         const u8 *kb = kc + row0 * krow, *vb = vc + row0 * vrow;
         const int jlo = max(first - kp0, 0), jhi = min(p - kp0, 31);   // keys of this chunk the token sees
+        float sc[32];
+#pragma unroll
+        for (int g = 0; g < 32 / KG; g++) {   // KG key rows at a time (rows outside jlo..jhi: masked below)
+            float kr[KG][ND];
+            if (KG * g <= jhi && KG * g + KG - 1 >= jlo) {
+#pragma unroll
+                for (int u = 0; u < KG; u++) kv_dims<ND>(type_k, kb + (long long)(KG * g + u) * krow, lane, kr[u]);
+            } else {
+#pragma unroll
+                for (int u = 0; u < KG; u++)
+#pragma unroll
+                    for (int e = 0; e < ND; e++) kr[u][e] = 0.0f;
+            }
+#pragma unroll
+            for (int u = 0; u < KG; u++) {
+                float a = 0.0f;
+#pragma unroll
+                for (int e = 0; e < ND; e++) a = fmaf(qv[e], kr[u][e], a);
+                sc[KG * g + u] = a;
+            }
+        }
+        key_butterfly<16>(sc, lane);   // lanes keep the half of the keys their bit 16, 8, .. names
+        key_butterfly<8>(sc, lane);
+        key_butterfly<4>(sc, lane);
+        key_butterfly<2>(sc, lane);
+        key_butterfly<1>(sc, lane);
         const int ok = lane >= jlo && lane <= jhi;
-        float sc = NEG_INF;
-        if (ok) sc = scale * kv_dot(type_k, kb + (long long)lane * krow, qs, hd);
-        const float mn = fmaxf(m, warp_max(sc));
-        const float e = ok ? expf(sc - mn) : 0.0f;
+        const float sj = ok ? scale * sc[0] : NEG_INF;
+        const float mn = fmaxf(m, warp_max(sj));
+        const float e = ok ? expf(sj - mn) : 0.0f;
         const float corr = expf(m - mn);   // m = -inf at first: 0
         l = l * corr + warp_sum(e);
 #pragma unroll
-        for (int i = 0; i < MAX_HD / 32; i++) o[i] *= corr;
-        for (int j0 = jlo; j0 <= jhi; j0 += 8) {   // 8 keys' V loads in flight before their FMAs
-            float vv[8][MAX_HD / 32];
+        for (int i = 0; i < ND; i++) o[i] *= corr;
+        for (int j0 = jlo; j0 <= jhi; j0 += VG) {
+            float vv[VG][ND];
 #pragma unroll
-            for (int u = 0; u < 8; u++) {
-                const u8 *vr = vb + (long long)min(j0 + u, jhi) * vrow;
+            for (int u = 0; u < VG; u++) kv_dims<ND>(type_v, vb + (long long)min(j0 + u, jhi) * vrow, lane, vv[u]);
 #pragma unroll
-                for (int i = 0; i < MAX_HD / 32; i++)
-                    if (i < nd) vv[u][i] = kv_elem(type_v, vr, lane + 32 * i);
-            }
-#pragma unroll
-            for (int u = 0; u < 8; u++) {
+            for (int u = 0; u < VG; u++) {
                 const float pj = __shfl_sync(0xffffffffu, e, min(j0 + u, 31));
                 if (j0 + u <= jhi) {
 #pragma unroll
-                    for (int i = 0; i < MAX_HD / 32; i++)
-                        if (i < nd) o[i] = fmaf(pj, vv[u][i], o[i]);
+                    for (int i = 0; i < ND; i++) o[i] = fmaf(pj, vv[u][i], o[i]);
                 }
             }
         }
@@ -792,23 +860,27 @@ extern "C" __global__ void attention(const float *qkv, int ldq, int n_head, int 
     // merge the warps in a fixed order
     if (lane == 0) { wm[w] = m; wl[w] = l; }
 #pragma unroll
-    for (int i = 0; i < MAX_HD / 32; i++)
-        if (i < nd) wo[w][lane + 32 * i] = o[i];
+    for (int i = 0; i < ND; i++) wo[w][lane * ND + i] = o[i];
     __syncthreads();
     if (w != 0) return;
     float M = NEG_INF;
+#pragma unroll
     for (int j = 0; j < AW; j++) M = fmaxf(M, wm[j]);
     float Lsum = 0.0f;
-    float acc[MAX_HD / 32];
-    for (int i = 0; i < nd; i++) acc[i] = 0.0f;
+    float acc[ND];
+#pragma unroll
+    for (int i = 0; i < ND; i++) acc[i] = 0.0f;
+#pragma unroll
     for (int j = 0; j < AW; j++) {
         const float f = wm[j] == NEG_INF ? 0.0f : expf(wm[j] - M);
         Lsum += wl[j] * f;
-        for (int i = 0; i < nd; i++) acc[i] = fmaf(wo[j][lane + 32 * i], f, acc[i]);
+#pragma unroll
+        for (int i = 0; i < ND; i++) acc[i] = fmaf(wo[j][lane + 32 * i], f, acc[i]);
     }
     const float inv = 1.0f / Lsum;
     float *ot = out + (long long)t * n_head * hd + h * hd;
-    for (int i = 0; i < nd; i++) {
+#pragma unroll
+    for (int i = 0; i < ND; i++) {
         const float v = acc[i] * inv;
         ot[lane + 32 * i] = v;
         if (oq) {
@@ -817,6 +889,16 @@ extern "C" __global__ void attention(const float *qkv, int ldq, int n_head, int 
         }
     }
 }
+
+#define ATT_KERNEL(N) \
+    extern "C" __global__ void attention##N(const float *qkv, int ldq, int n_head, int n_head_kv, int hd, float scale, \
+                                            const int *pos, const int *seq, const int *swa_from, const u8 *kc, \
+                                            const u8 *vc, const int *table, int n_table, int krow, int vrow, int window, \
+                                            int group, int type_k, int type_v, float *out, i8 *oq, float2 *ods) { \
+        attention_body<N>(qkv, ldq, n_head, n_head_kv, hd, scale, pos, seq, swa_from, kc, vc, table, n_table, krow, \
+                          vrow, window, group, type_k, type_v, out, oq, ods); \
+    }
+ATT_KERNEL(1) ATT_KERNEL(2) ATT_KERNEL(3) ATT_KERNEL(4) ATT_KERNEL(5) ATT_KERNEL(6) ATT_KERNEL(7) ATT_KERNEL(8)
 
 // ------------------------------------------------------------------------------------------ tests and tools
 // y[r, k] = w[r, k] as float (the repacked formats read back)
