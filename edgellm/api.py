@@ -62,6 +62,8 @@ class LLM:
         device: int | None = None,
         use_mmap: bool = True,
         use_mlock: bool = False,
+        pipeline: int | list[str] | None = None,
+        ray_address: str | None = None,
     ):
         """n_ctx: the context of one sequence in tokens; None: the model's training context, capped so that one
         sequence's KV cache fits `kv_budget` (bytes or "512MiB"; default $EDGELLM_KV_BUDGET, else min(1 GiB, 1/8 of
@@ -81,7 +83,11 @@ class LLM:
         device: which GPU (default $EDGELLM_DEVICE, else 0).
         use_mmap: map the model file (default; pages the backend copies are given back); False reads it into memory
         (llama.cpp's --no-mmap). use_mlock: keep the weights in RAM, never swapped out (--mlock; a warning when the
-        kernel refuses, as llama.cpp's)."""
+        kernel refuses, as llama.cpp's).
+        pipeline: run the layers as that many pipeline stages, or one per host named (["10.0.0.2", "10.0.0.3"]: Ray
+        node addresses, host names or ids), each a Ray actor holding its layers' weights and KV blocks (needs `pip
+        install "edgellm[ray]"`; the model file at the same path on every host); n_threads is then per stage.
+        ray_address: the Ray cluster to join (default $RAY_ADDRESS, else a local one is started)."""
         path = resolve_model(str(model))
         self.model = Model(path, use_mmap=use_mmap)
         try:
@@ -113,8 +119,15 @@ class LLM:
             if context_shift and not 0 <= n_keep < self.n_ctx // 2:
                 raise EdgeLLMError(f"--keep {n_keep} must be at least 0 and less than half the context ({self.n_ctx})")
             pool_budget = self.context_info["budget"] if self.context_info["budget"] is not None else memory_budget()[0]
-            self.backend = create_backend(self.model, backend, n_threads, n_batch=n_batch, n_gpu_layers=n_gpu_layers,
-                                          device=device)
+            if pipeline is not None:
+                if n_gpu_layers:
+                    raise EdgeLLMError("pipeline stages run on CPUs: leave n_gpu_layers out")
+                from .cluster.pipeline import PipelineBackend
+
+                self.backend = PipelineBackend(self.model, pipeline, n_threads, n_batch=n_batch, address=ray_address)
+            else:
+                self.backend = create_backend(self.model, backend, n_threads, n_batch=n_batch,
+                                              n_gpu_layers=n_gpu_layers, device=device)
             if use_mlock:
                 self._lock_weights()
             try:
@@ -135,6 +148,9 @@ class LLM:
             drafter = getattr(getattr(self, "core", None), "drafter", None)
             if drafter is not None:
                 drafter.close()
+            close = getattr(getattr(self, "backend", None), "close", None)
+            if close is not None:   # a pipeline's stages
+                close()
             self.model.close()
             raise
         self.seed = seed

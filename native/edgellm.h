@@ -161,6 +161,9 @@ int el_model_set_tensor(el_model *m, int which, int layer, int type, const void 
 /* the next el_model_set_tensor calls give a repacked matrix's source pages back as they copy it (1), or not (0) */
 void el_model_release_sources(el_model *m, int on);
 int el_model_ready(const el_model *m);      /* 1 when every tensor is set */
+/* 1 when the tensors a stage of a pipeline needs are set: every layer's, the token embeddings if embd (the first
+ * stage), output_norm and output if output (the last stage) */
+int el_model_stage_ready(const el_model *m, int embd, int output);
 int el_model_n_threads(const el_model *m);  /* threads of the (shared) pool it runs on */
 /* mlock every byte the forward step reads of the weights (repacked copies, and the caller's mmap where borrowed):
  * 0, or -errno (ENOMEM / EPERM past RLIMIT_MEMLOCK) */
@@ -173,6 +176,14 @@ int el_model_forward_hidden(el_model *m, const el_batch *batch, const el_cache *
 /* the same step through the model's layers only, writing every token's residual stream [n_tokens, n_embd]: a model
  * holding the first layers of a bigger one (the rest on a GPU) */
 int el_model_forward_residual(el_model *m, const el_batch *batch, const el_cache *caches, int n_caches, float *x);
+/* one stage of a pipeline: the model holds a contiguous range of a bigger model's layers (renumbered from 0, their
+ * own KV caches). x_in: the residual stream [n_tokens, n_embd] the stage before wrote, or NULL to start from the
+ * token embeddings (the first stage). out: logits [number of output tokens, n_vocab] when the model has its output
+ * tensors (the last stage; hidden: the final-normed hidden states [number of output tokens, n_embd] instead), else
+ * every token's residual stream [n_tokens, n_embd] after its layers. Bit for bit the numbers of one model running
+ * every layer. */
+int el_model_forward_stage(el_model *m, const el_batch *batch, const el_cache *caches, int n_caches,
+                           const float *x_in, float *out, int hidden);
 /* ---- quantization (quantize.c) ---- */
 /* Whole tensors of n_rows rows of n_per_row elements, on pool's threads (NULL: the calling thread only). Types:
  * EL_F32, EL_F16, EL_BF16, EL_Q4_0, EL_Q4_1, EL_Q5_0, EL_Q5_1, EL_Q8_0, EL_Q4_K, EL_Q5_K, EL_Q6_K; n_per_row a

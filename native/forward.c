@@ -254,17 +254,6 @@ int el_model_set_tensor(el_model *m, int which, int layer, int type, const void 
 
 int el_model_n_threads(const el_model *m) { return el_pool_size(m->pool); }
 
-int el_model_ready(const el_model *m) {
-    if (!m->tok_embd || !m->output_norm || !m->output) return 0;
-    for (int l = 0; l < m->d.n_layer; l++) {
-        const el_layer *L = &m->layers[l];
-        if (!L->wq || !L->wk || !L->wv || !L->wo || !L->gate || !L->up || !L->down || !L->attn_norm || !L->ffn_norm)
-            return 0;
-        if (m->d.qk_norm && (!L->q_norm || !L->k_norm)) return 0;
-        if (m->d.post_norms && (!L->post_attn_norm || !L->post_ffn_norm)) return 0;
-    }
-    return 1;
-}
 
 /* --------------------------------------------------------------------------------------- the step */
 typedef struct {
@@ -276,6 +265,7 @@ typedef struct {
     const int *out_idx;   /* batch index of each logits row */
     int hidden;           /* 1: write the final-normed hidden states [n_out, n_embd] to logits instead; 2: every
                            * token's residual stream [n_tokens, n_embd] after the model's layers */
+    const float *x_in;    /* the residual stream [n_tokens, n_embd] an earlier stage wrote, or NULL: the embeddings */
 } fwd_ctx;
 
 static inline void *xq_row(const el_model *m, int t) { return (char *)m->xq + (size_t)t * m->xq_stride; }
@@ -376,14 +366,18 @@ static void forward_task(void *ctx, int ith, int nth) {
     int ch, nd, t0, t1;
 
     /* embedding rows and this step's RoPE angles */
-    const int embd_ti = el_type_index(m->tok_embd_type);
+    const int embd_ti = c->x_in ? 0 : el_type_index(m->tok_embd_type);
     for (nd = 0; (ch = claim(&S)) < tch; nd++) {
         el_split(n, 1, ch, tch, &t0, &t1);
         for (int t = t0; t < t1; t++) {
             float *xt = m->x + (size_t)t * E;
-            k->dequantize_row[embd_ti]((const char *)m->tok_embd + (size_t)b->tokens[t] * m->tok_embd_row, xt, E);
-            if (d->embd_scale != 0.0f && d->embd_scale != 1.0f)
-                for (int i = 0; i < E; i++) xt[i] *= d->embd_scale;
+            if (c->x_in) {   /* a later stage of a pipeline: the residual stream as the stage before left it */
+                memcpy(xt, c->x_in + (size_t)t * E, sizeof(float) * (size_t)E);
+            } else {
+                k->dequantize_row[embd_ti]((const char *)m->tok_embd + (size_t)b->tokens[t] * m->tok_embd_row, xt, E);
+                if (d->embd_scale != 0.0f && d->embd_scale != 1.0f)
+                    for (int i = 0; i < E; i++) xt[i] *= d->embd_scale;
+            }
             for (int s = 0; s < m->n_rope_sets; s++)
                 el_rope_table(m->cs + s * cs_set + (size_t)t * d->rope_dim, b->pos[t], d->rope_dim, m->rope_base[s],
                               m->rope_scale[s]);
@@ -586,7 +580,7 @@ static void forward_task(void *ctx, int ith, int nth) {
         PROF(ith, P_FFN_DOWN);
     }
 
-    if (c->hidden == 2) {   /* the residual stream of every token, for layers that run elsewhere (a GPU) */
+    if (c->hidden == 2) {   /* the residual stream of every token, for layers that run elsewhere (a GPU, a stage) */
         for (nd = 0; (ch = claim(&S)) < tch; nd++) {
             el_split(n, 1, ch, tch, &t0, &t1);
             memcpy(c->logits + (size_t)t0 * E, m->x + (size_t)t0 * E, sizeof(float) * (size_t)(t1 - t0) * E);
@@ -618,24 +612,48 @@ static void forward_task(void *ctx, int ith, int nth) {
     PROF(ith, P_OUT);
 }
 
-static int forward(el_model *m, const el_batch *b, const el_cache *caches, int n_caches, float *logits, int hidden);
+static int forward(el_model *m, const el_batch *b, const el_cache *caches, int n_caches, float *logits, int hidden,
+                   const float *x_in);
 
 int el_model_forward(el_model *m, const el_batch *b, const el_cache *caches, int n_caches, float *logits) {
-    return forward(m, b, caches, n_caches, logits, 0);
+    return forward(m, b, caches, n_caches, logits, 0, NULL);
 }
 
 int el_model_forward_hidden(el_model *m, const el_batch *b, const el_cache *caches, int n_caches, float *hidden) {
-    return forward(m, b, caches, n_caches, hidden, 1);
+    return forward(m, b, caches, n_caches, hidden, 1, NULL);
 }
 
 int el_model_forward_residual(el_model *m, const el_batch *b, const el_cache *caches, int n_caches, float *x) {
-    return forward(m, b, caches, n_caches, x, 2);
+    return forward(m, b, caches, n_caches, x, 2, NULL);
 }
 
-static int forward(el_model *m, const el_batch *b, const el_cache *caches, int n_caches, float *logits, int hidden) {
+int el_model_forward_stage(el_model *m, const el_batch *b, const el_cache *caches, int n_caches, const float *x_in,
+                           float *out, int hidden) {
+    return forward(m, b, caches, n_caches, out, m->output ? (hidden != 0) : 2, x_in);
+}
+
+/* every tensor a step needs: the layers', the embeddings unless the residual stream comes in, the output's unless
+ * the residual stream goes out */
+static int stage_ready(const el_model *m, int embd, int output) {
+    for (int l = 0; l < m->d.n_layer; l++) {
+        const el_layer *L = &m->layers[l];
+        if (!L->wq || !L->wk || !L->wv || !L->wo || !L->gate || !L->up || !L->down || !L->attn_norm || !L->ffn_norm)
+            return 0;
+        if (m->d.qk_norm && (!L->q_norm || !L->k_norm)) return 0;
+        if (m->d.post_norms && (!L->post_attn_norm || !L->post_ffn_norm)) return 0;
+    }
+    return (!embd || m->tok_embd) && (!output || (m->output_norm && m->output));
+}
+
+int el_model_ready(const el_model *m) { return stage_ready(m, 1, 1); }
+
+int el_model_stage_ready(const el_model *m, int embd, int output) { return stage_ready(m, embd != 0, output != 0); }
+
+static int forward(el_model *m, const el_batch *b, const el_cache *caches, int n_caches, float *logits, int hidden,
+                   const float *x_in) {
     const el_model_desc *d = &m->d;
     const int n = b->n_tokens;
-    if (n < 1 || n > d->n_batch || !el_model_ready(m) || n_caches < 1) return -1;
+    if (n < 1 || n > d->n_batch || !stage_ready(m, x_in == NULL, hidden != 2) || n_caches < 1) return -1;
     for (int s = 0; s < n_caches; s++) {
         const el_cache *c = &caches[s];
         for (int kv = 0; kv < 2; kv++) {
@@ -720,7 +738,7 @@ static int forward(el_model *m, const el_batch *b, const el_cache *caches, int n
     } else {
         out_idx[n_out++] = n - 1;
     }
-    fwd_ctx c = { m, b, caches, logits, n_out, out_idx, hidden };
+    fwd_ctx c = { m, b, caches, logits, n_out, out_idx, hidden, x_in };
     if (prof_on < 0) prof_on = getenv("EDGELLM_PROFILE") != NULL;
     if (prof_on) prof_t0 = now_s();
     memset(m->stages, 0, sizeof(el_stage) * (size_t)m->n_stages);   /* published by el_pool_run's release */

@@ -15,6 +15,7 @@ from ..engine.backend import forward_in_pieces
 from ..engine.batch import Batch
 from ..errors import BatchError
 from ..kv.paged import SeqKV
+from ..kv_cache import layer_windows
 from ..quant import GGMLType
 
 import os
@@ -61,7 +62,9 @@ class NativeBackend:
     name = "native"
 
     def __init__(self, model, n_threads: int | None = None, n_batch: int = 512, layers: tuple[int, int] | None = None):
-        """layers=(0, k): only the first k layers (the rest run on a GPU); forward_residual gives their output."""
+        """layers=(a, b): only the model's layers a..b-1, as one stage of a pipeline (cluster/pipeline.py) or the
+        CPU's part beside a GPU: the token embeddings only when a == 0, the output only when b == n_layer. A stage
+        takes the residual stream of the one before (forward_stage); (0, k) gives its own (forward_residual)."""
         hp = model.hparams
         if hp.arch not in ARCHS:
             raise NotImplementedError(f"architecture {hp.arch!r} (the native core runs {', '.join(ARCHS)})")
@@ -75,17 +78,18 @@ class NativeBackend:
         if self.n_batch < 1:
             raise ValueError(f"n_batch must be at least 1, got {n_batch}")
         self.isa = isa()
-        self._windows = (0,) * hp.n_layer   # sliding windows per layer (gemma3 sets them)
         gf = model.gguf
         self._keep = []  # the buffers C points into: must outlive the C model
         self._borrowed = set()   # tensors C reads in place after loading
         self.released_bytes = 0  # GGUF pages given back once their repacked copies exist
 
         desc = ffi.new("el_model_desc *")
-        self.n_layer_run = hp.n_layer if layers is None else int(layers[1])
-        if layers is not None and not (layers[0] == 0 and 0 < self.n_layer_run <= hp.n_layer):
-            raise ValueError(f"layers {layers}: the native core runs a model's first layers, (0, k) with 0 < k <= "
-                             f"{hp.n_layer}")
+        first, end = (0, hp.n_layer) if layers is None else (int(layers[0]), int(layers[1]))
+        if not 0 <= first < end <= hp.n_layer:
+            raise ValueError(f"layers {layers}: a range (a, b) of the model's layers, 0 <= a < b <= {hp.n_layer}")
+        self.first_layer, self.n_layer_run = first, end - first
+        self.has_embd, self.has_output = first == 0, end == hp.n_layer
+        self._windows = (0,) * self.n_layer_run   # sliding windows of the layers it runs (gemma3 sets them)
         desc.n_vocab, desc.n_embd, desc.n_layer = hp.n_vocab, hp.n_embd, self.n_layer_run
         desc.n_head, desc.n_head_kv, desc.head_dim, desc.n_ff = hp.n_head, hp.n_head_kv, hp.head_dim, hp.n_ff
         desc.rope_dim, desc.rope_neox, desc.act = hp.rope_dim, 0, lib.EL_ACT_SILU
@@ -101,14 +105,16 @@ class NativeBackend:
         # the process's one thread pool: a second model (a draft) shares the first one's threads
         self.n_threads = int(lib.el_model_n_threads(self._m))
 
-        self._set(gf, "token_embd.weight", lib.EL_T_TOKEN_EMBD, -1, matrix=True)
-        self._set(gf, "output_norm.weight", lib.EL_T_OUTPUT_NORM, -1, matrix=False)
-        out = "output.weight" if "output.weight" in gf.tensors else "token_embd.weight"  # tied embeddings
-        self._set(gf, out, lib.EL_T_OUTPUT, -1, matrix=True)
+        if self.has_embd:
+            self._set(gf, "token_embd.weight", lib.EL_T_TOKEN_EMBD, -1, matrix=True)
+        if self.has_output:
+            self._set(gf, "output_norm.weight", lib.EL_T_OUTPUT_NORM, -1, matrix=False)
+            out = "output.weight" if "output.weight" in gf.tensors else "token_embd.weight"  # tied embeddings
+            self._set(gf, out, lib.EL_T_OUTPUT, -1, matrix=True)
         for i in range(self.n_layer_run):
             for short, slot in layer_tensors.items():
-                self._set(gf, f"blk.{i}.{short}.weight", slot, i, matrix=short not in VECTOR_TENSORS)
-        if not lib.el_model_ready(self._m):
+                self._set(gf, f"blk.{first + i}.{short}.weight", slot, i, matrix=short not in VECTOR_TENSORS)
+        if not lib.el_model_stage_ready(self._m, self.has_embd, self.has_output):
             raise NotImplementedError(f"the model lacks tensors the {hp.arch} forward needs")
 
         # decode-path buffers, reused every step
@@ -127,7 +133,7 @@ class NativeBackend:
         if hp.final_logit_softcap is not None:
             raise NotImplementedError("gemma3 final logit soft-capping (files without a sliding window)")
         bases, scales, windows = [], [], []
-        for il in range(hp.n_layer):
+        for il in range(self.first_layer, self.first_layer + self.n_layer_run):
             base, scale = hp.layer_rope(il)
             if not (np.isfinite(base) and base > 0 and np.isfinite(scale) and scale > 0):
                 raise NotImplementedError(f"layer {il}: RoPE base {base} / scale {scale}")
@@ -186,6 +192,18 @@ class NativeBackend:
         if rc:
             raise OSError(-rc, os.strerror(-rc))
 
+    def _check_layers(self, cache) -> None:
+        """A cache holds exactly the layers this model runs, or (a model of the first layers beside a GPU) all of
+        the model's, of which the C core reads the first ones."""
+        hp = self.hparams
+        if cache.n_layer == self.n_layer_run:
+            cache.check_model(self.n_layer_run, hp.n_head_kv, hp.head_dim, self._windows)
+        elif self.first_layer == 0:
+            cache.check_model(hp.n_layer, hp.n_head_kv, hp.head_dim, layer_windows(self.model))
+        else:
+            raise ValueError(f"a KV cache of {cache.n_layer} layers for a stage of layers {self.first_layer}.."
+                             f"{self.first_layer + self.n_layer_run - 1}")
+
     def _el_cache(self, kv):
         """The `el_cache` describing `kv` (a contiguous KVCache or a paged SeqKV), kept on the view and rebuilt only
         when its arrays or tables change (the decode loop binds the same view every step)."""
@@ -202,13 +220,13 @@ class NativeBackend:
         c = ffi.new("el_cache *")
         keep = []
         if isinstance(kv, SeqKV):
-            pool.check_model(hp.n_layer, hp.n_head_kv, hp.head_dim, self._windows)
+            self._check_layers(pool)
             c.n_ctx = kv.n_ctx
             c.type_k, c.type_v = CACHE_TYPES[pool.type_k], CACHE_TYPES[pool.type_v]
             groups = [(pool.k[g], pool.v[g], pool.block, pool.n_blocks[g], kv.tables[g]) for g in range(pool.n_groups)]
             c.n_ring = 0
         else:
-            kv.check_model(hp.n_layer, hp.n_head_kv, hp.head_dim, self._windows)
+            self._check_layers(kv)
             c.n_ctx = kv.n_ctx
             c.type_k, c.type_v = CACHE_TYPES[kv.type_k], CACHE_TYPES[kv.type_v]
             zero = np.zeros(1, np.int32)   # one block holding every slot
@@ -233,6 +251,23 @@ class NativeBackend:
         kv._el = (state, c, keep)
         return c
 
+    def _load(self, batch: Batch, kvs):
+        """The batch into the preallocated buffers and the caches as `el_cache`s, for one C call."""
+        n = len(batch)
+        if n > self.n_batch:
+            raise BatchError(f"{n} tokens exceed the backend's n_batch ({self.n_batch}); split the batch")
+        cs = ffi.new("el_cache[]", len(kvs))
+        for i, kv in enumerate(kvs):
+            cs[i] = self._el_cache(kv)[0]
+        if n == 1:   # the decode step: no numpy slicing
+            self._tok[0], self._pos[0], self._seq[0], self._out[0] = batch.tokens[0], batch.positions[0], \
+                batch.seq_ids[0], batch.want[0]
+        else:
+            self._tok[:n], self._pos[:n], self._seq[:n], self._out[:n] = batch.tokens, batch.positions, \
+                batch.seq_ids, batch.want
+        self._batch.n_tokens = n
+        return cs
+
     def forward_batch(self, batch: Batch, kvs, hidden: bool = False) -> np.ndarray:
         """Run a batch of several sequences' tokens in one C call: token i is stored into kvs[batch.seq_ids[i]] at
         batch.positions[i] (K/V of every layer) and attends over that sequence's cache. Returns float32
@@ -240,24 +275,13 @@ class NativeBackend:
         each view's n_past. At most n_batch tokens. hidden: the final-normed hidden states [n_logits, n_embd]
         instead of logits (embeddings)."""
         hp = self.hparams
-        n = len(batch)
-        if n > self.n_batch:
-            raise BatchError(f"{n} tokens exceed the backend's n_batch ({self.n_batch}); split the batch")
+        if not (self.has_embd and self.has_output):
+            raise BatchError("a model of some of the layers runs stages (forward_stage), not whole steps")
         batch.validate(kvs, hp.n_vocab)
-        cs = ffi.new("el_cache[]", len(kvs))
-        for i, kv in enumerate(kvs):
-            cs[i] = self._el_cache(kv)[0]
-        eb = self._batch
-        if n == 1:   # the decode step: the preallocated buffers, no cffi allocations
-            self._tok[0], self._pos[0], self._seq[0], self._out[0] = batch.tokens[0], batch.positions[0], \
-                batch.seq_ids[0], batch.want[0]
-        else:
-            self._tok[:n], self._pos[:n], self._seq[:n], self._out[:n] = batch.tokens, batch.positions, \
-                batch.seq_ids, batch.want
-        eb.n_tokens = n
+        cs = self._load(batch, kvs)
         rows = np.empty((batch.n_logits, hp.n_embd if hidden else hp.n_vocab), np.float32)
         run = lib.el_model_forward_hidden if hidden else lib.el_model_forward
-        if run(self._m, eb, cs, len(kvs), ffi.from_buffer("float[]", rows)) != 0:
+        if run(self._m, self._batch, cs, len(kvs), ffi.from_buffer("float[]", rows)) != 0:
             raise BatchError("the C core rejected the batch: a block it reads or writes is missing from a sequence's "
                              "block table (or a ring would be overrun)")
         return rows
@@ -265,22 +289,39 @@ class NativeBackend:
     def forward_residual(self, batch: Batch, kvs) -> np.ndarray:
         """The residual stream [len(batch), n_embd] of every token after this model's layers (layers=(0, k)); their
         K/V stored as forward_batch stores them. The batch is validated by the caller's backend."""
+        return self.forward_stage(batch, kvs, None, residual=True)
+
+    def forward_stage(self, batch: Batch, kvs, x_in: np.ndarray | None, residual: bool = False,
+                      hidden: bool = False) -> np.ndarray:
+        """One stage of a pipeline over this model's layers: from the token embeddings (x_in None, the first stage)
+        or from the residual stream x_in [len(batch), n_embd] of the stage before. Returns the logits rows
+        [batch.n_logits, n_vocab] on the last stage (hidden: the final-normed hidden states [n_logits, n_embd]), else
+        the residual stream [len(batch), n_embd] for the next (residual=True asks for it even where the model has
+        its output). The batch is validated by the caller."""
         hp = self.hparams
         n = len(batch)
-        if n > self.n_batch:
-            raise BatchError(f"{n} tokens exceed the backend's n_batch ({self.n_batch}); split the batch")
-        cs = ffi.new("el_cache[]", len(kvs))
-        for i, kv in enumerate(kvs):
-            cs[i] = self._el_cache(kv)[0]
-        eb = self._batch
-        self._tok[:n], self._pos[:n], self._seq[:n], self._out[:n] = batch.tokens, batch.positions, batch.seq_ids, \
-            batch.want
-        eb.n_tokens = n
-        x = np.empty((n, hp.n_embd), np.float32)
-        if lib.el_model_forward_residual(self._m, eb, cs, len(kvs), ffi.from_buffer("float[]", x)) != 0:
+        if (x_in is None) != self.has_embd:
+            raise BatchError("the first stage starts from tokens, later stages from the residual stream")
+        if residual and self.has_output and not self.has_embd:
+            raise BatchError("a last stage without its first layers gives logits")
+        if x_in is not None:
+            x_in = np.ascontiguousarray(x_in, np.float32)
+            if x_in.shape != (n, hp.n_embd) or not np.isfinite(x_in).all():
+                raise BatchError(f"the residual stream must be finite float32 [{n}, {hp.n_embd}], got "
+                                 f"{x_in.dtype} {x_in.shape}")
+        cs = self._load(batch, kvs)
+        last = self.has_output and not residual
+        out = np.empty((batch.n_logits, hp.n_embd if hidden else hp.n_vocab) if last else (n, hp.n_embd), np.float32)
+        xp = ffi.NULL if x_in is None else ffi.from_buffer("float[]", x_in)
+        if last or not self.has_output:   # the C model's output tensors decide which the stage writes
+            rc = lib.el_model_forward_stage(self._m, self._batch, cs, len(kvs), xp, ffi.from_buffer("float[]", out),
+                                            int(hidden))
+        else:
+            rc = lib.el_model_forward_residual(self._m, self._batch, cs, len(kvs), ffi.from_buffer("float[]", out))
+        if rc != 0:
             raise BatchError("the C core rejected the batch: a block it reads or writes is missing from a sequence's "
                              "block table")
-        return x
+        return out
 
     def forward(self, tokens, positions, cache, all_logits: bool = False) -> np.ndarray:
         """Run tokens [n] of one sequence at increasing positions [n]; their K/V go into `cache` (a KVCache or SeqKV).

@@ -30,6 +30,15 @@ from .scheduler import Scheduler
 from .sequence import Sequence, Status
 
 
+class _Flight:
+    """A step's batch between its launch and its landing: the plan, and the rows (or a pipeline's handle on them)."""
+    __slots__ = ("plan", "extra", "want", "hidden", "drafts", "t0", "rows")
+
+    def __init__(self, plan, extra, want, hidden, drafts, t0, rows):
+        self.plan, self.extra, self.want, self.hidden, self.drafts, self.t0, self.rows = \
+            plan, extra, want, hidden, drafts, t0, rows
+
+
 EXPLORE = 16   # steps without drafting after which a sequence drafts once more to measure its rate
 MARGIN = 1.25  # drafting must promise this much more than plain decoding: near break-even, noise decides
 
@@ -53,6 +62,10 @@ class EngineCore:
         self.row_cost = 0.0
         self.n_drafted = self.n_accepted = 0
         self._spec_skip: dict[int, tuple[int, int]] = {}   # batch size -> (step to plan again, backoff)
+        # a pipeline of stages (cluster/pipeline.py) keeps this many steps in flight, each of other sequences, so
+        # that every stage has work: while one group's step is in the second stage the next group's is in the first
+        self.depth = max(1, int(getattr(backend, "pipeline_depth", 1)))
+        self.flights: deque[_Flight] = deque()
 
     @classmethod
     def for_model(cls, model, backend, n_ctx: int, *, cache_type: str = "f16", cache_type_v: str | None = None,
@@ -154,6 +167,8 @@ class EngineCore:
     # ------------------------------------------------------------------ one step
     def step(self) -> bool:
         """One step; False when nothing could run (everything waits on blocks that no step can free)."""
+        if self.depth > 1:
+            return self._step_pipelined()
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
             if seq.cancelled:
                 self.abort(seq)
@@ -170,6 +185,36 @@ class EngineCore:
                 self._run(part, hidden, drafts)
         self.n_steps += 1
         return True
+
+    def _step_pipelined(self) -> bool:
+        """A step over a pipeline: launch the next group of sequences that are not in flight (about 1/depth of
+        them, so that the groups take turns), and land the oldest flight once depth of them are out (or when there
+        is nothing new to launch). No drafting here: a pipeline's steps are already overlapped."""
+        flying = {seq for f in self.flights for seq, _ in f.plan}
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            if seq.cancelled and seq not in flying:
+                self.abort(seq)
+        self._shift_full(flying)
+        launched = landed = False
+        if len(self.flights) < self.depth:
+            live = min(len(self.scheduler.running) + len(self.scheduler.waiting), self.scheduler.max_seqs)
+            plan = [(seq, k) for seq, k in self.scheduler.schedule(busy=flying, most=-(-live // self.depth)) if k > 0]
+            for part, hidden in (([p for p in plan if not p[0].hidden], False), ([p for p in plan if p[0].hidden], True)):
+                if part and hidden:   # embeddings: one output per forward, run through at once
+                    self._run(part, True, {})
+                elif part:
+                    self.flights.append(self._launch(part, False, {}, wait=False))
+                launched = launched or bool(part)
+        if self.flights and (len(self.flights) >= self.depth or not launched):
+            self._land(self.flights.popleft())
+            landed = True
+        self.n_steps += launched
+        return launched or landed
+
+    def drain(self) -> None:
+        """Land every step in flight (before anything reads the sequences or the pool between steps)."""
+        while self.flights:
+            self._land(self.flights.popleft())
 
     def _speculate(self, plan: list[tuple[Sequence, int]]) -> dict:
         """Drafts to verify this step: {sequence: Draft}. The adaptive plan sizes them (none when drafting would not
@@ -271,6 +316,11 @@ class EngineCore:
     def _run(self, plan: list[tuple[Sequence, int]], hidden: bool, drafts: dict) -> None:
         """One forward over the planned tokens (and any drafts after a sequence's last token), then each sequence
         takes its rows."""
+        self._land(self._launch(plan, hidden, drafts, wait=True))
+
+    def _launch(self, plan: list[tuple[Sequence, int]], hidden: bool, drafts: dict, wait: bool) -> "_Flight":
+        """The batch of a step's plan, sent to the backend: run at once (wait), or only submitted to a pipeline's
+        first stage (its rows are collected by _land)."""
         extra = [len(drafts[seq].tokens) if seq in drafts else 0 for seq, _ in plan]
         n = sum(k for _, k in plan) + sum(extra)
         tokens, positions, seq_ids = np.empty(n, np.int32), np.empty(n, np.int32), np.empty(n, np.int32)
@@ -290,10 +340,19 @@ class EngineCore:
             at += k + e
         batch, kvs = Batch(tokens, positions, seq_ids, want), [s.kv for s, _ in plan]
         t0 = time.perf_counter()
+        if not wait:
+            return _Flight(plan, extra, want, hidden, drafts, t0, self.backend.submit(batch, kvs, hidden=hidden))
         rows = self.backend.forward_batch(batch, kvs, hidden=True) if hidden else self.backend.forward_batch(batch, kvs)
+        return _Flight(plan, extra, want, hidden, drafts, t0, rows)
+
+    def _land(self, flight: "_Flight") -> None:
+        """Each sequence of a step takes its rows (sampling, verifying drafts, finishing)."""
+        plan, extra, want, hidden, drafts = flight.plan, flight.extra, flight.want, flight.hidden, flight.drafts
+        n = len(want)
+        rows = flight.rows if isinstance(flight.rows, np.ndarray) else self.backend.result(flight.rows)
         t1 = time.perf_counter()
-        if not hidden and want.all():   # decode and verify steps price the adaptive plan
-            self.cost.observe(n, t1 - t0)
+        if not hidden and want.all() and not self.flights:   # decode and verify steps price the adaptive plan
+            self.cost.observe(n, t1 - flight.t0)
         self.n_evaluated += n
         r = 0
         for (seq, k), e, w in zip(plan, extra, np.split(want, np.cumsum([k + e for (_, k), e in zip(plan, extra)])[:-1])):
@@ -332,18 +391,21 @@ class EngineCore:
         self.n_accepted += kept
         self.drafter.observe(draft, kept)
 
-    def _shift_full(self) -> None:
+    def _shift_full(self, busy=()) -> None:
         """Context shift (llama.cpp's --context-shift): a running sequence whose context is full drops the oldest
         half of what follows its first n_keep tokens, so it can go on. Rewriting shared blocks takes free ones: idle
         sequences go first, then the newest other running sequence is preempted; failing that, only this one ends."""
         rope, hp = self.model.arch.rope_shift, self.model.hparams
         for seq in list(self.scheduler.running):
+            if seq in busy:
+                continue
             while seq.context_shift and seq.n_pending and seq.n_computed >= seq.n_ctx and seq in self.scheduler.running:
                 n_discard = (seq.n_computed - self.n_keep) // 2
                 if not self.blocks.shift(seq.kv, self.n_keep, n_discard, lambda k, d, il: rope(k, d, hp, il)):
                     others = [s for s in reversed(self.scheduler.running) if s is not seq]
                     if self._reclaim():
                         continue
+                    others = [s for s in others if s not in busy]
                     if others:
                         self.scheduler.preempt(others[0])
                         continue
@@ -388,6 +450,11 @@ class EngineCore:
         return self._reclaim()
 
     def fail_all(self, error: BaseException) -> None:
+        self.flights.clear()   # what was in flight is lost with the failure
+        if getattr(error, "kv_lost", False):   # a pipeline stage restarted empty: no cached block is true any more
+            while self._reclaim():
+                pass
+            self.blocks.forget_cache()
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
             self.scheduler.remove(seq)
             seq.fail(error)
@@ -464,6 +531,7 @@ class EngineRunner:
             for kind, item in items:   # kind: None a job for the core, True a new sequence, False a cancellation
                 try:
                     if kind is None:
+                        core.drain()
                         item(core)
                     elif kind and closed:
                         item.fail(EdgeLLMError("the model was closed"))

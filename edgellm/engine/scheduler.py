@@ -34,6 +34,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []   # in admission order
         self.n_preempted = 0
+        self._busy = frozenset()
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -49,14 +50,17 @@ class Scheduler:
             self.waiting.remove(seq)
 
     # ------------------------------------------------------------------ one step
-    def schedule(self) -> list[tuple[Sequence, int]]:
+    def schedule(self, busy=frozenset(), most: int | None = None) -> list[tuple[Sequence, int]]:
         """(sequence, tokens to compute) for the next step, in the order their tokens go into the batch. Blocks for
-        them are allocated; a sequence that could never fit the pool is failed."""
+        them are allocated; a sequence that could never fit the pool is failed. busy: running sequences whose last
+        step is still in flight (a pipeline's), left out and never preempted; most: sequences in this step."""
         budget, plan = self.max_tokens, []
+        self._busy = busy
+        most = most or self.max_seqs
         for seq in list(self.running):
-            if budget == 0:
+            if budget == 0 or len(plan) >= most:
                 break
-            if seq not in self.running:   # preempted for an older one below
+            if seq not in self.running or seq in busy:   # preempted for an older one below; in flight
                 continue
             n = min(seq.n_pending, budget, seq.n_ctx - seq.n_computed)   # a full context shifts first (core)
             if n == 0:
@@ -65,7 +69,7 @@ class Scheduler:
                 continue
             plan.append((seq, n))
             budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.max_seqs:
+        while self.waiting and budget > 0 and len(self.running) < self.max_seqs and len(plan) < most:
             seq = self.waiting[0]
             if seq.kv is None:
                 seq.kv = self.blocks.new_seq(seq.n_ctx)
@@ -104,7 +108,8 @@ class Scheduler:
         while not self.blocks.allocate(seq.kv, seq.tokens, seq.n_computed + n):
             if self.reclaim():
                 continue
-            victims = [s for s in reversed(self.running) if s is not seq and all(s is not p for p, _ in plan)]
+            victims = [s for s in reversed(self.running) if s is not seq and all(s is not p for p, _ in plan)
+                       and s not in self._busy]
             if victims:
                 self.preempt(victims[0])
             elif plan:   # older sequences hold the rest this step: this one waits for them

@@ -342,6 +342,18 @@ class BlockManager:
         state = self._state(seq)
         state.exact_until = min(state.exact_until, max(0, int(n)))
 
+    def forget_cache(self) -> None:
+        """Empty the prefix cache (the blocks' contents were lost: a pipeline stage that restarted): unreferenced
+        cached blocks become free, referenced ones stay with their owners, unfiled."""
+        for g in range(self.pool.n_groups):
+            for b, key in enumerate(self._hash[g]):
+                if key is not None:
+                    self._hash[g][b] = None
+            for b in self._lru[g]:
+                self._free[g].append(b)
+            self._lru[g].clear()
+        self._cache.clear()
+
     def stats(self) -> dict:
         """Blocks used (referenced) / free / cached (unreferenced, evictable) per group; prefix hits and misses
         in tokens (counted by each sequence's first allocate)."""
