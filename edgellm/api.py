@@ -306,13 +306,7 @@ class LLM:
         return ids
 
     def _chat_ids(self, messages: list[dict[str, Any]], **extra) -> list[int]:
-        tok = self.tokenizer
-        ids: list[int] = []
-        for text, parse_special in self.model.chat_template.render(messages, add_generation_prompt=True, **extra):
-            ids += tok.encode(text, add_special=False, parse_special=parse_special)
-        if tok.add_bos and tok.bos_id is not None and (not ids or ids[0] != tok.bos_id):
-            ids.insert(0, tok.bos_id)  # the template did not write BOS itself: add it once, as llama.cpp does
-        return ids
+        return self.model.chat_ids(messages, **extra)
 
     def _submit_all(self, ids_list, max_tokens, stop, knobs, logprobs=None) -> list[Sequence]:
         """Sequences for every prompt, all checked before the first is submitted (one bad prompt submits none)."""

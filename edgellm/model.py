@@ -68,6 +68,19 @@ class Model:
             return "model"
         return "gemma" if self.gguf.metadata.get("general.architecture") == "gemma3" else "chatml"
 
+    def chat_ids(self, messages, max_chars: int | None = None, **extra) -> list[int]:
+        """The token ids of a chat prompt: the template rendered with the generation prompt, message text kept
+        non-special, BOS added once where the template did not write it (as llama.cpp does). max_chars: only that
+        much of each rendered piece (the start of a prompt, for routing)."""
+        tok = self.tokenizer
+        ids: list[int] = []
+        for text, parse_special in self.chat_template.render(messages, add_generation_prompt=True, **extra):
+            ids += tok.encode(text if max_chars is None else text[:max_chars], add_special=False,
+                              parse_special=parse_special)
+        if tok.add_bos and tok.bos_id is not None and (not ids or ids[0] != tok.bos_id):
+            ids.insert(0, tok.bos_id)
+        return ids
+
     @property
     def name(self) -> str:
         return self.gguf.get_str("general.name", default=None) or self.path.stem
