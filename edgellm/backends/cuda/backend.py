@@ -12,6 +12,7 @@ Partial offload (n_gpu_layers < n_layer): the first layers run on the CPU's nati
 
 from __future__ import annotations
 
+import sys
 import weakref
 from collections import OrderedDict
 from pathlib import Path
@@ -248,6 +249,7 @@ class CudaBackend:
             self._buffers()
         self._pools = weakref.WeakKeyDictionary()   # KVPool -> DevicePool
         self._graphs: OrderedDict = OrderedDict()
+        self._kept_rows: dict = {}
         self.graph_max = GRAPH_MAX
 
     # ------------------------------------------------------------------ load
@@ -260,6 +262,7 @@ class CudaBackend:
                       ("embed", "add_norm", "mm_int", "mm_int_norm", "mm_int_act", "mm_float", "mm_float_norm",
                        "mm_float_act", "mm_int_tiled", "act_mul", "rope_store", "dequant", "quant_q8")}
             self.k["attention"] = self.module.get_function(f"attention{self.hparams.head_dim // 32}")
+            self.k["attention_rope"] = self.module.get_function(f"attention_rope{self.hparams.head_dim // 32}")
             for src in ("", "_norm", "_act"):
                 for nbl in DEC_NBL:
                     for ttm in DEC_TTM:
@@ -392,7 +395,8 @@ class CudaBackend:
             x_in = self.cpu.forward_residual(batch, kvs)
         S = len(kvs)
         nts = [max(len(kv.tables[g]) for kv in kvs) for g in range(pool.n_groups)]
-        key = (id(pool), n, n_out, S, tuple(nts), bool(hidden), x_in is not None)
+        pure = np.unique(batch.seq_ids).size == n   # one token per sequence: the fused decode attention
+        key = (id(pool), n, n_out, S, tuple(nts), bool(hidden), x_in is not None, pure)
         meta = self._meta(batch, kvs, nts)
         cp = self.cp
         with self.device:
@@ -407,7 +411,7 @@ class CudaBackend:
                 if g is None:
                     self.stream.begin_capture()
                     try:
-                        self._launch(dp, n, n_out, S, nts, hidden, x_in is not None)
+                        self._launch(dp, n, n_out, S, nts, hidden, x_in is not None, pure)
                     finally:
                         g = self.stream.end_capture()
                     self._graphs[key] = g
@@ -418,19 +422,32 @@ class CudaBackend:
                 g.launch(stream=self.stream)
             else:
                 with self.stream:
-                    self._launch(dp, n, n_out, S, nts, hidden, x_in is not None)
+                    self._launch(dp, n, n_out, S, nts, hidden, x_in is not None, pure)
             width = hp.n_embd if hidden else hp.n_vocab
             src = (self.xb if hidden else self.logits)[:n_out]
+            rows = self._host_rows(n_out, width)
             if 0 < n_out <= PINNED_ROWS:   # page-locked: a direct DMA, then one host copy
                 staged = self._pinned[:n_out * width].reshape(n_out, width)
                 src.get(stream=self.stream, out=staged)
                 self.stream.synchronize()
-                return staged.copy()
-            rows = np.empty((n_out, width), np.float32)
+                np.copyto(rows, staged)
+                return rows
             if n_out:
                 src.get(stream=self.stream, out=rows)
             self.stream.synchronize()
         return rows
+
+    def _host_rows(self, n: int, width: int) -> np.ndarray:
+        """A host array [n, width] for a step's rows: one of the few kept ones that nobody holds any more (a fresh
+        allocation page-faults every step: Gemma 3's 1 MiB of logits cost ~0.35 ms that way), else a new one."""
+        kept = self._kept_rows.setdefault((n, width), [])
+        for i in range(len(kept)):
+            if sys.getrefcount(kept[i]) == 2:   # the list's reference and the argument's: no caller holds it
+                return kept[i]
+        a = np.empty((n, width), np.float32)
+        if len(kept) < 4 and n <= PINNED_ROWS:
+            kept.append(a)
+        return a
 
     def forward(self, tokens, positions, cache, all_logits: bool = False) -> np.ndarray:
         return forward_in_pieces(self, tokens, positions, cache, all_logits)
@@ -455,7 +472,8 @@ class CudaBackend:
             parts.append(t.reshape(-1))
         return np.concatenate(parts).astype(np.int32, copy=False)
 
-    def _launch(self, dp: DevicePool, n: int, n_out: int, S: int, nts, hidden: bool, have_x: bool) -> None:
+    def _launch(self, dp: DevicePool, n: int, n_out: int, S: int, nts, hidden: bool, have_x: bool,
+                pure: bool = False) -> None:
         """Every kernel of one step, on self.stream (captured into a graph for small steps)."""
         hp, k, m = self.hparams, self.k, self.meta
         E, F, hd = hp.n_embd, hp.n_ff, hp.head_dim
@@ -493,16 +511,20 @@ class CudaBackend:
             base, pscale = L["rope"]
             table, nt = tables[g]
             kl = (dp.k[g][j], dp.v[g][j], table, _i(nt), _i(dp.krow[g]), _i(dp.vrow[g]))
-            k["rope_store"]((n,), (32 * min(hp.n_head + 2 * hp.n_head_kv, RS_MAX_WARPS),), (self.qkv, _i(self.ldq), _i(hp.n_head), _i(hp.n_head_kv), _i(hd),
-                                           _i(hp.rope_dim), _i(self.rope_neox), _f(base), _f(pscale),
-                                           L.get("attn_q_norm", NULL), L.get("attn_k_norm", NULL), eps, pos, seq,
-                                           *kl, _i(KV_TYPES[dp_type(dp, 'k')]), _i(KV_TYPES[dp_type(dp, 'v')])),
-                                stream=st)
-            k["attention"]((n * hp.n_head,), (32 * AW,),
-                           (self.qkv, _i(self.ldq), _i(hp.n_head), _i(hp.n_head_kv), _i(hd), _f(self.attn_scale),
-                            pos, seq, swa_from, *kl, _i(L["window"]), _i(g),
-                            _i(KV_TYPES[dp_type(dp, 'k')]), _i(KV_TYPES[dp_type(dp, 'v')]),
-                            self.ao, self.aq, self.ads), stream=st)
+            att = (self.qkv, _i(self.ldq), _i(hp.n_head), _i(hp.n_head_kv), _i(hd), _f(self.attn_scale),
+                   pos, seq, swa_from, *kl, _i(L["window"]), _i(g),
+                   _i(KV_TYPES[dp_type(dp, 'k')]), _i(KV_TYPES[dp_type(dp, 'v')]), self.ao, self.aq, self.ads)
+            if pure:   # one token per sequence (decode): RoPE and the cache rows inside the attention
+                k["attention_rope"]((n * hp.n_head,), (32 * AW,),
+                                    att + (_i(hp.rope_dim), _i(self.rope_neox), _f(base), _f(pscale),
+                                           L.get("attn_q_norm", NULL), L.get("attn_k_norm", NULL), eps), stream=st)
+            else:
+                k["rope_store"]((n,), (32 * min(hp.n_head + 2 * hp.n_head_kv, RS_MAX_WARPS),),
+                                (self.qkv, _i(self.ldq), _i(hp.n_head), _i(hp.n_head_kv), _i(hd),
+                                 _i(hp.rope_dim), _i(self.rope_neox), _f(base), _f(pscale),
+                                 L.get("attn_q_norm", NULL), L.get("attn_k_norm", NULL), eps, pos, seq,
+                                 *kl, _i(KV_TYPES[dp_type(dp, 'k')]), _i(KV_TYPES[dp_type(dp, 'v')])), stream=st)
+                k["attention"]((n * hp.n_head,), (32 * AW,), att, stream=st)
             if self.g3:
                 self._mm(L["wo"], self.ao, self.aq, self.ads, self.tmp, None, n, E)
                 self._norm(L["ffn_norm"], L["post_attention_norm"], n, eps)
@@ -552,14 +574,15 @@ class CudaBackend:
             return
         nul = lambda a: NULL if a is None else a   # noqa: E731
         nb = mat.cols // 32
-        if mat.is_int and T <= FUSE_MAX and nb <= 32 * DEC_NBL[-1] and (nb * 40 + 4 + mat.cols * 4) <= DEC_SMEM:   # decode: activations prepared once per block
+        if mat.is_int and T <= FUSE_MAX and nb <= 32 * DEC_NBL[-1] and nb * 40 + 4 + mat.cols * 8 <= DEC_SMEM:   # decode: activations prepared once per block
             nbl = next(v for v in DEC_NBL if nb <= 32 * v)
             ttm = DEC_TTM[0] if T <= DEC_TTM[0] else DEC_TTM[1]
             per_tok = nb * 40 + 4 + (mat.cols * 4 if src == "_norm" else 0)   # q8 blocks, norm scale, staged row
-            tpc = max(1, min(T, ttm, DEC_SMEM // per_tok))
+            fixed = mat.cols * 4 if src == "_norm" else 0                          # the norm's weights
+            tpc = max(1, min(T, ttm, (DEC_SMEM - fixed) // per_tok))
             per = DEC_WARPS * DEC_RU
             grid = (min((mat.rows + per - 1) // per, 4 * self.sm_count), (T + tpc - 1) // tpc)
-            smem = tpc * per_tok
+            smem = tpc * per_tok + fixed
             self.k[f"mm_dec{src}_{nbl}_{ttm}"](
                 grid, (32 * DEC_WARPS,), (_i(mat.fmt), mat.w, nul(mat.sc), nul(mat.qh), nul(xq), nul(xds), nul(x),
                                           nul(nw), _f(eps), _i(gelu), y, nul(res), _i(mat.rows), _i(mat.cols), _i(T),

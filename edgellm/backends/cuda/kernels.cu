@@ -436,8 +436,8 @@ __device__ void mm_dec_body(int f, const u8 *__restrict__ w, const float2 *__res
     const int t0 = blockIdx.y * tpc;
     const int nt = min(tpc, T - t0);
     uint4 *xs = dsm;                                  // [nt][nb] blocks of 32 int8 (two uint4 each)
-    float *xf = (float *)(xs + 2 * tpc * nb);         // [nt][K] the rows to norm (SRC_NORM only)
-    float2 *ds = (float2 *)(xf + (SRC == SRC_NORM ? tpc * K : 0));   // [nt][nb] (d, d * sum)
+    float *xf = (float *)(xs + 2 * tpc * nb);         // [nt][K] the rows to norm, then [K] nw (SRC_NORM only)
+    float2 *ds = (float2 *)(xf + (SRC == SRC_NORM ? (tpc + 1) * K : 0));   // [nt][nb] (d, d * sum)
     float *rsm = (float *)(ds + tpc * nb);            // [tpc] the norm's scale (SRC_NORM)
     const int rstep = gridDim.x * DEC_WARPS * DEC_RU;
     int r0 = (blockIdx.x * DEC_WARPS + wid) * DEC_RU;
@@ -458,6 +458,7 @@ __device__ void mm_dec_body(int f, const u8 *__restrict__ w, const float2 *__res
         if (SRC == SRC_NORM) {
             const float4 *src = (const float4 *)(x + (long long)t0 * K);
             for (int i = threadIdx.x; i < nt * K / 4; i += blockDim.x) ((float4 *)xf)[i] = src[i];
+            for (int i = threadIdx.x; i < K / 4; i += blockDim.x) ((float4 *)(xf + tpc * K))[i] = ((const float4 *)nw)[i];
             __syncthreads();
             for (int t = wid; t < nt; t += DEC_WARPS) {
                 const float r = rms_scale(xf + t * K, K, eps);
@@ -466,20 +467,20 @@ __device__ void mm_dec_body(int f, const u8 *__restrict__ w, const float2 *__res
             __syncthreads();
         }
         const int ntask = nt * nb;
-        for (int i0 = wid; i0 < ntask; i0 += 4 * DEC_WARPS) {   // four blocks' loads in flight per warp
-            float a[4], c[4];
+        for (int i0 = wid; i0 < ntask; i0 += 8 * DEC_WARPS) {   // eight blocks' loads in flight per warp
+            float a[8], c[8];
 #pragma unroll
-            for (int u = 0; u < 4; u++) {
+            for (int u = 0; u < 8; u++) {
                 const int i = i0 + u * DEC_WARPS;
                 if (i < ntask) {
                     const long long t = t0 + i / nb;
                     const int k = (i % nb) * 32 + lane;
                     if (SRC == SRC_ACT) { a[u] = x[t * 2 * K + k]; c[u] = x[t * 2 * K + K + k]; }
-                    else { a[u] = xf[(i / nb) * K + k]; c[u] = nw[k]; }
+                    else { a[u] = xf[(i / nb) * K + k]; c[u] = xf[tpc * K + k]; }
                 }
             }
 #pragma unroll
-            for (int u = 0; u < 4; u++) {
+            for (int u = 0; u < 8; u++) {
                 const int i = i0 + u * DEC_WARPS;
                 if (i < ntask) {
                     const float v = SRC == SRC_ACT ? act_mul1(a[u], c[u], gelu) : normed(a[u], rsm[i / nb], c[u]);
@@ -640,78 +641,134 @@ extern "C" __global__ void act_mul(const float *gu, int F, int T, int gelu, floa
 
 // ------------------------------------------------------------------------------------------ RoPE and the cache
 
-// One head row of hd values held by a warp (v[i] = element lane + 32 i) into a cache row of `type`.
-__device__ __forceinline__ void warp_store_row(int type, const float *v, u8 *dst, int hd) {
+// One head row of hd values held by a warp (v[i] = element lane + 32 i) into a cache row of `type` (when dst is
+// not NULL); v becomes what a reader of that row gets back (kv_dims' arithmetic), so the fused decode attention
+// can use the current position's row without reading it.
+template <int ND>
+__device__ __forceinline__ void warp_store_row(int type, float *v, u8 *dst) {
     const int lane = threadIdx.x & 31;
     if (type == KV_F16) {
-        for (int i = 0; i < hd / 32; i++) ((u16 *)dst)[lane + 32 * i] = f2h(v[i]);
+#pragma unroll
+        for (int i = 0; i < ND; i++) {
+            const u16 hv = f2h(v[i]);
+            if (dst) ((u16 *)dst)[lane + 32 * i] = hv;
+            v[i] = h2f(hv);
+        }
     } else if (type == KV_F32) {
-        for (int i = 0; i < hd / 32; i++) ((float *)dst)[lane + 32 * i] = v[i];
+        if (dst) {
+#pragma unroll
+            for (int i = 0; i < ND; i++) ((float *)dst)[lane + 32 * i] = v[i];
+        }
     } else {   // q8_0: per 32 values, half d then 32 int8 (34 bytes); ggml's rounding (roundf)
-        for (int i = 0; i < hd / 32; i++) {
+#pragma unroll
+        for (int i = 0; i < ND; i++) {
             const float d = warp_max(fabsf(v[i])) / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
-            u8 *o = dst + i * 34;
-            ((i8 *)o)[2 + lane] = (i8)(int)roundf(v[i] * id);
-            if (lane == 0) *(u16 *)o = f2h(d);   // 34-byte blocks: the half is 2-byte aligned
+            const int q = (int)roundf(v[i] * id);
+            const u16 dh = f2h(d);
+            if (dst) {
+                u8 *o = dst + i * 34;
+                ((i8 *)o)[2 + lane] = (i8)q;
+                if (lane == 0) *(u16 *)o = dh;   // 34-byte blocks: the half is 2-byte aligned
+            }
+            v[i] = h2f(dh) * (float)(i8)q;
         }
     }
+}
+
+// cos / sin of theta_i = pos * pscale * base^(-2i / rope_dim), i < rope_dim / 2, in double as the CPU core
+__device__ __forceinline__ void rope_table(float *cs, int p, float pscale, float base, int rope_dim) {
+    for (int i = threadIdx.x; i < rope_dim / 2; i += blockDim.x) {
+        const double th = (double)p * (double)pscale * pow((double)base, -2.0 * i / rope_dim);
+        cs[2 * i] = (float)cos(th);
+        cs[2 * i + 1] = (float)sin(th);
+    }
+}
+
+// One q or k head held by a warp (v[i] = element lane + 32 i): per-head RMSNorm (nw not NULL: Gemma 3), then RoPE
+// (pairs (j, j + rope_dim / 2) when neox, else (2j, 2j + 1)), in place; sh: hd floats of the warp's scratch.
+template <int ND>
+__device__ __forceinline__ void head_norm_rope(float *v, int rope_dim, int neox, const float *cs, const float *nw,
+                                               float eps, float *sh) {
+    const int lane = threadIdx.x & 31, half = rope_dim / 2;
+    if (nw) {
+        float ss = 0.0f;
+#pragma unroll
+        for (int i = 0; i < ND; i++) ss = __fmaf_rn(v[i], v[i], ss);
+        const float r = 1.0f / sqrtf(__fdiv_rn(warp_sum(ss), (float)(32 * ND)) + eps);
+#pragma unroll
+        for (int i = 0; i < ND; i++) v[i] = __fmul_rn(__fmul_rn(v[i], r), nw[lane + 32 * i]);
+    }
+#pragma unroll
+    for (int i = 0; i < ND; i++) sh[lane + 32 * i] = v[i];
+    __syncwarp();
+#pragma unroll
+    for (int i = 0; i < ND; i++) {
+        const int e = lane + 32 * i;
+        if (e < rope_dim) {
+            int a, b, j;
+            if (neox) { j = e % half; a = j; b = j + half; }
+            else { j = e / 2; a = 2 * j; b = 2 * j + 1; }
+            const float c = cs[2 * j], sn = cs[2 * j + 1];
+            v[i] = e == a ? __fsub_rn(__fmul_rn(sh[a], c), __fmul_rn(sh[b], sn))
+                          : __fadd_rn(__fmul_rn(sh[a], sn), __fmul_rn(sh[b], c));
+        }
+    }
+    __syncwarp();
 }
 
 #define RS_MAX_WARPS 16
 
 // For token t (one block, a warp per head): per-head RMSNorm of q and k (qn, kn non-NULL: Gemma 3), RoPE of q and
-// k, then k and v into the cache slot of (seq[t], pos[t]). qkv: [T, ldq] with the n_head q heads, then the
-// n_head_kv k heads, then the v heads. RoPE angles theta_i = pos * pscale * base^(-2i / rope_dim) in double, as
-// the CPU core.
+// k (q written back), then k and v into the cache slot of (seq[t], pos[t]). qkv: [T, ldq] with the n_head q heads,
+// then the n_head_kv k heads, then the v heads. Each warp's first head is loaded before the angles are computed.
+template <int ND>
+__device__ void rope_store_body(float *qkv, int ldq, int n_head, int n_head_kv, int rope_dim, int neox, float base,
+                                float pscale, const float *qn, const float *kn, float eps, const int *pos,
+                                const int *seq, u8 *kc, u8 *vc, const int *table, int n_table, int krow, int vrow,
+                                int type_k, int type_v, float *cs, float *shm) {
+    const int hd = 32 * ND;
+    const int t = blockIdx.x, p = pos[t];
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    float *q = qkv + (long long)t * ldq;
+    const int nh = n_head + 2 * n_head_kv;
+    float v[ND];
+    if (w < nh) {
+#pragma unroll
+        for (int i = 0; i < ND; i++) v[i] = q[w * hd + lane + 32 * i];
+    }
+    rope_table(cs, p, pscale, base, rope_dim);
+    __syncthreads();
+    const int s = seq[t];
+    const long long blk = table[(long long)s * n_table + p / 64], slot = p % 64;
+    for (int h = w; h < nh; h += nw) {
+        float *x = q + h * hd;   // q heads, k heads, v heads lie one after the other
+        const int is_v = h >= n_head + n_head_kv, is_k = !is_v && h >= n_head;
+        if (h != w) {
+#pragma unroll
+            for (int i = 0; i < ND; i++) v[i] = x[lane + 32 * i];
+        }
+        if (!is_v) {
+            head_norm_rope<ND>(v, rope_dim, neox, cs, is_k ? kn : qn, eps, shm + w * hd);
+#pragma unroll
+            for (int i = 0; i < ND; i++) x[lane + 32 * i] = v[i];
+        }
+        if (is_k) warp_store_row<ND>(type_k, v, kc + ((blk * n_head_kv + (h - n_head)) * 64 + slot) * krow);
+        if (is_v) warp_store_row<ND>(type_v, v, vc + ((blk * n_head_kv + (h - n_head - n_head_kv)) * 64 + slot) * vrow);
+    }
+}
+
 extern "C" __global__ void rope_store(float *qkv, int ldq, int n_head, int n_head_kv, int hd, int rope_dim, int neox,
                                       float base, float pscale, const float *qn, const float *kn, float eps,
                                       const int *pos, const int *seq, u8 *kc, u8 *vc, const int *table, int n_table,
                                       int krow, int vrow, int type_k, int type_v) {
-    __shared__ float cs[512];
-    __shared__ float sh[RS_MAX_WARPS][MAX_HD];
-    const int t = blockIdx.x, p = pos[t], half = rope_dim / 2;
-    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    for (int i = threadIdx.x; i < half; i += blockDim.x) {
-        const double th = (double)p * (double)pscale * pow((double)base, -2.0 * i / rope_dim);
-        cs[2 * i] = (float)cos(th);
-        cs[2 * i + 1] = (float)sin(th);
+    __shared__ float cs[MAX_HD];
+    __shared__ float sh[RS_MAX_WARPS * MAX_HD];
+#define RS_CASE(N) case N: rope_store_body<N>(qkv, ldq, n_head, n_head_kv, rope_dim, neox, base, pscale, qn, kn, eps, \
+                                              pos, seq, kc, vc, table, n_table, krow, vrow, type_k, type_v, cs, sh); break;
+    switch (hd / 32) {
+        RS_CASE(1) RS_CASE(2) RS_CASE(3) RS_CASE(4) RS_CASE(5) RS_CASE(6) RS_CASE(7) RS_CASE(8)
     }
-    __syncthreads();
-    float *q = qkv + (long long)t * ldq;
-    const int s = seq[t];
-    const long long blk = table[(long long)s * n_table + p / 64], slot = p % 64;
-    const int nd = hd / 32, nh = n_head + 2 * n_head_kv;
-    for (int h = w; h < nh; h += nw) {
-        float *x = q + h * hd;   // q heads, k heads, v heads lie one after the other
-        const int is_v = h >= n_head + n_head_kv, is_k = !is_v && h >= n_head;
-        float v[MAX_HD / 32];
-        for (int i = 0; i < nd; i++) v[i] = x[lane + 32 * i];
-        if (!is_v) {
-            const float *nw_ = is_k ? kn : qn;
-            if (nw_) {
-                float ss = 0.0f;
-                for (int i = 0; i < nd; i++) ss += v[i] * v[i];
-                const float r = 1.0f / sqrtf(warp_sum(ss) / (float)hd + eps);
-                for (int i = 0; i < nd; i++) v[i] = v[i] * r * nw_[lane + 32 * i];
-            }
-            for (int i = 0; i < nd; i++) sh[w][lane + 32 * i] = v[i];
-            __syncwarp();
-            for (int i = 0; i < nd; i++) {
-                const int e = lane + 32 * i;
-                if (e < rope_dim) {
-                    int a, b, j;
-                    if (neox) { j = e % half; a = j; b = j + half; }
-                    else { j = e / 2; a = 2 * j; b = 2 * j + 1; }
-                    const float c = cs[2 * j], sn = cs[2 * j + 1];
-                    v[i] = e == a ? sh[w][a] * c - sh[w][b] * sn : sh[w][a] * sn + sh[w][b] * c;
-                }
-                x[e] = v[i];
-            }
-            __syncwarp();
-        }
-        if (is_k) warp_store_row(type_k, v, kc + ((blk * n_head_kv + (h - n_head)) * 64 + slot) * krow, hd);
-        if (is_v) warp_store_row(type_v, v, vc + ((blk * n_head_kv + (h - n_head - n_head_kv)) * 64 + slot) * vrow, hd);
-    }
+#undef RS_CASE
 }
 
 // ------------------------------------------------------------------------------------------ attention
@@ -781,23 +838,60 @@ __device__ __forceinline__ void key_butterfly(float *sc, int lane) {
 // read whole by the warp); the 32 keys' partial dot products are summed across lanes by one fixed transposing
 // butterfly that leaves key j's score in lane j. Warps merged in a fixed order. The same kernel and the same
 // order for every step, whatever the batch. Also writes the q8 blocks of out (oq, ods) when oq != NULL.
-template <int ND>
+//
+// FUSED (steps where every sequence has one token, decode): rope_store's work is done here first (its functions,
+// so the same bits): warp 0 norms and rotates the q head, warp 1 the k head, warp 2 rounds the v head as the cache
+// stores it; the block of the group's first query head writes the k and v rows. The current position's key and
+// value then come from shared memory (every block of the group computes them alike), the rest from the cache.
+template <int ND, int FUSED>
 __device__ void attention_body(const float *qkv, int ldq, int n_head, int n_head_kv, int hd, float scale,
                                const int *pos, const int *seq, const int *swa_from, const u8 *kc, const u8 *vc,
                                const int *table, int n_table, int krow, int vrow, int window, int group,
-                               int type_k, int type_v, float *out, i8 *oq, float2 *ods) {
+                               int type_k, int type_v, float *out, i8 *oq, float2 *ods, int rope_dim, int neox,
+                               float base, float pscale, const float *qn, const float *kn, float eps) {
     __shared__ float wm[AW], wl[AW];
     __shared__ float wo[AW][32 * ND];
+    __shared__ float hs[FUSED ? 3 : 1][32 * ND];   // this token's q, k, v heads (FUSED)
+    __shared__ float cs[FUSED ? 32 * ND : 1];
     const int t = blockIdx.x / n_head, h = blockIdx.x % n_head;
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     const int kvh = h / (n_head / n_head_kv);
     const int p = pos[t], s = seq[t];
     int first = window ? max(p - window + 1, 0) : 0;
     if (group) first = max(first, swa_from[s]);
-    const float *q = qkv + (long long)t * ldq + h * hd + lane * ND;
     float qv[ND], o[ND];
+    if (FUSED) {
+        const float *row = qkv + (long long)t * ldq;
+        float v[ND];
+        if (w < 3) {
+            const int col = w == 0 ? h * hd : w == 1 ? (n_head + kvh) * hd : (n_head + n_head_kv + kvh) * hd;
 #pragma unroll
-    for (int e = 0; e < ND; e++) { qv[e] = q[e]; o[e] = 0.0f; }
+            for (int i = 0; i < ND; i++) v[i] = row[col + lane + 32 * i];
+        }
+        rope_table(cs, p, pscale, base, rope_dim);
+        __syncthreads();
+        if (w < 3) {
+            if (w < 2) head_norm_rope<ND>(v, rope_dim, neox, cs, w == 0 ? qn : kn, eps, wo[w]);
+            if (w > 0) {
+                u8 *dst = 0;
+                if (h % (n_head / n_head_kv) == 0) {
+                    const long long blk = table[(long long)s * n_table + p / 64];
+                    const long long at = (blk * n_head_kv + kvh) * 64 + p % 64;
+                    dst = w == 1 ? (u8 *)kc + at * krow : (u8 *)vc + at * vrow;
+                }
+                warp_store_row<ND>(w == 1 ? type_k : type_v, v, dst);
+            }
+#pragma unroll
+            for (int i = 0; i < ND; i++) hs[w][lane + 32 * i] = v[i];
+        }
+        __syncthreads();
+#pragma unroll
+        for (int e = 0; e < ND; e++) { qv[e] = hs[0][lane * ND + e]; o[e] = 0.0f; }
+    } else {
+        const float *q = qkv + (long long)t * ldq + h * hd + lane * ND;
+#pragma unroll
+        for (int e = 0; e < ND; e++) { qv[e] = q[e]; o[e] = 0.0f; }
+    }
     float m = NEG_INF, l = 0.0f;
     const int *tab = table + (long long)s * n_table;
     const int KG = ND >= 8 ? 4 : 8;                          // key rows in flight
@@ -808,13 +902,21 @@ __device__ void attention_body(const float *qkv, int ldq, int n_head, int n_head
         const long long row0 = (blk * n_head_kv + kvh) * 64 + (kp0 % 64);
         const u8 *kb = kc + row0 * krow, *vb = vc + row0 * vrow;
         const int jlo = max(first - kp0, 0), jhi = min(p - kp0, 31);   // keys of this chunk the token sees
+        const int jp = FUSED && c == p / 32 ? p - kp0 : -1;            // the current position's row (FUSED)
         float sc[32];
 #pragma unroll
         for (int g = 0; g < 32 / KG; g++) {   // KG key rows at a time (rows outside jlo..jhi: masked below)
             float kr[KG][ND];
             if (KG * g <= jhi && KG * g + KG - 1 >= jlo) {
 #pragma unroll
-                for (int u = 0; u < KG; u++) kv_dims<ND>(type_k, kb + (long long)(KG * g + u) * krow, lane, kr[u]);
+                for (int u = 0; u < KG; u++) {
+                    if (KG * g + u == jp) {
+#pragma unroll
+                        for (int e = 0; e < ND; e++) kr[u][e] = hs[FUSED ? 1 : 0][lane * ND + e];
+                    } else {
+                        kv_dims<ND>(type_k, kb + (long long)(KG * g + u) * krow, lane, kr[u]);
+                    }
+                }
             } else {
 #pragma unroll
                 for (int u = 0; u < KG; u++)
@@ -845,7 +947,15 @@ __device__ void attention_body(const float *qkv, int ldq, int n_head, int n_head
         for (int j0 = jlo; j0 <= jhi; j0 += VG) {
             float vv[VG][ND];
 #pragma unroll
-            for (int u = 0; u < VG; u++) kv_dims<ND>(type_v, vb + (long long)min(j0 + u, jhi) * vrow, lane, vv[u]);
+            for (int u = 0; u < VG; u++) {
+                const int j = min(j0 + u, jhi);
+                if (j == jp) {
+#pragma unroll
+                    for (int e = 0; e < ND; e++) vv[u][e] = hs[FUSED ? 2 : 0][lane * ND + e];
+                } else {
+                    kv_dims<ND>(type_v, vb + (long long)j * vrow, lane, vv[u]);
+                }
+            }
 #pragma unroll
             for (int u = 0; u < VG; u++) {
                 const float pj = __shfl_sync(0xffffffffu, e, min(j0 + u, 31));
@@ -890,13 +1000,16 @@ __device__ void attention_body(const float *qkv, int ldq, int n_head, int n_head
     }
 }
 
+#define ATT_ARGS const float *qkv, int ldq, int n_head, int n_head_kv, int hd, float scale, const int *pos, \
+                 const int *seq, const int *swa_from, const u8 *kc, const u8 *vc, const int *table, int n_table, \
+                 int krow, int vrow, int window, int group, int type_k, int type_v, float *out, i8 *oq, float2 *ods
+#define ATT_PASS qkv, ldq, n_head, n_head_kv, hd, scale, pos, seq, swa_from, kc, vc, table, n_table, krow, vrow, \
+                 window, group, type_k, type_v, out, oq, ods
 #define ATT_KERNEL(N) \
-    extern "C" __global__ void attention##N(const float *qkv, int ldq, int n_head, int n_head_kv, int hd, float scale, \
-                                            const int *pos, const int *seq, const int *swa_from, const u8 *kc, \
-                                            const u8 *vc, const int *table, int n_table, int krow, int vrow, int window, \
-                                            int group, int type_k, int type_v, float *out, i8 *oq, float2 *ods) { \
-        attention_body<N>(qkv, ldq, n_head, n_head_kv, hd, scale, pos, seq, swa_from, kc, vc, table, n_table, krow, \
-                          vrow, window, group, type_k, type_v, out, oq, ods); \
+    extern "C" __global__ void attention##N(ATT_ARGS) { attention_body<N, 0>(ATT_PASS, 0, 0, 0.0f, 0.0f, 0, 0, 0.0f); } \
+    extern "C" __global__ void attention_rope##N(ATT_ARGS, int rope_dim, int neox, float base, float pscale, \
+                                                 const float *qn, const float *kn, float eps) { \
+        attention_body<N, 1>(ATT_PASS, rope_dim, neox, base, pscale, qn, kn, eps); \
     }
 ATT_KERNEL(1) ATT_KERNEL(2) ATT_KERNEL(3) ATT_KERNEL(4) ATT_KERNEL(5) ATT_KERNEL(6) ATT_KERNEL(7) ATT_KERNEL(8)
 
