@@ -53,12 +53,6 @@ typedef struct el_kernels {
 } el_kernels;
 
 /* bytes of one cached K or V row of head_dim elements (q8_0: head_dim % 32 == 0) */
-/* element j of a float weight row: kind 0 f32, 1 f16, 2 bf16 (the SIMD float GEMMs' tails) */
-static inline float el_float_weight(const void *row, int kind, int j) {
-    return kind == 0 ? ((const float *)row)[j]
-         : kind == 1 ? el_half_to_float(((const el_half *)row)[j]) : el_bf16_to_float(((const el_bf16 *)row)[j]);
-}
-
 static inline size_t el_kv_row_bytes(int type, int head_dim) {
     return type == EL_Q8_0 ? (size_t)head_dim / EL_QK * sizeof(block_q8_0) : (size_t)head_dim * (type == EL_F16 ? 2 : 4);
 }

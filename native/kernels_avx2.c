@@ -303,67 +303,159 @@ GEMM_X8(gemm_q4_0x8, TILE_Q4_0, block_q4_0x8)
 GEMM_X8(gemm_q4_1x8, TILE_Q4_1, block_q4_1x8)
 GEMM_X8(gemm_q8_0x8, TILE_Q8_0, block_q8_0x8)
 
-/* ---------------------------------------------------------------------------------- float weights (rows) */
+/* ------------------------------------------------------------------------- f16 / bf16 to f32, 8 at a time */
 INLINE __m256 load8_f16(const el_half *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
 INLINE __m256 load8_bf16(const el_bf16 *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
 
-INLINE __m256 load8_w(const void *row, int kind, int i) {
-    return kind == 0 ? _mm256_loadu_ps((const float *)row + i)
-         : kind == 1 ? load8_f16((const el_half *)row + i) : load8_bf16((const el_bf16 *)row + i);
-}
+/* ---------------------------------------------------------------------------- float weights (strips)
+ * F32 / F16 / BF16 matrices are repacked at load into strips of 16 rows stored k-major (strip g holds, for each
+ * input k, the weights of rows 16g..16g+15; rows past n_out are zero), as kernels_vnni.c does with 32-row strips:
+ * each output is one f32 FMA chain over k = 0 .. n_in - 1 in order, in one lane (no reduction across lanes).
+ * Decode (1-3 tokens) reads the strips directly; prefill widens a strip's block of FKC2 inputs to f32 once and
+ * runs it against tiles of 6 tokens (12 accumulators), partial sums kept in y between blocks. Same operations in
+ * the same order on every output whatever the batch: batch invariant. */
+enum { FS2 = 16, FKC2 = 256, FMR2 = 6 };
 
-/* float weights: a tile of R rows x NT tokens, one accumulator per (row, token). Each 8-wide slice of a row is
- * converted once and meets NT tokens; R rows give R independent FMA chains (decode takes 8 rows, so the FMA
- * latency is hidden). Every output sums in the same order whatever the tile's shape: batch invariant. */
-INLINE void float_tile(const void *w, size_t row_bytes, int R, int n_in, int kind, const float *x, size_t x_stride,
-                       int NT, float *y, size_t y_stride) {
-    __m256 acc[8][3];
-    for (int r = 0; r < R; r++)
-        for (int t = 0; t < NT; t++) acc[r][t] = _mm256_setzero_ps();
-    int i = 0;
-    for (; i + 8 <= n_in; i += 8) {
-        __m256 xv[3];
-        for (int t = 0; t < NT; t++) xv[t] = _mm256_loadu_ps((const float *)((const char *)x + t * x_stride) + i);
-        for (int r = 0; r < R; r++) {
-            const __m256 wv = load8_w((const char *)w + r * row_bytes, kind, i);
-            for (int t = 0; t < NT; t++) acc[r][t] = _mm256_fmadd_ps(wv, xv[t], acc[r][t]);
+static void repack_strips16(const void *src, void *dst, int n_out, int n_in, size_t es) {
+    const int ng = (n_out + FS2 - 1) / FS2;
+    const uint8_t *s = src;
+    uint8_t *d = dst;
+    for (int g = 0; g < ng; g++) {
+        uint8_t *dg = d + (size_t)g * FS2 * n_in * es;
+        for (int j = 0; j < FS2; j++) {
+            const int r = g * FS2 + j;
+            const uint8_t *row = s + (size_t)r * n_in * es;
+            if (r >= n_out)
+                for (int k = 0; k < n_in; k++) memset(dg + ((size_t)k * FS2 + j) * es, 0, es);
+            else if (es == 2)
+                for (int k = 0; k < n_in; k++) memcpy(dg + ((size_t)k * FS2 + j) * 2, row + (size_t)k * 2, 2);
+            else
+                for (int k = 0; k < n_in; k++) memcpy(dg + ((size_t)k * FS2 + j) * 4, row + (size_t)k * 4, 4);
         }
     }
-    for (int r = 0; r < R; r++)
-        for (int t = 0; t < NT; t++) {
+}
+static void repack_f32_s16(const void *s, void *d, int n_out, int n_in) { repack_strips16(s, d, n_out, n_in, 4); }
+static void repack_h_s16(const void *s, void *d, int n_out, int n_in) { repack_strips16(s, d, n_out, n_in, 2); }
+
+/* 8 packed weights from element e, widened to f32: kind 0 f32, 1 f16, 2 bf16 */
+INLINE __m256 wload8(const void *p, size_t e, int kind) {
+    return kind == 0 ? _mm256_loadu_ps((const float *)p + e)
+         : kind == 1 ? load8_f16((const el_half *)p + e) : load8_bf16((const el_bf16 *)p + e);
+}
+
+INLINE __m256i lanes_mask(int n) {   /* lanes [0, n) set */
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+INLINE void store8_rows(float *y, __m256 v, int n) {
+    if (n >= 8) _mm256_storeu_ps(y, v);
+    else if (n > 0) _mm256_maskstore_ps(y, lanes_mask(n), v);
+}
+INLINE __m256 load8_rows(const float *y, int n) {
+    return n >= 8 ? _mm256_loadu_ps(y) : n > 0 ? _mm256_maskload_ps(y, lanes_mask(n)) : _mm256_setzero_ps();
+}
+
+/* decode: NS strips from w x NT tokens over all of n_in; nr = valid rows from the first */
+INLINE void fgemv8(const void *w, size_t sstride, int n_in, int kind, int NS, const float *x, size_t xs, int NT,
+                   float *y, size_t ys, int nr) {
+    __m256 acc[3][8];
+    for (int t = 0; t < NT; t++)
+        for (int v = 0; v < 2 * NS; v++) acc[t][v] = _mm256_setzero_ps();
+    const float *xt[3];
+    for (int t = 0; t < NT; t++) xt[t] = (const float *)((const char *)x + t * xs);
+    for (int k = 0; k < n_in; k++) {
+        __m256 xb[3];
+        for (int t = 0; t < NT; t++) xb[t] = _mm256_broadcast_ss(xt[t] + k);
+        for (int v = 0; v < 2 * NS; v++) {
+            const __m256 wv = wload8(w, (size_t)(v >> 1) * sstride + (size_t)k * FS2 + (v & 1) * 8, kind);
+            for (int t = 0; t < NT; t++) acc[t][v] = _mm256_fmadd_ps(wv, xb[t], acc[t][v]);
+        }
+    }
+    for (int t = 0; t < NT; t++)
+        for (int v = 0; v < 2 * NS; v++) store8_rows(y + t * ys + v * 8, acc[t][v], nr - v * 8);
+}
+
+/* prefill: one strip's widened block wb [kc][16] x MR tokens; first: from zero, else from the sums in y */
+INLINE void ftile8(const float *wb, int kc, const float *x, size_t xs, int MR, float *y, size_t ys, int first, int nr) {
+    __m256 a0[FMR2], a1[FMR2];
+    const float *xt[FMR2];
+    for (int t = 0; t < MR; t++) xt[t] = (const float *)((const char *)x + t * xs);
+    for (int t = 0; t < MR; t++) {
+        a0[t] = first ? _mm256_setzero_ps() : load8_rows(y + t * ys, nr);
+        a1[t] = first ? _mm256_setzero_ps() : load8_rows(y + t * ys + 8, nr - 8);
+    }
+    for (int k = 0; k < kc; k++) {
+        const __m256 w0 = _mm256_load_ps(wb + k * FS2), w1 = _mm256_load_ps(wb + k * FS2 + 8);
+        for (int t = 0; t < MR; t++) {
+            const __m256 xb = _mm256_broadcast_ss(xt[t] + k);
+            a0[t] = _mm256_fmadd_ps(w0, xb, a0[t]);
+            a1[t] = _mm256_fmadd_ps(w1, xb, a1[t]);
+        }
+    }
+    for (int t = 0; t < MR; t++) {
+        store8_rows(y + t * ys, a0[t], nr);
+        store8_rows(y + t * ys + 8, a1[t], nr - 8);
+    }
+}
+
+#define FT(MR) case MR: ftile8(wb, kc, xk, x_stride, MR, yt, y_stride, first, nr); break
+INLINE void ftile8_any(const float *wb, int kc, const float *xk, size_t x_stride, int mr, float *yt, size_t y_stride,
+                       int first, int nr) {
+    switch (mr) { FT(1); FT(2); FT(3); FT(4); FT(5); FT(6); default: break; }
+}
+#undef FT
+
+#define FV(NS, NT) fgemv8(ws, sstride, n_in, kind, NS, xt, x_stride, NT, y + (size_t)t * y_stride + r, y_stride, r1 - r)
+INLINE void gemm_strips16(const void *w, int n_in, int r0, int r1, const void *x, size_t x_stride, int n_tok,
+                          float *y, size_t y_stride, int kind, int esize) {
+    const size_t sstride = (size_t)FS2 * n_in;
+    if (n_tok <= 3) {
+        for (int t = 0; t < n_tok; t += 3) {
+            const int nt = n_tok - t < 3 ? n_tok - t : 3;
             const float *xt = (const float *)((const char *)x + t * x_stride);
-            float s = hsum8(acc[r][t]);
-            for (int j = i; j < n_in; j++) s += el_float_weight((const char *)w + r * row_bytes, kind, j) * xt[j];
-            y[t * y_stride + r] = s;
+            int r = r0;
+            if (nt == 1)   /* 8 chains */
+                for (; r + 4 * FS2 <= r1; r += 4 * FS2) {
+                    const void *ws = (const char *)w + (size_t)(r / FS2) * sstride * esize;
+                    FV(4, 1);
+                }
+            else           /* 8 or 12 chains */
+                for (; r + 2 * FS2 <= r1; r += 2 * FS2) {
+                    const void *ws = (const char *)w + (size_t)(r / FS2) * sstride * esize;
+                    if (nt == 2) FV(2, 2); else FV(2, 3);
+                }
+            for (; r < r1; r += FS2) {
+                const void *ws = (const char *)w + (size_t)(r / FS2) * sstride * esize;
+                if (nt == 1) FV(1, 1); else if (nt == 2) FV(1, 2); else FV(1, 3);
+            }
         }
-}
-
-#define FTILE(R, NT) float_tile((const char *)w + (size_t)r * rb, rb, R, n_in, kind, (const float *)((const char *)x + t * x_stride), x_stride, NT, y + t * y_stride + r, y_stride)
-
-INLINE void gemm_float(const void *w, int n_in, int r0, int r1, const void *x, size_t x_stride, int n_tok,
-                       float *y, size_t y_stride, int kind, int esize) {
-    const size_t rb = (size_t)n_in * esize;
-    int r = r0, t = 0;
-    if (n_tok == 1) {   /* decode: 8 rows in flight */
-        for (; r + 8 <= r1; r += 8) FTILE(8, 1);
-    } else {            /* 4 rows x 3 tokens: 12 accumulators, 3 x vectors and a weight vector fill the 16 registers */
-        for (; r + 4 <= r1; r += 4) {
-            for (t = 0; t + 3 <= n_tok; t += 3) FTILE(4, 3);
-            if (n_tok - t == 2) FTILE(4, 2);
-            else if (n_tok - t == 1) FTILE(4, 1);
+        return;
+    }
+    float wb[FKC2 * FS2] __attribute__((aligned(32)));
+    for (int r = r0; r < r1; r += FS2) {
+        const void *ws = (const char *)w + (size_t)(r / FS2) * sstride * esize;
+        const int nr = r1 - r;
+        for (int k0 = 0; k0 < n_in; k0 += FKC2) {
+            const int kc = n_in - k0 < FKC2 ? n_in - k0 : FKC2;
+            for (int k = 0; k < kc; k++) {
+                _mm256_store_ps(wb + k * FS2, wload8(ws, (size_t)(k0 + k) * FS2, kind));
+                _mm256_store_ps(wb + k * FS2 + 8, wload8(ws, (size_t)(k0 + k) * FS2 + 8, kind));
+            }
+            for (int t = 0; t < n_tok; t += FMR2) {
+                const int mr = n_tok - t < FMR2 ? n_tok - t : FMR2;
+                ftile8_any(wb, kc, (const float *)((const char *)x + t * x_stride) + k0, x_stride, mr,
+                           y + (size_t)t * y_stride + r, y_stride, k0 == 0, nr);
+            }
         }
     }
-    for (; r < r1; r++)
-        for (t = 0; t < n_tok; t++) FTILE(1, 1);
 }
-#undef FTILE
+#undef FV
 
 #define GEMM_FLOAT(name, kind, esize)                                                                   \
     static void name(const void *w, int n_in, int r0, int r1, const void *x, size_t x_stride, int n_tok,  \
                      float *y, size_t y_stride) {                                                       \
-        gemm_float(w, n_in, r0, r1, x, x_stride, n_tok, y, y_stride, kind, esize);                      \
+        gemm_strips16(w, n_in, r0, r1, x, x_stride, n_tok, y, y_stride, kind, esize);                   \
     }
 GEMM_FLOAT(gemm_f32, 0, 4)
 GEMM_FLOAT(gemm_f16, 1, 2)
@@ -639,9 +731,9 @@ void el_fill_avx2(el_kernels *k) {
     k->types[EL_TI_Q4_0] = (el_type_kernels){ 1, 8, repack_q4_0, gemm_q4_0x8 };
     k->types[EL_TI_Q4_1] = (el_type_kernels){ 1, 8, repack_q4_1, gemm_q4_1x8 };
     k->types[EL_TI_Q8_0] = (el_type_kernels){ 1, 8, repack_q8_0, gemm_q8_0x8 };
-    k->types[EL_TI_F32].gemm = gemm_f32;
-    k->types[EL_TI_F16].gemm = gemm_f16;
-    k->types[EL_TI_BF16].gemm = gemm_bf16;
+    k->types[EL_TI_F32] = (el_type_kernels){ 0, FS2, repack_f32_s16, gemm_f32 };   /* 16-row k-major strips */
+    k->types[EL_TI_F16] = (el_type_kernels){ 0, FS2, repack_h_s16, gemm_f16 };
+    k->types[EL_TI_BF16] = (el_type_kernels){ 0, FS2, repack_h_s16, gemm_bf16 };
     k->types[EL_TI_Q5_0] = (el_type_kernels){ 1, 8, repack_q5_0, gemm_q5_0x8 };
     k->types[EL_TI_Q5_1] = (el_type_kernels){ 1, 8, repack_q5_1, gemm_q5_1x8 };
     k->types[EL_TI_Q4_K] = (el_type_kernels){ 1, 8, repack_q4_k, gemm_q4_kx8_avx2 };   /* q8a activations */
