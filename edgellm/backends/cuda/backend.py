@@ -25,7 +25,7 @@ from ...engine.batch import Batch
 from ...errors import BatchError
 from ...kv.paged import BLOCK, SeqKV
 from ...quant import GGMLType
-from .weights import INT_FORMATS, FORMAT_NAMES, Packed, repack
+from .weights import F_Q5, F_Q8, INT_FORMATS, FORMAT_NAMES, Packed, repack
 
 GRAPH_MAX = 64           # steps of at most this many tokens run as captured graphs
 GRAPHS_KEPT = 32         # graphs cached (by shape), least recently used dropped
@@ -40,6 +40,7 @@ DEC_WARPS, DEC_RU = 8, 2  # mm_dec: warps per block, rows per warp pass
 DEC_NBL = (1, 2, 4)       # mm_dec's variants: blocks of K per lane (K <= 32 * 32 * NBL)
 DEC_TTM = (1, 8)          # and tokens per block
 DEC_SMEM = 48 * 1024      # mm_dec's shared memory at most (no opt-in)
+MMA_BN = 32               # mm_int_mma's tokens per block
 KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}
 KERNELS = Path(__file__).with_name("kernels.cu")
 
@@ -243,6 +244,7 @@ class CudaBackend:
             self.gpu_name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
             self.isa = f"cuda:{dev} {self.gpu_name}"
             self.sm_count = int(props.get("multiProcessorCount", 132))
+            self.smem_optin = int(props.get("sharedMemPerBlockOptin", 48 * 1024))
             self.stream = cp.cuda.Stream(non_blocking=True)
             self._compile()
             self._upload(model)
@@ -261,6 +263,12 @@ class CudaBackend:
             self.k = {n: self.module.get_function(n) for n in
                       ("embed", "add_norm", "mm_int", "mm_int_norm", "mm_int_act", "mm_float", "mm_float_norm",
                        "mm_float_act", "mm_int_tiled", "act_mul", "rope_store", "dequant", "quant_q8")}
+            for name in ("mm_int_mma64", "mm_int_mma32"):   # all of K in shared memory: beyond the default 48 KiB
+                self.k[name] = self.module.get_function(name)
+                try:
+                    self.k[name].max_dynamic_shared_size_bytes = self.smem_optin
+                except Exception:   # an older CuPy: the default limit
+                    self.smem_optin = 48 * 1024
             self.k["attention"] = self.module.get_function(f"attention{self.hparams.head_dim // 32}")
             self.k["attention_rope"] = self.module.get_function(f"attention_rope{self.hparams.head_dim // 32}")
             for src in ("", "_norm", "_act"):
@@ -566,7 +574,15 @@ class CudaBackend:
             gelu: int = 0) -> None:
         """y (+ res) = activations x matrix^T for T tokens. src "": the q8 blocks xq/xds (integer formats) or the
         float rows x; "_norm": rmsnorm(x) * nw computed in the kernel; "_act": act(gate) * up of the rows x."""
-        if mat.is_int and not src and T > FUSE_MAX:   # prefill: the tiles share activations in shared memory
+        if mat.is_int and not src and T > FUSE_MAX:   # prefill: int8 tensor cores, else dp4a tiles
+            plan = self._mma_plan(mat)
+            if plan is not None:
+                bm, smem = plan
+                self.k[f"mm_int_mma{bm}"](((mat.rows + bm - 1) // bm, (T + MMA_BN - 1) // MMA_BN), (256,),
+                                          (_i(mat.fmt), mat.w, mat.sc, mat.qh if mat.qh is not None else NULL, xq, xds,
+                                           y, res if res is not None else NULL, _i(mat.rows), _i(mat.cols), _i(T),
+                                           _i(ldy)), shared_mem=smem, stream=self.stream)
+                return
             self.k["mm_int_tiled"](((mat.rows + MMT_WARPS - 1) // MMT_WARPS, (T + MMT_TOK - 1) // MMT_TOK),
                                    (32 * MMT_WARPS,), (_i(mat.fmt), mat.w, mat.sc, mat.qh if mat.qh is not None else NULL,
                                                        xq, xds, y, res if res is not None else NULL, _i(mat.rows),
@@ -594,6 +610,19 @@ class CudaBackend:
                                               nul(nw), _f(eps), _i(gelu), y,
                                               res if res is not None else NULL, _i(mat.rows), _i(mat.cols), _i(T),
                                               _i(ldy)), stream=self.stream)
+
+    def _mma_plan(self, mat: DevMatrix):
+        """(rows per block, shared memory bytes) of mm_int_mma for this matrix (kernels.cu's layout: all of K
+        staged), or None where even 32 rows do not fit."""
+        nb = mat.cols // 32
+        q8 = mat.fmt == F_Q8
+        ws = nb * 32 + 16 if q8 else (nb * 16 if nb % 2 else nb * 16 + 16)
+        xst = nb * 32 + 16
+        for bm in (64, 32):
+            smem = bm * ws + MMA_BN * xst + bm * nb * 8 + MMA_BN * nb * 8 + (bm * nb * 4 if mat.fmt == F_Q5 else 0)
+            if smem <= self.smem_optin:
+                return bm, smem
+        return None
 
     # ------------------------------------------------------------------ tools and tests
     def dequantize(self, p: Packed) -> np.ndarray:

@@ -389,6 +389,158 @@ extern "C" __global__ void mm_int_tiled(int f, const u8 *w, const float2 *sc, co
         if (t < nt) mm_store(acc[t], y, res, (long long)(t0 + t) * ldy + r, lane);
 }
 
+// Prefill matrices on the tensor cores. Every (row, token, block) integer dot product is exact whatever computes
+// it, so mma.sync (int8, m16n8k32; two m16n8k16 for q8's two half-block scales) gives the same int32 as dp4a; the
+// float part then follows the one order of mm_int / mm_dec: slot l (the lane there) chains blocks l, l + 32, ...
+// from 0 with the same two FMAs, and the 32 slots are summed as the warp butterfly sums them. Taking the slots in
+// bit-reversed order (0, 16, 8, 24, ..) makes that butterfly an ordinary pairwise sum of consecutive values,
+// kept in a stack of 5 per output. So a token's outputs have the same bits on this path as alone in a decode.
+// Block: 8 warps, MMA_BN = 32 tokens x BM (64 or 32) rows, all of K staged in shared memory at once (weights as
+// stored, rows padded so the fragment loads hit distinct banks); a warp takes 16 rows x (BM / 4) tokens.
+#define MMA_BN 32
+
+__device__ __forceinline__ void mma_16832(int *c, const u32 *a, u32 b0, u32 b1) {
+    asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void mma_16816(int *c, u32 a0, u32 a1, u32 b0) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
+                 : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+                 : "r"(a0), "r"(a1), "r"(b0));
+}
+
+__host__ __device__ constexpr int rev5(int i) {
+    return ((i & 1) << 4) | ((i & 2) << 2) | (i & 4) | ((i & 8) >> 2) | ((i & 16) >> 4);
+}
+
+template <int BM>
+__device__ void mm_int_mma_body(int f, const u8 *__restrict__ w, const float2 *__restrict__ sc,
+                                const u32 *__restrict__ qh, const i8 *xq, const float2 *xds, float *y,
+                                const float *res, int R, int K, int T, int ldy) {
+    extern __shared__ uint4 msm[];
+    const int nb = K >> 5;
+    const int wbytes = f == F_Q8 ? 32 : 16;
+    const int ws = f == F_Q8 ? nb * 32 + 16 : ((nb & 1) ? nb * 16 : nb * 16 + 16);   // weight row stride (bytes)
+    const int xst = nb * 32 + 16;                                                    // token stride (bytes)
+    u8 *sw = (u8 *)msm;                              // [BM][ws]
+    u8 *sx = sw + BM * ws;                           // [MMA_BN][xst]
+    float2 *ssc = (float2 *)(sx + MMA_BN * xst);     // [BM][nb]
+    float2 *sds = ssc + BM * nb;                     // [MMA_BN][nb]
+    u32 *sqh = (u32 *)(sds + MMA_BN * nb);           // [BM][nb] (q5)
+    const int r0 = blockIdx.x * BM, t0 = blockIdx.y * MMA_BN;
+    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+    const int wq = wbytes / 16;
+    for (int i = threadIdx.x; i < BM * nb * wq; i += blockDim.x) {
+        const int row = i / (nb * wq), rem = i - row * (nb * wq);
+        *(uint4 *)(sw + row * ws + rem * 16) =
+            r0 + row < R ? ((const uint4 *)(w + (long long)(r0 + row) * nb * wbytes))[rem] : zero;
+    }
+    for (int i = threadIdx.x; i < MMA_BN * nb * 2; i += blockDim.x) {
+        const int tk = i / (nb * 2), rem = i - tk * (nb * 2);
+        *(uint4 *)(sx + tk * xst + rem * 16) = t0 + tk < T ? ((const uint4 *)(xq + (long long)(t0 + tk) * K))[rem] : zero;
+    }
+    for (int i = threadIdx.x; i < BM * nb; i += blockDim.x) {
+        const bool ok = r0 + i / nb < R;
+        ssc[i] = ok ? sc[(long long)r0 * nb + i] : make_float2(0.0f, 0.0f);
+        if (f == F_Q5) sqh[i] = ok ? qh[(long long)r0 * nb + i] : 0u;
+    }
+    for (int i = threadIdx.x; i < MMA_BN * nb; i += blockDim.x)
+        sds[i] = t0 + i / nb < T ? xds[(long long)t0 * nb + i] : make_float2(0.0f, 0.0f);
+    __syncthreads();
+
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+    const int g = lane >> 2, tig = lane & 3;
+    const int NS = BM / 32;                          // 8-token sub-tiles per warp
+    const int mr = (wid % (BM / 16)) * 16;           // the warp's rows mr .. mr + 15
+    const int nc = (wid / (BM / 16)) * NS * 8;       // its tokens nc .. nc + 8 NS - 1
+    // outputs o = 4 j + q: row mr + g (+ 8 if q >= 2), token nc + 8 j + 2 tig + (q & 1)
+    float st[5][4 * NS];
+#pragma unroll
+    for (int i = 0; i < 32; i++) {
+        const int l = rev5(i);
+        float p[4 * NS];
+#pragma unroll
+        for (int o = 0; o < 4 * NS; o++) p[o] = 0.0f;
+        for (int b = l; b < nb; b += 32) {
+            const u8 *wa = sw + (mr + g) * ws + b * wbytes + 4 * tig, *wb8 = wa + 8 * ws;
+            u32 a[4];
+            if (f == F_Q8) {
+                a[0] = *(const u32 *)wa; a[1] = *(const u32 *)wb8; a[2] = *(const u32 *)(wa + 16); a[3] = *(const u32 *)(wb8 + 16);
+            } else {
+                const u32 x0 = *(const u32 *)wa, x1 = *(const u32 *)wb8;
+                a[0] = x0 & 0x0F0F0F0Fu; a[2] = (x0 >> 4) & 0x0F0F0F0Fu;
+                a[1] = x1 & 0x0F0F0F0Fu; a[3] = (x1 >> 4) & 0x0F0F0F0Fu;
+                if (f == F_Q5) {
+                    const u32 h0 = sqh[(mr + g) * nb + b], h1 = sqh[(mr + g + 8) * nb + b];
+                    a[0] |= (u32)fifth(h0, tig); a[2] |= (u32)fifth(h0, 4 + tig);
+                    a[1] |= (u32)fifth(h1, tig); a[3] |= (u32)fifth(h1, 4 + tig);
+                }
+            }
+            const float2 s0 = ssc[(mr + g) * nb + b], s1 = ssc[(mr + g + 8) * nb + b];
+#pragma unroll
+            for (int j = 0; j < NS; j++) {
+                const u8 *xb = sx + (nc + 8 * j + g) * xst + b * 32 + 4 * tig;
+                const u32 b0 = *(const u32 *)xb, b1 = *(const u32 *)(xb + 16);
+                const int tk = nc + 8 * j + 2 * tig;
+                const float2 d0 = sds[tk * nb + b], d1 = sds[(tk + 1) * nb + b];
+                float *pj = p + 4 * j;
+                if (f == F_Q8) {
+                    int c[4] = {0, 0, 0, 0}, e[4] = {0, 0, 0, 0};
+                    mma_16816(c, a[0], a[1], b0);
+                    mma_16816(e, a[2], a[3], b1);
+                    pj[0] = __fmaf_rn(d0.x, __fmaf_rn(s0.x, (float)c[0], __fmul_rn(s0.y, (float)e[0])), pj[0]);
+                    pj[1] = __fmaf_rn(d1.x, __fmaf_rn(s0.x, (float)c[1], __fmul_rn(s0.y, (float)e[1])), pj[1]);
+                    pj[2] = __fmaf_rn(d0.x, __fmaf_rn(s1.x, (float)c[2], __fmul_rn(s1.y, (float)e[2])), pj[2]);
+                    pj[3] = __fmaf_rn(d1.x, __fmaf_rn(s1.x, (float)c[3], __fmul_rn(s1.y, (float)e[3])), pj[3]);
+                } else {
+                    int c[4] = {0, 0, 0, 0};
+                    mma_16832(c, a, b0, b1);
+                    pj[0] = __fmaf_rn(-s0.y, d0.y, __fmaf_rn(__fmul_rn(s0.x, d0.x), (float)c[0], pj[0]));
+                    pj[1] = __fmaf_rn(-s0.y, d1.y, __fmaf_rn(__fmul_rn(s0.x, d1.x), (float)c[1], pj[1]));
+                    pj[2] = __fmaf_rn(-s1.y, d0.y, __fmaf_rn(__fmul_rn(s1.x, d0.x), (float)c[2], pj[2]));
+                    pj[3] = __fmaf_rn(-s1.y, d1.y, __fmaf_rn(__fmul_rn(s1.x, d1.x), (float)c[3], pj[3]));
+                }
+            }
+        }
+#pragma unroll
+        for (int o = 0; o < 4 * NS; o++) {   // the butterfly as a pairwise sum over the bit-reversed slots
+            float v = p[o];
+#pragma unroll
+            for (int k = 0; k < 5; k++) {
+                if ((i >> k) & 1) {
+                    v = __fadd_rn(st[k][o], v);
+                } else {
+                    st[k][o] = v;
+                    break;
+                }
+            }
+            if (i == 31) p[o] = v;
+        }
+        if (i == 31) {
+#pragma unroll
+            for (int j = 0; j < NS; j++)
+#pragma unroll
+                for (int q = 0; q < 4; q++) {
+                    const int r = r0 + mr + g + (q >= 2 ? 8 : 0), t = t0 + nc + 8 * j + 2 * tig + (q & 1);
+                    if (r < R && t < T) {
+                        const long long at = (long long)t * ldy + r;
+                        y[at] = res ? __fadd_rn(res[at], p[4 * j + q]) : p[4 * j + q];
+                    }
+                }
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256, 1) mm_int_mma64(int f, const u8 *w, const float2 *sc, const u32 *qh,
+        const i8 *xq, const float2 *xds, float *y, const float *res, int R, int K, int T, int ldy) {
+    mm_int_mma_body<64>(f, w, sc, qh, xq, xds, y, res, R, K, T, ldy);
+}
+extern "C" __global__ void __launch_bounds__(256) mm_int_mma32(int f, const u8 *w, const float2 *sc, const u32 *qh,
+        const i8 *xq, const float2 *xds, float *y, const float *res, int R, int K, int T, int ldy) {
+    mm_int_mma_body<32>(f, w, sc, qh, xq, xds, y, res, R, K, T, ldy);
+}
+
 // Decode-sized steps (a few tokens): a block of DEC_WARPS warps prepares its tokens' q8 activations once, in
 // shared memory (copied from xq/xds, or the norm / the FFN activation computed here a warp per 32-value block:
 // the bits warp_quant_block gives, as add_norm and act_mul would), while the weights of each warp's first rows
