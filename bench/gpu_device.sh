@@ -29,6 +29,12 @@ if [ "${NCU:-0}" = 1 ]; then
     echo "== ncu $s"; python3 bench/gpu_kernel_times.py --sum $OUT/ncu_$s.csv 2>&1 | tail -20
   done
 fi
+if [ "${BASE:-0}" = 1 ]; then   # the same benchmark on the kernels of .gpu/base_cuda (carried), on this machine
+  rm -rf /tmp/base && mkdir -p /tmp/base && cp -r edgellm bench quant /tmp/base/ && cp .gpu/base_cuda/*.py .gpu/base_cuda/*.cu /tmp/base/edgellm/backends/cuda/ \
+    && mv /tmp/base/edgellm/backends/cuda/bench_cuda.py /tmp/base/bench/bench_cuda.py
+  (cd /tmp/base && PYTHONPATH=/tmp/site:/tmp/base python3 bench/bench_cuda.py $(for s in ${SHAPES:-smollm2-135m-q4_0 smollm2-135m-q4_1 smollm2-135m-f16 gemma3-270m-q4_k_m}; do echo $M/$s.gguf; done) \
+    -r ${REPS:-5} --json $OUT/bench_base.json 2>&1 | tee $OUT/bench_base.log | tail -6)
+fi
 if [ "${PARTIAL:-0}" = 1 ]; then   # issue 15's partial-offload bar: -ngl 15 of 30 beside the CPU alone (the host's cores)
   python3 bench/bench_cuda.py $M/smollm2-135m-q4_1.gguf -ngl 15 --cpu -r ${REPS:-3} --json $OUT/bench_partial.json 2>&1 | tee $OUT/bench_partial.log | tail -5
 fi
