@@ -156,7 +156,8 @@ GEMM_X8(gemm_q8_0x8, K_Q8_0, block_q8_0x8)
  * as the same f32 values). Both paths perform the same operations in the same order on every output: a token's
  * result is bit-identical alone or at any place of any batch. */
 enum { FS = 32,      /* rows per strip */
-       FKC = 128 };  /* inputs per widened block (up to 32 KiB of f32 weights: two strips) */
+       FKC = 128,    /* inputs per widened block (up to 32 KiB of f32 weights: two strips) */
+       FRB = 128 };  /* rows per block of the prefill loop */
 
 static void repack_strips(const void *src, void *dst, int n_out, int n_in, size_t es) {
     const int ng = (n_out + FS - 1) / FS;
@@ -264,21 +265,26 @@ INLINE void gemm_strips(const void *w, int n_in, int r0, int r1, const void *x, 
         }
         return;
     }
+    /* rows in blocks of FRB: a k block's activation columns (n_tok x FKC floats) and the block's partial sums stay
+     * in L2 while every strip pair of the block passes over them */
     float wb[FKC * 2 * FS] __attribute__((aligned(64)));
-    for (int r = r0; r < r1; r += 2 * FS) {
-        const int ns = r + FS < r1 ? 2 : 1, nv = 2 * ns, nr = r1 - r;
-        const void *ws = (const char *)w + (size_t)(r / FS) * sstride * esize;
+    for (int rb = r0; rb < r1; rb += FRB) {
+        const int rb1 = rb + FRB < r1 ? rb + FRB : r1;
         for (int k0 = 0; k0 < n_in; k0 += FKC) {
             const int kc = n_in - k0 < FKC ? n_in - k0 : FKC;
-            for (int k = 0; k < kc; k++)
-                for (int v = 0; v < nv; v++)
-                    _mm512_store_ps(wb + (size_t)k * 16 * nv + 16 * v,
-                                    wload16(ws, (size_t)(v >> 1) * sstride + (size_t)(k0 + k) * FS + (v & 1) * 16, kind));
-            const int mrmax = nv == 4 ? FMR4 : FMR2;
-            for (int t = 0; t < n_tok; t += mrmax) {
-                const int mr = n_tok - t < mrmax ? n_tok - t : mrmax;
-                ftile_any(wb, nv, kc, (const float *)((const char *)x + t * x_stride) + k0, x_stride, mr,
-                          y + (size_t)t * y_stride + r, y_stride, k0 == 0, nr);
+            for (int r = rb; r < rb1; r += 2 * FS) {
+                const int ns = r + FS < rb1 ? 2 : 1, nv = 2 * ns, nr = r1 - r;
+                const void *ws = (const char *)w + (size_t)(r / FS) * sstride * esize;
+                for (int k = 0; k < kc; k++)
+                    for (int v = 0; v < nv; v++)
+                        _mm512_store_ps(wb + (size_t)k * 16 * nv + 16 * v,
+                                        wload16(ws, (size_t)(v >> 1) * sstride + (size_t)(k0 + k) * FS + (v & 1) * 16, kind));
+                const int mrmax = nv == 4 ? FMR4 : FMR2;
+                for (int t = 0; t < n_tok; t += mrmax) {
+                    const int mr = n_tok - t < mrmax ? n_tok - t : mrmax;
+                    ftile_any(wb, nv, kc, (const float *)((const char *)x + t * x_stride) + k0, x_stride, mr,
+                              y + (size_t)t * y_stride + r, y_stride, k0 == 0, nr);
+                }
             }
         }
     }
