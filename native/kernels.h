@@ -105,5 +105,9 @@ void el_fill_neon(el_kernels *k, int dotprod);
 
 /* generic kernels other ISA files reuse where they have nothing better */
 void el_generic_rope(float *x, int n_head, int head_dim, int rope_dim, const float *cs, int neox);
+/* float rows (es = 2 or 4 bytes an element) into strips of `width` rows stored k-major: strip g holds, for each
+ * input k, the elements of rows g*width .. g*width + width - 1 (rows past n_out zero); the AVX2 / AVX-512 float
+ * GEMMs' layout */
+void el_repack_strips(const void *src, void *dst, int n_out, int n_in, int es, int width);
 
 #endif

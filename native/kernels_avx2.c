@@ -318,26 +318,8 @@ INLINE __m256 load8_bf16(const el_bf16 *p) {
  * the same order on every output whatever the batch: batch invariant. */
 enum { FS2 = 16, FKC2 = 256, FMR2 = 6 };
 
-static void repack_strips16(const void *src, void *dst, int n_out, int n_in, size_t es) {
-    const int ng = (n_out + FS2 - 1) / FS2;
-    const uint8_t *s = src;
-    uint8_t *d = dst;
-    for (int g = 0; g < ng; g++) {
-        uint8_t *dg = d + (size_t)g * FS2 * n_in * es;
-        for (int j = 0; j < FS2; j++) {
-            const int r = g * FS2 + j;
-            const uint8_t *row = s + (size_t)r * n_in * es;
-            if (r >= n_out)
-                for (int k = 0; k < n_in; k++) memset(dg + ((size_t)k * FS2 + j) * es, 0, es);
-            else if (es == 2)
-                for (int k = 0; k < n_in; k++) memcpy(dg + ((size_t)k * FS2 + j) * 2, row + (size_t)k * 2, 2);
-            else
-                for (int k = 0; k < n_in; k++) memcpy(dg + ((size_t)k * FS2 + j) * 4, row + (size_t)k * 4, 4);
-        }
-    }
-}
-static void repack_f32_s16(const void *s, void *d, int n_out, int n_in) { repack_strips16(s, d, n_out, n_in, 4); }
-static void repack_h_s16(const void *s, void *d, int n_out, int n_in) { repack_strips16(s, d, n_out, n_in, 2); }
+static void repack_f32_s16(const void *s, void *d, int n_out, int n_in) { el_repack_strips(s, d, n_out, n_in, 4, FS2); }
+static void repack_h_s16(const void *s, void *d, int n_out, int n_in) { el_repack_strips(s, d, n_out, n_in, 2, FS2); }
 
 /* 8 packed weights from element e, widened to f32: kind 0 f32, 1 f16, 2 bf16 */
 INLINE __m256 wload8(const void *p, size_t e, int kind) {

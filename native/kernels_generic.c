@@ -310,6 +310,29 @@ static void rmsnorm(const float *x, const float *w, float *y, int n, float eps) 
     for (int i = 0; i < n; i++) y[i] = x[i] * scale * w[i];
 }
 
+void el_repack_strips(const void *src, void *dst, int n_out, int n_in, int es, int width) {
+    enum { KB = 32 };   /* inputs per tile of the transpose: a cache line or two of each source row */
+    const int ng = (n_out + width - 1) / width;
+    const uint8_t *s = src;
+    uint8_t *d = dst;
+    for (int g = 0; g < ng; g++) {
+        uint8_t *dg = d + (size_t)g * width * n_in * es;
+        for (int k0 = 0; k0 < n_in; k0 += KB) {
+            const int k1 = k0 + KB < n_in ? k0 + KB : n_in;
+            for (int j = 0; j < width; j++) {
+                const int r = g * width + j;
+                const uint8_t *row = s + (size_t)r * n_in * es;
+                if (r >= n_out)
+                    for (int k = k0; k < k1; k++) memset(dg + ((size_t)k * width + j) * es, 0, (size_t)es);
+                else if (es == 2)
+                    for (int k = k0; k < k1; k++) memcpy(dg + ((size_t)k * width + j) * 2, row + (size_t)k * 2, 2);
+                else
+                    for (int k = k0; k < k1; k++) memcpy(dg + ((size_t)k * width + j) * 4, row + (size_t)k * 4, 4);
+            }
+        }
+    }
+}
+
 void el_generic_rope(float *x, int n_head, int head_dim, int rope_dim, const float *cs, int neox) {
     const int half = rope_dim / 2;
     for (int h = 0; h < n_head; h++, x += head_dim) {

@@ -159,28 +159,8 @@ enum { FS = 32,      /* rows per strip */
        FKC = 128,    /* inputs per widened block (up to 32 KiB of f32 weights: two strips) */
        FRB = 128 };  /* rows per block of the prefill loop */
 
-static void repack_strips(const void *src, void *dst, int n_out, int n_in, size_t es) {
-    const int ng = (n_out + FS - 1) / FS;
-    const uint8_t *s = src;
-    uint8_t *d = dst;
-    for (int g = 0; g < ng; g++) {
-        uint8_t *dg = d + (size_t)g * FS * n_in * es;
-        for (int j = 0; j < FS; j++) {
-            const int r = g * FS + j;
-            if (r >= n_out) {
-                for (int k = 0; k < n_in; k++) memset(dg + ((size_t)k * FS + j) * es, 0, es);
-                continue;
-            }
-            const uint8_t *row = s + (size_t)r * n_in * es;
-            if (es == 2)
-                for (int k = 0; k < n_in; k++) memcpy(dg + ((size_t)k * FS + j) * 2, row + (size_t)k * 2, 2);
-            else
-                for (int k = 0; k < n_in; k++) memcpy(dg + ((size_t)k * FS + j) * 4, row + (size_t)k * 4, 4);
-        }
-    }
-}
-static void repack_f32_strips(const void *s, void *d, int n_out, int n_in) { repack_strips(s, d, n_out, n_in, 4); }
-static void repack_h_strips(const void *s, void *d, int n_out, int n_in) { repack_strips(s, d, n_out, n_in, 2); }
+static void repack_f32_strips(const void *s, void *d, int n_out, int n_in) { el_repack_strips(s, d, n_out, n_in, 4, FS); }
+static void repack_h_strips(const void *s, void *d, int n_out, int n_in) { el_repack_strips(s, d, n_out, n_in, 2, FS); }
 
 /* 16 packed weights (element index e of the strip data) widened to f32: kind 0 f32, 1 f16, 2 bf16 */
 INLINE __m512 wload16(const void *p, size_t e, int kind) {
