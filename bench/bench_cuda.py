@@ -36,7 +36,7 @@ def profile(be, m, n_past: int = 128) -> None:
     nb, ns = pool_blocks(m, n_ctx=2048, budget=None, n_batch=512, n_parallel=1)
     bm = BlockManager(KVPool.for_model(m, nb, ns), prefix_cache=False)
     kv = bm.new_seq(2048)
-    bm.allocate(kv, None, 2048)
+    bm.allocate(kv, None, 640)   # what the steps write (a window group holds no more)
     V = m.hparams.n_vocab
     be.forward(np.arange(n_past) % V, np.arange(n_past), kv)
     kernels = dict(be.k)

@@ -12,6 +12,7 @@ Partial offload (n_gpu_layers < n_layer): the first layers run on the CPU's nati
 
 from __future__ import annotations
 
+import os
 import sys
 import weakref
 from collections import OrderedDict
@@ -43,6 +44,7 @@ DEC_SMEM = 48 * 1024      # mm_dec's shared memory at most (no opt-in)
 MMA_BN = 32               # mm_int_mma's tokens per block
 KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}
 KERNELS = Path(__file__).with_name("kernels.cu")
+FUSE_ROPE = os.environ.get("EDGELLM_GPU_FUSE_ROPE", "1") != "0"   # (benchmarks: 0 keeps rope_store in decode)
 
 
 def _cupy():
@@ -477,6 +479,8 @@ class CudaBackend:
             t = np.full((S, nt), -1, np.int32)
             for s, kv in enumerate(kvs):
                 t[s, :len(kv.tables[g])] = kv.tables[g]
+            if np.any(t[batch.seq_ids, batch.positions // BLOCK] < 0):   # the kernels would write outside the pool
+                raise BatchError(f"positions without a cache block (group {g}): allocate before the step")
             parts.append(t.reshape(-1))
         return np.concatenate(parts).astype(np.int32, copy=False)
 
@@ -522,7 +526,7 @@ class CudaBackend:
             att = (self.qkv, _i(self.ldq), _i(hp.n_head), _i(hp.n_head_kv), _i(hd), _f(self.attn_scale),
                    pos, seq, swa_from, *kl, _i(L["window"]), _i(g),
                    _i(KV_TYPES[dp_type(dp, 'k')]), _i(KV_TYPES[dp_type(dp, 'v')]), self.ao, self.aq, self.ads)
-            if pure:   # one token per sequence (decode): RoPE and the cache rows inside the attention
+            if pure and FUSE_ROPE:   # one token per sequence (decode): RoPE and the cache rows in the attention
                 k["attention_rope"]((n * hp.n_head,), (32 * AW,),
                                     att + (_i(hp.rope_dim), _i(self.rope_neox), _f(base), _f(pscale),
                                            L.get("attn_q_norm", NULL), L.get("attn_k_norm", NULL), eps), stream=st)

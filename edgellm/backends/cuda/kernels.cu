@@ -1011,7 +1011,7 @@ __device__ void attention_body(const float *qkv, int ldq, int n_head, int n_head
     const int p = pos[t], s = seq[t];
     int first = window ? max(p - window + 1, 0) : 0;
     if (group) first = max(first, swa_from[s]);
-    float qv[ND], o[ND];
+    float qv[ND], o[ND], hk[ND], hv[ND];   // hk, hv: this lane's dims of the current position's k and v (FUSED)
     if (FUSED) {
         const float *row = qkv + (long long)t * ldq;
         float v[ND];
@@ -1038,7 +1038,12 @@ __device__ void attention_body(const float *qkv, int ldq, int n_head, int n_head
         }
         __syncthreads();
 #pragma unroll
-        for (int e = 0; e < ND; e++) { qv[e] = hs[0][lane * ND + e]; o[e] = 0.0f; }
+        for (int e = 0; e < ND; e++) {
+            qv[e] = hs[0][lane * ND + e];
+            hk[e] = hs[1][lane * ND + e];
+            hv[e] = hs[2][lane * ND + e];
+            o[e] = 0.0f;
+        }
     } else {
         const float *q = qkv + (long long)t * ldq + h * hd + lane * ND;
 #pragma unroll
@@ -1061,13 +1066,12 @@ __device__ void attention_body(const float *qkv, int ldq, int n_head, int n_head
             float kr[KG][ND];
             if (KG * g <= jhi && KG * g + KG - 1 >= jlo) {
 #pragma unroll
-                for (int u = 0; u < KG; u++) {
-                    if (KG * g + u == jp) {
+                for (int u = 0; u < KG; u++) kv_dims<ND>(type_k, kb + (long long)(KG * g + u) * krow, lane, kr[u]);
+                if (FUSED) {   // after the loads (all in flight together): the current row from registers
 #pragma unroll
-                        for (int e = 0; e < ND; e++) kr[u][e] = hs[FUSED ? 1 : 0][lane * ND + e];
-                    } else {
-                        kv_dims<ND>(type_k, kb + (long long)(KG * g + u) * krow, lane, kr[u]);
-                    }
+                    for (int u = 0; u < KG; u++)
+#pragma unroll
+                        for (int e = 0; e < ND; e++) kr[u][e] = KG * g + u == jp ? hk[e] : kr[u][e];
                 }
             } else {
 #pragma unroll
@@ -1099,14 +1103,12 @@ __device__ void attention_body(const float *qkv, int ldq, int n_head, int n_head
         for (int j0 = jlo; j0 <= jhi; j0 += VG) {
             float vv[VG][ND];
 #pragma unroll
-            for (int u = 0; u < VG; u++) {
-                const int j = min(j0 + u, jhi);
-                if (j == jp) {
+            for (int u = 0; u < VG; u++) kv_dims<ND>(type_v, vb + (long long)min(j0 + u, jhi) * vrow, lane, vv[u]);
+            if (FUSED) {
 #pragma unroll
-                    for (int e = 0; e < ND; e++) vv[u][e] = hs[FUSED ? 2 : 0][lane * ND + e];
-                } else {
-                    kv_dims<ND>(type_v, vb + (long long)j * vrow, lane, vv[u]);
-                }
+                for (int u = 0; u < VG; u++)
+#pragma unroll
+                    for (int e = 0; e < ND; e++) vv[u][e] = min(j0 + u, jhi) == jp ? hv[e] : vv[u][e];
             }
 #pragma unroll
             for (int u = 0; u < VG; u++) {
