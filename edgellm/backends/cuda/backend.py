@@ -36,7 +36,13 @@ RS_MAX_WARPS = 16
 MMT_WARPS, MMT_TOK = 16, 16   # mm_int_tiled's rows and tokens per block
 FUSE_MAX = 16            # steps of at most this many tokens fuse the norms and the FFN activation into the matrices
 PINNED_ROWS = 8          # logits rows copied back through page-locked memory (more: pageable)
-AW = 4
+AW = 4                    # attention's warps per (token, head); 8 for head_dim 256 (kernels.cu's AW)
+
+
+def attn_warps(head_dim: int) -> int:
+    return 8 if head_dim // 32 >= 8 else AW
+
+
 DEC_WARPS, DEC_RU = 8, 2  # mm_dec: warps per block, rows per warp pass
 DEC_NBL = (1, 2, 4)       # mm_dec's variants: blocks of K per lane (K <= 32 * 32 * NBL)
 DEC_TTM = (1, 8)          # and tokens per block
@@ -44,7 +50,10 @@ DEC_SMEM = 48 * 1024      # mm_dec's shared memory at most (no opt-in)
 MMA_BN = 32               # mm_int_mma's tokens per block
 KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}
 KERNELS = Path(__file__).with_name("kernels.cu")
-FUSE_ROPE = os.environ.get("EDGELLM_GPU_FUSE_ROPE", "1") != "0"   # (benchmarks: 0 keeps rope_store in decode)
+# RoPE and the cache store inside the decode attention: fewer launches, but its prologue (the angles in double, two
+# barriers) lengthens the attention more than the launch it saves on the H100 (tg128 1032 vs 1052 tok/s on SmolLM2,
+# 829 vs 853 on Gemma 3), so off unless EDGELLM_GPU_FUSE_ROPE=1.
+FUSE_ROPE = os.environ.get("EDGELLM_GPU_FUSE_ROPE", "0") == "1"
 
 
 def _cupy():
@@ -273,7 +282,7 @@ class CudaBackend:
                     self.smem_optin = 48 * 1024
             self.k["attention"] = self.module.get_function(f"attention{self.hparams.head_dim // 32}")
             self.k["attention_rope"] = self.module.get_function(f"attention_rope{self.hparams.head_dim // 32}")
-            for src in ("", "_norm", "_act"):
+            for src in ("", "_norm", "_pnorm", "_act"):
                 for nbl in DEC_NBL:
                     for ttm in DEC_TTM:
                         name = f"mm_dec{src}_{nbl}_{ttm}"
@@ -360,6 +369,7 @@ class CudaBackend:
         self.ldq = nq + 2 * nkv
         z = lambda *s, dt=np.float32: cp.zeros(s, dt)   # noqa: E731
         self.x, self.tmp, self.xb = z(n, E), z(n, E), z(n, E)
+        self.x2 = z(n, E)   # Gemma 3's decode steps: the residual stream alternates between x and x2
         self.xq, self.xds = z(n, E, dt=np.int8), z(n, E // 32, 2)
         self.qkv = z(n, self.ldq)
         self.ao, self.aq, self.ads = z(n, nq), z(n, nq, dt=np.int8), z(n, nq // 32, 2)
@@ -508,11 +518,25 @@ class CudaBackend:
                        stream=st)
         prev_post = None   # gemma3: the previous layer's post-FFN norm, applied when the next norm reads x
         fuse = n <= FUSE_MAX   # small steps: norms and the FFN activation computed inside the matrix kernels
-        fuse_norm = fuse and not self.g3   # (Gemma 3's post-norms add into x first: a separate pass)
+        fuse_norm = fuse and not self.g3
+        # Gemma 3's post-norms add into the residual stream first: in small steps the matrices that read the next
+        # norm do that too (every block alike), block 0 writing the new rows to the other buffer (x <-> x2)
+        fuse_post = fuse and self.g3 and self._dec_fits(n)
+        cur, alt = self.x, self.x2
         for il in range(self.first, hp.n_layer):
             L = self.layers[il]
             g, j, _ = dp.layer[il]
-            if fuse_norm:
+            if fuse_post:
+                for mat, col in L["qkv"]:
+                    if prev_post is None:
+                        self._mm(mat, cur, None, None, _at(self.qkv, col), None, n, self.ldq, "_norm",
+                                 L["attn_norm"], eps)
+                    else:
+                        self._mm(mat, cur, None, None, _at(self.qkv, col), None, n, self.ldq, "_pnorm",
+                                 L["attn_norm"], eps, post=(self.tmp, prev_post, alt))
+                if prev_post is not None:
+                    cur, alt = alt, cur
+            elif fuse_norm:
                 for mat, col in L["qkv"]:
                     self._mm(mat, self.x, None, None, _at(self.qkv, col), None, n, self.ldq, "_norm",
                              L["attn_norm"], eps)
@@ -527,7 +551,7 @@ class CudaBackend:
                    pos, seq, swa_from, *kl, _i(L["window"]), _i(g),
                    _i(KV_TYPES[dp_type(dp, 'k')]), _i(KV_TYPES[dp_type(dp, 'v')]), self.ao, self.aq, self.ads)
             if pure and FUSE_ROPE:   # one token per sequence (decode): RoPE and the cache rows in the attention
-                k["attention_rope"]((n * hp.n_head,), (32 * AW,),
+                k["attention_rope"]((n * hp.n_head,), (32 * attn_warps(hd),),
                                     att + (_i(hp.rope_dim), _i(self.rope_neox), _f(base), _f(pscale),
                                            L.get("attn_q_norm", NULL), L.get("attn_k_norm", NULL), eps), stream=st)
             else:
@@ -536,16 +560,20 @@ class CudaBackend:
                                  _i(hp.rope_dim), _i(self.rope_neox), _f(base), _f(pscale),
                                  L.get("attn_q_norm", NULL), L.get("attn_k_norm", NULL), eps, pos, seq,
                                  *kl, _i(KV_TYPES[dp_type(dp, 'k')]), _i(KV_TYPES[dp_type(dp, 'v')])), stream=st)
-                k["attention"]((n * hp.n_head,), (32 * AW,), att, stream=st)
+                k["attention"]((n * hp.n_head,), (32 * attn_warps(hd),), att, stream=st)
             if self.g3:
                 self._mm(L["wo"], self.ao, self.aq, self.ads, self.tmp, None, n, E)
-                self._norm(L["ffn_norm"], L["post_attention_norm"], n, eps)
+                if not fuse_post:
+                    self._norm(L["ffn_norm"], L["post_attention_norm"], n, eps)
             else:
                 self._mm(L["wo"], self.ao, self.aq, self.ads, self.x, self.x, n, E)
                 if not fuse_norm:
                     self._norm(L["ffn_norm"], None, n, eps)
             for mat, col in L["gate_up"]:
-                if fuse_norm:
+                if fuse_post:
+                    self._mm(mat, cur, None, None, _at(self.gu, col), None, n, 2 * F, "_pnorm",
+                             L["ffn_norm"], eps, post=(self.tmp, L["post_attention_norm"], alt))
+                elif fuse_norm:
                     self._mm(mat, self.x, None, None, _at(self.gu, col), None, n, 2 * F, "_norm",
                              L["ffn_norm"], eps)
                 else:
@@ -558,24 +586,46 @@ class CudaBackend:
                 k["act_mul"](((nblk + 3) // 4,), (128,), (self.gu, _i(F), _i(n), _i(self.act_gelu), self.h, self.hq,
                                                            self.hds), stream=st)
                 self._mm(L["down"], self.h, self.hq, self.hds, out, res, n, E)
+            if fuse_post:
+                cur, alt = alt, cur
             if self.g3:
                 prev_post = L["post_ffw_norm"]
         if n_out == 0:
             return
-        self._norm(self.out_norm, prev_post, n_out, eps, idx=out_idx)
+        self._norm(self.out_norm, prev_post, n_out, eps, idx=out_idx, x=cur)
         if not hidden:
             self._mm(self.output, self.xb, self.xq, self.xds, self.logits, None, n_out, hp.n_vocab)
 
-    def _norm(self, w, post, rows: int, eps, idx=None) -> None:
+    def _norm(self, w, post, rows: int, eps, idx=None, x=None) -> None:
         """xb (and its q8 blocks) = rmsnorm(x) * w, after x += rmsnorm(tmp) * post (Gemma 3's post-norms)."""
         E = self.hparams.n_embd
-        self.k["add_norm"]((rows,), (256,), (self.x, self.tmp, post if post is not None else NULL, w,
+        self.k["add_norm"]((rows,), (256,), (self.x if x is None else x, self.tmp, post if post is not None else NULL, w,
                                              idx if idx is not None else NULL, _i(rows), _i(E), eps,
                                              self.xb, self.xq, self.xds),
                            shared_mem=(2 if post is not None else 1) * E * 4, stream=self.stream)
 
+    def _dec_plan(self, mat: DevMatrix, T: int, src: str):
+        """(blocks of K per lane, tokens per variant, tokens per block, shared memory bytes) of mm_dec for this
+        matrix, or None (another kernel takes it)."""
+        nb = mat.cols // 32
+        if not mat.is_int or T > FUSE_MAX or nb > 32 * DEC_NBL[-1]:
+            return None
+        rows = {"_norm": 1, "_pnorm": 2}.get(src, 0)      # float rows staged per token (x, and o for _pnorm)
+        per_tok = nb * 40 + 4 + rows * mat.cols * 4         # q8 blocks, the norm's scale, the staged rows
+        fixed = rows * mat.cols * 4                         # the norm weights (nw, and pw for _pnorm)
+        ttm = DEC_TTM[0] if T <= DEC_TTM[0] else DEC_TTM[1]
+        tpc = min(T, ttm, (DEC_SMEM - fixed) // per_tok)
+        if tpc < 1:
+            return None
+        return next(v for v in DEC_NBL if nb <= 32 * v), ttm, tpc, tpc * per_tok + fixed
+
+    def _dec_fits(self, T: int) -> bool:
+        """Whether every Q/K/V and gate/up matrix of a T-token step runs in mm_dec with the post-norm fused."""
+        return all(self._dec_plan(mat, T, "_pnorm") is not None
+                   for L in self.layers.values() for mat, _ in L["qkv"] + L["gate_up"])
+
     def _mm(self, mat: DevMatrix, x, xq, xds, y, res, T: int, ldy: int, src: str = "", nw=None, eps=0.0,
-            gelu: int = 0) -> None:
+            gelu: int = 0, post=None) -> None:
         """y (+ res) = activations x matrix^T for T tokens. src "": the q8 blocks xq/xds (integer formats) or the
         float rows x; "_norm": rmsnorm(x) * nw computed in the kernel; "_act": act(gate) * up of the rows x."""
         if mat.is_int and not src and T > FUSE_MAX:   # prefill: int8 tensor cores, else dp4a tiles
@@ -593,21 +643,20 @@ class CudaBackend:
                                                        _i(mat.cols), _i(T), _i(ldy)), stream=self.stream)
             return
         nul = lambda a: NULL if a is None else a   # noqa: E731
-        nb = mat.cols // 32
-        if mat.is_int and T <= FUSE_MAX and nb <= 32 * DEC_NBL[-1] and nb * 40 + 4 + mat.cols * 8 <= DEC_SMEM:   # decode: activations prepared once per block
-            nbl = next(v for v in DEC_NBL if nb <= 32 * v)
-            ttm = DEC_TTM[0] if T <= DEC_TTM[0] else DEC_TTM[1]
-            per_tok = nb * 40 + 4 + (mat.cols * 4 if src == "_norm" else 0)   # q8 blocks, norm scale, staged row
-            fixed = mat.cols * 4 if src == "_norm" else 0                          # the norm's weights
-            tpc = max(1, min(T, ttm, (DEC_SMEM - fixed) // per_tok))
+        plan = self._dec_plan(mat, T, src)
+        if plan is not None:   # decode: activations prepared once per block
+            nbl, ttm, tpc, smem = plan
             per = DEC_WARPS * DEC_RU
             grid = (min((mat.rows + per - 1) // per, 4 * self.sm_count), (T + tpc - 1) // tpc)
-            smem = tpc * per_tok + fixed
+            po, pw, xout = post if post is not None else (None, None, None)
             self.k[f"mm_dec{src}_{nbl}_{ttm}"](
                 grid, (32 * DEC_WARPS,), (_i(mat.fmt), mat.w, nul(mat.sc), nul(mat.qh), nul(xq), nul(xds), nul(x),
                                           nul(nw), _f(eps), _i(gelu), y, nul(res), _i(mat.rows), _i(mat.cols), _i(T),
-                                          _i(ldy), _i(tpc)), shared_mem=smem, stream=self.stream)
+                                          _i(ldy), _i(tpc), nul(po), nul(pw), nul(xout)),
+                shared_mem=smem, stream=self.stream)
             return
+        if post is not None:
+            raise AssertionError("the fused post-norm runs in mm_dec only")
         grid = ((mat.rows + MM_WARPS - 1) // MM_WARPS, (T + MM_TOKENS - 1) // MM_TOKENS)
         name = ("mm_int" if mat.is_int else "mm_float") + src
         self.k[name](grid, (32 * MM_WARPS,), (_i(mat.fmt), mat.w, nul(mat.sc), nul(mat.qh), nul(xq), nul(xds), nul(x),

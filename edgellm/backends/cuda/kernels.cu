@@ -189,7 +189,7 @@ extern "C" __global__ void add_norm(float *x, const float *o, const float *pw, c
 //   SRC_Q     q8 blocks (xq, xds) / float rows x, written by a norm, the attention or act_mul
 //   SRC_NORM  rmsnorm(x[t]) * nw computed here (llama's attention and FFN norms fused into Q/K/V and gate/up)
 //   SRC_ACT   act(gu[t, :F]) * gu[t, F:] computed here (the FFN's activation fused into ffn_down; K = F)
-enum { SRC_Q = 0, SRC_NORM = 1, SRC_ACT = 2 };
+enum { SRC_Q = 0, SRC_NORM = 1, SRC_ACT = 2, SRC_PNORM = 3 };
 
 __device__ __forceinline__ void mm_store(float acc, float *y, const float *res, long long at, int lane) {
     acc = warp_sum(acc);
@@ -581,15 +581,17 @@ __device__ __forceinline__ float blk_term(int f, const int *lo, const int *hi, f
 template <int SRC, int NBL, int TTM>
 __device__ void mm_dec_body(int f, const u8 *__restrict__ w, const float2 *__restrict__ sc, const u32 *__restrict__ qh,
                             const i8 *xq, const float2 *xds, const float *x, const float *nw, float eps, int gelu,
-                            float *y, const float *res, int R, int K, int T, int ldy, int tpc) {
+                            float *y, const float *res, int R, int K, int T, int ldy, int tpc, const float *po,
+                            const float *pw, float *xout) {
     extern __shared__ uint4 dsm[];
     const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
     const int nb = K >> 5;
     const int t0 = blockIdx.y * tpc;
     const int nt = min(tpc, T - t0);
     uint4 *xs = dsm;                                  // [nt][nb] blocks of 32 int8 (two uint4 each)
-    float *xf = (float *)(xs + 2 * tpc * nb);         // [nt][K] the rows to norm, then [K] nw (SRC_NORM only)
-    float2 *ds = (float2 *)(xf + (SRC == SRC_NORM ? (tpc + 1) * K : 0));   // [nt][nb] (d, d * sum)
+    float *xf = (float *)(xs + 2 * tpc * nb);         // [nt][K] the rows to norm, then [K] nw (SRC_NORM, PNORM)
+    float *of = xf + (tpc + 1) * K;                   // [nt][K] the sublayer's output, then [K] pw (SRC_PNORM)
+    float2 *ds = (float2 *)(xf + (SRC == SRC_NORM ? (tpc + 1) * K : SRC == SRC_PNORM ? 2 * (tpc + 1) * K : 0));
     float *rsm = (float *)(ds + tpc * nb);            // [tpc] the norm's scale (SRC_NORM)
     const int rstep = gridDim.x * DEC_WARPS * DEC_RU;
     int r0 = (blockIdx.x * DEC_WARPS + wid) * DEC_RU;
@@ -607,10 +609,28 @@ __device__ void mm_dec_body(int f, const u8 *__restrict__ w, const float2 *__res
         for (int i = threadIdx.x; i < 2 * nt * nb; i += blockDim.x) xs[i] = src[i];
         for (int i = threadIdx.x; i < nt * nb; i += blockDim.x) ds[i] = xds[(long long)t0 * nb + i];
     } else {
-        if (SRC == SRC_NORM) {
+        if (SRC == SRC_NORM || SRC == SRC_PNORM) {
             const float4 *src = (const float4 *)(x + (long long)t0 * K);
             for (int i = threadIdx.x; i < nt * K / 4; i += blockDim.x) ((float4 *)xf)[i] = src[i];
             for (int i = threadIdx.x; i < K / 4; i += blockDim.x) ((float4 *)(xf + tpc * K))[i] = ((const float4 *)nw)[i];
+            if (SRC == SRC_PNORM) {
+                const float4 *osrc = (const float4 *)(po + (long long)t0 * K);
+                for (int i = threadIdx.x; i < nt * K / 4; i += blockDim.x) ((float4 *)of)[i] = osrc[i];
+                for (int i = threadIdx.x; i < K / 4; i += blockDim.x) ((float4 *)(of + tpc * K))[i] = ((const float4 *)pw)[i];
+                __syncthreads();
+                // add_norm's first half: x += rmsnorm(o) * pw (every block alike; block 0 writes the new rows)
+                for (int t = wid; t < nt; t += DEC_WARPS) {
+                    const float r = rms_scale(of + t * K, K, eps);
+                    if (lane == 0) rsm[t] = r;
+                }
+                __syncthreads();
+                for (int i = threadIdx.x; i < nt * K; i += blockDim.x) {
+                    const int t = i / K, k = i - t * K;
+                    const float v = __fadd_rn(xf[i], normed(of[i], rsm[t], of[tpc * K + k]));
+                    xf[i] = v;
+                    if (blockIdx.x == 0) xout[(long long)t0 * K + i] = v;
+                }
+            }
             __syncthreads();
             for (int t = wid; t < nt; t += DEC_WARPS) {
                 const float r = rms_scale(xf + t * K, K, eps);
@@ -689,10 +709,13 @@ __device__ void mm_dec_body(int f, const u8 *__restrict__ w, const float2 *__res
     }
 }
 
+#define DEC_ARGS MM_ARGS, int tpc, const float *po, const float *pw, float *xout
+#define DEC_PASS MM_PASS, tpc, po, pw, xout
 #define DEC_KERNELS(N, TTM) \
-    extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS) mm_dec_##N##_##TTM(MM_ARGS, int tpc) { mm_dec_body<SRC_Q, N, TTM>(MM_PASS, tpc); } \
-    extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS) mm_dec_norm_##N##_##TTM(MM_ARGS, int tpc) { mm_dec_body<SRC_NORM, N, TTM>(MM_PASS, tpc); } \
-    extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS) mm_dec_act_##N##_##TTM(MM_ARGS, int tpc) { mm_dec_body<SRC_ACT, N, TTM>(MM_PASS, tpc); }
+    extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS) mm_dec_##N##_##TTM(DEC_ARGS) { mm_dec_body<SRC_Q, N, TTM>(DEC_PASS); } \
+    extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS) mm_dec_norm_##N##_##TTM(DEC_ARGS) { mm_dec_body<SRC_NORM, N, TTM>(DEC_PASS); } \
+    extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS) mm_dec_pnorm_##N##_##TTM(DEC_ARGS) { mm_dec_body<SRC_PNORM, N, TTM>(DEC_PASS); } \
+    extern "C" __global__ void __launch_bounds__(32 * DEC_WARPS) mm_dec_act_##N##_##TTM(DEC_ARGS) { mm_dec_body<SRC_ACT, N, TTM>(DEC_PASS); }
 
 // float weights (f32 / f16 / bf16) against float activations; lane l takes elements 8l..8l+7 of each 256
 template <int SRC>
@@ -924,7 +947,9 @@ extern "C" __global__ void rope_store(float *qkv, int ldq, int n_head, int n_hea
 }
 
 // ------------------------------------------------------------------------------------------ attention
-#define AW 4            // warps per (token, head): warp w takes key chunks w, w + AW, ... (32 positions each)
+// warps per (token, head): warp w takes key chunks w, w + AW, ... (32 positions each); wide heads take 8 (their
+// chunks are 4x the loads of a 64-wide head's), the host launches 32 * AW threads (backend.py's attn_warps)
+#define AW (ND >= 8 ? 8 : 4)
 
 // Dims lane * ND .. lane * ND + ND - 1 of a cache row (16-, 8- or 4-byte loads where they are aligned)
 template <int ND>
@@ -1159,13 +1184,16 @@ __device__ void attention_body(const float *qkv, int ldq, int n_head, int n_head
                  int krow, int vrow, int window, int group, int type_k, int type_v, float *out, i8 *oq, float2 *ods
 #define ATT_PASS qkv, ldq, n_head, n_head_kv, hd, scale, pos, seq, swa_from, kc, vc, table, n_table, krow, vrow, \
                  window, group, type_k, type_v, out, oq, ods
-#define ATT_KERNEL(N) \
-    extern "C" __global__ void attention##N(ATT_ARGS) { attention_body<N, 0>(ATT_PASS, 0, 0, 0.0f, 0.0f, 0, 0, 0.0f); } \
-    extern "C" __global__ void attention_rope##N(ATT_ARGS, int rope_dim, int neox, float base, float pscale, \
-                                                 const float *qn, const float *kn, float eps) { \
+#define ATT_KERNEL(N, BOUNDS) \
+    extern "C" __global__ void BOUNDS attention##N(ATT_ARGS) { attention_body<N, 0>(ATT_PASS, 0, 0, 0.0f, 0.0f, 0, 0, 0.0f); } \
+    extern "C" __global__ void BOUNDS attention_rope##N(ATT_ARGS, int rope_dim, int neox, float base, float pscale, \
+                                                        const float *qn, const float *kn, float eps) { \
         attention_body<N, 1>(ATT_PASS, rope_dim, neox, base, pscale, qn, kn, eps); \
     }
-ATT_KERNEL(1) ATT_KERNEL(2) ATT_KERNEL(3) ATT_KERNEL(4) ATT_KERNEL(5) ATT_KERNEL(6) ATT_KERNEL(7) ATT_KERNEL(8)
+#define NO_BOUNDS
+ATT_KERNEL(1, NO_BOUNDS) ATT_KERNEL(2, NO_BOUNDS) ATT_KERNEL(3, NO_BOUNDS) ATT_KERNEL(4, NO_BOUNDS)
+ATT_KERNEL(5, NO_BOUNDS) ATT_KERNEL(6, NO_BOUNDS) ATT_KERNEL(7, NO_BOUNDS)
+ATT_KERNEL(8, __launch_bounds__(256, 2))   // 8 warps: at most 128 registers, two blocks a multiprocessor
 
 // ------------------------------------------------------------------------------------------ tests and tools
 // y[r, k] = w[r, k] as float (the repacked formats read back)
