@@ -39,8 +39,12 @@ PINNED_ROWS = 8          # logits rows copied back through page-locked memory (m
 AW = 4                    # attention's warps per (token, head); 8 for head_dim 256 (kernels.cu's AW)
 
 
+ATT_WIDE = os.environ.get("EDGELLM_GPU_ATT_WIDE", "1") != "0"     # (benchmarks: 0 keeps 4 warps for every head)
+FUSE_POST = os.environ.get("EDGELLM_GPU_FUSE_POST", "1") != "0"   # (benchmarks: 0 keeps Gemma 3's add_norm passes)
+
+
 def attn_warps(head_dim: int) -> int:
-    return 8 if head_dim // 32 >= 8 else AW
+    return 8 if ATT_WIDE and head_dim // 32 >= 8 else AW
 
 
 DEC_WARPS, DEC_RU = 8, 2  # mm_dec: warps per block, rows per warp pass
@@ -270,7 +274,7 @@ class CudaBackend:
         cp = self.cp
         src = KERNELS.read_text()
         try:   # NVRTC compiles once; CuPy caches the binary on disk (~/.cupy/kernel_cache) for later loads
-            self.module = cp.RawModule(code=src, options=("-std=c++14",))
+            self.module = cp.RawModule(code=src, options=("-std=c++14", f"-DEL_ATT_WIDE={int(ATT_WIDE)}"))
             self.k = {n: self.module.get_function(n) for n in
                       ("embed", "add_norm", "mm_int", "mm_int_norm", "mm_int_act", "mm_float", "mm_float_norm",
                        "mm_float_act", "mm_int_tiled", "act_mul", "rope_store", "dequant", "quant_q8")}
@@ -521,7 +525,7 @@ class CudaBackend:
         fuse_norm = fuse and not self.g3
         # Gemma 3's post-norms add into the residual stream first: in small steps the matrices that read the next
         # norm do that too (every block alike), block 0 writing the new rows to the other buffer (x <-> x2)
-        fuse_post = fuse and self.g3 and self._dec_fits(n)
+        fuse_post = FUSE_POST and fuse and self.g3 and self._dec_fits(n)
         cur, alt = self.x, self.x2
         for il in range(self.first, hp.n_layer):
             L = self.layers[il]

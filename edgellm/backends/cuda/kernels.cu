@@ -949,7 +949,10 @@ extern "C" __global__ void rope_store(float *qkv, int ldq, int n_head, int n_hea
 // ------------------------------------------------------------------------------------------ attention
 // warps per (token, head): warp w takes key chunks w, w + AW, ... (32 positions each); wide heads take 8 (their
 // chunks are 4x the loads of a 64-wide head's), the host launches 32 * AW threads (backend.py's attn_warps)
-#define AW (ND >= 8 ? 8 : 4)
+#ifndef EL_ATT_WIDE
+#define EL_ATT_WIDE 1
+#endif
+#define AW (EL_ATT_WIDE && ND >= 8 ? 8 : 4)
 
 // Dims lane * ND .. lane * ND + ND - 1 of a cache row (16-, 8- or 4-byte loads where they are aligned)
 template <int ND>
@@ -1193,7 +1196,11 @@ __device__ void attention_body(const float *qkv, int ldq, int n_head, int n_head
 #define NO_BOUNDS
 ATT_KERNEL(1, NO_BOUNDS) ATT_KERNEL(2, NO_BOUNDS) ATT_KERNEL(3, NO_BOUNDS) ATT_KERNEL(4, NO_BOUNDS)
 ATT_KERNEL(5, NO_BOUNDS) ATT_KERNEL(6, NO_BOUNDS) ATT_KERNEL(7, NO_BOUNDS)
+#if EL_ATT_WIDE
 ATT_KERNEL(8, __launch_bounds__(256, 2))   // 8 warps: at most 128 registers, two blocks a multiprocessor
+#else
+ATT_KERNEL(8, NO_BOUNDS)
+#endif
 
 // ------------------------------------------------------------------------------------------ tests and tools
 // y[r, k] = w[r, k] as float (the repacked formats read back)
