@@ -3,7 +3,8 @@
  * one from getauxval(AT_HWCAP). Same signatures as kernels_generic.c; tested against it by tests/test_kernels.c
  * (under qemu-aarch64 on x86 hosts).
  *
- * Weights stay in the GGUF layout here (no repack yet): each row's blocks are unpacked once and dotted with up to
+ * Quantized weights stay in the GGUF layout here (no repack yet; float weights are repacked into 16-row strips,
+ * see below): each row's blocks are unpacked once and dotted with up to
  * 4 tokens' activations (the prefill reuse); per block one int dot -> one float multiply-add into 4 lanes,
  * (K-quants: per 32-element sub-block one int dot and one scalar multiply-add with its own scale),
  * one horizontal sum per row and token at the end. A 4-row interleave (like the AVX2 x8 one, sized for sdot's
@@ -212,34 +213,133 @@ static void quantize_q8a(const float *x, block_q8a *y, int n) {
     }
 }
 
-/* ------------------------------------------------------------------------------------ float weights */
+/* ------------------------------------------------------------------------------------ float weights
+ * F32 / F16 / BF16 matrices repacked at load into strips of 16 rows stored k-major (the x86 files' layout at
+ * NEON's width: strip g holds, for each input k, the weights of rows 16g..16g+15; rows past n_out zero). Each
+ * output is one f32 FMA chain over k = 0 .. n_in - 1 in order, in one lane: no reduction across lanes, so the
+ * decode path (1-3 tokens, reading the strips directly) and the prefill tiles (a block of FKCN inputs widened to
+ * f32 once, 16 rows x 6 tokens, partial sums kept in y between blocks) give every output bit for bit the same
+ * value whatever the batch. f16 widens exactly (vcvt_f32_f16), bf16 by a shift; activations stay f32. */
+enum { FSN = 16, FKCN = 256, FMRN = 6 };
+
+static void repack_f32_s16(const void *s, void *d, int n_out, int n_in) { el_repack_strips(s, d, n_out, n_in, 4, FSN); }
+static void repack_h_s16(const void *s, void *d, int n_out, int n_in) { el_repack_strips(s, d, n_out, n_in, 2, FSN); }
+
+/* 4 floats of a row from element i: kind 0 f32, 1 f16, 2 bf16 (cache rows too) */
 INLINE float32x4_t load4(const void *p, int kind, int i) {
     if (kind == 0) return vld1q_f32((const float *)p + i);
     if (kind == 1) return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16((const uint16_t *)p + i)));
     return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16((const uint16_t *)p + i), 16));
 }
-INLINE float elem(const void *p, int kind, int i) {
-    return kind == 0 ? ((const float *)p)[i] : kind == 1 ? el_half_to_float(((const el_half *)p)[i])
-                                                         : el_bf16_to_float(((const el_bf16 *)p)[i]);
+
+/* 4 packed weights from element e, widened to f32: kind 0 f32, 1 f16, 2 bf16 */
+INLINE float32x4_t wload4(const void *p, size_t e, int kind) {
+    return kind == 0 ? vld1q_f32((const float *)p + e) : load4((const uint16_t *)p + e, kind, 0);
 }
+
+INLINE void store4_rows(float *y, float32x4_t v, int n) {
+    if (n >= 4) { vst1q_f32(y, v); return; }
+    if (n <= 0) return;
+    float tmp[4];
+    vst1q_f32(tmp, v);
+    memcpy(y, tmp, (size_t)n * 4);
+}
+INLINE float32x4_t load4_rows(const float *y, int n) {
+    if (n >= 4) return vld1q_f32(y);
+    float tmp[4] = { 0, 0, 0, 0 };
+    if (n > 0) memcpy(tmp, y, (size_t)n * 4);
+    return vld1q_f32(tmp);
+}
+
+/* decode: NS strips x NT tokens over all of n_in; nr = valid rows from the first */
+INLINE void fgemv4(const void *w, size_t sstride, int n_in, int kind, int NS, const float *x, size_t xs, int NT,
+                   float *y, size_t ys, int nr) {
+    float32x4_t acc[3][8];
+    for (int t = 0; t < NT; t++)
+        for (int v = 0; v < 4 * NS; v++) acc[t][v] = vdupq_n_f32(0.0f);
+    const float *xt[3];
+    for (int t = 0; t < NT; t++) xt[t] = (const float *)((const char *)x + t * xs);
+    for (int k = 0; k < n_in; k++) {
+        float32x4_t xb[3];
+        for (int t = 0; t < NT; t++) xb[t] = vld1q_dup_f32(xt[t] + k);
+        for (int v = 0; v < 4 * NS; v++) {
+            const float32x4_t wv = wload4(w, (size_t)(v >> 2) * sstride + (size_t)k * FSN + (v & 3) * 4, kind);
+            for (int t = 0; t < NT; t++) acc[t][v] = vfmaq_f32(acc[t][v], wv, xb[t]);
+        }
+    }
+    for (int t = 0; t < NT; t++)
+        for (int v = 0; v < 4 * NS; v++) store4_rows(y + t * ys + v * 4, acc[t][v], nr - v * 4);
+}
+
+/* prefill: one strip's widened block wb [kc][16] x MR tokens; first: from zero, else from the sums in y */
+INLINE void ftile4(const float *wb, int kc, const float *x, size_t xs, int MR, float *y, size_t ys, int first, int nr) {
+    float32x4_t acc[FMRN][4];
+    const float *xt[FMRN];
+    for (int t = 0; t < MR; t++) xt[t] = (const float *)((const char *)x + t * xs);
+    for (int t = 0; t < MR; t++)
+        for (int v = 0; v < 4; v++) acc[t][v] = first ? vdupq_n_f32(0.0f) : load4_rows(y + t * ys + 4 * v, nr - 4 * v);
+    for (int k = 0; k < kc; k++) {
+        float32x4_t wv[4];
+        for (int v = 0; v < 4; v++) wv[v] = vld1q_f32(wb + k * FSN + 4 * v);
+        for (int t = 0; t < MR; t++) {
+            const float32x4_t xb = vld1q_dup_f32(xt[t] + k);
+            for (int v = 0; v < 4; v++) acc[t][v] = vfmaq_f32(acc[t][v], wv[v], xb);
+        }
+    }
+    for (int t = 0; t < MR; t++)
+        for (int v = 0; v < 4; v++) store4_rows(y + t * ys + 4 * v, acc[t][v], nr - 4 * v);
+}
+
+#define FT(MR) case MR: ftile4(wb, kc, xk, x_stride, MR, yt, y_stride, first, nr); break
+INLINE void ftile4_any(const float *wb, int kc, const float *xk, size_t x_stride, int mr, float *yt, size_t y_stride,
+                       int first, int nr) {
+    switch (mr) { FT(1); FT(2); FT(3); FT(4); FT(5); FT(6); default: break; }
+}
+#undef FT
+
+#define FV(NS, NT) fgemv4(ws, sstride, n_in, kind, NS, xt, x_stride, NT, y + (size_t)t * y_stride + r, y_stride, r1 - r)
+INLINE void gemm_strips_neon(const void *w, int n_in, int r0, int r1, const void *x, size_t x_stride, int n_tok,
+                             float *y, size_t y_stride, int kind, int esize) {
+    const size_t sstride = (size_t)FSN * n_in;
+    if (n_tok <= 3) {
+        for (int t = 0; t < n_tok; t += 3) {
+            const int nt = n_tok - t < 3 ? n_tok - t : 3;
+            const float *xt = (const float *)((const char *)x + t * x_stride);
+            int r = r0;
+            if (nt == 1)   /* 8 chains */
+                for (; r + 2 * FSN <= r1; r += 2 * FSN) {
+                    const void *ws = (const char *)w + (size_t)(r / FSN) * sstride * esize;
+                    FV(2, 1);
+                }
+            for (; r < r1; r += FSN) {
+                const void *ws = (const char *)w + (size_t)(r / FSN) * sstride * esize;
+                if (nt == 1) FV(1, 1); else if (nt == 2) FV(1, 2); else FV(1, 3);
+            }
+        }
+        return;
+    }
+    float wb[FKCN * FSN] __attribute__((aligned(16)));
+    for (int r = r0; r < r1; r += FSN) {
+        const void *ws = (const char *)w + (size_t)(r / FSN) * sstride * esize;
+        const int nr = r1 - r;
+        for (int k0 = 0; k0 < n_in; k0 += FKCN) {
+            const int kc = n_in - k0 < FKCN ? n_in - k0 : FKCN;
+            for (int k = 0; k < kc; k++)
+                for (int v = 0; v < 4; v++) vst1q_f32(wb + k * FSN + 4 * v, wload4(ws, (size_t)(k0 + k) * FSN + 4 * v, kind));
+            for (int t = 0; t < n_tok; t += FMRN) {
+                const int mr = n_tok - t < FMRN ? n_tok - t : FMRN;
+                ftile4_any(wb, kc, (const float *)((const char *)x + t * x_stride) + k0, x_stride, mr,
+                           y + (size_t)t * y_stride + r, y_stride, k0 == 0, nr);
+            }
+        }
+    }
+}
+#undef FV
+
 #define GEMM_FLOAT(NAME, KIND, ESIZE)                                                                         \
     static void NAME(const void *w, int n_in, int r0, int r1, const void *x, size_t x_stride, int n_tok,         \
                      float *y, size_t y_stride) {                                                            \
-        for (int r = r0; r < r1; r++) {                                                                      \
-            const void *row = (const char *)w + (size_t)r * n_in * ESIZE;                                    \
-            for (int t = 0; t < n_tok; t++) {                                                                \
-                const float *xt = (const float *)((const char *)x + t * x_stride);                           \
-                float32x4_t a0 = vdupq_n_f32(0), a1 = vdupq_n_f32(0);                                        \
-                int i = 0;                                                                                   \
-                for (; i + 8 <= n_in; i += 8) {                                                              \
-                    a0 = vfmaq_f32(a0, load4(row, KIND, i), vld1q_f32(xt + i));                              \
-                    a1 = vfmaq_f32(a1, load4(row, KIND, i + 4), vld1q_f32(xt + i + 4));                      \
-                }                                                                                            \
-                float s = vaddvq_f32(vaddq_f32(a0, a1));                                                     \
-                for (; i < n_in; i++) s += elem(row, KIND, i) * xt[i];                                       \
-                y[t * y_stride + r] = s;                                                                     \
-            }                                                                                                \
-        }                                                                                                    \
+        gemm_strips_neon(w, n_in, r0, r1, x, x_stride, n_tok, y, y_stride, KIND, ESIZE);                      \
     }
 GEMM_FLOAT(gemm_f32, 0, 4)
 GEMM_FLOAT(gemm_f16, 1, 2)
@@ -398,9 +498,9 @@ void el_fill_neon(el_kernels *k, int dotprod) {
     k->types[EL_TI_Q4_K].gemm = dotprod ? gemm_q4_k_sdot : gemm_q4_k_plain;
     k->types[EL_TI_Q5_K].gemm = dotprod ? gemm_q5_k_sdot : gemm_q5_k_plain;
     k->types[EL_TI_Q6_K].gemm = dotprod ? gemm_q6_k_sdot : gemm_q6_k_plain;
-    k->types[EL_TI_F32].gemm = gemm_f32;
-    k->types[EL_TI_F16].gemm = gemm_f16;
-    k->types[EL_TI_BF16].gemm = gemm_bf16;
+    k->types[EL_TI_F32] = (el_type_kernels){ 0, FSN, repack_f32_s16, gemm_f32 };   /* 16-row k-major strips */
+    k->types[EL_TI_F16] = (el_type_kernels){ 0, FSN, repack_h_s16, gemm_f16 };
+    k->types[EL_TI_BF16] = (el_type_kernels){ 0, FSN, repack_h_s16, gemm_bf16 };
     k->quantize_q8a = quantize_q8a;
     k->rmsnorm = rmsnorm;
     k->softmax = softmax;
