@@ -616,12 +616,28 @@ def bench(model, n_prompt, n_gen, n_threads, reps, backend, as_json, n_gpu_layer
 @click.option("--grpc-port", type=click.IntRange(0, 65535), default=None,
               help='Also serve gRPC (edgellm/serve/edgellm.proto) on this port, same host, keys and limits '
                    '(pip install "edgellm[grpc]").')
+@click.option("--ray", "use_ray", is_flag=True,
+              help='Run as replicas on Ray Serve behind one endpoint, prefix-aware routing (pip install '
+                   '"edgellm[ray]"); --threads is then per replica.')
+@click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True, help="With --ray: replicas.")
+@click.option("--min-replicas", type=click.IntRange(min=1), default=None,
+              help="With --ray: autoscale on ongoing requests from this many...")
+@click.option("--max-replicas", type=click.IntRange(min=1), default=None, help="...up to this many.")
+@click.option("--router", type=click.Choice(["prefix", "random"]), default="prefix", show_default=True,
+              help="With --ray: prefix-aware routing, or Ray Serve's default (power of two choices).")
+@click.option("--ray-address", default=None, metavar="ADDR",
+              help="The Ray cluster to join (default $RAY_ADDRESS, else a local one on this machine).")
+@click.option("--pipeline-stages", type=click.IntRange(min=2), default=None,
+              help="Split the layers into this many pipeline stages, each a Ray actor; --threads is per stage.")
+@click.option("--pipeline-hosts", default=None, metavar="H1,H2,..",
+              help="One pipeline stage per Ray node named (IP address, host name or node id).")
 @_spec_options
 @gpu_options
 def serve(models, host, port, n_threads, n_ctx, n_parallel, n_batch, cache_type_k, cache_type_v, kv_budget,
           no_prefix_cache, backend, temp, top_k, top_p, min_p, repeat_penalty, api_key_file, cors_origins,
           rate_limit, token_limit, max_queue, max_tokens, max_body, request_timeout, log_format, log_level,
-          grpc_port, check_tensors, no_mmap, mlock, model_draft, spec_type, draft_max, draft_min, draft_p_min,
+          grpc_port, use_ray, replicas, min_replicas, max_replicas, router, ray_address, pipeline_stages,
+          pipeline_hosts, check_tensors, no_mmap, mlock, model_draft, spec_type, draft_max, draft_min, draft_p_min,
           n_gpu_layers, device):
     """Serve MODELS over an OpenAI-compatible HTTP API (and a chat page at /).
 
@@ -644,6 +660,19 @@ def serve(models, host, port, n_threads, n_ctx, n_parallel, n_batch, cache_type_
         llm_kwargs["n_parallel"] = n_parallel
     if n_batch is not None:
         llm_kwargs["n_batch"] = n_batch
+    if pipeline_stages is not None and pipeline_hosts:
+        raise click.UsageError("give --pipeline-stages or --pipeline-hosts, not both")
+    if pipeline_hosts:
+        hosts = [h.strip() for h in pipeline_hosts.split(",")]
+        if len(hosts) < 2 or not all(hosts):
+            raise click.BadParameter("at least two host names, comma separated", param_hint="--pipeline-hosts")
+        llm_kwargs.update(pipeline=hosts, ray_address=ray_address)
+    elif pipeline_stages is not None:
+        llm_kwargs.update(pipeline=pipeline_stages, ray_address=ray_address)
+    if "pipeline" in llm_kwargs and use_ray:
+        raise click.UsageError("--ray replicas each run the whole model: leave out --pipeline-stages/--pipeline-hosts")
+    if not use_ray and (replicas != 1 or min_replicas or max_replicas):
+        raise click.UsageError("--replicas, --min-replicas and --max-replicas need --ray")
     sampling = {k: v for k, v in dict(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
                                       repeat_penalty=repeat_penalty).items() if v is not None}
     try:
@@ -655,6 +684,11 @@ def serve(models, host, port, n_threads, n_ctx, n_parallel, n_batch, cache_type_
                          rate_limit=parse_rate(rate_limit), token_limit=parse_rate(token_limit), max_queue=max_queue,
                          max_tokens=max_tokens, max_body=body, request_timeout=request_timeout,
                          log_format=log_format, log_level=log_level)
+    if use_ray:
+        if grpc_port is not None:
+            raise click.UsageError("--grpc-port is not served by --ray replicas")
+        _serve_ray(config, log, host, port, replicas, min_replicas, max_replicas, n_threads, ray_address, router)
+        return
     grpc_mod = None
     if grpc_port is not None:   # before any model loads: a missing extra is a one-line error at once
         try:
@@ -676,6 +710,34 @@ def serve(models, host, port, n_threads, n_ctx, n_parallel, n_batch, cache_type_
     finally:
         if g is not None:
             g.stop(5)
+
+
+def _serve_ray(config, log, host, port, replicas, min_replicas, max_replicas, threads, address, router) -> None:
+    """serve --ray: the replicas deployed on Ray Serve; runs until interrupted, then takes them down (draining)."""
+    import signal
+    import threading
+
+    from .cluster.replicas import deploy
+
+    deploy(config, replicas=replicas, min_replicas=min_replicas, max_replicas=max_replicas, threads=threads,
+           host=host, port=port, address=address, router=router)
+    lo = min_replicas or replicas
+    hi = max_replicas or max(replicas, lo)
+    count = f"{lo}" if lo == hi else f"{lo} to {hi} (autoscaling)"
+    log.info(f"serving {', '.join(config.models)} on http://{host}:{port} through Ray Serve: {count} replicas, "
+             f"{router} routing")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):   # a second ^C would cut the drain short
+            signal.signal(sig, signal.SIG_IGN)
+        from ray import serve
+
+        log.info("draining the replicas")
+        serve.shutdown()
 
 
 from .cli_tools import register as _register_tools  # noqa: E402  (convert, perplexity)

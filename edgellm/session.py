@@ -89,7 +89,7 @@ def save_session(path: str | os.PathLike, model, kv, tokens, cacheable: int | No
             f.write(MAGIC + struct.pack("<II", VERSION, len(blob)) + blob)
             f.write(np.asarray(list(tokens)[:n], dtype="<i4").tobytes())
             if pool is not None:
-                pool.pull()   # layers on a GPU: their rows
+                pool.pull(pool.held(kv.tables))   # layers on a GPU or pipeline stages: their rows
             for g in range(len(held)):
                 blocks, slots = _rows(kv, g, held[g], n)
                 for arr in (pool.k[g], pool.v[g]):
@@ -192,7 +192,7 @@ def _fill(where: str, want: dict, raw: bytes, body: int, model, blocks, n_ctx: i
                 data = np.frombuffer(raw, dtype=arr.dtype, count=int(np.prod(shape)), offset=off).reshape(shape)
                 arr[:, b, :, slots] = data.transpose(1, 0, 2, 3)
                 off += data.nbytes
-        pool.push()
+        pool.push(pool.held(kv.tables))
     except BaseException:
         blocks.free(kv)
         raise

@@ -154,16 +154,18 @@ class Stage:
         try:
             if kind == "fwd":
                 return kind, tag, self._forward(*payload)
-            if kind == "pull":   # each stage adds its layers' rows
-                key, rows = payload
+            if kind == "pull":   # each stage adds its layers' rows of the blocks asked for
+                key, blocks, rows = payload
                 pool = self.pools[key]
-                return kind, tag, (key, rows + [(pool.k[g][i], pool.v[g][i]) for g, i in pool.layer_group])
+                mine = [(pool.k[g][i][blocks[g]], pool.v[g][i][blocks[g]]) for g, i in pool.layer_group]
+                return kind, tag, (key, blocks, rows + mine)
             if kind == "push":   # each stage takes its layers' rows off the front
-                key, rows = payload
+                key, blocks, rows = payload
                 pool = self.pools[key]
                 for (g, i), (k, v) in zip(pool.layer_group, rows):
-                    pool.k[g][i], pool.v[g][i] = k, v
-                return kind, tag, (key, rows[len(pool.layer_group):])
+                    pool.k[g][i][blocks[g]] = k
+                    pool.v[g][i][blocks[g]] = v
+                return kind, tag, (key, blocks, rows[len(pool.layer_group):])
             if kind == "copy":
                 key, g, old, new = payload
                 pool = self.pools.get(key)
@@ -216,14 +218,24 @@ class _Mirror:
     def copy_block(self, g: int, old: int, new: int) -> None:
         self.backend._post("copy", (self.key, g, old, new))
 
-    def pull(self, pool: KVPool) -> None:
-        _, rows = self.backend._call("pull", (self.key, []))
+    partial = True   # pull / push move only the blocks asked for
+
+    def _blocks(self, pool: KVPool, blocks):
+        return [np.arange(n) for n in pool.n_blocks[:pool.n_groups]] if blocks is None else \
+            [np.asarray(b, np.int64) for b in blocks]
+
+    def pull(self, pool: KVPool, blocks=None) -> None:
+        blocks = self._blocks(pool, blocks)
+        _, _, rows = self.backend._call("pull", (self.key, blocks, []))
         for layer, (k, v) in enumerate(rows):
             g, i = pool.layer_group[layer]
-            pool.k[g][i], pool.v[g][i] = k, v
+            pool.k[g][i][blocks[g]] = k
+            pool.v[g][i][blocks[g]] = v
 
-    def push(self, pool: KVPool) -> None:
-        self.backend._call("push", (self.key, [(pool.k[g][i], pool.v[g][i]) for g, i in pool.layer_group]))
+    def push(self, pool: KVPool, blocks=None) -> None:
+        blocks = self._blocks(pool, blocks)
+        self.backend._call("push", (self.key, blocks, [(pool.k[g][i][blocks[g]], pool.v[g][i][blocks[g]])
+                                                       for g, i in pool.layer_group]))
 
 
 class PipelineBackend:
@@ -260,6 +272,11 @@ class PipelineBackend:
         local = all(n == here for n in nodes) or (len(alive) == 1 and all(n in (None, here) for n in nodes))
         self._authkey = secrets.token_bytes(32)   # the chain's connections authenticate with it (HMAC)
         self._host = "127.0.0.1" if local else "0.0.0.0"   # several hosts: reachable from the others
+        need, free = self.n_threads * len(hosts), ray.available_resources().get("CPU", 0)
+        if all(n is None for n in nodes) and need > free:   # Ray would wait for CPUs nobody gives back
+            raise EdgeLLMError(f"the pipeline's {len(hosts)} stages of {self.n_threads} threads need {need} CPUs; the "
+                               f"Ray cluster has {free:g} free (fewer threads per stage, close another pipeline, or "
+                               f"add hosts)")
         actor = ray.remote(Stage)
         for i, ((first, end), node) in enumerate(zip(self.ranges, nodes)):
             opts = dict(num_cpus=self.n_threads, max_restarts=-1, max_task_retries=0)

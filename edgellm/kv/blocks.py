@@ -300,7 +300,7 @@ class BlockManager:
         if any(len(r) > self.num_free(g) for g, r in enumerate(replace)):
             return False
         tables = [t.copy() for t in seq.tables]
-        pool.pull()   # a GPU's layers: their rows come here, move, and go back below
+        pool.pull(pool.held(seq.tables))   # a GPU's or pipeline stages' layers: their rows come here, move, go back
         for g, t in enumerate(tables):
             for j in range(rewrite_lo[g], end):
                 if j in replace[g]:
@@ -320,7 +320,7 @@ class BlockManager:
                 k_rows[moved] = encode(k, pool.type_k).transpose(1, 0, 2)
             kc[dst[0], :, dst[1]] = k_rows
             vc[dst[0], :, dst[1]] = v_rows
-        pool.push()
+        pool.push(pool.held(tables))
         for g, t in enumerate(seq.tables):
             for j in replace[g]:
                 if t[j] >= 0:

@@ -75,15 +75,22 @@ class KVPool:
         for m in self.mirrors:
             m.copy_block(g, old, new)
 
-    def pull(self) -> None:
-        """Before the host reads or rewrites rows: the mirrors' layers copied into these arrays."""
+    def pull(self, blocks=None) -> None:
+        """Before the host reads or rewrites rows: the mirrors' layers copied into these arrays. blocks: the block
+        ids per group that matter (None: all); a mirror that copies only those says so with `partial = True`."""
         for m in self.mirrors:
-            m.pull(self)
+            m.pull(self, blocks) if getattr(m, "partial", False) else m.pull(self)
 
-    def push(self) -> None:
-        """After the host rewrote rows: these arrays copied to the mirrors."""
+    def push(self, blocks=None) -> None:
+        """After the host rewrote rows: these arrays (the blocks given per group, None: all) copied to the
+        mirrors."""
         for m in self.mirrors:
-            m.push(self)
+            m.push(self, blocks) if getattr(m, "partial", False) else m.push(self)
+
+    @staticmethod
+    def held(tables) -> list[np.ndarray]:
+        """The block ids a sequence's tables name, per group (for pull / push)."""
+        return [np.unique(t[t >= 0]) for t in tables]
 
     @property
     def nbytes(self) -> int:

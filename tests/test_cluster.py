@@ -1,0 +1,350 @@
+"""Beyond one process (issue 17): pipeline stages over Ray actors and server replicas on Ray Serve, on a real local
+Ray cluster (loopback; skipped where Ray is not installed), plus the pieces that need no cluster: the C stage entry
+against the whole model, the layer split, the routing functions."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from edgellm.backends.native import NativeBackend
+from edgellm.cluster.pipeline import split_layers
+from edgellm.cluster.replicas import BLOCK, choose, prefix_key, rank
+from edgellm.engine.batch import Batch
+from edgellm.errors import EdgeLLMError
+from edgellm.kv.paged import KVPool, SeqKV
+from edgellm.kv_cache import layer_windows
+
+from conftest import require_native
+
+PROMPTS = ["Tell me about Paris.", "What is a prime number?", "Write a haiku about rain.", "Name three rivers."]
+
+
+# ------------------------------------------------------------------ no cluster needed
+def _pool(model, windows, n_blocks=8):
+    hp = model.hparams
+    return KVPool(len(windows), hp.n_head_kv, hp.head_dim, n_blocks, layer_window=windows,
+                  n_blocks_swa=n_blocks if any(windows) else 0)
+
+
+def _seq(pool, n_ctx=512):
+    kv = SeqKV(pool, n_ctx)
+    for t in kv.tables:
+        t[:8] = np.arange(8)
+    return kv
+
+
+@pytest.mark.parametrize("which", ["smollm2_model", "gemma3_model"])
+def test_stages_equal_the_whole_model_bit_for_bit(which, request):
+    """Layers cut into 3 stages (residual stream handed on) give the whole model's logits and hidden states exactly,
+    prefill and decode, each stage storing K/V only in a pool of its own layers."""
+    require_native()
+    model = request.getfixturevalue(which)
+    hp = model.hparams
+    windows = layer_windows(model)
+    whole = NativeBackend(model, n_threads=2)
+    ranges = split_layers(model, 3)
+    stages = [NativeBackend(model, n_threads=2, layers=r) for r in ranges]
+    kv_whole = _seq(_pool(model, windows))
+    kvs = [_seq(_pool(model, windows[a:b])) for a, b in ranges]
+    ids = model.tokenizer.encode("The capital of France is Paris, and the capital of Italy is")
+    n = len(ids)
+    steps = [(np.array(ids, np.int32), np.arange(n, dtype=np.int32))]
+    for pos in range(n, n + 3):
+        steps.append((np.array([pos % 97 + 5], np.int32), np.array([pos], np.int32)))
+    for tokens, pos in steps:
+        b = Batch(tokens, pos, np.zeros(len(tokens), np.int32), np.ones(len(tokens), bool))
+        want = whole.forward_batch(b, [kv_whole])
+        x = None
+        for st, kv in zip(stages, kvs):
+            x = st.forward_stage(b, [kv], x)
+        assert x.shape == (len(tokens), hp.n_vocab)
+        assert np.array_equal(want, x)
+    # hidden states (embeddings) from the last stage
+    b = Batch(np.array(ids[:4], np.int32), np.arange(4, dtype=np.int32), np.zeros(4, np.int32), np.ones(4, bool))
+    kv_whole, kvs = _seq(_pool(model, windows)), [_seq(_pool(model, windows[a:b])) for a, b in ranges]
+    want = whole.forward_batch(b, [kv_whole], hidden=True)
+    x = stages[0].forward_stage(b, [kvs[0]], None)
+    x = stages[1].forward_stage(b, [kvs[1]], x)
+    assert np.array_equal(want, stages[2].forward_stage(b, [kvs[2]], x, hidden=True))
+
+
+def test_stage_misuse_is_refused(smollm2_model):
+    require_native()
+    hp = smollm2_model.hparams
+    for bad in [(0, 0), (5, 3), (-1, 4), (0, hp.n_layer + 1)]:
+        with pytest.raises(ValueError, match="layers"):
+            NativeBackend(smollm2_model, n_threads=1, layers=bad)
+    mid = NativeBackend(smollm2_model, n_threads=1, layers=(4, 8))
+    b = Batch(np.array([1, 2], np.int32), np.arange(2, dtype=np.int32), np.zeros(2, np.int32), np.ones(2, bool))
+    kv = _seq(_pool(smollm2_model, layer_windows(smollm2_model)[4:8]))
+    with pytest.raises(EdgeLLMError, match="stages"):
+        mid.forward_batch(b, [kv])
+    with pytest.raises(EdgeLLMError, match="first stage starts from tokens"):
+        mid.forward_stage(b, [kv], None)
+    with pytest.raises(EdgeLLMError, match="residual stream must be"):
+        mid.forward_stage(b, [kv], np.zeros((3, hp.n_embd), np.float32))
+    with pytest.raises(EdgeLLMError, match="residual stream must be"):
+        mid.forward_stage(b, [kv], np.full((2, hp.n_embd), np.nan, np.float32))
+    whole_pool = _seq(_pool(smollm2_model, layer_windows(smollm2_model)))   # 30 layers for a stage of 4
+    with pytest.raises(ValueError, match="KV cache of 30 layers"):
+        mid.forward_stage(b, [whole_pool], np.zeros((2, hp.n_embd), np.float32))
+
+
+def test_split_layers_balances_bytes(smollm2_model, gemma3_model):
+    for model in (smollm2_model, gemma3_model):
+        n = model.hparams.n_layer
+        for k in (2, 3, 4):
+            r = split_layers(model, k)
+            assert r[0][0] == 0 and r[-1][1] == n and all(a < b for a, b in r)
+            assert all(r[i][1] == r[i + 1][0] for i in range(k - 1))
+        gf = model.gguf
+        sizes = []
+        out = (gf.tensors.get("output.weight") or gf.tensors["token_embd.weight"]).nbytes
+        for a, b in split_layers(model, 2):
+            sizes.append(sum(i.nbytes for name, i in gf.tensors.items()
+                             if name.startswith("blk.") and a <= int(name.split(".")[1]) < b))
+        sizes[-1] += out
+        layer = max(i.nbytes for name, i in gf.tensors.items() if name.startswith("blk.")) * 9   # a layer's, roughly
+        last = split_layers(model, 2)[-1]
+        # within a layer of an even split, or (Gemma 3: a 262k-token output matrix) the output with one layer
+        assert abs(sizes[0] - sum(sizes) / 2) <= layer or (last[1] - last[0] == 1 and out > sum(sizes) / 2)
+        with pytest.raises(EdgeLLMError):
+            split_layers(model, n + 1)
+
+
+def test_routing_functions():
+    toks = list(range(BLOCK + 5))
+    assert prefix_key(toks[:BLOCK]) is None                      # no full first block: nothing to share
+    assert prefix_key(toks) == prefix_key(toks[:BLOCK] + [7, 7])  # only the first block counts
+    assert prefix_key(toks) != prefix_key([1] + toks[1:])
+    ids = ["a", "b", "c"]
+    homes = {k: rank(k, ids)[0] for k in (prefix_key([i] * (BLOCK + 1)) for i in range(60))}
+    assert set(homes.values()) == set(ids)   # keys spread over the replicas
+    # a replica leaving moves only its own keys
+    for k, home in homes.items():
+        if home != "c":
+            assert rank(k, ["a", "b"])[0] == home
+    k = next(iter(homes))
+    idle = {r: 0 for r in ids}
+    assert choose(k, idle)[0] == homes[k]
+    busy = dict(idle, **{homes[k]: 10})   # the home replica far past the average: the next in the key's order
+    assert choose(k, busy)[0] != homes[k]
+    assert choose(None, {"a": 3, "b": 1, "c": 2})[0] == "b"
+
+
+# ------------------------------------------------------------------ a real local Ray cluster
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = pytest.importorskip("ray")
+    from edgellm.cluster import connect
+
+    connect(num_cpus=8)   # logical CPUs: room for a second pipeline beside the module's (2 real cores)
+    yield ray
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2_path):
+    from edgellm import LLM
+
+    llm = LLM(smollm2_path, n_threads=1, n_ctx=512)
+    out = {p: llm.generate(p, max_tokens=24, temperature=0) for p in PROMPTS}
+    llm.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def piped(ray_local, smollm2_path):
+    from edgellm import LLM
+
+    llm = LLM(smollm2_path, n_threads=1, n_ctx=512, pipeline=2)
+    yield llm
+    llm.close()
+
+
+def test_pipeline_text_and_memory(piped, reference):
+    """2 stages give the greedy text of one process, alone and 4 at once; each stage holds about half the weights."""
+    assert {p: piped.generate(p, max_tokens=24, temperature=0) for p in PROMPTS} == reference
+    got = {}
+    threads = [threading.Thread(target=lambda p=p: got.__setitem__(p, piped.generate(p, max_tokens=24, temperature=0)))
+               for p in PROMPTS]
+    [t.start() for t in threads]
+    [t.join(120) for t in threads]
+    assert got == reference
+    info = piped.backend.info
+    assert len(info) == 2 and {i["pid"] for i in info} != {__import__("os").getpid()}
+    loaded = [i["loaded_rss"] for i in info]
+    assert max(loaded) / sum(loaded) < 0.65, loaded   # each about half of what the two load together
+    assert "stage 1: layers" in piped.backend.describe()
+
+
+def test_pipeline_session_and_context_shift(piped, smollm2_path, tmp_path):
+    """Rows in and out of the stages (sessions, context shift) keep the single process's results."""
+    from edgellm import LLM
+
+    prompt = "Once upon a time, in a land far away, there lived"
+    single = LLM(smollm2_path, n_threads=1, n_ctx=512)
+    try:
+        want = single.generate(prompt, max_tokens=16, temperature=0)
+        single.save_state(tmp_path / "single.bin")      # rows of one process pushed into the stages
+        assert piped.load_state(tmp_path / "single.bin") > 0
+        assert piped.generate(prompt, max_tokens=16, temperature=0) == want
+        piped.generate(prompt + " a dragon", max_tokens=8, temperature=0)
+        piped.save_state(tmp_path / "piped.bin")        # rows pulled out of the stages
+        single.close()
+        single = LLM(smollm2_path, n_threads=1, n_ctx=512)
+        assert single.load_state(tmp_path / "piped.bin") > 0
+        assert single.generate(prompt + " a dragon", max_tokens=8, temperature=0) == \
+            piped.generate(prompt + " a dragon", max_tokens=8, temperature=0)
+    finally:
+        single.close()
+    one = LLM(smollm2_path, n_threads=1, n_ctx=64, context_shift=True, n_keep=4)
+    two = LLM(smollm2_path, n_threads=1, n_ctx=64, context_shift=True, n_keep=4, pipeline=2)
+    try:
+        a = one.generate(prompt, max_tokens=120, temperature=0, logit_bias={one.tokenizer.eos_id: float("-inf")})
+        b = two.generate(prompt, max_tokens=120, temperature=0, logit_bias={two.tokenizer.eos_id: float("-inf")})
+        assert a == b
+    finally:
+        one.close()
+        two.close()
+
+
+def test_pipeline_stage_death_fails_requests_then_recovers(piped, reference, ray_local):
+    """A stage killed mid-generation: that request fails with an error naming the stage, promptly; the stage
+    restarts and the next requests give the same text as before."""
+    for victim in (1, 0):
+        box = {}
+
+        def long_run():
+            try:
+                box["text"] = piped.generate("Write a long story about a dragon.", max_tokens=400, temperature=0,
+                                             logit_bias={piped.tokenizer.eos_id: float("-inf")})
+            except EdgeLLMError as e:
+                box["error"] = e
+
+        t = threading.Thread(target=long_run)
+        t.start()
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        ray_local.kill(piped.backend.stages[victim], no_restart=False)
+        t.join(90)
+        assert not t.is_alive(), "the request hung after its stage died"
+        assert "error" in box and f"pipeline stage {victim}" in str(box["error"]), box
+        assert time.monotonic() - t0 < 60
+        assert piped.generate(PROMPTS[0], max_tokens=24, temperature=0) == reference[PROMPTS[0]]
+
+
+def test_pipeline_bad_arguments(ray_local, smollm2_path):
+    from edgellm import LLM
+
+    for bad, msg in ((1, "at least 2 stages"), ("two", "number of stages or a list of hosts"),
+                     (["no-such-host", "other"], "not a node of the Ray cluster")):
+        with pytest.raises(EdgeLLMError, match=msg):
+            LLM(smollm2_path, n_ctx=256, pipeline=bad)
+    with pytest.raises(EdgeLLMError, match="n_gpu_layers"):
+        LLM(smollm2_path, n_ctx=256, pipeline=2, n_gpu_layers=4)
+
+
+@pytest.fixture(scope="module")
+def replicas(ray_local, smollm2_path):
+    from edgellm.cluster.replicas import deploy
+    from edgellm.serve.config import ServeConfig
+
+    config = ServeConfig(models=[str(smollm2_path)], llm_kwargs={"n_ctx": 1024}, api_keys=["sekrit"])
+    deploy(config, replicas=2, threads=1, port=18765)
+    yield "http://127.0.0.1:18765"
+    from ray import serve
+
+    serve.delete("edgellm")
+
+
+SYSTEMS = [f"You are assistant number {i}. " + "Answer briefly, accurately and politely; cite sources where you can. "
+           * 4 for i in range(3)]
+
+
+def test_replicas_openai_client_and_prefix_routing(replicas, reference):
+    """The real openai client through the Ray endpoint: text as one process gives, streamed and not; every request
+    of a system prompt after its first finds that prompt's blocks cached (its replica holds them)."""
+    import httpx
+    import openai
+
+    assert httpx.post(f"{replicas}/v1/completions", json={"prompt": "x"}).status_code == 401
+    c = openai.OpenAI(base_url=f"{replicas}/v1", api_key="sekrit", max_retries=0)
+    p = PROMPTS[1]
+    r = c.completions.create(model="SmolLM2-135M-Instruct.Q4_1", prompt=p, max_tokens=24, temperature=0)
+    assert r.choices[0].text == reference[p]
+    for stream in (False, True):
+        hits = []
+        for user in range(4):
+            for sp in SYSTEMS:
+                msgs = [{"role": "system", "content": sp}, {"role": "user", "content": f"Question {user}: hello?"}]
+                if stream:
+                    chunks = list(c.chat.completions.create(model="SmolLM2-135M-Instruct.Q4_1",
+                                                            messages=msgs, max_tokens=4, temperature=0, stream=True,
+                                                            stream_options={"include_usage": True}))
+                    usage = chunks[-1].usage
+                    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+                else:
+                    usage = c.chat.completions.create(model="SmolLM2-135M-Instruct.Q4_1", messages=msgs,
+                                                      max_tokens=4, temperature=0).usage
+                hits.append(usage.prompt_tokens_details.cached_tokens >= BLOCK)
+        if not stream:
+            assert hits[len(SYSTEMS):] == [True] * (len(hits) - len(SYSTEMS))   # all but each prompt's first
+        else:
+            assert all(hits)
+
+
+def test_replica_death_fails_its_request_then_recovers(replicas, ray_local):
+    """A replica killed during a stream: the stream ends with an error (no hang); later requests succeed."""
+    import openai
+    from ray import serve
+
+    c = openai.OpenAI(base_url=f"{replicas}/v1", api_key="sekrit", max_retries=0, timeout=60)
+    msgs = [{"role": "user", "content": "Write a very long story about a dragon."}]
+    stream = c.chat.completions.create(model="SmolLM2-135M-Instruct.Q4_1", messages=msgs, max_tokens=2000,
+                                       temperature=0, stream=True, logit_bias={"2": -100})
+    next(iter(stream))
+    actors = [a for a in ray_local.util.list_named_actors(all_namespaces=True)
+              if "Replica" in a["name"] and "SERVE_REPLICA" in a["name"]]
+    assert len(actors) == 2
+    for a in actors:   # both: whichever serves the stream dies
+        ray_local.kill(ray_local.get_actor(a["name"], namespace=a["namespace"]), no_restart=True)
+    t0 = time.monotonic()
+    with pytest.raises(Exception) as err:
+        for chunk in stream:
+            pass
+    assert "replica" in str(err.value).lower()
+    assert time.monotonic() - t0 < 60
+    deadline = time.monotonic() + 120
+    while True:   # Ray Serve starts new replicas
+        try:
+            r = c.chat.completions.create(model="SmolLM2-135M-Instruct.Q4_1", messages=msgs, max_tokens=4,
+                                          temperature=0)
+            assert r.choices[0].message.content
+            break
+        except openai.APIError:
+            assert time.monotonic() < deadline, "no replica came back"
+            time.sleep(2)
+    assert serve.status().applications["edgellm"].status in ("RUNNING", "DEPLOYING")
+
+
+def test_serve_cli_rejects_mixed_flags(smollm2_path):
+    from click.testing import CliRunner
+
+    from edgellm.cli import cli
+
+    r = CliRunner().invoke(cli, ["serve", str(smollm2_path), "--replicas", "2"])
+    assert r.exit_code == 2 and "need --ray" in r.output
+    r = CliRunner().invoke(cli, ["serve", str(smollm2_path), "--ray", "--pipeline-stages", "2"])
+    assert r.exit_code == 2 and "whole model" in r.output
+    r = CliRunner().invoke(cli, ["serve", str(smollm2_path), "--pipeline-stages", "2", "--pipeline-hosts", "a,b"])
+    assert r.exit_code == 2 and "not both" in r.output
