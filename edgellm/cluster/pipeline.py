@@ -51,17 +51,18 @@ class StageError(EdgeLLMError):
 
 
 def split_layers(model, n_stages: int) -> list[tuple[int, int]]:
-    """Contiguous layer ranges, one per stage, balancing the bytes of weights each stage reads per token (the
-    output matrix counts on the last stage): the stages' steps take about as long, and hold about as much."""
+    """Contiguous layer ranges, one per stage, balancing the multiply-adds each stage does per token (the weights'
+    elements; the output matrix counts on the last stage): a pipeline moves at its slowest stage's pace. (Bytes
+    follow, give or take the types: a Q8_0 output beside Q4 layers makes the last stage hold a little more.)"""
     hp, gf = model.hparams, model.gguf
     if not 1 <= n_stages <= hp.n_layer:
         raise EdgeLLMError(f"{n_stages} pipeline stages for a model of {hp.n_layer} layers")
     per_layer = [0] * hp.n_layer
     for name, info in gf.tensors.items():
         if name.startswith("blk."):
-            per_layer[int(name.split(".")[1])] += info.nbytes
+            per_layer[int(name.split(".")[1])] += int(np.prod(info.shape))
     out = gf.tensors.get("output.weight") or gf.tensors["token_embd.weight"]
-    total = sum(per_layer) + out.nbytes
+    total = sum(per_layer) + int(np.prod(out.shape))
     cuts, acc, layer = [], 0, 0
     for s in range(1, n_stages):
         target = total * s / n_stages
@@ -93,6 +94,9 @@ class Stage:
         self.pools: dict[int, KVPool] = {}
         self.loaded = rss_bytes() - before
         self.token = secrets.token_hex(8)   # this incarnation: a restarted stage has another
+        self.forward_s = self.handle_s = 0.0
+        self.messages = 0
+        self.started = time.monotonic()
         self.listener = Listener((host, 0), authkey=authkey)
         port = self.listener.address[1]
         if host == "0.0.0.0":   # stages on several hosts: reached at this node's address
@@ -116,6 +120,12 @@ class Stage:
     def ping(self) -> str:
         return self.token
 
+    def stats(self) -> dict:
+        """Seconds spent in the forward step and in the whole of handling messages, and messages handled, since the
+        stage started: how busy the pipeline keeps it."""
+        return {"forward_s": self.forward_s, "handle_s": self.handle_s, "messages": self.messages,
+                "since_s": time.monotonic() - self.started}
+
     def link(self, address) -> None:
         """Send results to `address` from now on (the next stage's listener, or the driver's); the pools go (a new
         chain is linked only at the start and after a failure, when the engine has forgotten what they held)."""
@@ -134,7 +144,12 @@ class Stage:
                 continue
             try:
                 while True:
-                    self._send(self._handle(up.recv()))
+                    msg = up.recv()
+                    t0 = time.perf_counter()
+                    out = self._handle(msg)
+                    self._send(out)
+                    self.handle_s += time.perf_counter() - t0
+                    self.messages += 1
             except Exception:   # upstream went away (relinked, or died) or sent garbage: wait for the next one
                 up.close()
 
@@ -198,7 +213,9 @@ class Stage:
             kv.swa_from = swa_from
             kvs.append(kv)
         batch = Batch(tokens, positions, seq_ids, want)
+        t0 = time.perf_counter()
         out = self.backend.forward_stage(batch, kvs, x, hidden=hidden)
+        self.forward_s += time.perf_counter() - t0
         return out if self.backend.has_output else (out, key, tokens, positions, seq_ids, want, seqs, hidden)
 
 
