@@ -396,20 +396,15 @@ INLINE void gemm_strips16(const void *w, int n_in, int r0, int r1, const void *x
         for (int t = 0; t < n_tok; t += 3) {
             const int nt = n_tok - t < 3 ? n_tok - t : 3;
             const float *xt = (const float *)((const char *)x + t * x_stride);
-            int r = r0;
-            if (nt == 1)   /* 8 chains */
-                for (; r + 4 * FS2 <= r1; r += 4 * FS2) {
-                    const void *ws = (const char *)w + (size_t)(r / FS2) * sstride * esize;
-                    FV(4, 1);
-                }
-            else           /* 8 or 12 chains */
-                for (; r + 2 * FS2 <= r1; r += 2 * FS2) {
-                    const void *ws = (const char *)w + (size_t)(r / FS2) * sstride * esize;
-                    if (nt == 2) FV(2, 2); else FV(2, 3);
-                }
-            for (; r < r1; r += FS2) {
+            for (int r = r0; r < r1; ) {   /* 1 token: up to 4 strips a pass (8 chains); 2-3: up to 2 (12) */
                 const void *ws = (const char *)w + (size_t)(r / FS2) * sstride * esize;
-                if (nt == 1) FV(1, 1); else if (nt == 2) FV(1, 2); else FV(1, 3);
+                const int left = (r1 - r + FS2 - 1) / FS2, most = nt == 1 ? 4 : 2, ns = left < most ? left : most;
+                switch (ns * 4 + nt) {
+                case 5: FV(1, 1); break;  case 6: FV(1, 2); break; case 7: FV(1, 3); break;
+                case 9: FV(2, 1); break;  case 10: FV(2, 2); break; case 11: FV(2, 3); break;
+                case 13: FV(3, 1); break; default: FV(4, 1); break;
+                }
+                r += ns * FS2;
             }
         }
         return;

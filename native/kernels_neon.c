@@ -305,15 +305,11 @@ INLINE void gemm_strips_neon(const void *w, int n_in, int r0, int r1, const void
         for (int t = 0; t < n_tok; t += 3) {
             const int nt = n_tok - t < 3 ? n_tok - t : 3;
             const float *xt = (const float *)((const char *)x + t * x_stride);
-            int r = r0;
-            if (nt == 1)   /* 8 chains */
-                for (; r + 2 * FSN <= r1; r += 2 * FSN) {
-                    const void *ws = (const char *)w + (size_t)(r / FSN) * sstride * esize;
-                    FV(2, 1);
-                }
-            for (; r < r1; r += FSN) {
+            for (int r = r0; r < r1; ) {   /* 1 token: up to 2 strips a pass (8 chains); 2-3: one (8, 12) */
                 const void *ws = (const char *)w + (size_t)(r / FSN) * sstride * esize;
-                if (nt == 1) FV(1, 1); else if (nt == 2) FV(1, 2); else FV(1, 3);
+                const int ns = nt == 1 && r1 - r > FSN ? 2 : 1;
+                if (ns == 2) FV(2, 1); else if (nt == 1) FV(1, 1); else if (nt == 2) FV(1, 2); else FV(1, 3);
+                r += ns * FSN;
             }
         }
         return;

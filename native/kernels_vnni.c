@@ -233,14 +233,16 @@ INLINE void gemm_strips(const void *w, int n_in, int r0, int r1, const void *x, 
         for (int t = 0; t < n_tok; t += 3) {
             const int nt = n_tok - t < 3 ? n_tok - t : 3;
             const float *xt = (const float *)((const char *)x + t * x_stride);
-            int r = r0;
-            for (; r + 4 * FS <= r1; r += 4 * FS) {
+            for (int r = r0; r < r1; ) {   /* up to 4 strips a pass: 2 to 8 chains a token */
                 const void *ws = (const char *)w + (size_t)(r / FS) * sstride * esize;
-                if (nt == 1) FV(4, 1); else if (nt == 2) FV(4, 2); else FV(4, 3);
-            }
-            for (; r < r1; r += FS) {
-                const void *ws = (const char *)w + (size_t)(r / FS) * sstride * esize;
-                if (nt == 1) FV(1, 1); else if (nt == 2) FV(1, 2); else FV(1, 3);
+                const int left = (r1 - r + FS - 1) / FS, ns = left < 4 ? left : 4;
+                switch (ns * 4 + nt) {
+                case 5: FV(1, 1); break;  case 6: FV(1, 2); break;  case 7: FV(1, 3); break;
+                case 9: FV(2, 1); break;  case 10: FV(2, 2); break; case 11: FV(2, 3); break;
+                case 13: FV(3, 1); break; case 14: FV(3, 2); break; case 15: FV(3, 3); break;
+                default: if (nt == 1) FV(4, 1); else if (nt == 2) FV(4, 2); else FV(4, 3); break;
+                }
+                r += ns * FS;
             }
         }
         return;
