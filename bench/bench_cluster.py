@@ -30,14 +30,15 @@ SYSTEMS = [f"You are assistant {name}. " + text * 3 for name, text in (
 
 
 def _stream_tokens(base: str, model: str, prompt: str, n: int, eos: int) -> int:
+    """One streaming client: the tokens the server says it generated (the usage chunk)."""
     import openai
 
     c = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=600)
     got = 0
     for ch in c.completions.create(model=model, prompt=prompt, max_tokens=n, temperature=0, stream=True,
-                                   logit_bias={str(eos): -100}):
-        if ch.choices and ch.choices[0].text is not None:
-            got += 1
+                                   logit_bias={str(eos): -100}, stream_options={"include_usage": True}):
+        if ch.usage is not None:
+            got = ch.usage.completion_tokens
     return got
 
 
@@ -65,7 +66,7 @@ def bench_replicas(args) -> dict:
     for rnd in range(args.rounds):
         for n in (1, 2):
             deploy(ServeConfig(models=[args.model], llm_kwargs={"n_ctx": 1024, "n_parallel": 8}), replicas=n,
-                   threads=1, port=args.port)
+                   threads=1, port=args.port, router=args.router, stream_interval=args.stream_interval)
             base = f"http://127.0.0.1:{args.port}"
             _stream_tokens(base, args.model, "warm up", 4, eos)
             _concurrent(_stream_tokens, [(base, args.model, "warm up", 4, eos)] * n * 2)
@@ -156,6 +157,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--port", type=int, default=18799)
+    ap.add_argument("--router", default="prefix", choices=["prefix", "random"])
+    ap.add_argument("--stream-interval", type=float, default=0.05)
     ap.add_argument("--json", default=None, help="also write the numbers here")
     args = ap.parse_args()
     out = {"replicas": bench_replicas, "routing": bench_routing, "pipeline": bench_pipeline}[args.what](args)

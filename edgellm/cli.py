@@ -625,6 +625,8 @@ def bench(model, n_prompt, n_gen, n_threads, reps, backend, as_json, n_gpu_layer
 @click.option("--max-replicas", type=click.IntRange(min=1), default=None, help="...up to this many.")
 @click.option("--router", type=click.Choice(["prefix", "random"]), default="prefix", show_default=True,
               help="With --ray: prefix-aware routing, or Ray Serve's default (power of two choices).")
+@click.option("--stream-interval", type=click.FloatRange(0, 1), default=0.05, show_default=True, metavar="S",
+              help="With --ray: a stream's tokens are sent together every S seconds after the first (fewer hops).")
 @click.option("--ray-address", default=None, metavar="ADDR",
               help="The Ray cluster to join (default $RAY_ADDRESS, else a local one on this machine).")
 @click.option("--pipeline-stages", type=click.IntRange(min=2), default=None,
@@ -636,9 +638,9 @@ def bench(model, n_prompt, n_gen, n_threads, reps, backend, as_json, n_gpu_layer
 def serve(models, host, port, n_threads, n_ctx, n_parallel, n_batch, cache_type_k, cache_type_v, kv_budget,
           no_prefix_cache, backend, temp, top_k, top_p, min_p, repeat_penalty, api_key_file, cors_origins,
           rate_limit, token_limit, max_queue, max_tokens, max_body, request_timeout, log_format, log_level,
-          grpc_port, use_ray, replicas, min_replicas, max_replicas, router, ray_address, pipeline_stages,
-          pipeline_hosts, check_tensors, no_mmap, mlock, model_draft, spec_type, draft_max, draft_min, draft_p_min,
-          n_gpu_layers, device):
+          grpc_port, use_ray, replicas, min_replicas, max_replicas, router, stream_interval, ray_address,
+          pipeline_stages, pipeline_hosts, check_tensors, no_mmap, mlock, model_draft, spec_type, draft_max,
+          draft_min, draft_p_min, n_gpu_layers, device):
     """Serve MODELS over an OpenAI-compatible HTTP API (and a chat page at /).
 
     A request's "model" picks one by its name here or its file's stem. Keys from --api-key-file or
@@ -687,7 +689,8 @@ def serve(models, host, port, n_threads, n_ctx, n_parallel, n_batch, cache_type_
     if use_ray:
         if grpc_port is not None:
             raise click.UsageError("--grpc-port is not served by --ray replicas")
-        _serve_ray(config, log, host, port, replicas, min_replicas, max_replicas, n_threads, ray_address, router)
+        _serve_ray(config, log, host, port, replicas, min_replicas, max_replicas, n_threads, ray_address, router,
+                   stream_interval)
         return
     grpc_mod = None
     if grpc_port is not None:   # before any model loads: a missing extra is a one-line error at once
@@ -712,7 +715,8 @@ def serve(models, host, port, n_threads, n_ctx, n_parallel, n_batch, cache_type_
             g.stop(5)
 
 
-def _serve_ray(config, log, host, port, replicas, min_replicas, max_replicas, threads, address, router) -> None:
+def _serve_ray(config, log, host, port, replicas, min_replicas, max_replicas, threads, address, router,
+               stream_interval) -> None:
     """serve --ray: the replicas deployed on Ray Serve; runs until interrupted, then takes them down (draining)."""
     import signal
     import threading
@@ -720,7 +724,7 @@ def _serve_ray(config, log, host, port, replicas, min_replicas, max_replicas, th
     from .cluster.replicas import deploy
 
     deploy(config, replicas=replicas, min_replicas=min_replicas, max_replicas=max_replicas, threads=threads,
-           host=host, port=port, address=address, router=router)
+           host=host, port=port, address=address, router=router, stream_interval=stream_interval)
     lo = min_replicas or replicas
     hi = max_replicas or max(replicas, lo)
     count = f"{lo}" if lo == hi else f"{lo} to {hi} (autoscaling)"

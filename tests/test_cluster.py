@@ -252,6 +252,8 @@ def test_pipeline_bad_arguments(ray_local, smollm2_path):
             LLM(smollm2_path, n_ctx=256, pipeline=bad)
     with pytest.raises(EdgeLLMError, match="n_gpu_layers"):
         LLM(smollm2_path, n_ctx=256, pipeline=2, n_gpu_layers=4)
+    with pytest.raises(EdgeLLMError, match="need 64 CPUs"):   # an error at once, not a wait for CPUs
+        LLM(smollm2_path, n_ctx=256, pipeline=2, n_threads=32)
 
 
 @pytest.fixture(scope="module")
@@ -264,7 +266,8 @@ def replicas(ray_local, smollm2_path):
     yield "http://127.0.0.1:18765"
     from ray import serve
 
-    serve.delete("edgellm")
+    if "edgellm" in serve.status().applications:
+        serve.delete("edgellm")
 
 
 SYSTEMS = [f"You are assistant number {i}. " + "Answer briefly, accurately and politely; cite sources where you can. "
@@ -335,6 +338,49 @@ def test_replica_death_fails_its_request_then_recovers(replicas, ray_local):
             assert time.monotonic() < deadline, "no replica came back"
             time.sleep(2)
     assert serve.status().applications["edgellm"].status in ("RUNNING", "DEPLOYING")
+
+
+def test_replicas_autoscale_up_and_drain_down(replicas, smollm2_path):
+    """min 1, max 2 replicas: load makes Ray Serve start the second, quiet takes it away again, and the streams that
+    were running when it scaled down all finish (graceful drain)."""
+    import openai
+    from ray import serve
+
+    from edgellm.cluster.replicas import deploy
+    from edgellm.serve.config import ServeConfig
+
+    serve.delete("edgellm")
+    deploy(ServeConfig(models=[str(smollm2_path)], llm_kwargs={"n_ctx": 1024, "n_parallel": 2}), replicas=1,
+           min_replicas=1, max_replicas=2, threads=1, port=18765,
+           autoscaling={"target_ongoing_requests": 1, "upscale_delay_s": 0.5, "downscale_delay_s": 2,
+                        "metrics_interval_s": 0.5, "look_back_period_s": 1})
+
+    def running():
+        d = serve.status().applications["edgellm"].deployments["Replica"]
+        return d.replica_states.get("RUNNING", 0)
+
+    assert running() == 1
+    c = openai.OpenAI(base_url=f"{replicas}/v1", api_key="x", max_retries=0, timeout=120)
+    done = []
+
+    def client(i):
+        r = c.completions.create(model="SmolLM2-135M-Instruct.Q4_1", prompt=f"Story {i}:", max_tokens=200,
+                                 temperature=0, logit_bias={"2": -100})
+        done.append(r.usage.completion_tokens)
+
+    most, t0 = 1, time.monotonic()
+    while time.monotonic() - t0 < 60 and most < 2:
+        batch = [threading.Thread(target=client, args=(i,)) for i in range(6)]
+        [t.start() for t in batch]
+        while any(t.is_alive() for t in batch):
+            most = max(most, running())
+            time.sleep(0.2)
+    assert most == 2, "no second replica under load"
+    assert all(n == 200 for n in done), done   # every request finished whole, while replicas came and went
+    t0 = time.monotonic()
+    while running() > 1 and time.monotonic() - t0 < 60:
+        time.sleep(0.5)
+    assert running() == 1, "the idle replica was not taken away"
 
 
 def test_serve_cli_rejects_mixed_flags(smollm2_path):

@@ -33,6 +33,9 @@ def connect(address: str | None = None, num_cpus: int | None = None):
         if address:
             ray.init(address=address, **kw)
         else:
+            # Ray starts its workers at nice 15 (a driver stays responsive); here the workers (replicas, stages)
+            # are the work, and must not yield to every other process on the machine
+            os.environ.setdefault("RAY_worker_niceness", "0")
             ray.init(num_cpus=num_cpus, _node_ip_address="127.0.0.1", **kw)
     except Exception as e:   # no cluster there, a version mismatch, no room for a local one
         where = f"the Ray cluster at {address}" if address else "a local Ray cluster"

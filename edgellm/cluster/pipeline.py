@@ -42,6 +42,20 @@ from ..kv_cache import layer_windows
 from . import connect, rss_bytes
 
 
+def _nodelay(conn):
+    """No Nagle on a chain connection: a message's small header and its payload go out as they are written (else
+    the payload can wait for the peer's delayed ACK, tens of milliseconds a step)."""
+    import socket
+
+    s = socket.socket(fileno=os.dup(conn.fileno()))
+    try:
+        if s.family in (socket.AF_INET, socket.AF_INET6):
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    finally:
+        s.close()
+    return conn
+
+
 class StageError(EdgeLLMError):
     """A pipeline stage failed or died; kv_lost: the K/V it held is gone (it restarts empty)."""
 
@@ -94,7 +108,7 @@ class Stage:
         self.pools: dict[int, KVPool] = {}
         self.loaded = rss_bytes() - before
         self.token = secrets.token_hex(8)   # this incarnation: a restarted stage has another
-        self.forward_s = self.handle_s = 0.0
+        self.forward_s = self.handle_s = self.send_s = 0.0
         self.messages = 0
         self.started = time.monotonic()
         self.listener = Listener((host, 0), authkey=authkey)
@@ -123,8 +137,8 @@ class Stage:
     def stats(self) -> dict:
         """Seconds spent in the forward step and in the whole of handling messages, and messages handled, since the
         stage started: how busy the pipeline keeps it."""
-        return {"forward_s": self.forward_s, "handle_s": self.handle_s, "messages": self.messages,
-                "since_s": time.monotonic() - self.started}
+        return {"forward_s": self.forward_s, "handle_s": self.handle_s, "send_s": self.send_s,
+                "messages": self.messages, "since_s": time.monotonic() - self.started}
 
     def link(self, address) -> None:
         """Send results to `address` from now on (the next stage's listener, or the driver's); the pools go (a new
@@ -132,14 +146,14 @@ class Stage:
         with self.lock:
             if self.down is not None:
                 self.down.close()
-            self.down = Client(tuple(address), authkey=self.authkey)
+            self.down = _nodelay(Client(tuple(address), authkey=self.authkey))
             self.pools.clear()
 
     # ------------------------------------------------------------------ the data plane
     def _serve(self) -> None:
         while True:
             try:
-                up = self.listener.accept()
+                up = _nodelay(self.listener.accept())
             except Exception:   # a peer without the key, or one that hung up during the handshake
                 continue
             try:
@@ -147,8 +161,11 @@ class Stage:
                     msg = up.recv()
                     t0 = time.perf_counter()
                     out = self._handle(msg)
+                    t1 = time.perf_counter()
                     self._send(out)
-                    self.handle_s += time.perf_counter() - t0
+                    t2 = time.perf_counter()
+                    self.handle_s += t2 - t0
+                    self.send_s += t2 - t1
                     self.messages += 1
             except Exception:   # upstream went away (relinked, or died) or sent garbage: wait for the next one
                 up.close()
@@ -397,8 +414,8 @@ class PipelineBackend:
         accept.join(self.PING_S)
         if "conn" not in box:
             raise StageError("the last pipeline stage did not connect back", kv_lost=True)
-        self._down = box["conn"]
-        self._up = Client(tuple(self.info[0]["address"]), authkey=self._authkey)
+        self._down = _nodelay(box["conn"])
+        self._up = _nodelay(Client(tuple(self.info[0]["address"]), authkey=self._authkey))
 
     def _post(self, kind: str, payload) -> int:
         """Send a message down the chain; its tag (results come back in the order sent)."""

@@ -1,6 +1,6 @@
 """Replicas of the server on Ray Serve, behind one endpoint, with prefix-aware routing.
 
-    client ─▶ Ray Serve's HTTP proxy ─▶ Router (one, no CPU reserved) ─▶ Replica × N (the whole `edgellm serve` app:
+    client ─▶ Ray Serve's HTTP proxy ─▶ Router (one, no CPU reserved) ─▶ Replica × N (all of `edgellm serve`:
                                          reads the body, finds the           models, engine, OpenAI routes, keys,
                                          prompt's first KV block             token limits, metrics, the page)
 
@@ -118,11 +118,12 @@ class Prompts:
 class Replica:
     """One replica: the server's ASGI app with its models loaded, called in process for each request."""
 
-    def __init__(self, config: ServeConfig):
+    def __init__(self, config: ServeConfig, stream_interval: float = 0.0):
         from ..serve.app import create_app
 
         self.app = create_app(config)
         self.server = self.app.state.server
+        self.stream_interval = stream_interval
 
     async def handle(self, method: str, path: str, query: bytes, headers: list, client, body: bytes,
                      prefix_key: str | None = None):
@@ -170,6 +171,8 @@ class Replica:
                     done = True
                 if chunks and any(chunks):
                     yield b"".join(chunks)
+                    if not done and self.stream_interval > 0:   # what comes meanwhile goes out as one message
+                        await asyncio.sleep(self.stream_interval)
             if task.done() and not task.cancelled() and task.exception() is not None:
                 raise task.exception()
         finally:
@@ -238,8 +241,8 @@ class Router:
         body = bytes(body)
         key = self.prompts.key(path, body) if request.method == "POST" else None
         client = (request.client.host, request.client.port) if request.client else None
-        gen = self.replicas.handle.remote(request.method, path, request.url.query.encode(), list(request.headers.items()),
-                                          client, body, prefix_key=key)
+        gen = self.replicas.handle.remote(request.method, path, request.url.query.encode(),
+                                          list(request.headers.items()), client, body, prefix_key=key)
         try:
             start = await gen.__anext__()
         except (RayError, StopAsyncIteration) as e:
@@ -278,11 +281,15 @@ def _error(status: int, message: str, code: str, headers: dict | None = None):
 
 def deploy(config: ServeConfig, *, replicas: int = 1, min_replicas: int | None = None,
            max_replicas: int | None = None, threads: int | None = None, host: str = "127.0.0.1", port: int = 8000,
-           address: str | None = None, name: str = "edgellm", router: str = "prefix"):
+           address: str | None = None, name: str = "edgellm", router: str = "prefix",
+           stream_interval: float = 0.05, autoscaling: dict | None = None):
     """Run the server as Ray Serve replicas behind one HTTP endpoint (http://host:port). replicas: a fixed number,
     or autoscaling between min_replicas and max_replicas on ongoing requests; threads: each replica's (default:
     this machine's cores shared among them); router: "prefix" (prefix-aware) or "random" (Ray Serve's power of two
-    choices, for comparison). Returns the Router's handle."""
+    choices, for comparison); stream_interval: after a piece of a stream, a replica gathers what follows for this
+    many seconds and sends it as one message (each message costs two Ray hops; the first token never waits).
+    autoscaling: Ray Serve autoscaling_config fields over the defaults (target_ongoing_requests: half a replica's
+    n_parallel; upscale_delay_s 5, downscale_delay_s 60). Returns the Router's handle."""
     if config.llms:
         raise EdgeLLMError("replicas load their models themselves: give model names or paths, not loaded LLMs")
     if not config.models:
@@ -306,9 +313,10 @@ def deploy(config: ServeConfig, *, replicas: int = 1, min_replicas: int | None =
                            f"{total:g}")
     cfg = ServeConfig(**{**config.__dict__, "llm_kwargs": {**config.llm_kwargs, "n_threads": threads}})
     n_parallel = int(cfg.llm_kwargs.get("n_parallel") or 8)
-    scaling = dict(num_replicas=lo) if lo == hi else dict(autoscaling_config=dict(
-        min_replicas=lo, max_replicas=hi, initial_replicas=replicas if lo <= replicas <= hi else lo,
-        target_ongoing_requests=max(1, n_parallel // 2), upscale_delay_s=5, downscale_delay_s=60))
+    scaling = dict(num_replicas=lo) if lo == hi else dict(autoscaling_config={
+        "min_replicas": lo, "max_replicas": hi, "initial_replicas": replicas if lo <= replicas <= hi else lo,
+        "target_ongoing_requests": max(1, n_parallel // 2), "upscale_delay_s": 5, "downscale_delay_s": 60,
+        **(autoscaling or {})})
     opts = dict(ray_actor_options={"num_cpus": threads}, max_ongoing_requests=n_parallel + cfg.max_queue,
                 graceful_shutdown_wait_loop_s=1, graceful_shutdown_timeout_s=cfg.request_timeout,
                 health_check_period_s=5, health_check_timeout_s=30, **scaling)
@@ -320,4 +328,6 @@ def deploy(config: ServeConfig, *, replicas: int = 1, min_replicas: int | None =
     ingress = serve.deployment(Router, name="Router", num_replicas=1, ray_actor_options={"num_cpus": 0},
                                max_ongoing_requests=1_000_000)
     serve.start(http_options={"host": host, "port": port, "request_timeout_s": cfg.request_timeout})
-    return serve.run(ingress.bind(replica.bind(cfg), cfg), name=name, route_prefix="/")
+    if not 0 <= stream_interval <= 1:
+        raise EdgeLLMError(f"stream_interval must be 0 to 1 s, got {stream_interval!r}")
+    return serve.run(ingress.bind(replica.bind(cfg, stream_interval), cfg), name=name, route_prefix="/")
