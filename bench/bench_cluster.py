@@ -9,6 +9,9 @@
     .venv/bin/python bench/bench_cluster.py pipeline [--rounds 3]
         4 sequences in flight: 2 pipeline stages x 1 thread vs one process of 2 threads (alternating), greedy text
         compared, each stage's resident memory
+    .venv/bin/python bench/bench_cluster.py steps
+        one process's decode step at 1, 2, 4, 8 sequences, 1 and 2 threads: what batching gives (the ceiling of what
+        replicas or stages can add at a fixed number of clients)
 
 Generation ignores end-of-sequence (its logit banned) so every request makes exactly --tokens tokens.
 """
@@ -150,18 +153,58 @@ def bench_pipeline(args) -> dict:
             "stages": [{k: s[k] for k in ("layers", "rss", "loaded_rss")} for s in info]}
 
 
+def step_times(args) -> dict:
+    """Decode steps of 1, 2, 4 and 8 sequences (at position ~100) in one process, 1 and 2 threads, in ms: what batching
+    and threads give, against which replicas and stages are measured."""
+    import numpy as np
+
+    from edgellm.backends.native import NativeBackend
+    from edgellm.engine.batch import Batch
+    from edgellm.hub import resolve_model
+    from edgellm.kv.blocks import BlockManager
+    from edgellm.kv.paged import KVPool
+    from edgellm.model import Model
+
+    m = Model(resolve_model(args.model))
+    out = {}
+    for threads in (1, 2):
+        be = NativeBackend(m, n_threads=threads)
+        bm = BlockManager(KVPool.for_model(m, 64))
+        kvs = [bm.new_seq(512) for _ in range(8)]
+        for kv in kvs:
+            bm.allocate(kv, None, 300)
+            be.forward_batch(Batch(np.zeros(100, np.int32), np.arange(100, dtype=np.int32), np.zeros(100, np.int32),
+                                   np.eye(1, 100, 99, dtype=bool)[0]), [kv])
+        pos = 100
+        for n in (1, 2, 4, 8):
+            times = []
+            for rep in range(args.steps):
+                b = Batch(np.zeros(n, np.int32), np.full(n, pos, np.int32), np.arange(n, dtype=np.int32),
+                          np.ones(n, bool))
+                t0 = time.perf_counter()
+                be.forward_batch(b, kvs[:n])
+                times.append(time.perf_counter() - t0)
+                pos += 1
+            out[f"{threads}t x{n}"] = 1e3 * statistics.median(times)
+        be.close()
+    print("decode step, ms (median): " + ", ".join(f"{k} {v:.2f}" for k, v in out.items()))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["replicas", "routing", "pipeline"])
+    ap.add_argument("what", choices=["replicas", "routing", "pipeline", "steps"])
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=40, help="steps: decode steps per batch size")
     ap.add_argument("--port", type=int, default=18799)
     ap.add_argument("--router", default="prefix", choices=["prefix", "random"])
     ap.add_argument("--stream-interval", type=float, default=0.05)
     ap.add_argument("--json", default=None, help="also write the numbers here")
     args = ap.parse_args()
-    out = {"replicas": bench_replicas, "routing": bench_routing, "pipeline": bench_pipeline}[args.what](args)
+    out = {"replicas": bench_replicas, "routing": bench_routing, "pipeline": bench_pipeline,
+           "steps": step_times}[args.what](args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1, default=str)

@@ -136,6 +136,73 @@ def test_routing_functions():
     assert choose(None, {"a": 3, "b": 1, "c": 2})[0] == "b"
 
 
+class _Deferred:
+    """A backend with a pipeline's interface (submit / result, pipeline_depth) over the native core: the engine's
+    steps in flight, their groups, landings, cancellations and preemptions, without Ray."""
+
+    def __init__(self, backend, depth):
+        self.backend, self.pipeline_depth, self.n_batch = backend, depth, backend.n_batch
+        self.out, self.n, self.most = {}, 0, 0
+
+    def forward_batch(self, batch, kvs, hidden=False):
+        return self.backend.forward_batch(batch, kvs, hidden=hidden)
+
+    def submit(self, batch, kvs, hidden=False):
+        self.n += 1
+        self.out[self.n] = self.backend.forward_batch(batch, kvs, hidden=hidden)
+        self.most = max(self.most, len(self.out))
+        return self.n
+
+    def result(self, handle):
+        return self.out.pop(handle)
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+def test_steps_in_flight_keep_every_sequence_s_text(smollm2_model, depth):
+    """The engine with `depth` steps in flight (groups of sequences taking turns): a pool small enough to preempt,
+    a request cancelled mid-way; every other text is the one it gives alone, and every block comes back."""
+    require_native()
+    from edgellm.engine.core import EngineCore
+    from edgellm.engine.sequence import Sequence
+    from edgellm.sampling import SamplingParams
+
+    native = NativeBackend(smollm2_model, n_threads=2)
+    pipe = _Deferred(native, depth)
+    block = KVPool.for_model(smollm2_model, 1).block_bytes(0)
+    core = EngineCore.for_model(smollm2_model, pipe, 1024, budget=14 * block, n_parallel=8, max_idle=0,
+                                prefix_cache=False)
+    tok = smollm2_model.tokenizer
+    prompts = [tok.encode(f"Story {i}: once upon a time " * (4 + 7 * i)) for i in range(6)]
+
+    def seq(p):
+        return Sequence(p, SamplingParams(temperature=0), tok, n_ctx=1024, max_tokens=40)
+
+    seqs = [seq(p) for p in prompts]
+    for s in seqs:
+        core.add(s)
+    steps = 0
+    while any(not s.finished for s in seqs):
+        core.step()
+        steps += 1
+        if steps == 12:
+            core.abort(seqs[2])   # in flight or not: dropped, its blocks freed once it lands
+    core.drain()
+    assert pipe.most == depth   # steps really were in flight together
+    assert core.scheduler.n_preempted > 0
+    assert seqs[2].finish_reason == "abort"
+    alone = EngineCore.for_model(smollm2_model, native, 1024, budget=None, prefix_cache=False)
+    for i, s in enumerate(seqs):
+        if i == 2:
+            continue
+        parts = []
+        while not s.out.empty():
+            r = s.out.get()
+            assert not isinstance(r, BaseException), r
+            parts.append(r.text)
+        assert "".join(parts) == "".join(r.text for r in alone.generate(seq(prompts[i]))), i
+    assert core.blocks.stats()["groups"][0]["used"] == 0
+
+
 # ------------------------------------------------------------------ a real local Ray cluster
 @pytest.fixture(scope="module")
 def ray_local():

@@ -250,7 +250,7 @@ class _Mirror:
         return b
 
     def copy_block(self, g: int, old: int, new: int) -> None:
-        self.backend._post("copy", (self.key, g, old, new))
+        self.backend._post("copy", (self.key, g, old, new), wait=False)
 
     partial = True   # pull / push move only the blocks asked for
 
@@ -336,7 +336,9 @@ class PipelineBackend:
         self._keys: weakref.WeakKeyDictionary[KVPool, int] = weakref.WeakKeyDictionary()
         self._dropped: list[int] = []
         self._next_key = self._tag = 0
-        self._pending: deque[int] = deque()   # tags sent, in order; results come back in that order
+        self._pending: deque[int] = deque()   # tags sent, in order; answers come back in that order
+        self._unwaited: set[int] = set()      # tags whose answer nobody waits for
+        self._results: dict[int, tuple] = {}  # answers that came before the one waited for
         self._tokens = [inf["token"] for inf in self.info]
         self._link()
 
@@ -392,6 +394,8 @@ class PipelineBackend:
                 c.close()
         self._up = self._down = None
         self._pending.clear()
+        self._unwaited.clear()
+        self._results.clear()
         self._keys = weakref.WeakKeyDictionary()
         try:
             self.info = ray.get([s.info.remote() for s in self.stages], timeout=self.PING_S * 5)
@@ -417,8 +421,9 @@ class PipelineBackend:
         self._down = _nodelay(box["conn"])
         self._up = _nodelay(Client(tuple(self.info[0]["address"]), authkey=self._authkey))
 
-    def _post(self, kind: str, payload) -> int:
-        """Send a message down the chain; its tag (results come back in the order sent)."""
+    def _post(self, kind: str, payload, wait: bool = True) -> int:
+        """Send a message down the chain; its tag. wait=False: nobody collects its answer (copy-on-write, dropping a
+        pool); only a failure of it is heard, at the next wait."""
         if self._up is None:
             self._link()
         self._tag += 1
@@ -427,15 +432,18 @@ class PipelineBackend:
         except OSError:
             self._failed()
         self._pending.append(self._tag)
+        if not wait:
+            self._unwaited.add(self._tag)
         return self._tag
 
     def _call(self, kind: str, payload):
         return self._wait(self._post(kind, payload))
 
     def _wait(self, tag: int):
-        """Results up to the one tagged `tag` (earlier ones are acknowledgements of control messages)."""
-        while True:
-            if not self._pending:
+        """The answer to message `tag`. Answers come back in the order sent: those before it are kept for their own
+        waits (steps still in flight) or dropped (unwaited control messages)."""
+        while tag not in self._results:
+            if tag not in self._pending:
                 raise StageError("no such step in flight", kv_lost=False)
             try:
                 while not self._down.poll(self.POLL_S):
@@ -443,11 +451,17 @@ class PipelineBackend:
                 kind, got, payload = self._down.recv()
             except (EOFError, OSError, AttributeError):
                 self._failed()
-            self._pending.popleft()
-            if kind == "error":
-                raise StageError(f"a pipeline {payload}", kv_lost=False)
-            if got == tag:
-                return payload
+            self._pending.remove(got)
+            if got in self._unwaited:
+                self._unwaited.discard(got)
+                if kind == "error":   # a block copy the engine relies on did not happen: its cache is not true
+                    raise StageError(f"a pipeline {payload}", kv_lost=True)
+                continue
+            self._results[got] = (kind, payload)
+        kind, payload = self._results.pop(tag)
+        if kind == "error":
+            raise StageError(f"a pipeline {payload}", kv_lost=False)
+        return payload
 
     def _check(self) -> None:
         """Every stage still the one linked (a restarted stage lost its pools and its place in the chain)."""
@@ -477,18 +491,20 @@ class PipelineBackend:
                 c.close()
         self._up = self._down = None
         self._pending.clear()
+        self._unwaited.clear()
+        self._results.clear()
         raise StageError(f"pipeline {which} died or stopped answering; the requests it was running failed, it "
                          f"restarts and later requests run", kv_lost=True)
 
     def _key(self, pool: KVPool) -> int:
         while self._dropped:
-            self._post("drop", self._dropped.pop())
+            self._post("drop", self._dropped.pop(), wait=False)
         key = self._keys.get(pool)
         if key is None:
             key = self._next_key
             self._next_key += 1
             self._post("pool", (key, pool.n_blocks[0], pool.n_blocks[1] if pool.swa else 0, pool.type_k, pool.type_v,
-                                any(pool.layer_window) and not pool.swa))
+                                any(pool.layer_window) and not pool.swa), wait=False)
             self._keys[pool] = key
             for m in pool.mirrors:
                 if isinstance(m, _Mirror) and m._backend() is self:

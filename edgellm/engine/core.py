@@ -155,7 +155,11 @@ class EngineCore:
         return kv.n_past
 
     def abort(self, seq: Sequence) -> None:
-        """Drop a sequence (its requester went away): its blocks are freed at once."""
+        """Drop a sequence (its requester went away): its blocks are freed at once (a sequence whose step is in a
+        pipeline's flight is dropped when that step lands: seq.cancelled is set)."""
+        if any(seq is s for f in self.flights for s, _ in f.plan):
+            seq.cancelled = True
+            return
         if seq.status is not Status.FINISHED:
             self.scheduler.remove(seq)
             seq.finish("abort", flush=False)
@@ -528,10 +532,14 @@ class EngineRunner:
                 closed = self._closed
                 items = list(self._inbox)
                 self._inbox.clear()
+            if any(kind is None for kind, _ in items):   # jobs read the sequences and the pool: nothing in flight
+                try:
+                    core.drain()
+                except BaseException as e:
+                    core.fail_all(e if isinstance(e, EdgeLLMError) else EdgeLLMError(f"the engine failed: {e!r}"))
             for kind, item in items:   # kind: None a job for the core, True a new sequence, False a cancellation
                 try:
                     if kind is None:
-                        core.drain()
                         item(core)
                     elif kind and closed:
                         item.fail(EdgeLLMError("the model was closed"))
