@@ -174,13 +174,13 @@ INLINE __mmask16 rows_mask(int n) { return n >= 16 ? (__mmask16)0xFFFF : n <= 0 
 /* decode: NS strips (rows r.. of the strips starting at w) x NT tokens, all of n_in; nr = valid rows from r */
 INLINE void fgemv(const void *w, size_t sstride, int n_in, int kind, int NS, const float *x, size_t xs, int NT,
                   float *y, size_t ys, int nr) {
-    __m512 acc[3][8];
+    __m512 acc[6][8];
     for (int t = 0; t < NT; t++)
         for (int v = 0; v < 2 * NS; v++) acc[t][v] = _mm512_setzero_ps();
-    const float *xt[3];
+    const float *xt[6];
     for (int t = 0; t < NT; t++) xt[t] = (const float *)((const char *)x + t * xs);
     for (int k = 0; k < n_in; k++) {
-        __m512 xb[3];
+        __m512 xb[6];
         for (int t = 0; t < NT; t++) xb[t] = _mm512_set1_ps(xt[t][k]);
         for (int v = 0; v < 2 * NS; v++) {
             const __m512 wv = wload16(w, (size_t)(v >> 1) * sstride + (size_t)k * FS + (v & 1) * 16, kind);
@@ -230,20 +230,30 @@ INLINE void gemm_strips(const void *w, int n_in, int r0, int r1, const void *x, 
                         float *y, size_t y_stride, int kind, int esize) {
     const size_t sstride = (size_t)FS * n_in;   /* elements per strip */
     if (n_tok <= 3) {
-        for (int t = 0; t < n_tok; t += 3) {
-            const int nt = n_tok - t < 3 ? n_tok - t : 3;
-            const float *xt = (const float *)((const char *)x + t * x_stride);
-            for (int r = r0; r < r1; ) {   /* up to 4 strips a pass: 2 to 8 chains a token */
-                const void *ws = (const char *)w + (size_t)(r / FS) * sstride * esize;
-                const int left = (r1 - r + FS - 1) / FS, ns = left < 4 ? left : 4;
-                switch (ns * 4 + nt) {
-                case 5: FV(1, 1); break;  case 6: FV(1, 2); break;  case 7: FV(1, 3); break;
-                case 9: FV(2, 1); break;  case 10: FV(2, 2); break; case 11: FV(2, 3); break;
-                case 13: FV(3, 1); break; case 14: FV(3, 2); break; case 15: FV(3, 3); break;
-                default: if (nt == 1) FV(4, 1); else if (nt == 2) FV(4, 2); else FV(4, 3); break;
-                }
-                r += ns * FS;
+        for (int r = r0; r < r1; ) {   /* up to 4 strips a pass: 2 to 8 chains a token */
+            const void *ws = (const char *)w + (size_t)(r / FS) * sstride * esize;
+            const int left = (r1 - r + FS - 1) / FS, ns = left < 4 ? left : 4, t = 0;
+            const float *xt = x;
+            switch (ns * 4 + n_tok) {
+            case 5: FV(1, 1); break;  case 6: FV(1, 2); break;  case 7: FV(1, 3); break;
+            case 9: FV(2, 1); break;  case 10: FV(2, 2); break; case 11: FV(2, 3); break;
+            case 13: FV(3, 1); break; case 14: FV(3, 2); break; case 15: FV(3, 3); break;
+            default: if (n_tok == 1) FV(4, 1); else if (n_tok == 2) FV(4, 2); else FV(4, 3); break;
             }
+            r += ns * FS;
+        }
+        return;
+    }
+    if (n_tok <= 6) {   /* a few tokens (batched decode, draft verification): the strips read once, 2 at a time */
+        for (int r = r0; r < r1; ) {
+            const void *ws = (const char *)w + (size_t)(r / FS) * sstride * esize;
+            const int ns = r1 - r > FS ? 2 : 1, t = 0;
+            const float *xt = x;
+            switch (ns * 8 + n_tok) {
+            case 12: FV(1, 4); break; case 13: FV(1, 5); break; case 14: FV(1, 6); break;
+            case 20: FV(2, 4); break; case 21: FV(2, 5); break; default: FV(2, 6); break;
+            }
+            r += ns * FS;
         }
         return;
     }
