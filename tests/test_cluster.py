@@ -348,6 +348,15 @@ def test_replicas_openai_client_and_prefix_routing(replicas, reference):
     import openai
 
     assert httpx.post(f"{replicas}/v1/completions", json={"prompt": "x"}).status_code == 401
+    auth = {"Authorization": "Bearer sekrit"}
+    r = httpx.post(f"{replicas}/v1/completions", content=b"x" * (5 << 20), headers=auth)   # over --max-body
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    for body in (b"{not json", b'{"model": "SmolLM2-135M-Instruct.Q4_1", "messages": "hi"}',
+                 b'{"model": "nope", "prompt": "x"}'):   # the replica's own answers, through the Router
+        r = httpx.post(f"{replicas}/v1/chat/completions", content=body, headers={**auth,
+                                                                                  "Content-Type": "application/json"})
+        assert r.status_code in (400, 404, 422) and "error" in r.json(), (body, r.text)
+    assert httpx.get(f"{replicas}/health").json()["status"] == "ok"
     c = openai.OpenAI(base_url=f"{replicas}/v1", api_key="sekrit", max_retries=0)
     p = PROMPTS[1]
     r = c.completions.create(model="SmolLM2-135M-Instruct.Q4_1", prompt=p, max_tokens=24, temperature=0)

@@ -389,13 +389,7 @@ class PipelineBackend:
         """Connect driver -> stage 0 -> ... -> last stage -> driver (again after a failure: the stages start with
         no pools, the engine has forgotten its cache)."""
         ray = self._ray
-        for c in (self._up, self._down):
-            if c is not None:
-                c.close()
-        self._up = self._down = None
-        self._pending.clear()
-        self._unwaited.clear()
-        self._results.clear()
+        self._unlink()
         self._keys = weakref.WeakKeyDictionary()
         try:
             self.info = ray.get([s.info.remote() for s in self.stages], timeout=self.PING_S * 5)
@@ -420,6 +414,16 @@ class PipelineBackend:
             raise StageError("the last pipeline stage did not connect back", kv_lost=True)
         self._down = _nodelay(box["conn"])
         self._up = _nodelay(Client(tuple(self.info[0]["address"]), authkey=self._authkey))
+
+    def _unlink(self) -> None:
+        """Close the driver's ends of the chain; whatever was in flight is forgotten."""
+        for c in (self._up, self._down):
+            if c is not None:
+                c.close()
+        self._up = self._down = None
+        self._pending.clear()
+        self._unwaited.clear()
+        self._results.clear()
 
     def _post(self, kind: str, payload, wait: bool = True) -> int:
         """Send a message down the chain; its tag. wait=False: nobody collects its answer (copy-on-write, dropping a
@@ -486,13 +490,7 @@ class PipelineBackend:
                 a, b = self.ranges[i]
                 which = f"stage {i} (layers {a}-{b - 1}, {self.info[i]['node']}, pid {self.info[i]['pid']})"
                 break
-        for c in (self._up, self._down):
-            if c is not None:
-                c.close()
-        self._up = self._down = None
-        self._pending.clear()
-        self._unwaited.clear()
-        self._results.clear()
+        self._unlink()
         raise StageError(f"pipeline {which} died or stopped answering; the requests it was running failed, it "
                          f"restarts and later requests run", kv_lost=True)
 
