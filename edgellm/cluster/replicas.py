@@ -28,6 +28,7 @@ import asyncio
 import hashlib
 import json
 import math
+import os
 
 from ..errors import EdgeLLMError
 from ..kv.paged import BLOCK
@@ -124,6 +125,12 @@ class Replica:
         self.app = create_app(config)
         self.server = self.app.state.server
         self.stream_interval = stream_interval
+        try:   # which replica answered: a response header (logs, tests, routing checks)
+            from ray import serve
+
+            self.name = serve.get_replica_context().replica_id.unique_id
+        except Exception:   # not inside Ray Serve
+            self.name = str(os.getpid())
 
     async def handle(self, method: str, path: str, query: bytes, headers: list, client, body: bytes,
                      prefix_key: str | None = None):
@@ -158,7 +165,8 @@ class Replica:
                 while message is not None:
                     if message["type"] == "http.response.start":
                         yield ("start", message["status"],
-                               [(k.decode("latin-1"), v.decode("latin-1")) for k, v in message.get("headers", [])])
+                               [(k.decode("latin-1"), v.decode("latin-1")) for k, v in message.get("headers", [])]
+                               + [("x-edgellm-replica", self.name)])
                     elif message["type"] == "http.response.body":
                         chunks.append(message.get("body", b""))
                         if not message.get("more_body", False):
