@@ -25,7 +25,7 @@ import threading
 import time
 
 PROMPTS = [f"Write a long story about a {w}." for w in ("cat", "dog", "robot", "tree", "river", "city", "ship", "bird")]
-SYSTEMS = [f"You are assistant {name}. " + text * 3 for name, text in (
+SYSTEMS = [f"You are assistant {name}. " + text * 12 for name, text in (
     ("Alpha", "You answer questions about geography with precision and cite figures. "),
     ("Bravo", "You write short poems in the style of the question, never longer than four lines. "),
     ("Charlie", "You explain programming concepts to beginners with small code examples. "),
@@ -104,15 +104,18 @@ def bench_routing(args) -> dict:
                 {"role": "system", "content": SYSTEMS[s]}, {"role": "user", "content": f"User {u}: a question?"}])
             return r.usage.prompt_tokens, r.usage.prompt_tokens_details.cached_tokens
 
+        shared = min(len(s) for s in SYSTEMS)
         results = []
-        for i in range(0, len(jobs), 8):   # 8 clients at a time
+        for i in range(0, len(jobs), 8):   # 8 clients at a time, users in turn, each asking under all 4 prompts
             results += _concurrent(ask, jobs[i:i + 8])[1]
-        hits = sum(1 for _, cached in results if cached >= 64)
+        # a hit: the request found every whole 64-token block of its system prompt cached (the user's part, the
+        # last ~16 tokens, is its own)
+        hits = sum(1 for prompt, cached in results if cached >= (prompt - 16) // 64 * 64)
         out[router] = {"requests": len(results), "hits": hits, "hit_rate": hits / len(results),
                        "cached_tokens": sum(c for _, c in results), "prompt_tokens": sum(p for p, _ in results)}
         print(f"{router} router: {hits}/{len(results)} requests found their system prompt cached "
               f"({hits / len(results):.1%}); cached {out[router]['cached_tokens']} of "
-              f"{out[router]['prompt_tokens']} prompt tokens", flush=True)
+              f"{out[router]['prompt_tokens']} prompt tokens ({shared}+ characters of system prompt each)", flush=True)
         serve.delete("edgellm")
     return out
 
