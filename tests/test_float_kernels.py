@@ -21,17 +21,10 @@ ffi, lib = native.ffi, native.lib
 
 from edgellm.quant import GGMLType
 
-ISAS = [n for n in ("generic", "avx2", "avx512vnni", "neon", "neon-dotprod") if lib.el_isa_available(n.encode())]
+from test_native_kernels import ISAS, isa  # noqa: E402,F401  (the ISA fixture: every instruction set here)
+
 FLOAT_TYPES = [GGMLType.F32, GGMLType.F16, GGMLType.BF16]
 SENTINEL = np.float32(-31337.25)
-
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    before = ffi.string(lib.el_isa()).decode()
-    assert lib.el_set_isa(request.param.encode()) == 0
-    yield request.param
-    lib.el_set_isa(before.encode())
 
 
 @pytest.fixture(scope="module")
