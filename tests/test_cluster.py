@@ -313,7 +313,9 @@ def test_pipeline_stage_death_fails_requests_then_recovers(piped, reference, ray
 def test_pipeline_bad_arguments(ray_local, smollm2_path):
     from edgellm import LLM
 
-    for bad, msg in ((1, "at least 2 stages"), ("two", "number of stages or a list of hosts"),
+    for bad, msg in ((1, "2 to 30 stages"), (0, "2 to 30 stages"), (-1, "2 to 30 stages"), (10**9, "2 to 30 stages"),
+                     (["one-host"], "at least 2 stages"), (2.5, "number of stages or a list of hosts"),
+                     (True, "number of stages or a list of hosts"), ("two", "number of stages or a list of hosts"),
                      (["no-such-host", "other"], "not a node of the Ray cluster")):
         with pytest.raises(EdgeLLMError, match=msg):
             LLM(smollm2_path, n_ctx=256, pipeline=bad)
@@ -321,6 +323,12 @@ def test_pipeline_bad_arguments(ray_local, smollm2_path):
         LLM(smollm2_path, n_ctx=256, pipeline=2, n_gpu_layers=4)
     with pytest.raises(EdgeLLMError, match="need 64 CPUs"):   # an error at once, not a wait for CPUs
         LLM(smollm2_path, n_ctx=256, pipeline=2, n_threads=32)
+    here = ray_local.util.get_node_ip_address()
+    with pytest.raises(EdgeLLMError, match="CPUs; its stages ask for 64"):
+        LLM(smollm2_path, n_ctx=256, pipeline=[here, here], n_threads=32)
+    for bad in (0, -1, 2.5, "x", 10**9):
+        with pytest.raises(EdgeLLMError, match="threads per stage"):
+            LLM(smollm2_path, n_ctx=256, pipeline=2, n_threads=bad)
 
 
 @pytest.fixture(scope="module")
@@ -459,6 +467,21 @@ def test_replicas_autoscale_up_and_drain_down(replicas, smollm2_path):
     while running() > 1 and time.monotonic() - t0 < 60:
         time.sleep(0.5)
     assert running() == 1, "the idle replica was not taken away"
+
+
+def test_deploy_rejects_bad_arguments_before_starting_anything(smollm2_path):
+    from edgellm.cluster.replicas import deploy
+    from edgellm.serve.config import ServeConfig
+
+    config = ServeConfig(models=[str(smollm2_path)])
+    for kw, msg in ((dict(threads=-1), "threads per replica"), (dict(threads=2.5), "threads per replica"),
+                    (dict(replicas=0), "need 1 <= min"), (dict(replicas=2.5), "replicas must be an integer"),
+                    (dict(min_replicas=3, max_replicas=2), "need 1 <= min"), (dict(router="x"), "router must be"),
+                    (dict(stream_interval=float("nan")), "stream_interval"), (dict(stream_interval=5), "stream_interval")):
+        with pytest.raises(EdgeLLMError, match=msg):
+            deploy(config, **kw)
+    with pytest.raises(EdgeLLMError, match="no model"):
+        deploy(ServeConfig())
 
 
 def test_serve_cli_rejects_mixed_flags(smollm2_path):

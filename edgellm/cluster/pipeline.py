@@ -284,6 +284,9 @@ class PipelineBackend:
     def __init__(self, model, stages, n_threads: int | None = None, n_batch: int = 512, address: str | None = None,
                  timeout: float = 600.0):
         if isinstance(stages, int) and not isinstance(stages, bool):
+            if not 2 <= stages <= model.hparams.n_layer:
+                raise EdgeLLMError(f"a pipeline has 2 to {model.hparams.n_layer} stages (one layer each at least), "
+                                   f"got {stages}")
             hosts = [None] * stages
         elif isinstance(stages, (list, tuple)) and all(h is None or isinstance(h, str) for h in stages):
             hosts = list(stages)
@@ -291,10 +294,9 @@ class PipelineBackend:
             raise EdgeLLMError(f"pipeline: a number of stages or a list of hosts, got {stages!r}")
         if len(hosts) < 2:
             raise EdgeLLMError("a pipeline has at least 2 stages")
-        from ..backends.loader import default_threads
+        from ..backends.loader import check_threads, default_threads
 
-        if n_threads is not None and (isinstance(n_threads, bool) or int(n_threads) < 1):
-            raise EdgeLLMError(f"threads per stage must be at least 1, got {n_threads!r}")
+        check_threads(n_threads, "threads per stage (n_threads)")
         self.model, self.hparams, self.n_batch = model, model.hparams, int(n_batch)
         self.ranges = split_layers(model, len(hosts))
         self.n_threads = int(n_threads or max(1, default_threads() // len(hosts)))
@@ -311,6 +313,12 @@ class PipelineBackend:
             raise EdgeLLMError(f"the pipeline's {len(hosts)} stages of {self.n_threads} threads need {need} CPUs; the "
                                f"Ray cluster has {free:g} free (fewer threads per stage, close another pipeline, or "
                                f"add hosts)")
+        cpus = {n["NodeID"]: n.get("Resources", {}).get("CPU", 0) for n in ray.nodes() if n.get("Alive")}
+        for host, node in zip(hosts, nodes):
+            want = self.n_threads * sum(1 for m in nodes if m == node)
+            if node is not None and want > cpus.get(node, 0):
+                raise EdgeLLMError(f"pipeline host {host!r} has {cpus.get(node, 0):g} CPUs; its stages ask for {want} "
+                                   f"(fewer threads per stage)")
         actor = ray.remote(Stage)
         for i, ((first, end), node) in enumerate(zip(self.ranges, nodes)):
             opts = dict(num_cpus=self.n_threads, max_restarts=-1, max_task_retries=0)

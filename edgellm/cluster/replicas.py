@@ -304,13 +304,19 @@ def deploy(config: ServeConfig, *, replicas: int = 1, min_replicas: int | None =
         raise EdgeLLMError("no model to serve")
     if router not in ("prefix", "random"):
         raise EdgeLLMError(f"router must be prefix or random, got {router!r}")
+    for name, v in (("replicas", replicas), ("min_replicas", min_replicas), ("max_replicas", max_replicas)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise EdgeLLMError(f"{name} must be an integer, got {v!r}")
+    if not isinstance(stream_interval, (int, float)) or not 0 <= stream_interval <= 1:
+        raise EdgeLLMError(f"stream_interval must be 0 to 1 s, got {stream_interval!r}")
     lo = min_replicas if min_replicas is not None else replicas
     hi = max_replicas if max_replicas is not None else max(replicas, lo)
     if not 1 <= lo <= hi:
         raise EdgeLLMError(f"replicas: need 1 <= min ({lo}) <= max ({hi})")
-    from ..backends.loader import default_threads
+    from ..backends.loader import check_threads, default_threads
 
-    threads = int(threads or max(1, default_threads() // hi))
+    check_threads(threads, "threads per replica")
+    threads = threads or max(1, default_threads() // hi)
     ray = connect(address)
     from ray import serve
     from ray.serve.config import RequestRouterConfig
@@ -336,6 +342,4 @@ def deploy(config: ServeConfig, *, replicas: int = 1, min_replicas: int | None =
     ingress = serve.deployment(Router, name="Router", num_replicas=1, ray_actor_options={"num_cpus": 0},
                                max_ongoing_requests=1_000_000)
     serve.start(http_options={"host": host, "port": port, "request_timeout_s": cfg.request_timeout})
-    if not 0 <= stream_interval <= 1:
-        raise EdgeLLMError(f"stream_interval must be 0 to 1 s, got {stream_interval!r}")
     return serve.run(ingress.bind(replica.bind(cfg, stream_interval), cfg), name=name, route_prefix="/")
