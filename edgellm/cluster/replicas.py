@@ -304,9 +304,9 @@ def deploy(config: ServeConfig, *, replicas: int = 1, min_replicas: int | None =
         raise EdgeLLMError("no model to serve")
     if router not in ("prefix", "random"):
         raise EdgeLLMError(f"router must be prefix or random, got {router!r}")
-    for name, v in (("replicas", replicas), ("min_replicas", min_replicas), ("max_replicas", max_replicas)):
+    for arg, v in (("replicas", replicas), ("min_replicas", min_replicas), ("max_replicas", max_replicas)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
-            raise EdgeLLMError(f"{name} must be an integer, got {v!r}")
+            raise EdgeLLMError(f"{arg} must be an integer, got {v!r}")
     if not isinstance(stream_interval, (int, float)) or not 0 <= stream_interval <= 1:
         raise EdgeLLMError(f"stream_interval must be 0 to 1 s, got {stream_interval!r}")
     lo = min_replicas if min_replicas is not None else replicas
