@@ -217,6 +217,30 @@ def ray_local():
         serve.shutdown()
     finally:
         ray.shutdown()
+        _wait_for_ray_processes()
+
+
+def _wait_for_ray_processes(timeout: float = 30.0) -> None:
+    """Ray's workers, raylet and GCS exit a while after ray.shutdown(): wait for them, so that the tests after these
+    do not share the two cores with a cluster going down."""
+    import os
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = []
+        for pid in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmd = f.read()
+                with open(f"/proc/{pid}/stat") as f:
+                    state = f.read().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                continue
+            if state != "Z" and (b"ray::" in cmd or b"raylet" in cmd or b"gcs_server" in cmd):
+                alive.append(pid)
+        if not alive:
+            return
+        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
