@@ -222,7 +222,7 @@ class Router:
 
     async def __call__(self, request):
         from ray.exceptions import RayError
-        from starlette.responses import JSONResponse, StreamingResponse
+        from starlette.responses import StreamingResponse
 
         from ..serve.auth import bearer
 
