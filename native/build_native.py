@@ -16,7 +16,7 @@ import sys
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["dispatch.c", "kernels_generic.c", "kernels_avx2.c", "kernels_vnni.c", "kernels_neon.c", "threadpool.c", "ops.c", "forward.c", "quantize.c"]
+SOURCES = ["dispatch.c", "kernels_generic.c", "kernels_avx2.c", "kernels_vnni.c", "kernels_amx.c", "kernels_neon.c", "threadpool.c", "ops.c", "forward.c", "quantize.c"]
 CFLAGS = ["-O3", "-std=c11", "-fPIC", "-pthread", "-fno-math-errno", "-Wall", "-Wno-unused-function"]
 
 

@@ -1,12 +1,17 @@
 /* Choosing the instruction set: once, at first use, from the CPU's features; EDGELLM_ISA may force a lower
- * level (tests run every level the machine has). x86-64: generic < avx2 < avx512vnni; aarch64: generic < neon <
- * neon-dotprod. */
+ * level (tests run every level the machine has). x86-64: generic < avx2 < avx512vnni < amx; aarch64: generic <
+ * neon < neon-dotprod. */
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include "kernels.h"
 #include "edgellm.h"
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__linux__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #if defined(__aarch64__) && defined(__linux__)
 #include <sys/auxv.h>
 #ifndef HWCAP_ASIMDDP
@@ -14,8 +19,24 @@
 #endif
 #endif
 
-enum { ISA_GENERIC, ISA_AVX2, ISA_VNNI, ISA_NEON, ISA_NEON_DOTPROD, ISA_COUNT };
-static const char *const isa_names[ISA_COUNT] = { "generic", "avx2", "avx512vnni", "neon", "neon-dotprod" };
+enum { ISA_GENERIC, ISA_AVX2, ISA_VNNI, ISA_AMX, ISA_NEON, ISA_NEON_DOTPROD, ISA_COUNT };
+static const char *const isa_names[ISA_COUNT] = { "generic", "avx2", "avx512vnni", "amx", "neon", "neon-dotprod" };
+
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__linux__)
+/* AMX-INT8 usable by this process: the CPU has it (CPUID 7.0 EDX bits 24, 25), the OS saves the tile state (XCR0
+ * bits 17, 18), and Linux grants this process the tile data state (arch_prctl, Linux 5.16+; the request is
+ * process-wide and idempotent). A VM that hides or refuses any of it leaves AMX off. */
+static int amx_usable(void) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 24)) || !(d & (1u << 25))) return 0;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return 0;   /* OSXSAVE */
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    if ((lo & (3u << 17)) != (3u << 17)) return 0;
+    enum { ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18 };
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+}
+#endif
 
 static el_kernels tables[ISA_COUNT];
 static int isa_ok[ISA_COUNT];
@@ -37,6 +58,13 @@ static void detect(void) {
             isa_ok[ISA_VNNI] = 1;
             el_fill_vnni(&tables[ISA_VNNI]);
             isa_best = ISA_VNNI;
+#if defined(__linux__)
+            if (amx_usable()) {
+                isa_ok[ISA_AMX] = 1;
+                el_fill_amx(&tables[ISA_AMX]);
+                isa_best = ISA_AMX;
+            }
+#endif
         }
     }
 #elif defined(__aarch64__)

@@ -98,6 +98,7 @@ void el_fill_generic(el_kernels *k);
 #if defined(__x86_64__) || defined(_M_X64)
 void el_fill_avx2(el_kernels *k);         /* starts from the generic table, overrides what it speeds up */
 void el_fill_vnni(el_kernels *k);         /* AVX2 table + vpdpbusd GEMMs (AVX512-VNNI, 256-bit) */
+void el_fill_amx(el_kernels *k);          /* VNNI table + tile GEMMs of 2+ tokens (AMX-INT8) */
 #endif
 #if defined(__aarch64__)
 void el_fill_neon(el_kernels *k, int dotprod);

@@ -23,7 +23,7 @@ def _isas():
     require_native()
     from edgellm.backends.native import lib
 
-    return [name for name in ("generic", "avx2", "avx512vnni", "neon", "neon-dotprod")
+    return [name for name in ("generic", "avx2", "avx512vnni", "amx", "neon", "neon-dotprod")
             if lib.el_isa_available(name.encode())]
 
 

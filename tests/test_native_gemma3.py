@@ -111,7 +111,7 @@ def test_threads_and_chunks(model, backend):
     assert_close_model(run(NativeBackend(model, n_threads=2, n_batch=16), ids), a)
 
 
-@pytest.mark.parametrize("isa", [n for n in ("generic", "avx2", "avx512vnni", "neon", "neon-dotprod")
+@pytest.mark.parametrize("isa", [n for n in ("generic", "avx2", "avx512vnni", "amx", "neon", "neon-dotprod")
                                  if native.lib.el_isa_available(n.encode())])
 def test_isas_agree(model, backend, isa):
     lib = native.lib

@@ -26,7 +26,7 @@ except ImportError:  # pragma: no cover - before quant/reference.py landed
     def dequantize(raw, type, shape):
         return _dq(raw.reshape(-1), type).reshape(shape).astype(np.float32)
 
-ISAS = [n for n in ("generic", "avx2", "avx512vnni", "neon", "neon-dotprod") if lib.el_isa_available(n.encode())]
+ISAS = [n for n in ("generic", "avx2", "avx512vnni", "amx", "neon", "neon-dotprod") if lib.el_isa_available(n.encode())]
 MATRIX_TYPES = [GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.Q4_0, GGMLType.Q4_1,
                 GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K]
 K_TYPES = (GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K)
@@ -133,22 +133,47 @@ def test_matmul(isa, pools, t, n_out, n_in, n_tok, n_threads):
 
 @pytest.mark.parametrize("t", MATRIX_TYPES, ids=lambda t: t.name)
 def test_matmul_rows_do_not_depend_on_the_batch(isa, pools, t):
-    """Each token's outputs are bit-identical whether it is multiplied alone or among 2..11 others (every tile shape
-    and row remainder): speculative verification and batched decoding rest on this."""
+    """Each token's outputs are bit-identical whether it is multiplied alone or among 1..19 others (every tile shape,
+    row remainder and a second token tile): speculative verification and batched decoding rest on this."""
     rng = np.random.default_rng(int(t))
     n_out, n_in = 45, 512 if t in K_TYPES else 96 + (5 if TRAITS[t].block_size == 1 else 0)
     raw = random_weights(rng, t, n_out, n_in)
     w = ffi.gc(lib.el_weight_new(int(t), ptr(raw, "void *"), n_out, n_in), lib.el_weight_free)
-    x = rng.standard_normal((12, n_in)).astype(np.float32)
+    x = rng.standard_normal((20, n_in)).astype(np.float32)
     alone = []
-    for i in range(12):
+    for i in range(20):
         y = out_buffer(n_out)
         lib.el_matmul(pools[2], w, ptr(np.ascontiguousarray(x[i:i + 1])), 1, ptr(y))
         alone.append(y[:n_out].copy())
-    for n_tok in range(2, 13):
+    for n_tok in [*range(2, 13), 16, 17, 20]:
         y = out_buffer(n_tok * n_out)
         lib.el_matmul(pools[2], w, ptr(np.ascontiguousarray(x[:n_tok])), n_tok, ptr(y))
         assert np.array_equal(y[:n_tok * n_out].reshape(n_tok, n_out), np.stack(alone[:n_tok])), n_tok
+
+
+@pytest.mark.skipif(not lib.el_isa_available(b"amx"), reason="no AMX-INT8 on this CPU (or the OS refuses it)")
+@pytest.mark.parametrize("t", [GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0],
+                         ids=lambda t: t.name)
+@pytest.mark.parametrize("n_out,n_in,n_tok", [(45, 96, 12), (64, 2048, 16), (200, 640, 37), (24, 32, 10), (40, 96, 33)])
+def test_amx_equals_vnni_bit_for_bit(pools, t, n_out, n_in, n_tok):
+    """The tile kernels add the same exact integer sums as vpdpbusd and run the same float epilogue: a machine with
+    AMX gives the same bits as one without (a model's outputs do not depend on which of the two it runs on)."""
+    rng = np.random.default_rng(n_out * n_in + int(t))
+    raw = random_weights(rng, t, n_out, n_in)
+    x = (rng.standard_normal((n_tok, n_in)) * 3).astype(np.float32)
+    out = {}
+    before = ffi.string(lib.el_isa()).decode()
+    try:
+        for name in ("avx512vnni", "amx"):
+            assert lib.el_set_isa(name.encode()) == 0
+            w = ffi.gc(lib.el_weight_new(int(t), ptr(raw, "void *"), n_out, n_in), lib.el_weight_free)
+            y = out_buffer(n_tok * n_out)
+            lib.el_matmul(pools[2], w, ptr(x), n_tok, ptr(y))
+            check_sentinel(y, n_tok * n_out)
+            out[name] = y[:n_tok * n_out].copy()
+    finally:
+        lib.el_set_isa(before.encode())
+    assert np.array_equal(out["amx"], out["avx512vnni"])
 
 
 @pytest.mark.parametrize("t", K_TYPES, ids=lambda t: t.name)
@@ -337,7 +362,7 @@ def test_kv_store_row(cache_type):
 
 
 def test_isa_names():
-    assert ffi.string(lib.el_isa_best()).decode() in ("generic", "avx2", "avx512vnni", "neon", "neon-dotprod")
+    assert ffi.string(lib.el_isa_best()).decode() in ("generic", "avx2", "avx512vnni", "amx", "neon", "neon-dotprod")
     assert lib.el_isa_available(b"generic") == 1
     assert lib.el_set_isa(b"no-such-isa") == -1
 

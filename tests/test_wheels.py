@@ -85,7 +85,7 @@ def test_installs_without_a_compiler_and_runs_native(x86_wheel, tmp_path, smollm
                        cwd=tmp_path)   # not the repository: its edgellm/ would shadow the installed one
     assert r.returncode == 0, r.stderr[-3000:]
     so, isa = r.stdout.split()
-    assert Path(so).is_relative_to(venv) and isa in ("avx2", "avx512vnni", "generic")
+    assert Path(so).is_relative_to(venv) and isa in ("avx2", "avx512vnni", "amx", "generic")
     r = subprocess.run([str(venv / "bin" / "edgellm"), "run", str(smollm2_path), "-p", "The capital of France is",
                         "-n", "6", "--temp", "0", "--verbose"], capture_output=True, text=True, env=env, timeout=300,
                        cwd=tmp_path)

@@ -49,7 +49,7 @@ VECTOR_TENSORS = {"attn_norm", "ffn_norm", *GEMMA3_TENSORS}
 
 
 def isa() -> str:
-    """The instruction set the kernels run on: "avx512vnni", "avx2", "neon-dotprod", "neon" or "generic"."""
+    """The instruction set the kernels run on: "amx", "avx512vnni", "avx2", "neon-dotprod", "neon" or "generic"."""
     return ffi.string(lib.el_isa()).decode()
 
 

@@ -310,7 +310,7 @@ static void test_tiny_model(const char *isa) {
 }
 
 int main(void) {
-    static const char *const isas[] = { "generic", "avx2", "avx512vnni", "neon", "neon-dotprod" };
+    static const char *const isas[] = { "generic", "avx2", "avx512vnni", "amx", "neon", "neon-dotprod" };
     el_pool *pool = el_pool_new(2);
     printf("best ISA here: %s\n", el_isa_best());
     for (size_t i = 0; i < sizeof isas / sizeof *isas; i++) {

@@ -1,0 +1,236 @@
+/* x86-64 kernels for AMX-INT8 (Sapphire Rapids and later), on top of the AVX512-VNNI table: the 32-blocks'
+ * GEMMs of AMX_MIN_TOKENS or more tokens (prefill, big decode batches) run their integer dot products on the tile
+ * unit; fewer tokens stay on vpdpbusd (measured on a Sapphire-Rapids-class Xeon: up to 8 tokens a step is bound by
+ * streaming the weights, and there the tile path's extra pass through a panel buffer costs as much as it saves).
+ *
+ * One TDPBSUD / TDPBSSD multiplies an activation tile (up to 16 tokens x one q8a block of 32 int8) by a weight
+ * tile (the same 32 inputs of 16 rows, in the tile unit's 4-byte groups) into 16 x 16 exact int32 sums: the
+ * same integers the VNNI kernels add up. Each block's sums then leave the tile unit and go through the VNNI
+ * kernels' float epilogue, operation for operation (cvt, multiply by the token's d, FMA with the rows' d, the
+ * min / offset term), in 16-row vectors instead of 8: a token's result is the same bits here as in a one-token
+ * step or on the VNNI table (batch invariance; tests/test_native_kernels.py compares them).
+ *
+ * The weights keep the 8-row interleaved layouts of the AVX2 / VNNI kernels (quants.h *_x8): the 4-byte groups of
+ * an 8-row block are already the tile unit's layout, so two neighbouring row groups unpack (nibbles -> bytes) into
+ * a 16-row panel per block, once per row pair for all the tokens of the call. The activation tile loads straight
+ * from the q8a rows (stride = the row's bytes). Tile configuration is per thread and kept between calls. */
+#if defined(__x86_64__) || defined(_M_X64)
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512dq,avx512vnni,amx-tile,amx-int8")
+#include <immintrin.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include "kernels.h"
+#include "edgellm.h"
+
+#define INLINE static inline __attribute__((always_inline))
+
+enum { K_Q4_0, K_Q4_1, K_Q5_0, K_Q5_1, K_Q8_0, K_COUNT };
+enum { AMX_MIN_TOKENS = 10 };
+
+/* the VNNI kernels: one token, and a lone 8-row group at the end of a range */
+static el_gemm_fn vnni_gemm[K_COUNT];
+
+/* one block of a 16-row panel: the rows' scales as f32, and the 32 inputs x 16 rows as 8 tile rows of 64 bytes
+ * (tile row j: inputs 4j..4j+3 of row 0, of row 1, ..., of row 15) */
+typedef struct { float d[16], m[16]; uint8_t q[8][64]; } panel_blk;
+
+typedef struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } tile_config;
+static _Thread_local int cfg_tokens;          /* tokens the current thread's tiles are shaped for; 0: none */
+static _Thread_local panel_blk *panel;        /* this thread's panel buffer (freed when the thread ends) */
+static _Thread_local int panel_cap;
+static pthread_key_t panel_key;
+static pthread_once_t panel_once = PTHREAD_ONCE_INIT;
+static void panel_key_make(void) { pthread_key_create(&panel_key, free); }
+
+static int panel_reserve(int nb) {
+    if (panel_cap >= nb) return 1;
+    pthread_once(&panel_once, panel_key_make);
+    free(panel);
+    panel = aligned_alloc(64, (size_t)nb * sizeof(panel_blk));
+    panel_cap = panel ? nb : 0;
+    pthread_setspecific(panel_key, panel);
+    return panel != NULL;
+}
+
+/* two tile sets, one block each: sums 0, 1 (tokens x 16 int32), activations 2, 3 (tokens x 32 int8), weights 4, 5
+ * (8 x 64 bytes) */
+static void configure(int nt) {
+    if (cfg_tokens == nt) return;
+    tile_config c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int i = 0; i < 2; i++) { c.rows[i] = (uint8_t)nt; c.colsb[i] = 64; }
+    for (int i = 2; i < 4; i++) { c.rows[i] = (uint8_t)nt; c.colsb[i] = 32; }
+    for (int i = 4; i < 6; i++) { c.rows[i] = 8; c.colsb[i] = 64; }
+    _tile_loadconfig(&c);
+    cfg_tokens = nt;
+}
+
+static size_t block_bytes(int kind) {
+    return kind == K_Q8_0 ? sizeof(block_q8_0x8) : kind == K_Q4_0 ? sizeof(block_q4_0x8)
+         : kind == K_Q4_1 ? sizeof(block_q4_1x8) : kind == K_Q5_0 ? sizeof(block_q5_0x8) : sizeof(block_q5_1x8);
+}
+
+INLINE __m512i pair(const uint8_t *a, const uint8_t *b) {   /* 32 bytes of each group side by side */
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)a)),
+                              _mm256_loadu_si256((const __m256i *)b), 1);
+}
+
+INLINE __m512i q5_high(__m512i hb, int g) {   /* bit g of each hb byte -> 0x10 (as kernels_vnni.c) */
+    const __m512i m = _mm512_set1_epi8(0x10);
+    return g <= 4 ? _mm512_and_si512(_mm512_sll_epi16(hb, _mm_cvtsi32_si128(4 - g)), m)
+                  : _mm512_and_si512(_mm512_srl_epi16(hb, _mm_cvtsi32_si128(g - 4)), m);
+}
+
+INLINE __m512 scales16(const uint8_t *a, const uint8_t *b) {   /* 8 halves of each group -> 16 floats */
+    return _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)a)),
+                                                   _mm_loadu_si128((const __m128i *)b), 1));
+}
+
+/* row groups g0 and g0 + 1 (at w0 and w1), all nb blocks, into the thread's panel; pf (or NULL): the next pair's
+ * first group, prefetched block by block so that its weights stream in while this pair computes */
+static void unpack_pair(const uint8_t *w0, const uint8_t *w1, int nb, int kind, panel_blk *p, const uint8_t *pf) {
+    const size_t bs = block_bytes(kind);
+    const int has_min = kind == K_Q4_1 || kind == K_Q5_1, q5 = kind == K_Q5_0 || kind == K_Q5_1;
+    const __m512i m4 = _mm512_set1_epi8(0x0f);
+    const size_t gstride = (size_t)(w1 - w0);
+    for (int b = 0; b < nb; b++, w0 += bs, w1 += bs, p++) {
+        if (pf) {
+            for (size_t o = 0; o < bs; o += 64) {
+                _mm_prefetch((const char *)pf + b * bs + o, _MM_HINT_T0);
+                _mm_prefetch((const char *)pf + gstride + b * bs + o, _MM_HINT_T0);
+            }
+        }
+        _mm512_store_ps(p->d, scales16(w0, w1));
+        if (has_min) _mm512_store_ps(p->m, scales16(w0 + 16, w1 + 16));
+        const uint8_t *q0 = w0 + (has_min ? 32 : 16), *q1 = w1 + (has_min ? 32 : 16);
+        if (kind == K_Q8_0) {
+            for (int j = 0; j < 8; j++) _mm512_store_si512((__m512i *)p->q[j], pair(q0 + 32 * j, q1 + 32 * j));
+            continue;
+        }
+        const __m512i hb = q5 ? pair(q0 + 128, q1 + 128) : _mm512_setzero_si512();
+        for (int c = 0; c < 4; c++) {
+            const __m512i raw = pair(q0 + 32 * c, q1 + 32 * c);
+            __m512i lo = _mm512_and_si512(raw, m4), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
+            if (q5) { lo = _mm512_or_si512(lo, q5_high(hb, c)); hi = _mm512_or_si512(hi, q5_high(hb, c + 4)); }
+            _mm512_store_si512((__m512i *)p->q[c], lo);
+            _mm512_store_si512((__m512i *)p->q[4 + c], hi);
+        }
+    }
+}
+
+/* the VNNI kernels' epilogue for one block of a 16-row panel (sums c: tokens x 16 int32), 16 rows at once */
+INLINE void epilogue(__m512 *acc, const int32_t (*c)[16], const panel_blk *p, const uint8_t *xb, size_t xs, int NT,
+                     int kind) {
+    const __m512 dw = _mm512_load_ps(p->d);
+    for (int t = 0; t < NT; t++) {
+        const block_q8a *a = (const block_q8a *)(xb + t * xs);
+        const __m512 s = _mm512_cvtepi32_ps(_mm512_load_si512((const __m512i *)c[t]));
+        if (kind == K_Q4_1 || kind == K_Q5_1) {
+            acc[t] = _mm512_fmadd_ps(dw, _mm512_mul_ps(s, _mm512_set1_ps(a->d)), acc[t]);
+            acc[t] = _mm512_fmadd_ps(_mm512_load_ps(p->m), _mm512_set1_ps(a->s), acc[t]);
+        } else if (kind == K_Q8_0) {
+            acc[t] = _mm512_fmadd_ps(dw, _mm512_mul_ps(s, _mm512_set1_ps(a->d)), acc[t]);
+        } else {   /* d * (da * sum(q a) + offset * da * sum(a)) */
+            const float offset = kind == K_Q4_0 ? -8.0f : -16.0f;
+            acc[t] = _mm512_fmadd_ps(dw, _mm512_fmadd_ps(s, _mm512_set1_ps(a->d), _mm512_set1_ps(offset * a->s)), acc[t]);
+        }
+    }
+}
+
+#define DOT(c, a, b) do { if (kind == K_Q8_0) _tile_dpbssd(c, a, b); else _tile_dpbsud(c, a, b); } while (0)
+/* block b's sums into cbuf: tile set 0 (sums 0, activations 2, weights 4) or set 1 (1, 3, 5) (tile numbers are
+ * instruction immediates) */
+#define PRODUCTS_SET(C, A, B, b, cbuf) do {                                                  \
+        _tile_loadd(A, x + (size_t)(b) * sizeof(block_q8a) + qa, xs);                        \
+        _tile_loadd(B, p[b].q, 64);                                                          \
+        _tile_zero(C);                                                                       \
+        DOT(C, A, B);                                                                        \
+        _tile_stored(C, cbuf, 64);                                                           \
+    } while (0)
+#define PRODUCTS(set, b, cbuf) do {                                                          \
+        if (set) PRODUCTS_SET(1, 3, 5, b, cbuf); else PRODUCTS_SET(0, 2, 4, b, cbuf);        \
+    } while (0)
+
+/* 16 rows (nrows valid) x NT tokens (the tiles configured for NT) over all nb blocks of the panel p; x: the tokens'
+ * q8a rows. The accumulators stay in registers. The tile unit runs LAG blocks ahead of the epilogue (sums through
+ * a ring of buffers, tile sets alternating): reading a tile's sums back right after TILESTORED stalls until the
+ * store has landed, so each block's sums are read only after three more blocks have been issued. */
+enum { LAG = 3, RING = 4 };
+INLINE void tile16(const panel_blk *p, int nb, int kind, const uint8_t *x, size_t xs, int NT, float *y, size_t ys,
+                   int nrows) {
+    int32_t cb[RING][16][16] __attribute__((aligned(64)));
+    const size_t qa = offsetof(block_q8a, qs);
+    __m512 acc[16];
+    for (int t = 0; t < NT; t++) acc[t] = _mm512_setzero_ps();
+    for (int i = 0; i < LAG && i < nb; i++) {
+        if (i & 1) PRODUCTS(1, i, cb[i % RING]);
+        else PRODUCTS(0, i, cb[i % RING]);
+    }
+    for (int b = 0; b < nb; b++) {
+        const int n = b + LAG;
+        if (n < nb) {
+            if (n & 1) PRODUCTS(1, n, cb[n % RING]);
+            else PRODUCTS(0, n, cb[n % RING]);
+        }
+        epilogue(acc, (const int32_t (*)[16])cb[b % RING], p + b, x + (size_t)b * sizeof(block_q8a), xs, NT, kind);
+    }
+    const __mmask16 mask = nrows >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nrows) - 1);
+    for (int t = 0; t < NT; t++) _mm512_mask_storeu_ps(y + t * ys, mask, acc[t]);
+}
+#undef PRODUCTS
+#undef PRODUCTS_SET
+
+#define TILE_CASE(N) case N: tile16(panel, nb, kind, xt, x_stride, N, yt, y_stride, nrows); break
+INLINE void amx_gemm(int kind, const void *w, int n_in, int r0, int r1, const void *x, size_t x_stride, int n_tok,
+                     float *y, size_t y_stride) {
+    if (n_tok < AMX_MIN_TOKENS) { vnni_gemm[kind](w, n_in, r0, r1, x, x_stride, n_tok, y, y_stride); return; }
+    const int nb = n_in / EL_QK;
+    const size_t bs = block_bytes(kind), gstride = (size_t)nb * bs;
+    if (!panel_reserve(nb)) { vnni_gemm[kind](w, n_in, r0, r1, x, x_stride, n_tok, y, y_stride); return; }
+    for (int r = r0; r < r1; r += 16) {
+        if (r + 8 >= r1) {   /* a lone row group: the VNNI kernel (same sums, same epilogue) */
+            vnni_gemm[kind](w, n_in, r, r1, x, x_stride, n_tok, y, y_stride);
+            break;
+        }
+        const uint8_t *w0 = (const uint8_t *)w + (size_t)(r / 8) * gstride;
+        unpack_pair(w0, w0 + gstride, nb, kind, panel, r + 16 + 8 < r1 ? w0 + 2 * gstride : NULL);
+        const int nrows = r1 - r < 16 ? r1 - r : 16;
+        for (int t = 0; t < n_tok; t += 16) {
+            const int nt = n_tok - t < 16 ? n_tok - t : 16;
+            const uint8_t *xt = (const uint8_t *)x + t * x_stride;
+            float *yt = y + (size_t)t * y_stride + r;
+            configure(nt);
+            switch (nt) {
+            TILE_CASE(2); TILE_CASE(3); TILE_CASE(4); TILE_CASE(5); TILE_CASE(6); TILE_CASE(7); TILE_CASE(8);
+            TILE_CASE(9); TILE_CASE(10); TILE_CASE(11); TILE_CASE(12); TILE_CASE(13); TILE_CASE(14); TILE_CASE(15);
+            TILE_CASE(16); default: TILE_CASE(1);
+            }
+        }
+    }
+}
+#undef TILE_CASE
+
+#define AMX_GEMM(name, kind)                                                                                    \
+    static void name(const void *w, int n_in, int r0, int r1, const void *x, size_t xs, int n_tok, float *y,    \
+                     size_t ys) { amx_gemm(kind, w, n_in, r0, r1, x, xs, n_tok, y, ys); }
+AMX_GEMM(gemm_q4_0_amx, K_Q4_0)
+AMX_GEMM(gemm_q4_1_amx, K_Q4_1)
+AMX_GEMM(gemm_q5_0_amx, K_Q5_0)
+AMX_GEMM(gemm_q5_1_amx, K_Q5_1)
+AMX_GEMM(gemm_q8_0_amx, K_Q8_0)
+
+void el_fill_amx(el_kernels *k) {
+    el_fill_vnni(k);
+    k->name = "amx";
+    static const int ti[K_COUNT] = { EL_TI_Q4_0, EL_TI_Q4_1, EL_TI_Q5_0, EL_TI_Q5_1, EL_TI_Q8_0 };
+    static const el_gemm_fn amx[K_COUNT] = { gemm_q4_0_amx, gemm_q4_1_amx, gemm_q5_0_amx, gemm_q5_1_amx, gemm_q8_0_amx };
+    for (int i = 0; i < K_COUNT; i++) {
+        vnni_gemm[i] = k->types[ti[i]].gemm;
+        k->types[ti[i]].gemm = amx[i];
+    }
+}
+#else
+typedef int el_amx_unused;
+#endif
