@@ -36,7 +36,7 @@ static el_gemm_fn vnni_gemm[K_COUNT];
 typedef struct { float d[16], m[16]; uint8_t q[8][64]; } panel_blk;
 
 typedef struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } tile_config;
-static _Thread_local int cfg_tokens;          /* tokens the current thread's tiles are shaped for; 0: none */
+static _Thread_local int cfg_tokens;          /* the shape the current thread's tiles have (configure); 0: none */
 static _Thread_local panel_blk *panel;        /* this thread's panel buffer (freed when the thread ends) */
 static _Thread_local int panel_cap;
 static pthread_key_t panel_key;
@@ -53,18 +53,19 @@ static int panel_reserve(int nb) {
     return panel != NULL;
 }
 
-/* two tile sets, one block each: sums 0, 1 (tokens x 16 int32), activations 2, 3 (tokens x 32 int8), weights 4, 5
- * (8 x 64 bytes) */
-static void configure(int nt) {
-    if (cfg_tokens == nt) return;
+/* two tile sets, one block each: sums 0, 1 (tokens x 16 int32), activations 2, 3 (tokens x kb int8), weights 4, 5
+ * (kb / 4 x 64 bytes); kb = 32 inputs (the 32-blocks, Q4_K, Q5_K) or 16 (Q6_K's half sub-blocks) */
+static void configure(int nt, int kb) {
+    const int key = nt | kb << 8;
+    if (cfg_tokens == key) return;
     tile_config c;
     memset(&c, 0, sizeof c);
     c.palette = 1;
     for (int i = 0; i < 2; i++) { c.rows[i] = (uint8_t)nt; c.colsb[i] = 64; }
-    for (int i = 2; i < 4; i++) { c.rows[i] = (uint8_t)nt; c.colsb[i] = 32; }
-    for (int i = 4; i < 6; i++) { c.rows[i] = 8; c.colsb[i] = 64; }
+    for (int i = 2; i < 4; i++) { c.rows[i] = (uint8_t)nt; c.colsb[i] = (uint16_t)kb; }
+    for (int i = 4; i < 6; i++) { c.rows[i] = (uint8_t)(kb / 4); c.colsb[i] = 64; }
     _tile_loadconfig(&c);
-    cfg_tokens = nt;
+    cfg_tokens = key;
 }
 
 static size_t block_bytes(int kind) {
@@ -116,6 +117,97 @@ static void unpack_pair(const uint8_t *w0, const uint8_t *w1, int nb, int kind, 
             if (q5) { lo = _mm512_or_si512(lo, q5_high(hb, c)); hi = _mm512_or_si512(hi, q5_high(hb, c + 4)); }
             _mm512_store_si512((__m512i *)p->q[c], lo);
             _mm512_store_si512((__m512i *)p->q[4 + c], hi);
+        }
+    }
+}
+
+/* K-quants (Q4_K, Q5_K): row groups at w0, w1, all nsb super-blocks, into 8 panel blocks each (one per 32-input
+ * sub-block). A panel block's d holds the rows' d * scale and m their dmin * min, the products kq_x8.h forms. */
+static void unpack_k_pair(const uint8_t *w0, const uint8_t *w1, int nsb, int q5, panel_blk *p, const uint8_t *pf) {
+    const size_t bs = q5 ? sizeof(block_q5_kx8) : sizeof(block_q4_kx8);
+    const size_t gstride = (size_t)(w1 - w0), qs_at = q5 ? offsetof(block_q5_kx8, qs) : offsetof(block_q4_kx8, qs);
+    const __m512i m4 = _mm512_set1_epi8(0x0f);
+    for (int i = 0; i < nsb; i++, w0 += bs, w1 += bs, p += 8) {
+        if (pf) {
+            for (size_t o = 0; o < bs; o += 64) {
+                _mm_prefetch((const char *)pf + i * bs + o, _MM_HINT_T0);
+                _mm_prefetch((const char *)pf + gstride + i * bs + o, _MM_HINT_T0);
+            }
+        }
+        const uint8_t *g[2] = { w0, w1 };
+        float d[16], dmin[16];
+        _mm512_storeu_ps(d, scales16(w0, w1));
+        _mm512_storeu_ps(dmin, scales16(w0 + 16, w1 + 16));
+        for (int h = 0; h < 2; h++)
+            for (int r = 0; r < 8; r++) {   /* the 6-bit scales and mins of row r (as kq_x8.h) */
+                const uint8_t *sc12 = g[h] + 32 + 12 * r;
+                uint32_t u[3], v[4];
+                memcpy(u, sc12, 12);
+                v[0] = u[0] & 0x3f3f3f3fu;
+                v[1] = (u[2] & 0x0f0f0f0fu) | (((u[0] >> 6) & 0x03030303u) << 4);
+                v[2] = u[1] & 0x3f3f3f3fu;
+                v[3] = ((u[2] >> 4) & 0x0f0f0f0fu) | (((u[1] >> 6) & 0x03030303u) << 4);
+                const uint8_t *bb = (const uint8_t *)v;
+                const int row = 8 * h + r;
+                for (int j = 0; j < 8; j++) {
+                    p[j].d[row] = d[row] * (float)bb[j];
+                    p[j].m[row] = dmin[row] * (float)bb[8 + j];
+                }
+            }
+        const uint8_t *q0 = w0 + qs_at, *q1 = w1 + qs_at;
+        for (int c = 0; c < 4; c++)
+            for (int gq = 0; gq < 8; gq++) {
+                const __m512i raw = pair(q0 + c * 256 + gq * 32, q1 + c * 256 + gq * 32);
+                __m512i lo = _mm512_and_si512(raw, m4), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
+                if (q5) {
+                    const size_t qh_at = offsetof(block_q5_kx8, qh) + (size_t)gq * 32;
+                    const __m512i hb = pair(w0 + qh_at, w1 + qh_at);
+                    lo = _mm512_or_si512(lo, q5_high(hb, 2 * c));
+                    hi = _mm512_or_si512(hi, q5_high(hb, 2 * c + 1));
+                }
+                _mm512_store_si512((__m512i *)p[2 * c].q[gq], lo);
+                _mm512_store_si512((__m512i *)p[2 * c + 1].q[gq], hi);
+            }
+    }
+}
+
+/* Q6_K: a sub-block of 16 rows as two 16-input halves (weights q - 32 as signed bytes: sum((q - 32) a) is
+ * kq_x8.h's sum(q a) - 32 sum(a), the same integer), the rows' int8 scales of both halves and their d */
+typedef struct { float d[16]; int32_t sa[16], sb[16]; uint8_t q[8][64]; } panel6_blk;
+static_assert(sizeof(panel6_blk) <= 2 * sizeof(panel_blk), "panel6_blk fits the panel buffer");
+
+INLINE __m512i q6_high(__m512i hv, int j) {   /* bits j, j + 1 of each byte -> bits 4, 5 */
+    const __m512i m = _mm512_set1_epi8(0x30);
+    return j <= 4 ? _mm512_and_si512(_mm512_sll_epi16(hv, _mm_cvtsi32_si128(4 - j)), m)
+                  : _mm512_and_si512(_mm512_srl_epi16(hv, _mm_cvtsi32_si128(j - 4)), m);
+}
+
+static void unpack_q6_pair(const uint8_t *w0, const uint8_t *w1, int nsb, panel6_blk *p, const uint8_t *pf) {
+    const size_t bs = sizeof(block_q6_kx8), gstride = (size_t)(w1 - w0);
+    const __m512i m4 = _mm512_set1_epi8(0x0f), k32 = _mm512_set1_epi8(32);
+    for (int i = 0; i < nsb; i++, w0 += bs, w1 += bs, p += 8) {
+        if (pf) {
+            for (size_t o = 0; o < bs; o += 64) {
+                _mm_prefetch((const char *)pf + i * bs + o, _MM_HINT_T0);
+                _mm_prefetch((const char *)pf + gstride + i * bs + o, _MM_HINT_T0);
+            }
+        }
+        const block_q6_kx8 *b0 = (const block_q6_kx8 *)w0, *b1 = (const block_q6_kx8 *)w1;
+        const __m512 d = scales16((const uint8_t *)b0->d, (const uint8_t *)b1->d);
+        for (int j = 0; j < 8; j++) {
+            const int h = j / 4, gq = j % 4;
+            _mm512_store_ps(p[j].d, d);
+            _mm512_store_si512((__m512i *)p[j].sa, _mm512_cvtepi8_epi32(_mm_unpacklo_epi64(
+                _mm_loadl_epi64((const __m128i *)b0->scales[2 * j]), _mm_loadl_epi64((const __m128i *)b1->scales[2 * j]))));
+            _mm512_store_si512((__m512i *)p[j].sb, _mm512_cvtepi8_epi32(_mm_unpacklo_epi64(
+                _mm_loadl_epi64((const __m128i *)b0->scales[2 * j + 1]), _mm_loadl_epi64((const __m128i *)b1->scales[2 * j + 1]))));
+            const size_t lq = (size_t)(2 * h + (gq & 1)) * 256, hq = (size_t)h * 256;
+            for (int g = 0; g < 8; g++) {
+                const __m512i v = pair(b0->ql + lq + g * 32, b1->ql + lq + g * 32);
+                const __m512i lo = gq >> 1 ? _mm512_and_si512(_mm512_srli_epi16(v, 4), m4) : _mm512_and_si512(v, m4);
+                const __m512i hi = q6_high(pair(b0->qh + hq + g * 32, b1->qh + hq + g * 32), 2 * gq);
+                _mm512_store_si512((__m512i *)p[j].q[g], _mm512_sub_epi8(_mm512_or_si512(lo, hi), k32));
+            }
         }
     }
 }
@@ -179,6 +271,79 @@ INLINE void tile16(const panel_blk *p, int nb, int kind, const uint8_t *x, size_
     const __mmask16 mask = nrows >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nrows) - 1);
     for (int t = 0; t < NT; t++) _mm512_mask_storeu_ps(y + t * ys, mask, acc[t]);
 }
+
+/* K-quants: kq_x8.h's epilogue for a pair of sub-blocks (sums cL, cH), 16 rows at once, op for op */
+INLINE void epilogue_k(__m512 *acc, const int32_t (*cL)[16], const int32_t (*cH)[16], const panel_blk *p,
+                       const uint8_t *xb, size_t xs, int NT) {
+    const __m512 sL = _mm512_load_ps(p[0].d), sH = _mm512_load_ps(p[1].d);
+    const __m512 mL = _mm512_load_ps(p[0].m), mH = _mm512_load_ps(p[1].m);
+    for (int t = 0; t < NT; t++) {
+        const block_q8a *a = (const block_q8a *)(xb + t * xs);
+        __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512((const __m512i *)cL[t])),
+                                   _mm512_mul_ps(sL, _mm512_set1_ps(a[0].d)), acc[t]);
+        v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512((const __m512i *)cH[t])),
+                            _mm512_mul_ps(sH, _mm512_set1_ps(a[1].d)), v);
+        v = _mm512_fnmadd_ps(mL, _mm512_set1_ps(a[0].s), v);
+        acc[t] = _mm512_fnmadd_ps(mH, _mm512_set1_ps(a[1].s), v);
+    }
+}
+
+/* as tile16, a unit being a pair of sub-blocks (both tile sets; the epilogue needs both sums) */
+enum { LAG_K = 2 };
+INLINE void tile16_k(const panel_blk *p, int nb, const uint8_t *x, size_t xs, int NT, float *y, size_t ys, int nrows) {
+    const int kind = K_Q4_1;   /* DOT: unsigned weights (tdpbsud) */
+    int32_t cb[RING][2][16][16] __attribute__((aligned(64)));
+    const size_t qa = offsetof(block_q8a, qs);
+    const int np = nb / 2;
+    __m512 acc[16];
+    for (int t = 0; t < NT; t++) acc[t] = _mm512_setzero_ps();
+#define PRODUCTS_PAIR(u) do { PRODUCTS_SET(0, 2, 4, 2 * (u), cb[(u) % RING][0]);                          \
+                              PRODUCTS_SET(1, 3, 5, 2 * (u) + 1, cb[(u) % RING][1]); } while (0)
+    for (int i = 0; i < LAG_K && i < np; i++) PRODUCTS_PAIR(i);
+    for (int u = 0; u < np; u++) {
+        if (u + LAG_K < np) PRODUCTS_PAIR(u + LAG_K);
+        epilogue_k(acc, (const int32_t (*)[16])cb[u % RING][0], (const int32_t (*)[16])cb[u % RING][1], p + 2 * u,
+                   x + (size_t)(2 * u) * sizeof(block_q8a), xs, NT);
+    }
+#undef PRODUCTS_PAIR
+    const __mmask16 mask = nrows >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nrows) - 1);
+    for (int t = 0; t < NT; t++) _mm512_mask_storeu_ps(y + t * ys, mask, acc[t]);
+}
+
+/* Q6_K: a unit is a sub-block, its halves on the two tile sets (16-input tiles: configure(nt, 16)); kq_x8.h's
+ * epilogue: isum = sumA * scaleA + sumB * scaleB (exact integers), then one FMA with d * the block's d */
+INLINE void tile16_q6(const panel6_blk *p, int nb, const uint8_t *x, size_t xs, int NT, float *y, size_t ys, int nrows) {
+    int32_t cb[RING][2][16][16] __attribute__((aligned(64)));
+    const size_t qa = offsetof(block_q8a, qs);
+    __m512 acc[16];
+    for (int t = 0; t < NT; t++) acc[t] = _mm512_setzero_ps();
+#define HALF(C, A, B, u, half, cbuf) do {                                                    \
+        _tile_loadd(A, x + (size_t)(u) * sizeof(block_q8a) + qa + 16 * (half), xs);          \
+        _tile_loadd(B, p[u].q[4 * (half)], 64);                                              \
+        _tile_zero(C);                                                                       \
+        _tile_dpbssd(C, A, B);                                                               \
+        _tile_stored(C, cbuf, 64);                                                           \
+    } while (0)
+#define PRODUCTS_SUB(u) do { HALF(0, 2, 4, u, 0, cb[(u) % RING][0]); HALF(1, 3, 5, u, 1, cb[(u) % RING][1]); } while (0)
+    for (int i = 0; i < LAG_K && i < nb; i++) PRODUCTS_SUB(i);
+    for (int u = 0; u < nb; u++) {
+        if (u + LAG_K < nb) PRODUCTS_SUB(u + LAG_K);
+        const __m512 d = _mm512_load_ps(p[u].d);
+        const __m512i sa = _mm512_load_si512((const __m512i *)p[u].sa), sb = _mm512_load_si512((const __m512i *)p[u].sb);
+        const uint8_t *xb = x + (size_t)u * sizeof(block_q8a);
+        for (int t = 0; t < NT; t++) {
+            const block_q8a *a = (const block_q8a *)(xb + t * xs);
+            const __m512i isum = _mm512_add_epi32(
+                _mm512_mullo_epi32(_mm512_load_si512((const __m512i *)cb[u % RING][0][t]), sa),
+                _mm512_mullo_epi32(_mm512_load_si512((const __m512i *)cb[u % RING][1][t]), sb));
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(d, _mm512_set1_ps(a->d)), acc[t]);
+        }
+    }
+#undef PRODUCTS_SUB
+#undef HALF
+    const __mmask16 mask = nrows >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nrows) - 1);
+    for (int t = 0; t < NT; t++) _mm512_mask_storeu_ps(y + t * ys, mask, acc[t]);
+}
 #undef PRODUCTS
 #undef PRODUCTS_SET
 
@@ -201,7 +366,7 @@ INLINE void amx_gemm(int kind, const void *w, int n_in, int r0, int r1, const vo
             const int nt = n_tok - t < 16 ? n_tok - t : 16;
             const uint8_t *xt = (const uint8_t *)x + t * x_stride;
             float *yt = y + (size_t)t * y_stride + r;
-            configure(nt);
+            configure(nt, 32);
             switch (nt) {
             TILE_CASE(2); TILE_CASE(3); TILE_CASE(4); TILE_CASE(5); TILE_CASE(6); TILE_CASE(7); TILE_CASE(8);
             TILE_CASE(9); TILE_CASE(10); TILE_CASE(11); TILE_CASE(12); TILE_CASE(13); TILE_CASE(14); TILE_CASE(15);
@@ -211,6 +376,73 @@ INLINE void amx_gemm(int kind, const void *w, int n_in, int r0, int r1, const vo
     }
 }
 #undef TILE_CASE
+
+static el_gemm_fn vnni_kgemm[2];   /* Q4_K, Q5_K */
+
+#define TILE_CASE(N) case N: tile16_k(panel, nb, xt, x_stride, N, yt, y_stride, nrows); break
+INLINE void amx_gemm_k(int q5, const void *w, int n_in, int r0, int r1, const void *x, size_t x_stride, int n_tok,
+                       float *y, size_t y_stride) {
+    if (n_tok < AMX_MIN_TOKENS) { vnni_kgemm[q5](w, n_in, r0, r1, x, x_stride, n_tok, y, y_stride); return; }
+    const int nsb = n_in / EL_QK_K, nb = n_in / EL_QK;
+    const size_t gstride = (size_t)nsb * (q5 ? sizeof(block_q5_kx8) : sizeof(block_q4_kx8));
+    if (!panel_reserve(nb)) { vnni_kgemm[q5](w, n_in, r0, r1, x, x_stride, n_tok, y, y_stride); return; }
+    for (int r = r0; r < r1; r += 16) {
+        if (r + 8 >= r1) {
+            vnni_kgemm[q5](w, n_in, r, r1, x, x_stride, n_tok, y, y_stride);
+            break;
+        }
+        const uint8_t *w0 = (const uint8_t *)w + (size_t)(r / 8) * gstride;
+        unpack_k_pair(w0, w0 + gstride, nsb, q5, panel, r + 16 + 8 < r1 ? w0 + 2 * gstride : NULL);
+        const int nrows = r1 - r < 16 ? r1 - r : 16;
+        for (int t = 0; t < n_tok; t += 16) {
+            const int nt = n_tok - t < 16 ? n_tok - t : 16;
+            const uint8_t *xt = (const uint8_t *)x + t * x_stride;
+            float *yt = y + (size_t)t * y_stride + r;
+            configure(nt, 32);
+            switch (nt) {
+            TILE_CASE(2); TILE_CASE(3); TILE_CASE(4); TILE_CASE(5); TILE_CASE(6); TILE_CASE(7); TILE_CASE(8);
+            TILE_CASE(9); TILE_CASE(10); TILE_CASE(11); TILE_CASE(12); TILE_CASE(13); TILE_CASE(14); TILE_CASE(15);
+            TILE_CASE(16); default: TILE_CASE(1);
+            }
+        }
+    }
+}
+#undef TILE_CASE
+static void gemm_q4_k_amx(const void *w, int n_in, int r0, int r1, const void *x, size_t xs, int n_tok, float *y,
+                          size_t ys) { amx_gemm_k(0, w, n_in, r0, r1, x, xs, n_tok, y, ys); }
+static el_gemm_fn vnni_q6gemm;
+
+#define TILE_CASE(N) case N: tile16_q6((const panel6_blk *)panel, nb, xt, x_stride, N, yt, y_stride, nrows); break
+static void gemm_q6_k_amx(const void *w, int n_in, int r0, int r1, const void *x, size_t x_stride, int n_tok, float *y,
+                          size_t y_stride) {
+    if (n_tok < AMX_MIN_TOKENS) { vnni_q6gemm(w, n_in, r0, r1, x, x_stride, n_tok, y, y_stride); return; }
+    const int nsb = n_in / EL_QK_K, nb = n_in / EL_QK;
+    const size_t gstride = (size_t)nsb * sizeof(block_q6_kx8);
+    if (!panel_reserve(2 * nb)) { vnni_q6gemm(w, n_in, r0, r1, x, x_stride, n_tok, y, y_stride); return; }
+    for (int r = r0; r < r1; r += 16) {
+        if (r + 8 >= r1) {
+            vnni_q6gemm(w, n_in, r, r1, x, x_stride, n_tok, y, y_stride);
+            break;
+        }
+        const uint8_t *w0 = (const uint8_t *)w + (size_t)(r / 8) * gstride;
+        unpack_q6_pair(w0, w0 + gstride, nsb, (panel6_blk *)panel, r + 16 + 8 < r1 ? w0 + 2 * gstride : NULL);
+        const int nrows = r1 - r < 16 ? r1 - r : 16;
+        for (int t = 0; t < n_tok; t += 16) {
+            const int nt = n_tok - t < 16 ? n_tok - t : 16;
+            const uint8_t *xt = (const uint8_t *)x + t * x_stride;
+            float *yt = y + (size_t)t * y_stride + r;
+            configure(nt, 16);
+            switch (nt) {
+            TILE_CASE(2); TILE_CASE(3); TILE_CASE(4); TILE_CASE(5); TILE_CASE(6); TILE_CASE(7); TILE_CASE(8);
+            TILE_CASE(9); TILE_CASE(10); TILE_CASE(11); TILE_CASE(12); TILE_CASE(13); TILE_CASE(14); TILE_CASE(15);
+            TILE_CASE(16); default: TILE_CASE(1);
+            }
+        }
+    }
+}
+#undef TILE_CASE
+static void gemm_q5_k_amx(const void *w, int n_in, int r0, int r1, const void *x, size_t xs, int n_tok, float *y,
+                          size_t ys) { amx_gemm_k(1, w, n_in, r0, r1, x, xs, n_tok, y, ys); }
 
 #define AMX_GEMM(name, kind)                                                                                    \
     static void name(const void *w, int n_in, int r0, int r1, const void *x, size_t xs, int n_tok, float *y,    \
@@ -230,6 +462,12 @@ void el_fill_amx(el_kernels *k) {
         vnni_gemm[i] = k->types[ti[i]].gemm;
         k->types[ti[i]].gemm = amx[i];
     }
+    vnni_kgemm[0] = k->types[EL_TI_Q4_K].gemm;
+    vnni_kgemm[1] = k->types[EL_TI_Q5_K].gemm;
+    k->types[EL_TI_Q4_K].gemm = gemm_q4_k_amx;
+    k->types[EL_TI_Q5_K].gemm = gemm_q5_k_amx;
+    vnni_q6gemm = k->types[EL_TI_Q6_K].gemm;
+    k->types[EL_TI_Q6_K].gemm = gemm_q6_k_amx;
 }
 #else
 typedef int el_amx_unused;

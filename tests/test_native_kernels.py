@@ -152,13 +152,15 @@ def test_matmul_rows_do_not_depend_on_the_batch(isa, pools, t):
 
 
 @pytest.mark.skipif(not lib.el_isa_available(b"amx"), reason="no AMX-INT8 on this CPU (or the OS refuses it)")
-@pytest.mark.parametrize("t", [GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0],
+@pytest.mark.parametrize("t", [GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K],
                          ids=lambda t: t.name)
 @pytest.mark.parametrize("n_out,n_in,n_tok", [(45, 96, 12), (64, 2048, 16), (200, 640, 37), (24, 32, 10), (40, 96, 33)])
 def test_amx_equals_vnni_bit_for_bit(pools, t, n_out, n_in, n_tok):
     """The tile kernels add the same exact integer sums as vpdpbusd and run the same float epilogue: a machine with
     AMX gives the same bits as one without (a model's outputs do not depend on which of the two it runs on)."""
     rng = np.random.default_rng(n_out * n_in + int(t))
+    if t in K_TYPES:
+        n_in = -(-n_in // 256) * 256
     raw = random_weights(rng, t, n_out, n_in)
     x = (rng.standard_normal((n_tok, n_in)) * 3).astype(np.float32)
     out = {}
@@ -167,6 +169,7 @@ def test_amx_equals_vnni_bit_for_bit(pools, t, n_out, n_in, n_tok):
         for name in ("avx512vnni", "amx"):
             assert lib.el_set_isa(name.encode()) == 0
             w = ffi.gc(lib.el_weight_new(int(t), ptr(raw, "void *"), n_out, n_in), lib.el_weight_free)
+            assert w != ffi.NULL
             y = out_buffer(n_tok * n_out)
             lib.el_matmul(pools[2], w, ptr(x), n_tok, ptr(y))
             check_sentinel(y, n_tok * n_out)
@@ -177,10 +180,11 @@ def test_amx_equals_vnni_bit_for_bit(pools, t, n_out, n_in, n_tok):
 
 
 @pytest.mark.parametrize("t", K_TYPES, ids=lambda t: t.name)
-def test_matmul_kquant_extremes(isa, pools, t):
+@pytest.mark.parametrize("n_tok", [5, 17])
+def test_matmul_kquant_extremes(isa, pools, t, n_tok):
     """Largest quants (all bits set: Q4_K/Q5_K q = 15/31 with 6-bit scales 63, Q6_K q = 63) against activations that
     all quantize to +-127: the integer paths' 16-bit intermediates must not saturate."""
-    n_out, n_in, n_tok = 11, 512, 5
+    n_out, n_in = 11, 512
     raw = np.full((n_out, n_in // 256, TRAITS[t].type_size), 0xFF, np.uint8)
     at = 208 if t == GGMLType.Q6_K else 0
     raw[:, :, at:at + 2] = np.array([0.003], np.float16).view(np.uint8)
