@@ -4,6 +4,11 @@ numbers: the weights mean nothing.
 
     python bench/random_weights.py manifest REAL.gguf > shape.json     # names, types, shapes, hyper-parameters
     python bench/random_weights.py build shape.json OUT.gguf [--seed 0]
+    python bench/random_weights.py shape smollm2-1.7b OUT.gguf --type Q4_0   # a preset shape, no real file needed
+
+Presets (the published configurations): smollm2-360m, smollm2-1.7b (llama), qwen2.5-0.5b (qwen2: GQA 14/2 heads,
+q/k/v biases, 151,936 tokens). Matrices take --type (F16, BF16, Q4_0, Q8_0, ...; norms and biases stay F32); for
+a K-quant mix build F16 and run `edgellm quantize OUT.gguf OUT-Q4_K_M.gguf Q4_K_M`.
 
 The manifest keeps every metadata key except the tokenizer's (the vocabulary becomes n_vocab placeholder tokens
 of a "llama" tokenizer). Weights are N(0, 0.02) (norms around 1) encoded by the type's quantizer, so each
@@ -115,6 +120,44 @@ def build(man: dict, out: str, seed: int = 0) -> None:
     w.close()
 
 
+# name: (arch, layers, hidden, ffn, heads, kv heads, vocab, rope base, rms eps, context)
+PRESETS = {
+    "smollm2-360m": ("llama", 32, 960, 2560, 15, 5, 49152, 100000.0, 1e-5, 8192),
+    "smollm2-1.7b": ("llama", 24, 2048, 8192, 32, 32, 49152, 130000.0, 1e-5, 8192),
+    "qwen2.5-0.5b": ("qwen2", 24, 896, 4864, 14, 2, 151936, 1000000.0, 1e-6, 32768),
+}
+
+
+def preset_manifest(name: str, wtype: GGMLType) -> dict:
+    """A manifest of a published model's shape: tied embeddings, every matrix of type wtype."""
+    import gguf
+
+    arch, n_layer, n_embd, n_ff, n_head, n_kv, n_vocab, base, eps, n_ctx = PRESETS[name]
+    G = gguf.GGUFValueType
+    meta = {"general.name": f"{name} shape (random weights)", f"{arch}.block_count": n_layer,
+            f"{arch}.context_length": n_ctx, f"{arch}.embedding_length": n_embd,
+            f"{arch}.feed_forward_length": n_ff, f"{arch}.attention.head_count": n_head,
+            f"{arch}.attention.head_count_kv": n_kv, f"{arch}.rope.freq_base": base,
+            f"{arch}.attention.layer_norm_rms_epsilon": eps}
+    types = {k: int(G.STRING if isinstance(v, str) else G.FLOAT32 if isinstance(v, float) else G.UINT32)
+             for k, v in meta.items()}
+    hd = n_embd // n_head
+    f32 = int(GGMLType.F32)
+    tensors = [{"name": "token_embd.weight", "type": int(wtype), "shape": [n_vocab, n_embd]},
+               {"name": "output_norm.weight", "type": f32, "shape": [n_embd]}]
+    for i in range(n_layer):
+        b = f"blk.{i}."
+        mats = [("attn_q", n_embd, n_embd), ("attn_k", n_kv * hd, n_embd), ("attn_v", n_kv * hd, n_embd),
+                ("attn_output", n_embd, n_embd), ("ffn_gate", n_ff, n_embd), ("ffn_up", n_ff, n_embd),
+                ("ffn_down", n_embd, n_ff)]
+        tensors += [{"name": f"{b}{m}.weight", "type": int(wtype), "shape": [r, c]} for m, r, c in mats]
+        tensors += [{"name": f"{b}{m}.weight", "type": f32, "shape": [n_embd]} for m in ("attn_norm", "ffn_norm")]
+        if arch == "qwen2":
+            tensors += [{"name": f"{b}attn_{m}.bias", "type": f32, "shape": [r]}
+                        for m, r in (("q", n_embd), ("k", n_kv * hd), ("v", n_kv * hd))]
+    return {"arch": arch, "metadata": meta, "types": types, "tensors": tensors, "n_vocab": n_vocab, "source": name}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -124,9 +167,20 @@ def main() -> None:
     b.add_argument("manifest")
     b.add_argument("out")
     b.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("shape")
+    p.add_argument("name", choices=sorted(PRESETS))
+    p.add_argument("out")
+    p.add_argument("--type", default="F16", help="type of the matrices (F16, BF16, Q4_0, Q8_0, ...)")
+    p.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     if a.cmd == "manifest":
         json.dump(manifest(a.src), sys.stdout)
+    elif a.cmd == "shape":
+        try:
+            wtype = GGMLType[a.type.upper()]
+        except KeyError:
+            ap.error(f"unknown type {a.type!r}")
+        build(preset_manifest(a.name, wtype), a.out, a.seed)
     else:
         build(json.loads(Path(a.manifest).read_text()), a.out, a.seed)
 

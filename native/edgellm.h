@@ -30,8 +30,12 @@ enum el_tensor {
     EL_T_TOKEN_EMBD = 0, EL_T_OUTPUT_NORM = 1, EL_T_OUTPUT = 2,
     EL_T_ATTN_NORM = 3, EL_T_WQ = 4, EL_T_WK = 5, EL_T_WV = 6, EL_T_WO = 7,
     EL_T_FFN_NORM = 8, EL_T_FFN_GATE = 9, EL_T_FFN_UP = 10, EL_T_FFN_DOWN = 11,
-    /* Gemma 3: per-head RMSNorm of Q and K ([head_dim]), RMSNorm of the attention / FFN outputs ([n_embd]) */
-    EL_T_ATTN_Q_NORM = 12, EL_T_ATTN_K_NORM = 13, EL_T_POST_ATTN_NORM = 14, EL_T_POST_FFN_NORM = 15
+    /* Gemma 3 (and Qwen3's Q/K norms): per-head RMSNorm of Q and K ([head_dim]), RMSNorm of the attention / FFN
+     * outputs ([n_embd]) */
+    EL_T_ATTN_Q_NORM = 12, EL_T_ATTN_K_NORM = 13, EL_T_POST_ATTN_NORM = 14, EL_T_POST_FFN_NORM = 15,
+    /* Qwen2: biases of the Q, K, V projections (F32 [n_head * head_dim], [n_head_kv * head_dim] x2), added before
+     * the Q/K norms and RoPE; a layer has all three or none */
+    EL_T_ATTN_Q_BIAS = 16, EL_T_ATTN_K_BIAS = 17, EL_T_ATTN_V_BIAS = 18
 };
 
 enum el_act { EL_ACT_SILU = 0, EL_ACT_GELU = 1 };

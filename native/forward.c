@@ -28,6 +28,7 @@ typedef struct {
     el_weight *gate, *up, *down;         /* [F, E], [F, E], [E, F] */
     const float *attn_norm, *ffn_norm;   /* [E] */
     const float *q_norm, *k_norm;        /* [hd] (qk_norm) */
+    const float *bq, *bk, *bv;           /* [n_head*hd], [n_kv*hd] x2 (Qwen2's projection biases), or NULL */
     const float *post_attn_norm, *post_ffn_norm;   /* [E] (post_norms) */
     int window;                          /* sliding window, 0 = global */
     int group_idx;                       /* index among the layers of its cache group (ring or full-context) */
@@ -224,6 +225,8 @@ int el_model_set_tensor(el_model *m, int which, int layer, int type, const void 
     if (is_norm && (type != EL_F32 || n_out != 1 || n_in != E)) return -1;
     const int is_head_norm = which == EL_T_ATTN_Q_NORM || which == EL_T_ATTN_K_NORM;
     if (is_head_norm && (type != EL_F32 || n_out != 1 || n_in != d->head_dim)) return -1;
+    const int is_bias = which == EL_T_ATTN_Q_BIAS || which == EL_T_ATTN_K_BIAS || which == EL_T_ATTN_V_BIAS;
+    if (is_bias && (type != EL_F32 || n_out != 1 || n_in != (which == EL_T_ATTN_Q_BIAS ? nq : nkv))) return -1;
     switch (which) {
     case EL_T_TOKEN_EMBD: {
         const int ti = el_type_index(type);
@@ -240,6 +243,9 @@ int el_model_set_tensor(el_model *m, int which, int layer, int type, const void 
     case EL_T_ATTN_K_NORM: L->k_norm = data; return 0;
     case EL_T_POST_ATTN_NORM: L->post_attn_norm = data; return 0;
     case EL_T_POST_FFN_NORM: L->post_ffn_norm = data; return 0;
+    case EL_T_ATTN_Q_BIAS: L->bq = data; return 0;
+    case EL_T_ATTN_K_BIAS: L->bk = data; return 0;
+    case EL_T_ATTN_V_BIAS: L->bv = data; return 0;
     case EL_T_OUTPUT: return set_matrix(m, &m->output, type, data, n_out, n_in, d->n_vocab, E);
     case EL_T_WQ: return set_matrix(m, &L->wq, type, data, n_out, n_in, nq, E);
     case EL_T_WK: return set_matrix(m, &L->wk, type, data, n_out, n_in, nkv, E);
@@ -409,11 +415,16 @@ static void forward_task(void *ctx, int ith, int nth) {
         }
         finish(&S, nd, qch);
         PROF(ith, P_QKV);
-        /* RoPE, then K and V of the new tokens into their cache slots */
+        /* (biases,) RoPE, then K and V of the new tokens into their cache slots */
         for (nd = 0; (ch = claim(&S)) < tch; nd++) {
             el_split(n, 1, ch, tch, &t0, &t1);
             for (int t = t0; t < t1; t++) {
                 const float *cs = m->cs + L->rope_set * cs_set + (size_t)t * d->rope_dim;
+                if (L->bq) {   /* Qwen2: the projections' biases */
+                    k->add(m->q + (size_t)t * nq, L->bq, m->q + (size_t)t * nq, nq);
+                    k->add(m->kb + (size_t)t * nkv, L->bk, m->kb + (size_t)t * nkv, nkv);
+                    k->add(m->vb + (size_t)t * nkv, L->bv, m->vb + (size_t)t * nkv, nkv);
+                }
                 if (d->qk_norm) {   /* per-head RMSNorm (in place) before RoPE */
                     for (int h = 0; h < d->n_head; h++) {
                         float *qh = m->q + (size_t)t * nq + (size_t)h * hd;
@@ -641,6 +652,7 @@ static int stage_ready(const el_model *m, int embd, int output) {
             return 0;
         if (m->d.qk_norm && (!L->q_norm || !L->k_norm)) return 0;
         if (m->d.post_norms && (!L->post_attn_norm || !L->post_ffn_norm)) return 0;
+        if ((L->bq != NULL) != (L->bk != NULL) || (L->bq != NULL) != (L->bv != NULL)) return 0;
     }
     return (!embd || m->tok_embd) && (!output || (m->output_norm && m->output));
 }

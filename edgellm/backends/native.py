@@ -1,4 +1,4 @@
-"""The native backend: edgellm's C core (native/) through cffi, one C call per forward step (llama and gemma3).
+"""The native backend: edgellm's C core (native/) through cffi, one C call per forward step (llama, gemma3, qwen2, qwen3).
 
 Python validates everything here (shapes, types, ranges) so the C side never sees bad input; C does the
 arithmetic over the buffers it is handed: weights stay in the GGUF mmap (or are repacked once at load for the
@@ -32,7 +32,7 @@ def native_isa() -> str:
     """The instruction set the C core runs with (chosen at import from the CPU; EDGELLM_ISA may lower it)."""
     return ffi.string(lib.el_isa()).decode()
 
-ARCHS = ("llama", "gemma3")
+ARCHS = ("llama", "gemma3", "qwen2", "qwen3")
 MATRIX_TYPES = {GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.Q4_0, GGMLType.Q4_1,
                 GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K}
 CACHE_TYPES = {"f16": lib.EL_F16, "f32": lib.EL_F32, "q8_0": lib.EL_Q8_0}
@@ -45,7 +45,9 @@ GEMMA3_TENSORS = {  # the extra per-layer tensors of gemma3
     "attn_q_norm": lib.EL_T_ATTN_Q_NORM, "attn_k_norm": lib.EL_T_ATTN_K_NORM,
     "post_attention_norm": lib.EL_T_POST_ATTN_NORM, "post_ffw_norm": lib.EL_T_POST_FFN_NORM,
 }
+QWEN3_TENSORS = {"attn_q_norm": lib.EL_T_ATTN_Q_NORM, "attn_k_norm": lib.EL_T_ATTN_K_NORM}
 VECTOR_TENSORS = {"attn_norm", "ffn_norm", *GEMMA3_TENSORS}
+QKV_BIASES = {"attn_q": lib.EL_T_ATTN_Q_BIAS, "attn_k": lib.EL_T_ATTN_K_BIAS, "attn_v": lib.EL_T_ATTN_V_BIAS}
 
 
 def isa() -> str:
@@ -99,6 +101,11 @@ class NativeBackend:
         if hp.arch == "gemma3":
             self._describe_gemma3(hp, desc)
             layer_tensors.update(GEMMA3_TENSORS)
+        elif hp.arch in ("qwen2", "qwen3"):   # NEOX RoPE; qwen3's per-head Q/K norms (edgellm/arch/qwen2.py)
+            desc.rope_neox = 1
+            if hp.qk_norm:
+                desc.qk_norm = 1
+                layer_tensors.update(QWEN3_TENSORS)
         self._m = ffi.gc(lib.el_model_new(desc), lib.el_model_free)
         if self._m == ffi.NULL:
             raise MemoryError("el_model_new failed")
@@ -114,6 +121,9 @@ class NativeBackend:
         for i in range(self.n_layer_run):
             for short, slot in layer_tensors.items():
                 self._set(gf, f"blk.{first + i}.{short}.weight", slot, i, matrix=short not in VECTOR_TENSORS)
+            if getattr(hp, "qkv_bias", False):
+                for short, slot in QKV_BIASES.items():
+                    self._set(gf, f"blk.{first + i}.{short}.bias", slot, i, matrix=False)
         if not lib.el_model_stage_ready(self._m, self.has_embd, self.has_output):
             raise NotImplementedError(f"the model lacks tensors the {hp.arch} forward needs")
 
@@ -166,7 +176,7 @@ class NativeBackend:
             n_out, n_in = shape
         else:
             if len(shape) != 1 or ttype != GGMLType.F32:
-                raise NotImplementedError(f"{name}: norm weights must be F32 vectors, got {ttype.name} {shape}")
+                raise NotImplementedError(f"{name}: norm weights and biases must be F32 vectors, got {ttype.name} {shape}")
             n_out, n_in = 1, shape[0]
         data = gf.tensor_data(name)
         if data.nbytes != lib.el_row_size(int(ttype), n_in) * n_out:
