@@ -32,22 +32,31 @@ def _rate(n: int, seconds: list[float]) -> dict:
     return {"n": n, "tok_s": statistics.mean(rates), "std": statistics.pstdev(rates) if len(rates) > 1 else 0.0}
 
 
-def run_bench(model, backend, n_prompt: int = 512, n_gen: int = 128, reps: int = 3, seed: int = 0) -> dict:
+def run_bench(model, backend, n_prompt: int = 512, n_gen: int = 128, reps: int = 3, seed: int = 0,
+              depth: int = 0) -> dict:
     """pp and tg of `backend` over one sequence of the paged KV cache, as the engine runs it (batches of the
-    backend's n_batch tokens)."""
+    backend's n_batch tokens). depth > 0 (llama-bench's -d): each timed run starts after `depth` tokens of context,
+    evaluated untimed first."""
     rng = np.random.default_rng(seed)
     n_vocab = model.hparams.n_vocab
-    n_ctx = max(n_prompt, n_gen, 1)
+    if depth < 0:
+        raise ValueError(f"depth must be >= 0, got {depth}")
+    n_ctx = depth + max(n_prompt, n_gen, 1)
+    if n_ctx > model.hparams.n_ctx_train:
+        raise ValueError(f"depth {depth} + {max(n_prompt, n_gen)} tokens exceed the model's context "
+                         f"({model.hparams.n_ctx_train})")
     n_blocks, n_swa = pool_blocks(model, n_ctx=n_ctx, budget=None, n_batch=getattr(backend, "n_batch", 512),
                                   n_parallel=1)
     blocks = BlockManager(KVPool.for_model(model, n_blocks, n_swa), prefix_cache=False)
     kv = blocks.new_seq(n_ctx)
     result = {"model": str(model.path), "backend": backend.name, "isa": getattr(backend, "isa", "?"),
-              "threads": getattr(backend, "n_threads", None)}
+              "threads": getattr(backend, "n_threads", None), "depth": depth}
 
     def fresh(n: int) -> None:
         blocks.free(kv)
-        blocks.allocate(kv, None, n)   # every block a run of n tokens writes, taken up front
+        blocks.allocate(kv, None, depth + n)   # every block a run of n tokens writes, taken up front
+        if depth:   # the context the run starts after (untimed)
+            backend.forward(rng.integers(0, n_vocab, depth), np.arange(depth), kv)
 
     if n_prompt > 0:
         times = []
@@ -55,7 +64,7 @@ def run_bench(model, backend, n_prompt: int = 512, n_gen: int = 128, reps: int =
             ids = rng.integers(0, n_vocab, n_prompt)
             fresh(n_prompt)
             t0 = time.perf_counter()
-            backend.forward(ids, np.arange(n_prompt), kv)
+            backend.forward(ids, np.arange(depth, depth + n_prompt), kv)
             if r:  # the first run warms caches and page-faults the mmap in
                 times.append(time.perf_counter() - t0)
         result["pp"] = _rate(n_prompt, times)
@@ -67,7 +76,7 @@ def run_bench(model, backend, n_prompt: int = 512, n_gen: int = 128, reps: int =
             tok = np.array([int(rng.integers(0, n_vocab))], np.int32)
             t0 = time.perf_counter()
             for i in range(n_gen):
-                logits = backend.forward(tok, np.array([i], np.int32), kv)
+                logits = backend.forward(tok, np.array([depth + i], np.int32), kv)
                 tok[0] = int(np.argmax(logits[0]))
             if r:
                 times.append(time.perf_counter() - t0)

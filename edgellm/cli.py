@@ -551,11 +551,13 @@ def run(model, question, prompt, prompt_file, n_predict, temp, top_k, top_p, min
               help="Tokens to generate (tg test; 0 skips).")
 @click.option("-t", "--threads", "n_threads", type=click.IntRange(min=1), default=None)
 @click.option("-r", "--repetitions", "reps", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("-d", "--depth", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Tokens of context before each test (llama-bench's -d), evaluated untimed.")
 @click.option("--backend", type=click.Choice(["auto", "native", "numba", "reference"]), default="auto",
               show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @gpu_options
-def bench(model, n_prompt, n_gen, n_threads, reps, backend, as_json, n_gpu_layers, device):
+def bench(model, n_prompt, n_gen, n_threads, reps, depth, backend, as_json, n_gpu_layers, device):
     """Measure prompt processing (pp) and generation (tg) speed, like llama-bench."""
     from .backends.loader import create_backend
     from .bench import run_bench
@@ -563,12 +565,15 @@ def bench(model, n_prompt, n_gen, n_threads, reps, backend, as_json, n_gpu_layer
 
     m = Model(_model_path(model))
     be = create_backend(m, backend, n_threads, n_gpu_layers=n_gpu_layers, device=device)
-    res = run_bench(m, be, n_prompt=n_prompt, n_gen=n_gen, reps=reps)
+    try:
+        res = run_bench(m, be, n_prompt=n_prompt, n_gen=n_gen, reps=reps, depth=depth)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="'-d' / '--depth'") from None
     if as_json:
         click.echo(json.dumps(res))
         return
     click.echo(f"model {m.name} ({m.weight_bytes / 2**20:.0f} MiB), backend {res['backend']} ({res['isa']}), "
-               f"threads {res['threads']}")
+               f"threads {res['threads']}" + (f", depth {depth}" if depth else ""))
     for test in ("pp", "tg"):
         if test in res:
             r = res[test]
