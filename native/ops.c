@@ -45,7 +45,13 @@ el_weight *el_weight_new_release(int type, const void *data, int n_out, int n_in
     if (tk->repack) {
         const int n_pad = (n_out + tk->interleave - 1) / tk->interleave * tk->interleave;
         const size_t bytes = (size_t)n_pad * el_row_size(type, n_in);
-        if (posix_memalign(&w->owned, 64, bytes) != 0) { free(w); return NULL; }
+        /* big matrices on 2 MiB-aligned memory the kernel may back with huge pages (THP "madvise" mode): a decode
+         * step streams every matrix, and 4 KiB pages cost a TLB walk each */
+        const size_t align = bytes >= (4u << 20) ? (2u << 20) : 64;
+        if (posix_memalign(&w->owned, align, bytes) != 0) { free(w); return NULL; }
+#ifdef MADV_HUGEPAGE
+        if (align > 64) madvise(w->owned, bytes, MADV_HUGEPAGE);
+#endif
         if (!release) {
             tk->repack(data, w->owned, n_out, n_in);
         } else {
