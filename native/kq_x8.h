@@ -12,14 +12,51 @@ KQ_ATTR static inline __attribute__((always_inline)) __m256i KQX(to_bit4)(__m256
     return j <= 4 ? _mm256_sll_epi16(v, _mm_cvtsi32_si128(4 - j)) : _mm256_srl_epi16(v, _mm_cvtsi32_si128(j - 4));
 }
 
+/* the 8 rows' 6-bit scales and mins (12 bytes a row, GGUF's packing) as bytes [sub-block][row]: the bit moves
+ * of the scalar decode done on all 8 rows at once (one u32 lane per row), then a byte transpose */
+KQ_ATTR static inline __attribute__((always_inline)) void KQX(unpack_scales)(const uint8_t (*scales)[12],
+                                                                            uint8_t sc[8][8], uint8_t mn[8][8]) {
+    const __m256i idx = _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21);   /* row r's first u32 */
+    const int *base = (const int *)scales;
+    const __m256i u0 = _mm256_i32gather_epi32(base, idx, 4), u1 = _mm256_i32gather_epi32(base + 1, idx, 4);
+    const __m256i u2 = _mm256_i32gather_epi32(base + 2, idx, 4);
+    const __m256i m3f = _mm256_set1_epi32(0x3f3f3f3f), m0f = _mm256_set1_epi32(0x0f0f0f0f);
+    const __m256i m03 = _mm256_set1_epi32(0x03030303);
+    const __m256i v[4] = {
+        _mm256_and_si256(u0, m3f),
+        _mm256_or_si256(_mm256_and_si256(u2, m0f), _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(u0, 6), m03), 4)),
+        _mm256_and_si256(u1, m3f),
+        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(u2, 4), m0f),
+                        _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(u1, 6), m03), 4)),
+    };
+    /* lane (row) r, byte k -> byte 8k + r: bytes to [k][rows 0-3] per 128-bit half, then the halves interleaved */
+    const __m256i tr = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
+                                        0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    const __m256i mix = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    uint8_t *out[4] = { sc[0], sc[4], mn[0], mn[4] };
+    for (int i = 0; i < 4; i++)
+        _mm256_store_si256((__m256i *)out[i], _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(v[i], tr), mix));
+}
+
+#define KQ_PF 4   /* row groups ahead prefetched into L2 (the next one into L1), as kernels_vnni.c's x8 tiles */
+/* super-block i of the row groups ahead: bs bytes at pf (far, into L2) and at next (into L1) */
+static inline __attribute__((always_inline)) void KQX(prefetch_sb)(const uint8_t *pf, const uint8_t *next, size_t bs) {
+    for (size_t o = 0; o < bs; o += 64) {
+        _mm_prefetch((const char *)pf + o, _MM_HINT_T1);
+        _mm_prefetch((const char *)next + o, _MM_HINT_T0);
+    }
+}
+
 KQ_ATTR static inline __attribute__((always_inline)) void KQX(k4x8_tile)(const int q5, const uint8_t *wg, int nsb,
-        const uint8_t *x, size_t x_stride, const int NT, float *y, size_t y_stride, int nrows) {
+        const uint8_t *x, size_t x_stride, const int NT, float *y, size_t y_stride, int nrows, const uint8_t *pf) {
+    const size_t bs = q5 ? sizeof(block_q5_kx8) : sizeof(block_q4_kx8);
     const __m256i m4 = _mm256_set1_epi8(15), h5 = _mm256_set1_epi8(0x10);
     const __m256i ones = _mm256_set1_epi16(1);
     (void)ones;
     __m256 acc[4];
     for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
     for (int i = 0; i < nsb; i++) {
+        if (pf) KQX(prefetch_sb)(pf + i * bs, wg + ((size_t)nsb + i) * bs, bs);
         const uint8_t *qs, *qh = NULL, (*scales)[12];
         const el_half *dp, *dmp;
         if (q5) {
@@ -29,17 +66,8 @@ KQ_ATTR static inline __attribute__((always_inline)) void KQX(k4x8_tile)(const i
             const block_q4_kx8 *b = (const block_q4_kx8 *)wg + i;
             qs = b->qs; dp = b->d; dmp = b->dmin; scales = b->scales;
         }
-        uint8_t sc[8][8], mn[8][8];   /* [sub-block][row] */
-        for (int r = 0; r < 8; r++) {
-            uint32_t u[3], v[4];
-            memcpy(u, scales[r], 12);
-            v[0] = u[0] & 0x3f3f3f3fu;
-            v[1] = (u[2] & 0x0f0f0f0fu) | (((u[0] >> 6) & 0x03030303u) << 4);
-            v[2] = u[1] & 0x3f3f3f3fu;
-            v[3] = ((u[2] >> 4) & 0x0f0f0f0fu) | (((u[1] >> 6) & 0x03030303u) << 4);
-            const uint8_t *bb = (const uint8_t *)v;
-            for (int j = 0; j < 8; j++) { sc[j][r] = bb[j]; mn[j][r] = bb[8 + j]; }
-        }
+        uint8_t sc[8][8] __attribute__((aligned(32))), mn[8][8] __attribute__((aligned(32)));   /* [sub-block][row] */
+        KQX(unpack_scales)(scales, sc, mn);
         const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)dp));
         const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)dmp));
         for (int c = 0; c < 4; c++) {
@@ -76,12 +104,14 @@ KQ_ATTR static inline __attribute__((always_inline)) void KQX(k4x8_tile)(const i
 }
 
 KQ_ATTR static inline __attribute__((always_inline)) void KQX(q6kx8_tile)(const uint8_t *wg, int nsb,
-        const uint8_t *x, size_t x_stride, const int NT, float *y, size_t y_stride, int nrows) {
+        const uint8_t *x, size_t x_stride, const int NT, float *y, size_t y_stride, int nrows, const uint8_t *pf) {
+    const size_t bs = sizeof(block_q6_kx8);
     const __m256i m4 = _mm256_set1_epi8(15), m2 = _mm256_set1_epi8(0x30), one8 = _mm256_set1_epi8(1);
     const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[4];
     for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
     for (int i = 0; i < nsb; i++) {
+        if (pf) KQX(prefetch_sb)(pf + i * bs, wg + ((size_t)nsb + i) * bs, bs);
         const block_q6_kx8 *b = (const block_q6_kx8 *)wg + i;
         const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b->d));
         for (int j = 0; j < 8; j++) {
@@ -131,6 +161,7 @@ KQ_ATTR static inline __attribute__((always_inline)) void KQX(q6kx8_tile)(const 
                 const uint8_t *xt = (const uint8_t *)x + t * x_stride;                                           \
                 for (int r = rb; r < re; r += 8) {                                                               \
                     const int nrows = r1 - r < 8 ? r1 - r : 8;                                                   \
+                    const int pf = t == 0 && r + 8 * KQ_PF < r1;   /* the first token tile streams the weights */\
                     float *yt = y + t * y_stride + r;                                                            \
                     switch (nt) {                                                                                \
                     case 4: call(4); break;                                                                      \
@@ -142,9 +173,12 @@ KQ_ATTR static inline __attribute__((always_inline)) void KQX(q6kx8_tile)(const 
             }                                                                                                    \
         }                                                                                                        \
     }
-#define KQ_CALL_Q4(NT) KQX(k4x8_tile)(0, (const uint8_t *)w + (size_t)(r / 8) * nsb * sizeof(block_q4_kx8), nsb, xt, x_stride, NT, yt, y_stride, nrows)
-#define KQ_CALL_Q5(NT) KQX(k4x8_tile)(1, (const uint8_t *)w + (size_t)(r / 8) * nsb * sizeof(block_q5_kx8), nsb, xt, x_stride, NT, yt, y_stride, nrows)
-#define KQ_CALL_Q6(NT) KQX(q6kx8_tile)((const uint8_t *)w + (size_t)(r / 8) * nsb * sizeof(block_q6_kx8), nsb, xt, x_stride, NT, yt, y_stride, nrows)
+#define KQ_CALL_Q4(NT) KQX(k4x8_tile)(0, (const uint8_t *)w + (size_t)(r / 8) * nsb * sizeof(block_q4_kx8), nsb, xt, x_stride, NT, yt, y_stride, nrows, \
+    pf ? (const uint8_t *)w + (size_t)(r / 8 + KQ_PF) * nsb * sizeof(block_q4_kx8) : NULL)
+#define KQ_CALL_Q5(NT) KQX(k4x8_tile)(1, (const uint8_t *)w + (size_t)(r / 8) * nsb * sizeof(block_q5_kx8), nsb, xt, x_stride, NT, yt, y_stride, nrows, \
+    pf ? (const uint8_t *)w + (size_t)(r / 8 + KQ_PF) * nsb * sizeof(block_q5_kx8) : NULL)
+#define KQ_CALL_Q6(NT) KQX(q6kx8_tile)((const uint8_t *)w + (size_t)(r / 8) * nsb * sizeof(block_q6_kx8), nsb, xt, x_stride, NT, yt, y_stride, nrows, \
+    pf ? (const uint8_t *)w + (size_t)(r / 8 + KQ_PF) * nsb * sizeof(block_q6_kx8) : NULL)
 KQ_GEMM_X8(KQX(gemm_q4_kx8), KQ_CALL_Q4)
 KQ_GEMM_X8(KQX(gemm_q5_kx8), KQ_CALL_Q5)
 KQ_GEMM_X8(KQX(gemm_q6_kx8), KQ_CALL_Q6)
@@ -153,3 +187,4 @@ KQ_GEMM_X8(KQX(gemm_q6_kx8), KQ_CALL_Q6)
 #undef KQ_CALL_Q6
 #undef KQ_GEMM_X8
 #undef KQ_G
+#undef KQ_PF
