@@ -52,11 +52,19 @@ def run_bench(model, backend, n_prompt: int = 512, n_gen: int = 128, reps: int =
     result = {"model": str(model.path), "backend": backend.name, "isa": getattr(backend, "isa", "?"),
               "threads": getattr(backend, "n_threads", None), "depth": depth}
 
+    n_batch = int(getattr(backend, "n_batch", 512))
+
     def fresh(n: int) -> None:
         blocks.free(kv)
-        blocks.allocate(kv, None, depth + n)   # every block a run of n tokens writes, taken up front
-        if depth:   # the context the run starts after (untimed)
-            backend.forward(rng.integers(0, n_vocab, depth), np.arange(depth), kv)
+        for at in range(0, depth, n_batch):   # the context the run starts after (untimed), as the engine feeds it
+            m = min(n_batch, depth - at)
+            if not blocks.allocate(kv, None, at + m):
+                raise ValueError(f"a KV pool for depth {depth} lacks blocks")
+            backend.forward(rng.integers(0, n_vocab, m), np.arange(at, at + m), kv)
+            kv.n_past = at + m
+            blocks.release_window(kv)   # sliding-window layers keep only what later queries see
+        if not blocks.allocate(kv, None, depth + n):   # every block the timed run writes, taken up front
+            raise ValueError(f"a KV pool for depth {depth} lacks blocks")
 
     if n_prompt > 0:
         times = []

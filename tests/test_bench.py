@@ -81,3 +81,12 @@ def test_shape_preset_builds_a_file_the_native_core_runs(tmp_path, monkeypatch):
             pass
     finally:
         m.close()
+
+
+def test_bench_depth_past_a_sliding_window(gemma3_path):
+    """Gemma 3's window layers (512 tokens) keep only their window while the depth is fed in, as in the engine."""
+    r = CliRunner().invoke(cli, ["bench", str(gemma3_path), "-p", "16", "-n", "4", "-r", "1", "-d", "1100",
+                                 "-t", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.output)
+    assert doc["depth"] == 1100 and doc["pp"]["tok_s"] > 0 and doc["tg"]["tok_s"] > 0
