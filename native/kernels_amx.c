@@ -1,7 +1,8 @@
-/* x86-64 kernels for AMX-INT8 (Sapphire Rapids and later), on top of the AVX512-VNNI table: the 32-blocks'
- * GEMMs of AMX_MIN_TOKENS or more tokens (prefill, big decode batches) run their integer dot products on the tile
- * unit; fewer tokens stay on vpdpbusd (measured on a Sapphire-Rapids-class Xeon: up to 8 tokens a step is bound by
- * streaming the weights, and there the tile path's extra pass through a panel buffer costs as much as it saves).
+/* x86-64 kernels for AMX-INT8 (Sapphire Rapids and later), on top of the AVX512-VNNI table: the integer GEMMs
+ * (32-blocks and K-quants) of AMX_MIN_TOKENS or more tokens (prefill, big decode batches) run their dot products
+ * on the tile unit; fewer tokens stay on vpdpbusd (measured on a Sapphire-Rapids-class Xeon: up to 8 tokens a
+ * step is bound by streaming the weights, and there the tile path's extra pass through a panel buffer costs as much
+ * as it saves).
  *
  * One TDPBSUD / TDPBSSD multiplies an activation tile (up to 16 tokens x one q8a block of 32 int8) by a weight
  * tile (the same 32 inputs of 16 rows, in the tile unit's 4-byte groups) into 16 x 16 exact int32 sums: the
@@ -13,7 +14,8 @@
  * The weights keep the 8-row interleaved layouts of the AVX2 / VNNI kernels (quants.h *_x8): the 4-byte groups of
  * an 8-row block are already the tile unit's layout, so two neighbouring row groups unpack (nibbles -> bytes) into
  * a 16-row panel per block, once per row pair for all the tokens of the call. The activation tile loads straight
- * from the q8a rows (stride = the row's bytes). Tile configuration is per thread and kept between calls. */
+ * from the q8a rows (stride = the row's bytes). The tile configuration is per thread: read back and loaded only when
+ * it differs. K-quants: a panel block is a 32-input sub-block; Q6_K's are two 16-input halves. */
 #if defined(__x86_64__) || defined(_M_X64)
 #pragma GCC target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512dq,avx512vnni,amx-tile,amx-int8")
 #include <immintrin.h>
@@ -36,7 +38,6 @@ static el_gemm_fn vnni_gemm[K_COUNT];
 typedef struct { float d[16], m[16]; uint8_t q[8][64]; } panel_blk;
 
 typedef struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } tile_config;
-static _Thread_local int cfg_tokens;          /* the shape the current thread's tiles have (configure); 0: none */
 static _Thread_local panel_blk *panel;        /* this thread's panel buffer (freed when the thread ends) */
 static _Thread_local int panel_cap;
 static pthread_key_t panel_key;
@@ -56,16 +57,15 @@ static int panel_reserve(int nb) {
 /* two tile sets, one block each: sums 0, 1 (tokens x 16 int32), activations 2, 3 (tokens x kb int8), weights 4, 5
  * (kb / 4 x 64 bytes); kb = 32 inputs (the 32-blocks, Q4_K, Q5_K) or 16 (Q6_K's half sub-blocks) */
 static void configure(int nt, int kb) {
-    const int key = nt | kb << 8;
-    if (cfg_tokens == key) return;
-    tile_config c;
+    tile_config c, now;
     memset(&c, 0, sizeof c);
     c.palette = 1;
     for (int i = 0; i < 2; i++) { c.rows[i] = (uint8_t)nt; c.colsb[i] = 64; }
     for (int i = 2; i < 4; i++) { c.rows[i] = (uint8_t)nt; c.colsb[i] = (uint16_t)kb; }
     for (int i = 4; i < 6; i++) { c.rows[i] = (uint8_t)(kb / 4); c.colsb[i] = 64; }
-    _tile_loadconfig(&c);
-    cfg_tokens = key;
+    /* the thread's current configuration, read back (another library on this thread may have changed it) */
+    _tile_storeconfig(&now);
+    if (memcmp(&c, &now, sizeof c) != 0) _tile_loadconfig(&c);
 }
 
 static size_t block_bytes(int kind) {
