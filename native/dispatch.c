@@ -54,7 +54,8 @@ static void detect(void) {
         isa_ok[ISA_AVX2] = 1;
         el_fill_avx2(&tables[ISA_AVX2]);
         isa_best = ISA_AVX2;
-        if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl")) {
+        if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
+            __builtin_cpu_supports("avx512bw")) {
             isa_ok[ISA_VNNI] = 1;
             el_fill_vnni(&tables[ISA_VNNI]);
             isa_best = ISA_VNNI;
