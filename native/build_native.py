@@ -45,7 +45,7 @@ def make_ffi(relative: bool = True) -> FFI:
         '#include "edgellm.h"\n',
         sources=[p(os.path.join(HERE, s)) for s in SOURCES],
         include_dirs=[p(HERE)],
-        depends=[p(os.path.join(HERE, h)) for h in ("edgellm.h", "quants.h", "kernels.h", "threadpool.h", "weights.h", "kq_x8.h")],
+        depends=[p(os.path.join(HERE, h)) for h in ("edgellm.h", "quants.h", "kernels.h", "threadpool.h", "weights.h", "kq_x8.h", "pairs512.h")],
         extra_compile_args=CFLAGS,
         extra_link_args=["-pthread"],
         libraries=["m"],

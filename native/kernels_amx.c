@@ -24,6 +24,7 @@
 #include <string.h>
 #include "kernels.h"
 #include "edgellm.h"
+#include "pairs512.h"
 
 #define INLINE static inline __attribute__((always_inline))
 
@@ -73,21 +74,9 @@ static size_t block_bytes(int kind) {
          : kind == K_Q4_1 ? sizeof(block_q4_1x8) : kind == K_Q5_0 ? sizeof(block_q5_0x8) : sizeof(block_q5_1x8);
 }
 
-INLINE __m512i pair(const uint8_t *a, const uint8_t *b) {   /* 32 bytes of each group side by side */
-    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)a)),
-                              _mm256_loadu_si256((const __m256i *)b), 1);
-}
-
-INLINE __m512i q5_high(__m512i hb, int g) {   /* bit g of each hb byte -> 0x10 (as kernels_vnni.c) */
-    const __m512i m = _mm512_set1_epi8(0x10);
-    return g <= 4 ? _mm512_and_si512(_mm512_sll_epi16(hb, _mm_cvtsi32_si128(4 - g)), m)
-                  : _mm512_and_si512(_mm512_srl_epi16(hb, _mm_cvtsi32_si128(g - 4)), m);
-}
-
-INLINE __m512 scales16(const uint8_t *a, const uint8_t *b) {   /* 8 halves of each group -> 16 floats */
-    return _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)a)),
-                                                   _mm_loadu_si128((const __m128i *)b), 1));
-}
+#define pair el_pair256      /* short names for this file */
+#define q5_high el_q5_high512
+#define scales16 el_halves16
 
 /* row groups g0 and g0 + 1 (at w0 and w1), all nb blocks, into the thread's panel; pf (or NULL): the next pair's
  * first group, prefetched block by block so that its weights stream in while this pair computes */
@@ -347,26 +336,40 @@ INLINE void tile16_q6(const panel6_blk *p, int nb, const uint8_t *x, size_t xs, 
 #undef PRODUCTS
 #undef PRODUCTS_SET
 
-#define TILE_CASE(N) case N: tile16(panel, nb, kind, xt, x_stride, N, yt, y_stride, nrows); break
-INLINE void amx_gemm(int kind, const void *w, int n_in, int r0, int r1, const void *x, size_t x_stride, int n_tok,
-                     float *y, size_t y_stride) {
-    if (n_tok < AMX_MIN_TOKENS) { vnni_gemm[kind](w, n_in, r0, r1, x, x_stride, n_tok, y, y_stride); return; }
-    const int nb = n_in / EL_QK;
-    const size_t bs = block_bytes(kind), gstride = (size_t)nb * bs;
-    if (!panel_reserve(nb)) { vnni_gemm[kind](w, n_in, r0, r1, x, x_stride, n_tok, y, y_stride); return; }
+/* One driver for the three families: the 32-blocks (kind = K_*), Q4_K / Q5_K (kind = 1 for Q5_K) and Q6_K. Row
+ * pairs are unpacked into the thread's panel (the next pair prefetched meanwhile), then every tile of up to 16
+ * tokens runs over it; a lone last row group, and calls of fewer than AMX_MIN_TOKENS tokens, go to the VNNI
+ * kernel `vnni` (the same sums and epilogue). */
+enum { F_BLOCKS, F_KQUANT, F_Q6K };
+#define TILE_CASE(N) case N:                                                                                  \
+    if (fam == F_BLOCKS) tile16(panel, nb, kind, xt, x_stride, N, yt, y_stride, nrows);                        \
+    else if (fam == F_KQUANT) tile16_k(panel, nb, xt, x_stride, N, yt, y_stride, nrows);                       \
+    else tile16_q6((const panel6_blk *)panel, nb, xt, x_stride, N, yt, y_stride, nrows);                       \
+    break
+INLINE void amx_drive(int fam, int kind, el_gemm_fn vnni, const void *w, int n_in, int r0, int r1, const void *x,
+                      size_t x_stride, int n_tok, float *y, size_t y_stride) {
+    if (n_tok < AMX_MIN_TOKENS) { vnni(w, n_in, r0, r1, x, x_stride, n_tok, y, y_stride); return; }
+    const int nb = n_in / EL_QK, nsb = n_in / EL_QK_K;
+    const size_t gstride = fam == F_BLOCKS ? (size_t)nb * block_bytes(kind)
+                         : (size_t)nsb * (fam == F_Q6K ? sizeof(block_q6_kx8) : kind ? sizeof(block_q5_kx8)
+                                                                                      : sizeof(block_q4_kx8));
+    if (!panel_reserve(fam == F_Q6K ? 2 * nb : nb)) { vnni(w, n_in, r0, r1, x, x_stride, n_tok, y, y_stride); return; }
     for (int r = r0; r < r1; r += 16) {
-        if (r + 8 >= r1) {   /* a lone row group: the VNNI kernel (same sums, same epilogue) */
-            vnni_gemm[kind](w, n_in, r, r1, x, x_stride, n_tok, y, y_stride);
+        if (r + 8 >= r1) {   /* a lone row group */
+            vnni(w, n_in, r, r1, x, x_stride, n_tok, y, y_stride);
             break;
         }
         const uint8_t *w0 = (const uint8_t *)w + (size_t)(r / 8) * gstride;
-        unpack_pair(w0, w0 + gstride, nb, kind, panel, r + 16 + 8 < r1 ? w0 + 2 * gstride : NULL);
+        const uint8_t *pf = r + 16 + 8 < r1 ? w0 + 2 * gstride : NULL;
+        if (fam == F_BLOCKS) unpack_pair(w0, w0 + gstride, nb, kind, panel, pf);
+        else if (fam == F_KQUANT) unpack_k_pair(w0, w0 + gstride, nsb, kind, panel, pf);
+        else unpack_q6_pair(w0, w0 + gstride, nsb, (panel6_blk *)panel, pf);
         const int nrows = r1 - r < 16 ? r1 - r : 16;
         for (int t = 0; t < n_tok; t += 16) {
             const int nt = n_tok - t < 16 ? n_tok - t : 16;
             const uint8_t *xt = (const uint8_t *)x + t * x_stride;
             float *yt = y + (size_t)t * y_stride + r;
-            configure(nt, 32);
+            configure(nt, fam == F_Q6K ? 16 : 32);
             switch (nt) {
             TILE_CASE(2); TILE_CASE(3); TILE_CASE(4); TILE_CASE(5); TILE_CASE(6); TILE_CASE(7); TILE_CASE(8);
             TILE_CASE(9); TILE_CASE(10); TILE_CASE(11); TILE_CASE(12); TILE_CASE(13); TILE_CASE(14); TILE_CASE(15);
@@ -377,76 +380,17 @@ INLINE void amx_gemm(int kind, const void *w, int n_in, int r0, int r1, const vo
 }
 #undef TILE_CASE
 
-static el_gemm_fn vnni_kgemm[2];   /* Q4_K, Q5_K */
-
-#define TILE_CASE(N) case N: tile16_k(panel, nb, xt, x_stride, N, yt, y_stride, nrows); break
-INLINE void amx_gemm_k(int q5, const void *w, int n_in, int r0, int r1, const void *x, size_t x_stride, int n_tok,
-                       float *y, size_t y_stride) {
-    if (n_tok < AMX_MIN_TOKENS) { vnni_kgemm[q5](w, n_in, r0, r1, x, x_stride, n_tok, y, y_stride); return; }
-    const int nsb = n_in / EL_QK_K, nb = n_in / EL_QK;
-    const size_t gstride = (size_t)nsb * (q5 ? sizeof(block_q5_kx8) : sizeof(block_q4_kx8));
-    if (!panel_reserve(nb)) { vnni_kgemm[q5](w, n_in, r0, r1, x, x_stride, n_tok, y, y_stride); return; }
-    for (int r = r0; r < r1; r += 16) {
-        if (r + 8 >= r1) {
-            vnni_kgemm[q5](w, n_in, r, r1, x, x_stride, n_tok, y, y_stride);
-            break;
-        }
-        const uint8_t *w0 = (const uint8_t *)w + (size_t)(r / 8) * gstride;
-        unpack_k_pair(w0, w0 + gstride, nsb, q5, panel, r + 16 + 8 < r1 ? w0 + 2 * gstride : NULL);
-        const int nrows = r1 - r < 16 ? r1 - r : 16;
-        for (int t = 0; t < n_tok; t += 16) {
-            const int nt = n_tok - t < 16 ? n_tok - t : 16;
-            const uint8_t *xt = (const uint8_t *)x + t * x_stride;
-            float *yt = y + (size_t)t * y_stride + r;
-            configure(nt, 32);
-            switch (nt) {
-            TILE_CASE(2); TILE_CASE(3); TILE_CASE(4); TILE_CASE(5); TILE_CASE(6); TILE_CASE(7); TILE_CASE(8);
-            TILE_CASE(9); TILE_CASE(10); TILE_CASE(11); TILE_CASE(12); TILE_CASE(13); TILE_CASE(14); TILE_CASE(15);
-            TILE_CASE(16); default: TILE_CASE(1);
-            }
-        }
-    }
-}
-#undef TILE_CASE
+static el_gemm_fn vnni_kgemm[2], vnni_q6gemm;   /* Q4_K, Q5_K; Q6_K */
 static void gemm_q4_k_amx(const void *w, int n_in, int r0, int r1, const void *x, size_t xs, int n_tok, float *y,
-                          size_t ys) { amx_gemm_k(0, w, n_in, r0, r1, x, xs, n_tok, y, ys); }
-static el_gemm_fn vnni_q6gemm;
-
-#define TILE_CASE(N) case N: tile16_q6((const panel6_blk *)panel, nb, xt, x_stride, N, yt, y_stride, nrows); break
-static void gemm_q6_k_amx(const void *w, int n_in, int r0, int r1, const void *x, size_t x_stride, int n_tok, float *y,
-                          size_t y_stride) {
-    if (n_tok < AMX_MIN_TOKENS) { vnni_q6gemm(w, n_in, r0, r1, x, x_stride, n_tok, y, y_stride); return; }
-    const int nsb = n_in / EL_QK_K, nb = n_in / EL_QK;
-    const size_t gstride = (size_t)nsb * sizeof(block_q6_kx8);
-    if (!panel_reserve(2 * nb)) { vnni_q6gemm(w, n_in, r0, r1, x, x_stride, n_tok, y, y_stride); return; }
-    for (int r = r0; r < r1; r += 16) {
-        if (r + 8 >= r1) {
-            vnni_q6gemm(w, n_in, r, r1, x, x_stride, n_tok, y, y_stride);
-            break;
-        }
-        const uint8_t *w0 = (const uint8_t *)w + (size_t)(r / 8) * gstride;
-        unpack_q6_pair(w0, w0 + gstride, nsb, (panel6_blk *)panel, r + 16 + 8 < r1 ? w0 + 2 * gstride : NULL);
-        const int nrows = r1 - r < 16 ? r1 - r : 16;
-        for (int t = 0; t < n_tok; t += 16) {
-            const int nt = n_tok - t < 16 ? n_tok - t : 16;
-            const uint8_t *xt = (const uint8_t *)x + t * x_stride;
-            float *yt = y + (size_t)t * y_stride + r;
-            configure(nt, 16);
-            switch (nt) {
-            TILE_CASE(2); TILE_CASE(3); TILE_CASE(4); TILE_CASE(5); TILE_CASE(6); TILE_CASE(7); TILE_CASE(8);
-            TILE_CASE(9); TILE_CASE(10); TILE_CASE(11); TILE_CASE(12); TILE_CASE(13); TILE_CASE(14); TILE_CASE(15);
-            TILE_CASE(16); default: TILE_CASE(1);
-            }
-        }
-    }
-}
-#undef TILE_CASE
+                          size_t ys) { amx_drive(F_KQUANT, 0, vnni_kgemm[0], w, n_in, r0, r1, x, xs, n_tok, y, ys); }
 static void gemm_q5_k_amx(const void *w, int n_in, int r0, int r1, const void *x, size_t xs, int n_tok, float *y,
-                          size_t ys) { amx_gemm_k(1, w, n_in, r0, r1, x, xs, n_tok, y, ys); }
+                          size_t ys) { amx_drive(F_KQUANT, 1, vnni_kgemm[1], w, n_in, r0, r1, x, xs, n_tok, y, ys); }
+static void gemm_q6_k_amx(const void *w, int n_in, int r0, int r1, const void *x, size_t xs, int n_tok, float *y,
+                          size_t ys) { amx_drive(F_Q6K, 0, vnni_q6gemm, w, n_in, r0, r1, x, xs, n_tok, y, ys); }
 
 #define AMX_GEMM(name, kind)                                                                                    \
     static void name(const void *w, int n_in, int r0, int r1, const void *x, size_t xs, int n_tok, float *y,    \
-                     size_t ys) { amx_gemm(kind, w, n_in, r0, r1, x, xs, n_tok, y, ys); }
+                     size_t ys) { amx_drive(F_BLOCKS, kind, vnni_gemm[kind], w, n_in, r0, r1, x, xs, n_tok, y, ys); }
 AMX_GEMM(gemm_q4_0_amx, K_Q4_0)
 AMX_GEMM(gemm_q4_1_amx, K_Q4_1)
 AMX_GEMM(gemm_q5_0_amx, K_Q5_0)

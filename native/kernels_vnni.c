@@ -8,6 +8,7 @@
 #include <string.h>
 #include "kernels.h"
 #include "edgellm.h"
+#include "pairs512.h"
 
 #define INLINE static inline __attribute__((always_inline))
 #define KEEP(v) __asm__("" : "+v"(v))   /* keep the accumulation chains in order (see kernels_avx2.c) */
@@ -117,19 +118,6 @@ __attribute__((noinline)) static void x8_tile1(const uint8_t *wg, int nb, int ki
  * the same integer sums (low nibbles into s0, high into s1, as x8_tile's one-token path) and the same float
  * epilogue per row as x8_tile1, in half the instructions, so that the out-of-order window reaches further into the
  * weights streaming from memory. w1 = w0 + one group; pf: PF_GROUPS groups ahead (into L2), the next pair into L1. */
-INLINE __m512i pair256(const uint8_t *a, const uint8_t *b) {
-    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)a)),
-                              _mm256_loadu_si256((const __m256i *)b), 1);
-}
-INLINE __m512 halves16(const uint8_t *a, const uint8_t *b) {
-    return _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)a)),
-                                                   _mm_loadu_si128((const __m128i *)b), 1));
-}
-INLINE __m512i q5_high512(__m512i hb, int g) {
-    const __m512i m = _mm512_set1_epi8(0x10);
-    return g <= 4 ? _mm512_and_si512(_mm512_sll_epi16(hb, _mm_cvtsi32_si128(4 - g)), m)
-                  : _mm512_and_si512(_mm512_srl_epi16(hb, _mm_cvtsi32_si128(g - 4)), m);
-}
 __attribute__((noinline)) static void x16_gemv(const uint8_t *w0, size_t gstride, int nb, int kind, const uint8_t *x,
                                                float *y, int nrows, const uint8_t *pf) {
     const int has_min = kind == K_Q4_1 || kind == K_Q5_1, q5 = kind == K_Q5_0 || kind == K_Q5_1;
@@ -151,23 +139,23 @@ __attribute__((noinline)) static void x16_gemv(const uint8_t *w0, size_t gstride
         }
         const block_q8a *a = (const block_q8a *)x + b;
         const uint8_t *q0 = b0 + (has_min ? 32 : 16), *q1 = b1 + (has_min ? 32 : 16);
-        const __m512i hb = q5 ? pair256(q0 + 128, q1 + 128) : _mm512_setzero_si512();
+        const __m512i hb = q5 ? el_pair256(q0 + 128, q1 + 128) : _mm512_setzero_si512();
         __m512i s0 = _mm512_setzero_si512(), s1 = s0;
         for (int c = 0; c < 4; c++) {
-            const __m512i raw = pair256(q0 + 32 * c, q1 + 32 * c);
+            const __m512i raw = el_pair256(q0 + 32 * c, q1 + 32 * c);
             __m512i lo = _mm512_and_si512(raw, m4), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
-            if (q5) { lo = _mm512_or_si512(lo, q5_high512(hb, c)); hi = _mm512_or_si512(hi, q5_high512(hb, c + 4)); }
+            if (q5) { lo = _mm512_or_si512(lo, el_q5_high512(hb, c)); hi = _mm512_or_si512(hi, el_q5_high512(hb, c + 4)); }
             int32_t l4, h4;
             memcpy(&l4, a->qs + 4 * c, 4);
             memcpy(&h4, a->qs + 16 + 4 * c, 4);
             s0 = _mm512_dpbusd_epi32(s0, lo, _mm512_set1_epi32(l4));
             s1 = _mm512_dpbusd_epi32(s1, hi, _mm512_set1_epi32(h4));
         }
-        const __m512 dw = halves16(b0, b1);
+        const __m512 dw = el_halves16(b0, b1);
         const __m512 p = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
         if (has_min) {
             acc = _mm512_fmadd_ps(dw, _mm512_mul_ps(p, _mm512_set1_ps(a->d)), acc);
-            acc = _mm512_fmadd_ps(halves16(b0 + 16, b1 + 16), _mm512_set1_ps(a->s), acc);
+            acc = _mm512_fmadd_ps(el_halves16(b0 + 16, b1 + 16), _mm512_set1_ps(a->s), acc);
         } else {
             acc = _mm512_fmadd_ps(dw, _mm512_fmadd_ps(p, _mm512_set1_ps(a->d), _mm512_set1_ps(offset * a->s)), acc);
         }
