@@ -180,7 +180,7 @@ def test_amx_equals_vnni_bit_for_bit(pools, t, n_out, n_in, n_tok):
 
 
 @pytest.mark.parametrize("t", K_TYPES, ids=lambda t: t.name)
-@pytest.mark.parametrize("n_tok", [5, 17])
+@pytest.mark.parametrize("n_tok", [1, 5, 17])
 def test_matmul_kquant_extremes(isa, pools, t, n_tok):
     """Largest quants (all bits set: Q4_K/Q5_K q = 15/31 with 6-bit scales 63, Q6_K q = 63) against activations that
     all quantize to +-127: the integer paths' 16-bit intermediates must not saturate."""
