@@ -2,6 +2,7 @@
 of compiling the kernels on first use.
 
     .venv/bin/python bench/bench_numba.py [MODEL.gguf] [-t 2] [-p 512] [-n 128] [-r 3] [--no-native] [--no-compile]
+                                          [--threads-compare]
 
 Compile: two fresh processes share a new, empty NUMBA_CACHE_DIR. Each times backend construction plus its
 first forward calls (a 64-token prefill, which compiles the prefill path and the parallel attention, then one
@@ -10,6 +11,8 @@ Decode: a 16-token prompt, then n tokens one at a time (the cache grows as in re
 Prefill: p tokens in one call, last-token logits only, as llama-bench's pp512.
 Each measurement runs r times, alternating backends, so both see the same machine load; best and median are
 printed. Machines here are shared: compare the two backends within one run, not across runs.
+--threads-compare adds a numba backend of 1 thread ("numba-1t") to the alternation: whether threads pay, measured
+under the same load as the rest.
 """
 
 from __future__ import annotations
@@ -87,6 +90,7 @@ def main() -> None:
     ap.add_argument("-r", "--reps", type=int, default=3)
     ap.add_argument("--no-native", action="store_true", help="numba only")
     ap.add_argument("--no-compile", action="store_true", help="skip the cold/warm compile measurement")
+    ap.add_argument("--threads-compare", action="store_true", help="also run numba with 1 thread, alternating")
     args = ap.parse_args()
 
     if args.model is None:
@@ -112,6 +116,10 @@ def main() -> None:
     m = Model(args.model)
     hp = m.hparams
     backends = [NumbaBackend(m, n_threads=args.threads)]
+    if args.threads_compare and args.threads != 1:
+        one = NumbaBackend(m, n_threads=1)
+        one.name = "numba-1t"   # an instance attribute: the label in this script's tables only
+        backends.append(one)
     if not args.no_native:
         try:
             from edgellm.backends.native import NativeBackend
@@ -136,13 +144,17 @@ def main() -> None:
             "pp": {"n": args.prefill, "tok_s_best": round(max(r["pp"]), 1),
                    "tok_s_median": round(statistics.median(r["pp"]), 1)},
         }
-        print(f"{name:7s} ({result[name]['isa']}): decode {max(r['tg']):7.1f} tok/s best, "
+        print(f"{name:8s} ({result[name]['isa']}): decode {max(r['tg']):7.1f} tok/s best, "
               f"{statistics.median(r['tg']):7.1f} median | prefill {max(r['pp']):7.1f} best, "
               f"{statistics.median(r['pp']):7.1f} median", flush=True)
     if "native" in runs:
         ratio = statistics.median(runs["numba"]["tg"]) / statistics.median(runs["native"]["tg"])
         result["decode_ratio_numba_over_native"] = round(ratio, 3)
         print(f"decode numba / native (medians): {ratio:.2f}")
+    if "numba-1t" in runs:
+        gain = statistics.median(runs["numba"]["tg"]) / statistics.median(runs["numba-1t"]["tg"])
+        result["decode_numba_threads_over_1"] = round(gain, 3)
+        print(f"decode numba {args.threads} threads / 1 thread (medians): {gain:.2f}")
     print(json.dumps(result))
 
 

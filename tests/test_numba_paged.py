@@ -190,14 +190,15 @@ def test_decode_vs_prefill(smollm2_model, smollm2):
       (test_forward_batch_sequences_do_not_mix).
     What does not: a token decoded alone vs the same token inside a prefill of 3+ tokens. Attention, norms, RoPE and
     the stores are per token and identical; the matmuls are not. For 1-2 tokens (kernels.DECODE_MAX) the weight
-    blocks are decoded inside the dot product and summed block by block (per block sum q*x, then times the block
-    scale, with the Q4_1 min folded in through the block sum of x); for more tokens, 4 rows are dequantized to
-    float32 once and dotted with up to 64 tokens (one running sum over the whole row). These are two summation
-    orders, and LLVM (fastmath) picks each loop's vector reduction, so no rewriting of one kernel reproduces the
-    other's bits. One path for every n costs: dequantize-then-dot for decode, 34 tok/s against 64 (1.9x slower
-    decode); decode-inside-the-dot for prefill, 94 tok/s against 210-360 (2.2-3.8x slower prefill) (SmolLM2 Q4_1,
-    2 threads, this project's 2-core EPYC). So the decoded row stays within float32 summation noise of the
-    prefill row (and can flip an f16 rounding of a cached K/V value, which later tokens then see).
+    blocks are decoded inside the dot product in 16-lane vectors (per block, lane j's products q*x times the block
+    scale go into lane j of the row's accumulator, the lanes are summed once at the end, and the Q4_1 min folds in
+    through the block sum of x); for more tokens, 4 rows are dequantized to float32 once and dotted with up to 64
+    tokens (one running sum over the whole row). These are two summation orders, and LLVM (fastmath) picks the
+    tile loop's vector reduction, so no rewriting of one kernel reproduces the other's bits. One path for every n
+    cost (with the earlier scalar decode kernels): dequantize-then-dot for decode, 34 tok/s against 64 (1.9x
+    slower decode); decode-inside-the-dot for prefill, 94 tok/s against 210-360 (2.2-3.8x slower prefill)
+    (SmolLM2 Q4_1, 2 threads, this project's 2-core EPYC). So the decoded row stays within float32 summation noise
+    of the prefill row (and can flip an f16 rounding of a cached K/V value, which later tokens then see).
     The same holds for a prefill's last-token-only row (one row through the output matmul: the decode path) against
     its all_logits row (the tiled path). Running that one row through the tiled path instead made it bit-identical,
     but dequantizing the whole output matrix for one row cost Gemma 3 (262144 x 640 output) ~40 ms per call, ~7% of

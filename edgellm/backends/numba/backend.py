@@ -1,46 +1,60 @@
 """The numba backend: the native core's forward step written in Python over numba kernels (llama and gemma3).
 
-For CPUs where the C core cannot be built. Same contract as the other backends: weights stay in the GGUF
-mmap (each matrix a read-only uint8 [n_out, n_blocks, block_bytes] view, decoded inside the dot products), the
-KV cache is the driver's own arrays, and `forward` writes the new tokens' K/V, then attends causally. Two kinds of
-cache, one attention kernel (kernels.py, section 5: a walk over a sequence's blocks, as native/forward.c does):
-a paged SeqKV (kv/paged.py: slot position % block of block table[position // block], per layer group), or a
-contiguous KVCache seen as one block of n_ctx rows (slot = position) and, for its sliding-window rings, one
-block of 2 * n_ring rows (slot = position % n_ring, written twice).
+For CPUs where the C core cannot be built. Same contract as the other backends: weights are the GGUF bytes (each
+matrix a read-only uint8 [n_out, n_blocks, block_bytes] array, decoded inside the dot products; copied unchanged
+onto 2 MiB pages, the file's pages given back, see _copy_weights), the KV cache is the driver's own arrays, and
+`forward` writes the new tokens' K/V, then attends causally. Two kinds of cache, one attention kernel (kernels.py,
+section 5: a walk over a sequence's blocks, as native/forward.c does): a paged SeqKV (kv/paged.py: slot
+position % block of block table[position // block], per layer group), or a contiguous KVCache seen as one block
+of n_ctx rows (slot = position) and, for its sliding-window rings, one block of 2 * n_ring rows (slot = position
+% n_ring, written twice).
 
 Batch invariance: a token's logits do not depend on the other sequences of a batch (forward_batch runs each
 sequence alone), nor on whether its cache is paged or contiguous, nor on where its blocks lie (bit for bit). Within
 one sequence they are bit-identical across prefills of any split into pieces of 3 tokens or more, and across
 decode steps of 1 or 2 tokens, but a token decoded alone and the same token inside a prefill differ in the last
-bits: the matmuls decode weights inside the dot product for 1-2 tokens and dequantize tiles for more (kernels.py),
-two summation orders, and one order for both costs 1.9x the decode time or 2-4x the prefill time (measured, see
-tests/test_numba_paged.py). For the same reason a prefill's last-token-only logits (one row through the output
-matmul) equal its all_logits row up to summation order, not bit for bit.
+bits: the matmuls decode weights inside the dot product for 1-2 tokens (16-lane partial sums per row, summed across
+lanes at the end) and dequantize tiles for more (one running sum per row; kernels.py), two summation orders, and one
+order for both cost 1.9x the decode time or 2-4x the prefill time (measured with the earlier scalar decode kernels,
+see tests/test_numba_paged.py; the vector decode kernels widened that gap). For the same reason a prefill's
+last-token-only logits (one row through the output matmul) equal its all_logits row up to summation order, not bit
+for bit. Nor do a decode step's logits depend on how many threads ran it (ThreadPick may change that per step).
 
 One layer loop for both architectures, as in native/forward.c: Gemma 3 is the llama step with options
 (see edgellm/arch/gemma3.py for where each comes from): embeddings scaled by sqrt(n_embd), a per-head RMSNorm
 of Q and K before RoPE, NEOX RoPE with per-layer base and scale, its own attention scale, sliding windows on
 the local layers, RMSNorms of the attention and FFN outputs before the residual adds, GELU (tanh) gating.
 
-The layer loop runs in Python: about a dozen kernel calls per layer (four of them parallel matmul regions:
-Q/K/V, output projection, gate/up, down), each a microsecond or two of dispatch, against ~20 ms of arithmetic
-per token. Importing this module imports numba (about half a second) and the first
-forward compiles the kernels (cached on disk by numba, so later processes load them instead).
+The layer loop runs in Python: ten kernel calls per layer (four parallel matmul regions: Q/K/V, output projection,
+gate/up, down; the K/V store, the attention, parallel past ~60 positions, and the serial steps between them fused
+into qk_rope, residual_norm and the activation), each a microsecond or two of dispatch, against ~8 ms per
+SmolLM2-135M token on 2 threads. Threads pay at decode sizes only if each region finds the workers awake: see the
+spin count set below, and ThreadPick for a machine whose cores are all busy.
+Importing this module imports numba (about half a second) and the first forward compiles the kernels (cached on
+disk by numba, so later processes load them instead).
 """
 
 from __future__ import annotations
 
+import mmap
 import os
+import time
 from types import SimpleNamespace
 
 import numpy as np
 
-# numba's OpenMP workers spin after each parallel region by default. With every core busy (another process, a
-# second model) a spinning worker takes the CPU from the thread that has work, and decode fell from tens of
-# tokens/s to 2 (measured, 2 cores). Sleeping workers cost a few microseconds of wake-up per region instead.
-# libgomp reads this when numba first starts its workers; a value the user set wins.
+# How numba's OpenMP workers wait between parallel regions. A decode step runs ~4 regions per layer, 10-40 us of
+# serial work apart. Workers that sleep at once (OMP_WAIT_POLICY=PASSIVE) are woken for every region: 50-80 us each
+# on this project's 2-core VM (an idle virtual CPU halts, and waking it goes through the host), 121 regions per
+# SmolLM2 token, so 2 threads decoded slower than 1. libgomp's default spins ~300000 rounds (many milliseconds), and
+# with every core busy (another process, a second model) such a spinning worker took the CPU from the thread
+# that had work: decode fell from tens of tokens/s to 2 (measured, 2 cores). A bounded spin of 10000 rounds
+# (0.3-0.5 ms on the 2-core VM, measured) bridges the gaps inside a step and between steps, then sleeps: the
+# region cost fell to ~6 us. With every core busy it still costs (up to the spin per region): there ThreadPick
+# (below) runs decode steps on 1 thread. libgomp reads this when numba first starts its workers; a wait policy or
+# spin count the user set wins.
 if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.environ["GOMP_SPINCOUNT"] = "10000"
 
 import numba
 
@@ -58,12 +72,73 @@ ARCHS = ("llama", "gemma3")
 # An unused slot of a matmul call: read-only like the mmap views, so every call has one numba type.
 _EMPTY_W = np.empty((0, 1, 1), np.uint8)
 _EMPTY_W.flags.writeable = False
-ATTN_SERIAL_WORK = 1 << 20  # below this many q.k products a step's attention runs on the calling thread
+# Below this many q.k products a step's attention runs on the calling thread. With the workers spinning (see
+# GOMP_SPINCOUNT above) 2 threads won from ~37K on (SmolLM2, 64 positions: 12 us against 15; 1024: 124 against
+# 206, measured); 1 << 20 dated from sleeping workers, and left long contexts on one thread.
+ATTN_SERIAL_WORK = 1 << 15
 SUPPORTED_TYPES = frozenset(K.SUPPORTED)
 
 
 def _supported_names() -> str:
     return ", ".join(GGMLType(t).name for t in sorted(SUPPORTED_TYPES))
+
+
+class ThreadPick:
+    """The thread count of decode steps (1-2 tokens): the backend's, or 1 where threads do not pay now.
+
+    Parallel regions pay at decode sizes only while the workers get a core at once. On a machine whose cores are
+    all busy (another process, a second model), a decode step on 2 threads fell to a third of its 1-thread speed
+    (measured, 2 cores: spinning workers and waiting masters take turns on the cores). So the backend times its
+    decode steps. Every PROBE_EVERY steps one step runs on the other thread count (~1% of a quiet machine's decode
+    speed); when the steps got 1.5x slower or faster since the last probe, the next KEEP steps all probe. A probe
+    is compared with the fastest of the last KEEP steps just before it (steps slow down as the context grows, so
+    only neighbours compare; the fastest, because a compile or a preemption only ever adds time), and the count
+    switches when the median of the last KEEP such ratios favours the other one. A step's logits do not depend on
+    its thread count (the decode matmuls and the attention compute each row by the same code however rows are cut
+    among threads), so the choice changes the speed only."""
+
+    PROBE_EVERY = 64
+    KEEP = 3
+
+    def __init__(self, n_threads: int):
+        self.n = n_threads
+        self.use = n_threads
+        self.times: list[float] = []      # the last KEEP step times of the count in use
+        self.ratios: list[float] = []     # the last KEEP probes: probe time / fastest step before it
+        self.ref = 0.0                    # the fastest step before the last probe
+        self.steps = self.probed = 0
+
+    def _other(self) -> int:
+        return 1 if self.use != 1 else self.n
+
+    def choose(self) -> int:
+        if self.n == 1:
+            return 1
+        self.steps += 1
+        if len(self.times) < self.KEEP:
+            return self.use
+        if self.ratios and not self.ref / 1.5 < min(self.times) < 1.5 * self.ref:
+            self.ratios = []                  # the machine's load changed: judge afresh, by the next KEEP probes
+        if len(self.ratios) < self.KEEP or self.steps - self.probed >= self.PROBE_EVERY:
+            return self._other()
+        return self.use
+
+    def record(self, n_threads: int, seconds: float) -> None:
+        if self.n == 1:
+            return
+        if n_threads == self.use:
+            self.times = (self.times + [seconds])[-self.KEEP:]
+            return
+        if not self.times:                    # a step on the other count with nothing to compare it with
+            return
+        self.ref = min(self.times)
+        self.probed = self.steps
+        self.ratios = (self.ratios + [seconds / self.ref])[-self.KEEP:]
+        if len(self.ratios) == self.KEEP and float(np.median(self.ratios)) < 1.0:
+            self.use = n_threads
+            self.times = [seconds]
+            self.ratios = [1.0 / r for r in self.ratios]
+            self.ref = seconds
 
 
 class NumbaBackend:
@@ -85,6 +160,7 @@ class NumbaBackend:
         # numba's pool is sized once per process (NUMBA_NUM_THREADS, default: the CPU count); ask for at most that.
         want = int(n_threads) if n_threads else numba.config.NUMBA_NUM_THREADS
         self.n_threads = max(1, min(want, numba.config.NUMBA_NUM_THREADS))
+        self._pick = ThreadPick(self.n_threads)
         gf = model.gguf
 
         self._mats: dict[str, tuple[int, np.ndarray]] = {}
@@ -110,6 +186,7 @@ class NumbaBackend:
                 self._add_norm(gf, p + "attn_k_norm.weight", hp.head_dim)
                 self._add_norm(gf, p + "post_attention_norm.weight", hp.n_embd)
                 self._add_norm(gf, p + "post_ffw_norm.weight", hp.n_embd)
+        self.copied_bytes = self._copy_weights(gf) if gf.use_mmap else 0
 
         # Matmuls that share an input run as one parallel region when their types agree (see kernels.py).
         self._groups = []  # per layer: {"qkv": [...], "o": [...], "ffn_up": [...], "ffn_down": [...]}
@@ -150,6 +227,18 @@ class NumbaBackend:
             self._rope.append(tables[key])
             windows.append(gemma3.window(hp, il) if gemma else 0)
         self._windows = tuple(windows)
+        # Per layer, the norm weights in the order the loop uses them: (Q norm, K norm, post-attention norm, FFN norm,
+        # post-FFN norm, the next norm: the next layer's attention norm, after the last layer the output norm). An
+        # absent one is an empty array (llama), so every call has one numba type.
+        n, none = self._norms, np.zeros(0, np.float32)
+        self._layer_norms = []
+        for il in range(hp.n_layer):
+            p = f"blk.{il}."
+            nxt = n[f"blk.{il + 1}.attn_norm.weight"] if il + 1 < hp.n_layer else n["output_norm.weight"]
+            self._layer_norms.append(
+                (n[p + "attn_q_norm.weight"] if gemma else none, n[p + "attn_k_norm.weight"] if gemma else none,
+                 n[p + "post_attention_norm.weight"] if gemma else none, n[p + "ffn_norm.weight"],
+                 n[p + "post_ffw_norm.weight"] if gemma else none, nxt))
 
     # ---- weights -------------------------------------------------------------------------------------
     def _add_matrix(self, gf, name: str, shape: tuple[int, int]) -> None:
@@ -171,7 +260,37 @@ class NumbaBackend:
         if raw.size != n_out * rb:
             raise NotImplementedError(f"tensor {name!r}: {raw.size} bytes do not match {type_name(t)} {list(shape)}")
         nb = n_in // blk if blk else 1                                  # blocks per row
-        self._mats[name] = (t, raw.reshape(n_out, nb, rb // nb))  # zero-copy view of the mmap, cut into blocks
+        self._mats[name] = (t, raw.reshape(n_out, nb, rb // nb))  # a view of the mapping, cut into blocks
+
+    def _copy_weights(self, gf) -> int:
+        """Every matrix's GGUF bytes, unchanged, into one anonymous arena on 2 MiB pages, and the file's pages given
+        back (as the native core does with its repacked copies). A decode step streams every matrix once, and from
+        the file mapping's 4 KiB pages it ran 9-10% slower (SmolLM2 and Gemma 3, 2 threads, measured): the TLB.
+        Not with use_mmap=False: the file was read into memory already, and giving that back would zero it. Returns
+        the bytes copied."""
+        align, huge = 64, 2 << 20
+        offsets, total = {}, 0
+        for name, (_, w) in self._mats.items():
+            offsets[name] = total
+            total += -(-w.nbytes // align) * align
+        if total == 0:
+            return 0
+        arena = mmap.mmap(-1, total + huge, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            try:
+                arena.madvise(mmap.MADV_HUGEPAGE)
+            except OSError:   # a kernel without transparent huge pages: small pages, still one arena
+                pass
+        buf = np.frombuffer(arena, np.uint8)          # the arrays keep the mapping alive
+        start = -buf.ctypes.data % huge
+        for name, (t, w) in self._mats.items():
+            o = start + offsets[name]
+            copy = buf[o:o + w.nbytes].reshape(w.shape)
+            copy[...] = w
+            copy.flags.writeable = False
+            self._mats[name] = (t, copy)
+            gf.release(name)   # from a file mapping: read again from the file if something else touches them
+        return total
 
     def _add_norm(self, gf, name: str, n: int) -> None:
         info = gf.tensors.get(name)
@@ -354,7 +473,15 @@ class NumbaBackend:
         # int64, as the kernels were compiled for
         tokens, positions = batch.tokens.astype(np.int64), batch.positions.astype(np.int64)
         spans = self._spans(cache, layers, groups, tables, positions)   # checks every block before any write
-        numba.set_num_threads(self.n_threads)  # per calling thread in numba: set it where forward runs
+        if n <= min(step, K.DECODE_MAX):
+            nt = self._pick.choose()
+            numba.set_num_threads(nt)  # per calling thread in numba: set it where forward runs
+            t0 = time.perf_counter()
+            out = self._forward(tokens, positions, layers, groups, types, tables, spans,
+                                "all" if all_logits else "last", hidden, nt)
+            self._pick.record(nt, time.perf_counter() - t0)
+            return out
+        numba.set_num_threads(self.n_threads)
         if n <= step:
             return self._forward(tokens, positions, layers, groups, types, tables, spans,
                                  "all" if all_logits else "last", hidden)
@@ -369,11 +496,12 @@ class NumbaBackend:
         return np.concatenate(parts) if all_logits else parts[-1]
 
     def _forward(self, tokens, positions, layers, groups, types, tables, spans,
-                 logits_of: str | None, hidden: bool = False) -> np.ndarray | None:
+                 logits_of: str | None, hidden: bool = False, nt: int | None = None) -> np.ndarray | None:
         """One piece of a batch (at most max_batch tokens): logits of "all" its tokens, of the "last", or None (an
-        earlier piece of a longer batch)."""
+        earlier piece of a longer batch). nt: the thread count (default: the backend's)."""
         hp = self.hparams
-        n, nt, tab, half, eps = tokens.size, self.n_threads, self._tab, K.HALF, hp.rms_eps
+        n, tab, half, eps = tokens.size, self._tab, K.HALF, hp.rms_eps
+        nt = nt or self.n_threads
         w = self._workspace(n)
         x, h = w.x, w.h
         norms = self._norms
@@ -393,59 +521,54 @@ class NumbaBackend:
         K.get_rows(t_embd, w_embd, tokens, x, tab)
         if self._embd_scale is not None:
             x *= self._embd_scale
+        # The serial steps between the matmuls are one call each: a block's end and the next block's start
+        # (residual_norm: post-norm, residual add, RMSNorm), Q/K norms and RoPE (qk_rope).
+        K.rmsnorm(x, norms["blk.0.attn_norm.weight"], eps, h)
+        qk_norm, post, neox, scale = self._qk_norm, self._post_norms, self._neox, self._scale
+        plain_kv = type_k in ("f16", "f32") and type_v in ("f16", "f32")    # stored by K.store_kv, q8_0 by numpy
         for il, (qkv, o, ffn_up, ffn_down) in enumerate(w.layers):
-            p = f"blk.{il}."
             g, window, kc, vc, kb, vb = layers[il]
-            # attention block
-            K.rmsnorm(x, norms[p + "attn_norm.weight"], eps, h)
+            q_norm, k_norm, post_attn, ffn_norm, post_ffw, next_norm = self._layer_norms[il]
+            # attention block: h holds the normed input
             for fn, ws, ys in qkv:
                 fn(ws, ys, h, tab, half, nt)
-            if self._qk_norm:                            # per head, over head_dim, in place
-                K.rmsnorm(w.qh, norms[p + "attn_q_norm.weight"], eps, w.qh)
-                K.rmsnorm(w.kh, norms[p + "attn_k_norm.weight"], eps, w.kh)
-            inv_freq = self._rope[il]
-            K.rope(w.q3, positions, inv_freq, self._neox)
-            K.rope(w.k3, positions, inv_freq, self._neox)
-            # into the cache in its own row type (f16: numpy rounds to nearest even; q8_0: ggml's rule)
+            K.qk_rope(w.q3, w.k3, q_norm, k_norm, qk_norm, eps, positions, self._rope[il], neox)
+            # into the cache in its own row type (f16: rounded to nearest even, as numpy does; q8_0: ggml's rule)
             blocks, slots, ring = where[g]
-            ke, ve = encode(w.k3, type_k), encode(w.v3, type_v)     # [n, n_kv_head, row]
-            kc[blocks, :, slots] = ke
-            vc[blocks, :, slots] = ve
-            if ring:
-                kc[blocks, :, slots + ring] = ke
-                vc[blocks, :, slots + ring] = ve
+            if plain_kv:
+                K.store_kv(w.k3, w.v3, kb, vb, blocks, slots, ring)
+            else:
+                ke, ve = encode(w.k3, type_k), encode(w.v3, type_v)     # [n, n_kv_head, row]
+                kc[blocks, :, slots] = ke
+                vc[blocks, :, slots] = ve
+                if ring:
+                    kc[blocks, :, slots + ring] = ke
+                    vc[blocks, :, slots + ring] = ve
             off, count, parallel = walks[(g, window)]
             table, block = tables[g], groups[g][0]
             if parallel:
-                K.attention_blocks(w.q3, kb, vb, table, block, off, count, self._scale, w.att3, nt)
+                K.attention_blocks(w.q3, kb, vb, table, block, off, count, scale, w.att3, nt)
             else:
-                K.attention_blocks_serial(w.q3, kb, vb, table, block, off, count, self._scale, w.att3)
+                K.attention_blocks_serial(w.q3, kb, vb, table, block, off, count, scale, w.att3)
             for fn, ws, ys in o:
                 fn(ws, ys, w.att, tab, half, nt)
-            if self._post_norms:
-                K.rmsnorm(w.proj, norms[p + "post_attention_norm.weight"], eps, w.proj)
-            K.add(w.xf, w.projf, w.xf)
+            K.residual_norm(x, w.proj, post_attn, post, ffn_norm, eps, h)
             # feed-forward block
-            K.rmsnorm(x, norms[p + "ffn_norm.weight"], eps, h)
             for fn, ws, ys in ffn_up:
                 fn(ws, ys, h, tab, half, nt)
             self._act(w.gatef, w.upf, w.gatef)
             for fn, ws, ys in ffn_down:
                 fn(ws, ys, w.gate, tab, half, nt)
-            if self._post_norms:
-                K.rmsnorm(w.proj, norms[p + "post_ffw_norm.weight"], eps, w.proj)
-            K.add(w.xf, w.projf, w.xf)
+            K.residual_norm(x, w.proj, post_ffw, post, next_norm, eps, h)   # after the last layer: the output norm
 
         if logits_of is None:
             return None
-        if logits_of == "last":
-            # [1, e], still C-contiguous. The output matmul then takes the fused decode path, as for a decode step:
-            # this row equals the all_logits one up to summation order only (test_numba_paged.test_decode_vs_prefill)
-            x = x[-1:]
-        out = np.empty_like(x)
-        K.rmsnorm(x, norms["output_norm.weight"], eps, out)
+        # h: the final-normed hidden states (row by row, so a row is the same bits whichever rows are kept)
+        out = h[-1:].copy() if logits_of == "last" else h.copy()
         if hidden:   # embeddings: the final-normed hidden states
             return out
+        # "last": [1, e]. The output matmul then takes the fused decode path, as for a decode step: this row equals
+        # the all_logits one up to summation order only (test_numba_paged.test_decode_vs_prefill)
         logits = np.empty((out.shape[0], hp.n_vocab), np.float32)  # fresh: the caller keeps it
         for fn, ws, ys in self._bind(self._out_group, [logits], out.shape[0]):
             fn(ws, ys, out, tab, half, nt)
@@ -453,3 +576,4 @@ class NumbaBackend:
 
     def close(self) -> None:
         self._mats, self._norms, self._groups, self._out_group, self._ws = {}, {}, [], [], None
+        self._layer_norms = []
