@@ -31,6 +31,8 @@ def main() -> int:
     ap.add_argument("--backend", default="native")
     ap.add_argument("--expect-isa", default=None, help="the native ISA the CPU must get (neon, neon-dotprod)")
     ap.add_argument("--cases", type=int, default=None, help="only the first N logits cases (numba under qemu: slow)")
+    ap.add_argument("--decode", type=int, default=0,
+                    help="also run the last N tokens of the first case one at a time (the decode kernels)")
     a = ap.parse_args()
 
     from edgellm import LLM
@@ -74,9 +76,35 @@ def main() -> int:
             failures.append(f"top-1 agrees at {agree.mean():.3f} of positions (bar 0.95)")
         if errs.mean() > 0.25:
             failures.append(f"mean |logit - llama.cpp| = {errs.mean():.3f} (bar 0.25)")
+    if a.decode and cases:
+        failures += decode_check(llm, cases[0]["ids"] + cases[0]["greedy32"], a.decode)
     for f in failures:
         print(f"FAIL: {f}")
     return 1 if failures else 0
+
+
+def decode_check(llm, ids: list[int], n: int) -> list[str]:
+    """The last n of ids fed one token at a time after the rest (the one-token kernels, not the prefill tiles)
+    against the teacher-forced rows of the same positions: the same argmax, values within summation-order noise."""
+    from edgellm.kv_cache import KVCache
+
+    hp, be = llm.model.hparams, llm.backend
+    full = np.asarray(llm.logits(ids))
+    cache = KVCache(hp.n_layer, len(ids), hp.n_head_kv, hp.head_dim)
+    head = len(ids) - n
+    be.forward(np.asarray(ids[:head]), np.arange(head), cache)
+    cache.n_past = head
+    worst, fails = 0.0, []
+    for p in range(head, len(ids)):
+        row = np.asarray(be.forward(np.asarray(ids[p:p + 1]), np.array([p]), cache))[0]
+        cache.n_past = p + 1
+        worst = max(worst, float(np.abs(row - full[p]).max()))
+        if row.argmax() != full[p].argmax():
+            fails.append(f"decode step at position {p}: argmax {row.argmax()}, teacher-forced {full[p].argmax()}")
+    print(f"decode: {n} one-token steps, max |logit - teacher-forced row| {worst:.4f}")
+    if worst > 0.05:
+        fails.append(f"decode steps differ from the teacher-forced rows by up to {worst:.3f} (bar 0.05)")
+    return fails
 
 
 if __name__ == "__main__":

@@ -7,8 +7,10 @@
 # NEON, no dot product) and a Cortex-A76 (Pi 5: dot product):
 #   - `edgellm run smollm2 -p ...` answers, on the ISA that CPU should get (neon / neon-dotprod), no SIGILL
 #   - `edgellm tokenize` gives llama.cpp's ids
-#   - packaging/pi_check.py: every tokenizer fixture and the logits fixtures of SmolLM2 and Gemma 3 (top-1 >= 0.95)
-# and the numba fallback (--backend numba) on the A72, one logits case (its JIT compiles for minutes under qemu).
+#   - packaging/pi_check.py: every tokenizer fixture and the logits fixtures of SmolLM2 and Gemma 3 (top-1 >= 0.95),
+#     and 4 one-token decode steps against the teacher-forced rows (the decode kernels)
+# and the numba fallback (--backend numba) on the A72, one logits case and its 4 decode steps (its JIT compiles for
+# minutes under qemu).
 # Timings under qemu are not a Pi's speed (docs/raspberry-pi.md).
 #
 # Overrides: EDGELLM_PI_ROOT, EDGELLM_MODELS (~/.cache/edgellm/models), PI_CPUS ("cortex-a72 cortex-a76"),
@@ -105,14 +107,14 @@ for cpu in $CPUS; do
 
     for m in "$m_smol" "$m_gemma"; do
         in_root "$cpu" /opt/edgellm-venv/bin/python /opt/edgellm-test/pi_check.py "$m" /opt/edgellm-test/fixtures \
-            --expect-isa "$isa" || fail "$cpu: fixtures of $(basename "$m")"
+            --expect-isa "$isa" --decode 4 || fail "$cpu: fixtures of $(basename "$m")"
     done
 done
 
 if [ "${PI_NUMBA:-1}" != 0 ]; then
     say "=== numba fallback (cortex-a72, one logits case; the JIT compiles under qemu first)"
     in_root cortex-a72 /opt/edgellm-venv/bin/python /opt/edgellm-test/pi_check.py "$m_smol" \
-        /opt/edgellm-test/fixtures --backend numba --cases 1 2>&1 | grep -v "^Can't read /proc/cpuinfo" \
+        /opt/edgellm-test/fixtures --backend numba --cases 1 --decode 4 2>&1 | grep -v "^Can't read /proc/cpuinfo" \
         || fail "numba fallback"
 fi
 
