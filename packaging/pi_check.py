@@ -34,6 +34,8 @@ def main() -> int:
     ap.add_argument("--decode", type=int, default=0,
                     help="also run the last N tokens of the first case one at a time (the decode kernels)")
     a = ap.parse_args()
+    if not 0 <= a.decode <= 32:
+        ap.error(f"--decode: 0 to 32 steps (the teacher-forced continuation's length), got {a.decode}")
 
     from edgellm import LLM
 
