@@ -32,7 +32,7 @@ def main() -> int:
     ap.add_argument("--expect-isa", default=None, help="the native ISA the CPU must get (neon, neon-dotprod)")
     ap.add_argument("--cases", type=int, default=None, help="only the first N logits cases (numba under qemu: slow)")
     ap.add_argument("--decode", type=int, default=0,
-                    help="also run the last N tokens of the first case one at a time (the decode kernels)")
+                    help="also run the last N (0-32) tokens of the first case one at a time (the decode kernels)")
     a = ap.parse_args()
     if not 0 <= a.decode <= 32:
         ap.error(f"--decode: 0 to 32 steps (the teacher-forced continuation's length), got {a.decode}")
@@ -91,6 +91,7 @@ def decode_check(llm, ids: list[int], n: int) -> list[str]:
     from edgellm.kv_cache import KVCache
 
     hp, be = llm.model.hparams, llm.backend
+    n = min(n, len(ids) - 1)   # at least one token of prefill first
     full = np.asarray(llm.logits(ids))
     cache = KVCache(hp.n_layer, len(ids), hp.n_head_kv, hp.head_dim)
     head = len(ids) - n
