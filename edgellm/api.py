@@ -64,6 +64,7 @@ class LLM:
         use_mlock: bool = False,
         pipeline: int | list[str] | None = None,
         ray_address: str | None = None,
+        tensor_parallel: int | None = None,
     ):
         """n_ctx: the context of one sequence in tokens; None: the model's training context, capped so that one
         sequence's KV cache fits `kv_budget` (bytes or "512MiB"; default $EDGELLM_KV_BUDGET, else min(1 GiB, 1/8 of
@@ -87,7 +88,11 @@ class LLM:
         pipeline: run the layers as that many pipeline stages, or one per host named (["10.0.0.2", "10.0.0.3"]: Ray
         node addresses, host names or ids), each a Ray actor holding its layers' weights and KV blocks (needs `pip
         install "edgellm[ray]"`; the model file at the same path on every host); n_threads is then per stage.
-        ray_address: the Ray cluster to join (default $RAY_ADDRESS, else a local one is started)."""
+        ray_address: the Ray cluster to join (default $RAY_ADDRESS, else a local one is started).
+        tensor_parallel: split every layer's attention heads and FFN channels over that many processes of this host,
+        each holding its share of the weights and the K/V of its heads, adding their partial sums after each block
+        half (torch.distributed's gloo); n_threads is then per process. On CPUs the processes run the numpy
+        reference forward pass: this checks the split end to end and is not a fast path (parallel/tensor.py)."""
         path = resolve_model(str(model))
         self.model = Model(path, use_mmap=use_mmap)
         try:
@@ -119,7 +124,14 @@ class LLM:
             if context_shift and not 0 <= n_keep < self.n_ctx // 2:
                 raise EdgeLLMError(f"--keep {n_keep} must be at least 0 and less than half the context ({self.n_ctx})")
             pool_budget = self.context_info["budget"] if self.context_info["budget"] is not None else memory_budget()[0]
-            if pipeline is not None:
+            if tensor_parallel is not None:
+                if pipeline is not None or n_gpu_layers:
+                    raise EdgeLLMError("tensor_parallel runs every layer in its processes: leave pipeline and "
+                                       "n_gpu_layers out")
+                from .parallel.tensor import TensorParallelBackend
+
+                self.backend = TensorParallelBackend(self.model, tensor_parallel, n_threads, n_batch=n_batch)
+            elif pipeline is not None:
                 if n_gpu_layers:
                     raise EdgeLLMError("pipeline stages run on CPUs: leave n_gpu_layers out")
                 from .cluster.pipeline import PipelineBackend
@@ -149,7 +161,7 @@ class LLM:
             if drafter is not None:
                 drafter.close()
             close = getattr(getattr(self, "backend", None), "close", None)
-            if close is not None:   # a pipeline's stages
+            if close is not None:   # a pipeline's stages, tensor-parallel ranks
                 close()
             self.model.close()
             raise

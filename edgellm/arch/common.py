@@ -223,6 +223,11 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return x / np.sqrt(ms + np.float32(eps)) * weight
 
 
+def same(x: np.ndarray) -> np.ndarray:
+    """The forward passes' default `reduce`: one process holds the whole layer, its output is the sum."""
+    return x
+
+
 def softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max(axis=-1, keepdims=True))  # subtract the max: no overflow; -inf (masked) -> 0
     return e / e.sum(axis=-1, keepdims=True)

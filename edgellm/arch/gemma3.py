@@ -46,6 +46,7 @@ from .common import (
     read_vocab,
     rms_norm,
     rope_neox,
+    same,
     scalar,
 )
 
@@ -319,22 +320,22 @@ def ffn(h, w, il: int) -> np.ndarray:
 
 
 def forward(w: dict, hp: HParams, tokens, positions, cache, all_logits: bool = False,
-            hidden: bool = False) -> np.ndarray:
+            hidden: bool = False, reduce=same) -> np.ndarray:
     """Run tokens [n] at positions [n] through the model, writing their K/V into `cache` (kv_cache.py: row =
     position, or position mod the ring on sliding-window layers).
 
     Returns float32 logits [n, n_vocab] (all_logits) or [1, n_vocab] for the last token. The caller advances
-    cache.n_past.
+    cache.n_past. reduce: as llama.forward's (before the post-norms, which need the whole sum).
     """
     tokens, positions = check_inputs(hp, tokens, positions, cache)  # [n], [n] int64
 
     x = w[TOKEN_EMBD].rows(tokens) * np.float32(hp.embd_scale)    # [n, n_embd]
     for il in range(hp.n_layer):
         h = rms_norm(x, w[ATTN_NORM.format(i=il)], hp.rms_eps)                 # [n, n_embd]
-        a = attention(h, w, hp, il, positions, cache)                          # [n, n_embd]
+        a = reduce(attention(h, w, hp, il, positions, cache))                  # [n, n_embd]
         x = x + rms_norm(a, w[POST_ATTN_NORM.format(i=il)], hp.rms_eps)        # [n, n_embd]
         h = rms_norm(x, w[FFN_NORM.format(i=il)], hp.rms_eps)                  # [n, n_embd]
-        f = ffn(h, w, il)                                                      # [n, n_embd]
+        f = reduce(ffn(h, w, il))                                              # [n, n_embd]
         x = x + rms_norm(f, w[POST_FFN_NORM.format(i=il)], hp.rms_eps)         # [n, n_embd]
     if not all_logits:
         x = x[-1:]                                                 # [1, n_embd]

@@ -23,6 +23,7 @@ from .common import (
     refuse_experts,
     refuse_rope_scaling,
     rms_norm,
+    same,
     swiglu,
 )
 
@@ -156,20 +157,21 @@ def ffn(h, w, il: int) -> np.ndarray:
 
 
 def forward(w: dict[str, np.ndarray], hp: HParams, tokens, positions, cache, all_logits: bool = False,
-            hidden: bool = False) -> np.ndarray:
+            hidden: bool = False, reduce=same) -> np.ndarray:
     """Run tokens [n] at positions [n] through the model, writing their K/V into `cache` at slot = position.
 
     Returns float32 logits [n, n_vocab] (all_logits) or [1, n_vocab] for the last token. The caller advances
-    cache.n_past.
+    cache.n_past. reduce: applied to each block half's output before the residual add (tensor parallelism: a
+    shard's weights give a partial sum, `reduce` adds the shards'; see parallel/shard.py).
     """
     tokens, positions = check_inputs(hp, tokens, positions, cache)  # [n], [n] int64
 
     x = w[TOKEN_EMBD][tokens]                                      # [n, n_embd]
     for il in range(hp.n_layer):
         h = rms_norm(x, w[ATTN_NORM.format(i=il)], hp.rms_eps)     # [n, n_embd]
-        x = x + attention(h, w, hp, il, positions, cache)          # [n, n_embd]
+        x = x + reduce(attention(h, w, hp, il, positions, cache))  # [n, n_embd]
         h = rms_norm(x, w[FFN_NORM.format(i=il)], hp.rms_eps)      # [n, n_embd]
-        x = x + ffn(h, w, il)                                      # [n, n_embd]
+        x = x + reduce(ffn(h, w, il))                              # [n, n_embd]
     if not all_logits:
         x = x[-1:]                                                 # [1, n_embd]
     x = rms_norm(x, w[OUTPUT_NORM], hp.rms_eps)                    # [n or 1, n_embd]

@@ -30,6 +30,7 @@ from .common import (
     refuse_rope_scaling,
     rms_norm,
     rope_neox,
+    same,
 )
 from .llama import ffn
 
@@ -161,16 +162,17 @@ def rope_shift(k: np.ndarray, delta: int, hp: HParams, il: int) -> np.ndarray:
 
 
 def forward(w: dict[str, np.ndarray], hp, tokens, positions, cache, all_logits: bool = False,
-            hidden: bool = False) -> np.ndarray:
-    """Run tokens [n] at positions [n], writing their K/V into `cache`; logits [n or 1, n_vocab] (float32)."""
+            hidden: bool = False, reduce=same) -> np.ndarray:
+    """Run tokens [n] at positions [n], writing their K/V into `cache`; logits [n or 1, n_vocab] (float32).
+    reduce: as llama.forward's."""
     tokens, positions = check_inputs(hp, tokens, positions, cache)  # [n], [n] int64
 
     x = w[TOKEN_EMBD][tokens]                                      # [n, n_embd]
     for il in range(hp.n_layer):
         h = rms_norm(x, w[ATTN_NORM.format(i=il)], hp.rms_eps)
-        x = x + attention(h, w, hp, il, positions, cache)
+        x = x + reduce(attention(h, w, hp, il, positions, cache))
         h = rms_norm(x, w[FFN_NORM.format(i=il)], hp.rms_eps)
-        x = x + ffn(h, w, il)                                      # llama's SwiGLU, same tensor names
+        x = x + reduce(ffn(h, w, il))                              # llama's SwiGLU, same tensor names
     if not all_logits:
         x = x[-1:]
     x = rms_norm(x, w[OUTPUT_NORM], hp.rms_eps)

@@ -1,0 +1,397 @@
+"""Tensor parallelism over processes: N ranks, each holding its share of every layer (shard.py) and the K/V of its
+kv heads, all running each step; one all-reduce per block half.
+
+    engine thread (this process): scheduler, block tables, sampling
+        │ the step (tokens, positions, block tables) to every rank        ▲ logits (rank 0)
+        ▼                                                                 │
+    rank 0 ─┐        rank 1 ─┐   ...   each: its heads' attention, its channels' FFN, partial sums
+            └── all-reduce ──┘         (torch.distributed's gloo: the processes' sums added, the same on every rank)
+
+The ranks are processes of this host (`python -m edgellm.parallel.tensor`, connected back over an authenticated
+loopback socket), their K/V pools mirroring the engine's block for block (the same block ids, as a pipeline
+stage's do): the block manager here decides, the ranks store. On CPUs a rank computes with the architecture's
+numpy reference forward pass: this runs the sharding logic (the split, the slices, the reductions, the sharded
+KV) end to end, not a fast path; every process on one host shares the same memory bandwidth.
+
+A rank that dies or fails fails the step with an error naming it; all ranks are then stopped, and the next step
+starts them again (their KV empty: the engine forgets its prefix cache).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import weakref
+from multiprocessing.connection import Client, Listener
+
+import numpy as np
+
+from ..engine.backend import forward_by_sequence, forward_in_pieces
+from ..engine.batch import Batch
+from ..errors import BatchError, EdgeLLMError
+from ..kv.paged import KVPool, SeqKV
+from .shard import plan
+
+GLOO_TIMEOUT_S = 120   # a rank waiting this long in an all-reduce gives up (another rank died mid-step)
+
+
+class RankError(EdgeLLMError):
+    """A tensor-parallel rank failed or died; kv_lost: the ranks restart with empty pools."""
+
+    def __init__(self, message: str, kv_lost: bool = True):
+        super().__init__(message)
+        self.kv_lost = kv_lost
+
+
+def require_torch():
+    """torch.distributed, whose gloo backend adds the ranks' partial sums on CPUs."""
+    try:
+        import torch
+        import torch.distributed as dist
+    except ImportError as e:
+        raise EdgeLLMError(f"tensor parallelism over several processes needs torch.distributed ({e}): "
+                           f"pip install torch") from None
+    return torch, dist
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A rank (in its own process)
+# ---------------------------------------------------------------------------------------------------------------
+class Rank:
+    """One rank: its share of the weights, its pools (by the engine's pool key) and its end of the all-reduce."""
+
+    def __init__(self, path: str, rank: int, n_ranks: int, store: str | None):
+        from ..kv_cache import layer_windows
+        from ..model import Model
+
+        self.model = Model(path)
+        hp = self.model.hparams
+        self.shard = plan(hp, n_ranks)[rank]
+        self.hp = self.shard.hparams(hp)
+        from .shard import ShardFile
+
+        self.weights = self.model.arch.load_weights(ShardFile(self.model.gguf, self.shard), self.hp)
+        self.windows = layer_windows(self.model)
+        self.pools: dict[int, KVPool] = {}
+        self._dist = None
+        if n_ranks > 1:
+            import datetime
+
+            torch, dist = require_torch()
+            torch.set_num_threads(1)
+            dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=n_ranks,
+                                    timeout=datetime.timedelta(seconds=GLOO_TIMEOUT_S))
+            self._torch, self._dist = torch, dist
+
+    def reduce(self, a: np.ndarray) -> np.ndarray:
+        """The sum of every rank's `a` (the same bits on every rank: gloo reduces each chunk once and shares it)."""
+        if self._dist is None:
+            return a
+        a = np.ascontiguousarray(a, dtype=np.float32)
+        self._dist.all_reduce(self._torch.from_numpy(a))
+        return a
+
+    def info(self) -> dict:
+        nbytes = sum(getattr(a, "nbytes", 0) for a in self.weights.values())
+        return {"pid": os.getpid(), "rank": self.shard.rank, "weight_bytes": int(nbytes)}
+
+    def handle(self, kind: str, payload):
+        if kind == "fwd":
+            return self._forward(*payload)
+        if kind == "pool":
+            key, n_blocks, n_blocks_swa, type_k, type_v, swa_full = payload
+            swa = any(self.windows) and not swa_full
+            self.pools[key] = KVPool(self.hp.n_layer, self.hp.n_head_kv, self.hp.head_dim, n_blocks, type_k=type_k,
+                                     type_v=type_v, layer_window=self.windows,
+                                     n_blocks_swa=n_blocks_swa if swa else 0, swa_full=swa_full)
+        elif kind == "drop":
+            self.pools.pop(payload, None)
+        elif kind == "copy":
+            key, g, old, new = payload
+            self.pools[key].copy_block(g, old, new)
+        elif kind == "pull":   # this rank's kv heads of the blocks asked for, layer by layer
+            key, blocks = payload
+            pool = self.pools[key]
+            return [(pool.k[g][i][blocks[g]], pool.v[g][i][blocks[g]]) for g, i in pool.layer_group]
+        elif kind == "push":
+            key, blocks, rows = payload
+            pool = self.pools[key]
+            for (g, i), (k, v) in zip(pool.layer_group, rows):
+                pool.k[g][i][blocks[g]] = k
+                pool.v[g][i][blocks[g]] = v
+        elif kind == "info":
+            return self.info()
+        else:
+            raise ValueError(f"unknown message {kind!r}")
+        return None
+
+    def _forward(self, key: int, tokens, positions, seq_ids, want, seqs, hidden: bool):
+        pool = self.pools[key]
+        kvs = []
+        for n_ctx, swa_from, tables in seqs:
+            kv = SeqKV(pool, n_ctx)
+            kv.tables = [np.asarray(t, np.int32) for t in tables[:pool.n_groups]]
+            kv.swa_from = swa_from
+            kvs.append(kv)
+        batch = Batch(tokens, positions, seq_ids, want)
+        last = hidden or self.shard.rank > 0   # only rank 0's rows go back; the others stop at the hidden state
+        arch, w, hp = self.model.arch, self.weights, self.hp
+
+        def one(t, p, kv, all_logits):
+            return arch.forward(w, hp, t, p, kv, all_logits, last, self.reduce)
+
+        out = forward_by_sequence(one, hp.n_embd if last else hp.n_vocab, batch, kvs, n_vocab=hp.n_vocab)
+        return out if self.shard.rank == 0 else None
+
+
+def main() -> None:
+    """`python -m edgellm.parallel.tensor HOST PORT`: a rank; its key comes on stdin, its orders over the socket."""
+    host, port = sys.argv[1], int(sys.argv[2])
+    authkey = bytes.fromhex(sys.stdin.readline().strip())
+    conn = Client((host, port), authkey=authkey)
+    conn.send(os.getpid())
+    path, rank, n_ranks, store = conn.recv()
+    try:
+        r = Rank(path, rank, n_ranks, store)
+    except Exception as e:
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+        return
+    conn.send(("ok", r.info()))
+    while True:
+        try:
+            kind, payload = conn.recv()
+        except (EOFError, OSError):   # the driver is gone
+            return
+        try:
+            answer = ("ok", r.handle(kind, payload))
+        except Exception as e:
+            answer = ("error", f"{type(e).__name__}: {e}")
+        conn.send(answer)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The driver's side
+# ---------------------------------------------------------------------------------------------------------------
+class _Mirror:
+    """The ranks' copies of one engine pool, each with its kv heads: what KVPool calls when the host moves rows."""
+
+    partial = True   # pull / push move only the blocks asked for
+
+    def __init__(self, backend: "TensorParallelBackend", key: int):
+        self._backend, self.key = weakref.ref(backend), key
+
+    @property
+    def backend(self) -> "TensorParallelBackend":
+        b = self._backend()
+        if b is None:
+            raise EdgeLLMError("the tensor-parallel backend is closed")
+        return b
+
+    def copy_block(self, g: int, old: int, new: int) -> None:
+        self.backend._all("copy", (self.key, g, old, new))
+
+    def _blocks(self, pool: KVPool, blocks):
+        return [np.arange(n) for n in pool.n_blocks[:pool.n_groups]] if blocks is None else \
+            [np.asarray(b, np.int64) for b in blocks]
+
+    def pull(self, pool: KVPool, blocks=None) -> None:
+        be, blocks = self.backend, self._blocks(pool, blocks)
+        for shard, rows in zip(be.shards, be._all("pull", (self.key, blocks))):
+            kv = np.arange(shard.kv_heads.start, shard.kv_heads.stop)
+            for (g, i), (k, v) in zip(pool.layer_group, rows):
+                idx = (blocks[g][:, None], kv[None, :])
+                pool.k[g][i][idx] = k
+                pool.v[g][i][idx] = v
+
+    def push(self, pool: KVPool, blocks=None) -> None:
+        be, blocks = self.backend, self._blocks(pool, blocks)
+        payloads = []
+        for shard in be.shards:
+            kv = slice(shard.kv_heads.start, shard.kv_heads.stop)
+            payloads.append((self.key, blocks, [(pool.k[g][i][blocks[g]][:, kv], pool.v[g][i][blocks[g]][:, kv])
+                                                for g, i in pool.layer_group]))
+        be._all("push", payloads, each=True)
+
+
+class TensorParallelBackend:
+    """The model over `n_ranks` processes of this host, each with 1/N of every layer's heads and FFN channels
+    (`shard.plan`). n_threads: the numpy threads of each rank (default: this machine's cores shared among them)."""
+
+    name = "tensor-parallel"
+    POLL_S = 0.5   # while waiting for the ranks, how often each is asked whether it still lives
+    START_S = 300.0
+
+    def __init__(self, model, n_ranks: int, n_threads: int | None = None, n_batch: int = 512):
+        from ..backends.loader import check_threads, default_threads
+
+        check_threads(n_threads, "threads per rank (n_threads)")
+        self.shards = plan(model.hparams, n_ranks)   # EdgeLLMError for a split the model's heads do not allow
+        self.model, self.hparams, self.n_batch, self.n_ranks = model, model.hparams, int(n_batch), len(self.shards)
+        if self.n_ranks > 1:
+            require_torch()
+        self.n_threads = int(n_threads or max(1, default_threads() // self.n_ranks))
+        self.isa = f"numpy, {self.n_ranks} rank{'s' if self.n_ranks > 1 else ''}" + \
+            (" over gloo" if self.n_ranks > 1 else "")
+        self._procs, self._conns, self.info = [], [], []
+        self._dir = None
+        self._keys: weakref.WeakKeyDictionary[KVPool, int] = weakref.WeakKeyDictionary()
+        self._dropped: list[int] = []
+        self._next_key = 0
+        self._start()
+
+    # ------------------------------------------------------------------ the backend interface
+    def forward_batch(self, batch: Batch, kvs, hidden: bool = False) -> np.ndarray:
+        if len(batch) > self.n_batch:
+            raise BatchError(f"{len(batch)} tokens exceed the backend's n_batch ({self.n_batch}); split the batch")
+        batch.validate(kvs, self.hparams.n_vocab)
+        if len({id(kv.pool) for kv in kvs}) != 1 or not isinstance(kvs[0], SeqKV):
+            raise BatchError("tensor-parallel ranks run sequences of one paged KV pool")
+        if not self._procs:
+            self._start()
+        key = self._key(kvs[0].pool)
+        seqs = [(kv.n_ctx, kv.swa_from, kv.tables) for kv in kvs]
+        return self._all("fwd", (key, batch.tokens, batch.positions, batch.seq_ids, batch.want, seqs, hidden))[0]
+
+    def forward(self, tokens, positions, cache, all_logits: bool = False) -> np.ndarray:
+        return forward_in_pieces(self, tokens, positions, cache, all_logits)
+
+    def describe(self) -> str:
+        return "; ".join(f"{s.describe()} (pid {inf['pid']}, {inf['weight_bytes'] / 2**20:.0f} MiB of float32 "
+                         f"weights)" for s, inf in zip(self.shards, self.info))
+
+    def close(self) -> None:
+        self._stop()
+
+    # ------------------------------------------------------------------ the ranks
+    def _start(self) -> None:
+        """Start the ranks and wait until each holds its weights."""
+        self._stop()
+        self._keys = weakref.WeakKeyDictionary()   # new ranks hold no pools
+        self._dir = tempfile.mkdtemp(prefix="edgellm-tp-")
+        store = os.path.join(self._dir, "store")
+        authkey = secrets.token_bytes(32)
+        env = dict(os.environ)
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[var] = str(self.n_threads)
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")   # the ranks are on this host
+        listener = Listener(("127.0.0.1", 0), authkey=authkey)
+        host, port = listener.address
+        for _ in range(self.n_ranks):
+            p = subprocess.Popen([sys.executable, "-m", "edgellm.parallel.tensor", host, str(port)],
+                                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env)
+            p.stdin.write(authkey.hex().encode() + b"\n")
+            p.stdin.close()
+            self._procs.append(p)
+        accepted: list = []
+
+        def accept():
+            try:
+                for _ in range(self.n_ranks):
+                    c = listener.accept()
+                    accepted.append((c.recv(), c))   # (its pid, the connection)
+            except (OSError, EOFError):   # closed below: a rank died first, or time ran out
+                pass
+
+        t = threading.Thread(target=accept, daemon=True)
+        t.start()
+        start = time.monotonic()
+        try:
+            while t.is_alive():
+                t.join(self.POLL_S)
+                dead = [p for p in self._procs if p.poll() is not None]
+                if dead or time.monotonic() - start > self.START_S:
+                    listener.close()
+                    t.join()
+                    why = f"exited with status {dead[0].returncode} before connecting" if dead else \
+                        f"did not connect back within {self.START_S:.0f} s"
+                    pid = dead[0].pid if dead else "?"
+                    self._failed(f"a rank (pid {pid}) {why}")
+        finally:
+            listener.close()
+        by_pid = {pid: c for pid, c in accepted}
+        self._conns = [by_pid[p.pid] for p in self._procs]
+        for r, c in enumerate(self._conns):
+            c.send((str(self.model.path), r, self.n_ranks, store))
+        self.info = self._answers(range(self.n_ranks), "load the model", timeout=self.START_S)
+
+    def _stop(self) -> None:
+        for c in self._conns:
+            try:
+                c.close()
+            except OSError:
+                pass
+        for p in self._procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        self._procs, self._conns = [], []
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    def _all(self, kind: str, payload, each: bool = False) -> list:
+        """Send a message to every rank (each: payload[r] to rank r) and return their answers, in rank order."""
+        if not self._procs:
+            self._start()
+        for r, c in enumerate(self._conns):
+            try:
+                c.send((kind, payload[r] if each else payload))
+            except OSError:
+                self._failed(f"rank {r} (pid {self._procs[r].pid}) is gone")
+        return self._answers(range(self.n_ranks), kind)
+
+    def _answers(self, ranks, what: str, timeout: float | None = None) -> list:
+        out = []
+        start = time.monotonic()
+        for r in ranks:
+            c, p = self._conns[r], self._procs[r]
+            try:
+                while not c.poll(self.POLL_S):
+                    if p.poll() is not None:
+                        self._failed(f"rank {r} (pid {p.pid}) exited with status {p.returncode}")
+                    if timeout is not None and time.monotonic() - start > timeout:
+                        self._failed(f"rank {r} (pid {p.pid}) did not {what} within {timeout:.0f} s")
+                status, value = c.recv()
+            except (EOFError, OSError):
+                self._failed(f"rank {r} (pid {p.pid}) is gone")
+            if status == "error":
+                self._failed(f"rank {r} failed to {what}: {value}" if what == "load the model" else
+                             f"rank {r} failed ({what}): {value}")
+            out.append(value)
+        return out
+
+    def _failed(self, why: str):
+        """Stop every rank (the others may be waiting in an all-reduce that will not come); the next step starts
+        them again, empty."""
+        self._stop()
+        raise RankError(f"tensor parallelism: {why}; the requests running failed, the ranks restart for later "
+                        f"ones", kv_lost=True)
+
+    def _key(self, pool: KVPool) -> int:
+        while self._dropped:
+            self._all("drop", self._dropped.pop())
+        key = self._keys.get(pool)
+        if key is None:
+            key = self._next_key
+            self._next_key += 1
+            self._all("pool", (key, pool.n_blocks[0], pool.n_blocks[1] if pool.swa else 0, pool.type_k,
+                               pool.type_v, any(pool.layer_window) and not pool.swa))
+            self._keys[pool] = key
+            for m in pool.mirrors:
+                if isinstance(m, _Mirror) and m._backend() is self:
+                    m.key = key
+                    break
+            else:
+                pool.add_mirror(_Mirror(self, key))
+                weakref.finalize(pool, self._dropped.append, key)
+        return key
+
+
+if __name__ == "__main__":
+    main()
