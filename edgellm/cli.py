@@ -13,7 +13,7 @@ import warnings
 
 import click
 
-from .cli_tools import gpu_options
+from .cli_tools import gpu_options, tensor_split_option
 from .errors import EdgeLLMError
 
 SAMPLING_DEFAULTS = dict(temp=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0)  # llama.cpp's
@@ -220,7 +220,8 @@ def ls_cmd():
 @click.option("--kv-budget", default=None, metavar="SIZE", help="Memory for the KV cache, e.g. 512MiB.")
 @click.option("--check-tensors", is_flag=True, help="Check that every tensor's data is valid for its type.")
 @gpu_options
-def info(model, kv_budget, check_tensors, n_gpu_layers, device):
+@tensor_split_option
+def info(model, kv_budget, check_tensors, n_gpu_layers, device, tensor_split):
     """Describe a model: architecture, hyper-parameters, tensor types, tokenizer, backend (with -ngl: what would
     run on the GPU)."""
     from collections import Counter
@@ -252,6 +253,8 @@ def info(model, kv_budget, check_tensors, n_gpu_layers, device):
                                     "template, --raw continues text"))
     click.echo(f"backend:      {_backend_summary()} ; threads {default_threads()}")
     click.echo(f"gpu:          {_gpu_summary(m, n_gpu_layers, device)}")
+    if tensor_split:
+        _split_summary(m, tensor_split)
     from .engine import DEFAULT_BATCH, DEFAULT_PARALLEL
     from .kv.paged import KVPool, pool_blocks
     from .kv_cache import default_n_ctx, memory_budget
@@ -263,6 +266,19 @@ def info(model, kv_budget, check_tensors, n_gpu_layers, device):
     ctx["kv_bytes"] = n_blocks * probe.block_bytes(0) + (n_swa * probe.block_bytes(1) if n_swa else 0)
     ctx["kv_blocks"], ctx["kv_block"], ctx["kv_blocks_swa"] = n_blocks, probe.block, n_swa
     click.echo(f"context:      {_context_line(ctx)}")
+
+
+def _split_summary(m, n: int) -> None:
+    """--tensor-split N: each rank's heads, channels, share of the file's weights and K/V per token."""
+    from .kv_cache import row_bytes
+    from .parallel.shard import file_bytes, plan
+
+    shards = plan(m.hparams, n)   # an EdgeLLMError names the splits that work
+    click.echo(f"tensor split: {n} rank{'s' if n > 1 else ''}")
+    for s in shards:
+        kv = 2 * m.hparams.n_layer * len(s.kv_heads) * row_bytes("f16", m.hparams.head_dim)
+        click.echo(f"  {s.describe()}; {file_bytes(m.gguf, s) / 2**20:.1f} MiB of the file's weights, "
+                   f"{kv / 1024:.1f} KiB of f16 K/V a token")
 
 
 def _gpu_summary(m, n_gpu_layers: int, device) -> str:
@@ -406,13 +422,14 @@ def tokenize(model, text, add_special, parse_special, as_json):
 @click.option("--verbose", is_flag=True, help="Print load time and prompt / generation speed to stderr.")
 @_spec_options
 @gpu_options
+@tensor_split_option
 def run(model, question, prompt, prompt_file, n_predict, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, frequency_penalty,
         presence_penalty, typical_p, top_n_sigma, xtc_probability, xtc_threshold, dynatemp_range, dynatemp_exponent,
         dry_multiplier, dry_base, dry_allowed_length, dry_penalty_last_n, mirostat, mirostat_eta, mirostat_tau,
         samplers, logit_bias, ignore_eos, grammar, grammar_file, json_schema, seed, n_ctx, cache_type_k, cache_type_v, swa_full,
         kv_budget, n_threads, backend, context_shift, n_keep, streaming, prompt_cache, chat_prompt, raw, system,
         verbose, check_tensors, no_mmap, mlock, model_draft, spec_type, draft_max, draft_min, draft_p_min, n_gpu_layers,
-        device):
+        device, tensor_split):
     """Run MODEL: answer QUESTION or -p's prompt as a chat turn (as `ollama run MODEL "..."` and llama-cli do) when
     the model has a chat template, continue it as text otherwise or with --raw, or chat interactively without
     either.
@@ -437,7 +454,7 @@ def run(model, question, prompt, prompt_file, n_predict, temp, top_k, top_p, min
     llm = LLM(_model_path(model), n_ctx=n_ctx, n_threads=n_threads, seed=seed, backend=backend,
               context_shift=context_shift or streaming, n_keep=n_keep, cache_type=cache_type_k,
               cache_type_v=cache_type_v, swa_full=swa_full, kv_budget=kv_budget, n_gpu_layers=n_gpu_layers,
-              device=device, **_spec_kwargs(check_tensors, model_draft, spec_type, draft_max, draft_min, draft_p_min,
+              device=device, tensor_parallel=tensor_split, **_spec_kwargs(check_tensors, model_draft, spec_type, draft_max, draft_min, draft_p_min,
                                                                no_mmap, mlock))
     if verbose:
         be = llm.backend
@@ -640,12 +657,13 @@ def bench(model, n_prompt, n_gen, n_threads, reps, depth, backend, as_json, n_gp
               help="One pipeline stage per Ray node named (IP address, host name or node id).")
 @_spec_options
 @gpu_options
+@tensor_split_option
 def serve(models, host, port, n_threads, n_ctx, n_parallel, n_batch, cache_type_k, cache_type_v, kv_budget,
           no_prefix_cache, backend, temp, top_k, top_p, min_p, repeat_penalty, api_key_file, cors_origins,
           rate_limit, token_limit, max_queue, max_tokens, max_body, request_timeout, log_format, log_level,
           grpc_port, use_ray, replicas, min_replicas, max_replicas, router, stream_interval, ray_address,
           pipeline_stages, pipeline_hosts, check_tensors, no_mmap, mlock, model_draft, spec_type, draft_max,
-          draft_min, draft_p_min, n_gpu_layers, device):
+          draft_min, draft_p_min, n_gpu_layers, device, tensor_split):
     """Serve MODELS over an OpenAI-compatible HTTP API (and a chat page at /).
 
     A request's "model" picks one by its name here or its file's stem. Keys from --api-key-file or
@@ -676,8 +694,13 @@ def serve(models, host, port, n_threads, n_ctx, n_parallel, n_batch, cache_type_
         llm_kwargs.update(pipeline=hosts, ray_address=ray_address)
     elif pipeline_stages is not None:
         llm_kwargs.update(pipeline=pipeline_stages, ray_address=ray_address)
-    if "pipeline" in llm_kwargs and use_ray:
-        raise click.UsageError("--ray replicas each run the whole model: leave out --pipeline-stages/--pipeline-hosts")
+    if tensor_split is not None:
+        if "pipeline" in llm_kwargs:
+            raise click.UsageError("give --tensor-split or --pipeline-stages/--pipeline-hosts, not both")
+        llm_kwargs["tensor_parallel"] = tensor_split
+    if ("pipeline" in llm_kwargs or tensor_split is not None) and use_ray:
+        raise click.UsageError("--ray replicas each run the whole model: leave out --pipeline-stages/--pipeline-hosts "
+                               "and --tensor-split")
     if not use_ray and (replicas != 1 or min_replicas or max_replicas):
         raise click.UsageError("--replicas, --min-replicas and --max-replicas need --ray")
     sampling = {k: v for k, v in dict(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,

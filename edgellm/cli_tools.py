@@ -96,6 +96,15 @@ def gpu_options(f):
     return f
 
 
+def tensor_split_option(f):
+    """--tensor-split N (vLLM's --tensor-parallel-size): every layer's heads and FFN channels over N processes."""
+    return click.option("--tensor-split", "--tensor-parallel-size", "-tp", "tensor_split", type=click.IntRange(min=1),
+                        default=None, metavar="N",
+                        help="Split every layer's attention heads and FFN channels over N processes of this host "
+                             "(needs torch for N > 1; on CPUs they run the numpy reference: a check of the split, "
+                             "not a speed-up); --threads is then per process.")(f)
+
+
 def register(cli: click.Group) -> None:
     """Add the `convert`, `quantize`, `prune` and `perplexity` commands to `cli`."""
 

@@ -89,8 +89,9 @@ def plan(hp, n: int) -> list[Shard]:
         per = n // K
         if n % K or group % per:
             ok = [m for m in range(1, H + 1) if m <= K or (m % K == 0 and group % (m // K) == 0)]
-            raise EdgeLLMError(f"{n} ranks cannot share {H} query heads in {K} kv group{'s' if K > 1 else ''} evenly; splits that "
-                               f"work: {', '.join(map(str, ok))}")
+            groups = f"{K} kv group{'s' if K > 1 else ''}"
+            raise EdgeLLMError(f"{n} ranks cannot share {H} query heads in {groups} evenly; splits that work: "
+                               f"{', '.join(map(str, ok))}")
         q = [range(r * (group // per), (r + 1) * (group // per)) for r in range(n)]
         kv = [range(r // per, r // per + 1) for r in range(n)]
     align = FF_ALIGN if hp.n_ff % FF_ALIGN == 0 else 1
@@ -107,6 +108,20 @@ def cut(name: str):
         if name.endswith("." + suffix):
             return how
     return None
+
+
+def file_bytes(gf, shard: Shard) -> int:
+    """Bytes of the file's weights this rank's share covers (the cut tensors pro rata, the rest whole)."""
+    total = 0
+    for name, info in gf.tensors.items():
+        how = cut(name)
+        if how is None:
+            total += info.nbytes
+        else:
+            axis, kind = how
+            full = info.shape[axis if len(info.shape) > 1 else 0]
+            total += info.nbytes * len(shard.rows(kind)) // full
+    return total
 
 
 class ShardFile:

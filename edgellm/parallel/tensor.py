@@ -360,7 +360,15 @@ class TensorParallelBackend:
                 status, value = c.recv()
             except (EOFError, OSError):
                 self._failed(f"rank {r} (pid {p.pid}) is gone")
-            if status == "error":
+            if status == "error":   # a rank whose peer died hears of it in the all-reduce: name the dead one
+                t0 = time.monotonic()
+                while time.monotonic() - t0 < 2.0:
+                    dead = [(i, q) for i, q in enumerate(self._procs) if q.poll() is not None]
+                    if dead:
+                        i, q = dead[0]
+                        self._failed(f"rank {i} (pid {q.pid}) exited with status {q.returncode}")
+                    time.sleep(0.05)
+                value = value.splitlines()[0][:300] if value else value
                 self._failed(f"rank {r} failed to {what}: {value}" if what == "load the model" else
                              f"rank {r} failed ({what}): {value}")
             out.append(value)
