@@ -1,7 +1,8 @@
 """Architectures: one module per model family, found by the GGUF key `general.architecture`.
 
 Each module exposes `HParams.from_gguf(gguf_file)` (raises ModelError), `load_weights(gguf_file, hp)` and the
-numpy reference `forward(weights, hp, tokens, positions, cache, all_logits)`.
+numpy reference `forward(weights, hp, tokens, positions, cache, all_logits, hidden, reduce)` (reduce: each block
+half's output before the residual add; an all-reduce when a rank holds a share of the layer, parallel/shard.py).
 Adding a family = one new file beside this one + one line in ARCHITECTURES.
 """
 

@@ -56,7 +56,7 @@ def require_torch():
         import torch.distributed as dist
     except ImportError as e:
         raise EdgeLLMError(f"tensor parallelism over several processes needs torch.distributed ({e}): "
-                           f"pip install torch") from None
+                           f"pip install \"edgellm[tp]\"") from None
     return torch, dist
 
 
