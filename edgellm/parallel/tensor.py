@@ -112,9 +112,10 @@ class Rank:
                                      n_blocks_swa=n_blocks_swa if swa else 0, swa_full=swa_full)
         elif kind == "drop":
             self.pools.pop(payload, None)
-        elif kind == "copy":
+        elif kind == "copy":   # (a pool these ranks never held, from before a restart: nothing to copy)
             key, g, old, new = payload
-            self.pools[key].copy_block(g, old, new)
+            if key in self.pools:
+                self.pools[key].copy_block(g, old, new)
         elif kind == "pull":   # this rank's kv heads of the blocks asked for, layer by layer
             key, blocks = payload
             pool = self.pools[key]
