@@ -140,3 +140,65 @@ class Forced:
 
     def accept(self, token):
         pass
+
+
+def killed_mid_generation(llm, kill, wait_s: float = 1.0, join_s: float = 90.0):
+    """Start a long greedy generation on `llm` in a thread, call kill() after wait_s, and return (what the
+    generation raised, seconds from the kill until it returned); fails the test if it is still running after
+    join_s (a hang)."""
+    import threading
+    import time
+
+    from edgellm.errors import EdgeLLMError
+
+    box = {}
+
+    def long_run():
+        try:
+            box["text"] = llm.generate("Write a long story about a dragon.", max_tokens=400, temperature=0,
+                                       logit_bias={llm.tokenizer.eos_id: float("-inf")})
+        except EdgeLLMError as e:
+            box["error"] = e
+
+    t = threading.Thread(target=long_run)
+    t.start()
+    time.sleep(wait_s)
+    t0 = time.monotonic()
+    kill()
+    t.join(join_s)
+    assert not t.is_alive(), "the request hung after the kill"
+    assert "error" in box, f"the request was not failed by the kill: {box}"
+    return box["error"], time.monotonic() - t0
+
+
+def rows_survive_moves(spread, path, tmp_path, one: dict, spread_kw: dict, n: int, n_shift: int) -> None:
+    """A model spread over processes (`spread`, an LLM: pipeline stages, tensor-parallel ranks) against one process
+    (LLM(path, **one)): a session saved by one process and loaded into the spread model, and back, continues with
+    the same greedy text; a context shift (rows rewritten in place, n_ctx 64) too (LLM(path, **spread_kw))."""
+    from edgellm import LLM
+
+    prompt = "Once upon a time, in a land far away, there lived"
+    single = LLM(path, n_ctx=512, **one)
+    try:
+        want = single.generate(prompt, max_tokens=n, temperature=0)
+        single.save_state(tmp_path / "single.bin")      # whole rows pushed out to the processes
+        assert spread.load_state(tmp_path / "single.bin") > 0
+        assert spread.generate(prompt, max_tokens=n, temperature=0) == want
+        spread.generate(prompt + " a dragon", max_tokens=n // 2, temperature=0)
+        spread.save_state(tmp_path / "spread.bin")      # rows pulled back from them
+        single.close()
+        single = LLM(path, n_ctx=512, **one)
+        assert single.load_state(tmp_path / "spread.bin") > 0
+        assert single.generate(prompt + " a dragon", max_tokens=n // 2, temperature=0) == \
+            spread.generate(prompt + " a dragon", max_tokens=n // 2, temperature=0)
+    finally:
+        single.close()
+    a_llm = LLM(path, n_ctx=64, context_shift=True, n_keep=4, **one)
+    b_llm = LLM(path, n_ctx=64, context_shift=True, n_keep=4, **spread_kw)
+    try:
+        a = a_llm.generate(prompt, max_tokens=n_shift, temperature=0, logit_bias={a_llm.tokenizer.eos_id: float("-inf")})
+        b = b_llm.generate(prompt, max_tokens=n_shift, temperature=0, logit_bias={b_llm.tokenizer.eos_id: float("-inf")})
+        assert a == b
+    finally:
+        a_llm.close()
+        b_llm.close()

@@ -18,7 +18,7 @@ from edgellm.errors import EdgeLLMError
 from edgellm.kv.paged import KVPool, SeqKV
 from edgellm.kv_cache import layer_windows
 
-from conftest import require_native
+from conftest import killed_mid_generation, require_native, rows_survive_moves
 
 PROMPTS = ["Tell me about Paris.", "What is a prime number?", "Write a haiku about rain.", "Name three rivers."]
 
@@ -280,57 +280,17 @@ def test_pipeline_text_and_memory(piped, reference):
 
 def test_pipeline_session_and_context_shift(piped, smollm2_path, tmp_path):
     """Rows in and out of the stages (sessions, context shift) keep the single process's results."""
-    from edgellm import LLM
-
-    prompt = "Once upon a time, in a land far away, there lived"
-    single = LLM(smollm2_path, n_threads=1, n_ctx=512)
-    try:
-        want = single.generate(prompt, max_tokens=16, temperature=0)
-        single.save_state(tmp_path / "single.bin")      # rows of one process pushed into the stages
-        assert piped.load_state(tmp_path / "single.bin") > 0
-        assert piped.generate(prompt, max_tokens=16, temperature=0) == want
-        piped.generate(prompt + " a dragon", max_tokens=8, temperature=0)
-        piped.save_state(tmp_path / "piped.bin")        # rows pulled out of the stages
-        single.close()
-        single = LLM(smollm2_path, n_threads=1, n_ctx=512)
-        assert single.load_state(tmp_path / "piped.bin") > 0
-        assert single.generate(prompt + " a dragon", max_tokens=8, temperature=0) == \
-            piped.generate(prompt + " a dragon", max_tokens=8, temperature=0)
-    finally:
-        single.close()
-    one = LLM(smollm2_path, n_threads=1, n_ctx=64, context_shift=True, n_keep=4)
-    two = LLM(smollm2_path, n_threads=1, n_ctx=64, context_shift=True, n_keep=4, pipeline=2)
-    try:
-        a = one.generate(prompt, max_tokens=120, temperature=0, logit_bias={one.tokenizer.eos_id: float("-inf")})
-        b = two.generate(prompt, max_tokens=120, temperature=0, logit_bias={two.tokenizer.eos_id: float("-inf")})
-        assert a == b
-    finally:
-        one.close()
-        two.close()
+    rows_survive_moves(piped, smollm2_path, tmp_path, dict(n_threads=1), dict(n_threads=1, pipeline=2), 16, 120)
 
 
 def test_pipeline_stage_death_fails_requests_then_recovers(piped, reference, ray_local):
     """A stage killed mid-generation: that request fails with an error naming the stage, promptly; the stage
     restarts and the next requests give the same text as before."""
     for victim in (1, 0):
-        box = {}
-
-        def long_run():
-            try:
-                box["text"] = piped.generate("Write a long story about a dragon.", max_tokens=400, temperature=0,
-                                             logit_bias={piped.tokenizer.eos_id: float("-inf")})
-            except EdgeLLMError as e:
-                box["error"] = e
-
-        t = threading.Thread(target=long_run)
-        t.start()
-        time.sleep(1.0)
-        t0 = time.monotonic()
-        ray_local.kill(piped.backend.stages[victim], no_restart=False)
-        t.join(90)
-        assert not t.is_alive(), "the request hung after its stage died"
-        assert "error" in box and f"pipeline stage {victim}" in str(box["error"]), box
-        assert time.monotonic() - t0 < 60
+        error, took = killed_mid_generation(piped, lambda: ray_local.kill(piped.backend.stages[victim],
+                                                                          no_restart=False))
+        assert f"pipeline stage {victim}" in str(error), error
+        assert took < 60
         assert piped.generate(PROMPTS[0], max_tokens=24, temperature=0) == reference[PROMPTS[0]]
 
 

@@ -396,6 +396,31 @@ def test_gpu_engine_text_equals_its_own_greedy_path_under_threads(tmp_path):
 
 
 @gpu
+def test_gpu_session_loaded_before_the_first_step_reaches_the_gpu(tmp_path):
+    """A session loaded into a fresh LLM(n_gpu_layers=-1) before any step: its rows go to the GPU's copy of the pool
+    (made when the engine takes the pool), so the prompt continues from them with the text of the LLM that saved
+    it."""
+    from edgellm.api import LLM
+
+    _tiny_model(tmp_path, GGMLType.Q4_1)
+    path = tmp_path / "tiny-llama-Q4_1.gguf"
+    prompt = " ".join(f"t{5 + 3 * i}" for i in range(90))   # past one block of 64
+    first = LLM(path, n_ctx=256, n_gpu_layers=-1)
+    no_eos = {t: float("-inf") for t in first.tokenizer.eog_ids}
+    want = first.generate(prompt, max_tokens=16, temperature=0, logit_bias=no_eos)
+    first.save_state(tmp_path / "s.bin")
+    first.close()
+    fresh = LLM(path, n_ctx=256, n_gpu_layers=-1)
+    try:
+        assert fresh.load_state(tmp_path / "s.bin") > 0
+        r = fresh.create_completion(prompt, max_tokens=16, temperature=0, logit_bias=no_eos)
+        assert r["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+        assert r["choices"][0]["text"] == want
+    finally:
+        fresh.close()
+
+
+@gpu
 def test_gpu_copy_on_write_and_context_shift_move_the_gpu_rows(tmp_path):
     """The block manager's host-side moves reach the GPU's blocks (the pool's mirror): after a shared prefix is
     copied on write and a context shift re-rotates the cache, the GPU's rows equal the CPU core's, and the next

@@ -7,10 +7,11 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-import time
 
 import numpy as np
 import pytest
+
+from conftest import killed_mid_generation, rows_survive_moves
 
 from edgellm.errors import EdgeLLMError
 from edgellm.parallel.shard import CUTS, ShardFile, cut, file_bytes, plan
@@ -171,58 +172,17 @@ def test_gemma3_replicated_kv_head(gemma3_path):
 def test_sessions_and_context_shift_move_rows_through_the_ranks(split2, smollm2_path, tmp_path):
     """save_state pulls each rank's kv heads into whole rows, load_state pushes them back out; a context shift
     rewrites the rows in place: both keep one process's results."""
-    from edgellm import LLM
-
-    prompt = "Once upon a time, in a land far away, there lived"
-    single = LLM(smollm2_path, backend="reference", n_ctx=512)
-    try:
-        want = single.generate(prompt, max_tokens=12, temperature=0)
-        single.save_state(tmp_path / "single.bin")
-        assert split2.load_state(tmp_path / "single.bin") > 0
-        assert split2.generate(prompt, max_tokens=12, temperature=0) == want
-        split2.generate(prompt + " a dragon", max_tokens=6, temperature=0)
-        split2.save_state(tmp_path / "split.bin")
-        single.close()
-        single = LLM(smollm2_path, backend="reference", n_ctx=512)
-        assert single.load_state(tmp_path / "split.bin") > 0
-        assert single.generate(prompt + " a dragon", max_tokens=6, temperature=0) == \
-            split2.generate(prompt + " a dragon", max_tokens=6, temperature=0)
-    finally:
-        single.close()
-    one = LLM(smollm2_path, backend="reference", n_ctx=64, context_shift=True, n_keep=4)
-    two = LLM(smollm2_path, n_ctx=64, context_shift=True, n_keep=4, tensor_parallel=2)
-    try:
-        a = one.generate(prompt, max_tokens=90, temperature=0, logit_bias={one.tokenizer.eos_id: float("-inf")})
-        b = two.generate(prompt, max_tokens=90, temperature=0, logit_bias={two.tokenizer.eos_id: float("-inf")})
-        assert a == b
-    finally:
-        one.close()
-        two.close()
+    rows_survive_moves(split2, smollm2_path, tmp_path, dict(backend="reference"), dict(tensor_parallel=2), 12, 90)
 
 
 def test_a_dead_rank_fails_the_request_then_the_ranks_restart(split2, reference):
     """A rank killed mid-generation: that request fails promptly with an error naming the rank (no hang in the
     other rank's all-reduce); the next request starts the ranks again and gives the same text as before."""
     for victim in (1, 0):
-        box = {}
-
-        def long_run():
-            try:
-                box["text"] = split2.generate("Write a long story about a dragon.", max_tokens=300, temperature=0,
-                                              logit_bias={split2.tokenizer.eos_id: float("-inf")})
-            except EdgeLLMError as e:
-                box["error"] = e
-
-        t = threading.Thread(target=long_run)
-        t.start()
-        time.sleep(1.5)
-        t0 = time.monotonic()
         pid = split2.backend.info[victim]["pid"]
-        split2.backend._procs[victim].kill()
-        t.join(60)
-        assert not t.is_alive(), "the request hung after a rank died"
-        assert "error" in box and f"rank {victim} (pid {pid})" in str(box["error"]), box
-        assert time.monotonic() - t0 < 30
+        error, took = killed_mid_generation(split2, split2.backend._procs[victim].kill, wait_s=1.5, join_s=60)
+        assert f"rank {victim} (pid {pid})" in str(error), error
+        assert took < 30
         assert split2.generate(PROMPTS[0], max_tokens=16, temperature=0) == \
             reference.generate(PROMPTS[0], max_tokens=16, temperature=0)
         assert split2.backend.info[victim]["pid"] != pid

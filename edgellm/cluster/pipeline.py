@@ -28,7 +28,6 @@ import os
 import secrets
 import threading
 import time
-import weakref
 from collections import deque
 from multiprocessing.connection import Client, Listener
 
@@ -38,6 +37,7 @@ from ..engine.backend import forward_in_pieces
 from ..engine.batch import Batch
 from ..errors import BatchError, EdgeLLMError
 from ..kv.paged import KVPool, SeqKV
+from ..kv.remote import RemoteMirror, RemotePools, make_pool, pool_spec, seq_specs, seq_views
 from ..kv_cache import layer_windows
 from . import connect, rss_bytes
 
@@ -214,21 +214,12 @@ class Stage:
             a, b = self.first, self.end - 1
             return "error", tag, f"stage {self.index} (layers {a}-{b}): {type(e).__name__}: {e}"
 
-    def _new_pool(self, key: int, n_blocks: int, n_blocks_swa: int, type_k: str, type_v: str, swa_full: bool) -> None:
+    def _new_pool(self, key: int, spec: tuple) -> None:
         hp = self.model.hparams
-        swa = any(self.windows) and not swa_full
-        self.pools[key] = KVPool(len(self.windows), hp.n_head_kv, hp.head_dim, n_blocks, type_k=type_k, type_v=type_v,
-                                 layer_window=self.windows, n_blocks_swa=n_blocks_swa if swa else 0,
-                                 swa_full=swa_full)
+        self.pools[key] = make_pool(spec, self.windows, hp.n_head_kv, hp.head_dim)
 
     def _forward(self, x, key: int, tokens, positions, seq_ids, want, seqs, hidden: bool):
-        pool = self.pools[key]
-        kvs = []
-        for n_ctx, swa_from, tables in seqs:
-            kv = SeqKV(pool, n_ctx)
-            kv.tables = [np.asarray(t, np.int32) for t in tables[:pool.n_groups]]
-            kv.swa_from = swa_from
-            kvs.append(kv)
+        kvs = seq_views(self.pools[key], seqs)
         batch = Batch(tokens, positions, seq_ids, want)
         t0 = time.perf_counter()
         out = self.backend.forward_stage(batch, kvs, x, hidden=hidden)
@@ -236,30 +227,16 @@ class Stage:
         return out if self.backend.has_output else (out, key, tokens, positions, seq_ids, want, seqs, hidden)
 
 
-class _Mirror:
+class _Mirror(RemoteMirror):
     """The stages' copies of one engine pool: what KVPool calls when the host moves rows (kv/paged.py)."""
 
-    def __init__(self, backend: "PipelineBackend", key: int):
-        self._backend, self.key = weakref.ref(backend), key
-
-    @property
-    def backend(self) -> "PipelineBackend":
-        b = self._backend()
-        if b is None:
-            raise EdgeLLMError("the pipeline is closed")
-        return b
+    closed = "the pipeline is closed"
 
     def copy_block(self, g: int, old: int, new: int) -> None:
         self.backend._post("copy", (self.key, g, old, new), wait=False)
 
-    partial = True   # pull / push move only the blocks asked for
-
-    def _blocks(self, pool: KVPool, blocks):
-        return [np.arange(n) for n in pool.n_blocks[:pool.n_groups]] if blocks is None else \
-            [np.asarray(b, np.int64) for b in blocks]
-
     def pull(self, pool: KVPool, blocks=None) -> None:
-        blocks = self._blocks(pool, blocks)
+        blocks = self.blocks(pool, blocks)
         _, _, rows = self.backend._call("pull", (self.key, blocks, []))
         for layer, (k, v) in enumerate(rows):
             g, i = pool.layer_group[layer]
@@ -267,7 +244,7 @@ class _Mirror:
             pool.v[g][i][blocks[g]] = v
 
     def push(self, pool: KVPool, blocks=None) -> None:
-        blocks = self._blocks(pool, blocks)
+        blocks = self.blocks(pool, blocks)
         self.backend._call("push", (self.key, blocks, [(pool.k[g][i][blocks[g]], pool.v[g][i][blocks[g]])
                                                        for g, i in pool.layer_group]))
 
@@ -341,9 +318,8 @@ class PipelineBackend:
             raise EdgeLLMError(f"a pipeline stage failed to load the model: {_cause(e)}") from None
         self.pipeline_depth = len(self.stages)
         self.isa = self.info[0]["isa"]
-        self._keys: weakref.WeakKeyDictionary[KVPool, int] = weakref.WeakKeyDictionary()
-        self._dropped: list[int] = []
-        self._next_key = self._tag = 0
+        self._pools = RemotePools(self, _Mirror)
+        self._tag = 0
         self._pending: deque[int] = deque()   # tags sent, in order; answers come back in that order
         self._unwaited: set[int] = set()      # tags whose answer nobody waits for
         self._results: dict[int, tuple] = {}  # answers that came before the one waited for
@@ -366,8 +342,8 @@ class PipelineBackend:
             raise BatchError("a pipeline runs sequences of one paged KV pool")
         if self._up is None:
             self._link()
-        key = self._key(kvs[0].pool)
-        seqs = [(kv.n_ctx, kv.swa_from, kv.tables) for kv in kvs]
+        key = self._pools.key(kvs[0].pool)
+        seqs = seq_specs(kvs)
         return self._post("fwd", (None, key, batch.tokens, batch.positions, batch.seq_ids, batch.want, seqs, hidden))
 
     def result(self, handle: int) -> np.ndarray:
@@ -388,6 +364,10 @@ class PipelineBackend:
                 pass
         self.stages = []
 
+    def attach(self, pool: KVPool) -> None:
+        """The stages make their copies of the engine's pool now (engine/backend.py)."""
+        self._pools.key(pool)
+
     def describe(self) -> str:
         return ", ".join(f"stage {i}: layers {a}-{b - 1} on {inf['node']} (pid {inf['pid']}, {inf['threads']} "
                          f"threads)" for i, ((a, b), inf) in enumerate(zip(self.ranges, self.info)))
@@ -398,7 +378,7 @@ class PipelineBackend:
         no pools, the engine has forgotten its cache)."""
         ray = self._ray
         self._unlink()
-        self._keys = weakref.WeakKeyDictionary()
+        self._pools.reset()
         try:
             self.info = ray.get([s.info.remote() for s in self.stages], timeout=self.PING_S * 5)
         except ray.exceptions.RayError as e:
@@ -502,24 +482,11 @@ class PipelineBackend:
         raise StageError(f"pipeline {which} died or stopped answering; the requests it was running failed, it "
                          f"restarts and later requests run", kv_lost=True)
 
-    def _key(self, pool: KVPool) -> int:
-        while self._dropped:
-            self._post("drop", self._dropped.pop(), wait=False)
-        key = self._keys.get(pool)
-        if key is None:
-            key = self._next_key
-            self._next_key += 1
-            self._post("pool", (key, pool.n_blocks[0], pool.n_blocks[1] if pool.swa else 0, pool.type_k, pool.type_v,
-                                any(pool.layer_window) and not pool.swa), wait=False)
-            self._keys[pool] = key
-            for m in pool.mirrors:
-                if isinstance(m, _Mirror) and m._backend() is self:
-                    m.key = key
-                    break
-            else:
-                pool.add_mirror(_Mirror(self, key))
-                weakref.finalize(pool, self._dropped.append, key)
-        return key
+    def _announce(self, key: int, pool: KVPool) -> None:
+        self._post("pool", (key, pool_spec(pool)), wait=False)
+
+    def _drop(self, key: int) -> None:
+        self._post("drop", key, wait=False)
 
 
 def _resolve_hosts(ray, hosts: list[str | None]) -> list[str | None]:

@@ -9,6 +9,9 @@ A backend (native, numba, reference) provides:
         final-normed hidden states [batch.n_logits, n_embd] instead (embeddings)
     forward(tokens, positions, kv, all_logits=False) -> float32 [n or 1, n_vocab]
         the same for one sequence (tools and tests); longer than n_batch runs in pieces
+    attach(pool) (optional): a backend that keeps its own copy of a pool's rows (a GPU, other processes) makes it
+        and joins the pool's mirrors; the engine calls it when it takes the pool, so rows moved in before the first
+        step (a loaded session) reach that copy
 Both validate through Batch.validate, so every backend rejects the same inputs with the same errors.
 """
 

@@ -47,6 +47,9 @@ class EngineCore:
     def __init__(self, model, backend, pool: KVPool, *, n_batch: int, max_seqs: int = 16, context_shift: bool = False,
                  n_keep: int = 0, prefix_cache: bool = True, max_idle: int | None = None, drafter=None):
         self.model, self.backend, self.pool = model, backend, pool
+        attach = getattr(backend, "attach", None)
+        if attach is not None:   # its copy of the rows exists before anything (a loaded session) moves rows in
+            attach(pool)
         self.blocks = BlockManager(pool, prefix_cache=prefix_cache)
         self.scheduler = Scheduler(self.blocks, max_tokens=n_batch, max_seqs=max_seqs, reclaim=self._reclaim,
                                    reuse=self._reuse_idle)

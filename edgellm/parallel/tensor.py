@@ -27,7 +27,6 @@ import sys
 import tempfile
 import threading
 import time
-import weakref
 from multiprocessing.connection import Client, Listener
 
 import numpy as np
@@ -36,6 +35,7 @@ from ..engine.backend import forward_by_sequence, forward_in_pieces
 from ..engine.batch import Batch
 from ..errors import BatchError, EdgeLLMError
 from ..kv.paged import KVPool, SeqKV
+from ..kv.remote import RemoteMirror, RemotePools, make_pool, pool_spec, seq_specs, seq_views
 from .shard import plan
 
 GLOO_TIMEOUT_S = 120   # a rank waiting this long in an all-reduce gives up (another rank died mid-step)
@@ -105,11 +105,8 @@ class Rank:
         if kind == "fwd":
             return self._forward(*payload)
         if kind == "pool":
-            key, n_blocks, n_blocks_swa, type_k, type_v, swa_full = payload
-            swa = any(self.windows) and not swa_full
-            self.pools[key] = KVPool(self.hp.n_layer, self.hp.n_head_kv, self.hp.head_dim, n_blocks, type_k=type_k,
-                                     type_v=type_v, layer_window=self.windows,
-                                     n_blocks_swa=n_blocks_swa if swa else 0, swa_full=swa_full)
+            key, spec = payload
+            self.pools[key] = make_pool(spec, self.windows, self.hp.n_head_kv, self.hp.head_dim)
         elif kind == "drop":
             self.pools.pop(payload, None)
         elif kind == "copy":   # (a pool these ranks never held, from before a restart: nothing to copy)
@@ -133,13 +130,7 @@ class Rank:
         return None
 
     def _forward(self, key: int, tokens, positions, seq_ids, want, seqs, hidden: bool):
-        pool = self.pools[key]
-        kvs = []
-        for n_ctx, swa_from, tables in seqs:
-            kv = SeqKV(pool, n_ctx)
-            kv.tables = [np.asarray(t, np.int32) for t in tables[:pool.n_groups]]
-            kv.swa_from = swa_from
-            kvs.append(kv)
+        kvs = seq_views(self.pools[key], seqs)
         batch = Batch(tokens, positions, seq_ids, want)
         last = hidden or self.shard.rank > 0   # only rank 0's rows go back; the others stop at the hidden state
         arch, w, hp = self.model.arch, self.weights, self.hp
@@ -179,30 +170,16 @@ def main() -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # The driver's side
 # ---------------------------------------------------------------------------------------------------------------
-class _Mirror:
+class _Mirror(RemoteMirror):
     """The ranks' copies of one engine pool, each with its kv heads: what KVPool calls when the host moves rows."""
 
-    partial = True   # pull / push move only the blocks asked for
-
-    def __init__(self, backend: "TensorParallelBackend", key: int):
-        self._backend, self.key = weakref.ref(backend), key
-
-    @property
-    def backend(self) -> "TensorParallelBackend":
-        b = self._backend()
-        if b is None:
-            raise EdgeLLMError("the tensor-parallel backend is closed")
-        return b
+    closed = "the tensor-parallel backend is closed"
 
     def copy_block(self, g: int, old: int, new: int) -> None:
         self.backend._all("copy", (self.key, g, old, new))
 
-    def _blocks(self, pool: KVPool, blocks):
-        return [np.arange(n) for n in pool.n_blocks[:pool.n_groups]] if blocks is None else \
-            [np.asarray(b, np.int64) for b in blocks]
-
     def pull(self, pool: KVPool, blocks=None) -> None:
-        be, blocks = self.backend, self._blocks(pool, blocks)
+        be, blocks = self.backend, self.blocks(pool, blocks)
         for shard, rows in zip(be.shards, be._all("pull", (self.key, blocks))):
             kv = np.arange(shard.kv_heads.start, shard.kv_heads.stop)
             for (g, i), (k, v) in zip(pool.layer_group, rows):
@@ -211,7 +188,7 @@ class _Mirror:
                 pool.v[g][i][idx] = v
 
     def push(self, pool: KVPool, blocks=None) -> None:
-        be, blocks = self.backend, self._blocks(pool, blocks)
+        be, blocks = self.backend, self.blocks(pool, blocks)
         payloads = []
         for shard in be.shards:
             kv = slice(shard.kv_heads.start, shard.kv_heads.stop)
@@ -241,9 +218,7 @@ class TensorParallelBackend:
             (" over gloo" if self.n_ranks > 1 else "")
         self._procs, self._conns, self.info = [], [], []
         self._dir = None
-        self._keys: weakref.WeakKeyDictionary[KVPool, int] = weakref.WeakKeyDictionary()
-        self._dropped: list[int] = []
-        self._next_key = 0
+        self._pools = RemotePools(self, _Mirror)
         self._start()
 
     # ------------------------------------------------------------------ the backend interface
@@ -255,12 +230,16 @@ class TensorParallelBackend:
             raise BatchError("tensor-parallel ranks run sequences of one paged KV pool")
         if not self._procs:
             self._start()
-        key = self._key(kvs[0].pool)
-        seqs = [(kv.n_ctx, kv.swa_from, kv.tables) for kv in kvs]
-        return self._all("fwd", (key, batch.tokens, batch.positions, batch.seq_ids, batch.want, seqs, hidden))[0]
+        key = self._pools.key(kvs[0].pool)
+        return self._all("fwd", (key, batch.tokens, batch.positions, batch.seq_ids, batch.want, seq_specs(kvs),
+                                 hidden))[0]
 
     def forward(self, tokens, positions, cache, all_logits: bool = False) -> np.ndarray:
         return forward_in_pieces(self, tokens, positions, cache, all_logits)
+
+    def attach(self, pool: KVPool) -> None:
+        """The ranks make their copies of the engine's pool now (engine/backend.py)."""
+        self._pools.key(pool)
 
     def describe(self) -> str:
         return "; ".join(f"{s.describe()} (pid {inf['pid']}, {inf['weight_bytes'] / 2**20:.0f} MiB of float32 "
@@ -273,7 +252,7 @@ class TensorParallelBackend:
     def _start(self) -> None:
         """Start the ranks and wait until each holds its weights."""
         self._stop()
-        self._keys = weakref.WeakKeyDictionary()   # new ranks hold no pools
+        self._pools.reset()   # new ranks hold no pools
         self._dir = tempfile.mkdtemp(prefix="edgellm-tp-")
         store = os.path.join(self._dir, "store")
         authkey = secrets.token_bytes(32)
@@ -382,24 +361,11 @@ class TensorParallelBackend:
         raise RankError(f"tensor parallelism: {why}; the requests running failed, the ranks restart for later "
                         f"ones", kv_lost=True)
 
-    def _key(self, pool: KVPool) -> int:
-        while self._dropped:
-            self._all("drop", self._dropped.pop())
-        key = self._keys.get(pool)
-        if key is None:
-            key = self._next_key
-            self._next_key += 1
-            self._all("pool", (key, pool.n_blocks[0], pool.n_blocks[1] if pool.swa else 0, pool.type_k,
-                               pool.type_v, any(pool.layer_window) and not pool.swa))
-            self._keys[pool] = key
-            for m in pool.mirrors:
-                if isinstance(m, _Mirror) and m._backend() is self:
-                    m.key = key
-                    break
-            else:
-                pool.add_mirror(_Mirror(self, key))
-                weakref.finalize(pool, self._dropped.append, key)
-        return key
+    def _announce(self, key: int, pool: KVPool) -> None:
+        self._all("pool", (key, pool_spec(pool)))
+
+    def _drop(self, key: int) -> None:
+        self._all("drop", key)
 
 
 if __name__ == "__main__":

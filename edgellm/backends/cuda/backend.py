@@ -388,6 +388,10 @@ class CudaBackend:
         self.meta = z(1 << 16, dt=np.int32)     # grows when a step needs more (tables of many sequences)
 
     # ------------------------------------------------------------------ KV
+    def attach(self, pool) -> None:
+        """The GPU's copy of the engine's pool, made now (engine/backend.py)."""
+        self._dev_pool(pool)
+
     def _dev_pool(self, pool) -> DevicePool:
         dp = self._pools.get(pool)
         if dp is None:
