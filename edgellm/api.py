@@ -125,9 +125,9 @@ class LLM:
                 raise EdgeLLMError(f"--keep {n_keep} must be at least 0 and less than half the context ({self.n_ctx})")
             pool_budget = self.context_info["budget"] if self.context_info["budget"] is not None else memory_budget()[0]
             if tensor_parallel is not None:
-                if pipeline is not None or n_gpu_layers:
-                    raise EdgeLLMError("tensor_parallel runs every layer in its processes: leave pipeline and "
-                                       "n_gpu_layers out")
+                if pipeline is not None or n_gpu_layers or backend not in ("auto", "reference"):
+                    raise EdgeLLMError("tensor_parallel runs every layer in its processes on the reference forward "
+                                       "pass: leave pipeline, n_gpu_layers and backend out")
                 from .parallel.tensor import TensorParallelBackend
 
                 self.backend = TensorParallelBackend(self.model, tensor_parallel, n_threads, n_batch=n_batch)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -188,13 +189,74 @@ def test_a_dead_rank_fails_the_request_then_the_ranks_restart(split2, reference)
         assert split2.backend.info[victim]["pid"] != pid
 
 
+def test_a_failing_rank_fails_the_step_at_once_naming_it(split2, reference):
+    """Rank 1 failing inside a step while rank 0 waits for it in an all-reduce: the step fails within seconds (not
+    gloo's timeout) with rank 1's own error; later requests run on restarted ranks."""
+    key = split2.core.pool.mirrors[0].key
+    conn = split2.backend._ranks.conns[1]
+    conn.send(("drop", key))                  # rank 1 forgets the engine's pool: its next step raises
+    assert conn.recv() == ("ok", None)
+    t0 = time.monotonic()
+    with pytest.raises(EdgeLLMError, match=r"rank 1 failed \(fwd\): KeyError"):
+        split2.generate(PROMPTS[1], max_tokens=4, temperature=0)
+    assert time.monotonic() - t0 < 20
+    assert split2.generate(PROMPTS[0], max_tokens=16, temperature=0) == \
+        reference.generate(PROMPTS[0], max_tokens=16, temperature=0)
+
+
+def test_moving_rows_through_dead_ranks_forgets_the_cache(split2, reference, tmp_path):
+    """A rank dead when a session pulls rows: save_state fails, and the engine forgets what the ranks held, so the
+    same prompt is computed again rather than read from K/V that is gone."""
+    prompt = "Tell me about the history of Paris, the rivers of France and the kings who ruled there. " * 2
+    want = reference.generate(prompt, max_tokens=8, temperature=0)
+    assert split2.generate(prompt, max_tokens=8, temperature=0) == want
+    split2.backend._procs[1].kill()
+    split2.backend._procs[1].wait()
+    with pytest.raises(EdgeLLMError, match="rank 1"):
+        split2.save_state(tmp_path / "s.bin")
+    r = split2.create_completion(prompt, max_tokens=8, temperature=0)
+    assert r["choices"][0]["text"] == want and r["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+
+
+def test_ranks_ignore_ctrl_c_and_end_with_their_llm(smollm2_path, tmp_path):
+    """SIGINT (Ctrl-C in the terminal of an interactive run) does not reach the ranks; an LLM dropped without
+    close() takes its ranks and their store with it; a rank that cannot load the model says why."""
+    import gc
+    import os
+    import shutil
+    import signal
+
+    from edgellm import LLM
+    from edgellm.model import Model
+    from edgellm.parallel.tensor import TensorParallelBackend
+
+    llm = LLM(smollm2_path, n_ctx=128, tensor_parallel=2)
+    procs, store = list(llm.backend._procs), llm.backend._ranks.dir
+    os.kill(procs[1].pid, signal.SIGINT)
+    time.sleep(0.5)
+    assert procs[1].poll() is None
+    assert llm.generate("The capital of France is", max_tokens=4, temperature=0)
+    del llm
+    gc.collect()
+    assert all(p.poll() is not None for p in procs) and not os.path.exists(store)
+    copy = tmp_path / "m.gguf"
+    shutil.copy(smollm2_path, copy)
+    m = Model(copy)
+    try:
+        os.remove(copy)                          # this process keeps its map; the ranks find no file
+        with pytest.raises(EdgeLLMError, match="rank [01] could not load its share of the model"):
+            TensorParallelBackend(m, 2)
+    finally:
+        m.close()
+
+
 def test_bad_arguments_are_refused_before_anything_starts(smollm2_path):
     from edgellm import LLM
 
     for bad, msg in ((4, "splits that work"), (0, "whole number of ranks"), ("2", "whole number of ranks")):
         with pytest.raises(EdgeLLMError, match=msg):
             LLM(smollm2_path, n_ctx=64, tensor_parallel=bad)
-    with pytest.raises(EdgeLLMError, match="leave pipeline and n_gpu_layers out"):
+    with pytest.raises(EdgeLLMError, match="leave pipeline, n_gpu_layers and backend out"):
         LLM(smollm2_path, n_ctx=64, tensor_parallel=2, pipeline=2)
 
 

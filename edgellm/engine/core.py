@@ -502,6 +502,8 @@ class EngineRunner:
             try:
                 box["value"] = fn(core)
             except BaseException as e:   # handed back to the caller
+                if getattr(e, "kv_lost", False):   # other processes' K/V gone (a session moving rows saw it)
+                    core.fail_all(e)
                 box["error"] = e
             done.set()
 

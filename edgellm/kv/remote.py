@@ -48,13 +48,15 @@ def seq_views(pool: KVPool, specs) -> list[SeqKV]:
 
 
 class RemoteMirror:
-    """The processes' copies of one engine pool (what KVPool calls when the host moves rows); subclasses move them."""
+    """The processes' copies of one engine pool (what KVPool calls when the host moves rows); subclasses move them,
+    addressing the pool by `key` (its number with the processes as they are now: after a restart, announced again)."""
 
     partial = True   # pull / push move only the blocks asked for
     closed = "the backend is closed"
 
-    def __init__(self, backend, key: int):
-        self._backend, self.key = weakref.ref(backend), key
+    def __init__(self, backend, pool: KVPool):
+        self._backend, self._pool = weakref.ref(backend), weakref.ref(pool)
+        self.last_key: int | None = None
 
     @property
     def backend(self):
@@ -63,11 +65,20 @@ class RemoteMirror:
             raise EdgeLLMError(self.closed)
         return b
 
+    @property
+    def key(self) -> int:
+        return self.backend._pools.key(self._pool())
+
     @staticmethod
     def blocks(pool: KVPool, blocks) -> list[np.ndarray]:
         """The block ids per group asked for (None: every block)."""
         return [np.arange(n) for n in pool.n_blocks[:pool.n_groups]] if blocks is None else \
             [np.asarray(b, np.int64) for b in blocks]
+
+
+def _dropped(later: list, mirror: RemoteMirror) -> None:
+    if mirror.last_key is not None:
+        later.append(mirror.last_key)
 
 
 class RemotePools:
@@ -86,6 +97,8 @@ class RemotePools:
     def key(self, pool: KVPool) -> int:
         """The number of `pool`, announced to the processes on first use (and pools gone since, dropped)."""
         backend = self._backend()
+        if backend is None:
+            raise EdgeLLMError("the backend is closed")
         while self._dropped:
             backend._drop(self._dropped.pop())
         key = self._keys.get(pool)
@@ -94,11 +107,10 @@ class RemotePools:
             self._next += 1
             backend._announce(key, pool)
             self._keys[pool] = key
-            for m in pool.mirrors:
-                if isinstance(m, self._mirror) and m._backend() is backend:
-                    m.key = key
-                    break
-            else:
-                pool.add_mirror(self._mirror(backend, key))
-                weakref.finalize(pool, self._dropped.append, key)
+            mirror = next((m for m in pool.mirrors if isinstance(m, self._mirror) and m._backend() is backend), None)
+            if mirror is None:
+                mirror = self._mirror(backend, pool)
+                pool.add_mirror(mirror)
+                weakref.finalize(pool, _dropped, self._dropped, mirror)   # the number it has then
+            mirror.last_key = key
         return key

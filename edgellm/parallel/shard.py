@@ -8,7 +8,7 @@ all-reduce per half) gives it, and every rank goes on with the same residual. Th
 output matrix are whole on every rank. Each rank's KV cache holds only its kv heads.
 
 Heads are split along GQA groups: with at least as many kv heads as ranks, each rank takes whole groups (as even
-as they come: 3 kv heads over 2 ranks are 2 + 1); with fewer, each kv head is held by N / n_head_kv ranks, each
+as they come: 3 kv heads over 2 ranks are 1 + 2); with fewer, each kv head is held by N / n_head_kv ranks, each
 taking an equal share of its query heads (so N must be a multiple of n_head_kv, and the group a multiple of
 N / n_head_kv). FFN channels go in runs of 32 (a quantized block's width), as even as they come.
 
@@ -76,10 +76,19 @@ def _even(n: int, parts: int, i: int) -> range:
 
 
 def plan(hp, n: int) -> list[Shard]:
-    """The N ranks' shares of a model with hyper-parameters hp; EdgeLLMError when N does not divide it."""
+    """The N ranks' shares of a model with hyper-parameters hp; EdgeLLMError when N does not divide it (naming the
+    numbers of ranks that do)."""
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise EdgeLLMError(f"tensor parallelism needs a whole number of ranks >= 1, got {n!r}")
-    n = int(n)
+    shards = _split(hp, int(n))
+    if isinstance(shards, str):
+        ok = [m for m in range(1, hp.n_head + 1) if not isinstance(_split(hp, m), str)]
+        raise EdgeLLMError(f"{shards}; splits that work: {', '.join(map(str, ok))}")
+    return shards
+
+
+def _split(hp, n: int) -> list[Shard] | str:
+    """The shares, or why there are none."""
     H, K = hp.n_head, hp.n_head_kv
     group = H // K
     if K >= n:   # whole GQA groups
@@ -88,16 +97,13 @@ def plan(hp, n: int) -> list[Shard]:
     else:        # each kv head on n / K ranks, its query heads shared among them
         per = n // K
         if n % K or group % per:
-            ok = [m for m in range(1, H + 1) if m <= K or (m % K == 0 and group % (m // K) == 0)]
-            groups = f"{K} kv group{'s' if K > 1 else ''}"
-            raise EdgeLLMError(f"{n} ranks cannot share {H} query heads in {groups} evenly; splits that work: "
-                               f"{', '.join(map(str, ok))}")
+            return f"{n} ranks cannot share {H} query heads in {K} kv group{'s' if K > 1 else ''} evenly"
         q = [range(r * (group // per), (r + 1) * (group // per)) for r in range(n)]
         kv = [range(r // per, r // per + 1) for r in range(n)]
     align = FF_ALIGN if hp.n_ff % FF_ALIGN == 0 else 1
     units = hp.n_ff // align
     if units < n:
-        raise EdgeLLMError(f"{n} ranks are more than the FFN's {hp.n_ff} channels allow")
+        return f"{n} ranks are more than the FFN's {hp.n_ff} channels allow"
     ff = [range(u.start * align, u.stop * align) for u in (_even(units, n, r) for r in range(n))]
     return [Shard(r, n, q[r], kv[r], ff[r], hp.head_dim) for r in range(n)]
 
@@ -124,6 +130,9 @@ def file_bytes(gf, shard: Shard) -> int:
     return total
 
 
+ROW_PARALLEL_BIASES = ("attn_output.bias", "ffn_down.bias")   # would be added once per rank: not split here
+
+
 class ShardFile:
     """A GGUF file as one rank sees it: the cut tensors as float32 slices (their rows dequantized alone; a column
     cut dequantizes the matrix, then keeps the columns), the rest as in the file. What an architecture's
@@ -133,6 +142,9 @@ class ShardFile:
         self.gf, self.shard, self.metadata = gf, shard, gf.metadata
         self.tensors = {}
         for name, info in gf.tensors.items():
+            if shard.n_ranks > 1 and name.endswith(ROW_PARALLEL_BIASES):
+                raise EdgeLLMError(f"tensor {name!r}: a bias after a row-parallel matrix is not supported by the "
+                                   f"tensor-parallel split")
             how = cut(name)
             if how is None:
                 self.tensors[name] = info

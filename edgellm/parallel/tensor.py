@@ -7,8 +7,8 @@ kv heads, all running each step; one all-reduce per block half.
     rank 0 ─┐        rank 1 ─┐   ...   each: its heads' attention, its channels' FFN, partial sums
             └── all-reduce ──┘         (torch.distributed's gloo: the processes' sums added, the same on every rank)
 
-The ranks are processes of this host (`python -m edgellm.parallel.tensor`, connected back over an authenticated
-loopback socket), their K/V pools mirroring the engine's block for block (the same block ids, as a pipeline
+The ranks are processes of this host (`python -m edgellm.parallel.tensor`, each holding one end of a socket pair
+made for it), their K/V pools mirroring the engine's block for block (the same block ids, as a pipeline
 stage's do): the block manager here decides, the ranks store. On CPUs a rank computes with the architecture's
 numpy reference forward pass: this runs the sharding logic (the split, the slices, the reductions, the sharded
 KV) end to end, not a fast path; every process on one host shares the same memory bandwidth.
@@ -20,14 +20,15 @@ starts them again (their KV empty: the engine forgets its prefix cache).
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from multiprocessing.connection import Client, Listener
+import weakref
+from multiprocessing.connection import Connection, wait
 
 import numpy as np
 
@@ -143,11 +144,10 @@ class Rank:
 
 
 def main() -> None:
-    """`python -m edgellm.parallel.tensor HOST PORT`: a rank; its key comes on stdin, its orders over the socket."""
-    host, port = sys.argv[1], int(sys.argv[2])
-    authkey = bytes.fromhex(sys.stdin.readline().strip())
-    conn = Client((host, port), authkey=authkey)
-    conn.send(os.getpid())
+    """`python -m edgellm.parallel.tensor FD`: a rank, its orders over the socket FD (one end of a socket pair the
+    driver made; nobody else holds it)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C in the driver's terminal stops a reply, not the ranks
+    conn = Connection(int(sys.argv[1]))
     path, rank, n_ranks, store = conn.recv()
     try:
         r = Rank(path, rank, n_ranks, store)
@@ -165,6 +165,31 @@ def main() -> None:
         except Exception as e:
             answer = ("error", f"{type(e).__name__}: {e}")
         conn.send(answer)
+
+
+class _Ranks:
+    """The rank processes, their connections and the gloo store's directory; stop() ends them (also when the backend
+    is collected without close: a finalizer that holds this, not the backend)."""
+
+    def __init__(self):
+        self.procs: list[subprocess.Popen] = []
+        self.conns: list[Connection] = []
+        self.dir: str | None = None
+
+    def stop(self) -> None:
+        for c in self.conns:
+            try:
+                c.close()
+            except OSError:
+                pass
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        self.procs, self.conns = [], []
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -216,8 +241,9 @@ class TensorParallelBackend:
         self.n_threads = int(n_threads or max(1, default_threads() // self.n_ranks))
         self.isa = f"numpy, {self.n_ranks} rank{'s' if self.n_ranks > 1 else ''}" + \
             (" over gloo" if self.n_ranks > 1 else "")
-        self._procs, self._conns, self.info = [], [], []
-        self._dir = None
+        self.info = []
+        self._ranks = _Ranks()
+        weakref.finalize(self, self._ranks.stop)   # ranks end with the backend, closed or not
         self._pools = RemotePools(self, _Mirror)
         self._start()
 
@@ -242,6 +268,8 @@ class TensorParallelBackend:
         self._pools.key(pool)
 
     def describe(self) -> str:
+        if not self._procs:
+            return "ranks stopped (they start again at the next step)"
         return "; ".join(f"{s.describe()} (pid {inf['pid']}, {inf['weight_bytes'] / 2**20:.0f} MiB of float32 "
                          f"weights)" for s, inf in zip(self.shards, self.info))
 
@@ -252,114 +280,89 @@ class TensorParallelBackend:
     def _start(self) -> None:
         """Start the ranks and wait until each holds its weights."""
         self._stop()
-        self._pools.reset()   # new ranks hold no pools
-        self._dir = tempfile.mkdtemp(prefix="edgellm-tp-")
-        store = os.path.join(self._dir, "store")
-        authkey = secrets.token_bytes(32)
-        env = dict(os.environ)
-        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-            env[var] = str(self.n_threads)
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")   # the ranks are on this host
-        listener = Listener(("127.0.0.1", 0), authkey=authkey)
-        host, port = listener.address
-        for _ in range(self.n_ranks):
-            p = subprocess.Popen([sys.executable, "-m", "edgellm.parallel.tensor", host, str(port)],
-                                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env)
-            p.stdin.write(authkey.hex().encode() + b"\n")
-            p.stdin.close()
-            self._procs.append(p)
-        accepted: list = []
-
-        def accept():
-            try:
-                for _ in range(self.n_ranks):
-                    c = listener.accept()
-                    accepted.append((c.recv(), c))   # (its pid, the connection)
-            except (OSError, EOFError):   # closed below: a rank died first, or time ran out
-                pass
-
-        t = threading.Thread(target=accept, daemon=True)
-        t.start()
-        start = time.monotonic()
+        r = self._ranks
         try:
-            while t.is_alive():
-                t.join(self.POLL_S)
-                dead = [p for p in self._procs if p.poll() is not None]
-                if dead or time.monotonic() - start > self.START_S:
-                    listener.close()
-                    t.join()
-                    why = f"exited with status {dead[0].returncode} before connecting" if dead else \
-                        f"did not connect back within {self.START_S:.0f} s"
-                    pid = dead[0].pid if dead else "?"
-                    self._failed(f"a rank (pid {pid}) {why}")
-        finally:
-            listener.close()
-        by_pid = {pid: c for pid, c in accepted}
-        self._conns = [by_pid[p.pid] for p in self._procs]
-        for r, c in enumerate(self._conns):
-            c.send((str(self.model.path), r, self.n_ranks, store))
-        self.info = self._answers(range(self.n_ranks), "load the model", timeout=self.START_S)
+            r.dir = tempfile.mkdtemp(prefix="edgellm-tp-")
+            store = os.path.join(r.dir, "store")
+            env = dict(os.environ, GLOO_SOCKET_IFNAME="lo")   # gloo's own sockets unauthenticated: loopback only
+            for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+                env[var] = str(self.n_threads)
+            for rank in range(self.n_ranks):
+                mine, theirs = socket.socketpair()
+                try:
+                    p = subprocess.Popen([sys.executable, "-m", "edgellm.parallel.tensor", str(theirs.fileno())],
+                                         pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, env=env, start_new_session=True)
+                finally:
+                    theirs.close()
+                r.procs.append(p)
+                r.conns.append(Connection(mine.detach()))
+                r.conns[-1].send((str(self.model.path), rank, self.n_ranks, store))
+            self.info = self._answers("load the model", timeout=self.START_S)
+        except RankError:
+            raise
+        except Exception as e:   # could not even start them (no fork, no sockets, ...)
+            self._stop()
+            raise RankError(f"tensor parallelism: the ranks could not start: {type(e).__name__}: {e}") from None
 
     def _stop(self) -> None:
-        for c in self._conns:
-            try:
-                c.close()
-            except OSError:
-                pass
-        for p in self._procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
-        self._procs, self._conns = [], []
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
+        self._ranks.stop()
+        self._pools.reset()   # whatever they held is gone
+
+    @property
+    def _procs(self) -> list:
+        return self._ranks.procs
 
     def _all(self, kind: str, payload, each: bool = False) -> list:
         """Send a message to every rank (each: payload[r] to rank r) and return their answers, in rank order."""
         if not self._procs:
             self._start()
-        for r, c in enumerate(self._conns):
+        for i, c in enumerate(self._ranks.conns):
             try:
-                c.send((kind, payload[r] if each else payload))
+                c.send((kind, payload[i] if each else payload))
             except OSError:
-                self._failed(f"rank {r} (pid {self._procs[r].pid}) is gone")
-        return self._answers(range(self.n_ranks), kind)
+                self._dead_or(f"rank {i} (pid {self._procs[i].pid}) is gone")
+        return self._answers(kind)
 
-    def _answers(self, ranks, what: str, timeout: float | None = None) -> list:
-        out = []
+    def _answers(self, what: str, timeout: float | None = None) -> list:
+        """Every rank's answer, waiting on all at once: the first error (or death) fails the step at once, whichever
+        rank it is (the others may be waiting in an all-reduce that will not come)."""
+        conns = self._ranks.conns
+        out: dict[int, object] = {}
         start = time.monotonic()
-        for r in ranks:
-            c, p = self._conns[r], self._procs[r]
-            try:
-                while not c.poll(self.POLL_S):
-                    if p.poll() is not None:
-                        self._failed(f"rank {r} (pid {p.pid}) exited with status {p.returncode}")
-                    if timeout is not None and time.monotonic() - start > timeout:
-                        self._failed(f"rank {r} (pid {p.pid}) did not {what} within {timeout:.0f} s")
-                status, value = c.recv()
-            except (EOFError, OSError):
-                self._failed(f"rank {r} (pid {p.pid}) is gone")
-            if status == "error":   # a rank whose peer died hears of it in the all-reduce: name the dead one
-                t0 = time.monotonic()
-                while time.monotonic() - t0 < 2.0:
-                    dead = [(i, q) for i, q in enumerate(self._procs) if q.poll() is not None]
-                    if dead:
-                        i, q = dead[0]
-                        self._failed(f"rank {i} (pid {q.pid}) exited with status {q.returncode}")
-                    time.sleep(0.05)
-                value = value.splitlines()[0][:300] if value else value
-                self._failed(f"rank {r} failed to {what}: {value}" if what == "load the model" else
-                             f"rank {r} failed ({what}): {value}")
-            out.append(value)
-        return out
+        while len(out) < len(conns):
+            ready = wait([c for i, c in enumerate(conns) if i not in out], self.POLL_S)
+            for c in ready:
+                i = conns.index(c)
+                try:
+                    status, value = c.recv()
+                except (EOFError, OSError):
+                    self._dead_or(f"rank {i} (pid {self._procs[i].pid}) is gone")
+                if status == "error":
+                    value = value.splitlines()[0][:300] if value else value
+                    if what == "load the model":
+                        self._failed(f"rank {i} could not load its share of the model: {value}", running=False)
+                    self._dead_or(f"rank {i} failed ({what}): {value}")
+                out[i] = value
+            if not ready:
+                self._dead_or(None)
+                if timeout is not None and time.monotonic() - start > timeout:
+                    self._failed(f"the ranks did not {what} within {timeout:.0f} s", running=what != "load the model")
+        return [out[i] for i in range(len(conns))]
 
-    def _failed(self, why: str):
-        """Stop every rank (the others may be waiting in an all-reduce that will not come); the next step starts
-        them again, empty."""
+    def _dead_or(self, why: str | None) -> None:
+        """Fail naming a rank that died (its status), else for `why` (None: nothing wrong, go on waiting)."""
+        for i, p in enumerate(self._procs):
+            if p.poll() is not None and p.returncode != 0:
+                self._failed(f"rank {i} (pid {p.pid}) exited with status {p.returncode}")
+        if why is not None:
+            self._failed(why)
+
+    def _failed(self, why: str, running: bool = True):
+        """Stop every rank; the next step starts them again, empty."""
         self._stop()
-        raise RankError(f"tensor parallelism: {why}; the requests running failed, the ranks restart for later "
-                        f"ones", kv_lost=True)
+        then = "; the requests running failed, the ranks restart for later ones" if running else ""
+        raise RankError(f"tensor parallelism: {why}{then}", kv_lost=True)
 
     def _announce(self, key: int, pool: KVPool) -> None:
         self._all("pool", (key, pool_spec(pool)))
