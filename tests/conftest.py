@@ -196,8 +196,9 @@ def rows_survive_moves(spread, path, tmp_path, one: dict, spread_kw: dict, n: in
     a_llm = LLM(path, n_ctx=64, context_shift=True, n_keep=4, **one)
     b_llm = LLM(path, n_ctx=64, context_shift=True, n_keep=4, **spread_kw)
     try:
-        a = a_llm.generate(prompt, max_tokens=n_shift, temperature=0, logit_bias={a_llm.tokenizer.eos_id: float("-inf")})
-        b = b_llm.generate(prompt, max_tokens=n_shift, temperature=0, logit_bias={b_llm.tokenizer.eos_id: float("-inf")})
+        ban = {a_llm.tokenizer.eos_id: float("-inf")}
+        a = a_llm.generate(prompt, max_tokens=n_shift, temperature=0, logit_bias=ban)
+        b = b_llm.generate(prompt, max_tokens=n_shift, temperature=0, logit_bias=ban)
         assert a == b
     finally:
         a_llm.close()

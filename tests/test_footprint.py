@@ -65,13 +65,18 @@ def llama_cli_peak_kb(model: str, path: Path, tmp: Path) -> int:
 @pytest.mark.parametrize("model", ["smollm2", "gemma3"])
 def test_peak_rss_at_most_llama_cpp(model, request, tmp_path):
     path = request.getfixturevalue(f"{model}_path")
-    ours, text = peak_rss_kb([str(EDGELLM), "run", str(path), "-p", PROMPT, "-n", "16", "-c", "2048", "-t", "2"],
-                             tmp_path)
-    assert text.strip(), "edgellm run printed nothing"
-    theirs = llama_cli_peak_kb(model, path, tmp_path)
-    # the bar: no more than llama-cli. (Run-to-run noise is ~1 MB; a fresh clone's .venv measured Gemma 3
-    # at 343.5 MB against llama-cli's 347.8, the development .venv at 337.4: the same packages, cause not found.)
-    assert ours <= theirs, f"{model}: edgellm peaks at {ours / 1024:.0f} MiB, llama-cli at {theirs / 1024:.0f} MiB"
+    # the bar: no more than llama-cli. Each side's least peak of 3 runs: a run's peak only grows with what
+    # else the machine does (one Gemma 3 run inside the full suite peaked at 346 MiB where alone it measures
+    # 338.5-339 run after run, and llama-cli 339-340; a fresh clone's .venv once measured 343.5).
+    ours = []
+    for _ in range(3):
+        kb, text = peak_rss_kb([str(EDGELLM), "run", str(path), "-p", PROMPT, "-n", "16", "-c", "2048", "-t", "2"],
+                               tmp_path)
+        assert text.strip(), "edgellm run printed nothing"
+        ours.append(kb)
+    theirs = min(llama_cli_peak_kb(model, path, tmp_path) for _ in range(3 if LLAMA_CLI.is_file() else 1))
+    assert min(ours) <= theirs, f"{model}: edgellm peaks at {min(ours) / 1024:.0f} MiB (least of {sorted(ours)} " \
+                                f"KiB), llama-cli at {theirs / 1024:.0f} MiB"
 
 
 def test_run_imports_no_optional_modules(smollm2_path):
