@@ -50,7 +50,9 @@ el_weight *el_weight_new_release(int type, const void *data, int n_out, int n_in
         const size_t align = bytes >= (4u << 20) ? (2u << 20) : 64;
         if (posix_memalign(&w->owned, align, bytes) != 0) { free(w); return NULL; }
 #ifdef MADV_HUGEPAGE
-        if (align > 64) madvise(w->owned, bytes, MADV_HUGEPAGE);
+        /* whole huge pages only: a huge page over the tail would be resident whole, up to 2 MiB more than the
+         * matrix uses (peak RSS then varied with how many huge pages the kernel had free) */
+        if (align > 64) madvise(w->owned, bytes / align * align, MADV_HUGEPAGE);
 #endif
         if (!release) {
             tk->repack(data, w->owned, n_out, n_in);
