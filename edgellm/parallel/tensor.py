@@ -254,9 +254,7 @@ class TensorParallelBackend:
         batch.validate(kvs, self.hparams.n_vocab)
         if len({id(kv.pool) for kv in kvs}) != 1 or not isinstance(kvs[0], SeqKV):
             raise BatchError("tensor-parallel ranks run sequences of one paged KV pool")
-        if not self._procs:
-            self._start()
-        key = self._pools.key(kvs[0].pool)
+        key = self._pools.key(kvs[0].pool)   # (stopped ranks start again on the way)
         return self._all("fwd", (key, batch.tokens, batch.positions, batch.seq_ids, batch.want, seq_specs(kvs),
                                  hidden))[0]
 
