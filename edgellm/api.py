@@ -91,8 +91,10 @@ class LLM:
         ray_address: the Ray cluster to join (default $RAY_ADDRESS, else a local one is started).
         tensor_parallel: split every layer's attention heads and FFN channels over that many processes of this host,
         each holding its share of the weights and the K/V of its heads, adding their partial sums after each block
-        half (torch.distributed's gloo); n_threads is then per process. On CPUs the processes run the numpy
-        reference forward pass: this checks the split end to end and is not a fast path (parallel/tensor.py)."""
+        half; n_threads is then per process. On CPUs the processes run the numpy reference forward pass (sums through
+        torch.distributed's gloo): this checks the split end to end and is not a fast path. With n_gpu_layers=-1 each
+        runs the GPU backend on its own GPU from `device` on (sums through NCCL; ranks sharing a GPU go through the
+        host) (parallel/tensor.py)."""
         path = resolve_model(str(model))
         self.model = Model(path, use_mmap=use_mmap)
         try:
@@ -125,12 +127,18 @@ class LLM:
                 raise EdgeLLMError(f"--keep {n_keep} must be at least 0 and less than half the context ({self.n_ctx})")
             pool_budget = self.context_info["budget"] if self.context_info["budget"] is not None else memory_budget()[0]
             if tensor_parallel is not None:
-                if pipeline is not None or n_gpu_layers or backend not in ("auto", "reference"):
-                    raise EdgeLLMError("tensor_parallel runs every layer in its processes on the reference forward "
-                                       "pass: leave pipeline, n_gpu_layers and backend out")
+                if pipeline is not None or backend not in ("auto", "reference"):
+                    raise EdgeLLMError("tensor_parallel runs every layer in its processes (the reference forward pass "
+                                       "on CPUs, the GPU backend with n_gpu_layers=-1): leave pipeline and backend out")
+                from .backends.loader import gpu_device, parse_gpu_layers
                 from .parallel.tensor import TensorParallelBackend
 
-                self.backend = TensorParallelBackend(self.model, tensor_parallel, n_threads, n_batch=n_batch)
+                n_gpu = parse_gpu_layers(n_gpu_layers)
+                if n_gpu == -2 or 0 < n_gpu < self.model.hparams.n_layer:
+                    raise EdgeLLMError(f"tensor_parallel on GPUs runs every layer there: n_gpu_layers -1 or \"all\", "
+                                       f"not {n_gpu_layers!r}")
+                gpu = (gpu_device(device) or 0) if n_gpu != 0 else None
+                self.backend = TensorParallelBackend(self.model, tensor_parallel, n_threads, n_batch=n_batch, gpu=gpu)
             elif pipeline is not None:
                 if n_gpu_layers:
                     raise EdgeLLMError("pipeline stages run on CPUs: leave n_gpu_layers out")

@@ -102,7 +102,8 @@ def tensor_split_option(f):
                         default=None, metavar="N",
                         help="Split every layer's attention heads and FFN channels over N processes of this host "
                              "(needs torch for N > 1; on CPUs they run the numpy reference: a check of the split, "
-                             "not a speed-up); --threads is then per process.")(f)
+                             "not a speed-up; with -ngl all each runs on a GPU of its own, from --device on); "
+                             "--threads is then per process.")(f)
 
 
 def register(cli: click.Group) -> None:

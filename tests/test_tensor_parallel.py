@@ -256,8 +256,13 @@ def test_bad_arguments_are_refused_before_anything_starts(smollm2_path):
     for bad, msg in ((4, "splits that work"), (0, "whole number of ranks"), ("2", "whole number of ranks")):
         with pytest.raises(EdgeLLMError, match=msg):
             LLM(smollm2_path, n_ctx=64, tensor_parallel=bad)
-    with pytest.raises(EdgeLLMError, match="leave pipeline, n_gpu_layers and backend out"):
+    with pytest.raises(EdgeLLMError, match="leave pipeline and backend out"):
         LLM(smollm2_path, n_ctx=64, tensor_parallel=2, pipeline=2)
+    for ngl in ("auto", 5):   # on GPUs a rank runs every layer there
+        with pytest.raises(EdgeLLMError, match="runs every layer there"):
+            LLM(smollm2_path, n_ctx=64, tensor_parallel=2, n_gpu_layers=ngl)
+    with pytest.raises(EdgeLLMError, match="n_gpu_layers must be"):
+        LLM(smollm2_path, n_ctx=64, tensor_parallel=2, n_gpu_layers="most")
 
 
 def edgellm(*args):

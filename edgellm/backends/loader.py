@@ -96,7 +96,8 @@ def create_backend(model, backend: str | None = "auto", n_threads: int | None = 
     return backend
 
 
-def _gpu_backend(model, n_gpu: int, n_threads: int, n_batch: int, device):
+def gpu_device(device) -> int | None:
+    """--device's GPU number (default $EDGELLM_DEVICE; None: the first); EdgeLLMError for anything else."""
     if device is None:
         env = os.environ.get("EDGELLM_DEVICE", "").strip()
         if env:
@@ -106,6 +107,11 @@ def _gpu_backend(model, n_gpu: int, n_threads: int, n_batch: int, device):
                 raise EdgeLLMError(f"EDGELLM_DEVICE must be a GPU number, got {env!r}") from None
     if device is not None and (isinstance(device, bool) or not isinstance(device, int) or device < 0):
         raise EdgeLLMError(f"device must be a GPU number >= 0, got {device!r}")
+    return device
+
+
+def _gpu_backend(model, n_gpu: int, n_threads: int, n_batch: int, device):
+    device = gpu_device(device)
     from .cuda.backend import CudaBackend, auto_layers   # imports no CuPy until a backend is made
 
     try:

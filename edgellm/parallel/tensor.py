@@ -13,6 +13,11 @@ stage's do): the block manager here decides, the ranks store. On CPUs a rank com
 numpy reference forward pass: this runs the sharding logic (the split, the slices, the reductions, the sharded
 KV) end to end, not a fast path; every process on one host shares the same memory bandwidth.
 
+On GPUs (`gpu`: the first GPU's number) rank r runs the GPU backend on GPU gpu + r (wrapping around the GPUs there
+are) over its share of the weights, its K/V blocks on that GPU; the partial sums meet through NCCL when every rank
+has a GPU of its own, through the host when ranks share one (gpu.py). The gloo group still joins the ranks: it
+hands out NCCL's id. $EDGELLM_TP_COMM=nccl|host picks the comm (tests: NCCL with a single rank).
+
 A rank that dies or fails fails the step with an error naming it; all ranks are then stopped, and the next step
 starts them again (their KV empty: the engine forgets its prefix cache).
 """
@@ -67,7 +72,8 @@ def require_torch():
 class Rank:
     """One rank: its share of the weights, its pools (by the engine's pool key) and its end of the all-reduce."""
 
-    def __init__(self, path: str, rank: int, n_ranks: int, store: str | None):
+    def __init__(self, path: str, rank: int, n_ranks: int, store: str | None, gpu: int | None = None,
+                 n_batch: int = 512, comm: str | None = None):
         from ..kv_cache import layer_windows
         from ..model import Model
 
@@ -75,9 +81,6 @@ class Rank:
         hp = self.model.hparams
         self.shard = plan(hp, n_ranks)[rank]
         self.hp = self.shard.hparams(hp)
-        from .shard import ShardFile
-
-        self.weights = self.model.arch.load_weights(ShardFile(self.model.gguf, self.shard), self.hp)
         self.windows = layer_windows(self.model)
         self.pools: dict[int, KVPool] = {}
         self._dist = None
@@ -89,6 +92,34 @@ class Rank:
             dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=n_ranks,
                                     timeout=datetime.timedelta(seconds=GLOO_TIMEOUT_S))
             self._torch, self._dist = torch, dist
+        self.gpu = None   # the GPU backend of this rank's share (else the numpy weights)
+        if gpu is not None:
+            self.gpu = self._gpu_backend(gpu, n_batch, comm)
+            self.weights = {}
+        else:
+            from .shard import ShardFile
+
+            self.weights = self.model.arch.load_weights(ShardFile(self.model.gguf, self.shard), self.hp)
+
+    def _gpu_backend(self, base: int, n_batch: int, asked: str | None):
+        from ..backends.cuda.backend import CudaBackend, _cupy
+        from . import gpu
+
+        cp = _cupy()
+        n_ranks, rank = self.shard.n_ranks, self.shard.rank
+        devs = gpu.devices(base, n_ranks, cp.cuda.runtime.getDeviceCount())
+        kind = gpu.choose(n_ranks, len(set(devs)) if n_ranks > 1 else cp.cuda.runtime.getDeviceCount(), asked)
+        comm = None
+        if kind == "nccl":
+            with cp.cuda.Device(devs[rank]):
+                uid = [gpu.NcclGather.unique_id() if rank == 0 else None]
+                if self._dist is not None:   # rank 0's id to all (NCCL's own rendezvous)
+                    self._dist.broadcast_object_list(uid, src=0)
+                comm = gpu.NcclGather(n_ranks, rank, uid[0])
+        elif kind == "host":
+            comm = gpu.HostGather(n_ranks, self._dist, getattr(self, "_torch", None))
+        return CudaBackend(self.model, -1, n_threads=1, n_batch=n_batch, device=devs[rank], shard=self.shard,
+                           comm=comm)
 
     def reduce(self, a: np.ndarray) -> np.ndarray:
         """The sum of every rank's `a` (the same bits on every rank: gloo reduces each chunk once and shares it)."""
@@ -99,8 +130,13 @@ class Rank:
         return a
 
     def info(self) -> dict:
+        if self.gpu is not None:
+            comm = self.gpu.comm
+            return {"pid": os.getpid(), "rank": self.shard.rank, "weight_bytes": int(self.gpu.weight_bytes),
+                    "where": self.gpu.isa, "comm": comm.name if comm is not None else None}
         nbytes = sum(getattr(a, "nbytes", 0) for a in self.weights.values())
-        return {"pid": os.getpid(), "rank": self.shard.rank, "weight_bytes": int(nbytes)}
+        return {"pid": os.getpid(), "rank": self.shard.rank, "weight_bytes": int(nbytes), "where": "numpy, float32",
+                "comm": "gloo" if self._dist is not None else None}
 
     def handle(self, kind: str, payload):
         if kind == "fwd":
@@ -108,6 +144,8 @@ class Rank:
         if kind == "pool":
             key, spec = payload
             self.pools[key] = make_pool(spec, self.windows, self.hp.n_head_kv, self.hp.head_dim)
+            if self.gpu is not None:   # its blocks' copy on the GPU
+                self.gpu.attach(self.pools[key])
         elif kind == "drop":
             self.pools.pop(payload, None)
         elif kind == "copy":   # (a pool these ranks never held, from before a restart: nothing to copy)
@@ -117,6 +155,7 @@ class Rank:
         elif kind == "pull":   # this rank's kv heads of the blocks asked for, layer by layer
             key, blocks = payload
             pool = self.pools[key]
+            pool.pull(blocks)   # the GPU's rows first, where they live there
             return [(pool.k[g][i][blocks[g]], pool.v[g][i][blocks[g]]) for g, i in pool.layer_group]
         elif kind == "push":
             key, blocks, rows = payload
@@ -124,6 +163,7 @@ class Rank:
             for (g, i), (k, v) in zip(pool.layer_group, rows):
                 pool.k[g][i][blocks[g]] = k
                 pool.v[g][i][blocks[g]] = v
+            pool.push(blocks)
         elif kind == "info":
             return self.info()
         else:
@@ -134,6 +174,9 @@ class Rank:
         kvs = seq_views(self.pools[key], seqs)
         batch = Batch(tokens, positions, seq_ids, want)
         last = hidden or self.shard.rank > 0   # only rank 0's rows go back; the others stop at the hidden state
+        if self.gpu is not None:
+            out = self.gpu.forward_batch(batch, kvs, hidden=last)
+            return out if self.shard.rank == 0 else None
         arch, w, hp = self.model.arch, self.weights, self.hp
 
         def one(t, p, kv, all_logits):
@@ -148,9 +191,9 @@ def main() -> None:
     driver made; nobody else holds it)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C in the driver's terminal stops a reply, not the ranks
     conn = Connection(int(sys.argv[1]))
-    path, rank, n_ranks, store = conn.recv()
+    args = conn.recv()
     try:
-        r = Rank(path, rank, n_ranks, store)
+        r = Rank(*args)
     except Exception as e:
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return
@@ -230,22 +273,29 @@ class TensorParallelBackend:
     POLL_S = 0.5   # while waiting for the ranks, how often each is asked whether it still lives
     START_S = 300.0
 
-    def __init__(self, model, n_ranks: int, n_threads: int | None = None, n_batch: int = 512):
+    def __init__(self, model, n_ranks: int, n_threads: int | None = None, n_batch: int = 512,
+                 gpu: int | None = None):
         from ..backends.loader import check_threads, default_threads
+        from .gpu import COMMS
 
         check_threads(n_threads, "threads per rank (n_threads)")
         self.shards = plan(model.hparams, n_ranks)   # EdgeLLMError for a split the model's heads do not allow
         self.model, self.hparams, self.n_batch, self.n_ranks = model, model.hparams, int(n_batch), len(self.shards)
         if self.n_ranks > 1:
             require_torch()
+        self.gpu = gpu
+        self.comm = os.environ.get("EDGELLM_TP_COMM") or None
+        if self.comm is not None and self.comm not in COMMS:
+            raise EdgeLLMError(f"EDGELLM_TP_COMM must be one of {', '.join(COMMS)}, got {self.comm!r}")
         self.n_threads = int(n_threads or max(1, default_threads() // self.n_ranks))
-        self.isa = f"numpy, {self.n_ranks} rank{'s' if self.n_ranks > 1 else ''}" + \
-            (" over gloo" if self.n_ranks > 1 else "")
         self.info = []
         self._ranks = _Ranks()
         weakref.finalize(self, self._ranks.stop)   # ranks end with the backend, closed or not
         self._pools = RemotePools(self, _Mirror)
         self._start()
+        where = "cuda" if gpu is not None else "numpy"
+        comm = self.info[0].get("comm")
+        self.isa = f"{where}, {self.n_ranks} rank{'s' if self.n_ranks > 1 else ''}" + (f" over {comm}" if comm else "")
 
     # ------------------------------------------------------------------ the backend interface
     def forward_batch(self, batch: Batch, kvs, hidden: bool = False) -> np.ndarray:
@@ -268,8 +318,8 @@ class TensorParallelBackend:
     def describe(self) -> str:
         if not self._procs:
             return "ranks stopped (they start again at the next step)"
-        return "; ".join(f"{s.describe()} (pid {inf['pid']}, {inf['weight_bytes'] / 2**20:.0f} MiB of float32 "
-                         f"weights)" for s, inf in zip(self.shards, self.info))
+        return "; ".join(f"{s.describe()} (pid {inf['pid']}, {inf['where']}, {inf['weight_bytes'] / 2**20:.0f} MiB "
+                         f"of weights)" for s, inf in zip(self.shards, self.info))
 
     def close(self) -> None:
         self._stop()
@@ -283,6 +333,7 @@ class TensorParallelBackend:
             r.dir = tempfile.mkdtemp(prefix="edgellm-tp-")
             store = os.path.join(r.dir, "store")
             env = dict(os.environ, GLOO_SOCKET_IFNAME="lo")   # gloo's own sockets unauthenticated: loopback only
+            env["NCCL_NVLS_ENABLE"] = "0"   # no NVLink multicast (it can take a shared host's GPUs down)
             for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
                 env[var] = str(self.n_threads)
             for rank in range(self.n_ranks):
@@ -295,7 +346,8 @@ class TensorParallelBackend:
                     theirs.close()
                 r.procs.append(p)
                 r.conns.append(Connection(mine.detach()))
-                r.conns[-1].send((str(self.model.path), rank, self.n_ranks, store))
+                r.conns[-1].send((str(self.model.path), rank, self.n_ranks, store, self.gpu, self.n_batch,
+                                  self.comm))
             self.info = self._answers("load the model", timeout=self.START_S)
         except RankError:
             raise

@@ -8,6 +8,11 @@ shape as a CUDA graph and replayed: a decode step is one graph launch instead of
 
 Partial offload (n_gpu_layers < n_layer): the first layers run on the CPU's native core (NativeBackend with
 `layers=(0, first)`), which returns the residual stream; it crosses to the GPU once per step.
+
+Tensor parallelism (parallel/tensor.py): a rank's backend holds its share of each layer (`shard`: its heads' rows
+of Q/K/V and columns of attn_output, its channels of gate/up/down) and the K/V of its kv heads; after attn_output
+and ffn_down, `comm` gathers every rank's partial sums and `reduce_parts` adds them in rank order before the
+residual (the same bits on every rank, whatever the batch).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from ...engine.batch import Batch
 from ...errors import BatchError
 from ...kv.paged import BLOCK, SeqKV
 from ...quant import GGMLType
-from .weights import F_Q5, F_Q8, INT_FORMATS, FORMAT_NAMES, Packed, repack
+from .weights import F_Q5, F_Q8, INT_FORMATS, FORMAT_NAMES, Packed, cut, repack
 
 GRAPH_MAX = 64           # steps of at most this many tokens run as captured graphs
 GRAPHS_KEPT = 32         # graphs cached (by shape), least recently used dropped
@@ -216,16 +221,20 @@ def auto_layers(model, device: int | None) -> int:
 
 
 class CudaBackend:
-    """n_gpu_layers: layers on the GPU, the last ones (-1: all); the rest run on `cpu_backend_factory()`'s core."""
+    """n_gpu_layers: layers on the GPU, the last ones (-1: all); the rest run on `cpu_backend_factory()`'s core.
+    shard and comm: a tensor-parallel rank's share of the model (parallel/shard.py) and its link to the other ranks
+    (parallel/gpu.py); every layer runs here then."""
 
     name = "cuda"
 
     def __init__(self, model, n_gpu_layers: int = -1, n_threads: int | None = None, n_batch: int = 512,
-                 device: int | None = None):
+                 device: int | None = None, shard=None, comm=None):
         cp = _cupy()
         self.cp = cp
-        hp = model.hparams
-        self.model, self.hparams = model, hp
+        hp = model.hparams if shard is None else shard.hparams(model.hparams)
+        self.model, self.hparams, self.shard, self.comm = model, hp, shard, comm
+        if shard is not None and n_gpu_layers not in (None, -1) and n_gpu_layers < hp.n_layer:
+            raise ValueError("a tensor-parallel rank runs every layer on its GPU")
         if hp.arch not in ("llama", "gemma3"):
             raise NotImplementedError(f"architecture {hp.arch!r} (the GPU backend runs llama and gemma3)")
         if hp.head_dim % 32 or hp.head_dim > 256 or hp.n_head % hp.n_head_kv or hp.rope_dim > hp.head_dim \
@@ -270,7 +279,8 @@ class CudaBackend:
         self._pools = weakref.WeakKeyDictionary()   # KVPool -> DevicePool
         self._graphs: OrderedDict = OrderedDict()
         self._kept_rows: dict = {}
-        self.graph_max = GRAPH_MAX
+        # a comm that goes through the host (ranks sharing a GPU) cannot be captured into a graph
+        self.graph_max = GRAPH_MAX if comm is None or comm.captured else 0
 
     # ------------------------------------------------------------------ load
     def _compile(self) -> None:
@@ -280,7 +290,8 @@ class CudaBackend:
             self.module = cp.RawModule(code=src, options=("-std=c++14", f"-DEL_ATT_WIDE={int(ATT_WIDE)}"))
             self.k = {n: self.module.get_function(n) for n in
                       ("embed", "add_norm", "mm_int", "mm_int_norm", "mm_int_act", "mm_float", "mm_float_norm",
-                       "mm_float_act", "mm_int_tiled", "act_mul", "rope_store", "dequant", "quant_q8")}
+                       "mm_float_act", "mm_int_tiled", "act_mul", "rope_store", "dequant", "quant_q8",
+                       "reduce_parts")}
             for name in ("mm_int_mma64", "mm_int_mma32"):   # all of K in shared memory: beyond the default 48 KiB
                 self.k[name] = self.module.get_function(name)
                 try:
@@ -305,7 +316,15 @@ class CudaBackend:
         shape = tuple(info.shape)
         if len(shape) != 2:
             raise NotImplementedError(f"{name}: shape {shape} is not a matrix")
-        return repack(gf.tensor_data(name), int(info.type), shape[0], shape[1])
+        p = repack(gf.tensor_data(name), int(info.type), shape[0], shape[1])
+        if self.shard is not None:
+            from ...parallel.shard import cut as how_cut
+
+            how = how_cut(name)
+            if how is not None:
+                axis, kind = how
+                p = cut(p, axis, self.shard.rows(kind))
+        return p
 
     def _vector(self, name: str):
         gf = self.model.gguf
@@ -383,6 +402,8 @@ class CudaBackend:
         self.gu, self.h = z(n, 2 * F), z(n, F)
         self.hq, self.hds = z(n, F, dt=np.int8), z(n, F // 32, 2)
         self.logits = z(n, hp.n_vocab)
+        if self.comm is not None:   # every rank's partial sums of a block half, side by side
+            self.parts = z(self.comm.n_ranks * n * E)
         import cupyx
         self._pinned = cupyx.empty_pinned((PINNED_ROWS * max(hp.n_vocab, hp.n_embd),), np.float32)
         self.meta = z(1 << 16, dt=np.int32)     # grows when a step needs more (tables of many sequences)
@@ -430,7 +451,7 @@ class CudaBackend:
         key = (id(pool), n, n_out, S, tuple(nts), bool(hidden), x_in is not None, pure)
         meta = self._meta(batch, kvs, nts)
         cp = self.cp
-        with self.device:
+        with self.device, self.stream:
             if meta.size > self.meta.size:
                 self.meta = cp.zeros(meta.size * 2, np.int32)
                 self._graphs.clear()
@@ -574,10 +595,15 @@ class CudaBackend:
                 k["attention"]((n * hp.n_head,), (32 * attn_warps(hd),), att, stream=st)
             if self.g3:
                 self._mm(L["wo"], self.ao, self.aq, self.ads, self.tmp, None, n, E)
+                self._reduce(self.tmp, n, accumulate=False)
                 if not fuse_post:
                     self._norm(L["ffn_norm"], L["post_attention_norm"], n, eps)
             else:
-                self._mm(L["wo"], self.ao, self.aq, self.ads, self.x, self.x, n, E)
+                if self.comm is None:
+                    self._mm(L["wo"], self.ao, self.aq, self.ads, self.x, self.x, n, E)
+                else:   # the ranks' partial sums added before the residual
+                    self._mm(L["wo"], self.ao, self.aq, self.ads, self.tmp, None, n, E)
+                    self._reduce(self.x, n, accumulate=True)
                 if not fuse_norm:
                     self._norm(L["ffn_norm"], None, n, eps)
             for mat, col in L["gate_up"]:
@@ -589,7 +615,7 @@ class CudaBackend:
                              L["ffn_norm"], eps)
                 else:
                     self._mm(mat, self.xb, self.xq, self.xds, _at(self.gu, col), None, n, 2 * F)
-            out, res = (self.tmp, None) if self.g3 else (self.x, self.x)
+            out, res = (self.tmp, None) if self.g3 or self.comm is not None else (self.x, self.x)
             if fuse:
                 self._mm(L["down"], self.gu, None, None, out, res, n, E, "_act", gelu=self.act_gelu)
             else:
@@ -597,6 +623,7 @@ class CudaBackend:
                 k["act_mul"](((nblk + 3) // 4,), (128,), (self.gu, _i(F), _i(n), _i(self.act_gelu), self.h, self.hq,
                                                            self.hds), stream=st)
                 self._mm(L["down"], self.h, self.hq, self.hds, out, res, n, E)
+            self._reduce(self.tmp if self.g3 else self.x, n, accumulate=not self.g3)
             if fuse_post:
                 cur, alt = alt, cur
             if self.g3:
@@ -606,6 +633,16 @@ class CudaBackend:
         self._norm(self.out_norm, prev_post, n_out, eps, idx=out_idx, x=cur)
         if not hidden:
             self._mm(self.output, self.xb, self.xq, self.xds, self.logits, None, n_out, hp.n_vocab)
+
+    def _reduce(self, y, n: int, accumulate: bool) -> None:
+        """Tensor parallelism: y[:n] (+)= the sum of every rank's self.tmp[:n], in rank order. Nothing alone."""
+        if self.comm is None:
+            return
+        count = n * self.hparams.n_embd
+        self.comm.all_gather(self.tmp, self.parts, count, self.stream)
+        self.k["reduce_parts"](((count + 255) // 256,), (256,),
+                               (y, self.parts, np.int64(count), _i(self.comm.n_ranks), _i(int(accumulate))),
+                               stream=self.stream)
 
     def _norm(self, w, post, rows: int, eps, idx=None, x=None) -> None:
         """xb (and its q8 blocks) = rmsnorm(x) * w, after x += rmsnorm(tmp) * post (Gemma 3's post-norms)."""

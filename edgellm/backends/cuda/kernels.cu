@@ -1216,3 +1216,14 @@ extern "C" __global__ void quant_q8(const float *x, int n_blocks, i8 *q, float2 
     if (b >= n_blocks) return;
     warp_quant_block(x[b * 32 + (threadIdx.x & 31)], q + b * 32, ds + b);
 }
+
+// ------------------------------------------------------------------------------------------ tensor parallelism
+// The ranks' partial sums of a block half, gathered as parts[r * n + i] (rank r's element i), added in rank order,
+// the same on every rank and for every batch: y[i] = (accumulate ? y[i] : 0) + ((parts[0] + parts[1]) + ...)
+extern "C" __global__ void reduce_parts(float *y, const float *parts, long long n, int nparts, int accumulate) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float s = parts[i];
+    for (int r = 1; r < nparts; r++) s = __fadd_rn(s, parts[r * n + i]);
+    y[i] = accumulate ? __fadd_rn(y[i], s) : s;
+}

@@ -116,6 +116,23 @@ def repack(raw: np.ndarray, ttype: int, rows: int, cols: int) -> Packed:
     return Packed(fmt, rows, cols, q.reshape(rows, -1, 32), _pair(s16[:, 0], s16[:, 1]).reshape(rows, -1, 2))
 
 
+def cut(p: Packed, axis: int, part: range) -> Packed:
+    """The rows (axis 0) or the columns (axis 1, in whole blocks of 32) `part` of a packed matrix: a tensor-parallel
+    rank's share (parallel/shard.py), the same elements bit for bit."""
+    if axis == 0:
+        sl = slice(part.start, part.stop)
+        take = lambda a: None if a is None else np.ascontiguousarray(a[sl])   # noqa: E731
+        return Packed(p.fmt, len(part), p.cols, take(p.w), take(p.sc), take(p.qh))
+    if p.fmt in (F_F32, F_F16, F_BF16):
+        return Packed(p.fmt, p.rows, len(part), np.ascontiguousarray(p.w[:, part.start:part.stop]))
+    if part.start % 32 or len(part) % 32:
+        raise NotImplementedError(f"columns {part.start}-{part.stop - 1}: a split of quantized columns takes whole "
+                                  f"blocks of 32")
+    sl = slice(part.start // 32, part.stop // 32)
+    take = lambda a: None if a is None else np.ascontiguousarray(a[:, sl])   # noqa: E731
+    return Packed(p.fmt, p.rows, len(part), take(p.w), take(p.sc), take(p.qh))
+
+
 def unpack(p: Packed) -> np.ndarray:
     """float32 [rows, cols] of a packed matrix, with the kernels' arithmetic (tests; the GPU's `dequant`)."""
     if p.fmt == F_F32:
