@@ -7,7 +7,7 @@ numbers: the weights mean nothing.
     python bench/random_weights.py shape smollm2-1.7b OUT.gguf --type Q4_0   # a preset shape, no real file needed
 
 Presets (the published configurations): smollm2-360m, smollm2-1.7b (llama), qwen2.5-0.5b (qwen2: GQA 14/2 heads,
-q/k/v biases, 151,936 tokens). Matrices take --type (F16, BF16, Q4_0, Q8_0, ...; norms and biases stay F32); for
+q/k/v biases, 151,936 tokens), llama-7b (Llama 2 7B's shape, for tensor parallelism on GPUs). Matrices take --type (F16, BF16, Q4_0, Q8_0, ...; norms and biases stay F32); for
 a K-quant mix build F16 and run `edgellm quantize OUT.gguf OUT-Q4_K_M.gguf Q4_K_M`.
 
 The manifest keeps every metadata key except the tokenizer's (the vocabulary becomes n_vocab placeholder tokens
@@ -125,6 +125,7 @@ PRESETS = {
     "smollm2-360m": ("llama", 32, 960, 2560, 15, 5, 49152, 100000.0, 1e-5, 8192),
     "smollm2-1.7b": ("llama", 24, 2048, 8192, 32, 32, 49152, 130000.0, 1e-5, 8192),
     "qwen2.5-0.5b": ("qwen2", 24, 896, 4864, 14, 2, 151936, 1000000.0, 1e-6, 32768),
+    "llama-7b": ("llama", 32, 4096, 11008, 32, 32, 32000, 10000.0, 1e-5, 4096),   # tensor parallelism's size
 }
 
 
