@@ -400,3 +400,22 @@ def test_embeddings_match_the_reference(llm, smollm2_model):
     llm.embed(["x " * 50] * 4)
     t.join(60)
     assert got["g"] == alone
+
+
+def test_a_model_whose_every_layer_has_a_window_gets_a_pool(tmp_path):
+    """A Gemma 3 of 3 layers (fewer than its pattern's 6: no full-context layer) sized from a KV budget: its pool has
+    no full-context bytes to divide the budget by, and it still generates (a ZeroDivisionError before)."""
+    from edgellm import LLM
+    from edgellm.kv_cache import layer_windows
+    from test_cuda import _tiny_model
+
+    from edgellm.quant import GGMLType
+
+    model = _tiny_model(tmp_path, GGMLType.Q8_0, "gemma3", n_layer=3)
+    assert all(layer_windows(model))
+    llm = LLM(model.path, n_ctx=128, kv_budget="8MiB")
+    try:
+        r = llm.create_completion([5, 9, 11, 13], max_tokens=4, temperature=0)
+        assert r["usage"]["completion_tokens"] >= 1
+    finally:
+        llm.close()

@@ -201,4 +201,6 @@ def pool_blocks(model, *, n_ctx: int, budget: int | None,
     if budget is None:
         return one_seq, n_swa
     rest = budget - (n_swa * probe.block_bytes(1) if probe.swa else 0)
+    if probe.block_bytes(0) == 0:   # every layer has a window (a model of fewer layers than its pattern's period)
+        return one_seq, n_swa
     return max(one_seq, rest // probe.block_bytes(0)), n_swa
