@@ -254,7 +254,7 @@ def info(model, kv_budget, check_tensors, n_gpu_layers, device, tensor_split):
     click.echo(f"backend:      {_backend_summary()} ; threads {default_threads()}")
     click.echo(f"gpu:          {_gpu_summary(m, n_gpu_layers, device)}")
     if tensor_split:
-        _split_summary(m, tensor_split)
+        _split_summary(m, tensor_split, n_gpu_layers, device)
     from .engine import DEFAULT_BATCH, DEFAULT_PARALLEL
     from .kv.paged import KVPool, pool_blocks
     from .kv_cache import default_n_ctx, memory_budget
@@ -268,13 +268,20 @@ def info(model, kv_budget, check_tensors, n_gpu_layers, device, tensor_split):
     click.echo(f"context:      {_context_line(ctx)}")
 
 
-def _split_summary(m, n: int) -> None:
-    """--tensor-split N: each rank's heads, channels, share of the file's weights and K/V per token."""
+def _split_summary(m, n: int, n_gpu_layers: int = 0, device=None) -> None:
+    """--tensor-split N: each rank's heads, channels, share of the file's weights and K/V per token (and its GPU
+    with -ngl all)."""
+    from .backends.loader import gpu_device
     from .kv_cache import row_bytes
     from .parallel.shard import file_bytes, plan
 
     shards = plan(m.hparams, n)   # an EdgeLLMError names the splits that work
-    click.echo(f"tensor split: {n} rank{'s' if n > 1 else ''}")
+    where = "processes on the CPU (numpy)"
+    if n_gpu_layers != 0:
+        base = gpu_device(device) or 0
+        gpus = f"GPU {base}" if n == 1 else f"GPUs {base}-{base + n - 1}"
+        where = f"processes on {gpus} (wrapping around the GPUs there are; NCCL with one each, else through the host)"
+    click.echo(f"tensor split: {n} rank{'s' if n > 1 else ''}, {where}")
     for s in shards:
         kv = 2 * m.hparams.n_layer * len(s.kv_heads) * row_bytes("f16", m.hparams.head_dim)
         click.echo(f"  {s.describe()}; {file_bytes(m.gguf, s) / 2**20:.1f} MiB of the file's weights, "

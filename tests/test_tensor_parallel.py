@@ -273,7 +273,10 @@ def edgellm(*args):
 def test_cli_info_shows_the_split_and_run_uses_it(smollm2_path):
     r = edgellm("info", smollm2_path, "--tensor-split", "3")
     assert r.returncode == 0, r.stderr
-    assert "tensor split: 3 ranks" in r.stdout
+    assert "tensor split: 3 ranks, processes on the CPU" in r.stdout
+    r2 = edgellm("info", smollm2_path, "--tensor-split", "2", "-ngl", "all", "--device", "1")
+    assert r2.returncode == 0, r2.stderr
+    assert "tensor split: 2 ranks, processes on GPUs 1-2" in r2.stdout
     assert "rank 2: query heads 6-8, kv heads 2, FFN channels 1024-1535" in r.stdout
     assert "KiB of f16 K/V a token" in r.stdout
     r = edgellm("info", smollm2_path, "-tp", "4")
