@@ -335,3 +335,15 @@ def test_qwen_families_against_transformers(family, tmp_path):
             assert rel_err(llm.logits(ids), want) < 1e-4
         finally:
             llm.close()
+
+
+def test_gpu_ranks_without_a_gpu_are_a_clear_error(smollm2_path):
+    """tensor_parallel with n_gpu_layers=-1 where CuPy is missing: each rank says so, nothing hangs or lingers."""
+    import importlib.util
+
+    from edgellm import LLM
+
+    if importlib.util.find_spec("cupy") is not None:
+        pytest.skip("this machine has CuPy (the GPU machine runs the GPU ranks: tests/test_cuda.py)")
+    with pytest.raises(EdgeLLMError, match="could not load its share of the model: ImportError: CuPy is not installed"):
+        LLM(smollm2_path, n_ctx=64, tensor_parallel=2, n_gpu_layers=-1)
