@@ -222,6 +222,7 @@ class GGUFFile:
         self.metadata_types: dict[str, int | tuple[int, int]] = {}
         self.tensors: dict[str, TensorInfo] = {}
         self._mm: mmap.mmap | None = None
+        self._fh = None   # the file, open (use_mmap): read_fd's source
         self._released: set[str] = set()   # tensors given back to the kernel (use_mmap=False: now zeros)
 
         # Opening errors (missing file, permission) stay OSError: the file is not malformed.
@@ -237,6 +238,7 @@ class GGUFFile:
             if self.use_mmap:
                 # mmap keeps its own duplicate of the descriptor, so ours can close right away.
                 self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+                self._fh = os.fdopen(os.dup(fd), "rb", buffering=0)   # for read_fd (closed with the file)
             else:
                 self._mm = _read_all(fd, self.file_size, self.path)
         finally:
@@ -572,7 +574,17 @@ class GGUFFile:
 
     # -- lifetime -------------------------------------------------------------------------------
 
+    def read_fd(self) -> int | None:
+        """A new descriptor of the mapped file (the caller closes it), for reading a few rows with pread without
+        mapping pages around them into this process; None without one (use_mmap=False, closed)."""
+        if self._fh is None or self._fh.closed:
+            return None
+        return os.dup(self._fh.fileno())
+
     def close(self) -> None:
+        fh, self._fh = self._fh, None
+        if fh is not None:
+            fh.close()
         mm, self._mm = self._mm, None
         if mm is not None:
             try:

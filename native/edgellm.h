@@ -164,6 +164,10 @@ void el_model_free(el_model *m);
 int el_model_set_tensor(el_model *m, int which, int layer, int type, const void *data, int n_out, int n_in);
 /* the next el_model_set_tensor calls give a repacked matrix's source pages back as they copy it (1), or not (0) */
 void el_model_release_sources(el_model *m, int on);
+/* the token embeddings' rows read with pread from fd (the model file; the model owns and closes it) at offset +
+ * token * row bytes, instead of touching the borrowed mapping: a fault there can map a whole large page-cache folio
+ * (MiBs) into the process for one row. -1 where this system has no pread; 0 on success. */
+int el_model_set_embd_file(el_model *m, int fd, int64_t offset);
 int el_model_ready(const el_model *m);      /* 1 when every tensor is set */
 /* 1 when the tensors a stage of a pipeline needs are set: every layer's, the token embeddings if embd (the first
  * stage), output_norm and output if output (the last stage) */

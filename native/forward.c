@@ -43,6 +43,8 @@ struct el_model {
     const void *tok_embd;                /* [n_vocab, E] GGUF layout, borrowed: rows dequantized on lookup */
     int tok_embd_type;
     size_t tok_embd_row;
+    int tok_embd_fd;                     /* >= 0: rows read from this file at tok_embd_off (el_model_set_embd_file) */
+    int64_t tok_embd_off;
     const float *output_norm;            /* [E] */
     el_weight *output;                   /* [n_vocab, E] (token_embd again when tied) */
     el_layer *layers;
@@ -101,6 +103,7 @@ el_model *el_model_new(const el_model_desc *desc) {
     el_model *m = calloc(1, sizeof *m);
     if (!m) return NULL;
     m->d = *desc;
+    m->tok_embd_fd = -1;
     const el_model_desc *d = &m->d;
     const size_t nb = (size_t)d->n_batch, E = d->n_embd, nq = (size_t)d->n_head * d->head_dim,
                  nkv = (size_t)d->n_head_kv * d->head_dim, F = d->n_ff;
@@ -172,6 +175,7 @@ void el_model_free(el_model *m) {
     free(m->layers); zfree(m->x); zfree(m->xb); zfree(m->xq); zfree(m->xq2); zfree(m->q); zfree(m->kb); zfree(m->vb);
     zfree(m->hg); zfree(m->hu); zfree(m->tmp); zfree(m->cs); free(m->scratch); zfree(m->stages);
     zfree(m->rope_base); zfree(m->rope_scale);
+    if (m->tok_embd_fd >= 0) close(m->tok_embd_fd);
     free(m);
 }
 
@@ -204,6 +208,30 @@ int el_model_lock(const el_model *m) {
 
 /* ------------------------------------------------------------------------------------------- tensors */
 void el_model_release_sources(el_model *m, int on) { m->release_sources = on != 0; }
+
+int el_model_set_embd_file(el_model *m, int fd, int64_t offset) {
+    if (m->tok_embd_fd >= 0) close(m->tok_embd_fd);
+    m->tok_embd_fd = fd;
+    m->tok_embd_off = offset;
+    return 0;
+}
+
+#define EMBD_ROW_MAX 32768   /* rows up to this many bytes are read with pread (E <= 8192 in F32) */
+/* token t's embedding row in the file's layout: read from the file into buf where set, else the mapping */
+static const void *embd_row(const el_model *m, int32_t token, unsigned char *buf) {
+    const size_t row = m->tok_embd_row;
+    if (m->tok_embd_fd >= 0 && row <= EMBD_ROW_MAX) {
+        const off_t at = (off_t)(m->tok_embd_off + (int64_t)token * (int64_t)row);
+        size_t got = 0;
+        while (got < row) {
+            const ssize_t r = pread(m->tok_embd_fd, buf + got, row - got, at + (off_t)got);
+            if (r <= 0) break;   /* an error or the end: the mapping still has the bytes */
+            got += (size_t)r;
+        }
+        if (got == row) return buf;
+    }
+    return (const char *)m->tok_embd + (size_t)token * row;
+}
 
 static int set_matrix(el_model *m, el_weight **slot, int type, const void *data, int n_out, int n_in, int want_out,
                       int want_in) {
@@ -380,7 +408,8 @@ static void forward_task(void *ctx, int ith, int nth) {
             if (c->x_in) {   /* a later stage of a pipeline: the residual stream as the stage before left it */
                 memcpy(xt, c->x_in + (size_t)t * E, sizeof(float) * (size_t)E);
             } else {
-                k->dequantize_row[embd_ti]((const char *)m->tok_embd + (size_t)b->tokens[t] * m->tok_embd_row, xt, E);
+                union { unsigned char b[EMBD_ROW_MAX]; double align; } rb;   /* aligned as the blocks need */
+                k->dequantize_row[embd_ti](embd_row(m, b->tokens[t], rb.b), xt, E);
                 if (d->embd_scale != 0.0f && d->embd_scale != 1.0f)
                     for (int i = 0; i < E; i++) xt[i] *= d->embd_scale;
             }

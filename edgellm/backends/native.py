@@ -114,6 +114,9 @@ class NativeBackend:
 
         if self.has_embd:
             self._set(gf, "token_embd.weight", lib.EL_T_TOKEN_EMBD, -1, matrix=True)
+            fd = gf.read_fd()
+            if fd is not None:   # lookups by pread: a fault in the mapping can map MiBs of page cache for one row
+                lib.el_model_set_embd_file(self._m, fd, gf.tensors["token_embd.weight"].offset)
         if self.has_output:
             self._set(gf, "output_norm.weight", lib.EL_T_OUTPUT_NORM, -1, matrix=False)
             out = "output.weight" if "output.weight" in gf.tensors else "token_embd.weight"  # tied embeddings
@@ -179,6 +182,10 @@ class NativeBackend:
                 raise NotImplementedError(f"{name}: norm weights and biases must be F32 vectors, got {ttype.name} {shape}")
             n_out, n_in = 1, shape[0]
         data = gf.tensor_data(name)
+        if not matrix and gf.use_mmap:
+            # norms and biases (KBs) are copied: a read of the mapping maps the page-cache folio around it, up to
+            # MiBs of the neighbouring matrices' bytes (10 MB for SmolLM2 after one step when these were borrowed)
+            data = data.copy()
         if data.nbytes != lib.el_row_size(int(ttype), n_in) * n_out:
             raise NotImplementedError(f"{name}: {data.nbytes} bytes do not match {ttype.name} {shape}")
         buf = ffi.from_buffer("uint8_t[]", data)
