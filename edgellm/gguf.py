@@ -574,6 +574,20 @@ class GGUFFile:
 
     # -- lifetime -------------------------------------------------------------------------------
 
+    def read_copy(self, name: str) -> np.ndarray:
+        """A copy of a tensor's bytes read from the file (pread), without touching the mapping: a read of the mapping
+        maps the page-cache folio around it into the process (MiBs of neighbouring tensors on large folios). The
+        mapping's bytes where there is no file to read (use_mmap=False)."""
+        info = self.tensors.get(name)
+        if info is None:
+            raise ModelError(f"{self.path}: no tensor named {name!r}")
+        if self._fh is None or self._fh.closed:
+            return self.tensor_data(name).copy()
+        raw = os.pread(self._fh.fileno(), info.nbytes, info.offset)
+        if len(raw) != info.nbytes:   # the file shrank under us: the mapping still holds what was read at open
+            return self.tensor_data(name).copy()
+        return np.frombuffer(raw, dtype=np.uint8)
+
     def read_fd(self) -> int | None:
         """A new descriptor of the mapped file (the caller closes it), for reading a few rows with pread without
         mapping pages around them into this process; None without one (use_mmap=False, closed)."""

@@ -577,3 +577,31 @@ def test_factory_encoding_sanity():
     # guards the factory helper the corruption offsets rely on
     assert enc_str("ab") == struct.pack("<Q", 2) + b"ab"
     assert RawGGUF(version=1).build()[0][8:16] == bytes(8)
+
+
+@pytest.mark.parametrize("use_mmap", [True, False])
+def test_read_copy_is_the_tensor_without_mapping_it(smollm2_path, use_mmap):
+    """read_copy gives a tensor's bytes read from the file (pread), equal to the mapping's, without mapping its pages
+    into the process (what the native core's norms and embedding rows are read with); read_fd hands out a fresh
+    descriptor of the same file."""
+    import os
+
+    gf = GGUFFile(smollm2_path, use_mmap=use_mmap)
+    try:
+        for name in ("output_norm.weight", "blk.3.ffn_norm.weight", "blk.0.attn_q.weight"):
+            got = gf.read_copy(name)
+            assert got.dtype == np.uint8 and np.array_equal(got, gf.tensor_data(name))
+        fd = gf.read_fd()
+        if not use_mmap:
+            assert fd is None
+        else:
+            info = gf.tensors["output_norm.weight"]
+            try:
+                assert os.pread(fd, info.nbytes, info.offset) == gf.tensor_data("output_norm.weight").tobytes()
+            finally:
+                os.close(fd)
+        with pytest.raises(ModelError, match="no tensor named"):
+            gf.read_copy("nope")
+    finally:
+        gf.close()
+    assert gf.read_fd() is None

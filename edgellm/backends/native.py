@@ -181,11 +181,17 @@ class NativeBackend:
             if len(shape) != 1 or ttype != GGMLType.F32:
                 raise NotImplementedError(f"{name}: norm weights and biases must be F32 vectors, got {ttype.name} {shape}")
             n_out, n_in = 1, shape[0]
-        data = gf.tensor_data(name)
         if not matrix and gf.use_mmap:
-            # norms and biases (KBs) are copied: a read of the mapping maps the page-cache folio around it, up to
-            # MiBs of the neighbouring matrices' bytes (10 MB for SmolLM2 after one step when these were borrowed)
-            data = data.copy()
+            # norms and biases (KBs) are copied, read from the file: a read of the mapping maps the page-cache folio
+            # around it, up to MiBs of the neighbouring matrices' bytes (10 MB for SmolLM2 after one step when the
+            # step read them there)
+            raw = gf.read_copy(name)
+            store = np.empty(raw.nbytes + 64, np.uint8)   # 64-byte aligned, as the file's 32-byte alignment or better
+            at = -store.ctypes.data % 64
+            data = store[at:at + raw.nbytes]
+            data[:] = raw
+        else:
+            data = gf.tensor_data(name)
         if data.nbytes != lib.el_row_size(int(ttype), n_in) * n_out:
             raise NotImplementedError(f"{name}: {data.nbytes} bytes do not match {ttype.name} {shape}")
         buf = ffi.from_buffer("uint8_t[]", data)
