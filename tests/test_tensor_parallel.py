@@ -265,6 +265,14 @@ def test_bad_arguments_are_refused_before_anything_starts(smollm2_path):
         LLM(smollm2_path, n_ctx=64, tensor_parallel=2, n_gpu_layers="most")
 
 
+def test_a_bad_comm_is_refused_before_anything_starts(smollm2_path, monkeypatch):
+    from edgellm import LLM
+
+    monkeypatch.setenv("EDGELLM_TP_COMM", "mpi")
+    with pytest.raises(EdgeLLMError, match="EDGELLM_TP_COMM must be one of nccl, host"):
+        LLM(smollm2_path, n_ctx=64, tensor_parallel=1)
+
+
 def edgellm(*args):
     return subprocess.run([sys.executable, "-m", "edgellm.cli", *map(str, args)], capture_output=True, text=True,
                           timeout=300)

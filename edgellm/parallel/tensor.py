@@ -83,7 +83,7 @@ class Rank:
         self.hp = self.shard.hparams(hp)
         self.windows = layer_windows(self.model)
         self.pools: dict[int, KVPool] = {}
-        self._dist = None
+        self._dist = self._torch = None
         if n_ranks > 1:
             import datetime
 
@@ -107,8 +107,9 @@ class Rank:
 
         cp = _cupy()
         n_ranks, rank = self.shard.n_ranks, self.shard.rank
-        devs = gpu.devices(base, n_ranks, cp.cuda.runtime.getDeviceCount())
-        kind = gpu.choose(n_ranks, len(set(devs)) if n_ranks > 1 else cp.cuda.runtime.getDeviceCount(), asked)
+        n_devices = cp.cuda.runtime.getDeviceCount()
+        devs = gpu.devices(base, n_ranks, n_devices)
+        kind = gpu.choose(n_ranks, n_devices, asked)
         comm = None
         if kind == "nccl":
             with cp.cuda.Device(devs[rank]):
@@ -117,7 +118,7 @@ class Rank:
                     self._dist.broadcast_object_list(uid, src=0)
                 comm = gpu.NcclGather(n_ranks, rank, uid[0])
         elif kind == "host":
-            comm = gpu.HostGather(n_ranks, self._dist, getattr(self, "_torch", None))
+            comm = gpu.HostGather(n_ranks, self._dist, self._torch)
         return CudaBackend(self.model, -1, n_threads=1, n_batch=n_batch, device=devs[rank], shard=self.shard,
                            comm=comm)
 
