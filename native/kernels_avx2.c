@@ -490,9 +490,11 @@ static void repack_q6_k(const void *s, void *d, int n_out, int n_in) { repack_kx
 #undef KQ_ATTR
 #undef KQ_DOT
 #define KQX(name) name##_vnni
-#define KQ_ATTR __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")))
+#define KQ_ATTR __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
 #define KQ_DOT(acc, w, a) _mm256_dpbusd_epi32((acc), (w), (a))
+#define KQ_X16   /* 512-bit one-token kernels */
 #include "kq_x8.h"
+#undef KQ_X16
 #undef KQX
 #undef KQ_ATTR
 #undef KQ_DOT

@@ -103,6 +103,141 @@ KQ_ATTR static inline __attribute__((always_inline)) void KQX(k4x8_tile)(const i
     for (int t = 0; t < NT; t++) store_rows(y + t * y_stride, acc[t], nrows);
 }
 
+#ifdef KQ_X16
+/* 32 bytes of each of two row groups in one 512-bit vector */
+KQ_ATTR static inline __attribute__((always_inline)) __m512i KQX(pair)(const uint8_t *a, const uint8_t *b) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)a)),
+                              _mm256_loadu_si256((const __m256i *)b), 1);
+}
+/* bytes [sub-block j][row] of two groups' unpacked scales -> 16 floats */
+KQ_ATTR static inline __attribute__((always_inline)) __m512 KQX(scales16)(const uint8_t *a, const uint8_t *b) {
+    const __m128i v = _mm_unpacklo_epi64(_mm_loadl_epi64((const __m128i *)a), _mm_loadl_epi64((const __m128i *)b));
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v));
+}
+
+/* One token over two neighbouring row groups (16 rows) in 512-bit vectors: per row the same integer sums and the
+ * same float operations in the same order as k4x8_tile, so the same bits, in half the vector instructions (unpacking
+ * the nibbles is most of them). w1 = w0 + gs; pf: the pair PF pairs ahead (into L2); the next pair goes into L1. */
+KQ_ATTR static inline __attribute__((always_inline)) void KQX(k4x16_gemv)(const int q5, const uint8_t *w0, size_t gs,
+        int nsb, const uint8_t *x, float *y, int nrows, const uint8_t *pf) {
+    const size_t bs = q5 ? sizeof(block_q5_kx8) : sizeof(block_q4_kx8);
+    const __m512i m4 = _mm512_set1_epi8(15), h5 = _mm512_set1_epi8(0x10);
+    __m512 acc = _mm512_setzero_ps();
+    for (int i = 0; i < nsb; i++) {
+        const uint8_t *b0 = w0 + i * bs, *b1 = b0 + gs;
+        if (pf)
+            for (size_t o = 0; o < bs; o += 64) {
+                _mm_prefetch((const char *)pf + i * bs + o, _MM_HINT_T1);
+                _mm_prefetch((const char *)pf + gs + i * bs + o, _MM_HINT_T1);
+                _mm_prefetch((const char *)b0 + 2 * gs + o, _MM_HINT_T0);
+                _mm_prefetch((const char *)b0 + 3 * gs + o, _MM_HINT_T0);
+            }
+        const block_q4_kx8 *h0 = (const block_q4_kx8 *)b0, *h1 = (const block_q4_kx8 *)b1;   /* same head in q5 */
+        uint8_t sc[2][8][8] __attribute__((aligned(32))), mn[2][8][8] __attribute__((aligned(32)));
+        KQX(unpack_scales)(h0->scales, sc[0], mn[0]);
+        KQX(unpack_scales)(h1->scales, sc[1], mn[1]);
+        const __m512 d = _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)h0->d)),
+                                                                 _mm_loadu_si128((const __m128i *)h1->d), 1));
+        const __m512 dmin = _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)h0->dmin)),
+                                                                    _mm_loadu_si128((const __m128i *)h1->dmin), 1));
+        const uint8_t *qs0 = q5 ? ((const block_q5_kx8 *)b0)->qs : h0->qs, *qs1 = q5 ? ((const block_q5_kx8 *)b1)->qs : h1->qs;
+        for (int c = 0; c < 4; c++) {
+            const block_q8a *a = (const block_q8a *)x + 8 * i + 2 * c;
+            __m512i aL = _mm512_setzero_si512(), aH = aL;
+            for (int g = 0; g < 8; g++) {
+                const __m512i v = KQX(pair)(qs0 + c * 256 + g * 32, qs1 + c * 256 + g * 32);
+                __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+                if (q5) {
+                    const __m512i hb = KQX(pair)(((const block_q5_kx8 *)b0)->qh + g * 32, ((const block_q5_kx8 *)b1)->qh + g * 32);
+                    lo = _mm512_ternarylogic_epi32(lo, 2 * c <= 4 ? _mm512_slli_epi16(hb, 4 - 2 * c) : _mm512_srli_epi16(hb, 2 * c - 4), h5, 0xf8);
+                    hi = _mm512_ternarylogic_epi32(hi, 2 * c + 1 <= 4 ? _mm512_slli_epi16(hb, 3 - 2 * c) : _mm512_srli_epi16(hb, 2 * c - 3), h5, 0xf8);
+                }
+                int32_t l4, h4;
+                memcpy(&l4, a[0].qs + 4 * g, 4);
+                memcpy(&h4, a[1].qs + 4 * g, 4);
+                aL = _mm512_dpbusd_epi32(aL, lo, _mm512_set1_epi32(l4));
+                aH = _mm512_dpbusd_epi32(aH, hi, _mm512_set1_epi32(h4));
+            }
+            const __m512 sL = _mm512_mul_ps(d, KQX(scales16)(sc[0][2 * c], sc[1][2 * c]));
+            const __m512 sH = _mm512_mul_ps(d, KQX(scales16)(sc[0][2 * c + 1], sc[1][2 * c + 1]));
+            const __m512 mL = _mm512_mul_ps(dmin, KQX(scales16)(mn[0][2 * c], mn[1][2 * c]));
+            const __m512 mH = _mm512_mul_ps(dmin, KQX(scales16)(mn[0][2 * c + 1], mn[1][2 * c + 1]));
+            __m512 s = _mm512_fmadd_ps(_mm512_cvtepi32_ps(aL), _mm512_mul_ps(sL, _mm512_set1_ps(a[0].d)), acc);
+            s = _mm512_fmadd_ps(_mm512_cvtepi32_ps(aH), _mm512_mul_ps(sH, _mm512_set1_ps(a[1].d)), s);
+            s = _mm512_fnmadd_ps(mL, _mm512_set1_ps(a[0].s), s);
+            acc = _mm512_fnmadd_ps(mH, _mm512_set1_ps(a[1].s), s);
+        }
+    }
+    _mm512_mask_storeu_ps(y, nrows >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nrows) - 1), acc);
+}
+
+/* 32 * the sums of each 16-element half of the token's q8a blocks (Q6_K's -32, as q6kx8_tile computes per tile) */
+KQ_ATTR static inline __attribute__((always_inline)) void KQX(half_sums32)(const uint8_t *x, int nblk, int32_t *out) {
+    const __m256i one8 = _mm256_set1_epi8(1), ones = _mm256_set1_epi16(1);
+    for (int b = 0; b < nblk; b++) {
+        const __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(one8, _mm256_loadu_si256((const __m256i *)((const block_q8a *)x + b)->qs)), ones);
+        const __m128i lo = _mm256_castsi256_si128(s), hi = _mm256_extracti128_si256(s, 1);
+        const __m128i t = _mm_hadd_epi32(lo, hi);                 /* A01 A23 B01 B23 */
+        const __m128i u = _mm_hadd_epi32(t, t);                   /* A B A B */
+        _mm_storel_epi64((__m128i *)(out + 2 * b), _mm_slli_epi32(u, 5));
+    }
+}
+
+/* One token of Q6_K over two neighbouring row groups in 512-bit vectors, the same integer sums and float operations
+ * per row as q6kx8_tile (same bits). hs: half_sums32 of the token. */
+KQ_ATTR static inline __attribute__((always_inline)) void KQX(k6x16_gemv)(const uint8_t *w0, size_t gs, int nsb,
+        const uint8_t *x, const int32_t *hs, float *y, int nrows, const uint8_t *pf) {
+    const size_t bs = sizeof(block_q6_kx8);
+    const __m512i m4 = _mm512_set1_epi8(15), m2 = _mm512_set1_epi8(0x30);
+    __m512 acc = _mm512_setzero_ps();
+    for (int i = 0; i < nsb; i++) {
+        const uint8_t *b0 = w0 + i * bs, *b1 = b0 + gs;
+        if (pf)
+            for (size_t o = 0; o < bs; o += 64) {
+                _mm_prefetch((const char *)pf + i * bs + o, _MM_HINT_T1);
+                _mm_prefetch((const char *)pf + gs + i * bs + o, _MM_HINT_T1);
+                _mm_prefetch((const char *)b0 + 2 * gs + o, _MM_HINT_T0);
+                _mm_prefetch((const char *)b0 + 3 * gs + o, _MM_HINT_T0);
+            }
+        const block_q6_kx8 *q0 = (const block_q6_kx8 *)b0, *q1 = (const block_q6_kx8 *)b1;
+        const __m512 d = _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)q0->d)),
+                                                                 _mm_loadu_si128((const __m128i *)q1->d), 1));
+        for (int h = 0; h < 2; h++) {   /* qh chunk h holds the high bits of sub-blocks 4h..4h+3 */
+            __m512i hv[8], isum[4];
+            for (int g = 0; g < 8; g++) hv[g] = KQX(pair)(q0->qh + h * 256 + g * 32, q1->qh + h * 256 + g * 32);
+            for (int ch = 0; ch < 2; ch++) {   /* ql chunk 2h + ch: sub-block 4h + ch (low nibbles), 4h + ch + 2 (high) */
+                __m512i v[8];
+                for (int g = 0; g < 8; g++) v[g] = KQX(pair)(q0->ql + (2 * h + ch) * 256 + g * 32, q1->ql + (2 * h + ch) * 256 + g * 32);
+                for (int nib = 0; nib < 2; nib++) {
+                    const int gq = 2 * nib + ch, j = 4 * h + gq;
+                    const block_q8a *a = (const block_q8a *)x + 8 * i + j;
+                    __m512i aA = _mm512_setzero_si512(), aB = aA;
+                    for (int g = 0; g < 8; g++) {
+                        const __m512i lo = nib ? _mm512_and_si512(_mm512_srli_epi16(v[g], 4), m4) : _mm512_and_si512(v[g], m4);
+                        const __m512i sh = 2 * gq <= 4 ? _mm512_slli_epi16(hv[g], 4 - 2 * gq) : _mm512_srli_epi16(hv[g], 2 * gq - 4);
+                        const __m512i q = _mm512_ternarylogic_epi32(lo, sh, m2, 0xf8);   /* lo | (sh & 0x30) */
+                        int32_t a4;
+                        memcpy(&a4, a->qs + 4 * g, 4);
+                        if (g < 4) aA = _mm512_dpbusd_epi32(aA, q, _mm512_set1_epi32(a4));
+                        else aB = _mm512_dpbusd_epi32(aB, q, _mm512_set1_epi32(a4));
+                    }
+                    const __m512i sA = _mm512_cvtepi8_epi32(_mm_unpacklo_epi64(_mm_loadl_epi64((const __m128i *)q0->scales[2 * j]),
+                                                                               _mm_loadl_epi64((const __m128i *)q1->scales[2 * j])));
+                    const __m512i sB = _mm512_cvtepi8_epi32(_mm_unpacklo_epi64(_mm_loadl_epi64((const __m128i *)q0->scales[2 * j + 1]),
+                                                                               _mm_loadl_epi64((const __m128i *)q1->scales[2 * j + 1])));
+                    isum[gq] = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_sub_epi32(aA, _mm512_set1_epi32(hs[2 * (8 * i + j)])), sA),
+                                                _mm512_mullo_epi32(_mm512_sub_epi32(aB, _mm512_set1_epi32(hs[2 * (8 * i + j) + 1])), sB));
+                }
+            }
+            for (int gq = 0; gq < 4; gq++)   /* in sub-block order, as the tile */
+                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[gq]),
+                                      _mm512_mul_ps(d, _mm512_set1_ps(((const block_q8a *)x + 8 * i + 4 * h + gq)->d)), acc);
+        }
+    }
+    _mm512_mask_storeu_ps(y, nrows >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nrows) - 1), acc);
+}
+#endif
+
 KQ_ATTR static inline __attribute__((always_inline)) void KQX(q6kx8_tile)(const uint8_t *wg, int nsb,
         const uint8_t *x, size_t x_stride, const int NT, float *y, size_t y_stride, int nrows, const uint8_t *pf) {
     const size_t bs = sizeof(block_q6_kx8);
@@ -150,10 +285,12 @@ KQ_ATTR static inline __attribute__((always_inline)) void KQX(q6kx8_tile)(const 
 }
 
 #define KQ_G 4   /* row groups (of 8) per token tile */
-#define KQ_GEMM_X8(fname, call)                                                                                  \
+
+#define KQ_GEMM_X8(fname, call, gemv)                                                                                \
     KQ_ATTR static void fname(const void *w, int n_in, int r0, int r1, const void *x, size_t x_stride, int n_tok, \
                               float *y, size_t y_stride) {                                                       \
         const int nsb = n_in / EL_QK_K;                                                                          \
+        if (n_tok == 1) r0 = gemv(w, nsb, r0, r1, (const uint8_t *)x, y);   /* the rows it leaves: below */     \
         for (int rb = r0; rb < r1; rb += 8 * KQ_G) {                                                             \
             const int re = rb + 8 * KQ_G < r1 ? rb + 8 * KQ_G : r1;                                              \
             for (int t = 0; t < n_tok; t += 4) {                                                                 \
@@ -179,9 +316,40 @@ KQ_ATTR static inline __attribute__((always_inline)) void KQX(q6kx8_tile)(const 
     pf ? (const uint8_t *)w + (size_t)(r / 8 + KQ_PF) * nsb * sizeof(block_q5_kx8) : NULL)
 #define KQ_CALL_Q6(NT) KQX(q6kx8_tile)((const uint8_t *)w + (size_t)(r / 8) * nsb * sizeof(block_q6_kx8), nsb, xt, x_stride, NT, yt, y_stride, nrows, \
     pf ? (const uint8_t *)w + (size_t)(r / 8 + KQ_PF) * nsb * sizeof(block_q6_kx8) : NULL)
-KQ_GEMM_X8(KQX(gemm_q4_kx8), KQ_CALL_Q4)
-KQ_GEMM_X8(KQX(gemm_q5_kx8), KQ_CALL_Q5)
-KQ_GEMM_X8(KQX(gemm_q6_kx8), KQ_CALL_Q6)
+#ifdef KQ_X16
+/* one token: pairs of row groups through k4x16_gemv; returns where the rows left to the tiles begin */
+#define KQ_GEMV_X16(name, q5, blk)                                                                               \
+    KQ_ATTR static int name(const void *w, int nsb, int r, int r1, const uint8_t *x, float *y) {               \
+        const size_t gs = (size_t)nsb * sizeof(blk);                                                             \
+        for (; r + 8 < r1; r += 16)                                                                              \
+            KQX(k4x16_gemv)(q5, (const uint8_t *)w + (size_t)(r / 8) * gs, gs, nsb, x, y + r, r1 - r,            \
+                            r + 8 * (KQ_PF + 2) <= r1 ? (const uint8_t *)w + (size_t)(r / 8 + KQ_PF) * gs : NULL); \
+        return r;                                                                                                \
+    }
+KQ_GEMV_X16(KQX(gemv_q4_k), 0, block_q4_kx8)
+KQ_GEMV_X16(KQX(gemv_q5_k), 1, block_q5_kx8)
+#undef KQ_GEMV_X16
+KQ_ATTR static int KQX(gemv_q6_k)(const void *w, int nsb, int r, int r1, const uint8_t *x, float *y) {
+    int32_t hs[2 * 8 * 256];   /* half sums of up to 256 super-blocks (65536 inputs); longer rows go to the tiles */
+    if (nsb > 256) return r;
+    KQX(half_sums32)(x, 8 * nsb, hs);
+    const size_t gs = (size_t)nsb * sizeof(block_q6_kx8);
+    for (; r + 8 < r1; r += 16)
+        KQX(k6x16_gemv)((const uint8_t *)w + (size_t)(r / 8) * gs, gs, nsb, x, hs, y + r, r1 - r,
+                        r + 8 * (KQ_PF + 2) <= r1 ? (const uint8_t *)w + (size_t)(r / 8 + KQ_PF) * gs : NULL);
+    return r;
+}
+#else
+#define KQX_GEMV_NONE(name) static inline int name(const void *w, int nsb, int r, int r1, const uint8_t *x, float *y) { \
+    (void)w; (void)nsb; (void)r1; (void)x; (void)y; return r; }
+KQX_GEMV_NONE(KQX(gemv_q4_k))
+KQX_GEMV_NONE(KQX(gemv_q5_k))
+KQX_GEMV_NONE(KQX(gemv_q6_k))
+#undef KQX_GEMV_NONE
+#endif
+KQ_GEMM_X8(KQX(gemm_q4_kx8), KQ_CALL_Q4, KQX(gemv_q4_k))
+KQ_GEMM_X8(KQX(gemm_q5_kx8), KQ_CALL_Q5, KQX(gemv_q5_k))
+KQ_GEMM_X8(KQX(gemm_q6_kx8), KQ_CALL_Q6, KQX(gemv_q6_k))
 #undef KQ_CALL_Q4
 #undef KQ_CALL_Q5
 #undef KQ_CALL_Q6
