@@ -146,10 +146,12 @@ def llama_tool(bindir: Path, tool: str, args: list[str], prompts: list[str]) -> 
 # ------------------------------------------------------------------------------------------ modes
 def mode_draft(a) -> dict:
     # one engine for both (a request's speculative=False is the plain run): the same memory, caches and threads
-    spec = LLM(a.target, n_ctx=2048, n_threads=a.threads, draft_model=a.draft, draft_p_min=a.p_min)
+    vocab = a.draft_vocab if a.draft_vocab == "auto" else int(a.draft_vocab)
+    spec = LLM(a.target, n_ctx=2048, n_threads=a.threads, draft_model=a.draft, draft_p_min=a.p_min, draft_vocab=vocab)
     plain = spec
     spec.generate("Hello", max_tokens=8, temperature=0)   # warm-up: weights paged in and laid out
-    out = {"target": str(a.target), "draft": str(a.draft), "n": a.n, "threads": a.threads, "p_min": a.p_min}
+    out = {"target": str(a.target), "draft": str(a.draft), "n": a.n, "threads": a.threads, "p_min": a.p_min,
+           "draft_vocab": a.draft_vocab}
     out["edgellm"] = ab_rounds(spec, DRAFT_PROMPTS, a.n, a.reps)
     if a.llamacpp:
         b = Path(a.llamacpp)
@@ -230,6 +232,7 @@ def main() -> None:
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("-r", "--reps", type=int, default=1)
     ap.add_argument("--p-min", type=float, default=0.0)
+    ap.add_argument("--draft-vocab", default="auto", help="draft: tokens the draft's head scores (0: all; auto)")
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--grounded", action="store_true", help="load: the input-grounded prompts instead of open ones")
     ap.add_argument("--llamacpp", help="the directory with llama-speculative / llama-lookup")

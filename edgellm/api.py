@@ -23,7 +23,7 @@ from .model import Model
 from .grammar import response_format_to_schema
 from .sampling import LogprobsRecorder, SamplingParams
 from .speculative import DRAFT_MAX, SPEC_TYPES, SpecParams
-from .speculative.draft_model import DraftModel, check_vocab
+from .speculative.draft_model import DraftModel, check_vocab, head_tokens
 from .speculative.ngram import NgramDrafter
 
 
@@ -57,6 +57,7 @@ class LLM:
         draft_max: int = DRAFT_MAX,
         draft_min: int = 0,
         draft_p_min: float = 0.0,
+        draft_vocab: int | str | None = "auto",
         check_tensors: bool = False,
         n_gpu_layers: int | str = 0,
         device: int | None = None,
@@ -77,6 +78,9 @@ class LLM:
         tokens the model checks in one forward; speculative="ngram" drafts from the prompt and output instead (prompt
         lookup); draft_max / draft_min / draft_p_min: llama.cpp's --draft-max / --draft-min / --draft-p-min. Each step
         drafts only as far as it pays; requests may pass speculative={"n_max": ..} or speculative=False.
+        draft_vocab: the draft's head scores only this many of the most frequent tokens (and every special one): a
+        cheaper draft forward where the vocabulary is big; drafts are checked by the model, so outputs do not change.
+        "auto" (default): 32768 when the vocabulary has 65536 or more; 0 or None: every token.
         check_tensors: check at load that every tensor's data is valid for its type (a ModelError names the first
         that is not).
         n_gpu_layers: layers on an NVIDIA GPU (needs `pip install "edgellm[cuda]"`): the last N layers and the output;
@@ -159,7 +163,7 @@ class LLM:
                 raise EdgeLLMError(str(e)) from None
             pool = self.core.pool
             self.spec = self._drafter(draft_model, speculative, draft_max, draft_min, draft_p_min, backend, n_threads,
-                                      n_batch, cache_type)
+                                      n_batch, cache_type, draft_vocab)
             self.runner = EngineRunner(self.core)
             self.context_info["kv_bytes"] = pool.nbytes
             self.context_info["kv_blocks"] = pool.n_blocks[0]
@@ -188,7 +192,8 @@ class LLM:
             warnings.warn(f"--mlock: the kernel refused to lock the weights ({e.strerror}); raise the limit "
                           f"(`ulimit -l`, or LimitMEMLOCK= in a systemd unit) or run without --mlock", stacklevel=3)
 
-    def _drafter(self, draft_model, speculative, n_max, n_min, p_min, backend, n_threads, n_batch, cache_type):
+    def _drafter(self, draft_model, speculative, n_max, n_min, p_min, backend, n_threads, n_batch, cache_type,
+                 draft_vocab="auto"):
         """The engine's drafter and the requests' default SpecParams (None: no speculation)."""
         if speculative is None:
             speculative = "draft" if draft_model is not None else None
@@ -210,7 +215,8 @@ class LLM:
         draft = Model(resolve_model(str(draft_model)))
         try:
             check_vocab(self.model, draft)
-            be = create_backend(draft, backend, n_threads, n_batch=n_batch)
+            be = create_backend(draft, backend, n_threads, n_batch=n_batch,
+                                output_rows=head_tokens(draft.tokenizer, draft_vocab))
         except BaseException:
             draft.close()
             raise

@@ -143,14 +143,18 @@ def _spec_options(f):
         click.option("--draft-p-min", type=click.FloatRange(0, 1), default=0.0, show_default=True,
                      help="A draft model stops drafting when its top token is less likely than this (beside the "
                           "adaptive rule, which stops when more drafting would not pay)."),
+        click.option("--draft-vocab", default="auto", show_default=True, metavar="N|auto",
+                     help="The draft model's head scores only the N most frequent tokens (and every special one): "
+                          "a cheaper draft where the vocabulary is big; outputs do not change. auto: 32768 for "
+                          "vocabularies of 65536 or more; 0: every token."),
     ]
     for o in reversed(opts):
         f = o(f)
     return f
 
 
-def _spec_kwargs(check_tensors, model_draft, spec_type, draft_max, draft_min, draft_p_min, no_mmap=False,
-                 mlock=False) -> dict:
+def _spec_kwargs(check_tensors, model_draft, spec_type, draft_max, draft_min, draft_p_min, draft_vocab="auto",
+                 no_mmap=False, mlock=False) -> dict:
     if spec_type == "ngram" and model_draft:
         raise click.UsageError("--spec-type ngram drafts without a model: leave out -md")
     if spec_type == "draft" and not model_draft:
@@ -158,8 +162,17 @@ def _spec_kwargs(check_tensors, model_draft, spec_type, draft_max, draft_min, dr
     from .speculative import SpecParams
 
     SpecParams(draft_max, draft_min, draft_p_min).validate()   # a NaN slips through click's ranges
+    if draft_vocab != "auto":
+        try:
+            draft_vocab = int(draft_vocab)
+            if draft_vocab < 0:
+                raise ValueError
+        except ValueError:
+            raise click.BadParameter(f"{draft_vocab!r}: a number of tokens (0: all) or auto",
+                                     param_hint="'--draft-vocab'") from None
     return dict(draft_model=_model_path(model_draft) if model_draft else None, speculative=spec_type,
-                draft_max=draft_max, draft_min=draft_min, draft_p_min=draft_p_min, check_tensors=check_tensors,
+                draft_max=draft_max, draft_min=draft_min, draft_p_min=draft_p_min, draft_vocab=draft_vocab,
+                check_tensors=check_tensors,
                 use_mmap=not no_mmap, use_mlock=mlock)
 
 
@@ -435,8 +448,8 @@ def run(model, question, prompt, prompt_file, n_predict, temp, top_k, top_p, min
         dry_multiplier, dry_base, dry_allowed_length, dry_penalty_last_n, mirostat, mirostat_eta, mirostat_tau,
         samplers, logit_bias, ignore_eos, grammar, grammar_file, json_schema, seed, n_ctx, cache_type_k, cache_type_v, swa_full,
         kv_budget, n_threads, backend, context_shift, n_keep, streaming, prompt_cache, chat_prompt, raw, system,
-        verbose, check_tensors, no_mmap, mlock, model_draft, spec_type, draft_max, draft_min, draft_p_min, n_gpu_layers,
-        device, tensor_split):
+        verbose, check_tensors, no_mmap, mlock, model_draft, spec_type, draft_max, draft_min, draft_p_min, draft_vocab,
+        n_gpu_layers, device, tensor_split):
     """Run MODEL: answer QUESTION or -p's prompt as a chat turn (as `ollama run MODEL "..."` and llama-cli do) when
     the model has a chat template, continue it as text otherwise or with --raw, or chat interactively without
     either.
@@ -462,7 +475,7 @@ def run(model, question, prompt, prompt_file, n_predict, temp, top_k, top_p, min
               context_shift=context_shift or streaming, n_keep=n_keep, cache_type=cache_type_k,
               cache_type_v=cache_type_v, swa_full=swa_full, kv_budget=kv_budget, n_gpu_layers=n_gpu_layers,
               device=device, tensor_parallel=tensor_split, **_spec_kwargs(check_tensors, model_draft, spec_type, draft_max, draft_min, draft_p_min,
-                                                               no_mmap, mlock))
+                                                               draft_vocab, no_mmap, mlock))
     if verbose:
         be = llm.backend
         click.echo(f"loaded {llm.model.name} in {time.perf_counter() - t0:.2f} s; backend {be.name} "
@@ -670,7 +683,7 @@ def serve(models, host, port, n_threads, n_ctx, n_parallel, n_batch, cache_type_
           rate_limit, token_limit, max_queue, max_tokens, max_body, request_timeout, log_format, log_level,
           grpc_port, use_ray, replicas, min_replicas, max_replicas, router, stream_interval, ray_address,
           pipeline_stages, pipeline_hosts, check_tensors, no_mmap, mlock, model_draft, spec_type, draft_max,
-          draft_min, draft_p_min, n_gpu_layers, device, tensor_split):
+          draft_min, draft_p_min, draft_vocab, n_gpu_layers, device, tensor_split):
     """Serve MODELS over an OpenAI-compatible HTTP API (and a chat page at /).
 
     A request's "model" picks one by its name here or its file's stem. Keys from --api-key-file or
@@ -687,7 +700,7 @@ def serve(models, host, port, n_threads, n_ctx, n_parallel, n_batch, cache_type_
     llm_kwargs = dict(n_ctx=n_ctx, n_threads=n_threads, backend=backend, cache_type=cache_type_k,
                       cache_type_v=cache_type_v, kv_budget=kv_budget, prefix_cache=not no_prefix_cache,
                       n_gpu_layers=n_gpu_layers, device=device, **_spec_kwargs(check_tensors, model_draft, spec_type, draft_max, draft_min, draft_p_min,
-                                                               no_mmap, mlock))
+                                                               draft_vocab, no_mmap, mlock))
     if n_parallel is not None:
         llm_kwargs["n_parallel"] = n_parallel
     if n_batch is not None:

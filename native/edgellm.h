@@ -160,7 +160,9 @@ void el_kv_store_row(int type, const float *x, void *dst, int head_dim);   /* as
 /* ---- the whole forward step ---- */
 el_model *el_model_new(const el_model_desc *desc);
 void el_model_free(el_model *m);
-/* layer = -1 for the global tensors; returns 0, or -1 when type/shape does not fit the slot */
+/* layer = -1 for the global tensors; returns 0, or -1 when type/shape does not fit the slot. EL_T_OUTPUT may have
+ * fewer rows than n_vocab (a subset of the vocabulary, chosen and mapped back by the caller: a draft model's head);
+ * logits rows are then that many wide (n_logits below). */
 int el_model_set_tensor(el_model *m, int which, int layer, int type, const void *data, int n_out, int n_in);
 /* the next el_model_set_tensor calls give a repacked matrix's source pages back as they copy it (1), or not (0) */
 void el_model_release_sources(el_model *m, int on);
@@ -176,7 +178,8 @@ int el_model_n_threads(const el_model *m);  /* threads of the (shared) pool it r
 /* mlock every byte the forward step reads of the weights (repacked copies, and the caller's mmap where borrowed):
  * 0, or -errno (ENOMEM / EPERM past RLIMIT_MEMLOCK) */
 int el_model_lock(const el_model *m);
-/* logits: [number of output tokens, n_vocab]; returns 0, or -1 on a bad batch */
+/* logits: [number of output tokens, n_logits] (n_logits: EL_T_OUTPUT's rows, n_vocab unless a subset was set);
+ * returns 0, or -1 on a bad batch */
 int el_model_forward(el_model *m, const el_batch *batch, const el_cache *caches, int n_caches, float *logits);
 /* the same step, writing the final-normed hidden states [number of output tokens, n_embd] (embeddings) instead
  * of logits */

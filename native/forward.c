@@ -46,7 +46,8 @@ struct el_model {
     int tok_embd_fd;                     /* >= 0: rows read from this file at tok_embd_off (el_model_set_embd_file) */
     int64_t tok_embd_off;
     const float *output_norm;            /* [E] */
-    el_weight *output;                   /* [n_vocab, E] (token_embd again when tied) */
+    el_weight *output;                   /* [n_logits, E] (token_embd again when tied) */
+    int n_logits;                        /* output's rows: n_vocab, or a draft's subset of the vocabulary */
     el_layer *layers;
     /* scratch for n_batch tokens */
     float *x;        /* [n_batch, E] residual stream */
@@ -274,7 +275,12 @@ int el_model_set_tensor(el_model *m, int which, int layer, int type, const void 
     case EL_T_ATTN_Q_BIAS: L->bq = data; return 0;
     case EL_T_ATTN_K_BIAS: L->bk = data; return 0;
     case EL_T_ATTN_V_BIAS: L->bv = data; return 0;
-    case EL_T_OUTPUT: return set_matrix(m, &m->output, type, data, n_out, n_in, d->n_vocab, E);
+    case EL_T_OUTPUT: {   /* every row of the vocabulary, or a subset (the caller keeps which tokens they are) */
+        if (n_out < 1 || n_out > d->n_vocab) return -1;
+        const int rc = set_matrix(m, &m->output, type, data, n_out, n_in, n_out, E);
+        if (rc == 0) m->n_logits = n_out;
+        return rc;
+    }
     case EL_T_WQ: return set_matrix(m, &L->wq, type, data, n_out, n_in, nq, E);
     case EL_T_WK: return set_matrix(m, &L->wk, type, data, n_out, n_in, nkv, E);
     case EL_T_WV: return set_matrix(m, &L->wv, type, data, n_out, n_in, nkv, E);
@@ -642,11 +648,11 @@ static void forward_task(void *ctx, int ith, int nth) {
     }
     finish(&S, nd, nch);
     if (c->hidden) return;
-    const int vch = n_chunks(d->n_vocab / m->output->unit, nth) * 4;   /* the biggest matrix: finer chunks */
+    const int vch = n_chunks(m->n_logits / m->output->unit, nth) * 4;   /* the biggest matrix: finer chunks */
     for (nd = 0; (ch = claim(&S)) < vch; nd++) {
         int r0, r1;
         piece(m->output, ch, vch, &r0, &r1);
-        gemm_rows(m, m->output, r0, r1, m->xq, m->xb, c->n_out, c->logits, d->n_vocab);
+        gemm_rows(m, m->output, r0, r1, m->xq, m->xb, c->n_out, c->logits, m->n_logits);
     }
     finish(&S, nd, vch);
     PROF(ith, P_OUT);

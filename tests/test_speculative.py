@@ -309,3 +309,71 @@ def test_vocab_check_names_the_first_difference():
         check_vocab(a, _M("draft", [b"a", b"b", b"x", b"d"]))
     with pytest.raises(EdgeLLMError, match="eos_id"):
         check_vocab(a, _M("draft", [b"a", b"b", b"c", b"d"], eos=3))
+
+
+# ------------------------------------------------------------------------------------------ a draft head of some tokens
+def test_head_tokens_keeps_the_special_tokens_and_the_most_frequent(gemma3_path, smollm2_path):
+    from edgellm.model import Model
+    from edgellm.speculative.draft_model import head_tokens
+
+    g = Model(gemma3_path)
+    try:
+        tok = g.tokenizer
+        rows = head_tokens(tok, 4000)
+        assert rows.size == 4000 and np.all(np.diff(rows) > 0)
+        special = [i for i in range(tok.n_vocab) if tok.token_type(i) == 4]   # chat markers and the like
+        assert set(special) <= set(rows.tolist()) and set(tok.eog_ids) <= set(rows.tolist())
+        assert set(tok.encode("user\nmodel\n", add_special=False)) <= set(head_tokens(tok, 8000).tolist())
+        assert not set(range(7, 99)) & set(rows.tolist())   # Gemma's thousands of unused control slots are left out
+        ids = tok.encode("The soup was warm and the bread was fresh.", add_special=False)
+        assert set(ids) <= set(head_tokens(tok, "auto").tolist())   # common English words are in the 32k
+        assert head_tokens(tok, "auto").size == 32768
+        assert head_tokens(tok, 0) is None and head_tokens(tok, None) is None and head_tokens(tok, 10**9) is None
+    finally:
+        g.close()
+    s = Model(smollm2_path)
+    try:
+        assert head_tokens(s.tokenizer, "auto") is None   # 49,152 tokens: the whole head stays
+        rows = head_tokens(s.tokenizer, 1000)   # BPE: the earliest merges, i.e. the lowest ids
+        assert rows.size == 1000 and rows[-1] == 999
+        for bad in (-1, 1.5, "all", True):
+            with pytest.raises(EdgeLLMError, match="draft_vocab"):
+                head_tokens(s.tokenizer, bad)
+    finally:
+        s.close()
+
+
+def test_native_head_of_some_tokens_gives_their_logits_bit_for_bit(smollm2_path):
+    pytest.importorskip("edgellm._native")
+    from edgellm.backends.native import NativeBackend
+    from edgellm.kv_cache import KVCache
+    from edgellm.model import Model
+
+    m = Model(smollm2_path)
+    try:
+        rows = np.sort(np.random.default_rng(0).choice(m.hparams.n_vocab, 3001, replace=False))
+        full, part = NativeBackend(m, n_threads=2), NativeBackend(m, n_threads=2, output_rows=rows)
+        assert part.n_logits == 3001 and full.n_logits == m.hparams.n_vocab
+        hp = m.hparams
+        ids = m.tokenizer.encode("Once upon a time there was a")
+        pos = np.arange(len(ids), dtype=np.int32)
+        a = full.forward(np.array(ids, np.int32), pos, KVCache(hp.n_layer, 64, hp.n_head_kv, hp.head_dim), all_logits=True)
+        b = part.forward(np.array(ids, np.int32), pos, KVCache(hp.n_layer, 64, hp.n_head_kv, hp.head_dim), all_logits=True)
+        assert b.shape == (len(ids), 3001) and np.array_equal(b, a[:, rows])
+        for bad in ([5, 3], [], [-1], [m.hparams.n_vocab]):
+            with pytest.raises(ValueError, match="output_rows"):
+                NativeBackend(m, n_threads=2, output_rows=np.array(bad))
+    finally:
+        m.close()
+
+
+def test_draft_head_of_some_tokens_keeps_the_plain_output(plain, smollm2_path, draft_path):
+    """A draft that scores 2,000 tokens drafts only those; the model checks every draft, so greedy text is the plain
+    text, and drafts of common words are still kept."""
+    with LLM(smollm2_path, n_ctx=1024, seed=0, draft_model=draft_path, draft_vocab=2000) as llm:
+        assert llm.core.drafter.rows is not None and llm.core.drafter.rows.size == 2000
+        for prompt in PROMPTS[:2] + ["Write a short poem about the sea."]:
+            want = plain.generate(prompt, max_tokens=40, temperature=0)
+            assert llm.generate(prompt, max_tokens=40, temperature=0, speculative=FORCED) == want, prompt
+        n, k = _counts(llm)
+        assert n > 0 and 0 < k < n

@@ -47,10 +47,11 @@ def parse_gpu_layers(value) -> int:
 
 
 def create_backend(model, backend: str | None = "auto", n_threads: int | None = None, n_batch: int = 512,
-                   n_gpu_layers=0, device: int | None = None):
+                   n_gpu_layers=0, device: int | None = None, output_rows=None):
     """Build the backend named `backend` (or $EDGELLM_BACKEND when `auto`) for `model`. n_gpu_layers != 0: the
     last n_gpu_layers layers and the output on the GPU (`device`, default $EDGELLM_DEVICE or 0), the rest on the
-    native core."""
+    native core. output_rows: the native core's logits cover only these tokens (a draft's head; its
+    `output_rows` says so; other backends give every token's)."""
     n_gpu = parse_gpu_layers(n_gpu_layers)
     if n_gpu != 0:
         check_threads(n_threads)
@@ -71,7 +72,7 @@ def create_backend(model, backend: str | None = "auto", n_threads: int | None = 
         try:
             from .native import NativeBackend
 
-            return NativeBackend(model, n_threads=n_threads, n_batch=n_batch)
+            return NativeBackend(model, n_threads=n_threads, n_batch=n_batch, output_rows=output_rows)
         except (ImportError, NotImplementedError) as e:
             if name == "native":
                 raise EdgeLLMError(f"the native backend cannot run this model: {e}") from e

@@ -63,10 +63,13 @@ def default_threads() -> int:
 class NativeBackend:
     name = "native"
 
-    def __init__(self, model, n_threads: int | None = None, n_batch: int = 512, layers: tuple[int, int] | None = None):
+    def __init__(self, model, n_threads: int | None = None, n_batch: int = 512, layers: tuple[int, int] | None = None,
+                 output_rows=None):
         """layers=(a, b): only the model's layers a..b-1, as one stage of a pipeline (cluster/pipeline.py) or the
         CPU's part beside a GPU: the token embeddings only when a == 0, the output only when b == n_layer. A stage
-        takes the residual stream of the one before (forward_stage); (0, k) gives its own (forward_residual)."""
+        takes the residual stream of the one before (forward_stage); (0, k) gives its own (forward_residual).
+        output_rows: increasing token ids; the logits then cover only those tokens (row j is token output_rows[j]):
+        a draft model's cheaper head (speculative/draft_model.py)."""
         hp = model.hparams
         if hp.arch not in ARCHS:
             raise NotImplementedError(f"architecture {hp.arch!r} (the native core runs {', '.join(ARCHS)})")
@@ -91,6 +94,7 @@ class NativeBackend:
             raise ValueError(f"layers {layers}: a range (a, b) of the model's layers, 0 <= a < b <= {hp.n_layer}")
         self.first_layer, self.n_layer_run = first, end - first
         self.has_embd, self.has_output = first == 0, end == hp.n_layer
+        self.output_rows, self.n_logits = None, hp.n_vocab
         self._windows = (0,) * self.n_layer_run   # sliding windows of the layers it runs (gemma3 sets them)
         desc.n_vocab, desc.n_embd, desc.n_layer = hp.n_vocab, hp.n_embd, self.n_layer_run
         desc.n_head, desc.n_head_kv, desc.head_dim, desc.n_ff = hp.n_head, hp.n_head_kv, hp.head_dim, hp.n_ff
@@ -120,7 +124,10 @@ class NativeBackend:
         if self.has_output:
             self._set(gf, "output_norm.weight", lib.EL_T_OUTPUT_NORM, -1, matrix=False)
             out = "output.weight" if "output.weight" in gf.tensors else "token_embd.weight"  # tied embeddings
-            self._set(gf, out, lib.EL_T_OUTPUT, -1, matrix=True)
+            if output_rows is None:
+                self._set(gf, out, lib.EL_T_OUTPUT, -1, matrix=True)
+            else:
+                self._set_rows(gf, out, output_rows)
         for i in range(self.n_layer_run):
             for short, slot in layer_tensors.items():
                 self._set(gf, f"blk.{first + i}.{short}.weight", slot, i, matrix=short not in VECTOR_TENSORS)
@@ -209,6 +216,27 @@ class NativeBackend:
             # else reads is given back.
             self.released_bytes += gf.release(name)
 
+    def _set_rows(self, gf, name: str, rows) -> None:
+        """The output matrix's rows of the given tokens only (a copy: each quantized row is whole blocks)."""
+        hp, info = self.hparams, gf.tensors.get(name)
+        rows = np.asarray(rows, np.int64)
+        if rows.ndim != 1 or not rows.size or np.any(np.diff(rows) <= 0) or rows[0] < 0 or rows[-1] >= hp.n_vocab:
+            raise ValueError(f"output_rows: increasing token ids below {hp.n_vocab}")
+        ttype = GGMLType(info.type)
+        if len(info.shape) != 2 or ttype not in MATRIX_TYPES:
+            raise NotImplementedError(f"{name}: {ttype.name} {tuple(info.shape)}")
+        n_in = info.shape[1]
+        src = gf.tensor_data(name).reshape(hp.n_vocab, -1)
+        data = np.ascontiguousarray(src[rows])   # the bytes of the kept rows, in order
+        buf = ffi.from_buffer("uint8_t[]", data)
+        self._keep.append((data, buf))
+        lib.el_model_release_sources(self._m, 0)   # a copy of our own: C may repack it, the file stays as it is
+        if lib.el_model_set_tensor(self._m, lib.EL_T_OUTPUT, -1, int(ttype), buf, rows.size, n_in) != 0:
+            raise NotImplementedError(f"{name}: {ttype.name} rows do not fit the model's hyper-parameters")
+        if lib.el_type_repacked(int(ttype)):
+            self._keep[-1] = None   # C repacked its own copy: ours is not read again
+        self.output_rows, self.n_logits = rows, int(rows.size)
+
     def lock_weights(self) -> None:
         """mlock what the forward step reads of the weights (--mlock); OSError when the kernel refuses."""
         rc = lib.el_model_lock(self._m)
@@ -294,7 +322,8 @@ class NativeBackend:
     def forward_batch(self, batch: Batch, kvs, hidden: bool = False) -> np.ndarray:
         """Run a batch of several sequences' tokens in one C call: token i is stored into kvs[batch.seq_ids[i]] at
         batch.positions[i] (K/V of every layer) and attends over that sequence's cache. Returns float32
-        [batch.n_logits, n_vocab], the rows of the tokens that want logits, in batch order. The caller advances
+        [batch.n_logits, n_logits] (n_vocab unless output_rows), the rows of the tokens that want logits, in batch
+        order. The caller advances
         each view's n_past. At most n_batch tokens. hidden: the final-normed hidden states [n_logits, n_embd]
         instead of logits (embeddings)."""
         hp = self.hparams
@@ -302,7 +331,7 @@ class NativeBackend:
             raise BatchError("a model of some of the layers runs stages (forward_stage), not whole steps")
         batch.validate(kvs, hp.n_vocab)
         cs = self._load(batch, kvs)
-        rows = np.empty((batch.n_logits, hp.n_embd if hidden else hp.n_vocab), np.float32)
+        rows = np.empty((batch.n_logits, hp.n_embd if hidden else self.n_logits), np.float32)
         run = lib.el_model_forward_hidden if hidden else lib.el_model_forward
         if run(self._m, self._batch, cs, len(kvs), ffi.from_buffer("float[]", rows)) != 0:
             raise BatchError("the C core rejected the batch: a block it reads or writes is missing from a sequence's "
@@ -334,7 +363,7 @@ class NativeBackend:
                                  f"{x_in.dtype} {x_in.shape}")
         cs = self._load(batch, kvs)
         last = self.has_output and not residual
-        out = np.empty((batch.n_logits, hp.n_embd if hidden else hp.n_vocab) if last else (n, hp.n_embd), np.float32)
+        out = np.empty((batch.n_logits, hp.n_embd if hidden else self.n_logits) if last else (n, hp.n_embd), np.float32)
         xp = ffi.NULL if x_in is None else ffi.from_buffer("float[]", x_in)
         if last or not self.has_output:   # the C model's output tensors decide which the stage writes
             rc = lib.el_model_forward_stage(self._m, self._batch, cs, len(kvs), xp, ffi.from_buffer("float[]", out),
