@@ -62,7 +62,9 @@ class EngineCore:
         # what handling one verified row costs, and the totals the metrics report
         self.drafter = drafter
         self.cost = adaptive.StepCost()
-        self.row_cost = 0.0
+        self.row_cost = 0.0    # seconds of handling a verify step's row after the forward
+        self.step_over = 0.0   # seconds of handling a plain decode step after its forward
+        self.spec_seen = adaptive.Acceptance(0.7)   # every sequence's drafts: a new sequence's first estimate
         self.n_drafted = self.n_accepted = 0
         self._spec_skip: dict[int, tuple[int, int]] = {}   # batch size -> (step to plan again, backoff)
         # a pipeline of stages (cluster/pipeline.py) keeps this many steps in flight, each of other sequences, so
@@ -244,17 +246,23 @@ class EngineCore:
             rates = [d.rate(g) for g in guesses]
             most = [len(g.tokens) for g in guesses]
         else:
+            for s in cands:   # a sequence that has not drafted yet starts from the drafter's recent acceptance
+                if not s.spec_seeded:
+                    s.spec_seeded = True
+                    if self.spec_seen.tries > self.spec_seen.weight:
+                        s.spec_rate = adaptive.Acceptance(self.spec_seen.rate)
             rates = [s.spec_rate.rate for s in cands]
         auto = [i for i, s in enumerate(cands) if s.spec.adaptive]
         room = self.scheduler.max_tokens - n_base
         if d.free:
             sized = adaptive.plan([(rates[i], most[i]) for i in auto], n_base, n_yield, self.cost, None,
-                                  self.row_cost, room, margin=MARGIN)
+                                  self.row_cost, room, margin=MARGIN, over=self.step_over)
         else:   # a draft model sizes its drafts itself, token by token, from its confidence and these prices
-            base = self.cost(n_base)
+            base = self.cost(n_base) + self.step_over   # a plain step: its forward and its rows' handling
             rate = n_yield / base if base > 0 else 0.0
             span = 4 * len(cands)   # rows drafts may add: the slope over that span (a neighbour's is noise)
-            row_s = max((self.cost(n_base + span) - base) / span, 0.02 * base) + self.row_cost
+            fwd_base = self.cost(n_base)
+            row_s = max((self.cost(n_base + span) - fwd_base) / span, 0.02 * fwd_base) + self.row_cost
             fwd = d.cost if d.cost.known() else (lambda m: self.cost(m) * d.size_ratio)
             fwd_s = fwd(len(auto)) / max(1, len(auto))
             d.price = (rate * MARGIN, row_s, fwd)
@@ -388,6 +396,8 @@ class EngineCore:
                 self._retire(seq)
         if drafts and not hidden:   # sampling, verifying and bookkeeping per row, for the adaptive plan
             self.row_cost += 0.2 * ((time.perf_counter() - t1) / n - self.row_cost)
+        elif not hidden and want.all():   # a plain decode step's handling after its forward: plain decoding's
+            self.step_over += 0.2 * (time.perf_counter() - t1 - self.step_over)   # pace includes it
 
     def _verify(self, seq: Sequence, draft, rows: np.ndarray) -> None:
         """Keep the drafted tokens the target agrees with; the KV of the rest is cut back by the caller."""
@@ -396,6 +406,7 @@ class EngineCore:
         seq.n_computed += common_prefix(seq.tokens[base:], draft.tokens[:kept])   # an accepted EOG is not stored
         self.n_drafted += len(draft.tokens)
         self.n_accepted += kept
+        self.spec_seen.update(len(draft.tokens), kept)
         self.drafter.observe(draft, kept)
 
     def _shift_full(self, busy=()) -> None:

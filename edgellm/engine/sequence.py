@@ -134,6 +134,7 @@ class Sequence:
         can = spec is not None and not self.all_logits and spec.n_max > 0 and self.sampler.chain.mirostat is None
         self.spec = spec if can else None
         self.spec_rate = Acceptance(spec.prior) if can else None
+        self.spec_seeded = False       # the engine set spec_rate from its drafter's record (draft models)
         self.n_drafted = self.n_accepted = 0
 
     # ------------------------------------------------------------------ facts the scheduler reads

@@ -95,11 +95,12 @@ class Acceptance:
 
 
 def plan(candidates, n_base: int, n_yield: int, cost: StepCost, draft_cost: StepCost | None, row_cost: float,
-         room: int, margin: float = 1.03) -> list[int]:
+         room: int, margin: float = 1.03, over: float = 0.0) -> list[int]:
     """Draft lengths for `candidates` [(acceptance rate, most tokens)] to add to a step of n_base tokens that yields
     n_yield tokens. room: tokens the step may still add. draft_cost: seconds of a draft forward by sequences drafting
-    (None: drafting is free). row_cost: seconds of handling one more verified row. All zeros when speculating does not
-    beat plain decoding by the margin."""
+    (None: drafting is free). row_cost: seconds of handling one more verified row. over: seconds a step spends after
+    its forward whatever it drafted (sampling, bookkeeping): drafts spread it over more tokens. All zeros when
+    speculating does not beat plain decoding by the margin."""
     lengths = [0] * len(candidates)
     if not candidates or room <= 0:
         return lengths
@@ -114,7 +115,7 @@ def plan(candidates, n_base: int, n_yield: int, cost: StepCost, draft_cost: Step
     if not gains:
         return lengths
     gains.sort(key=lambda x: -x[0])
-    base = cost(n_base)
+    base = cost(n_base) + over
     best_rate, best_k = n_yield / base * margin if base > 0 else math.inf, 0
     gain, depth = 0.0, {}
     draft_s = 0.0
@@ -127,7 +128,7 @@ def plan(candidates, n_base: int, n_yield: int, cost: StepCost, draft_cost: Step
             m = depth.get(j, 0)
             draft_s += draft_cost(m + 1) - (draft_cost(m) if m else 0.0)
             depth[j] = m + 1
-        t = cost(n_base + k) + draft_s + row_cost * k
+        t = cost(n_base + k) + over + draft_s + row_cost * k
         if t > 0 and (n_yield + gain) / t > best_rate:
             best_rate, best_k = (n_yield + gain) / t, k
         elif t > 0 and (n_yield + gain + left) / t <= best_rate:
