@@ -1,4 +1,5 @@
-/* The machine's bounds, measured: streaming read bandwidth (1..T threads summing a 2 GiB buffer), the f32 FMA
+/* The machine's bounds, measured: streaming read bandwidth (1..T threads summing a 2 GiB buffer, each reading its
+ * part as one stream, then as 4 side by side), the f32 FMA
  * peak, the int8 dot-product peaks (AVX512-VNNI vpdpbusd at 256 and 512 bits, AMX-INT8 tdpbusd) per core.
  * BENCHMARKS.md's "% of peak" and "% of bandwidth" columns divide by these.
  *
@@ -24,24 +25,29 @@ static double now(void) {
 }
 
 /* ---- bandwidth */
-typedef struct { const float *p; size_t n; float sum; } part;
+typedef struct { const float *p; size_t n; int streams; float sum; } part;
 
+/* sum the part, reading `streams` equal pieces of it side by side (256 bytes of each in turn): one stream per thread
+ * is the plain reader; several let the core's hardware prefetchers keep more lines in flight */
 __attribute__((target("avx2"))) static void *sum_part(void *arg) {
     part *pt = arg;
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (size_t i = 0; i + 32 <= pt->n; i += 32) {
-        a0 = _mm256_add_ps(a0, _mm256_load_ps(pt->p + i));
-        a1 = _mm256_add_ps(a1, _mm256_load_ps(pt->p + i + 8));
-        a2 = _mm256_add_ps(a2, _mm256_load_ps(pt->p + i + 16));
-        a3 = _mm256_add_ps(a3, _mm256_load_ps(pt->p + i + 24));
-    }
+    const size_t len = pt->n / pt->streams / 64 * 64;
+    for (size_t i = 0; i < len; i += 64)
+        for (int s = 0; s < pt->streams; s++) {
+            const float *q = pt->p + s * len + i;
+            a0 = _mm256_add_ps(a0, _mm256_add_ps(_mm256_load_ps(q), _mm256_load_ps(q + 8)));
+            a1 = _mm256_add_ps(a1, _mm256_add_ps(_mm256_load_ps(q + 16), _mm256_load_ps(q + 24)));
+            a2 = _mm256_add_ps(a2, _mm256_add_ps(_mm256_load_ps(q + 32), _mm256_load_ps(q + 40)));
+            a3 = _mm256_add_ps(a3, _mm256_add_ps(_mm256_load_ps(q + 48), _mm256_load_ps(q + 56)));
+        }
     float t[8];
     _mm256_storeu_ps(t, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
     pt->sum = t[0];
     return NULL;
 }
 
-static double bandwidth(const float *buf, size_t n, int threads) {
+static double bandwidth(const float *buf, size_t n, int threads, int streams) {
     double best = 0;
     for (int r = 0; r < 5; r++) {
         pthread_t th[64];
@@ -50,6 +56,7 @@ static double bandwidth(const float *buf, size_t n, int threads) {
         for (int i = 0; i < threads; i++) {
             pt[i].p = buf + n / threads * i;
             pt[i].n = n / threads;
+            pt[i].streams = streams;
             pthread_create(&th[i], NULL, sum_part, &pt[i]);
         }
         for (int i = 0; i < threads; i++) pthread_join(th[i], NULL);
@@ -121,9 +128,11 @@ int main(int argc, char **argv) {
     float *buf = aligned_alloc(64, n * 4);
     if (!buf) { fprintf(stderr, "no memory for 2 GiB\n"); return 1; }
     for (size_t i = 0; i < n; i++) buf[i] = (float)(i & 7);
-    printf("streaming read, 2 GiB buffer:");
-    for (int t = 1; t <= threads; t++) printf("  %d thread%s %.1f GB/s", t, t > 1 ? "s" : "", bandwidth(buf, n, t));
-    printf("\n");
+    for (int streams = 1; streams <= 4; streams *= 4) {
+        printf("streaming read, 2 GiB buffer, %d stream%s a thread:", streams, streams > 1 ? "s" : "");
+        for (int t = 1; t <= threads; t++) printf("  %d thread%s %.1f GB/s", t, t > 1 ? "s" : "", bandwidth(buf, n, t, streams));
+        printf("\n");
+    }
     free(buf);
     __builtin_cpu_init();
     double best;

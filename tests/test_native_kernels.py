@@ -151,6 +151,26 @@ def test_matmul_rows_do_not_depend_on_the_batch(isa, pools, t):
         assert np.array_equal(y[:n_tok * n_out].reshape(n_tok, n_out), np.stack(alone[:n_tok])), n_tok
 
 
+@pytest.mark.parametrize("t", K_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("n_out", [13, 29, 64, 77])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_kquant_one_token_equals_its_row_in_a_batch(isa, pools, t, n_out, n_threads):
+    """The one-token K-quant kernels (two row groups in 512-bit vectors where the ISA has them, partial pairs, a
+    lone group) give each row the bits the multi-token tiles give it."""
+    rng = np.random.default_rng(n_out * 7 + int(t))
+    n_in = 768
+    raw = random_weights(rng, t, n_out, n_in)
+    w = ffi.gc(lib.el_weight_new(int(t), ptr(raw, "void *"), n_out, n_in), lib.el_weight_free)
+    x = (rng.standard_normal((5, n_in)) * 2).astype(np.float32)
+    batch = out_buffer(5 * n_out)
+    lib.el_matmul(pools[n_threads], w, ptr(x), 5, ptr(batch))
+    for i in range(5):
+        y = out_buffer(n_out)
+        lib.el_matmul(pools[n_threads], w, ptr(np.ascontiguousarray(x[i:i + 1])), 1, ptr(y))
+        check_sentinel(y, n_out)
+        assert np.array_equal(y[:n_out], batch[i * n_out:(i + 1) * n_out]), i
+
+
 @pytest.mark.skipif(not lib.el_isa_available(b"amx"), reason="no AMX-INT8 on this CPU (or the OS refuses it)")
 @pytest.mark.parametrize("t", [GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K],
                          ids=lambda t: t.name)
