@@ -120,6 +120,18 @@ KQ_ATTR static inline __attribute__((always_inline)) __m512 KQX(scales16)(const 
     return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v));
 }
 
+/* the 16-row one-token kernels' prefetch for super-block i of the pair (b0, b1 = b0 + gs): the next pair's at pf
+ * into L2 (KQ_FAR), this pair's KQ_NEAR super-blocks ahead into L1 */
+static inline __attribute__((always_inline)) void KQX(prefetch_pair)(const uint8_t *pf, size_t gs, const uint8_t *b0,
+                                                                    const uint8_t *b1, size_t bs) {
+    for (size_t o = 0; o < bs; o += 64) {
+        _mm_prefetch((const char *)pf + o, _MM_HINT_T1);
+        _mm_prefetch((const char *)pf + gs + o, _MM_HINT_T1);
+        _mm_prefetch((const char *)b0 + KQ_NEAR * bs + o, _MM_HINT_T0);
+        _mm_prefetch((const char *)b1 + KQ_NEAR * bs + o, _MM_HINT_T0);
+    }
+}
+
 /* One token over two neighbouring row groups (16 rows) in 512-bit vectors: per row the same integer sums and the
  * same float operations in the same order as k4x8_tile, so the same bits, in half the vector instructions (unpacking
  * the nibbles is most of them). w1 = w0 + gs; pf: the next pair (into L2, KQ_FAR); KQ_NEAR super-blocks ahead into L1. */
@@ -130,13 +142,7 @@ KQ_ATTR static inline __attribute__((always_inline)) void KQX(k4x16_gemv)(const 
     __m512 acc = _mm512_setzero_ps();
     for (int i = 0; i < nsb; i++) {
         const uint8_t *b0 = w0 + i * bs, *b1 = b0 + gs;
-        if (pf)
-            for (size_t o = 0; o < bs; o += 64) {
-                _mm_prefetch((const char *)pf + i * bs + o, _MM_HINT_T1);
-                _mm_prefetch((const char *)pf + gs + i * bs + o, _MM_HINT_T1);
-                _mm_prefetch((const char *)b0 + KQ_NEAR * bs + o, _MM_HINT_T0);
-                _mm_prefetch((const char *)b1 + KQ_NEAR * bs + o, _MM_HINT_T0);
-            }
+        if (pf) KQX(prefetch_pair)(pf + i * bs, gs, b0, b1, bs);
         const block_q4_kx8 *h0 = (const block_q4_kx8 *)b0, *h1 = (const block_q4_kx8 *)b1;   /* same head in q5 */
         uint8_t sc[2][8][8] __attribute__((aligned(32))), mn[2][8][8] __attribute__((aligned(32)));
         KQX(unpack_scales)(h0->scales, sc[0], mn[0]);
@@ -197,13 +203,7 @@ KQ_ATTR static inline __attribute__((always_inline)) void KQX(k6x16_gemv)(const 
     __m512 acc = _mm512_setzero_ps();
     for (int i = 0; i < nsb; i++) {
         const uint8_t *b0 = w0 + i * bs, *b1 = b0 + gs;
-        if (pf)
-            for (size_t o = 0; o < bs; o += 64) {
-                _mm_prefetch((const char *)pf + i * bs + o, _MM_HINT_T1);
-                _mm_prefetch((const char *)pf + gs + i * bs + o, _MM_HINT_T1);
-                _mm_prefetch((const char *)b0 + KQ_NEAR * bs + o, _MM_HINT_T0);
-                _mm_prefetch((const char *)b1 + KQ_NEAR * bs + o, _MM_HINT_T0);
-            }
+        if (pf) KQX(prefetch_pair)(pf + i * bs, gs, b0, b1, bs);
         const block_q6_kx8 *q0 = (const block_q6_kx8 *)b0, *q1 = (const block_q6_kx8 *)b1;
         const __m512 d = _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)q0->d)),
                                                                  _mm_loadu_si128((const __m128i *)q1->d), 1));
