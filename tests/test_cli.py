@@ -204,14 +204,16 @@ def test_run_with_speculative_decoding(smollm2_path, gemma3_path):
     prompt = "Copy: alpha beta gamma delta epsilon zeta eta theta. Copy: alpha beta gamma"
     plain = edgellm("run", smollm2_path, "--raw", "-p", prompt, "-n", "24", "--temp", "0")
     assert plain.returncode == 0, plain.stderr
-    for extra in (["--spec-type", "ngram"], ["-md", smollm2_path, "--draft-p-min", "0"]):
+    for extra in (["--spec-type", "ngram"], ["-md", smollm2_path, "--draft-p-min", "0"],
+                  ["-md", smollm2_path, "--draft-vocab", "3000"]):
         p = edgellm("run", smollm2_path, "--raw", "-p", prompt, "-n", "24", "--temp", "0", "--verbose", *extra)
         assert p.returncode == 0, p.stderr
         assert p.stdout == plain.stdout
         assert "speculative (" in p.stderr and "accepted" in p.stderr
     assert_one_line_error(edgellm("run", smollm2_path, "-p", "Hi", "-n", "2", "-md", gemma3_path),
                           "different vocabularies")
-    for bad in (["--spec-type", "ngram", "-md", smollm2_path], ["--spec-type", "draft"], ["--draft-max", "99"]):
+    for bad in (["--spec-type", "ngram", "-md", smollm2_path], ["--spec-type", "draft"], ["--draft-max", "99"],
+                ["-md", smollm2_path, "--draft-vocab", "lots"], ["-md", smollm2_path, "--draft-vocab", "-3"]):
         p = edgellm("run", smollm2_path, "-p", "Hi", "-n", "2", *bad)
         assert p.returncode == 2 and "Traceback" not in p.stderr, (bad, p.stderr)
     assert_one_line_error(edgellm("run", smollm2_path, "-p", "Hi", "-n", "2", "--draft-p-min", "nan"), "p_min")
