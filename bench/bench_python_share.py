@@ -1,76 +1,94 @@
-"""Python's share of a decode step.
+"""What Python costs per generated token around the C core, through the engine and the public API.
 
-    .venv/bin/python bench/bench_python_share.py [MODEL] [-t 2] [-n 400]
+    .venv/bin/python bench/bench_python_share.py [MODEL] [-t 2] [-n 256] [--seqs 1 8] [-r 5]
 
-C: the bare el_model_forward call, in a loop that does nothing else. Python: the engine's decode() with that one
-C call replaced by a stub returning at once: everything Python does around it (engine bookkeeping, argument
-checks, the logits array). Each is the best of 5 runs (a shared machine only ever adds time), and the share is
-Python / (Python + C). Subtracting two noisy wall times instead would drown a few microseconds in the noise.
+Two runs of the same workload as bench/bench_engine.py (N threads each stream one greedy completion through one
+`LLM`, end of generation banned with logit_bias): once as it is, once with the C forward replaced by a copy of
+fixed logits rows (what the core writes, at memcpy speed). The second run's time per token is everything Python
+does for a token (scheduling, the batch, sampling, detokenizing, the queue to the requesting thread, the chunk
+dicts); the first's is the whole. Best of r runs each (a shared machine only ever adds time). On a 2-core machine
+the Python work is not hidden behind the forward: the requesting threads run while the C threads want both cores.
 """
 
-import argparse
-import time
+from __future__ import annotations
 
-import edgellm.backends.native as native_mod
-from edgellm import LLM
-from edgellm.backends.native import ffi, lib
+import argparse
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import edgellm.backends.native as native_mod  # noqa: E402
+from edgellm import LLM  # noqa: E402
+from edgellm.backends.native import ffi, lib  # noqa: E402
 
 
 class StubLib:
-    """The C library with el_model_forward stubbed out (every other name passes through)."""
+    """The C library with the forward replaced by a copy of fixed logits (every other name passes through)."""
+
+    def __init__(self, backend, n_vocab: int):
+        self.be = backend
+        rng = np.random.default_rng(0)
+        self.rows = rng.standard_normal((backend.n_batch, n_vocab)).astype(np.float32)
 
     def __getattr__(self, name):
         return getattr(lib, name)
 
-    @staticmethod
-    def el_model_forward(*args):
+    def el_model_forward(self, m, batch, caches, n_caches, out):
+        n_out = int(np.count_nonzero(self.be._out[:batch.n_tokens]))
+        ffi.memmove(out, ffi.from_buffer(self.rows[:n_out]), self.rows[:n_out].nbytes)
         return 0
 
 
-def main():
+def run(llm: LLM, n_seqs: int, n_gen: int, ban: dict) -> float:
+    """Seconds per generated token, all streams together, from the first request to the last token."""
+    go = threading.Barrier(n_seqs + 1)
+    counts = [0] * n_seqs
+
+    def worker(i: int) -> None:
+        go.wait()
+        for piece in llm.create_completion(f"Once upon a time ({i})", max_tokens=n_gen, temperature=0,
+                                           logit_bias=ban, stream=True):
+            counts[i] += bool(piece["choices"][0]["text"])
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n_seqs)]
+    for t in threads:
+        t.start()
+    go.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    return (time.perf_counter() - t0) / max(1, sum(counts))
+
+
+def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model", nargs="?", default="smollm2")
     ap.add_argument("-t", "--threads", type=int, default=2)
-    ap.add_argument("-n", type=int, default=400)
+    ap.add_argument("-n", "--n-gen", type=int, default=256)
+    ap.add_argument("--seqs", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("-r", "--reps", type=int, default=5)
     a = ap.parse_args()
-    llm = LLM(a.model, n_ctx=a.n + 64, n_threads=a.threads, backend="native")
-    eng, be = llm.engine, llm.backend
-    prompt = llm.tokenize("Once upon a time")
-
-    def via_engine():
-        eng.reset()
-        eng.prefill(prompt)
-        t0 = time.perf_counter()
-        for _ in range(a.n):
-            eng.decode(11)
-        return (time.perf_counter() - t0) / a.n
-
-    def bare_c():
-        eng.reset()
-        eng.prefill(prompt)
-        p0 = eng.cache.n_past
-        out = ffi.new("float[]", be.hparams.n_vocab)
-        t0 = time.perf_counter()
-        for i in range(a.n):  # what NativeBackend.forward does for one token, minus every Python-side step
-            be._tok[0], be._pos[0], be._out[0] = 11, p0 + i, 1
-            be._batch.n_tokens = 1
-            lib.el_model_forward(be._m, be._batch, be._cache, 1, out)
-        return (time.perf_counter() - t0) / a.n
-
-    def python_only():
-        native_mod.lib = StubLib()
-        try:
-            return via_engine()
-        finally:
-            native_mod.lib = lib
-
-    c_t, py_t = [], []
-    for _ in range(5):
-        c_t.append(bare_c())
-        py_t.append(python_only())
-    c, py = min(c_t), min(py_t)
-    print(f"decode step: C {c * 1e3:.3f} ms, Python around it {py * 1e6:.1f} us = {py / (py + c) * 100:.2f}% of the "
-          f"step ({a.threads} threads, {a.n} steps, best of 5)")
+    llm = LLM(a.model, n_threads=a.threads, backend="native", verbose=False)
+    be = llm.backend
+    ban = {t: float("-inf") for t in llm.tokenizer.eog_ids}
+    stub = StubLib(be, be.n_logits)
+    for n in a.seqs:
+        whole, py = [], []
+        for _ in range(a.reps):
+            whole.append(run(llm, n, a.n_gen, ban))
+            native_mod.lib = stub
+            try:
+                py.append(run(llm, n, a.n_gen, ban))
+            finally:
+                native_mod.lib = lib
+        w, p = min(whole), min(py)
+        print(f"{n:2d} streams: {w * 1e6:7.1f} us a token in all ({1 / w:6.1f} tok/s), Python {p * 1e6:6.1f} us a "
+              f"token = {p / w * 100:4.1f}%")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from .memory import RowBuffers
+
 __all__ = [
     "SamplingParams",
     "Sampler",
@@ -259,7 +261,7 @@ def _logit_bias_arrays(bias) -> tuple[np.ndarray, np.ndarray]:
         return np.empty(0, np.int64), np.empty(0, np.float64)
     if not isinstance(bias, dict):
         raise ValueError(f"logit_bias must be a dict {{token id: bias}}, got {type(bias).__name__}")
-    ids, vals = [], []
+    out: dict[int, float] = {}   # "5" and 5 name one token: the later entry wins, as in a dict
     for k, v in bias.items():
         if isinstance(k, str) and k.strip().lstrip("-").isdigit():
             k = int(k)
@@ -270,9 +272,8 @@ def _logit_bias_arrays(bias) -> tuple[np.ndarray, np.ndarray]:
         v = float(v)
         if math.isnan(v) or v == math.inf:
             raise ValueError(f"logit_bias[{k}] must be finite or -inf (a ban), got {v!r}")
-        ids.append(int(k))
-        vals.append(v)
-    return np.asarray(ids, np.int64), np.asarray(vals, np.float64)
+        out[int(k)] = v
+    return np.fromiter(out.keys(), np.int64, len(out)), np.fromiter(out.values(), np.float64, len(out))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -624,13 +625,14 @@ class Candidates:
     writing unless ``owned``), or a subset (``ids`` int64 token ids, ``logits`` float64 of the same length).
     """
 
-    __slots__ = ("ids", "logits", "n_vocab", "owned")
+    __slots__ = ("ids", "logits", "n_vocab", "owned", "buffers")
 
-    def __init__(self, logits: np.ndarray, owned: bool = False):
+    def __init__(self, logits: np.ndarray, owned: bool = False, buffers=None):
         self.ids = None
         self.logits = logits
         self.owned = owned
         self.n_vocab = logits.size
+        self.buffers = buffers   # a RowBuffers the first copy may go into (a sampler's, reused every step)
 
     @property
     def size(self) -> int:
@@ -641,7 +643,12 @@ class Candidates:
 
     def writable(self) -> np.ndarray:
         if not self.owned:
-            self.logits = self.logits.copy()
+            x = self.logits
+            if self.buffers is not None and self.ids is None:
+                self.logits = self.buffers.get(1, x.size)[0]
+                np.copyto(self.logits, x)
+            else:
+                self.logits = x.copy()
             self.owned = True
         return self.logits
 
@@ -666,6 +673,12 @@ class Candidates:
         if toks.max() >= self.n_vocab:
             bad = int(toks[toks >= self.n_vocab][0])
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.n_vocab})")
+        if self.ids is None and toks.size <= 16:   # a few tokens (a ban on end of generation): the same float64
+            x = self.writable()                     # steps one at a time, without ten numpy calls' overhead
+            for t, d in zip(toks.tolist(), deltas.tolist()):
+                v = float(x[t]) + d
+                x[t] = -math.inf if v != v or v == -math.inf else min(max(v, -_F32_MAX), _F32_MAX)
+            return
         if self.ids is None:
             pos, d = toks, deltas
         else:
@@ -1113,6 +1126,7 @@ class Sampler:
         self.params = (params if params is not None else SamplingParams()).validate()
         self.vocab = vocab
         self.grammar = None  # a GrammarMatcher while a grammar constrains the output
+        self._buffers = None
         p = self.params
         if p.grammar is not None or p.json_schema is not None:
             if vocab is None:
@@ -1166,10 +1180,10 @@ class Sampler:
             m = self.chain.mirostat
             m.mu = m.pending_mu = 2.0 * m.tau
 
-    def _base(self, logits, history) -> Candidates:
+    def _base(self, logits, history, buffers=None) -> Candidates:
         x = _as_logits(logits)
         _check_max(x)
-        cand = Candidates(x)
+        cand = Candidates(x, buffers=buffers)
         for st in self._front:
             st.apply(cand, history)
         cand.owned = False  # the pass below may run twice (grammar resample): never edit this baseline
@@ -1183,7 +1197,9 @@ class Sampler:
 
     def sample(self, logits, history: Sequence[int] = ()) -> int:
         """One token id from a float32 [n_vocab] logits row, given the sequence so far."""
-        base = self._base(logits, history)
+        if self._buffers is None:
+            self._buffers = RowBuffers(max_rows=1, keep=1)
+        base = self._base(logits, history, self._buffers)   # logit_bias's copy: into the same array every step
         g = self.grammar
         first = g is not None and self.params.grammar_first
         tok = self.chain.select(self._pass(base, history, masked=first))

@@ -18,7 +18,7 @@ import pytest
 
 from edgellm.errors import ModelError
 from edgellm.gguf import GGUFFile
-from edgellm.memory import lazy_zeros
+from edgellm.memory import RowBuffers, lazy_zeros
 
 EDGELLM = Path(sys.executable).with_name("edgellm")
 LLAMA_CLI = Path(os.environ.get(
@@ -131,6 +131,25 @@ def test_lazy_zeros_resident_only_where_written():
     assert int(a.sum()) == 64
     assert _rss_of(a) <= 64 * 16 * 1024
     assert lazy_zeros((0, 3), np.float32).shape == (0, 3)
+
+
+def test_row_buffers_reuse_only_what_nobody_holds():
+    rb = RowBuffers(max_rows=4, keep=2)
+    a = rb.get(2, 8)
+    a_id = id(a)
+    del a
+    b = rb.get(2, 8)
+    assert id(b) == a_id                          # nobody held it: the same array again
+    view = b[1]
+    del b
+    c = rb.get(2, 8)
+    assert id(c) != a_id                          # a view of it is alive: a new array
+    view[:] = 7.0
+    assert not np.shares_memory(c, view)
+    d = rb.get(3, 8)                              # another shape: a new array; at most `keep` are kept
+    assert d.shape == (3, 8) and len(rb._kept) == 2
+    big = rb.get(5, 8)                            # more rows than max_rows: never kept
+    assert big.shape == (5, 8) and all(k is not big for k in rb._kept)
 
 
 def test_release_keeps_file_bytes_and_refuses_freed_memory(smollm2_path):

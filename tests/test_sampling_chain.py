@@ -205,6 +205,34 @@ def test_logit_bias():
         Sampler(SamplingParams(logit_bias={7: 1.0})).sample(np.array(logits, np.float32))
 
 
+def test_logit_bias_few_tokens_equal_many():
+    """A few biased tokens take a per-token path; a long list takes numpy's: the same float64 steps, the same bits
+    (NaN from +big + -inf bans, finite results clamped to float32's range, -inf bans stay -inf)."""
+    from edgellm.sampling import Candidates
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal(64) * 10).astype(np.float32)
+    x[5], x[6] = np.finfo(np.float32).max, -np.inf
+    toks = np.array([5, 6, 7, 8, 9, 10], np.int64)
+    deltas = np.array([1e39, -np.inf, -np.inf, 2.5, -1e39, 0.0])
+    few = Candidates(x.copy(), owned=True)
+    few.add_to_tokens(toks, deltas)
+    # the same six among 20 more tokens with zero bias, which leave their logits alone: the numpy path
+    more = np.arange(20, 40)
+    many = Candidates(x.copy(), owned=True)
+    many.add_to_tokens(np.concatenate([toks, more]), np.concatenate([deltas, np.zeros(more.size)]))
+    assert np.array_equal(few.logits, many.logits)
+    assert few.logits[5] == np.finfo(np.float32).max and few.logits[6] == -np.inf and few.logits[7] == -np.inf
+    assert few.logits[9] == -np.finfo(np.float32).max
+    # the caller's row is never written: the first edit copies it
+    row = x.copy()
+    c = Candidates(row)
+    c.add_to_tokens(np.array([0]), np.array([1.0]))
+    assert np.array_equal(row, x) and c.logits[0] == np.float32(np.float64(x[0]) + 1.0)
+    # "5" and 5 name one token: the later entry wins
+    s = Sampler(SamplingParams(temperature=0, logit_bias={"2": -np.inf, 2: 0.0}))
+    assert s.sample(np.array([1.0, 2.0, 3.0], np.float32)) == 2
+
+
 def test_order_is_configurable():
     # temperature 0.5 first sharpens P4 to p^2 / sum, then top-p 0.75 keeps fewer tokens
     sharp = normalized({i: p ** 2 for i, p in enumerate(P4)})  # 0.6711, 0.2416, 0.0604, 0.0067

@@ -16,6 +16,7 @@ from ..engine.batch import Batch
 from ..errors import BatchError
 from ..kv.paged import SeqKV
 from ..kv_cache import layer_windows
+from ..memory import RowBuffers
 from ..quant import GGMLType
 
 import os
@@ -137,6 +138,7 @@ class NativeBackend:
         if not lib.el_model_stage_ready(self._m, self.has_embd, self.has_output):
             raise NotImplementedError(f"the model lacks tensors the {hp.arch} forward needs")
 
+        self._rows = RowBuffers()
         # decode-path buffers, reused every step
         self._tok = np.zeros(self.n_batch, np.int32)
         self._pos = np.zeros(self.n_batch, np.int32)
@@ -331,7 +333,7 @@ class NativeBackend:
             raise BatchError("a model of some of the layers runs stages (forward_stage), not whole steps")
         batch.validate(kvs, hp.n_vocab)
         cs = self._load(batch, kvs)
-        rows = np.empty((batch.n_logits, hp.n_embd if hidden else self.n_logits), np.float32)
+        rows = self._rows.get(batch.n_logits, hp.n_embd if hidden else self.n_logits)
         run = lib.el_model_forward_hidden if hidden else lib.el_model_forward
         if run(self._m, self._batch, cs, len(kvs), ffi.from_buffer("float[]", rows)) != 0:
             raise BatchError("the C core rejected the batch: a block it reads or writes is missing from a sequence's "

@@ -18,7 +18,6 @@ residual (the same bits on every rank, whatever the batch).
 from __future__ import annotations
 
 import os
-import sys
 import weakref
 from collections import OrderedDict
 from pathlib import Path
@@ -30,6 +29,7 @@ from ...engine.backend import forward_in_pieces
 from ...engine.batch import Batch
 from ...errors import BatchError
 from ...kv.paged import BLOCK, SeqKV
+from ...memory import RowBuffers
 from ...quant import GGMLType
 from .weights import F_Q5, F_Q8, INT_FORMATS, FORMAT_NAMES, Packed, cut, repack
 
@@ -278,7 +278,7 @@ class CudaBackend:
             self._buffers()
         self._pools = weakref.WeakKeyDictionary()   # KVPool -> DevicePool
         self._graphs: OrderedDict = OrderedDict()
-        self._kept_rows: dict = {}
+        self._rows = RowBuffers(max_rows=PINNED_ROWS)
         # a comm that goes through the host (ranks sharing a GPU) cannot be captured into a graph
         self.graph_max = GRAPH_MAX if comm is None or comm.captured else 0
 
@@ -477,7 +477,7 @@ class CudaBackend:
                     self._launch(dp, n, n_out, S, nts, hidden, x_in is not None, pure)
             width = hp.n_embd if hidden else hp.n_vocab
             src = (self.xb if hidden else self.logits)[:n_out]
-            rows = self._host_rows(n_out, width)
+            rows = self._rows.get(n_out, width)
             if 0 < n_out <= PINNED_ROWS:   # page-locked: a direct DMA, then one host copy
                 staged = self._pinned[:n_out * width].reshape(n_out, width)
                 src.get(stream=self.stream, out=staged)
@@ -488,18 +488,6 @@ class CudaBackend:
                 src.get(stream=self.stream, out=rows)
             self.stream.synchronize()
         return rows
-
-    def _host_rows(self, n: int, width: int) -> np.ndarray:
-        """A host array [n, width] for a step's rows: one of the few kept ones that nobody holds any more (a fresh
-        allocation page-faults every step: Gemma 3's 1 MiB of logits cost ~0.35 ms that way), else a new one."""
-        kept = self._kept_rows.setdefault((n, width), [])
-        for i in range(len(kept)):
-            if sys.getrefcount(kept[i]) == 2:   # the list's reference and the argument's: no caller holds it
-                return kept[i]
-        a = np.empty((n, width), np.float32)
-        if len(kept) < 4 and n <= PINNED_ROWS:
-            kept.append(a)
-        return a
 
     def forward(self, tokens, positions, cache, all_logits: bool = False) -> np.ndarray:
         return forward_in_pieces(self, tokens, positions, cache, all_logits)
