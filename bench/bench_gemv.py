@@ -1,6 +1,7 @@
-"""One-token matmul (decode GEMV) speed per weight type, on a model file's own matrices.
+"""One-token matmul (decode GEMV) speed per weight type, on a model file's own matrices; -n N: N tokens a call
+(the GEMMs of a step of N sequences).
 
-    .venv/bin/python bench/bench_gemv.py MODEL.gguf --type Q6_K [--mb 1200] [-t 2] [--isa amx]
+    .venv/bin/python bench/bench_gemv.py MODEL.gguf --type Q6_K [--mb 1200] [-t 2] [--isa amx] [-n 1]
     .venv/bin/python bench/bench_gemv.py MODEL.gguf --type Q4_K --cached [-t 1]
 
 Streaming (default): every matrix of that type in the file, copied (repacked) until they hold --mb MB, multiplied
@@ -52,13 +53,14 @@ def main() -> None:
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("--isa", default=None)
     ap.add_argument("--cached", action="store_true", help="one 512-row slice again and again (in L2)")
+    ap.add_argument("-n", "--tokens", type=int, default=1, help="tokens a call")
     a = ap.parse_args()
     if a.isa and lib.el_set_isa(a.isa.encode()) != 0:
         raise SystemExit(f"ISA {a.isa} is not available here")
     ws, total = weights(GGUFFile(a.model), a.type.upper(), a.mb, a.cached)
     pool = ffi.gc(lib.el_pool_new(a.threads), lib.el_pool_free)
-    x = np.random.default_rng(0).standard_normal(max(w[1] for w in ws)).astype(np.float32)
-    y = np.zeros(max(w[2] for w in ws), np.float32)
+    x = np.random.default_rng(0).standard_normal(a.tokens * max(w[1] for w in ws)).astype(np.float32)
+    y = np.zeros(a.tokens * max(w[2] for w in ws), np.float32)
     px, py = ffi.from_buffer("float[]", x), ffi.from_buffer("float[]", y)
     reps = 2000 if a.cached else 1
     times = []
@@ -66,12 +68,14 @@ def main() -> None:
         t0 = time.perf_counter()
         for _ in range(reps):
             for w, _, _, _ in ws:
-                lib.el_matmul(pool, w, px, 1, py)
+                lib.el_matmul(pool, w, px, a.tokens, py)
         times.append((time.perf_counter() - t0) / reps)
     isa = ffi.string(lib.el_isa()).decode()
     what = f"{ws[0][2]} x {ws[0][1]} in cache" if a.cached else f"{len(ws)} matrices streamed"
-    print(f"{a.type.upper()} {total / 1e6:.0f} MB ({what}), {a.threads} thread(s), {isa}: "
-          f"{total / min(times) / 1e9:.1f} GB/s best, {total / statistics.median(times) / 1e9:.1f} median")
+    macs = a.tokens * sum(w[1] * w[2] for w in ws)
+    print(f"{a.type.upper()} {total / 1e6:.0f} MB ({what}), {a.tokens} token(s), {a.threads} thread(s), {isa}: "
+          f"{total / min(times) / 1e9:.1f} GB/s best, {total / statistics.median(times) / 1e9:.1f} median; "
+          f"{macs / min(times) / 1e9:.0f} GMAC/s best")
 
 
 if __name__ == "__main__":

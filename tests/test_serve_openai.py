@@ -334,6 +334,32 @@ def test_queue_full_503(keyed):
     assert e.value.status_code == 503 and int(e.value.response.headers["retry-after"]) >= 1
 
 
+def test_request_timeout_ends_whole_and_streamed_requests(llm):
+    """The server's request timeout: a whole response is a 504, a stream ends with a timeout error event, both
+    within a fraction of a second of the deadline, and their sequences leave the engine."""
+    s = ServerThread(create_app(ServeConfig(llms={"smollm2": llm}, request_timeout=0.4)))
+    try:
+        body = {"model": "smollm2", "prompt": "Once upon a time", "max_tokens": 900, "temperature": 0,
+                "ignore_eos": True}
+        t0 = time.monotonic()
+        r = httpx.post(s.url + "/v1/completions", json=body, timeout=30)
+        took = time.monotonic() - t0
+        assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+        assert 0.35 < took < 2.0
+        t0 = time.monotonic()
+        with httpx.stream("POST", s.url + "/v1/completions", json={**body, "stream": True}, timeout=30) as r:
+            events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+        took = time.monotonic() - t0
+        assert json.loads(events[-1])["error"]["code"] == "timeout" and len(events) > 2
+        assert 0.35 < took < 2.0
+        t0 = time.monotonic()
+        while engine_state(llm)["running"] and time.monotonic() - t0 < 5:
+            time.sleep(0.05)
+        assert engine_state(llm)["running"] == 0
+    finally:
+        s.stop()
+
+
 def test_token_bucket_refills():
     now = [0.0]
     b = TokenBucket(60, clock=lambda: now[0])   # one per second

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import threading
 import time
 from typing import AsyncIterator, Awaitable, Callable
 
@@ -34,6 +35,29 @@ class ModelBridge:
         self.name, self.llm, self.max_queue, self.owned = name, llm, max_queue, owned
         self.n_parallel = llm.core.scheduler.max_seqs
         self.active = 0   # sequences submitted and not yet finished or cancelled (touched on the loop only)
+        self._woken: dict = {}   # loop -> the events of jobs with news since that loop last ran _wake
+        self._lock = threading.Lock()
+
+    def notify(self, loop, event: asyncio.Event) -> None:
+        """On the engine thread, after a record is queued: wake the job's loop once for all the records and jobs
+        of a step (one self-pipe write, not one per token and request). Never raises (the loop may be gone)."""
+        with self._lock:
+            events = self._woken.get(loop)
+            if events is not None:       # a wake-up is on its way: it will set this one too
+                events.add(event)
+                return
+            self._woken[loop] = {event}
+        try:
+            loop.call_soon_threadsafe(self._wake, loop)
+        except RuntimeError:
+            with self._lock:
+                self._woken.pop(loop, None)
+
+    def _wake(self, loop) -> None:
+        with self._lock:
+            events = self._woken.pop(loop, ())
+        for e in events:
+            e.set()
 
     async def run_sync(self, fn, *args):
         return await anyio.to_thread.run_sync(fn, *args)
@@ -67,14 +91,11 @@ class Job:
         self.t_first: float | None = None
         self.done = [False] * len(seqs)
         self._released = False
-        loop = asyncio.get_running_loop()
-        wake = self.event.set
+        self.loop = loop = asyncio.get_running_loop()
+        notify, event = bridge.notify, self.event
 
-        def on_put():   # on the engine thread: never raise there (the loop may be gone)
-            try:
-                loop.call_soon_threadsafe(wake)
-            except RuntimeError:
-                pass
+        def on_put():   # on the engine thread
+            notify(loop, event)
 
         for seq in seqs:
             seq.on_put = on_put
@@ -83,6 +104,11 @@ class Job:
                       deadline: float | None = None, poll: float = 0.5) -> AsyncIterator[tuple[int, GenerationResponse]]:
         """(choice index, record) as they come, over all sequences, until each has finished. An engine error
         raises; a disconnect ends the iteration; leaving early (or the deadline) cancels what is unfinished."""
+        # the event also wakes the wait every `poll` (a client that left is noticed while nothing comes) and at the
+        # deadline: one timer, not one per token
+        self._timer = self.loop.call_later(poll, self._tick, poll)
+        at_deadline = None if deadline is None else \
+            self.loop.call_at(self.loop.time() + max(0.0, deadline - time.monotonic()), self.event.set)
         try:
             next_check = time.monotonic() + poll
             while not all(self.done):
@@ -112,15 +138,16 @@ class Job:
                         return
                 if got:
                     continue
-                timeout = next_check - now
-                if deadline is not None:
-                    timeout = min(timeout, deadline - now)
-                try:
-                    await asyncio.wait_for(self.event.wait(), max(timeout, 0.001))
-                except (asyncio.TimeoutError, TimeoutError):
-                    pass
+                await self.event.wait()
         finally:
+            self._timer.cancel()
+            if at_deadline is not None:
+                at_deadline.cancel()
             self.release()
+
+    def _tick(self, poll: float) -> None:
+        self.event.set()
+        self._timer = self.loop.call_later(poll, self._tick, poll)
 
     def release(self) -> None:
         """Cancel what has not finished; give the queue places back (once)."""
