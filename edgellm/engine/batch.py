@@ -73,6 +73,12 @@ class Batch:
         smin, smax = int(self.seq_ids.min()), int(self.seq_ids.max())
         if smin < 0 or smax >= len(kvs):
             raise BatchError(f"sequence id {smin if smin < 0 else smax} names no KV cache (there are {len(kvs)})")
+        if n <= 64:
+            ids = self.seq_ids.tolist()
+            if len(set(ids)) == n:   # a decode step of several sequences, one token each: plain ints
+                for s, p in zip(ids, self.positions.tolist()):
+                    _check_positions(kvs[s], s, p, p)
+                return
         if smin == smax:
             groups = [(smin, self.positions)]
         else:

@@ -343,6 +343,12 @@ class EngineCore:
         first stage (its rows are collected by _land)."""
         extra = [len(drafts[seq].tokens) if seq in drafts else 0 for seq, _ in plan]
         n = sum(k for _, k in plan) + sum(extra)
+        if n == len(plan):   # a decode step: one token a sequence, built from plain ints
+            at = [seq.n_computed for seq, _ in plan]
+            batch = Batch(np.array([seq.tokens[a] for (seq, _), a in zip(plan, at)], np.int32),
+                          np.array(at, np.int32), np.arange(n, dtype=np.int32),
+                          np.array([seq.all_logits or a + 1 == len(seq.tokens) for (seq, _), a in zip(plan, at)]))
+            return self._send(plan, extra, batch, hidden, drafts, wait)
         tokens, positions, seq_ids = np.empty(n, np.int32), np.empty(n, np.int32), np.empty(n, np.int32)
         want = np.zeros(n, bool)
         at = 0
@@ -358,7 +364,11 @@ class EngineCore:
             elif a + k == len(seq.tokens):
                 want[at + k - 1] = True
             at += k + e
-        batch, kvs = Batch(tokens, positions, seq_ids, want), [s.kv for s, _ in plan]
+        return self._send(plan, extra, Batch(tokens, positions, seq_ids, want), hidden, drafts, wait)
+
+    def _send(self, plan, extra, batch: Batch, hidden: bool, drafts: dict, wait: bool) -> "_Flight":
+        """The step's batch to the backend: run now (wait) or submitted to a pipeline."""
+        kvs, want = [s.kv for s, _ in plan], batch.want
         t0 = time.perf_counter()
         if not wait:
             return _Flight(plan, extra, want, hidden, drafts, t0, self.backend.submit(batch, kvs, hidden=hidden))
@@ -371,14 +381,17 @@ class EngineCore:
         n = len(want)
         rows = flight.rows if isinstance(flight.rows, np.ndarray) else self.backend.result(flight.rows)
         t1 = time.perf_counter()
-        if not hidden and want.all() and not self.flights:   # decode and verify steps price the adaptive plan
+        wants = want.tolist()
+        all_want = all(wants)
+        if not hidden and all_want and not self.flights:   # decode and verify steps price the adaptive plan
             self.cost.observe(n, t1 - flight.t0)
         self.n_evaluated += n
-        r = 0
-        for (seq, k), e, w in zip(plan, extra, np.split(want, np.cumsum([k + e for (_, k), e in zip(plan, extra)])[:-1])):
+        r = at = 0
+        for (seq, k), e in zip(plan, extra):
             seq.n_computed += k
             seq.kv.n_past = seq.n_computed + e
-            m = int(np.count_nonzero(w))
+            m = k + e if all_want else sum(wants[at:at + k + e])
+            at += k + e
             try:
                 if seq.all_logits:
                     seq.on_rows(rows[r:r + m])
@@ -401,7 +414,7 @@ class EngineCore:
                 self._retire(seq)
         if drafts and not hidden:   # sampling, verifying and bookkeeping per row, for the adaptive plan
             self.row_cost += 0.2 * ((time.perf_counter() - t1) / n - self.row_cost)
-        elif not hidden and want.all():   # a plain decode step's handling after its forward: plain decoding's
+        elif not hidden and all_want:   # a plain decode step's handling after its forward: plain decoding's
             self.step_over += 0.2 * (time.perf_counter() - t1 - self.step_over)   # pace includes it
 
     def _verify(self, seq: Sequence, draft, rows: np.ndarray) -> None:
