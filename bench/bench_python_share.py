@@ -14,17 +14,23 @@ from __future__ import annotations
 
 import argparse
 import sys
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import edgellm.backends.native as native_mod  # noqa: E402
+from bench_engine import run_concurrent  # noqa: E402
 from edgellm import LLM  # noqa: E402
 from edgellm.backends.native import ffi, lib  # noqa: E402
+
+
+def run(llm: LLM, n_seqs: int, n_gen: int, ban: dict) -> float:
+    """Seconds per generated token, all streams together, from the requests to the last token."""
+    r = run_concurrent(llm, n_seqs, n_gen, ban)
+    return r["wall_s"] / max(1, r["tokens"])
 
 
 class StubLib:
@@ -42,27 +48,6 @@ class StubLib:
         n_out = int(np.count_nonzero(self.be._out[:batch.n_tokens]))
         ffi.memmove(out, ffi.from_buffer(self.rows[:n_out]), self.rows[:n_out].nbytes)
         return 0
-
-
-def run(llm: LLM, n_seqs: int, n_gen: int, ban: dict) -> float:
-    """Seconds per generated token, all streams together, from the first request to the last token."""
-    go = threading.Barrier(n_seqs + 1)
-    counts = [0] * n_seqs
-
-    def worker(i: int) -> None:
-        go.wait()
-        for piece in llm.create_completion(f"Once upon a time ({i})", max_tokens=n_gen, temperature=0,
-                                           logit_bias=ban, stream=True):
-            counts[i] += bool(piece["choices"][0]["text"])
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n_seqs)]
-    for t in threads:
-        t.start()
-    go.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    return (time.perf_counter() - t0) / max(1, sum(counts))
 
 
 def main() -> None:
