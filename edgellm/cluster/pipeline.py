@@ -379,10 +379,18 @@ class PipelineBackend:
         ray = self._ray
         self._unlink()
         self._pools.reset()
-        try:
-            self.info = ray.get([s.info.remote() for s in self.stages], timeout=self.PING_S * 5)
-        except ray.exceptions.RayError as e:
-            raise StageError(f"the pipeline's stages are not back: {_cause(e)}", kv_lost=True) from None
+        deadline = time.monotonic() + self.PING_S * 5
+        while True:
+            try:
+                self.info = ray.get([s.info.remote() for s in self.stages],
+                                    timeout=max(1.0, deadline - time.monotonic()))
+                break
+            except ray.exceptions.ActorUnavailableError as e:   # still restarting: ask again until the deadline
+                if time.monotonic() >= deadline:
+                    raise StageError(f"the pipeline's stages are not back: {_cause(e)}", kv_lost=True) from None
+                time.sleep(0.2)
+            except ray.exceptions.RayError as e:
+                raise StageError(f"the pipeline's stages are not back: {_cause(e)}", kv_lost=True) from None
         self._tokens = [inf["token"] for inf in self.info]
         if self._listener is None:
             self._listener = Listener((self._host, 0), authkey=self._authkey)
