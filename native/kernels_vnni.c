@@ -114,19 +114,22 @@ __attribute__((noinline)) static void x8_tile1(const uint8_t *wg, int nb, int ki
     x8_tile(wg, nb, kind, x, 0, 1, y, 0, nrows, pf);
 }
 
-/* The decode step (one token) of Q4_0/Q4_1/Q5_0/Q5_1 over two neighbouring row groups at once, in 512-bit vectors:
- * the same integer sums (low nibbles into s0, high into s1, as x8_tile's one-token path) and the same float
- * epilogue per row as x8_tile1, in half the instructions, so that the out-of-order window reaches further into the
- * weights streaming from memory. w1 = w0 + one group; pf: PF_GROUPS groups ahead (into L2), the next pair into L1. */
-__attribute__((noinline)) static void x16_gemv(const uint8_t *w0, size_t gstride, int nb, int kind, const uint8_t *x,
-                                               float *y, int nrows, const uint8_t *pf) {
+/* 16 rows (two neighbouring row groups) x NT tokens in 512-bit vectors: the same integer sums and the same float
+ * epilogue per row and token as x8_tile, in half the instructions per row. Q8_0 has no 512-bit vpsignb: the sign of
+ * w moves onto the activations with a masked negation (the same bytes vpsignb gives, as a zero w contributes
+ * nothing either way). NT = 1 is the decode step: the out-of-order window reaches further into the weights
+ * streaming from memory. w1 = w0 + one group; pf: PF_GROUPS groups ahead (into L2), the next pair into L1. */
+INLINE void x16_tile(const uint8_t *w0, size_t gstride, int nb, int kind, const uint8_t *x, size_t x_stride, int NT,
+                     float *y, size_t y_stride, int nrows, const uint8_t *pf) {
     const int has_min = kind == K_Q4_1 || kind == K_Q5_1, q5 = kind == K_Q5_0 || kind == K_Q5_1;
-    const size_t bsize = kind == K_Q4_0 ? sizeof(block_q4_0x8) : kind == K_Q4_1 ? sizeof(block_q4_1x8)
-                       : kind == K_Q5_0 ? sizeof(block_q5_0x8) : sizeof(block_q5_1x8);
+    const size_t bsize = kind == K_Q8_0 ? sizeof(block_q8_0x8) : kind == K_Q4_0 ? sizeof(block_q4_0x8)
+                       : kind == K_Q4_1 ? sizeof(block_q4_1x8) : kind == K_Q5_0 ? sizeof(block_q5_0x8) : sizeof(block_q5_1x8);
     const float offset = kind == K_Q4_0 ? -8.0f : kind == K_Q5_0 ? -16.0f : 0.0f;
     const __m512i m4 = _mm512_set1_epi8(0x0f);
+    const int two = NT <= 4;   /* a second accumulator per token */
     const uint8_t *w1 = w0 + gstride;
-    __m512 acc = _mm512_setzero_ps();
+    __m512 acc[8];
+    for (int t = 0; t < 8; t++) acc[t] = _mm512_setzero_ps();
     for (int b = 0; b < nb; b++) {
         const uint8_t *b0 = w0 + b * bsize, *b1 = w1 + b * bsize;
         if (pf) {
@@ -137,71 +140,128 @@ __attribute__((noinline)) static void x16_gemv(const uint8_t *w0, size_t gstride
                 _mm_prefetch((const char *)b0 + 3 * gstride + o, _MM_HINT_T0);
             }
         }
-        const block_q8a *a = (const block_q8a *)x + b;
-        const uint8_t *q0 = b0 + (has_min ? 32 : 16), *q1 = b1 + (has_min ? 32 : 16);
-        const __m512i hb = q5 ? el_pair256(q0 + 128, q1 + 128) : _mm512_setzero_si512();
-        __m512i s0 = _mm512_setzero_si512(), s1 = s0;
-        for (int c = 0; c < 4; c++) {
-            const __m512i raw = el_pair256(q0 + 32 * c, q1 + 32 * c);
-            __m512i lo = _mm512_and_si512(raw, m4), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
-            if (q5) { lo = _mm512_or_si512(lo, el_q5_high512(hb, c)); hi = _mm512_or_si512(hi, el_q5_high512(hb, c + 4)); }
-            int32_t l4, h4;
-            memcpy(&l4, a->qs + 4 * c, 4);
-            memcpy(&h4, a->qs + 16 + 4 * c, 4);
-            s0 = _mm512_dpbusd_epi32(s0, lo, _mm512_set1_epi32(l4));
-            s1 = _mm512_dpbusd_epi32(s1, hi, _mm512_set1_epi32(h4));
+        const block_q8a *a[8];
+        for (int t = 0; t < NT; t++) a[t] = (const block_q8a *)(x + t * x_stride) + b;
+        const uint8_t *q0 = b0 + (kind == K_Q8_0 ? 16 : has_min ? 32 : 16), *q1 = b1 + (q0 - b0);
+        __m512i s0[8], s1[8];
+        for (int t = 0; t < 8; t++) s0[t] = s1[t] = _mm512_setzero_si512();
+        if (kind == K_Q8_0) {
+            for (int g = 0; g < 8; g += 2) {
+                const __m512i w0v = el_pair256(q0 + 32 * g, q1 + 32 * g), w1v = el_pair256(q0 + 32 * g + 32, q1 + 32 * g + 32);
+                const __m512i aw0 = _mm512_abs_epi8(w0v), aw1 = _mm512_abs_epi8(w1v);   /* u8 operand: |w|, sign on a */
+                const __mmask64 n0 = _mm512_movepi8_mask(w0v), n1 = _mm512_movepi8_mask(w1v);
+                for (int t = 0; t < NT; t++) {
+                    int32_t l4, h4;
+                    memcpy(&l4, a[t]->qs + 4 * g, 4);
+                    memcpy(&h4, a[t]->qs + 4 * g + 4, 4);
+                    const __m512i al = _mm512_set1_epi32(l4), ah = _mm512_set1_epi32(h4);
+                    const __m512i sl = _mm512_mask_sub_epi8(al, n0, _mm512_setzero_si512(), al);
+                    const __m512i sh = _mm512_mask_sub_epi8(ah, n1, _mm512_setzero_si512(), ah);
+                    s0[t] = _mm512_dpbusd_epi32(s0[t], aw0, sl);
+                    if (two) s1[t] = _mm512_dpbusd_epi32(s1[t], aw1, sh);
+                    else s0[t] = _mm512_dpbusd_epi32(s0[t], aw1, sh);
+                    KEEP(s0[t]); KEEP(s1[t]);
+                }
+            }
+        } else {
+            const __m512i hb = q5 ? el_pair256(q0 + 128, q1 + 128) : _mm512_setzero_si512();
+            for (int c = 0; c < 4; c++) {
+                const __m512i raw = el_pair256(q0 + 32 * c, q1 + 32 * c);
+                __m512i lo = _mm512_and_si512(raw, m4), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
+                if (q5) { lo = _mm512_or_si512(lo, el_q5_high512(hb, c)); hi = _mm512_or_si512(hi, el_q5_high512(hb, c + 4)); }
+                for (int t = 0; t < NT; t++) {
+                    int32_t l4, h4;
+                    memcpy(&l4, a[t]->qs + 4 * c, 4);
+                    memcpy(&h4, a[t]->qs + 16 + 4 * c, 4);
+                    s0[t] = _mm512_dpbusd_epi32(s0[t], lo, _mm512_set1_epi32(l4));
+                    if (two) s1[t] = _mm512_dpbusd_epi32(s1[t], hi, _mm512_set1_epi32(h4));
+                    else s0[t] = _mm512_dpbusd_epi32(s0[t], hi, _mm512_set1_epi32(h4));
+                    KEEP(s0[t]); KEEP(s1[t]);
+                }
+            }
         }
         const __m512 dw = el_halves16(b0, b1);
-        const __m512 p = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
-        if (has_min) {
-            acc = _mm512_fmadd_ps(dw, _mm512_mul_ps(p, _mm512_set1_ps(a->d)), acc);
-            acc = _mm512_fmadd_ps(el_halves16(b0 + 16, b1 + 16), _mm512_set1_ps(a->s), acc);
-        } else {
-            acc = _mm512_fmadd_ps(dw, _mm512_fmadd_ps(p, _mm512_set1_ps(a->d), _mm512_set1_ps(offset * a->s)), acc);
+        const __m512 mw = has_min ? el_halves16(b0 + 16, b1 + 16) : dw;
+        for (int t = 0; t < NT; t++) {
+            const __m512 p = _mm512_cvtepi32_ps(two ? _mm512_add_epi32(s0[t], s1[t]) : s0[t]);
+            if (has_min) {
+                acc[t] = _mm512_fmadd_ps(dw, _mm512_mul_ps(p, _mm512_set1_ps(a[t]->d)), acc[t]);
+                acc[t] = _mm512_fmadd_ps(mw, _mm512_set1_ps(a[t]->s), acc[t]);
+            } else if (kind == K_Q8_0) {
+                acc[t] = _mm512_fmadd_ps(dw, _mm512_mul_ps(p, _mm512_set1_ps(a[t]->d)), acc[t]);
+            } else {   /* d * (da * sum(q a) + offset * da * sum(a)) */
+                acc[t] = _mm512_fmadd_ps(dw, _mm512_fmadd_ps(p, _mm512_set1_ps(a[t]->d), _mm512_set1_ps(offset * a[t]->s)), acc[t]);
+            }
         }
     }
-    _mm512_mask_storeu_ps(y, nrows >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nrows) - 1), acc);
+    const __mmask16 keep = nrows >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nrows) - 1);
+    for (int t = 0; t < NT; t++) _mm512_mask_storeu_ps(y + t * y_stride, keep, acc[t]);
 }
 
+__attribute__((noinline)) static void x16_gemv(const uint8_t *w0, size_t gstride, int nb, int kind, const uint8_t *x,
+                                               float *y, int nrows, const uint8_t *pf) {
+    x16_tile(w0, gstride, nb, kind, x, 0, 1, y, 0, nrows, pf);
+}
+
+/* one tile of NT (1..8, a constant in each case) tokens: TILE(NT) expands to the call */
+#define NT_SWITCH(nt, TILE) \
+    switch (nt) {           \
+    case 8: TILE(8); break; \
+    case 7: TILE(7); break; \
+    case 6: TILE(6); break; \
+    case 5: TILE(5); break; \
+    case 4: TILE(4); break; \
+    case 3: TILE(3); break; \
+    case 2: TILE(2); break; \
+    case 1: TILE(1); break; \
+    default: break;         \
+    }
+
+/* Rows in pairs of 8-row groups (x16_tile), a last lone group in x8_tile; tokens in tiles of 8. Each row's result
+ * is the same bits whichever tile computes it and whatever the tile's token count. */
 #define GEMM_X8(name, kind, block_t)                                                                    \
     static void name(const void *w, int n_in, int r0, int r1, const void *x, size_t x_stride, int n_tok,  \
                      float *y, size_t y_stride) {                                                       \
         const int nb = n_in / EL_QK;                                                                    \
+        const size_t gs = (size_t)nb * sizeof(block_t);                                                 \
+        const uint8_t *xb = (const uint8_t *)x;                                                         \
+        const int kd = kind;   /* for X16 / X8 */                                                       \
         for (int r = r0; r < r1; r += 8) {                                                              \
-            const uint8_t *wg = (const uint8_t *)w + (size_t)(r / 8) * nb * sizeof(block_t);            \
+            const uint8_t *wg = (const uint8_t *)w + (size_t)(r / 8) * gs;                              \
             const int nrows = r1 - r < 8 ? r1 - r : 8;                                                  \
             /* prefetch PF_GROUPS row groups ahead, during the first token tile only */                 \
-            const uint8_t *pf = r + 8 * PF_GROUPS < r1 ? wg + (size_t)PF_GROUPS * nb * sizeof(block_t) : NULL; \
-            if (n_tok == 1) {   /* the decode step of one sequence: its own compiled loops */          \
-                if (kind != K_Q8_0 && r + 8 < r1) {   /* two row groups in 512-bit vectors */           \
-                    x16_gemv(wg, (size_t)nb * sizeof(block_t), nb, kind, (const uint8_t *)x, y + r,     \
-                             r1 - r < 16 ? r1 - r : 16, r + 8 * (PF_GROUPS + 1) < r1 ? pf : NULL);      \
-                    r += 8;                                                                             \
-                    continue;                                                                           \
+            const uint8_t *pf = r + 8 * PF_GROUPS < r1 ? wg + (size_t)PF_GROUPS * gs : NULL;            \
+            if (r + 8 < r1 && (n_tok > 1 || kind != K_Q8_0)) {   /* two row groups in 512-bit vectors */ \
+                const int n16 = r1 - r < 16 ? r1 - r : 16;                                              \
+                const uint8_t *pf16 = r + 8 * (PF_GROUPS + 1) < r1 ? pf : NULL;                         \
+                if (n_tok == 1) x16_gemv(wg, gs, nb, kind, xb, y + r, n16, pf16);                       \
+                for (int t = 0; n_tok > 1 && t < n_tok; t += 8, pf16 = NULL) {                          \
+                    const int nt = n_tok - t < 8 ? n_tok - t : 8;                                       \
+                    NT_SWITCH(nt, X16)                                                                  \
                 }                                                                                       \
-                x8_tile1(wg, nb, kind, (const uint8_t *)x, y + r, nrows, pf);                           \
+                r += 8;                                                                                 \
                 continue;                                                                               \
             }                                                                                           \
-            int t = 0;                                                                                  \
-            for (; t + 8 <= n_tok; t += 8, pf = NULL)                                                   \
-                x8_tile(wg, nb, kind, (const uint8_t *)x + t * x_stride, x_stride, 8, y + t * y_stride + r, y_stride, nrows, pf); \
-            switch (n_tok - t) {                                                                        \
-            case 7: x8_tile(wg, nb, kind, (const uint8_t *)x + t * x_stride, x_stride, 7, y + t * y_stride + r, y_stride, nrows, pf); break; \
-            case 6: x8_tile(wg, nb, kind, (const uint8_t *)x + t * x_stride, x_stride, 6, y + t * y_stride + r, y_stride, nrows, pf); break; \
-            case 5: x8_tile(wg, nb, kind, (const uint8_t *)x + t * x_stride, x_stride, 5, y + t * y_stride + r, y_stride, nrows, pf); break; \
-            case 4: x8_tile(wg, nb, kind, (const uint8_t *)x + t * x_stride, x_stride, 4, y + t * y_stride + r, y_stride, nrows, pf); break; \
-            case 3: x8_tile(wg, nb, kind, (const uint8_t *)x + t * x_stride, x_stride, 3, y + t * y_stride + r, y_stride, nrows, pf); break; \
-            case 2: x8_tile(wg, nb, kind, (const uint8_t *)x + t * x_stride, x_stride, 2, y + t * y_stride + r, y_stride, nrows, pf); break; \
-            case 1: x8_tile(wg, nb, kind, (const uint8_t *)x + t * x_stride, x_stride, 1, y + t * y_stride + r, y_stride, nrows, pf); break; \
-            default: break;                                                                             \
+            if (n_tok == 1) {                                                                           \
+                x8_tile1(wg, nb, kind, xb, y + r, nrows, pf);                                           \
+                continue;                                                                               \
+            }                                                                                           \
+            for (int t = 0; t < n_tok; t += 8, pf = NULL) {                                             \
+                const int nt = n_tok - t < 8 ? n_tok - t : 8;                                           \
+                NT_SWITCH(nt, X8)                                                                       \
             }                                                                                           \
         }                                                                                               \
     }
+#define X16(NT) x16_tile(wg, gs, nb, kd, xb + t * x_stride, x_stride, NT, y + t * y_stride + r, y_stride, n16, pf16)
+#define X8(NT) x8_tile(wg, nb, kd, xb + t * x_stride, x_stride, NT, y + t * y_stride + r, y_stride, nrows, pf)
 GEMM_X8(gemm_q4_0x8, K_Q4_0, block_q4_0x8)
 GEMM_X8(gemm_q4_1x8, K_Q4_1, block_q4_1x8)
 GEMM_X8(gemm_q5_0x8, K_Q5_0, block_q5_0x8)
 GEMM_X8(gemm_q5_1x8, K_Q5_1, block_q5_1x8)
 GEMM_X8(gemm_q8_0x8, K_Q8_0, block_q8_0x8)
+#undef X16
+#undef X8
+#undef NT_SWITCH
 
 /* ------------------------------------------------------------------------------ float weights (strips)
  * F32 / F16 / BF16 matrices are repacked at load into strips of 32 rows stored k-major: strip g holds, for each
