@@ -492,7 +492,7 @@ static void repack_q6_k(const void *s, void *d, int n_out, int n_in) { repack_kx
 #define KQX(name) name##_vnni
 #define KQ_ATTR __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
 #define KQ_DOT(acc, w, a) _mm256_dpbusd_epi32((acc), (w), (a))
-#define KQ_X16   /* 512-bit one-token kernels */
+#define KQ_X16   /* 16-row kernels in 512-bit vectors */
 #include "kq_x8.h"
 #undef KQ_X16
 #undef KQX

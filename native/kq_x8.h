@@ -132,14 +132,16 @@ static inline __attribute__((always_inline)) void KQX(prefetch_pair)(const uint8
     }
 }
 
-/* One token over two neighbouring row groups (16 rows) in 512-bit vectors: per row the same integer sums and the
- * same float operations in the same order as k4x8_tile, so the same bits, in half the vector instructions (unpacking
- * the nibbles is most of them). w1 = w0 + gs; pf: the next pair (into L2, KQ_FAR); KQ_NEAR super-blocks ahead into L1. */
-KQ_ATTR static inline __attribute__((always_inline)) void KQX(k4x16_gemv)(const int q5, const uint8_t *w0, size_t gs,
-        int nsb, const uint8_t *x, float *y, int nrows, const uint8_t *pf) {
+/* NT (1..4) tokens over two neighbouring row groups (16 rows) in 512-bit vectors: per row the same integer sums and
+ * the same float operations in the same order as k4x8_tile, so the same bits, in half the vector instructions
+ * (unpacking the nibbles is most of them). w1 = w0 + gs; pf: the next pair (into L2, KQ_FAR); KQ_NEAR super-blocks
+ * ahead into L1. NT = 1 is the decode step. */
+KQ_ATTR static inline __attribute__((always_inline)) void KQX(k4x16_tile)(const int q5, const uint8_t *w0, size_t gs,
+        int nsb, const uint8_t *x, size_t x_stride, const int NT, float *y, size_t y_stride, int nrows, const uint8_t *pf) {
     const size_t bs = q5 ? sizeof(block_q5_kx8) : sizeof(block_q4_kx8);
     const __m512i m4 = _mm512_set1_epi8(15), h5 = _mm512_set1_epi8(0x10);
-    __m512 acc = _mm512_setzero_ps();
+    __m512 acc[4];
+    for (int t = 0; t < NT; t++) acc[t] = _mm512_setzero_ps();
     for (int i = 0; i < nsb; i++) {
         const uint8_t *b0 = w0 + i * bs, *b1 = b0 + gs;
         if (pf) KQX(prefetch_pair)(pf + i * bs, gs, b0, b1, bs);
@@ -153,8 +155,12 @@ KQ_ATTR static inline __attribute__((always_inline)) void KQX(k4x16_gemv)(const 
                                                                     _mm_loadu_si128((const __m128i *)h1->dmin), 1));
         const uint8_t *qs0 = q5 ? ((const block_q5_kx8 *)b0)->qs : h0->qs, *qs1 = q5 ? ((const block_q5_kx8 *)b1)->qs : h1->qs;
         for (int c = 0; c < 4; c++) {
-            const block_q8a *a = (const block_q8a *)x + 8 * i + 2 * c;
-            __m512i aL = _mm512_setzero_si512(), aH = aL;
+            const block_q8a *a[4];
+            __m512i aL[4], aH[4];
+            for (int t = 0; t < NT; t++) {
+                a[t] = (const block_q8a *)(x + t * x_stride) + 8 * i + 2 * c;
+                aL[t] = aH[t] = _mm512_setzero_si512();
+            }
             for (int g = 0; g < 8; g++) {
                 const __m512i v = KQX(pair)(qs0 + c * 256 + g * 32, qs1 + c * 256 + g * 32);
                 __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
@@ -163,23 +169,28 @@ KQ_ATTR static inline __attribute__((always_inline)) void KQX(k4x16_gemv)(const 
                     lo = _mm512_ternarylogic_epi32(lo, 2 * c <= 4 ? _mm512_slli_epi16(hb, 4 - 2 * c) : _mm512_srli_epi16(hb, 2 * c - 4), h5, 0xf8);
                     hi = _mm512_ternarylogic_epi32(hi, 2 * c + 1 <= 4 ? _mm512_slli_epi16(hb, 3 - 2 * c) : _mm512_srli_epi16(hb, 2 * c - 3), h5, 0xf8);
                 }
-                int32_t l4, h4;
-                memcpy(&l4, a[0].qs + 4 * g, 4);
-                memcpy(&h4, a[1].qs + 4 * g, 4);
-                aL = _mm512_dpbusd_epi32(aL, lo, _mm512_set1_epi32(l4));
-                aH = _mm512_dpbusd_epi32(aH, hi, _mm512_set1_epi32(h4));
+                for (int t = 0; t < NT; t++) {
+                    int32_t l4, h4;
+                    memcpy(&l4, a[t][0].qs + 4 * g, 4);
+                    memcpy(&h4, a[t][1].qs + 4 * g, 4);
+                    aL[t] = _mm512_dpbusd_epi32(aL[t], lo, _mm512_set1_epi32(l4));
+                    aH[t] = _mm512_dpbusd_epi32(aH[t], hi, _mm512_set1_epi32(h4));
+                }
             }
             const __m512 sL = _mm512_mul_ps(d, KQX(scales16)(sc[0][2 * c], sc[1][2 * c]));
             const __m512 sH = _mm512_mul_ps(d, KQX(scales16)(sc[0][2 * c + 1], sc[1][2 * c + 1]));
             const __m512 mL = _mm512_mul_ps(dmin, KQX(scales16)(mn[0][2 * c], mn[1][2 * c]));
             const __m512 mH = _mm512_mul_ps(dmin, KQX(scales16)(mn[0][2 * c + 1], mn[1][2 * c + 1]));
-            __m512 s = _mm512_fmadd_ps(_mm512_cvtepi32_ps(aL), _mm512_mul_ps(sL, _mm512_set1_ps(a[0].d)), acc);
-            s = _mm512_fmadd_ps(_mm512_cvtepi32_ps(aH), _mm512_mul_ps(sH, _mm512_set1_ps(a[1].d)), s);
-            s = _mm512_fnmadd_ps(mL, _mm512_set1_ps(a[0].s), s);
-            acc = _mm512_fnmadd_ps(mH, _mm512_set1_ps(a[1].s), s);
+            for (int t = 0; t < NT; t++) {
+                __m512 s = _mm512_fmadd_ps(_mm512_cvtepi32_ps(aL[t]), _mm512_mul_ps(sL, _mm512_set1_ps(a[t][0].d)), acc[t]);
+                s = _mm512_fmadd_ps(_mm512_cvtepi32_ps(aH[t]), _mm512_mul_ps(sH, _mm512_set1_ps(a[t][1].d)), s);
+                s = _mm512_fnmadd_ps(mL, _mm512_set1_ps(a[t][0].s), s);
+                acc[t] = _mm512_fnmadd_ps(mH, _mm512_set1_ps(a[t][1].s), s);
+            }
         }
     }
-    _mm512_mask_storeu_ps(y, nrows >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nrows) - 1), acc);
+    const __mmask16 keep = nrows >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nrows) - 1);
+    for (int t = 0; t < NT; t++) _mm512_mask_storeu_ps(y + t * y_stride, keep, acc[t]);
 }
 
 /* 32 * the sums of each 16-element half of the token's q8a blocks (Q6_K's -32, as q6kx8_tile computes per tile) */
@@ -291,7 +302,9 @@ KQ_ATTR static inline __attribute__((always_inline)) void KQX(q6kx8_tile)(const 
 
 #define KQ_G 4   /* row groups (of 8) per token tile */
 
-#define KQ_GEMM_X8(fname, call, gemv)                                                                                \
+/* Row blocks of KQ_G groups, token tiles of 4; where the flavour has 16-row tiles (call16), pairs of groups go through
+ * them and a lone last group through the 8-row tile (the same bits either way). */
+#define KQ_GEMM_X8(fname, call, call16, has16, gemv)                                                                        \
     KQ_ATTR static void fname(const void *w, int n_in, int r0, int r1, const void *x, size_t x_stride, int n_tok, \
                               float *y, size_t y_stride) {                                                       \
         const int nsb = n_in / EL_QK_K;                                                                          \
@@ -305,6 +318,18 @@ KQ_ATTR static inline __attribute__((always_inline)) void KQX(q6kx8_tile)(const 
                     const int nrows = r1 - r < 8 ? r1 - r : 8;                                                   \
                     const int pf = t == 0 && r + 8 * KQ_PF < r1;   /* the first token tile streams the weights */\
                     float *yt = y + t * y_stride + r;                                                            \
+                    if (has16 && r + 8 < re) {                                                                                                                            \
+                        const int n16 = r1 - r < 16 ? r1 - r : 16;                                               \
+                        const int pf16 = t == 0 && r + 8 * (KQ_FAR + 2) <= r1;                                   \
+                        switch (nt) {                                                                            \
+                        case 4: call16(4); break;                                                                \
+                        case 3: call16(3); break;                                                                \
+                        case 2: call16(2); break;                                                                \
+                        default: call16(1); break;                                                               \
+                        }                                                                                        \
+                        r += 8;                                                                                  \
+                        continue;                                                                                \
+                    }                                                                                            \
                     switch (nt) {                                                                                \
                     case 4: call(4); break;                                                                      \
                     case 3: call(3); break;                                                                      \
@@ -321,13 +346,19 @@ KQ_ATTR static inline __attribute__((always_inline)) void KQX(q6kx8_tile)(const 
     pf ? (const uint8_t *)w + (size_t)(r / 8 + KQ_PF) * nsb * sizeof(block_q5_kx8) : NULL)
 #define KQ_CALL_Q6(NT) KQX(q6kx8_tile)((const uint8_t *)w + (size_t)(r / 8) * nsb * sizeof(block_q6_kx8), nsb, xt, x_stride, NT, yt, y_stride, nrows, \
     pf ? (const uint8_t *)w + (size_t)(r / 8 + KQ_PF) * nsb * sizeof(block_q6_kx8) : NULL)
+#define KQ_NONE16(NT) ((void)n16, (void)pf16)
 #ifdef KQ_X16
-/* one token: pairs of row groups through k4x16_gemv; returns where the rows left to the tiles begin */
+#define KQ_HAS16 1
+#define KQ_C16(q5, blk, NT) KQX(k4x16_tile)(q5, (const uint8_t *)w + (size_t)(r / 8) * nsb * sizeof(blk), (size_t)nsb * sizeof(blk), nsb, \
+    xt, x_stride, NT, yt, y_stride, n16, pf16 ? (const uint8_t *)w + (size_t)(r / 8 + KQ_FAR) * nsb * sizeof(blk) : NULL)
+#define KQ_CALL16_Q4(NT) KQ_C16(0, block_q4_kx8, NT)
+#define KQ_CALL16_Q5(NT) KQ_C16(1, block_q5_kx8, NT)
+/* one token: pairs of row groups through k4x16_tile; returns where the rows left to the tiles begin */
 #define KQ_GEMV_X16(name, q5, blk)                                                                               \
     KQ_ATTR static int name(const void *w, int nsb, int r, int r1, const uint8_t *x, float *y) {               \
         const size_t gs = (size_t)nsb * sizeof(blk);                                                             \
         for (; r + 8 < r1; r += 16)                                                                              \
-            KQX(k4x16_gemv)(q5, (const uint8_t *)w + (size_t)(r / 8) * gs, gs, nsb, x, y + r, r1 - r,            \
+            KQX(k4x16_tile)(q5, (const uint8_t *)w + (size_t)(r / 8) * gs, gs, nsb, x, 0, 1, y + r, 0, r1 - r,   \
                             r + 8 * (KQ_FAR + 2) <= r1 ? (const uint8_t *)w + (size_t)(r / 8 + KQ_FAR) * gs : NULL); \
         return r;                                                                                                \
     }
@@ -345,6 +376,9 @@ KQ_ATTR static int KQX(gemv_q6_k)(const void *w, int nsb, int r, int r1, const u
     return r;
 }
 #else
+#define KQ_HAS16 0
+#define KQ_CALL16_Q4 KQ_NONE16
+#define KQ_CALL16_Q5 KQ_NONE16
 #define KQX_GEMV_NONE(name) static inline int name(const void *w, int nsb, int r, int r1, const uint8_t *x, float *y) { \
     (void)w; (void)nsb; (void)r1; (void)x; (void)y; return r; }
 KQX_GEMV_NONE(KQX(gemv_q4_k))
@@ -352,13 +386,20 @@ KQX_GEMV_NONE(KQX(gemv_q5_k))
 KQX_GEMV_NONE(KQX(gemv_q6_k))
 #undef KQX_GEMV_NONE
 #endif
-KQ_GEMM_X8(KQX(gemm_q4_kx8), KQ_CALL_Q4, KQX(gemv_q4_k))
-KQ_GEMM_X8(KQX(gemm_q5_kx8), KQ_CALL_Q5, KQX(gemv_q5_k))
-KQ_GEMM_X8(KQX(gemm_q6_kx8), KQ_CALL_Q6, KQX(gemv_q6_k))
+KQ_GEMM_X8(KQX(gemm_q4_kx8), KQ_CALL_Q4, KQ_CALL16_Q4, KQ_HAS16, KQX(gemv_q4_k))
+KQ_GEMM_X8(KQX(gemm_q5_kx8), KQ_CALL_Q5, KQ_CALL16_Q5, KQ_HAS16, KQX(gemv_q5_k))
+KQ_GEMM_X8(KQX(gemm_q6_kx8), KQ_CALL_Q6, KQ_NONE16, 0, KQX(gemv_q6_k))
 #undef KQ_CALL_Q4
 #undef KQ_CALL_Q5
 #undef KQ_CALL_Q6
 #undef KQ_GEMM_X8
+#undef KQ_NONE16
+#undef KQ_HAS16
+#undef KQ_CALL16_Q4
+#undef KQ_CALL16_Q5
+#ifdef KQ_C16
+#undef KQ_C16
+#endif
 #undef KQ_G
 #undef KQ_PF
 #undef KQ_FAR
