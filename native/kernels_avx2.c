@@ -503,7 +503,7 @@ static void repack_q6_k(const void *s, void *d, int n_out, int n_in) { repack_kx
 void el_avx2_kquants_vnni(el_kernels *k) {
     k->types[EL_TI_Q4_K].gemm = gemm_q4_kx8_vnni;
     k->types[EL_TI_Q5_K].gemm = gemm_q5_kx8_vnni;
-    k->types[EL_TI_Q6_K].gemm = gemm_q6_kx8_vnni;
+    k->types[EL_TI_Q6_K].gemm = gemm_q6_k16_vnni;
 }
 
 /* --------------------------------------------------------------------------------------- element-wise */

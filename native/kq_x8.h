@@ -254,6 +254,58 @@ KQ_ATTR static inline __attribute__((always_inline)) void KQX(k6x16_gemv)(const 
 }
 #endif
 
+#ifdef KQ_X16
+/* NT (1..4) tokens of Q6_K over two neighbouring row groups in 512-bit vectors, sub-block by sub-block as
+ * q6kx8_tile (the same integer sums and float operations per row: the same bits); hs[t]: half_sums32 of token t,
+ * computed once for all the row pairs of a row block. */
+KQ_ATTR static inline __attribute__((always_inline)) void KQX(k6x16_tile)(const uint8_t *w0, size_t gs, int nsb,
+        const uint8_t *x, size_t x_stride, const int NT, const int32_t *hs, size_t hs_stride, float *y, size_t y_stride,
+        int nrows, const uint8_t *pf) {
+    const size_t bs = sizeof(block_q6_kx8);
+    const __m512i m4 = _mm512_set1_epi8(15), m2 = _mm512_set1_epi8(0x30);
+    __m512 acc[4];
+    for (int t = 0; t < NT; t++) acc[t] = _mm512_setzero_ps();
+    for (int i = 0; i < nsb; i++) {
+        const uint8_t *b0 = w0 + i * bs, *b1 = b0 + gs;
+        if (pf) KQX(prefetch_pair)(pf + i * bs, gs, b0, b1, bs);
+        const block_q6_kx8 *q0 = (const block_q6_kx8 *)b0, *q1 = (const block_q6_kx8 *)b1;
+        const __m512 d = _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)q0->d)),
+                                                                 _mm_loadu_si128((const __m128i *)q1->d), 1));
+        for (int j = 0; j < 8; j++) {
+            const int h = j / 4, gq = j % 4, lq = (2 * h + (gq & 1)) * 256;
+            __m512i aA[4], aB[4];
+            for (int t = 0; t < NT; t++) aA[t] = aB[t] = _mm512_setzero_si512();
+            for (int g = 0; g < 8; g++) {
+                const __m512i v = KQX(pair)(q0->ql + lq + g * 32, q1->ql + lq + g * 32);
+                const __m512i hv = KQX(pair)(q0->qh + h * 256 + g * 32, q1->qh + h * 256 + g * 32);
+                const __m512i lo = gq >> 1 ? _mm512_and_si512(_mm512_srli_epi16(v, 4), m4) : _mm512_and_si512(v, m4);
+                const __m512i sh = 2 * gq <= 4 ? _mm512_slli_epi16(hv, 4 - 2 * gq) : _mm512_srli_epi16(hv, 2 * gq - 4);
+                const __m512i q = _mm512_ternarylogic_epi32(lo, sh, m2, 0xf8);   /* lo | (sh & 0x30) */
+                for (int t = 0; t < NT; t++) {
+                    int32_t a4;
+                    memcpy(&a4, ((const block_q8a *)(x + t * x_stride) + 8 * i + j)->qs + 4 * g, 4);
+                    if (g < 4) aA[t] = _mm512_dpbusd_epi32(aA[t], q, _mm512_set1_epi32(a4));
+                    else aB[t] = _mm512_dpbusd_epi32(aB[t], q, _mm512_set1_epi32(a4));
+                }
+            }
+            const __m512i sA = _mm512_cvtepi8_epi32(_mm_unpacklo_epi64(_mm_loadl_epi64((const __m128i *)q0->scales[2 * j]),
+                                                                       _mm_loadl_epi64((const __m128i *)q1->scales[2 * j])));
+            const __m512i sB = _mm512_cvtepi8_epi32(_mm_unpacklo_epi64(_mm_loadl_epi64((const __m128i *)q0->scales[2 * j + 1]),
+                                                                       _mm_loadl_epi64((const __m128i *)q1->scales[2 * j + 1])));
+            for (int t = 0; t < NT; t++) {
+                const int32_t *ht = hs + t * hs_stride + 2 * (8 * i + j);
+                const __m512i isum = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_sub_epi32(aA[t], _mm512_set1_epi32(ht[0])), sA),
+                                                      _mm512_mullo_epi32(_mm512_sub_epi32(aB[t], _mm512_set1_epi32(ht[1])), sB));
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum),
+                                         _mm512_mul_ps(d, _mm512_set1_ps(((const block_q8a *)(x + t * x_stride) + 8 * i + j)->d)), acc[t]);
+            }
+        }
+    }
+    const __mmask16 keep = nrows >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nrows) - 1);
+    for (int t = 0; t < NT; t++) _mm512_mask_storeu_ps(y + t * y_stride, keep, acc[t]);
+}
+#endif
+
 KQ_ATTR static inline __attribute__((always_inline)) void KQX(q6kx8_tile)(const uint8_t *wg, int nsb,
         const uint8_t *x, size_t x_stride, const int NT, float *y, size_t y_stride, int nrows, const uint8_t *pf) {
     const size_t bs = sizeof(block_q6_kx8);
@@ -389,6 +441,61 @@ KQX_GEMV_NONE(KQX(gemv_q6_k))
 KQ_GEMM_X8(KQX(gemm_q4_kx8), KQ_CALL_Q4, KQ_CALL16_Q4, KQ_HAS16, KQX(gemv_q4_k))
 KQ_GEMM_X8(KQX(gemm_q5_kx8), KQ_CALL_Q5, KQ_CALL16_Q5, KQ_HAS16, KQX(gemv_q5_k))
 KQ_GEMM_X8(KQX(gemm_q6_kx8), KQ_CALL_Q6, KQ_NONE16, 0, KQX(gemv_q6_k))
+#ifdef KQ_X16
+/* Q6_K with 16-row tiles: row blocks of 8 groups; each token tile's half sums (half_sums32) computed once a block,
+ * on the stack for rows of up to 64 super-blocks (16384 inputs; longer rows: the 8-row kernel) */
+enum { KQ6_G = 8, KQ6_MAXSB = 64 };
+KQ_ATTR static void KQX(gemm_q6_k16)(const void *w, int n_in, int r0, int r1, const void *x, size_t x_stride, int n_tok,
+                                     float *y, size_t y_stride) {
+    const int nsb = n_in / EL_QK_K;
+    if (nsb > KQ6_MAXSB) {
+        KQX(gemm_q6_kx8)(w, n_in, r0, r1, x, x_stride, n_tok, y, y_stride);
+        return;
+    }
+    if (n_tok == 1) r0 = KQX(gemv_q6_k)(w, nsb, r0, r1, (const uint8_t *)x, y);
+    const size_t gs = (size_t)nsb * sizeof(block_q6_kx8), hstride = 2 * 8 * KQ6_MAXSB;
+    int32_t hs[4 * 2 * 8 * KQ6_MAXSB];
+    for (int rb = r0; rb < r1; rb += 8 * KQ6_G) {
+        const int re = rb + 8 * KQ6_G < r1 ? rb + 8 * KQ6_G : r1;
+        for (int t = 0; t < n_tok; t += 4) {
+            const int nt = n_tok - t < 4 ? n_tok - t : 4;
+            const uint8_t *xt = (const uint8_t *)x + t * x_stride;
+            int sums = 0;
+            for (int r = rb; r < re; r += 8) {
+                const uint8_t *wg = (const uint8_t *)w + (size_t)(r / 8) * gs;
+                float *yt = y + t * y_stride + r;
+                if (r + 8 < re) {
+                    if (!sums)
+                        for (int u = 0; u < nt; u++) KQX(half_sums32)(xt + u * x_stride, 8 * nsb, hs + u * hstride);
+                    sums = 1;
+                    const int n16 = r1 - r < 16 ? r1 - r : 16;
+                    const uint8_t *pf = t == 0 && r + 8 * (KQ_FAR + 2) <= r1 ? wg + KQ_FAR * gs : NULL;
+#define KQ6_16(NT) KQX(k6x16_tile)(wg, gs, nsb, xt, x_stride, NT, hs, hstride, yt, y_stride, n16, pf)
+                    switch (nt) {
+                    case 4: KQ6_16(4); break;
+                    case 3: KQ6_16(3); break;
+                    case 2: KQ6_16(2); break;
+                    default: KQ6_16(1); break;
+                    }
+#undef KQ6_16
+                    r += 8;
+                    continue;
+                }
+                const int nrows = r1 - r < 8 ? r1 - r : 8;
+                const uint8_t *pf = t == 0 && r + 8 * KQ_PF < r1 ? wg + KQ_PF * gs : NULL;
+#define KQ6_8(NT) KQX(q6kx8_tile)(wg, nsb, xt, x_stride, NT, yt, y_stride, nrows, pf)
+                switch (nt) {
+                case 4: KQ6_8(4); break;
+                case 3: KQ6_8(3); break;
+                case 2: KQ6_8(2); break;
+                default: KQ6_8(1); break;
+                }
+#undef KQ6_8
+            }
+        }
+    }
+}
+#endif
 #undef KQ_CALL_Q4
 #undef KQ_CALL_Q5
 #undef KQ_CALL_Q6
