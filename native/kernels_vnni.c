@@ -146,20 +146,31 @@ INLINE void x16_tile(const uint8_t *w0, size_t gstride, int nb, int kind, const 
         __m512i s0[8], s1[8];
         for (int t = 0; t < 8; t++) s0[t] = s1[t] = _mm512_setzero_si512();
         if (kind == K_Q8_0) {
+            /* u8 x s8 without a per-token sign step: (w ^ 0x80) . a = w . a + 128 sum(a), so each token's
+             * accumulator starts at -128 sum(a), the block's integer sum recovered from s = d * sum (|sum| <= 4064:
+             * s / d rounds back to it exactly), for all the tile's tokens in one vector division */
+            float dd[8] __attribute__((aligned(32))), ss[8] __attribute__((aligned(32)));
+            int32_t start[8] __attribute__((aligned(32)));
+            for (int t = 0; t < 8; t++) {
+                dd[t] = t < NT ? a[t]->d : 0.0f;
+                ss[t] = t < NT ? a[t]->s : 0.0f;
+            }
+            const __m256 dv = _mm256_load_ps(dd);
+            const __m256i isum = _mm256_cvtps_epi32(_mm256_maskz_div_ps(_mm256_cmp_ps_mask(dv, _mm256_setzero_ps(), _CMP_NEQ_UQ),
+                                                                        _mm256_load_ps(ss), dv));
+            _mm256_store_si256((__m256i *)start, _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(isum, 7)));
+            for (int t = 0; t < NT; t++) s0[t] = _mm512_set1_epi32(start[t]);
+            const __m512i bias = _mm512_set1_epi8((char)0x80);
             for (int g = 0; g < 8; g += 2) {
-                const __m512i w0v = el_pair256(q0 + 32 * g, q1 + 32 * g), w1v = el_pair256(q0 + 32 * g + 32, q1 + 32 * g + 32);
-                const __m512i aw0 = _mm512_abs_epi8(w0v), aw1 = _mm512_abs_epi8(w1v);   /* u8 operand: |w|, sign on a */
-                const __mmask64 n0 = _mm512_movepi8_mask(w0v), n1 = _mm512_movepi8_mask(w1v);
+                const __m512i u0 = _mm512_xor_si512(el_pair256(q0 + 32 * g, q1 + 32 * g), bias);
+                const __m512i u1 = _mm512_xor_si512(el_pair256(q0 + 32 * g + 32, q1 + 32 * g + 32), bias);
                 for (int t = 0; t < NT; t++) {
                     int32_t l4, h4;
                     memcpy(&l4, a[t]->qs + 4 * g, 4);
                     memcpy(&h4, a[t]->qs + 4 * g + 4, 4);
-                    const __m512i al = _mm512_set1_epi32(l4), ah = _mm512_set1_epi32(h4);
-                    const __m512i sl = _mm512_mask_sub_epi8(al, n0, _mm512_setzero_si512(), al);
-                    const __m512i sh = _mm512_mask_sub_epi8(ah, n1, _mm512_setzero_si512(), ah);
-                    s0[t] = _mm512_dpbusd_epi32(s0[t], aw0, sl);
-                    if (two) s1[t] = _mm512_dpbusd_epi32(s1[t], aw1, sh);
-                    else s0[t] = _mm512_dpbusd_epi32(s0[t], aw1, sh);
+                    s0[t] = _mm512_dpbusd_epi32(s0[t], u0, _mm512_set1_epi32(l4));
+                    if (two) s1[t] = _mm512_dpbusd_epi32(s1[t], u1, _mm512_set1_epi32(h4));
+                    else s0[t] = _mm512_dpbusd_epi32(s0[t], u1, _mm512_set1_epi32(h4));
                     KEEP(s0[t]); KEEP(s1[t]);
                 }
             }
