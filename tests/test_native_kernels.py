@@ -199,6 +199,39 @@ def test_amx_equals_vnni_bit_for_bit(pools, t, n_out, n_in, n_tok):
     assert np.array_equal(out["amx"], out["avx512vnni"])
 
 
+@pytest.mark.parametrize("t", [GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1], ids=lambda t: t.name)
+def test_matmul_rows_at_extreme_activation_scales(isa, pools, t):
+    """Activation blocks from 1e-38 (subnormal block scales) to 1e30, all zero, all +-127 (a block's integer sum at its extremes: Q8_0's
+    multi-token tiles start from -128 times it, recovered from the block's scale): each token's outputs are the same
+    bits alone and in a batch, and close to the float64 product."""
+    rng = np.random.default_rng(7)
+    n_out, n_in = 45, 256
+    raw = random_weights(rng, t, n_out, n_in)
+    w = ffi.gc(lib.el_weight_new(int(t), ptr(raw, "void *"), n_out, n_in), lib.el_weight_free)
+    base = rng.standard_normal((12, n_in))
+    scales = np.array([1e-38, 1e-30, 1e-3, 1.0, 1e3, 1e30, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])[:, None]
+    x = base * scales
+    x[6] = 0.0                                       # d = 0: every block empty
+    x[7] = 2.5                                       # every q = +127
+    x[8] = -2.5                                      # every q = -127
+    x[9, :32], x[9, 32:] = 1.0, 0.0                  # one full block, then empty ones
+    x[10] = np.where(np.arange(n_in) % 2, 7.0, -7.0)
+    x[11, ::32] = 1e4                                # one large element a block
+    x = x.astype(np.float32)
+    batch = out_buffer(12 * n_out)
+    lib.el_matmul(pools[2], w, ptr(x), 12, ptr(batch))
+    check_sentinel(batch, 12 * n_out)
+    ref = x.astype(np.float64) @ reference_dequant(raw, t, n_out, n_in).astype(np.float64).T
+    for i in range(12):
+        y = out_buffer(n_out)
+        lib.el_matmul(pools[2], w, ptr(np.ascontiguousarray(x[i:i + 1])), 1, ptr(y))
+        got = batch[i * n_out:(i + 1) * n_out]
+        assert np.array_equal(y[:n_out], got), i
+        scale = np.abs(ref[i]).max()
+        if i > 0:   # row 0's block scales are subnormal: its products underflow (the same bits still)
+            assert np.all(np.isfinite(got)) and (scale == 0 or np.abs(got - ref[i]).max() <= 0.05 * scale), i
+
+
 @pytest.mark.parametrize("t", K_TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("n_tok", [1, 5, 17])
 def test_matmul_kquant_extremes(isa, pools, t, n_tok):
