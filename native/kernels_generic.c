@@ -31,7 +31,7 @@ static void quantize_q8a(const float *x, block_q8a *y, int n) {
     for (int b = 0; b < n / EL_QK; b++, x += EL_QK) {
         float amax = 0.0f;
         for (int j = 0; j < EL_QK; j++) amax = fmaxf(amax, fabsf(x[j]));
-        const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        const float d = amax / 127.0f, id = el_q8a_inv(d);
         int sum = 0;
         for (int j = 0; j < EL_QK; j++) {
             /* nearbyintf: round half to even, as the SIMD versions' vroundps / vcvtnq */

@@ -199,7 +199,7 @@ static void quantize_q8a(const float *x, block_q8a *y, int n) {
         float32x4_t v[8];
         float32x4_t m = vdupq_n_f32(0);
         for (int i = 0; i < 8; i++) { v[i] = vld1q_f32(x + 4 * i); m = vmaxq_f32(m, vabsq_f32(v[i])); }
-        const float d = vmaxvq_f32(m) / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        const float d = vmaxvq_f32(m) / 127.0f, id = el_q8a_inv(d);
         int32x4_t s = vdupq_n_s32(0);
         for (int i = 0; i < 8; i += 2) {
             /* vcvtnq: round to nearest, ties to even, as the generic nearbyintf */

@@ -148,28 +148,18 @@ INLINE void x16_tile(const uint8_t *w0, size_t gstride, int nb, int kind, const 
         if (kind == K_Q8_0) {
             /* u8 x s8 without a per-token sign step: (w ^ 0x80) . a = w . a + 128 sum(a), so each token's
              * accumulator starts at -128 sum(a), the block's integer sum recovered from s = d * sum (|sum| <= 4064:
-             * s / d rounds back to it exactly), for all the tile's tokens in one vector division */
+             * s / d rounds back to it exactly; a zero or subnormal d comes with zero bytes, see el_q8a_inv), for all
+             * the tile's tokens in one vector division */
             float dd[8] __attribute__((aligned(32))), ss[8] __attribute__((aligned(32)));
             int32_t start[8] __attribute__((aligned(32)));
             for (int t = 0; t < 8; t++) {
                 dd[t] = t < NT ? a[t]->d : 0.0f;
                 ss[t] = t < NT ? a[t]->s : 0.0f;
             }
-            const __m256 dv = _mm256_load_ps(dd), ad = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), dv);
+            const __m256 dv = _mm256_load_ps(dd);
             const __m256i isum = _mm256_cvtps_epi32(_mm256_maskz_div_ps(_mm256_cmp_ps_mask(dv, _mm256_setzero_ps(), _CMP_NEQ_UQ),
                                                                         _mm256_load_ps(ss), dv));
             _mm256_store_si256((__m256i *)start, _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(isum, 7)));
-            /* a scale that is subnormal (its quantizer's 1 / d overflowed), huge or not finite: s does not carry the
-             * stored bytes' sum, so add them up (rare) */
-            const __mmask8 odd = (__mmask8)(_mm256_cmp_ps_mask(dv, _mm256_setzero_ps(), _CMP_NEQ_UQ) &
-                                            (_mm256_cmp_ps_mask(ad, _mm256_set1_ps(1.17549435e-38f), _CMP_LT_OQ) |
-                                             _mm256_cmp_ps_mask(ad, _mm256_set1_ps(1e30f), _CMP_NLE_UQ)));
-            for (int t = 0; odd && t < NT; t++)
-                if (odd >> t & 1) {
-                    int32_t sum = 0;
-                    for (int k = 0; k < EL_QK; k++) sum += a[t]->qs[k];
-                    start[t] = -128 * sum;
-                }
             for (int t = 0; t < NT; t++) s0[t] = _mm512_set1_epi32(start[t]);
             const __m512i bias = _mm512_set1_epi8((char)0x80);
             for (int g = 0; g < 8; g += 2) {

@@ -201,9 +201,9 @@ def test_amx_equals_vnni_bit_for_bit(pools, t, n_out, n_in, n_tok):
 
 @pytest.mark.parametrize("t", [GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1], ids=lambda t: t.name)
 def test_matmul_rows_at_extreme_activation_scales(isa, pools, t):
-    """Activation blocks from 1e-38 (subnormal block scales) to 1e30, all zero, all +-127 (a block's integer sum at its extremes: Q8_0's
-    multi-token tiles start from -128 times it, recovered from the block's scale): each token's outputs are the same
-    bits alone and in a batch, and close to the float64 product."""
+    """Activation blocks from 1e-38 (subnormal block scales: zeros) to 1e30, all zero, all +-127 (a block's integer
+    sum at its extremes: Q8_0's multi-token tiles start from -128 times it, recovered from the block's scale): each
+    token's outputs are the same bits alone and in a batch, and close to the float64 product."""
     rng = np.random.default_rng(7)
     n_out, n_in = 45, 256
     raw = random_weights(rng, t, n_out, n_in)
@@ -268,6 +268,8 @@ def test_quantize_q8a(isa, n):
     rng = np.random.default_rng(n)
     x = (rng.standard_normal(n) * rng.uniform(0.1, 10)).astype(np.float32)
     x[:32] = 0.0 if n == 96 else x[:32]  # an all-zero block: d = 0, q = 0
+    if n >= 64:
+        x[32:64] *= np.float32(1e-38)  # a subnormal scale: q = 0 (1 / d would overflow)
     nb = n // 32
     buf = np.zeros(nb * 40 + 8, np.uint8)
     buf[nb * 40:] = 0xAB
@@ -276,8 +278,8 @@ def test_quantize_q8a(isa, n):
     blocks = buf[:nb * 40].view(np.dtype([("d", "<f4"), ("s", "<f4"), ("qs", "i1", 32)]))
     xb = x.reshape(nb, 32)
     d = (np.abs(xb).max(1) / np.float32(127)).astype(np.float32)
-    with np.errstate(divide="ignore"):
-        inv = np.where(d > 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+    with np.errstate(divide="ignore", over="ignore"):
+        inv = np.where(d >= np.finfo(np.float32).tiny, np.float32(1) / d, np.float32(0)).astype(np.float32)
     q = np.rint(xb * inv[:, None]).astype(np.int32)
     np.testing.assert_array_equal(blocks["d"], d)
     np.testing.assert_array_equal(blocks["qs"], q)
