@@ -243,7 +243,7 @@ __attribute__((noinline)) static void x16_gemv(const uint8_t *w0, size_t gstride
             const int nrows = r1 - r < 8 ? r1 - r : 8;                                                  \
             /* prefetch PF_GROUPS row groups ahead, during the first token tile only */                 \
             const uint8_t *pf = r + 8 * PF_GROUPS < r1 ? wg + (size_t)PF_GROUPS * gs : NULL;            \
-            if (r + 8 < r1 && (n_tok > 1 || kind != K_Q8_0)) {   /* two row groups in 512-bit vectors */ \
+            if (r + 8 < r1) {   /* two row groups in 512-bit vectors */                            \
                 const int n16 = r1 - r < 16 ? r1 - r : 16;                                              \
                 const uint8_t *pf16 = r + 8 * (PF_GROUPS + 1) < r1 ? pf : NULL;                         \
                 if (n_tok == 1) x16_gemv(wg, gs, nb, kind, xb, y + r, n16, pf16);                       \
