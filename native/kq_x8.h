@@ -352,6 +352,14 @@ KQ_ATTR static inline __attribute__((always_inline)) void KQX(q6kx8_tile)(const 
     for (int t = 0; t < NT; t++) store_rows(y + t * y_stride, acc[t], nrows);
 }
 
+/* one call of a tile of nt (1..4, a constant in each case) tokens: CALL(NT) expands to it */
+#define KQ_NT4(nt, CALL)         \
+    switch (nt) {                \
+    case 4: CALL(4); break;      \
+    case 3: CALL(3); break;      \
+    case 2: CALL(2); break;      \
+    default: CALL(1); break;     \
+    }
 #define KQ_G 4   /* row groups (of 8) per token tile */
 
 /* Row blocks of KQ_G groups, token tiles of 4; where the flavour has 16-row tiles (call16), pairs of groups go through
@@ -373,21 +381,11 @@ KQ_ATTR static inline __attribute__((always_inline)) void KQX(q6kx8_tile)(const 
                     if (has16 && r + 8 < re) {                                                                                                                            \
                         const int n16 = r1 - r < 16 ? r1 - r : 16;                                               \
                         const int pf16 = t == 0 && r + 8 * (KQ_FAR + 2) <= r1;                                   \
-                        switch (nt) {                                                                            \
-                        case 4: call16(4); break;                                                                \
-                        case 3: call16(3); break;                                                                \
-                        case 2: call16(2); break;                                                                \
-                        default: call16(1); break;                                                               \
-                        }                                                                                        \
+                        KQ_NT4(nt, call16)                                                                       \
                         r += 8;                                                                                  \
                         continue;                                                                                \
                     }                                                                                            \
-                    switch (nt) {                                                                                \
-                    case 4: call(4); break;                                                                      \
-                    case 3: call(3); break;                                                                      \
-                    case 2: call(2); break;                                                                      \
-                    default: call(1); break;                                                                     \
-                    }                                                                                            \
+                    KQ_NT4(nt, call)                                                                             \
                 }                                                                                                \
             }                                                                                                    \
         }                                                                                                        \
@@ -471,12 +469,7 @@ KQ_ATTR static void KQX(gemm_q6_k16)(const void *w, int n_in, int r0, int r1, co
                     const int n16 = r1 - r < 16 ? r1 - r : 16;
                     const uint8_t *pf = t == 0 && r + 8 * (KQ_FAR + 2) <= r1 ? wg + KQ_FAR * gs : NULL;
 #define KQ6_16(NT) KQX(k6x16_tile)(wg, gs, nsb, xt, x_stride, NT, hs, hstride, yt, y_stride, n16, pf)
-                    switch (nt) {
-                    case 4: KQ6_16(4); break;
-                    case 3: KQ6_16(3); break;
-                    case 2: KQ6_16(2); break;
-                    default: KQ6_16(1); break;
-                    }
+                    KQ_NT4(nt, KQ6_16)
 #undef KQ6_16
                     r += 8;
                     continue;
@@ -484,12 +477,7 @@ KQ_ATTR static void KQX(gemm_q6_k16)(const void *w, int n_in, int r0, int r1, co
                 const int nrows = r1 - r < 8 ? r1 - r : 8;
                 const uint8_t *pf = t == 0 && r + 8 * KQ_PF < r1 ? wg + KQ_PF * gs : NULL;
 #define KQ6_8(NT) KQX(q6kx8_tile)(wg, nsb, xt, x_stride, NT, yt, y_stride, nrows, pf)
-                switch (nt) {
-                case 4: KQ6_8(4); break;
-                case 3: KQ6_8(3); break;
-                case 2: KQ6_8(2); break;
-                default: KQ6_8(1); break;
-                }
+                KQ_NT4(nt, KQ6_8)
 #undef KQ6_8
             }
         }
@@ -500,6 +488,7 @@ KQ_ATTR static void KQX(gemm_q6_k16)(const void *w, int n_in, int r0, int r1, co
 #undef KQ_CALL_Q5
 #undef KQ_CALL_Q6
 #undef KQ_GEMM_X8
+#undef KQ_NT4
 #undef KQ_NONE16
 #undef KQ_HAS16
 #undef KQ_CALL16_Q4
