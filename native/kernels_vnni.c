@@ -39,14 +39,18 @@ INLINE __m256i q5_high(__m256i hb, int g) {   /* bit g of each hb byte -> 0x10 (
 enum { K_Q4_0, K_Q4_1, K_Q5_0, K_Q5_1, K_Q8_0 };
 enum { PF_GROUPS = 4 };   /* row groups ahead prefetched into L2 (the next one into L1) while one is computed */
 
+INLINE size_t x8_block_bytes(int kind) {   /* one block of a group of 8 rows */
+    return kind == K_Q8_0 ? sizeof(block_q8_0x8) : kind == K_Q4_0 ? sizeof(block_q4_0x8)
+         : kind == K_Q4_1 ? sizeof(block_q4_1x8) : kind == K_Q5_0 ? sizeof(block_q5_0x8) : sizeof(block_q5_1x8);
+}
+
 /* the hot spot on VNNI CPUs: 8 rows x NT tokens (NT <= 8: AVX-512VL's 32 registers hold 8 tokens' accumulators);
  * up to 4 tokens, two integer accumulators per token halve the vpdpbusd chains. Integer sums are exact, so a
  * token's result is the same bits in a tile of 1 or of 8 (the float epilogue is one sequence per token). */
 INLINE void x8_tile(const uint8_t *wg, int nb, int kind, const uint8_t *x, size_t x_stride, int NT,
                     float *y, size_t y_stride, int nrows, const uint8_t *pf) {
     const int has_min = kind == K_Q4_1 || kind == K_Q5_1, q5 = kind == K_Q5_0 || kind == K_Q5_1;
-    const size_t bsize = kind == K_Q8_0 ? sizeof(block_q8_0x8) : kind == K_Q4_0 ? sizeof(block_q4_0x8)
-                       : kind == K_Q4_1 ? sizeof(block_q4_1x8) : kind == K_Q5_0 ? sizeof(block_q5_0x8) : sizeof(block_q5_1x8);
+    const size_t bsize = x8_block_bytes(kind);
     const float offset = kind == K_Q4_0 ? -8.0f : kind == K_Q5_0 ? -16.0f : 0.0f;
     const __m256i m4 = _mm256_set1_epi8(0x0f);
     const int two = NT <= 4;   /* a second accumulator per token */
@@ -122,8 +126,7 @@ __attribute__((noinline)) static void x8_tile1(const uint8_t *wg, int nb, int ki
 INLINE void x16_tile(const uint8_t *w0, size_t gstride, int nb, int kind, const uint8_t *x, size_t x_stride, int NT,
                      float *y, size_t y_stride, int nrows, const uint8_t *pf) {
     const int has_min = kind == K_Q4_1 || kind == K_Q5_1, q5 = kind == K_Q5_0 || kind == K_Q5_1;
-    const size_t bsize = kind == K_Q8_0 ? sizeof(block_q8_0x8) : kind == K_Q4_0 ? sizeof(block_q4_0x8)
-                       : kind == K_Q4_1 ? sizeof(block_q4_1x8) : kind == K_Q5_0 ? sizeof(block_q5_0x8) : sizeof(block_q5_1x8);
+    const size_t bsize = x8_block_bytes(kind);
     const float offset = kind == K_Q4_0 ? -8.0f : kind == K_Q5_0 ? -16.0f : 0.0f;
     const __m512i m4 = _mm512_set1_epi8(0x0f);
     const int two = NT <= 4;   /* a second accumulator per token */
@@ -142,7 +145,7 @@ INLINE void x16_tile(const uint8_t *w0, size_t gstride, int nb, int kind, const 
         }
         const block_q8a *a[8];
         for (int t = 0; t < NT; t++) a[t] = (const block_q8a *)(x + t * x_stride) + b;
-        const uint8_t *q0 = b0 + (kind == K_Q8_0 ? 16 : has_min ? 32 : 16), *q1 = b1 + (q0 - b0);
+        const uint8_t *q0 = b0 + (has_min ? 32 : 16), *q1 = b1 + (q0 - b0);
         __m512i s0[8], s1[8];
         for (int t = 0; t < 8; t++) s0[t] = s1[t] = _mm512_setzero_si512();
         if (kind == K_Q8_0) {
