@@ -1161,6 +1161,13 @@ class Sampler:
         else:
             stages = _stages_from_params(p, piece, xtc_rng)
         self.chain = SamplerChain(stages, greedy=self.greedy, mirostat=mirostat, rng=self.rng)
+        # greedy over the row with at most a few biased tokens: one argmax pass, no copy (_greedy_row)
+        bias = front[0] if len(front) == 1 and isinstance(front[0], LogitBias) else None
+        plain = self.greedy and not stages and self.grammar is None and (not front or bias is not None)
+        self._greedy_bias = None if not plain else (
+            ([], []) if bias is None else (bias._ids.tolist(), bias._vals.tolist()))
+        if self._greedy_bias is not None and len(self._greedy_bias[0]) > 16:
+            self._greedy_bias = None
 
     def reseed(self, seed: int | None) -> None:
         """Restart the random streams (None: fresh OS entropy); mirostat's mu restarts too."""
@@ -1189,6 +1196,31 @@ class Sampler:
         cand.owned = False  # the pass below may run twice (grammar resample): never edit this baseline
         return cand
 
+    def _greedy_row(self, x: np.ndarray) -> int | None:
+        """Greedy sampling with nothing but a few biased tokens, in one pass over the row: the same token (and the
+        same errors) as biasing a copy and taking its argmax. numpy's argmax stops at the first NaN and otherwise
+        finds the first maximum, so x[i] alone says whether the row holds NaN, +inf or only -inf. None when the
+        row's maximum is a biased token (the next best unbiased one needs the general path)."""
+        i = int(x.argmax())
+        m = float(x[i])
+        if not math.isfinite(m):
+            _check_max(x)   # raises the error the general path gives
+        toks, deltas = self._greedy_bias
+        if not toks:
+            return i
+        n = x.size
+        best, best_v = i, m
+        for t, d in zip(toks, deltas):
+            if t >= n:
+                raise ValueError(f"token id {t} is outside the vocabulary [0, {n})")
+            if t == i:
+                return None
+            v = float(x[t]) + d   # add_to_tokens' float64 step, stored back as float32
+            v = -math.inf if v != v or v == -math.inf else float(np.float32(min(max(v, -_F32_MAX), _F32_MAX)))
+            if v > best_v or (v == best_v and t < best):
+                best, best_v = t, v
+        return best
+
     def _pass(self, base: Candidates, history, masked: bool) -> Candidates:
         cand = Candidates(base.logits)
         if masked:
@@ -1197,6 +1229,10 @@ class Sampler:
 
     def sample(self, logits, history: Sequence[int] = ()) -> int:
         """One token id from a float32 [n_vocab] logits row, given the sequence so far."""
+        if self._greedy_bias is not None:
+            tok = self._greedy_row(_as_logits(logits))
+            if tok is not None:
+                return tok
         if self._buffers is None:
             self._buffers = RowBuffers(max_rows=1, keep=1)
         base = self._base(logits, history, self._buffers)   # logit_bias's copy: into the same array every step

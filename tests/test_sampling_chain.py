@@ -233,6 +233,54 @@ def test_logit_bias_few_tokens_equal_many():
     assert s.sample(np.array([1.0, 2.0, 3.0], np.float32)) == 2
 
 
+def test_greedy_one_pass_equals_the_general_path():
+    """Greedy with at most a few biased tokens takes one argmax over the row (no copy): the same token and the
+    same errors as biasing a copy and taking its argmax, on ties, clamped and banned tokens, NaN, +inf, -inf."""
+    rng = np.random.default_rng(11)
+    f32max = float(np.finfo(np.float32).max)
+
+    def both(row, bias):
+        fast = Sampler(SamplingParams(temperature=0, logit_bias=bias))
+        slow = Sampler(SamplingParams(temperature=0, logit_bias=bias))
+        slow._greedy_bias = None   # the general path: bias a copy, check, argmax
+        assert fast._greedy_bias is not None
+        out = []
+        for s in (fast, slow):
+            try:
+                out.append(s.sample(row.copy()))
+            except ValueError as e:
+                out.append(str(e))
+        assert out[0] == out[1], (row[:12], bias, out)
+        return out[0]
+
+    n_fast = 0
+    for trial in range(400):
+        n = int(rng.integers(1, 40))
+        row = rng.integers(-3, 4, n).astype(np.float32)   # small integers: many ties
+        if trial % 7 == 0:
+            row[rng.integers(0, n)] = f32max
+        if trial % 11 == 0:
+            row[rng.integers(0, n)] = -np.inf
+        k = int(rng.integers(0, 5))
+        toks = rng.integers(0, n + (1 if trial % 13 == 0 else 0), k).tolist()
+        vals = rng.choice([-np.inf, -1.0, 0.0, 0.5, 1.0, 1e39, -1e39], k).tolist()
+        got = both(row, dict(zip(toks, vals)) or None)
+        n_fast += isinstance(got, int)
+    assert n_fast > 300
+    # the bad rows: the general path's messages
+    for row in (np.array([1.0, np.nan, np.inf], np.float32), np.array([np.inf, 1.0], np.float32),
+                np.full(3, -np.inf, np.float32)):
+        for bias in (None, {0: 1.0}, {2: -np.inf}):
+            assert isinstance(both(row, bias), str)
+    assert both(np.array([0.0, 1.0, 2.0], np.float32), {2: -np.inf, 0: -np.inf, 1: -np.inf}) == \
+        "every logit is -inf: no token can be sampled"
+    assert "outside the vocabulary" in both(np.array([0.0, 1.0], np.float32), {0: -1.0, 5: 1.0})
+    # more than 16 biased tokens, an editing stage or a grammar: the general path
+    assert Sampler(SamplingParams(temperature=0, logit_bias={i: 0.0 for i in range(17)}))._greedy_bias is None
+    assert Sampler(SamplingParams(temperature=0, repeat_penalty=1.3))._greedy_bias is None
+    assert Sampler(SamplingParams(temperature=0.7))._greedy_bias is None
+
+
 def test_order_is_configurable():
     # temperature 0.5 first sharpens P4 to p^2 / sum, then top-p 0.75 keeps fewer tokens
     sharp = normalized({i: p ** 2 for i, p in enumerate(P4)})  # 0.6711, 0.2416, 0.0604, 0.0067
