@@ -44,9 +44,21 @@ KQ_ATTR static inline __attribute__((always_inline)) void KQX(unpack_scales)(con
  * -> 26.6 GB/s, Q4_K 26.1 -> 28.6 against 4 groups ahead / the next pair into L1) */
 #define KQ_FAR 2
 #define KQ_NEAR 2
-/* super-block i of the row groups ahead: bs bytes at pf (far, into L2) and at next (into L1) */
-static inline __attribute__((always_inline)) void KQX(prefetch_sb)(const uint8_t *pf, const uint8_t *next, size_t bs) {
-    for (size_t o = 0; o < bs; o += 64) {
+/* Prefetches are issued a part at a time through a super-block's work (part k of n of its lines at the start of
+ * sub-block loop step k): all at once at its start, the misses of 2-4 streams x 18-27 lines overflowed the core's
+ * queue of outstanding misses and streaming stalled (Zen 4, 1.7B matrices, 2 threads: Q6_K 17.5-22.0 -> 29.6-30.5
+ * GB/s, Q4_K 19.7-24.2 -> 29.1-42.6). */
+static inline __attribute__((always_inline)) size_t KQX(part_lines)(size_t bs, int k, int n, size_t *l1) {
+    const size_t lines = (bs + 63) / 64;
+    *l1 = lines * (size_t)(k + 1) / (size_t)n * 64;
+    return lines * (size_t)k / (size_t)n * 64;
+}
+
+/* part k of n of super-block i of the row groups ahead: bs bytes at pf (far, into L2) and at next (into L1) */
+static inline __attribute__((always_inline)) void KQX(prefetch_sb)(const uint8_t *pf, const uint8_t *next, size_t bs,
+                                                                  int k, int n) {
+    size_t end;
+    for (size_t o = KQX(part_lines)(bs, k, n, &end); o < end; o += 64) {
         _mm_prefetch((const char *)pf + o, _MM_HINT_T1);
         _mm_prefetch((const char *)next + o, _MM_HINT_T0);
     }
@@ -61,7 +73,6 @@ KQ_ATTR static inline __attribute__((always_inline)) void KQX(k4x8_tile)(const i
     __m256 acc[4];
     for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
     for (int i = 0; i < nsb; i++) {
-        if (pf) KQX(prefetch_sb)(pf + i * bs, wg + ((size_t)nsb + i) * bs, bs);
         const uint8_t *qs, *qh = NULL, (*scales)[12];
         const el_half *dp, *dmp;
         if (q5) {
@@ -76,6 +87,7 @@ KQ_ATTR static inline __attribute__((always_inline)) void KQX(k4x8_tile)(const i
         const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)dp));
         const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)dmp));
         for (int c = 0; c < 4; c++) {
+            if (pf) KQX(prefetch_sb)(pf + i * bs, wg + ((size_t)nsb + i) * bs, bs, c, 4);
             __m256i aL[4], aH[4];
             for (int t = 0; t < NT; t++) aL[t] = aH[t] = _mm256_setzero_si256();
             for (int g = 0; g < 8; g++) {
@@ -123,8 +135,9 @@ KQ_ATTR static inline __attribute__((always_inline)) __m512 KQX(scales16)(const 
 /* the 16-row one-token kernels' prefetch for super-block i of the pair (b0, b1 = b0 + gs): the next pair's at pf
  * into L2 (KQ_FAR), this pair's KQ_NEAR super-blocks ahead into L1 */
 static inline __attribute__((always_inline)) void KQX(prefetch_pair)(const uint8_t *pf, size_t gs, const uint8_t *b0,
-                                                                    const uint8_t *b1, size_t bs) {
-    for (size_t o = 0; o < bs; o += 64) {
+                                                                    const uint8_t *b1, size_t bs, int k, int n) {
+    size_t end;
+    for (size_t o = KQX(part_lines)(bs, k, n, &end); o < end; o += 64) {
         _mm_prefetch((const char *)pf + o, _MM_HINT_T1);
         _mm_prefetch((const char *)pf + gs + o, _MM_HINT_T1);
         _mm_prefetch((const char *)b0 + KQ_NEAR * bs + o, _MM_HINT_T0);
@@ -144,7 +157,6 @@ KQ_ATTR static inline __attribute__((always_inline)) void KQX(k4x16_tile)(const 
     for (int t = 0; t < NT; t++) acc[t] = _mm512_setzero_ps();
     for (int i = 0; i < nsb; i++) {
         const uint8_t *b0 = w0 + i * bs, *b1 = b0 + gs;
-        if (pf) KQX(prefetch_pair)(pf + i * bs, gs, b0, b1, bs);
         const block_q4_kx8 *h0 = (const block_q4_kx8 *)b0, *h1 = (const block_q4_kx8 *)b1;   /* same head in q5 */
         uint8_t sc[2][8][8] __attribute__((aligned(32))), mn[2][8][8] __attribute__((aligned(32)));
         KQX(unpack_scales)(h0->scales, sc[0], mn[0]);
@@ -155,6 +167,7 @@ KQ_ATTR static inline __attribute__((always_inline)) void KQX(k4x16_tile)(const 
                                                                     _mm_loadu_si128((const __m128i *)h1->dmin), 1));
         const uint8_t *qs0 = q5 ? ((const block_q5_kx8 *)b0)->qs : h0->qs, *qs1 = q5 ? ((const block_q5_kx8 *)b1)->qs : h1->qs;
         for (int c = 0; c < 4; c++) {
+            if (pf) KQX(prefetch_pair)(pf + i * bs, gs, b0, b1, bs, c, 4);
             const block_q8a *a[4];
             __m512i aL[4], aH[4];
             for (int t = 0; t < NT; t++) {
@@ -214,7 +227,6 @@ KQ_ATTR static inline __attribute__((always_inline)) void KQX(k6x16_gemv)(const 
     __m512 acc = _mm512_setzero_ps();
     for (int i = 0; i < nsb; i++) {
         const uint8_t *b0 = w0 + i * bs, *b1 = b0 + gs;
-        if (pf) KQX(prefetch_pair)(pf + i * bs, gs, b0, b1, bs);
         const block_q6_kx8 *q0 = (const block_q6_kx8 *)b0, *q1 = (const block_q6_kx8 *)b1;
         const __m512 d = _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)q0->d)),
                                                                  _mm_loadu_si128((const __m128i *)q1->d), 1));
@@ -222,6 +234,7 @@ KQ_ATTR static inline __attribute__((always_inline)) void KQX(k6x16_gemv)(const 
             __m512i hv[8], isum[4];
             for (int g = 0; g < 8; g++) hv[g] = KQX(pair)(q0->qh + h * 256 + g * 32, q1->qh + h * 256 + g * 32);
             for (int ch = 0; ch < 2; ch++) {   /* ql chunk 2h + ch: sub-block 4h + ch (low nibbles), 4h + ch + 2 (high) */
+                if (pf) KQX(prefetch_pair)(pf + i * bs, gs, b0, b1, bs, 2 * h + ch, 4);
                 __m512i v[8];
                 for (int g = 0; g < 8; g++) v[g] = KQX(pair)(q0->ql + (2 * h + ch) * 256 + g * 32, q1->ql + (2 * h + ch) * 256 + g * 32);
                 for (int nib = 0; nib < 2; nib++) {
@@ -267,11 +280,11 @@ KQ_ATTR static inline __attribute__((always_inline)) void KQX(k6x16_tile)(const 
     for (int t = 0; t < NT; t++) acc[t] = _mm512_setzero_ps();
     for (int i = 0; i < nsb; i++) {
         const uint8_t *b0 = w0 + i * bs, *b1 = b0 + gs;
-        if (pf) KQX(prefetch_pair)(pf + i * bs, gs, b0, b1, bs);
         const block_q6_kx8 *q0 = (const block_q6_kx8 *)b0, *q1 = (const block_q6_kx8 *)b1;
         const __m512 d = _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)q0->d)),
                                                                  _mm_loadu_si128((const __m128i *)q1->d), 1));
         for (int j = 0; j < 8; j++) {
+            if (pf) KQX(prefetch_pair)(pf + i * bs, gs, b0, b1, bs, j, 8);
             const int h = j / 4, gq = j % 4, lq = (2 * h + (gq & 1)) * 256;
             __m512i aA[4], aB[4];
             for (int t = 0; t < NT; t++) aA[t] = aB[t] = _mm512_setzero_si512();
@@ -314,10 +327,10 @@ KQ_ATTR static inline __attribute__((always_inline)) void KQX(q6kx8_tile)(const 
     __m256 acc[4];
     for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
     for (int i = 0; i < nsb; i++) {
-        if (pf) KQX(prefetch_sb)(pf + i * bs, wg + ((size_t)nsb + i) * bs, bs);
         const block_q6_kx8 *b = (const block_q6_kx8 *)wg + i;
         const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)b->d));
         for (int j = 0; j < 8; j++) {
+            if (pf) KQX(prefetch_sb)(pf + i * bs, wg + ((size_t)nsb + i) * bs, bs, j, 8);
             const int h = j / 4, gq = j % 4;
             const uint8_t *lq = b->ql + (2 * h + (gq & 1)) * 256, *hq = b->qh + h * 256;
             __m256i aA[4], aB[4];
