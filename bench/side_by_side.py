@@ -83,7 +83,7 @@ def main() -> None:
     ap.add_argument("-r", "--rounds", type=int, default=3)
     ap.add_argument("--depth", type=int, default=0)
     ap.add_argument("--isa", action="append", help="EDGELLM_ISA for edgellm's side (repeatable; default: its best)")
-    ap.add_argument("--peak-gmacs", type=float, default=0.0, help="the machine's MAC peak (G/s), for % of peak")
+    ap.add_argument("--peak-gmacs", type=float, default=0.0, help="the machine's MAC peak (G/s), for %% of peak")
     ap.add_argument("--bandwidth-gbs", type=float, default=0.0, help="the machine's measured bandwidth (GB/s)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
