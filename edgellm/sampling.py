@@ -293,6 +293,13 @@ def _as_logits(logits) -> np.ndarray:
     return x
 
 
+def _biased(x: float, d: float) -> float:
+    """One logit plus its bias in float64 (a ban's -inf, or NaN from +inf + -inf, gives -inf; finite results clamped
+    to float32's range): the per-token step of logit_bias."""
+    v = x + d
+    return -math.inf if v != v or v == -math.inf else min(max(v, -_F32_MAX), _F32_MAX)
+
+
 def _check_max(x: np.ndarray) -> float:
     # One reduction detects every bad case: NaN propagates through max, +inf is the max, all -inf gives -inf.
     m = float(x.max())
@@ -676,8 +683,7 @@ class Candidates:
         if self.ids is None and toks.size <= 16:   # a few tokens (a ban on end of generation): the same float64
             x = self.writable()                     # steps one at a time, without ten numpy calls' overhead
             for t, d in zip(toks.tolist(), deltas.tolist()):
-                v = float(x[t]) + d
-                x[t] = -math.inf if v != v or v == -math.inf else min(max(v, -_F32_MAX), _F32_MAX)
+                x[t] = _biased(float(x[t]), d)
             return
         if self.ids is None:
             pos, d = toks, deltas
@@ -1215,8 +1221,7 @@ class Sampler:
                 raise ValueError(f"token id {t} is outside the vocabulary [0, {n})")
             if t == i:
                 return None
-            v = float(x[t]) + d   # add_to_tokens' float64 step, stored back as float32
-            v = -math.inf if v != v or v == -math.inf else float(np.float32(min(max(v, -_F32_MAX), _F32_MAX)))
+            v = float(np.float32(_biased(float(x[t]), d)))   # as add_to_tokens stores it
             if v > best_v or (v == best_v and t < best):
                 best, best_v = t, v
         return best
