@@ -1167,13 +1167,12 @@ class Sampler:
         else:
             stages = _stages_from_params(p, piece, xtc_rng)
         self.chain = SamplerChain(stages, greedy=self.greedy, mirostat=mirostat, rng=self.rng)
-        # greedy over the row with at most a few biased tokens: one argmax pass, no copy (_greedy_row)
+        # greedy over the row with at most 16 biased tokens: one argmax pass, no copy (_greedy_row)
         bias = front[0] if len(front) == 1 and isinstance(front[0], LogitBias) else None
         plain = self.greedy and not stages and self.grammar is None and (not front or bias is not None)
-        self._greedy_bias = None if not plain else (
-            ([], []) if bias is None else (bias._ids.tolist(), bias._vals.tolist()))
-        if self._greedy_bias is not None and len(self._greedy_bias[0]) > 16:
-            self._greedy_bias = None
+        few = bias is None or bias._ids.size <= 16
+        self._greedy_bias = (([], []) if bias is None else (bias._ids.tolist(), bias._vals.tolist())) \
+            if plain and few else None
 
     def reseed(self, seed: int | None) -> None:
         """Restart the random streams (None: fresh OS entropy); mirostat's mu restarts too."""

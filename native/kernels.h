@@ -52,12 +52,12 @@ typedef struct el_kernels {
                  int block, int off, int k_type, int v_type, int head_dim, float scale, float *scratch, float *out);
 } el_kernels;
 
-/* bytes of one cached K or V row of head_dim elements (q8_0: head_dim % 32 == 0) */
 /* 1 / d of an activation block (block_q8a) of scale d = max|x| / 127. A block whose scale is zero or subnormal
  * quantizes to zeros: there 1 / d would overflow and the bytes saturate, so that s = d * sum(q) would not describe
  * them (the VNNI Q8_0 tiles recover sum(q) from s / d). Such a block's values are below 1.5e-36. */
 static inline float el_q8a_inv(float d) { return d >= 1.17549435e-38f ? 1.0f / d : 0.0f; }
 
+/* bytes of one cached K or V row of head_dim elements (q8_0: head_dim % 32 == 0) */
 static inline size_t el_kv_row_bytes(int type, int head_dim) {
     return type == EL_Q8_0 ? (size_t)head_dim / EL_QK * sizeof(block_q8_0) : (size_t)head_dim * (type == EL_F16 ? 2 : 4);
 }
