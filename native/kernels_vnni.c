@@ -284,9 +284,10 @@ GEMM_X8(gemm_q8_0x8, K_Q8_0, block_q8_0x8)
  * zero). Every output is then one chain of f32 FMAs over k = 0, 1, ..., n_in - 1 in order, in one lane of a
  * 16-row vector: acc = fma(w[k], x[k], acc) from acc = 0, weights widened exactly to f32, activations f32 as
  * given. Nothing is summed across lanes, so there is no reduction tree whose shape could depend on the tile.
- * Decode (1-3 tokens) reads the packed weights directly, 4 strips (8 chains per token) at a time; prefill widens
- * a strip's block of kc inputs to f32 once into a stack buffer and runs it against tiles of up to 14 tokens (28
- * accumulators), the partial sums of the earlier k blocks kept in y itself between blocks (stored and reloaded
+ * Up to 12 tokens (decode, batched decode, draft verification) read the packed weights directly: 1-3 tokens 4
+ * strips at a time (8 chains per token), 4-6 tokens 2 strips, 7-12 tokens 1 strip (up to 24 chains), the weights widened
+ * in registers; prefill widens a strip's block of kc inputs to f32 once into a stack buffer and runs it against
+ * tiles of up to 8 tokens, the partial sums of the earlier k blocks kept in y itself between blocks (stored and reloaded
  * as the same f32 values). Both paths perform the same operations in the same order on every output: a token's
  * result is bit-identical alone or at any place of any batch. */
 enum { FS = 32,      /* rows per strip */
@@ -308,13 +309,13 @@ INLINE __mmask16 rows_mask(int n) { return n >= 16 ? (__mmask16)0xFFFF : n <= 0 
 /* decode: NS strips (rows r.. of the strips starting at w) x NT tokens, all of n_in; nr = valid rows from r */
 INLINE void fgemv(const void *w, size_t sstride, int n_in, int kind, int NS, const float *x, size_t xs, int NT,
                   float *y, size_t ys, int nr) {
-    __m512 acc[6][8];
+    __m512 acc[12][8];
     for (int t = 0; t < NT; t++)
         for (int v = 0; v < 2 * NS; v++) acc[t][v] = _mm512_setzero_ps();
-    const float *xt[6];
+    const float *xt[12];
     for (int t = 0; t < NT; t++) xt[t] = (const float *)((const char *)x + t * xs);
     for (int k = 0; k < n_in; k++) {
-        __m512 xb[6];
+        __m512 xb[12];
         for (int t = 0; t < NT; t++) xb[t] = _mm512_set1_ps(xt[t][k]);
         for (int v = 0; v < 2 * NS; v++) {
             const __m512 wv = wload16(w, (size_t)(v >> 1) * sstride + (size_t)k * FS + (v & 1) * 16, kind);
@@ -388,6 +389,18 @@ INLINE void gemm_strips(const void *w, int n_in, int r0, int r1, const void *x, 
             case 20: FV(2, 4); break; case 21: FV(2, 5); break; default: FV(2, 6); break;
             }
             r += ns * FS;
+        }
+        return;
+    }
+    if (n_tok <= 12) {   /* 7-12 tokens (a batch of sequences, a long draft): one strip at a time, 24 chains */
+        for (int r = r0; r < r1; r += FS) {
+            const void *ws = (const char *)w + (size_t)(r / FS) * sstride * esize;
+            const int t = 0;
+            const float *xt = x;
+            switch (n_tok) {
+            case 7: FV(1, 7); break;   case 8: FV(1, 8); break;   case 9: FV(1, 9); break;
+            case 10: FV(1, 10); break; case 11: FV(1, 11); break; default: FV(1, 12); break;
+            }
         }
         return;
     }

@@ -75,7 +75,7 @@ def test_float_matmul_is_batch_invariant_and_f32_exact(isa, pools, t, n_out, n_i
     alone = np.stack([matmul(pool, w, x[i:i + 1], n_out)[0] for i in range(n_max)])
     err = np.sum((alone - ref) ** 2) / np.sum(ref ** 2)
     assert err < 1e-11, err   # f32 accumulation of exact products: ~1e-14; bf16-rounded activations: ~1e-6
-    for n_tok in (2, 3, 4, 5, 6, 7, 8, 9, 13, 14, 15, 28, 41):
+    for n_tok in (2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 28, 41):
         got = matmul(pool, w, x[:n_tok], n_out)
         assert np.array_equal(got, alone[:n_tok]), (n_tok, np.argwhere(got != alone[:n_tok])[:4])
     # a token's place in the batch does not matter either
