@@ -44,6 +44,8 @@ KQ_ATTR static inline __attribute__((always_inline)) void KQX(unpack_scales)(con
  * -> 26.6 GB/s, Q4_K 26.1 -> 28.6 against 4 groups ahead / the next pair into L1) */
 #define KQ_FAR 2
 #define KQ_NEAR 2
+#define KQ_T16 6   /* most tokens of a 16-row Q4_K / Q5_K tile (512-bit; Q6_K's needs more registers: 4, as the
+                          * 8-row tiles) */
 /* Prefetches are issued a part at a time through a super-block's work (part k of n of its lines at the start of
  * sub-block loop step k): all at once at its start, the misses of 2-4 streams x 18-27 lines overflowed the core's
  * queue of outstanding misses and streaming stalled (Zen 4, 1.7B matrices, 2 threads: Q6_K 17.5-22.0 -> 29.6-30.5
@@ -145,15 +147,15 @@ static inline __attribute__((always_inline)) void KQX(prefetch_pair)(const uint8
     }
 }
 
-/* NT (1..4) tokens over two neighbouring row groups (16 rows) in 512-bit vectors: per row the same integer sums and
- * the same float operations in the same order as k4x8_tile, so the same bits, in half the vector instructions
- * (unpacking the nibbles is most of them). w1 = w0 + gs; pf: the next pair (into L2, KQ_FAR); KQ_NEAR super-blocks
- * ahead into L1. NT = 1 is the decode step. */
+/* NT (1..KQ_T16) tokens over two neighbouring row groups (16 rows) in 512-bit vectors: per row the same integer sums
+ * and the same float operations in the same order as k4x8_tile, so the same bits, in half the vector instructions
+ * (unpacking the nibbles is most of them: 32 registers hold 6 tokens' sums, so one unpacking serves up to 6).
+ * w1 = w0 + gs; pf: the next pair (into L2, KQ_FAR); KQ_NEAR super-blocks ahead into L1. NT = 1 is the decode step. */
 KQ_ATTR static inline __attribute__((always_inline)) void KQX(k4x16_tile)(const int q5, const uint8_t *w0, size_t gs,
         int nsb, const uint8_t *x, size_t x_stride, const int NT, float *y, size_t y_stride, int nrows, const uint8_t *pf) {
     const size_t bs = q5 ? sizeof(block_q5_kx8) : sizeof(block_q4_kx8);
     const __m512i m4 = _mm512_set1_epi8(15), h5 = _mm512_set1_epi8(0x10);
-    __m512 acc[4];
+    __m512 acc[KQ_T16];
     for (int t = 0; t < NT; t++) acc[t] = _mm512_setzero_ps();
     for (int i = 0; i < nsb; i++) {
         const uint8_t *b0 = w0 + i * bs, *b1 = b0 + gs;
@@ -168,8 +170,8 @@ KQ_ATTR static inline __attribute__((always_inline)) void KQX(k4x16_tile)(const 
         const uint8_t *qs0 = q5 ? ((const block_q5_kx8 *)b0)->qs : h0->qs, *qs1 = q5 ? ((const block_q5_kx8 *)b1)->qs : h1->qs;
         for (int c = 0; c < 4; c++) {
             if (pf) KQX(prefetch_pair)(pf + i * bs, gs, b0, b1, bs, c, 4);
-            const block_q8a *a[4];
-            __m512i aL[4], aH[4];
+            const block_q8a *a[KQ_T16];
+            __m512i aL[KQ_T16], aH[KQ_T16];
             for (int t = 0; t < NT; t++) {
                 a[t] = (const block_q8a *)(x + t * x_stride) + 8 * i + 2 * c;
                 aL[t] = aH[t] = _mm512_setzero_si512();
@@ -373,19 +375,35 @@ KQ_ATTR static inline __attribute__((always_inline)) void KQX(q6kx8_tile)(const 
     case 2: CALL(2); break;      \
     default: CALL(1); break;     \
     }
+#define KQ_NT6(nt, CALL)         \
+    switch (nt) {                \
+    case 6: CALL(6); break;      \
+    case 5: CALL(5); break;      \
+    default: KQ_NT4(nt, CALL)    \
+    }
+/* an 8-row tile over nt tokens (xt, yt, pf in scope), at most 4 at a time: the prefetching pass is the first */
+#define KQ_BY4(nt, CALL)                                                                                         \
+    for (int u_ = 0; u_ < (nt); u_ += 4) {                                                                       \
+        const uint8_t *const xu_ = xt + u_ * x_stride;                                                           \
+        float *const yu_ = yt + u_ * y_stride;                                                                   \
+        const int nu_ = (nt) - u_ < 4 ? (nt) - u_ : 4;                                                           \
+        __typeof__(pf) const pf_ = u_ == 0 ? pf : 0;                                                             \
+        { const uint8_t *const xt = xu_; float *const yt = yu_; __typeof__(pf_) const pf = pf_; KQ_NT4(nu_, CALL) } \
+    }
 #define KQ_G 4   /* row groups (of 8) per token tile */
 
-/* Row blocks of KQ_G groups, token tiles of 4; where the flavour has 16-row tiles (call16), pairs of groups go through
- * them and a lone last group through the 8-row tile (the same bits either way). */
+/* Row blocks of KQ_G groups, token tiles of 4 (of KQ_T16 where the flavour has 16-row tiles, call16: pairs of groups go
+ * through them and a lone last group through the 8-row tile, 4 tokens at a time; the same bits either way). */
 #define KQ_GEMM_X8(fname, call, call16, has16, gemv)                                                                        \
     KQ_ATTR static void fname(const void *w, int n_in, int r0, int r1, const void *x, size_t x_stride, int n_tok, \
                               float *y, size_t y_stride) {                                                       \
         const int nsb = n_in / EL_QK_K;                                                                          \
         if (n_tok == 1) r0 = gemv(w, nsb, r0, r1, (const uint8_t *)x, y);   /* the rows it leaves: below */     \
+        const int tile = has16 ? KQ_T16 : 4;                                                                     \
         for (int rb = r0; rb < r1; rb += 8 * KQ_G) {                                                             \
             const int re = rb + 8 * KQ_G < r1 ? rb + 8 * KQ_G : r1;                                              \
-            for (int t = 0; t < n_tok; t += 4) {                                                                 \
-                const int nt = n_tok - t < 4 ? n_tok - t : 4;                                                    \
+            for (int t = 0; t < n_tok; t += tile) {                                                              \
+                const int nt = n_tok - t < tile ? n_tok - t : tile;                                              \
                 const uint8_t *xt = (const uint8_t *)x + t * x_stride;                                           \
                 for (int r = rb; r < re; r += 8) {                                                               \
                     const int nrows = r1 - r < 8 ? r1 - r : 8;                                                   \
@@ -394,11 +412,11 @@ KQ_ATTR static inline __attribute__((always_inline)) void KQX(q6kx8_tile)(const 
                     if (has16 && r + 8 < re) {                                                                                                                            \
                         const int n16 = r1 - r < 16 ? r1 - r : 16;                                               \
                         const int pf16 = t == 0 && r + 8 * (KQ_FAR + 2) <= r1;                                   \
-                        KQ_NT4(nt, call16)                                                                       \
+                        KQ_NT6(nt, call16)                                                                       \
                         r += 8;                                                                                  \
                         continue;                                                                                \
                     }                                                                                            \
-                    KQ_NT4(nt, call)                                                                             \
+                    KQ_BY4(nt, call)                                                                             \
                 }                                                                                                \
             }                                                                                                    \
         }                                                                                                        \
@@ -502,6 +520,9 @@ KQ_ATTR static void KQX(gemm_q6_k16)(const void *w, int n_in, int r0, int r1, co
 #undef KQ_CALL_Q6
 #undef KQ_GEMM_X8
 #undef KQ_NT4
+#undef KQ_NT6
+#undef KQ_BY4
+#undef KQ_T16
 #undef KQ_NONE16
 #undef KQ_HAS16
 #undef KQ_CALL16_Q4
