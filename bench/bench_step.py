@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgellm.backends.loader import create_backend  # noqa: E402
 from edgellm.engine.batch import Batch  # noqa: E402
+from edgellm.errors import EdgeLLMError  # noqa: E402
 from edgellm.kv.blocks import BlockManager  # noqa: E402
 from edgellm.kv.paged import KVPool, pool_blocks  # noqa: E402
 from edgellm.model import Model  # noqa: E402
@@ -41,15 +42,22 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     a = ap.parse_args()
     sizes = a.tokens or a.seqs
-    if min(sizes) < 1 or a.at < 1 or a.steps < 1:
-        ap.error("sizes, --at and --steps must be positive")
+    if min(sizes) < 1 or a.at < 1 or a.steps < 1 or a.rounds < 1 or a.threads < 1:
+        ap.error("sizes, --at, --steps, --rounds and --threads must be positive")
 
-    model = Model(a.model)
+    try:
+        model = Model(a.model)
+    except (EdgeLLMError, OSError) as e:
+        ap.error(str(e))
     backend = create_backend(model, "native", a.threads, n_batch=512)
     if max(sizes) > backend.n_batch:
         ap.error(f"at most {backend.n_batch} tokens a forward")
     n_seq = max(a.seqs) if a.seqs else 1
     n_ctx = a.at + (max(sizes) if a.tokens else 1) + 1
+    if n_ctx > model.hparams.n_ctx_train:
+        ap.error(f"--at plus the tokens ({n_ctx}) is past the model's context ({model.hparams.n_ctx_train})")
+    if n_seq > 256:
+        ap.error("at most 256 sequences")
     n_blocks, n_swa = pool_blocks(model, n_ctx=n_ctx * n_seq, budget=None, n_batch=backend.n_batch, n_parallel=n_seq)
     blocks = BlockManager(KVPool.for_model(model, n_blocks, n_swa), prefix_cache=False)
     vocab = model.hparams.n_vocab
