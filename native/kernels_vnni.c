@@ -284,11 +284,11 @@ GEMM_X8(gemm_q8_0x8, K_Q8_0, block_q8_0x8)
  * zero). Every output is then one chain of f32 FMAs over k = 0, 1, ..., n_in - 1 in order, in one lane of a
  * 16-row vector: acc = fma(w[k], x[k], acc) from acc = 0, weights widened exactly to f32, activations f32 as
  * given. Nothing is summed across lanes, so there is no reduction tree whose shape could depend on the tile.
- * Up to 12 tokens (decode, batched decode, draft verification) read the packed weights directly: 1-3 tokens 4
- * strips at a time (8 chains per token), 4-6 tokens 2 strips, 7-12 tokens 1 strip (up to 24 chains), the weights widened
- * in registers; prefill widens a strip's block of kc inputs to f32 once into a stack buffer and runs it against
- * tiles of up to 8 tokens, the partial sums of the earlier k blocks kept in y itself between blocks (stored and reloaded
- * as the same f32 values). Both paths perform the same operations in the same order on every output: a token's
+ * Up to 12 tokens (decode, batched decode, draft verification) read the packed weights directly, widened in
+ * registers: 1-3 tokens 4 strips at a time (8 chains per token), 4-6 tokens 2 strips, 7-12 tokens 1 strip (up to
+ * 24 chains); prefill widens a strip's block of kc inputs to f32 once into a stack buffer and runs it against tiles
+ * of 6 tokens (a strip pair) or 8 (a lone strip), the partial sums of the earlier k blocks kept in y itself between
+ * blocks (stored and reloaded as the same f32 values). Both paths perform the same operations in the same order on every output: a token's
  * result is bit-identical alone or at any place of any batch. */
 enum { FS = 32,      /* rows per strip */
        FKC = 128,    /* inputs per widened block (up to 32 KiB of f32 weights: two strips) */
