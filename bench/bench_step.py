@@ -58,7 +58,8 @@ def main() -> None:
         ap.error(f"--at plus the tokens ({n_ctx}) is past the model's context ({model.hparams.n_ctx_train})")
     if n_seq > 256:
         ap.error("at most 256 sequences")
-    n_blocks, n_swa = pool_blocks(model, n_ctx=n_ctx * n_seq, budget=None, n_batch=backend.n_batch, n_parallel=n_seq)
+    per_seq = -(-n_ctx // 256) * 256   # whole blocks for each sequence, whatever the block size (<= 256)
+    n_blocks, n_swa = pool_blocks(model, n_ctx=per_seq * n_seq, budget=None, n_batch=backend.n_batch, n_parallel=n_seq)
     blocks = BlockManager(KVPool.for_model(model, n_blocks, n_swa), prefix_cache=False)
     vocab = model.hparams.n_vocab
     kvs = []

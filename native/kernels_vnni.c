@@ -37,7 +37,8 @@ INLINE __m256i q5_high(__m256i hb, int g) {   /* bit g of each hb byte -> 0x10 (
 }
 
 enum { K_Q4_0, K_Q4_1, K_Q5_0, K_Q5_1, K_Q8_0 };
-enum { PF_GROUPS = 4 };   /* row groups ahead prefetched into L2 (the next one into L1) while one is computed */
+enum { PF_GROUPS = 4 };
+enum { Q8_PRE_NB = 256 };   /* blocks (8192 inputs) up to which a Q8_0 GEMM of 2-16 tokens computes its start terms once */   /* row groups ahead prefetched into L2 (the next one into L1) while one is computed */
 
 INLINE size_t x8_block_bytes(int kind) {   /* one block of a group of 8 rows */
     return kind == K_Q8_0 ? sizeof(block_q8_0x8) : kind == K_Q4_0 ? sizeof(block_q4_0x8)
@@ -118,13 +119,30 @@ __attribute__((noinline)) static void x8_tile1(const uint8_t *wg, int nb, int ki
     x8_tile(wg, nb, kind, x, 0, 1, y, 0, nrows, pf);
 }
 
+/* Q8_0's tiles run (w ^ 0x80) . a = w . a + 128 sum(a), so each token's accumulator starts at -128 sum(a): the
+ * block's integer sum recovered from s = d * sum (|sum| <= 4064: s / d rounds back to it exactly; a zero or subnormal
+ * d comes with zero bytes, see el_q8a_inv), for NT tokens in one vector division; start[t] for block b */
+INLINE void q8_0_starts(const uint8_t *x, size_t x_stride, int NT, int b, int32_t *start) {
+    float dd[8] __attribute__((aligned(32))), ss[8] __attribute__((aligned(32)));
+    for (int t = 0; t < 8; t++) {
+        const block_q8a *a = (const block_q8a *)(x + t * x_stride) + b;
+        dd[t] = t < NT ? a->d : 0.0f;
+        ss[t] = t < NT ? a->s : 0.0f;
+    }
+    const __m256 dv = _mm256_load_ps(dd);
+    const __m256i isum = _mm256_cvtps_epi32(_mm256_maskz_div_ps(_mm256_cmp_ps_mask(dv, _mm256_setzero_ps(), _CMP_NEQ_UQ),
+                                                                _mm256_load_ps(ss), dv));
+    _mm256_storeu_si256((__m256i *)start, _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(isum, 7)));
+}
+
 /* 16 rows (two neighbouring row groups) x NT tokens in 512-bit vectors: the same integer sums and the same float
  * epilogue per row and token as x8_tile, in half the instructions per row. Q8_0 has no 512-bit vpsignb: the sign of
  * w moves onto the activations with a masked negation (the same bytes vpsignb gives, as a zero w contributes
  * nothing either way). NT = 1 is the decode step: the out-of-order window reaches further into the weights
- * streaming from memory. w1 = w0 + one group; pf: PF_GROUPS groups ahead (into L2), the next pair into L1. */
+ * streaming from memory. w1 = w0 + one group; pf: PF_GROUPS groups ahead (into L2), the next pair into L1. pre: Q8_0's
+ * start terms of this token tile, 8 a block (q8_0_starts), computed once for every row pair, or NULL. */
 INLINE void x16_tile(const uint8_t *w0, size_t gstride, int nb, int kind, const uint8_t *x, size_t x_stride, int NT,
-                     float *y, size_t y_stride, int nrows, const uint8_t *pf) {
+                     float *y, size_t y_stride, int nrows, const uint8_t *pf, const int32_t *pre) {
     const int has_min = kind == K_Q4_1 || kind == K_Q5_1, q5 = kind == K_Q5_0 || kind == K_Q5_1;
     const size_t bsize = x8_block_bytes(kind);
     const float offset = kind == K_Q4_0 ? -8.0f : kind == K_Q5_0 ? -16.0f : 0.0f;
@@ -148,21 +166,10 @@ INLINE void x16_tile(const uint8_t *w0, size_t gstride, int nb, int kind, const 
         const uint8_t *q0 = b0 + (has_min ? 32 : 16), *q1 = b1 + (q0 - b0);
         __m512i s0[8], s1[8];
         for (int t = 0; t < 8; t++) s0[t] = s1[t] = _mm512_setzero_si512();
-        if (kind == K_Q8_0) {
-            /* u8 x s8 without a per-token sign step: (w ^ 0x80) . a = w . a + 128 sum(a), so each token's
-             * accumulator starts at -128 sum(a), the block's integer sum recovered from s = d * sum (|sum| <= 4064:
-             * s / d rounds back to it exactly; a zero or subnormal d comes with zero bytes, see el_q8a_inv), for all
-             * the tile's tokens in one vector division */
-            float dd[8] __attribute__((aligned(32))), ss[8] __attribute__((aligned(32)));
-            int32_t start[8] __attribute__((aligned(32)));
-            for (int t = 0; t < 8; t++) {
-                dd[t] = t < NT ? a[t]->d : 0.0f;
-                ss[t] = t < NT ? a[t]->s : 0.0f;
-            }
-            const __m256 dv = _mm256_load_ps(dd);
-            const __m256i isum = _mm256_cvtps_epi32(_mm256_maskz_div_ps(_mm256_cmp_ps_mask(dv, _mm256_setzero_ps(), _CMP_NEQ_UQ),
-                                                                        _mm256_load_ps(ss), dv));
-            _mm256_store_si256((__m256i *)start, _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(isum, 7)));
+        if (kind == K_Q8_0) {   /* u8 x s8 without a per-token sign step (q8_0_starts) */
+            int32_t here[8];
+            const int32_t *start = pre ? pre + 8 * b : here;
+            if (!pre) q8_0_starts(x, x_stride, NT, b, here);
             for (int t = 0; t < NT; t++) s0[t] = _mm512_set1_epi32(start[t]);
             const __m512i bias = _mm512_set1_epi8((char)0x80);
             for (int g = 0; g < 8; g += 2) {
@@ -215,7 +222,7 @@ INLINE void x16_tile(const uint8_t *w0, size_t gstride, int nb, int kind, const 
 
 __attribute__((noinline)) static void x16_gemv(const uint8_t *w0, size_t gstride, int nb, int kind, const uint8_t *x,
                                                float *y, int nrows, const uint8_t *pf) {
-    x16_tile(w0, gstride, nb, kind, x, 0, 1, y, 0, nrows, pf);
+    x16_tile(w0, gstride, nb, kind, x, 0, 1, y, 0, nrows, pf, NULL);
 }
 
 /* one tile of NT (1..8, a constant in each case) tokens: TILE(NT) expands to the call */
@@ -241,6 +248,12 @@ __attribute__((noinline)) static void x16_gemv(const uint8_t *w0, size_t gstride
         const size_t gs = (size_t)nb * sizeof(block_t);                                                 \
         const uint8_t *xb = (const uint8_t *)x;                                                         \
         const int kd = kind;   /* for X16 / X8 */                                                       \
+        /* Q8_0, 2-16 tokens: the start terms once for all row pairs (prefill: per tile, as they come) */ \
+        int32_t pre_[2 * 8 * Q8_PRE_NB];                                                                \
+        const int pre_on = kind == K_Q8_0 && n_tok > 1 && n_tok <= 16 && nb <= Q8_PRE_NB;               \
+        for (int t = 0; pre_on && t < n_tok; t += 8)                                                    \
+            for (int b = 0; b < nb; b++)                                                                \
+                q8_0_starts(xb + t * x_stride, x_stride, n_tok - t < 8 ? n_tok - t : 8, b, pre_ + (t / 8) * 8 * nb + 8 * b); \
         for (int r = r0; r < r1; r += 8) {                                                              \
             const uint8_t *wg = (const uint8_t *)w + (size_t)(r / 8) * gs;                              \
             const int nrows = r1 - r < 8 ? r1 - r : 8;                                                  \
@@ -267,7 +280,8 @@ __attribute__((noinline)) static void x16_gemv(const uint8_t *w0, size_t gstride
             }                                                                                           \
         }                                                                                               \
     }
-#define X16(NT) x16_tile(wg, gs, nb, kd, xb + t * x_stride, x_stride, NT, y + t * y_stride + r, y_stride, n16, pf16)
+#define X16(NT) x16_tile(wg, gs, nb, kd, xb + t * x_stride, x_stride, NT, y + t * y_stride + r, y_stride, n16, pf16, \
+                        pre_on ? pre_ + (t / 8) * 8 * nb : NULL)
 #define X8(NT) x8_tile(wg, nb, kd, xb + t * x_stride, x_stride, NT, y + t * y_stride + r, y_stride, nrows, pf)
 GEMM_X8(gemm_q4_0x8, K_Q4_0, block_q4_0x8)
 GEMM_X8(gemm_q4_1x8, K_Q4_1, block_q4_1x8)
