@@ -37,8 +37,8 @@ INLINE __m256i q5_high(__m256i hb, int g) {   /* bit g of each hb byte -> 0x10 (
 }
 
 enum { K_Q4_0, K_Q4_1, K_Q5_0, K_Q5_1, K_Q8_0 };
-enum { PF_GROUPS = 4 };
-enum { Q8_PRE_NB = 256 };   /* blocks (8192 inputs) up to which a Q8_0 GEMM of 2-16 tokens computes its start terms once */   /* row groups ahead prefetched into L2 (the next one into L1) while one is computed */
+enum { PF_GROUPS = 4 };     /* row groups ahead prefetched into L2 (the next one into L1) while one is computed */
+enum { Q8_PRE_NB = 256 };   /* blocks (8192 inputs) up to which a Q8_0 GEMM of 2-16 tokens has its start terms once */
 
 INLINE size_t x8_block_bytes(int kind) {   /* one block of a group of 8 rows */
     return kind == K_Q8_0 ? sizeof(block_q8_0x8) : kind == K_Q4_0 ? sizeof(block_q4_0x8)
@@ -253,7 +253,8 @@ __attribute__((noinline)) static void x16_gemv(const uint8_t *w0, size_t gstride
         const int pre_on = kind == K_Q8_0 && n_tok > 1 && n_tok <= 16 && nb <= Q8_PRE_NB;               \
         for (int t = 0; pre_on && t < n_tok; t += 8)                                                    \
             for (int b = 0; b < nb; b++)                                                                \
-                q8_0_starts(xb + t * x_stride, x_stride, n_tok - t < 8 ? n_tok - t : 8, b, pre_ + (t / 8) * 8 * nb + 8 * b); \
+                q8_0_starts(xb + t * x_stride, x_stride, n_tok - t < 8 ? n_tok - t : 8, b,             \
+                            pre_ + (t / 8) * 8 * nb + 8 * b);                                           \
         for (int r = r0; r < r1; r += 8) {                                                              \
             const uint8_t *wg = (const uint8_t *)w + (size_t)(r / 8) * gs;                              \
             const int nrows = r1 - r < 8 ? r1 - r : 8;                                                  \
@@ -302,8 +303,8 @@ GEMM_X8(gemm_q8_0x8, K_Q8_0, block_q8_0x8)
  * registers: 1-3 tokens 4 strips at a time (8 chains per token), 4-6 tokens 2 strips, 7-12 tokens 1 strip (up to
  * 24 chains); prefill widens a strip's block of kc inputs to f32 once into a stack buffer and runs it against tiles
  * of 6 tokens (a strip pair) or 8 (a lone strip), the partial sums of the earlier k blocks kept in y itself between
- * blocks (stored and reloaded as the same f32 values). Both paths perform the same operations in the same order on every output: a token's
- * result is bit-identical alone or at any place of any batch. */
+ * blocks (stored and reloaded as the same f32 values). Both paths perform the same operations in the same order on
+ * every output: a token's result is bit-identical alone or at any place of any batch. */
 enum { FS = 32,      /* rows per strip */
        FKC = 128,    /* inputs per widened block (up to 32 KiB of f32 weights: two strips) */
        FRB = 128 };  /* rows per block of the prefill loop */
