@@ -44,8 +44,8 @@ KQ_ATTR static inline __attribute__((always_inline)) void KQX(unpack_scales)(con
  * -> 26.6 GB/s, Q4_K 26.1 -> 28.6 against 4 groups ahead / the next pair into L1) */
 #define KQ_FAR 2
 #define KQ_NEAR 2
-#define KQ_T16 6   /* most tokens of a 16-row Q4_K / Q5_K tile (512-bit; Q6_K's needs more registers: 4, as the
-                          * 8-row tiles) */
+/* most tokens of a 16-row Q4_K / Q5_K tile (512-bit); Q6_K's tile needs more registers and takes 4, as the 8-row ones */
+#define KQ_T16 6
 /* Prefetches are issued a part at a time through a super-block's work (part k of n of its lines at the start of
  * sub-block loop step k): all at once at its start, the misses of 2-4 streams x 18-27 lines overflowed the core's
  * queue of outstanding misses and streaming stalled (Zen 4, 1.7B matrices, 2 threads: Q6_K 17.5-22.0 -> 29.6-30.5
