@@ -226,8 +226,9 @@ class GGUFFile:
         self._released: set[str] = set()   # tensors given back to the kernel (use_mmap=False: now zeros)
 
         # Opening errors (missing file, permission) stay OSError: the file is not malformed.
-        # os.open rather than open(): a directory opens too, and gets a GGUFError below.
-        fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        # os.open rather than open(): a directory opens too, and gets a GGUFError below; O_NONBLOCK so that a FIFO
+        # does too instead of waiting for a writer (reads of a regular file ignore it).
+        fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0))
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 
@@ -299,6 +300,12 @@ def test_empty_file(tmp_path):
 
 def test_not_a_regular_file(tmp_path):
     expect_error(tmp_path, "not a regular file")
+
+
+def test_a_fifo_is_refused_not_waited_on(tmp_path):
+    fifo = tmp_path / "model.gguf"
+    os.mkfifo(fifo)   # no writer: a blocking open would wait forever
+    expect_error(fifo, "not a regular file")
 
 
 def test_truncated_header(raw):
