@@ -92,12 +92,14 @@ class RowBuffers:
     of them). A fresh array for every step maps fresh pages every step: 8 rows of a 49,152-token vocabulary fault
     ~400 pages in, about 1 ms a step on a VM, and Gemma 3's 1 MiB of logits cost ~0.35 ms a step on the GPU's host.
     Steps of at most max_rows rows reuse the last `keep` arrays made (the engine holds one step's rows at a time, a
-    pipeline one per step in flight); bigger ones (prefill's every-token logits) get a new array."""
+    pipeline one per step in flight); bigger ones (prefill's every-token logits) get a new array. `alloc(shape)`
+    makes the kept arrays (the GPU backend's are page-locked, so the logits come back in one DMA)."""
 
     FREE = _free_count()
 
-    def __init__(self, max_rows: int = 16, keep: int = 3):
+    def __init__(self, max_rows: int = 16, keep: int = 3, alloc=None):
         self.max_rows, self.keep = max_rows, keep
+        self._alloc = alloc if alloc is not None else (lambda shape: np.empty(shape, np.float32))
         self._kept: list[np.ndarray] = []   # oldest first
 
     def get(self, n: int, width: int) -> np.ndarray:
@@ -108,7 +110,7 @@ class RowBuffers:
             if kept[i].shape == (n, width) and sys.getrefcount(kept[i]) == self.FREE:
                 kept.append(kept.pop(i))
                 return kept[-1]
-        kept.append(np.empty((n, width), np.float32))
+        kept.append(self._alloc((n, width)))
         if len(kept) > self.keep:
             del kept[0]
         return kept[-1]

@@ -72,6 +72,40 @@ def test_a_ranks_cut_of_a_packed_matrix_is_the_matrix_cut(t):
             cut(p, 1, range(16, 64))
 
 
+def test_pdl_launch_structures_have_the_drivers_layout():
+    """cuLaunchKernelEx's config and attribute as cuda.h lays them out (x86-64 and aarch64), and kernel arguments
+    marshalled as CuPy passes them: numpy scalars by value, device arrays by address, anything else refused."""
+    import ctypes
+
+    from edgellm.backends.cuda import launch
+
+    assert ctypes.sizeof(launch._Attr) == 72 and launch._Attr.value.offset == 8
+    assert ctypes.sizeof(launch._Config) == 56 and launch._Config.stream.offset == 32
+    assert launch._Config.attrs.offset == 40 and launch._Config.n_attrs.offset == 48
+    assert launch._arg(np.int32(-3)).value == -3 and launch._arg(np.float32(0.5)).value == 0.5
+    assert launch._arg(np.uintp(1 << 40)).value == 1 << 40 and launch._arg(np.int64(-(1 << 40))).value == -(1 << 40)
+
+    class Ptr:
+        ptr = 0xdead0000
+
+    class DeviceArray:
+        data = Ptr()
+
+    assert launch._arg(DeviceArray()).value == 0xdead0000
+    for bad in (3, 1.5, np.float64(1.0), np.zeros(2, np.float32), "x"):
+        with pytest.raises(TypeError):
+            launch._arg(bad)
+    # no driver or an old GPU: every launch through CuPy, in order
+    calls = []
+    lx = launch.Launcher(compute_capability=80)
+    k = lx.wrap(lambda grid, block, args, shared_mem=0, stream=None: calls.append((grid, args, shared_mem)))
+    lx.chain()
+    k((1,), (32,), (np.int32(1),), shared_mem=16, stream=object())
+    k((2,), (32,), (np.int32(2),), stream=object())
+    lx.unchain()
+    assert not lx.available and [c[0] for c in calls] == [(1,), (2,)] and calls[0][2] == 16
+
+
 def test_tensor_parallel_gpus_and_comms():
     """Which GPU each rank takes and how their sums meet: NCCL with a GPU each, the host when they share."""
     from edgellm.errors import EdgeLLMError
@@ -402,6 +436,49 @@ def test_gpu_batch_invariance(tmp_path, arch):
     bm.allocate(kv, None, 30)
     full = be.forward(ids, np.arange(30, dtype=np.int32), kv, all_logits=True)
     assert np.array_equal(full, alone)
+
+
+@gpu
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_gpu_programmatic_dependent_launch_changes_no_bit(tmp_path, arch, monkeypatch):
+    """Graphs whose kernels start early (PDL, Hopper and later) give the logits of graphs launched one kernel
+    after another: a prompt, then 40 decode steps of 3 sequences, every step compared bit for bit."""
+    from edgellm.backends.cuda.backend import CudaBackend
+    from edgellm.engine.batch import Batch
+    from edgellm.kv.blocks import BlockManager
+    from edgellm.kv.paged import KVPool
+
+    model = _tiny_model(tmp_path, GGMLType.Q4_K, arch)
+    monkeypatch.setenv("EDGELLM_GPU_PDL", "1")
+    on = CudaBackend(model, n_batch=512)
+    monkeypatch.setenv("EDGELLM_GPU_PDL", "0")
+    off = CudaBackend(model, n_batch=512)
+    import cupy
+    if int(cupy.cuda.Device().compute_capability) >= 90:
+        assert on.launcher.available and "dependent launch on" in on.describe()
+    assert not off.launcher.available and "dependent launch off" in off.describe()
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(3, model.hparams.n_vocab, n).astype(np.int32) for n in (12, 5, 20)]
+    steps = [rng.integers(3, model.hparams.n_vocab, 3).astype(np.int32) for _ in range(40)]
+    n_swa = 64 if any(_windows(model)) else 0
+
+    def run(be):
+        bm = BlockManager(KVPool.for_model(model, 64, n_swa), prefix_cache=False)
+        kvs = [bm.new_seq(256) for _ in prompts]
+        for kv, p in zip(kvs, prompts):
+            bm.allocate(kv, None, len(p) + len(steps))
+        out = [be.forward_batch(Batch(np.concatenate(prompts), np.concatenate([np.arange(len(p)) for p in prompts]),
+                                      np.concatenate([np.full(len(p), s) for s, p in enumerate(prompts)]),
+                                      np.ones(sum(map(len, prompts)), bool)), kvs).copy()]
+        for i, tk in enumerate(steps):
+            pos = np.array([len(p) + i for p in prompts], np.int32)
+            out.append(be.forward_batch(Batch(tk, pos, np.arange(3), np.ones(3, bool)), kvs).copy())
+        return np.concatenate(out)
+
+    a, b = run(on), run(off)
+    assert np.all(np.isfinite(a)) and np.array_equal(a, b)
+    on.close()
+    off.close()
 
 
 @gpu

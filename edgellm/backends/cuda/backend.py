@@ -31,6 +31,7 @@ from ...errors import BatchError
 from ...kv.paged import BLOCK, SeqKV
 from ...memory import RowBuffers
 from ...quant import GGMLType
+from .launch import Launcher
 from .weights import F_Q5, F_Q8, INT_FORMATS, FORMAT_NAMES, Packed, cut, repack
 
 GRAPH_MAX = 64           # steps of at most this many tokens run as captured graphs
@@ -278,7 +279,9 @@ class CudaBackend:
             self._buffers()
         self._pools = weakref.WeakKeyDictionary()   # KVPool -> DevicePool
         self._graphs: OrderedDict = OrderedDict()
-        self._rows = RowBuffers(max_rows=PINNED_ROWS)
+        import cupyx
+        # steps of up to PINNED_ROWS rows return page-locked arrays: the rows come back in one DMA, no host copy
+        self._rows = RowBuffers(max_rows=PINNED_ROWS, alloc=lambda shape: cupyx.empty_pinned(shape, np.float32))
         # a comm that goes through the host (ranks sharing a GPU) cannot be captured into a graph
         self.graph_max = GRAPH_MAX if comm is None or comm.captured else 0
 
@@ -307,6 +310,10 @@ class CudaBackend:
                         self.k[name] = self.module.get_function(name)
         except Exception as e:   # NVRTC missing (no runtime-compiler wheel), or a driver that rejects the code
             raise ImportError(f"the GPU kernels did not compile: {type(e).__name__}: {e}") from None
+        # a graph's kernels launched with PDL (Hopper and later); not across the ranks' collectives
+        cc = int(self.device.compute_capability) if self.comm is None else 0
+        self.launcher = Launcher(cc, hip=bool(getattr(cp.cuda.runtime, "is_hip", False)))
+        self.k = {name: self.launcher.wrap(fn) for name, fn in self.k.items()}
 
     def _packed(self, name: str) -> Packed:
         gf = self.model.gguf
@@ -404,8 +411,6 @@ class CudaBackend:
         self.logits = z(n, hp.n_vocab)
         if self.comm is not None:   # every rank's partial sums of a block half, side by side
             self.parts = z(self.comm.n_ranks * n * E)
-        import cupyx
-        self._pinned = cupyx.empty_pinned((PINNED_ROWS * max(hp.n_vocab, hp.n_embd),), np.float32)
         self.meta = z(1 << 16, dt=np.int32)     # grows when a step needs more (tables of many sequences)
 
     # ------------------------------------------------------------------ KV
@@ -462,9 +467,11 @@ class CudaBackend:
                 g = self._graphs.get(key)
                 if g is None:
                     self.stream.begin_capture()
+                    self.launcher.chain()
                     try:
                         self._launch(dp, n, n_out, S, nts, hidden, x_in is not None, pure)
                     finally:
+                        self.launcher.unchain()
                         g = self.stream.end_capture()
                     self._graphs[key] = g
                     if len(self._graphs) > GRAPHS_KEPT:
@@ -478,13 +485,7 @@ class CudaBackend:
             width = hp.n_embd if hidden else hp.n_vocab
             src = (self.xb if hidden else self.logits)[:n_out]
             rows = self._rows.get(n_out, width)
-            if 0 < n_out <= PINNED_ROWS:   # page-locked: a direct DMA, then one host copy
-                staged = self._pinned[:n_out * width].reshape(n_out, width)
-                src.get(stream=self.stream, out=staged)
-                self.stream.synchronize()
-                np.copyto(rows, staged)
-                return rows
-            if n_out:
+            if n_out:   # page-locked rows (steps of up to PINNED_ROWS): a direct DMA
                 src.get(stream=self.stream, out=rows)
             self.stream.synchronize()
         return rows
@@ -754,7 +755,9 @@ class CudaBackend:
         where = f"layers {self.first}-{self.hparams.n_layer - 1} and the output on {self.isa}"
         if self.cpu is not None:
             where += f", layers 0-{self.first - 1} on the CPU ({self.cpu.isa}, {self.cpu.n_threads} threads)"
-        return f"{where}; {self.weight_bytes / 2**20:.0f} MiB of weights on the GPU ({', '.join(fmts)})"
+        pdl = "on" if self.launcher.available else "off"
+        return (f"{where}; {self.weight_bytes / 2**20:.0f} MiB of weights on the GPU ({', '.join(fmts)}); "
+                f"programmatic dependent launch {pdl}")
 
     def close(self) -> None:
         self._graphs.clear()

@@ -34,6 +34,19 @@ __device__ __forceinline__ u16 f2h(float f) { u16 h; asm("cvt.rn.f16.f32 %0, %1;
 #endif
 __device__ __forceinline__ float bf2f(u16 b) { return __uint_as_float(((u32)b) << 16); }
 
+// Programmatic dependent launch (sm_90 and later; backend.py launches a graph's kernels with it): a kernel may
+// start while the one before it in the stream is finishing. pdl_entry() waits until that kernel has completed and
+// its writes are visible, then lets the next kernel start its own prologue; before it a kernel reads nothing but
+// weights and writes nothing. A no-op for a normal launch, on older GPUs and under HIP.
+#if !defined(EL_HIP) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+__device__ __forceinline__ void pdl_entry() {
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
+#else
+__device__ __forceinline__ void pdl_entry() {}
+#endif
+
 #define WARP 32
 #define NEG_INF __int_as_float(0xff800000)
 #define TT 8          // tokens per warp pass in the matrix kernels
@@ -100,6 +113,7 @@ __device__ __forceinline__ void warp_quant_block(float v, i8 *q, float2 *ds) {
 // x[t] = row tokens[t] of the embedding matrix (any format) * scale. One block per token.
 extern "C" __global__ void embed(int f, const void *w, const void *sc, const u32 *qh, int K,
                                  const int *tokens, float scale, float *x) {
+    pdl_entry();
     const int t = blockIdx.x;
     const long long r = tokens[t];
     for (int k = threadIdx.x; k < K; k += blockDim.x) x[(long long)t * K + k] = w_elem(f, w, sc, qh, r, K, k) * scale;
@@ -140,6 +154,7 @@ __device__ __forceinline__ float act_mul1(float g, float u, int gelu) {
 // The sums of squares are rms_scale's (warp 0, lane order), the same bits as the norms fused into the matrices.
 extern "C" __global__ void add_norm(float *x, const float *o, const float *pw, const float *w, const int *idx,
                                     int rows, int K, float eps, float *y, i8 *yq, float2 *yds) {
+    pdl_entry();
     extern __shared__ float nsm[];
     __shared__ float rr[2];
     const int i = blockIdx.x;
@@ -255,6 +270,7 @@ template <int SRC>
 __device__ void mm_int_body(int f, const u8 *w, const float2 *sc, const u32 *qh, const i8 *xq, const float2 *xds,
                             const float *x, const float *nw, float eps, int gelu, float *y, const float *res, int R,
                             int K, int T, int ldy) {
+    pdl_entry();
     const int lane = threadIdx.x & 31;
     const int r = blockIdx.x * MM_WARPS + (threadIdx.x >> 5);
     if (r >= R) return;
@@ -326,6 +342,7 @@ __device__ void mm_int_body(int f, const u8 *w, const float2 *sc, const u32 *qh,
 #define MMT_TOK 16
 extern "C" __global__ void mm_int_tiled(int f, const u8 *w, const float2 *sc, const u32 *qh, const i8 *xq,
                                         const float2 *xds, float *y, const float *res, int R, int K, int T, int ldy) {
+    pdl_entry();
     __shared__ uint4 xs[MMT_TOK][32][2];
     __shared__ float2 ds[MMT_TOK][32];
     const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
@@ -418,6 +435,7 @@ template <int BM>
 __device__ void mm_int_mma_body(int f, const u8 *__restrict__ w, const float2 *__restrict__ sc,
                                 const u32 *__restrict__ qh, const i8 *xq, const float2 *xds, float *y,
                                 const float *res, int R, int K, int T, int ldy) {
+    pdl_entry();
     extern __shared__ uint4 msm[];
     const int nb = K >> 5;
     const int wbytes = f == F_Q8 ? 32 : 16;
@@ -603,6 +621,7 @@ __device__ void mm_dec_body(int f, const u8 *__restrict__ w, const float2 *__res
             const int b = lane + 32 * j;
             if (r0 + u < R && b < nb) w_load(f, w, sc, qh, (long long)(r0 + u) * nb + b, wr[u][j]);
         }
+    pdl_entry();   // the weights' loads are in flight while the kernel before finishes
     // the activations of tokens t0 .. t0 + nt - 1
     if (SRC == SRC_Q) {
         const uint4 *src = (const uint4 *)(xq + (long long)t0 * K);
@@ -721,6 +740,7 @@ __device__ void mm_dec_body(int f, const u8 *__restrict__ w, const float2 *__res
 template <int SRC>
 __device__ void mm_float_body(int f, const void *w, const float *x, const float *nw, float eps, int gelu, float *y,
                               const float *res, int R, int K, int T, int ldy) {
+    pdl_entry();
     const int lane = threadIdx.x & 31;
     const int r = blockIdx.x * MM_WARPS + (threadIdx.x >> 5);
     if (r >= R) return;
@@ -803,6 +823,7 @@ extern "C" __global__ void mm_float_act(MM_ARGS) { mm_float_body<SRC_ACT>(MMF_PA
 // h[t, i] = act(g[t, i]) * u[t, i] with g = gu[t, i], u = gu[t, F + i] (gu row stride 2F), and h's q8 blocks.
 // One warp per 32-element block of one token.
 extern "C" __global__ void act_mul(const float *gu, int F, int T, int gelu, float *h, i8 *hq, float2 *hds) {
+    pdl_entry();
     const int lane = threadIdx.x & 31;
     const long long wi = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const int nb = F >> 5;
@@ -936,6 +957,7 @@ extern "C" __global__ void rope_store(float *qkv, int ldq, int n_head, int n_hea
                                       float base, float pscale, const float *qn, const float *kn, float eps,
                                       const int *pos, const int *seq, u8 *kc, u8 *vc, const int *table, int n_table,
                                       int krow, int vrow, int type_k, int type_v) {
+    pdl_entry();
     __shared__ float cs[MAX_HD];
     __shared__ float sh[RS_MAX_WARPS * MAX_HD];
 #define RS_CASE(N) case N: rope_store_body<N>(qkv, ldq, n_head, n_head_kv, rope_dim, neox, base, pscale, qn, kn, eps, \
@@ -1029,6 +1051,7 @@ __device__ void attention_body(const float *qkv, int ldq, int n_head, int n_head
                                const int *table, int n_table, int krow, int vrow, int window, int group,
                                int type_k, int type_v, float *out, i8 *oq, float2 *ods, int rope_dim, int neox,
                                float base, float pscale, const float *qn, const float *kn, float eps) {
+    pdl_entry();
     __shared__ float wm[AW], wl[AW];
     __shared__ float wo[AW][32 * ND];
     __shared__ float hs[FUSED ? 3 : 1][32 * ND];   // this token's q, k, v heads (FUSED)
@@ -1205,6 +1228,7 @@ ATT_KERNEL(8, NO_BOUNDS)
 // ------------------------------------------------------------------------------------------ tests and tools
 // y[r, k] = w[r, k] as float (the repacked formats read back)
 extern "C" __global__ void dequant(int f, const void *w, const void *sc, const u32 *qh, int R, int K, float *y) {
+    pdl_entry();
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long long)R * K) return;
     y[i] = w_elem(f, w, sc, qh, i / K, K, (int)(i % K));
@@ -1212,6 +1236,7 @@ extern "C" __global__ void dequant(int f, const void *w, const void *sc, const u
 
 // q8 blocks of x [T, K] (a standalone pass; the norms and the attention fuse it)
 extern "C" __global__ void quant_q8(const float *x, int n_blocks, i8 *q, float2 *ds) {
+    pdl_entry();
     const long long b = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (b >= n_blocks) return;
     warp_quant_block(x[b * 32 + (threadIdx.x & 31)], q + b * 32, ds + b);
@@ -1221,6 +1246,7 @@ extern "C" __global__ void quant_q8(const float *x, int n_blocks, i8 *q, float2 
 // The ranks' partial sums of a block half, gathered as parts[r * n + i] (rank r's element i), added in rank order,
 // the same on every rank and for every batch: y[i] = (accumulate ? y[i] : 0) + ((parts[0] + parts[1]) + ...)
 extern "C" __global__ void reduce_parts(float *y, const float *parts, long long n, int nparts, int accumulate) {
+    pdl_entry();
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     float s = parts[i];
