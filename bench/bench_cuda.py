@@ -86,6 +86,51 @@ def profile(be, m, n_past: int = 128) -> None:
     e1.synchronize()
     replay = cp.cuda.get_elapsed_time(e0, e1) / N
     print(f"\ndecode step with graph: {step * 1e6:.1f} us wall per step; graph replay alone {replay * 1000:.1f} us")
+
+    def replay_without(drop) -> tuple[float, list[str]]:
+        """The decode graph's replay (us) captured with the launches drop(index, name) says to leave out."""
+        order: list[str] = []
+
+        def wrap(name, fn):
+            def call(*a, **kw):
+                order.append(name)
+                if not drop(len(order) - 1, name):
+                    fn(*a, **kw)
+            return call
+
+        be.k = {k: wrap(k, f) for k, f in kernels.items()}
+        be._graphs.clear()
+        try:
+            be.forward_batch(batch, [kv])
+        finally:
+            be.k = dict(kernels)
+        gk = next(reversed(be._graphs.values()))
+        for _ in range(20):
+            gk.launch(stream=be.stream)
+        a, b = cp.cuda.Event(), cp.cuda.Event()
+        a.record(be.stream)
+        for _ in range(N):
+            gk.launch(stream=be.stream)
+        b.record(be.stream)
+        b.synchronize()
+        return cp.cuda.get_elapsed_time(a, b) / N * 1000, order
+
+    full, order = replay_without(lambda i, name: False)
+    last = len(order) - 1
+    kinds = {"attention": lambda i, n: n.startswith("attention"), "rope_store": lambda i, n: n == "rope_store",
+             "add_norm (not the last)": lambda i, n: n == "add_norm" and i < last - 1,
+             "matrices with the norm (Q/K/V, gate/up)": lambda i, n: n.startswith(("mm_dec_norm", "mm_dec_pnorm")),
+             "ffn_down with the activation": lambda i, n: n.startswith("mm_dec_act"),
+             "plain matrices but the output (wo, Q/K/V of gemma3)": lambda i, n: n.startswith("mm_dec_") and n[7].isdigit() and i != last,
+             "output matrix": lambda i, n: i == last,
+             "every kernel": lambda i, n: True}
+    print(f"\nknock-out (graph replay without a kind of kernel; the difference is what that kind costs inside the "
+          f"graph): all {len(order)} launches {full:.1f} us")
+    for label, drop in kinds.items():
+        t, _ = replay_without(drop)
+        n_drop = sum(drop(i, name) for i, name in enumerate(order))
+        print(f"  {label:52s} {n_drop:4d} launches  without {t:8.1f} us  cost {full - t:7.1f} us")
+    be._graphs.clear()
     import cProfile
     import pstats
     prof = cProfile.Profile()
