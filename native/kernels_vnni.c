@@ -455,11 +455,144 @@ static void gemm_bf16_512(const void *w, int n_in, int r0, int r1, const void *x
     gemm_strips(w, n_in, r0, r1, x, xs, n_tok, y, ys, 2, 2);
 }
 
+/* ------------------------------------------------------------------------------------------- attention */
+/* Decode-sized attention (a kv head's few query rows: one token's query heads, or a short draft) over f16 / f32
+ * caches, reading the cache rows where they lie: no chunk converted to f32 in scratch and read back. Each row gets
+ * the AVX2 kernel's arithmetic bit for bit (kernels_avx2.c attn: a score is an 8-lane FMA chain over head_dim, then
+ * ((l0+l1)+(l2+l3))+((l4+l5)+(l6+l7)), times the scale; the same softmax; each output lane an FMA chain over the
+ * slots in order), so which kernel a row meets never shows in its bits. Up to 3 rows share each K / V load (24 ymm
+ * accumulators of the 32). q8_0 caches, head_dim % 8 and more rows (prefill tiles, where converting a chunk once
+ * for all rows pays) go to the AVX2 kernel. */
+static void (*avx2_attn)(const float *, int, const int32_t *, const void *const *, const void *const *, int, int, int,
+                         int, int, float, float *, float *);
+static void (*avx2_softmax)(float *, int);
+static const float zero_row[256];   /* stands for the slots past the walk in a last group of 8 */
+
+enum { ATT_ROWS = 3, ATT_DIRECT_MAX = 6 };
+
+INLINE __m256 kv8(const void *row, int f16, int i) {
+    if (f16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + i)));
+    return _mm256_loadu_ps((const float *)row + i);
+}
+
+INLINE const void *walk_row(const void *const *blocks, int block, int off, int j, size_t rb) {
+    const int s = off + j;
+    return (const char *)blocks[s / block] + (size_t)(s % block) * rb;
+}
+
+/* the scores of R rows of q (hd apart) against the 8 K rows kr[]: S[r * ld + 0..7] = score * scale */
+INLINE void scores_rows(const float *q, const void *const *kr, int f16, int hd, int R, float scale, float *S,
+                        size_t ld) {
+    __m256 a[ATT_ROWS][8];
+    for (int r = 0; r < R; r++)
+        for (int k = 0; k < 8; k++) a[r][k] = _mm256_setzero_ps();
+    for (int i = 0; i < hd; i += 8) {
+        __m256 qv[ATT_ROWS];
+        for (int r = 0; r < R; r++) qv[r] = _mm256_loadu_ps(q + (size_t)r * hd + i);
+        for (int k = 0; k < 8; k++) {
+            const __m256 kv = kv8(kr[k], f16, i);
+            for (int r = 0; r < R; r++) a[r][k] = _mm256_fmadd_ps(qv[r], kv, a[r][k]);
+        }
+    }
+    const __m256 vscale = _mm256_set1_ps(scale);
+    for (int r = 0; r < R; r++) {
+        const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[r][0], a[r][1]), _mm256_hadd_ps(a[r][2], a[r][3]));
+        const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[r][4], a[r][5]), _mm256_hadd_ps(a[r][6], a[r][7]));
+        const __m256 sc = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+        _mm256_storeu_ps(S + (size_t)r * ld, _mm256_mul_ps(sc, vscale));
+    }
+}
+
+/* o[r][d0 .. d0 + 8 nv) += sum over slots j in [j0, j1) of P[r][j] * V[j][d0 ..] (each lane in slot order) */
+INLINE void pv_rows(const float *P, size_t ld, const void *const *vb, int block, int off, size_t rb, int f16, int j0,
+                    int j1, int d0, int nv, int R, float *o, int hd) {
+    __m256 acc[ATT_ROWS][8];
+    for (int r = 0; r < R; r++)
+        for (int s = 0; s < nv; s++) acc[r][s] = _mm256_loadu_ps(o + (size_t)r * hd + d0 + 8 * s);
+    for (int j = j0; j < j1; j++) {
+        const void *row = walk_row(vb, block, off, j, rb);
+        __m256 p[ATT_ROWS];
+        for (int r = 0; r < R; r++) p[r] = _mm256_set1_ps(P[(size_t)r * ld + j]);
+        for (int s = 0; s < nv; s++) {
+            const __m256 v = kv8(row, f16, d0 + 8 * s);
+            for (int r = 0; r < R; r++) acc[r][s] = _mm256_fmadd_ps(p[r], v, acc[r][s]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int s = 0; s < nv; s++) _mm256_storeu_ps(o + (size_t)r * hd + d0 + 8 * s, acc[r][s]);
+}
+
+/* R (1..3, a constant where inlined) rows: q [R][hd], n_kv [R], S [R][ld], out [R][hd] */
+INLINE void attn_rows(const float *q, int R, const int32_t *n_kv, const void *const *kb, const void *const *vb,
+                      int block, int off, int kf16, int vf16, int hd, float scale, float *S, size_t ld, int max_kv,
+                      float *out) {
+    const size_t krb = (size_t)hd * (kf16 ? 2 : 4), vrb = (size_t)hd * (vf16 ? 2 : 4);
+    int lo = n_kv[0], hi = n_kv[0];
+    for (int r = 1; r < R; r++) {
+        lo = n_kv[r] < lo ? n_kv[r] : lo;
+        hi = n_kv[r] > hi ? n_kv[r] : hi;
+    }
+    /* scores: groups of 8 slots; rows that end earlier drop out of the later groups (their bits do not change) */
+    for (int jb = 0; jb < hi; jb += 8) {
+        const void *kr[8];
+        for (int k = 0; k < 8; k++) kr[k] = jb + k < max_kv ? walk_row(kb, block, off, jb + k, krb) : (const void *)zero_row;
+        int r0 = 0;
+        while (r0 < R && n_kv[r0] <= jb) r0++;   /* n_kv ascends within a tile; a row with no slot here is done */
+        if (jb < lo) scores_rows(q, kr, kf16, hd, R, scale, S + jb, ld);
+        else
+            for (int r = r0; r < R; r++)
+                if (n_kv[r] > jb) scores_rows(q + (size_t)r * hd, kr, kf16, hd, 1, scale, S + (size_t)r * ld + jb, ld);
+    }
+    for (int r = 0; r < R; r++) avx2_softmax(S + (size_t)r * ld, n_kv[r]);
+    memset(out, 0, sizeof(float) * (size_t)R * hd);
+    for (int d0 = 0; d0 < hd; d0 += 64) {   /* 8 accumulators = 64 dims of each row in registers */
+        const int nv = (hd - d0) / 8 < 8 ? (hd - d0) / 8 : 8;
+        /* nv a constant where it can be: the accumulators stay in registers */
+#define PV(P_, J0, J1, NV, RR, O_) pv_rows(P_, ld, vb, block, off, vrb, vf16, J0, J1, d0, NV, RR, O_, hd)
+        if (nv == 8) PV(S, 0, lo, 8, R, out);
+        else PV(S, 0, lo, nv, R, out);
+        for (int r = 0; r < R; r++) {
+            if (n_kv[r] <= lo) continue;
+            if (nv == 8) PV(S + (size_t)r * ld, lo, n_kv[r], 8, 1, out + (size_t)r * hd);
+            else PV(S + (size_t)r * ld, lo, n_kv[r], nv, 1, out + (size_t)r * hd);
+        }
+#undef PV
+    }
+}
+
+static void attn_direct(const float *q, int n_q, const int32_t *n_kv, const void *const *kb, const void *const *vb,
+                        int block, int off, int k_type, int v_type, int hd, float scale, float *scratch, float *out) {
+    const int kf = k_type == EL_F16, vf = v_type == EL_F16;
+    if (n_q > ATT_DIRECT_MAX || hd % 8 || hd > 256 || (!kf && k_type != EL_F32) || (!vf && v_type != EL_F32)) {
+        avx2_attn(q, n_q, n_kv, kb, vb, block, off, k_type, v_type, hd, scale, scratch, out);
+        return;
+    }
+    int max_kv = 0;
+    for (int i = 0; i < n_q; i++) max_kv = n_kv[i] > max_kv ? n_kv[i] : max_kv;
+    const size_t ld = (size_t)(max_kv + 7) / 8 * 8;
+    for (int i = 0; i < n_q; i += ATT_ROWS) {
+        const int R = n_q - i < ATT_ROWS ? n_q - i : ATT_ROWS;
+        const float *qi = q + (size_t)i * hd;
+        float *Si = scratch + (size_t)i * ld, *oi = out + (size_t)i * hd;
+#define ATT_CASE(RR, KF, VF) attn_rows(qi, RR, n_kv + i, kb, vb, block, off, KF, VF, hd, scale, Si, ld, max_kv, oi)
+#define ATT_TYPES(RR) do { if (kf && vf) ATT_CASE(RR, 1, 1); else if (kf) ATT_CASE(RR, 1, 0); \
+                           else if (vf) ATT_CASE(RR, 0, 1); else ATT_CASE(RR, 0, 0); } while (0)
+        if (R == 3) ATT_TYPES(3);
+        else if (R == 2) ATT_TYPES(2);
+        else ATT_TYPES(1);
+#undef ATT_TYPES
+#undef ATT_CASE
+    }
+}
+
 void el_avx2_kquants_vnni(el_kernels *k);   /* kernels_avx2.c */
 
 void el_fill_vnni(el_kernels *k) {
     el_fill_avx2(k);   /* same layouts and element-wise ops; repack functions stay the AVX2 ones */
     k->name = "avx512vnni";
+    avx2_attn = k->attn;
+    avx2_softmax = k->softmax;
+    k->attn = attn_direct;
     el_avx2_kquants_vnni(k);   /* Q4_K/Q5_K prefill with vpdpbusd; Q6_K and decode as AVX2 */
     k->types[EL_TI_Q4_0].gemm = gemm_q4_0x8;
     k->types[EL_TI_Q4_1].gemm = gemm_q4_1x8;
