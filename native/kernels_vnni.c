@@ -5,6 +5,8 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #pragma GCC target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")
 #include <immintrin.h>
+#include <pthread.h>
+#include <stdlib.h>
 #include <string.h>
 #include "kernels.h"
 #include "edgellm.h"
@@ -239,6 +241,31 @@ __attribute__((noinline)) static void x16_gemv(const uint8_t *w0, size_t gstride
     default: break;         \
     }
 
+/* Q8_0's start terms of a call's every token tile, computed once for all its row pairs: 2-16 tokens on the stack,
+ * more (prefill) in a buffer each thread keeps (up to Q8_PRE_MAX bytes; past that, per tile as the tiles come) */
+enum { Q8_PRE_MAX = 4 << 20 };
+static pthread_key_t q8_pre_key;
+static pthread_once_t q8_pre_once = PTHREAD_ONCE_INIT;
+typedef struct { int32_t *p; size_t n; } q8_pre_buf;
+
+static void q8_pre_free(void *b) { free(((q8_pre_buf *)b)->p); free(b); }
+static void q8_pre_init(void) { pthread_key_create(&q8_pre_key, q8_pre_free); }
+
+static int32_t *q8_pre_scratch(size_t n) {   /* n int32 of this thread's buffer, or NULL */
+    if (n * sizeof(int32_t) > Q8_PRE_MAX || pthread_once(&q8_pre_once, q8_pre_init) != 0) return NULL;
+    q8_pre_buf *b = pthread_getspecific(q8_pre_key);
+    if (!b) {
+        if (!(b = calloc(1, sizeof *b))) return NULL;
+        if (pthread_setspecific(q8_pre_key, b) != 0) { free(b); return NULL; }
+    }
+    if (b->n < n) {
+        free(b->p);
+        b->p = malloc(n * sizeof(int32_t));
+        b->n = b->p ? n : 0;
+    }
+    return b->p;
+}
+
 /* Rows in pairs of 8-row groups (x16_tile), a last lone group in x8_tile; tokens in tiles of 8. Each row's result
  * is the same bits whichever tile computes it and whatever the tile's token count. */
 #define GEMM_X8(name, kind, block_t)                                                                    \
@@ -248,13 +275,15 @@ __attribute__((noinline)) static void x16_gemv(const uint8_t *w0, size_t gstride
         const size_t gs = (size_t)nb * sizeof(block_t);                                                 \
         const uint8_t *xb = (const uint8_t *)x;                                                         \
         const int kd = kind;   /* for X16 / X8 */                                                       \
-        /* Q8_0, 2-16 tokens: the start terms once for all row pairs (prefill: per tile, as they come) */ \
+        /* Q8_0 of 2+ tokens with 2+ row pairs: the start terms once for all row pairs */              \
         int32_t pre_[2 * 8 * Q8_PRE_NB];                                                                \
-        const int pre_on = kind == K_Q8_0 && n_tok > 1 && n_tok <= 16 && nb <= Q8_PRE_NB;               \
-        for (int t = 0; pre_on && t < n_tok; t += 8)                                                    \
+        int32_t *pre = NULL;                                                                            \
+        if (kind == K_Q8_0 && n_tok > 1 && r1 - r0 > 16)                                                \
+            pre = n_tok <= 16 && nb <= Q8_PRE_NB ? pre_ : q8_pre_scratch((size_t)(n_tok + 7) / 8 * 8 * nb); \
+        for (int t = 0; pre && t < n_tok; t += 8)                                                       \
             for (int b = 0; b < nb; b++)                                                                \
                 q8_0_starts(xb + t * x_stride, x_stride, n_tok - t < 8 ? n_tok - t : 8, b,             \
-                            pre_ + (t / 8) * 8 * nb + 8 * b);                                           \
+                            pre + (t / 8) * 8 * nb + 8 * b);                                            \
         for (int r = r0; r < r1; r += 8) {                                                              \
             const uint8_t *wg = (const uint8_t *)w + (size_t)(r / 8) * gs;                              \
             const int nrows = r1 - r < 8 ? r1 - r : 8;                                                  \
@@ -282,7 +311,7 @@ __attribute__((noinline)) static void x16_gemv(const uint8_t *w0, size_t gstride
         }                                                                                               \
     }
 #define X16(NT) x16_tile(wg, gs, nb, kd, xb + t * x_stride, x_stride, NT, y + t * y_stride + r, y_stride, n16, pf16, \
-                        pre_on ? pre_ + (t / 8) * 8 * nb : NULL)
+                        pre ? pre + (t / 8) * 8 * nb : NULL)
 #define X8(NT) x8_tile(wg, nb, kd, xb + t * x_stride, x_stride, NT, y + t * y_stride + r, y_stride, nrows, pf)
 GEMM_X8(gemm_q4_0x8, K_Q4_0, block_q4_0x8)
 GEMM_X8(gemm_q4_1x8, K_Q4_1, block_q4_1x8)
