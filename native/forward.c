@@ -311,6 +311,7 @@ typedef struct {
 static inline void *xq_row(const el_model *m, int t) { return (char *)m->xq + (size_t)t * m->xq_stride; }
 
 enum { ATTN_TILE = 16 };   /* most tokens per attention task */
+enum { ATTN_SPLIT_BYTES = 256 * 1024 };   /* a kv head's K + V (f16) up to which decode splits its query heads */
 
 /* tokens per attention task: up to ATTN_TILE, fewer when that would leave fewer than 4 tasks per thread */
 static inline int attn_tile(int n, int n_head_kv, int nth) {
@@ -500,14 +501,28 @@ static void forward_task(void *ctx, int ith, int nth) {
             const void **vb = kb + m->scratch_ptrs;
             int32_t *nkvs = (int32_t *)(vb + m->scratch_ptrs);
             float *qbuf = scr + m->scratch_attn, *obuf = qbuf + (size_t)ATTN_TILE * group * hd;
-            const int per_head = n * d->n_head_kv < 2 * nth;        /* split the query heads of a kv head too */
+            /* few tokens: the query heads of a kv head split into gsplit tasks too, so every thread has work.
+             * Each task reads the kv head's rows: from L2 over a short context, from memory over a long one
+             * (SmolLM2 at 4096, a task per query head: 3x the cache's bytes), so there only as many as the
+             * threads need. Rows are computed alike in any grouping: the bits do not depend on it. */
+            int gsplit = 1;
+            if (n * d->n_head_kv < 2 * nth) {
+                int max_pos = 0;
+                for (int t = 0; t < n; t++) max_pos = b->pos[t] > max_pos ? b->pos[t] : max_pos;
+                const int span = L->window && L->window < max_pos + 1 ? L->window : max_pos + 1;
+                if ((size_t)span * hd * 4 <= ATTN_SPLIT_BYTES) gsplit = group;
+                else
+                    while (gsplit < group && n * d->n_head_kv * gsplit < nth)
+                        do gsplit++; while (group % gsplit);
+            }
+            const int per_head = gsplit > 1;
             const int tile = per_head ? 1 : attn_tile(n, d->n_head_kv, nth);
-            const int n_tiles = (n + tile - 1) / tile, gsplit = per_head ? group : 1;
+            const int n_tiles = (n + tile - 1) / tile;
             const int ach = n_tiles * d->n_head_kv * gsplit;
             for (nd = 0; (ch = claim(&S)) < ach; nd++) {
                 const int task = ach - 1 - ch;     /* late tiles (longer rows) first */
                 const int ti = task / (d->n_head_kv * gsplit), kvh = task / gsplit % d->n_head_kv;
-                const int g0 = per_head ? task % gsplit : 0, ng = per_head ? 1 : group;
+                const int ng = group / gsplit, g0 = task % gsplit * ng;
                 const int ta = ti * tile, tb = ta + tile < n ? ta + tile : n;
                 for (int s0 = ta; s0 < tb;) {   /* runs of one sequence: they share a cache */
                     const int seq = b->seq ? b->seq[s0] : 0;

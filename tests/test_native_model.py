@@ -69,6 +69,18 @@ def test_decode_equals_prefill(backend):
     np.testing.assert_allclose(last[0], full[-1], atol=2e-3, rtol=0)
 
 
+def test_decode_over_a_long_context_equals_its_row_in_a_prefill(backend):
+    """Past ~1,000 cached tokens a decode step no longer splits a kv head's query heads into tasks (each would read
+    the whole cache again from memory): the token's logits stay the bits of its row inside a longer prefill."""
+    hp = backend.hparams
+    ids = np.random.default_rng(4).integers(0, hp.n_vocab, 1201, dtype=np.int32)
+    cache = new_cache(hp, n_ctx=1280)
+    backend.forward(ids[:1200], np.arange(1200, dtype=np.int32), cache, all_logits=False)
+    alone = backend.forward(ids[1200:], np.array([1200], np.int32), cache)
+    inside = backend.forward(ids, np.arange(1201, dtype=np.int32), new_cache(hp, n_ctx=1280), all_logits=False)
+    np.testing.assert_array_equal(alone, inside)
+
+
 def test_threads_and_chunked_prefill(model, backend):
     hp = backend.hparams
     ids = text_ids(hp)[:37]
