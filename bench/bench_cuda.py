@@ -76,16 +76,21 @@ def profile(be, m, n_past: int = 128) -> None:
     for _ in range(N):
         be.forward_batch(batch, [kv])
     step = (time.perf_counter() - t0) / N
-    g = next(reversed(be._graphs.values()))
-    be.stream.synchronize()
-    e0, e1 = cp.cuda.Event(), cp.cuda.Event()
-    e0.record(be.stream)
-    for _ in range(N):
-        g.launch(stream=be.stream)
-    e1.record(be.stream)
-    e1.synchronize()
-    replay = cp.cuda.get_elapsed_time(e0, e1) / N
-    print(f"\ndecode step with graph: {step * 1e6:.1f} us wall per step; graph replay alone {replay * 1000:.1f} us")
+
+    def replay_us(g) -> float:
+        """One replay of graph g on the GPU (us), the mean of N after 20 to warm up."""
+        for _ in range(20):
+            g.launch(stream=be.stream)
+        e0, e1 = cp.cuda.Event(), cp.cuda.Event()
+        e0.record(be.stream)
+        for _ in range(N):
+            g.launch(stream=be.stream)
+        e1.record(be.stream)
+        e1.synchronize()
+        return cp.cuda.get_elapsed_time(e0, e1) / N * 1000
+
+    replay = replay_us(next(reversed(be._graphs.values())))
+    print(f"\ndecode step with graph: {step * 1e6:.1f} us wall per step; graph replay alone {replay:.1f} us")
 
     def replay_without(drop) -> tuple[float, list[str]]:
         """The decode graph's replay (us) captured with the launches drop(index, name) says to leave out."""
@@ -104,16 +109,7 @@ def profile(be, m, n_past: int = 128) -> None:
             be.forward_batch(batch, [kv])
         finally:
             be.k = dict(kernels)
-        gk = next(reversed(be._graphs.values()))
-        for _ in range(20):
-            gk.launch(stream=be.stream)
-        a, b = cp.cuda.Event(), cp.cuda.Event()
-        a.record(be.stream)
-        for _ in range(N):
-            gk.launch(stream=be.stream)
-        b.record(be.stream)
-        b.synchronize()
-        return cp.cuda.get_elapsed_time(a, b) / N * 1000, order
+        return replay_us(next(reversed(be._graphs.values()))), order
 
     full, order = replay_without(lambda i, name: False)
     last = len(order) - 1

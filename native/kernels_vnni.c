@@ -580,6 +580,24 @@ INLINE void pv_rows(const float *P, size_t ld, const void *const *vb, int block,
         for (int s = 0; s < nv; s++) _mm256_storeu_ps(o + (size_t)r * hd + d0 + 8 * s, acc[r][s]);
 }
 
+/* the 64-dim slice d0 of R rows' p.V: slots [0, lo) of all rows together, then each row's own [lo, end[r]); the
+ * slice width and R constants where they can be, so the accumulators stay in registers */
+INLINE void pv_set(const float *P, size_t ld, const void *const *blocks, int block, int off, size_t rb, int f16, int lo,
+                   const int32_t *end, int d0, int hd, int R, float *o) {
+    const int nv = (hd - d0) / 8 < 8 ? (hd - d0) / 8 : 8;
+#define PV(P_, J0, J1, NV, RR, O_) pv_rows(P_, ld, blocks, block, off, rb, f16, J0, J1, d0, NV, RR, O_, hd)
+    if (nv == 8 && R == 3) PV(P, 0, lo, 8, 3, o);
+    else if (nv == 8 && R == 2) PV(P, 0, lo, 8, 2, o);
+    else if (nv == 8) PV(P, 0, lo, 8, 1, o);
+    else PV(P, 0, lo, nv, R, o);
+    for (int r = 0; r < R; r++) {
+        if (end[r] <= lo) continue;
+        if (nv == 8) PV(P + (size_t)r * ld, lo, end[r], 8, 1, o + (size_t)r * hd);
+        else PV(P + (size_t)r * ld, lo, end[r], nv, 1, o + (size_t)r * hd);
+    }
+#undef PV
+}
+
 /* R (1..3, a constant where inlined) rows: q [R][hd], n_kv [R], S [R][ld], out [R][hd] */
 INLINE void attn_rows(const float *q, int R, const int32_t *n_kv, const void *const *kb, const void *const *vb,
                       int block, int off, int kf16, int vf16, int hd, float scale, float *S, size_t ld, int max_kv,
@@ -610,19 +628,8 @@ INLINE void attn_rows(const float *q, int R, const int32_t *n_kv, const void *co
     }
     for (int r = 0; r < R; r++) avx2_softmax(S + (size_t)r * ld, n_kv[r]);
     memset(out, 0, sizeof(float) * (size_t)R * hd);
-    for (int d0 = 0; d0 < hd; d0 += 64) {   /* 8 accumulators = 64 dims of each row in registers */
-        const int nv = (hd - d0) / 8 < 8 ? (hd - d0) / 8 : 8;
-        /* nv a constant where it can be: the accumulators stay in registers */
-#define PV(P_, J0, J1, NV, RR, O_) pv_rows(P_, ld, vb, block, off, vrb, vf16, J0, J1, d0, NV, RR, O_, hd)
-        if (nv == 8) PV(S, 0, lo, 8, R, out);
-        else PV(S, 0, lo, nv, R, out);
-        for (int r = 0; r < R; r++) {
-            if (n_kv[r] <= lo) continue;
-            if (nv == 8) PV(S + (size_t)r * ld, lo, n_kv[r], 8, 1, out + (size_t)r * hd);
-            else PV(S + (size_t)r * ld, lo, n_kv[r], nv, 1, out + (size_t)r * hd);
-        }
-#undef PV
-    }
+    for (int d0 = 0; d0 < hd; d0 += 64)   /* 8 accumulators = 64 dims of each row in registers */
+        pv_set(S, ld, vb, block, off, vrb, vf16, lo, n_kv, d0, hd, R, out);
 }
 
 /* rows [j0, j0 + jn) of a walk as f32 rows in dst [round8(jn)][hd], the rows past jn zero: f16 widened exactly,
@@ -693,28 +700,15 @@ static void attn_tiled(const float *q, int n_q, const int32_t *n_kv, const void 
         walk_rows_f32(vb, block, off, j0, jn, v_type, hd, C);
         for (int i = 0; i < n_q; i += ATT_ROWS) {
             const int R = n_q - i < ATT_ROWS ? n_q - i : ATT_ROWS;
-            int lo = KC, jm[ATT_ROWS];
+            int lo = KC;
+            int32_t jm[ATT_ROWS];
             for (int r = 0; r < R; r++) {
                 jm[r] = n_kv[i + r] - j0 < jn ? n_kv[i + r] - j0 : jn;
                 jm[r] = jm[r] > 0 ? jm[r] : 0;
                 lo = jm[r] < lo ? jm[r] : lo;
             }
-            const float *Pi = S + (size_t)i * ld + j0;
-            float *oi = out + (size_t)i * hd;
-            for (int d0 = 0; d0 < hd; d0 += 64) {
-                const int nv = (hd - d0) / 8 < 8 ? (hd - d0) / 8 : 8;
-#define PV(P_, J0, J1, NV, RR, O_) pv_rows(P_, ld, cb, KC, 0, crb, 0, J0, J1, d0, NV, RR, O_, hd)
-                if (nv == 8 && R == 3) PV(Pi, 0, lo, 8, 3, oi);
-                else if (nv == 8 && R == 2) PV(Pi, 0, lo, 8, 2, oi);
-                else if (nv == 8) PV(Pi, 0, lo, 8, 1, oi);
-                else PV(Pi, 0, lo, nv, R, oi);
-                for (int r = 0; r < R; r++) {
-                    if (jm[r] <= lo) continue;
-                    if (nv == 8) PV(Pi + (size_t)r * ld, lo, jm[r], 8, 1, oi + (size_t)r * hd);
-                    else PV(Pi + (size_t)r * ld, lo, jm[r], nv, 1, oi + (size_t)r * hd);
-                }
-#undef PV
-            }
+            for (int d0 = 0; d0 < hd; d0 += 64)
+                pv_set(S + (size_t)i * ld + j0, ld, cb, KC, 0, crb, 0, lo, jm, d0, hd, R, out + (size_t)i * hd);
         }
     }
 }
