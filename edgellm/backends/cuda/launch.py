@@ -111,4 +111,6 @@ class Kernel:
         self.launcher.launch(self.fn, grid, block, args, shared_mem, stream)
 
     def __getattr__(self, name):   # the CuPy function's attributes (max_dynamic_shared_size_bytes, ...)
+        if name == "fn":   # not set yet (an instance made without __init__): no recursion
+            raise AttributeError(name)
         return getattr(self.fn, name)
