@@ -528,9 +528,9 @@ INLINE void walk_next(walk *w) {   /* call only while another row follows (the n
  * prefetch stream at a time (SmolLM2, 8 sequences: the attention stage -30%) */
 INLINE void walk_prefetch(const void *const *blocks, int block, int off, int n, size_t rb) {
     for (int j = 0; j < n;) {
-        const int s = off + j, r = s % block, run = block - r < n - j ? block - r : n - j;
-        const char *p = (const char *)blocks[s / block] + (size_t)r * rb, *e = p + (size_t)run * rb;
-        for (; p < e; p += 64) _mm_prefetch(p, _MM_HINT_T1);
+        const char *p;
+        const int run = el_kv_run(blocks, block, off, j, n, rb, &p);   /* rows in one block */
+        for (const char *e = p + (size_t)run * rb; p < e; p += 64) _mm_prefetch(p, _MM_HINT_T1);
         j += run;
     }
 }
